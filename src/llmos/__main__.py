@@ -1,0 +1,3 @@
+from llmos.cli.main import app
+
+app()

@@ -1,0 +1,117 @@
+"""One settings object for the whole platform.
+
+Every option is read, in increasing priority, from its default, the TOML config file
+(``$LLMOS_HOME/config.toml`` or the file named by ``LLMOS_CONFIG``), an ``LLMOS_*``
+environment variable, and finally a CLI flag (the CLI passes flags as overrides).
+``docs/configuration.md`` lists every field; a test keeps that list complete.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("LLMOS_HOME", Path.home() / ".llmos")).expanduser()
+
+
+def _config_file() -> Path:
+    explicit = os.environ.get("LLMOS_CONFIG")
+    return Path(explicit).expanduser() if explicit else _default_home() / "config.toml"
+
+
+class Settings(BaseSettings):
+    """Platform settings. Environment variables are the field names upper-cased with ``LLMOS_``."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMOS_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="Data directory (database, artifact store, caches).")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the metadata database; default SQLite at $LLMOS_HOME/llmos.db. "
+        "PostgreSQL works too (postgresql+psycopg://...).",
+    )
+    host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `llmos serve` listens on.")
+    admin_key: str | None = Field(
+        default=None,
+        description="Bootstrap admin API key used instead of generating one at first start (automation).",
+    )
+    default_models: list[str] = Field(
+        default=["smollm2-135m-instruct", "all-minilm-l6-v2"],
+        description="Catalog models `llmos serve --pull` fetches before starting.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="Inference weight dtype; auto picks bfloat16 on CPUs with AVX-512 BF16/AMX, else float32.",
+    )
+    threads: int = Field(default=0, ge=0, description="Torch intra-op threads for inference; 0 leaves torch's default.")
+    memory_budget_mb: int = Field(
+        default=8192, ge=1, description="Resident model memory budget; the least recently used idle model is evicted beyond it."
+    )
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="Most sequences decoded together in one batch.")
+    batch_wait_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="How long the engine waits for more requests before starting a batch."
+    )
+    max_n: int = Field(default=8, ge=1, le=128, description="Largest `n` (choices per request) accepted.")
+    max_tokens_cap: int = Field(default=4096, ge=1, description="Largest `max_tokens` accepted, whatever the context.")
+    max_top_logprobs: int = Field(default=20, ge=0, le=20, description="Largest `top_logprobs` accepted.")
+    max_stop_sequences: int = Field(default=4, ge=0, le=64, description="Most stop sequences per request.")
+    max_embedding_inputs: int = Field(default=2048, ge=1, description="Most inputs in one embeddings request.")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
+    max_json_depth: int = Field(default=32, ge=4, le=1000, description="Deepest JSON nesting accepted in a request body.")
+    max_pending_requests: int = Field(
+        default=256, ge=1, description="Requests waiting for the engine beyond this are refused with 503 and Retry-After."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Server log level.")
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, _config_file()))
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'llmos.db'}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.home / "store"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    def as_public_dict(self) -> dict[str, Any]:
+        """Settings as shown to operators: secrets masked."""
+        data = self.model_dump(mode="json")
+        if data.get("admin_key"):
+            data["admin_key"] = "***"
+        return data
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

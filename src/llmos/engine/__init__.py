@@ -1,0 +1,25 @@
+"""The CPU of LLM OS: inference backends behind one protocol."""
+
+from llmos.engine.protocol import (
+    EmbeddingResult,
+    EngineClient,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+
+__all__ = [
+    "EmbeddingResult",
+    "EngineClient",
+    "FinishReason",
+    "GenerationDelta",
+    "GenerationRequest",
+    "ModelInfo",
+    "SamplingParams",
+    "TokenLogprob",
+    "TopLogprob",
+]

@@ -1,0 +1,117 @@
+"""The one protocol the API talks to. Backends implement it; tests fake it.
+
+Typed messages cross every boundary: the API builds a ``GenerationRequest`` and receives
+``GenerationDelta`` values; no backend type leaks out.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    model: str
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """New output for one choice of a request; ``finish_reason`` is set on its last delta."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    task: str
+    context_length: int
+    has_chat_template: bool
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What the API may ask of an inference engine."""
+
+    async def model_info(self, model: str) -> ModelInfo:
+        """Facts the API validates requests against; raises ModelNotFoundError."""
+        ...
+
+    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids for a chat, through the model's chat template."""
+        ...
+
+    async def encode_text(self, model: str, text: str) -> list[int]: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream deltas of every choice until each has a finish reason."""
+        ...
+
+    async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult: ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; no further tokens are computed for it."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve."""
+        ...
+
+    async def shutdown(self) -> None: ...

