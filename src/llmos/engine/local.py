@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ class LocalEngine:
             raise ServiceUnavailableError("the server is at capacity; retry shortly", retry_after=1.0)
         self._pending += 1
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
         record = await asyncio.to_thread(self._record, request.model)
         self._admit()
         try:

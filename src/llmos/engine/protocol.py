@@ -7,7 +7,7 @@ Typed messages cross every boundary: the API builds a ``GenerationRequest`` and 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -100,7 +100,7 @@ class EngineClient(Protocol):
 
     async def encode_text(self, model: str, text: str) -> list[int]: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
         """Stream deltas of every choice until each has a finish reason."""
         ...
 

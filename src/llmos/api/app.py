@@ -1,0 +1,53 @@
+"""Builds the FastAPI application: routers, error shape, edge limits, lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from llmos import __version__
+from llmos.api import health
+from llmos.api.errors import install_error_handlers
+from llmos.api.limits import BodyLimitMiddleware
+from llmos.api.openai.chat.router import router as chat_router
+from llmos.api.openai.completions.router import router as completions_router
+from llmos.api.openai.embeddings.router import router as embeddings_router
+from llmos.api.openai.models.router import router as models_router
+from llmos.config import Settings
+from llmos.engine.protocol import EngineClient
+from llmos.platform import Platform
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, platform: Platform | None = None,
+               engine: EngineClient | None = None) -> FastAPI:
+    """The whole API. ``platform`` and ``engine`` may be injected (tests pass a fake engine)."""
+    settings = settings or (platform.settings if platform else Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = platform is None
+        app.state.platform = platform or Platform.open(settings)
+        app.state.engine = engine or app.state.platform.make_engine()
+        new_key = app.state.platform.keys.bootstrap_admin(settings.admin_key)
+        if new_key:
+            # Shown once: only its hash is stored.
+            print(f"\n  Admin API key (shown once, store it now): {new_key}\n", flush=True)
+        try:
+            yield
+        finally:
+            await app.state.engine.shutdown()
+            if owned:
+                app.state.platform.close()
+
+    app = FastAPI(title="LLM OS", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API of LLM OS. Authenticate with `Authorization: Bearer <key>`.")
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
+    for router in (health.router, models_router, chat_router, completions_router, embeddings_router):
+        app.include_router(router)
+    return app

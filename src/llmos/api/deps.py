@@ -1,0 +1,58 @@
+"""FastAPI dependencies as typed aliases: the platform, the engine, and the caller's API key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from llmos.config import Settings
+from llmos.engine.protocol import EngineClient
+from llmos.errors import AuthenticationError, PermissionDeniedError
+from llmos.platform import Platform
+from llmos.security import ApiKeyInfo
+
+
+def get_platform(request: Request) -> Platform:
+    platform: Platform = request.app.state.platform
+    return platform
+
+
+def get_engine(request: Request) -> EngineClient:
+    engine: EngineClient = request.app.state.engine
+    return engine
+
+
+def get_settings(request: Request) -> Settings:
+    return get_platform(request).settings
+
+
+PlatformDep = Annotated[Platform, Depends(get_platform)]
+EngineDep = Annotated[EngineClient, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
+    """A dependency that authenticates the bearer key (header only, never the query string)
+    and checks it grants ``scope``; the scope is recorded on the route for the route-table audit."""
+
+    def dependency(request: Request) -> ApiKeyInfo:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError(
+                "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
+                code="missing_api_key")
+        key = get_platform(request).keys.verify(token.strip())
+        if not key.allows(scope):
+            raise PermissionDeniedError(f"This API key lacks the '{scope}' scope.")
+        request.state.api_key = key
+        return key
+
+    dependency.required_scope = scope  # type: ignore[attr-defined]
+    return dependency
+
+
+InferenceKey = Annotated[ApiKeyInfo, Depends(require("inference"))]
+AdminKey = Annotated[ApiKeyInfo, Depends(require("admin"))]

@@ -1,0 +1,1 @@
+"""OpenAI-compatible endpoints: one folder per endpoint (schemas, serving logic, router)."""

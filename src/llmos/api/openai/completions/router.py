@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from llmos.api.deps import EngineDep, InferenceKey, SettingsDep
+from llmos.api.openai.completions.schemas import Completion, CompletionRequest
+from llmos.api.openai.completions.serving import CompletionService
+from llmos.api.sse import EventStreamResponse
+from llmos.errors import InvalidRequestError
+
+router = APIRouter(tags=["completions"])
+
+
+@router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})
+async def create_completion(body: CompletionRequest, engine: EngineDep, settings: SettingsDep,
+                            _key: InferenceKey) -> Any:
+    service = CompletionService(engine, settings)
+    if body.stream and len(body.prompts()) != 1:
+        raise InvalidRequestError("streaming supports one prompt per request", param="prompt")
+    gens = await service.prepare(body)
+    if body.stream:
+        return EventStreamResponse(service.stream(body, gens))
+    return (await service.complete(body, gens)).model_dump()

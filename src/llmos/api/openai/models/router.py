@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+
+from llmos.api.deps import AdminKey, EngineDep, InferenceKey, PlatformDep
+from llmos.api.openai.models.schemas import ModelDeleted, ModelList, ModelObject
+from llmos.registry import ModelRecord
+
+router = APIRouter(tags=["models"])
+
+
+def _newest_versions(records: list[ModelRecord]) -> list[ModelRecord]:
+    newest: dict[str, ModelRecord] = {}
+    for r in records:
+        if r.status == "ready" and (r.name not in newest or r.version > newest[r.name].version):
+            newest[r.name] = r
+    return list(newest.values())
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(platform: PlatformDep, _key: InferenceKey) -> Any:
+    records = await asyncio.to_thread(platform.registry.list)
+    names = {r.id: r.name for r in records}
+    data = [ModelObject.from_record(r, parent_name=names.get(r.parent_id or "")) for r in _newest_versions(records)]
+    return ModelList(data=data).model_dump()
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelObject)
+async def retrieve_model(model: str, platform: PlatformDep, _key: InferenceKey) -> Any:
+    record = await asyncio.to_thread(platform.registry.get, model)
+    parent = await asyncio.to_thread(platform.registry.get, record.parent_id) if record.parent_id else None
+    return ModelObject.from_record(record, parent_name=parent.name if parent else None, detail=True).model_dump()
+
+
+@router.delete("/v1/models/{model:path}", response_model=ModelDeleted)
+async def delete_model(model: str, platform: PlatformDep, engine: EngineDep, _key: AdminKey) -> Any:
+    record = await asyncio.to_thread(platform.registry.get, model)
+    unload = getattr(engine, "unload", None)
+    if unload is not None:
+        await unload(record.id)
+    await asyncio.to_thread(platform.registry.delete, model)
+    return ModelDeleted(id=model, deleted=True).model_dump()

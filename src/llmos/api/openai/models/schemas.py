@@ -1,0 +1,53 @@
+"""Model objects: OpenAI's four fields plus the registry's (task, version, parent, size, ...)."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from llmos.registry import ModelRecord
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # Extra fields beyond OpenAI's; the openai client keeps them as attributes.
+    task: str
+    version: int
+    parent: str | None
+    root: str
+    format: str
+    family: str | None
+    architecture: str | None
+    parameter_count: int | None
+    size_bytes: int
+    context_length: int | None
+    license: str | None
+    source: str
+    status: str
+    artifacts: dict[str, str] | None = None
+    extra: dict[str, Any] | None = None
+
+    @classmethod
+    def from_record(cls, r: ModelRecord, *, parent_name: str | None = None, detail: bool = False) -> ModelObject:
+        created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
+        return cls(id=r.name, created=int(created.timestamp()), owned_by=r.owner, task=r.task, version=r.version,
+                   parent=parent_name, root=f"{r.name}@{r.version}", format=r.format, family=r.family,
+                   architecture=r.architecture, parameter_count=r.parameter_count, size_bytes=r.size_bytes,
+                   context_length=r.context_length, license=r.license, source=r.source, status=r.status,
+                   artifacts=r.artifacts if detail else None, extra=r.extra if detail else None)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool

@@ -1,0 +1,1 @@
+"""The shell of LLM OS: a thin Typer table over library functions."""

@@ -1,0 +1,63 @@
+"""`llmos`: the command table. Each command is a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmos import __version__
+from llmos.cli.client_cmds import chat, embed
+from llmos.cli.common import console, fail, open_platform, pull_with_progress, settings_from
+from llmos.cli.keys import keys_app
+from llmos.cli.models import models_app, pull
+from llmos.errors import LLMOSError, ModelNotFoundError
+
+app = typer.Typer(name="llmos", help="LLM OS: a self-hosted operating system for language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+app.command()(pull)
+app.command()(chat)
+app.command()(embed)
+app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def serve(host: Annotated[str | None, typer.Option(help="Bind address (LLMOS_HOST, default 127.0.0.1).")] = None,
+          port: Annotated[int | None, typer.Option(help="Port (LLMOS_PORT, default 8000).")] = None,
+          home: Annotated[str | None, typer.Option("--home", help="Data directory (LLMOS_HOME).")] = None,
+          pull_defaults: Annotated[bool, typer.Option("--pull/--no-pull",
+                                                      help="Pull missing default models first.")] = True) -> None:
+    """Start the API server (pulling the default models first unless --no-pull)."""
+    import uvicorn
+
+    from llmos.api import create_app
+
+    settings = settings_from(host=host, port=port, home=home)
+    if pull_defaults:
+        platform = open_platform(home=home)
+        for name in settings.default_models:
+            try:
+                platform.registry.get(name)
+            except ModelNotFoundError:
+                console.print(f"pulling default model [bold]{name}[/bold]")
+                try:
+                    pull_with_progress(platform, name)
+                except LLMOSError as exc:
+                    raise fail(exc) from exc
+        platform.close()
+    console.print(f"LLM OS {__version__} on http://{settings.host}:{settings.port} (docs at /docs)")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+
+
+@app.command()
+def config() -> None:
+    """Print the effective settings (secrets masked)."""
+    console.print_json(data=settings_from().as_public_dict())
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(__version__)

@@ -1,0 +1,129 @@
+"""API keys: random, shown once, stored as a SHA-256 hash, compared in constant time.
+
+A key reads ``sk-llmos-<id>-<secret>``: the id finds the row without scanning, the hash of
+the whole key is what is compared. Keys carry 256 bits of randomness, so a fast hash is
+enough (a slow password hash protects low-entropy secrets, which these are not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from llmos.errors import AuthenticationError, InvalidRequestError, NotFoundError
+from llmos.registry.db import Database
+from llmos.registry.tables import ApiKeyRow
+
+SCOPES = ("inference", "files", "fine-tune", "admin")
+_KEY = re.compile(r"^sk-llmos-([0-9a-f]{12})-[A-Za-z0-9_-]{20,128}$")
+_BOOTSTRAP_ID = "000000000000"
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    id: str
+    name: str
+    tenant: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+    @classmethod
+    def from_row(cls, row: ApiKeyRow) -> ApiKeyInfo:
+        return cls(id=row.id, name=row.name, tenant=row.tenant, scopes=tuple(row.scopes),
+                   created_at=_aware(row.created_at), expires_at=_aware(row.expires_at),
+                   revoked_at=_aware(row.revoked_at))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes; every stored time is UTC.
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create(self, name: str, *, tenant: str = "default", scopes: tuple[str, ...] = ("inference",),
+               expires_at: datetime | None = None, secret: str | None = None,
+               key_id: str | None = None) -> tuple[ApiKeyInfo, str]:
+        """Create a key; returns its record and the key itself, which is never shown again."""
+        unknown = set(scopes) - set(SCOPES)
+        if unknown or not scopes:
+            raise InvalidRequestError(f"unknown scopes {sorted(unknown)}; choose from {SCOPES}", param="scopes")
+        key_id = key_id or secrets.token_hex(6)
+        key = secret or f"sk-llmos-{key_id}-{secrets.token_urlsafe(32)}"
+        with self.db.session() as s:
+            row = ApiKeyRow(id=key_id, name=name[:128], tenant=tenant, key_hash=_hash(key), scopes=list(scopes),
+                            expires_at=expires_at, created_at=datetime.now(UTC))
+            s.add(row)
+            s.flush()
+            return ApiKeyInfo.from_row(row), key
+
+    def bootstrap_admin(self, configured: str | None) -> str | None:
+        """Make sure an admin key exists. Returns a newly generated key (to show once), else None.
+
+        A configured key (``LLMOS_ADMIN_KEY``) is stored hashed under a fixed id, replacing an
+        earlier configured one, so automation can rotate it by restarting with a new value.
+        """
+        with self.db.session() as s:
+            if configured:
+                row = s.get(ApiKeyRow, _BOOTSTRAP_ID)
+                if row is None:
+                    s.add(ApiKeyRow(id=_BOOTSTRAP_ID, name="bootstrap admin", tenant="default",
+                                    key_hash=_hash(configured), scopes=["admin"], created_at=datetime.now(UTC)))
+                else:
+                    row.key_hash, row.revoked_at = _hash(configured), None
+                return None
+            has_admin = any("admin" in r.scopes for r in s.scalars(
+                select(ApiKeyRow).where(ApiKeyRow.revoked_at.is_(None))).all())
+        if has_admin:
+            return None
+        _, key = self.create("admin", scopes=("admin",))
+        return key
+
+    def verify(self, key: str) -> ApiKeyInfo:
+        match = _KEY.fullmatch(key)
+        key_id = match.group(1) if match else _BOOTSTRAP_ID
+        with self.db.session() as s:
+            row = s.get(ApiKeyRow, key_id)
+            # Compare even when the row is missing so timing does not reveal which ids exist.
+            stored = row.key_hash if row is not None else _hash("missing")
+            if not hmac.compare_digest(stored, _hash(key)) or row is None:
+                raise AuthenticationError("Incorrect API key provided.")
+            info = ApiKeyInfo.from_row(row)
+            now = datetime.now(UTC)
+            if info.revoked_at is not None:
+                raise AuthenticationError("This API key has been revoked.", code="revoked_api_key")
+            if info.expires_at is not None and info.expires_at <= now:
+                raise AuthenticationError("This API key has expired.", code="expired_api_key")
+            last = _aware(row.last_used_at)
+            if last is None or (now - last).total_seconds() > 60:  # one write a minute, not per request
+                row.last_used_at = now
+            return info
+
+    def list(self) -> list[ApiKeyInfo]:
+        with self.db.session() as s:
+            return [ApiKeyInfo.from_row(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
+
+    def revoke(self, key_id: str) -> ApiKeyInfo:
+        with self.db.session() as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None:
+                raise NotFoundError(f"no API key {key_id!r}", param="key_id")
+            row.revoked_at = datetime.now(UTC)
+            return ApiKeyInfo.from_row(row)
