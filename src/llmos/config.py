@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     )
     threads: int = Field(default=0, ge=0, description="Torch intra-op threads for inference; 0 leaves torch's default.")
     memory_budget_mb: int = Field(
-        default=8192, ge=1, description="Resident model memory budget; the least recently used idle model is evicted beyond it."
+        default=8192,
+        ge=1,
+        description="Resident model memory budget; the least recently used idle model is evicted beyond it.",
     )
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="Most sequences decoded together in one batch.")
     batch_wait_ms: float = Field(
@@ -70,9 +72,13 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(default=4, ge=0, le=64, description="Most stop sequences per request.")
     max_embedding_inputs: int = Field(default=2048, ge=1, description="Most inputs in one embeddings request.")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
-    max_json_depth: int = Field(default=32, ge=4, le=1000, description="Deepest JSON nesting accepted in a request body.")
+    max_json_depth: int = Field(
+        default=32, ge=4, le=1000, description="Deepest JSON nesting accepted in a request body."
+    )
     max_pending_requests: int = Field(
-        default=256, ge=1, description="Requests waiting for the engine beyond this are refused with 503 and Retry-After."
+        default=256,
+        ge=1,
+        description="Requests waiting for the engine beyond this are refused with 503 and Retry-After.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Server log level.")
 

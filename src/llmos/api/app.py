@@ -23,8 +23,9 @@ from llmos.platform import Platform
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, platform: Platform | None = None,
-               engine: EngineClient | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, platform: Platform | None = None, engine: EngineClient | None = None
+) -> FastAPI:
     """The whole API. ``platform`` and ``engine`` may be injected (tests pass a fake engine)."""
     settings = settings or (platform.settings if platform else Settings())
 
@@ -44,8 +45,12 @@ def create_app(settings: Settings | None = None, *, platform: Platform | None = 
             if owned:
                 app.state.platform.close()
 
-    app = FastAPI(title="LLM OS", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible API of LLM OS. Authenticate with `Authorization: Bearer <key>`.")
+    app = FastAPI(
+        title="LLM OS",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible API of LLM OS. Authenticate with `Authorization: Bearer <key>`.",
+    )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
     for router in (health.router, models_router, chat_router, completions_router, embeddings_router):

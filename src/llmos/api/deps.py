@@ -43,7 +43,8 @@ def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError(
                 "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
-                code="missing_api_key")
+                code="missing_api_key",
+            )
         key = get_platform(request).keys.verify(token.strip())
         if not key.allows(scope):
             raise PermissionDeniedError(f"This API key lacks the '{scope}' scope.")

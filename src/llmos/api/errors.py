@@ -14,8 +14,14 @@ from llmos.errors import LLMOSError, RateLimitError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
-_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_HTTP_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -67,5 +73,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("The server had an error while processing your request.", "server_error",
-                                       None, "internal_error"), status_code=500)
+        return JSONResponse(
+            error_body(
+                "The server had an error while processing your request.", "server_error", None, "internal_error"
+            ),
+            status_code=500,
+        )

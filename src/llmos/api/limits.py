@@ -57,8 +57,9 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _reply(send, 413, f"Request body exceeds the limit of {self.max_bytes} bytes.",
-                             "payload_too_large")
+                await _reply(
+                    send, 413, f"Request body exceeds the limit of {self.max_bytes} bytes.", "payload_too_large"
+                )
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -82,6 +83,11 @@ class BodyLimitMiddleware:
 async def _reply(send: Send, status: int, message: str, code: str) -> None:
     payload: Any = error_body(message, "invalid_request_error", None, code)
     data = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})

@@ -24,8 +24,9 @@ class EventStreamResponse(StreamingResponse):
     in the engine (its ``finally`` runs), so no token is computed for a client that has gone."""
 
     def __init__(self, body: AsyncIterator[str]) -> None:
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._body = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -13,11 +13,15 @@ HostOpt = Annotated[str | None, typer.Option(help="Server host (LLMOS_HOST).")]
 PortOpt = Annotated[int | None, typer.Option(help="Server port (LLMOS_PORT).")]
 
 
-def chat(model: Annotated[str, typer.Argument(help="Chat model to talk to.")],
-         system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-         temperature: Annotated[float, typer.Option(help="Sampling temperature (0 is greedy).")] = 0.7,
-         max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
-         api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+def chat(
+    model: Annotated[str, typer.Argument(help="Chat model to talk to.")],
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 is greedy).")] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
+    api_key: KeyOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
     """Chat interactively, answers streamed as they are generated. Empty line or Ctrl-D quits."""
     import openai
 
@@ -33,8 +37,13 @@ def chat(model: Annotated[str, typer.Argument(help="Chat model to talk to.")],
         messages.append({"role": "user", "content": prompt})
         answer = ""
         try:
-            stream = client.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
-                                                    temperature=temperature, max_tokens=max_tokens, stream=True)
+            stream = client.chat.completions.create(
+                model=model,
+                messages=messages,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                stream=True,
+            )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     answer += chunk.choices[0].delta.content
@@ -47,9 +56,13 @@ def chat(model: Annotated[str, typer.Argument(help="Chat model to talk to.")],
         messages.append({"role": "assistant", "content": answer})
 
 
-def embed(model: Annotated[str, typer.Argument(help="Embedding model.")],
-          texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
-          api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+def embed(
+    model: Annotated[str, typer.Argument(help="Embedding model.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
+    api_key: KeyOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
     """Print one JSON embedding per text (and their cosine similarities when several)."""
     import json
 

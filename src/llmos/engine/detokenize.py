@@ -48,7 +48,7 @@ class IncrementalText:
     def _release(self, text: str) -> str:
         if len(text) <= self._emitted:
             return ""
-        new = text[self._emitted:]
+        new = text[self._emitted :]
         self._emitted = len(text)
         return new
 

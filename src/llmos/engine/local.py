@@ -40,7 +40,8 @@ class LocalEngine:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.residency: ModelResidency[Runner] = ModelResidency(
-            settings.memory_budget_mb * 1024 * 1024, self._load, _unload, self._estimate_size)
+            settings.memory_budget_mb * 1024 * 1024, self._load, _unload, self._estimate_size
+        )
         self._records: dict[str, ModelRecord] = {}
         self._tokenizers: dict[str, Any] = {}
         self._inflight: dict[str, Runner] = {}
@@ -64,8 +65,12 @@ class LocalEngine:
         if record.task in CAUSAL_TASKS:
             tok = await asyncio.to_thread(self._tokenizer, record)
             has_template = bool(getattr(tok, "chat_template", None))
-        return ModelInfo(name=record.name, task=record.task, context_length=record.context_length or 2048,
-                         has_chat_template=has_template)
+        return ModelInfo(
+            name=record.name,
+            task=record.task,
+            context_length=record.context_length or 2048,
+            has_chat_template=has_template,
+        )
 
     async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
         record = await asyncio.to_thread(self._record, model)
@@ -73,8 +78,7 @@ class LocalEngine:
         try:
             encoded = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # jinja templates raise arbitrary errors on unexpected roles
-            raise InvalidRequestError(f"the chat template rejected these messages: {exc}",
-                                      param="messages") from exc
+            raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return list(ids)
 
@@ -104,7 +108,11 @@ class LocalEngine:
             if not isinstance(runner, CausalRunner):
                 raise InvalidRequestError(f"model {request.model} cannot generate text", param="model")
             self._inflight[request.request_id] = runner
-            runner.submit(request, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d))
+
+            def deliver(delta: GenerationDelta) -> None:  # called on the engine thread
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+            runner.submit(request, deliver)
             while remaining:
                 delta = await deltas.get()
                 if delta.finish_reason is not None:
@@ -120,8 +128,7 @@ class LocalEngine:
     async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
         record = await asyncio.to_thread(self._record, model)
         if record.task != "embedding":
-            raise InvalidRequestError(f"model {model} is a {record.task} model, not an embedding model",
-                                      param="model")
+            raise InvalidRequestError(f"model {model} is a {record.task} model, not an embedding model", param="model")
         self._admit()
         try:
             return await asyncio.to_thread(self._embed_sync, record.id, inputs)
@@ -158,9 +165,15 @@ class LocalEngine:
     def _load(self, model_id: str) -> Runner:
         record = self._records[model_id]
         model_dir: Path = self.registry.model_dir(record)
-        return load_runner(model_dir, record.task, dtype=self.dtype, context_length=record.context_length or 2048,
-                           max_batch_size=self.settings.max_batch_size,
-                           batch_wait_s=self.settings.batch_wait_ms / 1000, name=record.name)
+        return load_runner(
+            model_dir,
+            record.task,
+            dtype=self.dtype,
+            context_length=record.context_length or 2048,
+            max_batch_size=self.settings.max_batch_size,
+            batch_wait_s=self.settings.batch_wait_ms / 1000,
+            name=record.name,
+        )
 
 
 def _unload(runner: Runner) -> None:

@@ -23,16 +23,22 @@ class BatchSampling:
 
     def select(self, keep: torch.Tensor) -> BatchSampling:
         rows = keep.tolist()
-        return BatchSampling(self.temperature[keep], self.top_p[keep], self.presence[keep],
-                             self.frequency[keep], [self.generators[i] for i in rows])
+        return BatchSampling(
+            self.temperature[keep],
+            self.top_p[keep],
+            self.presence[keep],
+            self.frequency[keep],
+            [self.generators[i] for i in rows],
+        )
 
     @property
     def uses_penalties(self) -> bool:
         return bool((self.presence != 0).any() or (self.frequency != 0).any())
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
-                    frequency: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
     """OpenAI's definition: logit -= frequency * count + presence * (count > 0)."""
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
@@ -63,7 +69,9 @@ def select_tokens(logits: torch.Tensor, sampling: BatchSampling) -> torch.Tensor
     return chosen
 
 
-def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of the chosen tokens and the ``k`` most likely ones, from the model's
     distribution (before temperature and top-p, as OpenAI reports them)."""
     logp = torch.log_softmax(logits, dim=-1)

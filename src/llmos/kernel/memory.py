@@ -30,8 +30,9 @@ class _Slot(Generic[T]):
 
 
 class ModelResidency(Generic[T]):
-    def __init__(self, budget_bytes: int, load: Callable[[str], T], unload: Callable[[T], None],
-                 size_of: Callable[[str], int]) -> None:
+    def __init__(
+        self, budget_bytes: int, load: Callable[[str], T], unload: Callable[[T], None], size_of: Callable[[str], int]
+    ) -> None:
         self.budget = budget_bytes
         self._load = load
         self._unload = unload
@@ -73,7 +74,9 @@ class ModelResidency(Generic[T]):
                 if size > self.budget:
                     raise ServiceUnavailableError(
                         f"model {key} needs {size >> 20} MiB, more than the whole memory budget "
-                        f"({self.budget >> 20} MiB)", code="insufficient_memory")
+                        f"({self.budget >> 20} MiB)",
+                        code="insufficient_memory",
+                    )
                 self._make_room(size)
             log.info("loading model %s (%d MiB)", key, size >> 20)
             value = self._load(key)

@@ -23,8 +23,9 @@ def gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as exc:  # transformers raises many kinds for unsupported or broken GGUF
-        raise ArtifactError(f"{gguf_path.name}: cannot convert GGUF ({type(exc).__name__}: {exc})",
-                            code="unsupported_artifact") from exc
+        raise ArtifactError(
+            f"{gguf_path.name}: cannot convert GGUF ({type(exc).__name__}: {exc})", code="unsupported_artifact"
+        ) from exc
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -34,8 +35,11 @@ def gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     # Tied embeddings legitimately leave lm_head out of the state dict.
     missing = [k for k in missing if not k.startswith("lm_head.")]
     if missing or unexpected:
-        raise ArtifactError(f"{gguf_path.name}: converted weights do not match the architecture "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})", code="unsupported_artifact")
+        raise ArtifactError(
+            f"{gguf_path.name}: converted weights do not match the architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+            code="unsupported_artifact",
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -27,8 +27,12 @@ def inspect_model_dir(root: Path) -> ModelFacts:
     architectures = config.get("architectures") or []
     architecture = architectures[0] if architectures and isinstance(architectures[0], str) else None
     family = config.get("model_type") if isinstance(config.get("model_type"), str) else None
-    return ModelFacts(family=family, architecture=architecture, task=_task(root, architecture),
-                      context_length=_context_length(root, config))
+    return ModelFacts(
+        family=family,
+        architecture=architecture,
+        task=_task(root, architecture),
+        context_length=_context_length(root, config),
+    )
 
 
 def _task(root: Path, architecture: str | None) -> str:

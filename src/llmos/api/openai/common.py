@@ -61,8 +61,16 @@ def stop_sequences(stop: str | list[str] | None, settings: Settings) -> tuple[st
     return tuple(items)
 
 
-def build_sampling(req: SamplingFields, *, max_tokens: int | None, prompt_tokens: int, info: ModelInfo,
-                   settings: Settings, logprobs: bool, top_logprobs: int) -> SamplingParams:
+def build_sampling(
+    req: SamplingFields,
+    *,
+    max_tokens: int | None,
+    prompt_tokens: int,
+    info: ModelInfo,
+    settings: Settings,
+    logprobs: bool,
+    top_logprobs: int,
+) -> SamplingParams:
     """Validate everything that needs the model or settings, before any work is queued."""
     n = req.n or 1
     if n > settings.max_n:
@@ -73,7 +81,9 @@ def build_sampling(req: SamplingFields, *, max_tokens: int | None, prompt_tokens
     if room <= 0:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {info.context_length} tokens. However, your prompt is "
-            f"{prompt_tokens} tokens long.", param="messages")
+            f"{prompt_tokens} tokens long.",
+            param="messages",
+        )
     if max_tokens is not None:
         if max_tokens > settings.max_tokens_cap:
             raise InvalidRequestError(f"max_tokens must be at most {settings.max_tokens_cap}", param="max_tokens")
@@ -81,7 +91,9 @@ def build_sampling(req: SamplingFields, *, max_tokens: int | None, prompt_tokens
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {info.context_length} tokens. However, you requested "
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
-                "completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+                "completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+            )
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else min(room, settings.max_tokens_cap),
         temperature=1.0 if req.temperature is None else req.temperature,

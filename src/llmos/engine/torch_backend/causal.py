@@ -20,7 +20,13 @@ import torch
 from transformers import DynamicCache
 
 from llmos.engine.detokenize import IncrementalText
-from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob, TopLogprob
+from llmos.engine.protocol import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    TokenLogprob,
+    TopLogprob,
+)
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -44,8 +50,16 @@ class _Row:
 
 
 class CausalRunner:
-    def __init__(self, model: Any, tokenizer: Any, *, context_length: int, max_batch_size: int = 32,
-                 batch_wait_s: float = 0.005, name: str = "model") -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        context_length: int,
+        max_batch_size: int = 32,
+        batch_wait_s: float = 0.005,
+        name: str = "model",
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -106,8 +120,14 @@ class CausalRunner:
                 log.exception("generation failed on %s", self.name)
                 for p in batch:
                     for i in range(p.request.params.n):
-                        p.sink(GenerationDelta(index=i, text="", finish_reason=FinishReason.ERROR,
-                                               error=f"generation failed: {type(exc).__name__}: {exc}"))
+                        p.sink(
+                            GenerationDelta(
+                                index=i,
+                                text="",
+                                finish_reason=FinishReason.ERROR,
+                                error=f"generation failed: {type(exc).__name__}: {exc}",
+                            )
+                        )
             finally:
                 self._active = 0
 
@@ -122,20 +142,29 @@ class CausalRunner:
 
     @torch.inference_mode()
     def _run_batch(self, batch: list[_Pending]) -> None:
-        rows = [_Row(p, i, IncrementalText(self._decode, p.request.params.stop))
-                for p in batch for i in range(p.request.params.n)]
+        rows = [
+            _Row(p, i, IncrementalText(self._decode, p.request.params.stop))
+            for p in batch
+            for i in range(p.request.params.n)
+        ]
         prompts = [list(r.pending.request.prompt_token_ids) for r in rows]
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            input_ids[i, width - len(prompt):] = torch.tensor(prompt)
-            attention[i, width - len(prompt):] = 1
+            input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            attention[i, width - len(prompt) :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         sampling = _batch_sampling(rows)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         logits = out.logits[:, -1, :].float()
         counts = torch.zeros_like(logits) if sampling.uses_penalties else None
         next_pos = positions[:, -1] + 1
@@ -144,14 +173,15 @@ class CausalRunner:
             if counts is not None:
                 logits = apply_penalties(logits, counts, sampling.presence, sampling.frequency)
             chosen = select_tokens(logits, sampling)
-            want_k = max((r.pending.request.params.top_logprobs for r in rows
-                          if r.pending.request.params.logprobs), default=-1)
+            want_k = max(
+                (r.pending.request.params.top_logprobs for r in rows if r.pending.request.params.logprobs), default=-1
+            )
             lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
             if counts is not None:
                 counts.scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=counts.dtype))
             for i, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
                 if not row.finished:
-                    self._advance(row, token, next_pos[i].item() + 1, lp, i)
+                    self._advance(row, token, int(next_pos[i]) + 1, lp, i)
             keep = torch.tensor([not r.finished for r in rows])
             if not bool(keep.any()):
                 return
@@ -163,8 +193,13 @@ class CausalRunner:
                 sampling = sampling.select(idx)
                 counts = counts[idx] if counts is not None else None
             attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype)], dim=1)
-            out = self.model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
+            out = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=attention,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
 
@@ -198,14 +233,19 @@ class CausalRunner:
         row.finished = finish is not None
         emitted_ids = () if token in self.eos_ids else (token,)
         if text or finish or logprobs:
-            row.pending.sink(GenerationDelta(index=row.index, text=text, token_ids=emitted_ids,
-                                             logprobs=logprobs, finish_reason=finish))
+            row.pending.sink(
+                GenerationDelta(
+                    index=row.index, text=text, token_ids=emitted_ids, logprobs=logprobs, finish_reason=finish
+                )
+            )
 
     def _logprob_entry(self, token: int, lp: Any, i: int, k: int) -> TokenLogprob:
         chosen_lp, top_vals, top_idx = lp
         piece = self._decode([token])
-        top = [TopLogprob(token=(t := self._decode([tid])), logprob=float(v), bytes=list(t.encode()))
-               for v, tid in zip(top_vals[i, :k].tolist(), top_idx[i, :k].tolist(), strict=True)]
+        top = [
+            TopLogprob(token=(t := self._decode([tid])), logprob=float(v), bytes=list(t.encode()))
+            for v, tid in zip(top_vals[i, :k].tolist(), top_idx[i, :k].tolist(), strict=True)
+        ]
         return TokenLogprob(token=piece, logprob=float(chosen_lp[i]), bytes=list(piece.encode()), top_logprobs=top)
 
     def _decode(self, ids: Any) -> str:
@@ -220,8 +260,13 @@ def _batch_sampling(rows: list[_Row]) -> BatchSampling:
     for r in rows:
         seed = r.pending.request.params.seed
         generators.append(torch.Generator().manual_seed(seed + r.index) if seed is not None else None)
-    return BatchSampling(temperature=col("temperature"), top_p=col("top_p"), presence=col("presence_penalty"),
-                         frequency=col("frequency_penalty"), generators=generators)
+    return BatchSampling(
+        temperature=col("temperature"),
+        top_p=col("top_p"),
+        presence=col("presence_penalty"),
+        frequency=col("frequency_penalty"),
+        generators=generators,
+    )
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

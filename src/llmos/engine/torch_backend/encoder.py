@@ -42,8 +42,7 @@ class Pooling:
 class EncoderRunner:
     """Runs one forward pass per request batch; a lock keeps the 2-core CPU from thrashing."""
 
-    def __init__(self, model: Any, tokenizer: Any, pooling: Pooling, *, max_length: int,
-                 micro_batch: int = 64) -> None:
+    def __init__(self, model: Any, tokenizer: Any, pooling: Pooling, *, max_length: int, micro_batch: int = 64) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -55,11 +54,12 @@ class EncoderRunner:
         """Nothing runs in the background; dropping references frees the weights."""
 
     def embed(self, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
-        ids = [self._ids(x, i) for i, x in enumerate(inputs)]
+        items: list[str | list[int]] = list(inputs)
+        ids = [self._ids(x, i) for i, x in enumerate(items)]
         vectors: list[list[float]] = []
         with self._lock:
             for start in range(0, len(ids), self.micro_batch):
-                vectors.extend(self._forward(ids[start:start + self.micro_batch]).tolist())
+                vectors.extend(self._forward(ids[start : start + self.micro_batch]).tolist())
         return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(x) for x in ids))
 
     def _ids(self, item: str | list[int], position: int) -> list[int]:
@@ -69,8 +69,8 @@ class EncoderRunner:
             ids = [self.tokenizer.cls_token_id, *item, self.tokenizer.sep_token_id]
         if len(ids) > self.max_length:
             raise ContextLengthExceededError(
-                f"input[{position}] has {len(ids)} tokens; this model accepts at most {self.max_length}",
-                param="input")
+                f"input[{position}] has {len(ids)} tokens; this model accepts at most {self.max_length}", param="input"
+            )
         return ids
 
     @torch.inference_mode()

@@ -20,8 +20,16 @@ def load_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_runner(model_dir: Path, task: str, *, dtype: torch.dtype, context_length: int,
-                max_batch_size: int, batch_wait_s: float, name: str) -> CausalRunner | EncoderRunner:
+def load_runner(
+    model_dir: Path,
+    task: str,
+    *,
+    dtype: torch.dtype,
+    context_length: int,
+    max_batch_size: int,
+    batch_wait_s: float,
+    name: str,
+) -> CausalRunner | EncoderRunner:
     from transformers import AutoModel, AutoModelForCausalLM
 
     try:
@@ -29,8 +37,14 @@ def load_runner(model_dir: Path, task: str, *, dtype: torch.dtype, context_lengt
         if task in CAUSAL_TASKS:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
             model.eval()
-            return CausalRunner(model, tokenizer, context_length=context_length, max_batch_size=max_batch_size,
-                                batch_wait_s=batch_wait_s, name=name)
+            return CausalRunner(
+                model,
+                tokenizer,
+                context_length=context_length,
+                max_batch_size=max_batch_size,
+                batch_wait_s=batch_wait_s,
+                name=name,
+            )
         if task == "embedding":
             # Encoders are small and latency-bound; float32 keeps embeddings identical to the reference.
             model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)

@@ -47,8 +47,9 @@ def register_source(cls: type[ModelSource]) -> type[ModelSource]:
 def get_source(uri: str) -> tuple[ModelSource, str]:
     scheme, sep, spec = uri.partition(":")
     if not sep or not spec:
-        raise SourceError(f"model source {uri!r} must look like <scheme>:<spec>; schemes: {sorted(_SOURCES)}",
-                          param="source")
+        raise SourceError(
+            f"model source {uri!r} must look like <scheme>:<spec>; schemes: {sorted(_SOURCES)}", param="source"
+        )
     factory = _SOURCES.get(scheme)
     if factory is None:
         raise SourceError(f"unknown model source scheme {scheme!r}; known: {sorted(_SOURCES)}", param="source")

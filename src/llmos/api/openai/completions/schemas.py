@@ -12,8 +12,12 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=64)]
-             | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=64)])
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=64)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=64)]
+    )
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
@@ -21,8 +25,8 @@ class CompletionRequest(SamplingFields):
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str):
             return [self.prompt]
-        if self.prompt and isinstance(self.prompt[0], int):
-            return [list(self.prompt)]  # type: ignore[arg-type]
+        if self.prompt and all(isinstance(x, int) for x in self.prompt):
+            return [[int(x) for x in self.prompt]]  # type: ignore[arg-type]
         return list(self.prompt)  # type: ignore[arg-type]
 
 

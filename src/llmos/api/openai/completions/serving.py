@@ -7,10 +7,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from llmos.api.openai.common import Usage, build_sampling, finish_reason, new_id, now
-from llmos.api.openai.completions.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from llmos.api.openai.completions.schemas import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+)
 from llmos.api.sse import SSE_DONE, sse_event
 from llmos.config import Settings
-from llmos.engine.protocol import EngineClient, FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
+from llmos.engine.protocol import (
+    EngineClient,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    TokenLogprob,
+)
 from llmos.errors import EngineError, InvalidRequestError
 
 FINGERPRINT = "fp_llmos"
@@ -31,8 +42,9 @@ class CompletionService:
     async def prepare(self, req: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
         info = await self.engine.model_info(req.model)
         if info.task not in ("chat", "completion"):
-            raise InvalidRequestError(f"model {req.model} is a {info.task} model; it cannot complete text",
-                                      param="model")
+            raise InvalidRequestError(
+                f"model {req.model} is a {info.task} model; it cannot complete text", param="model"
+            )
         base_id = new_id("cmpl")
         out = []
         for i, prompt in enumerate(req.prompts()):
@@ -41,12 +53,23 @@ class CompletionService:
                 echo_text = prompt
             else:
                 ids, echo_text = prompt, ""
-            params = build_sampling(req, max_tokens=req.max_tokens, prompt_tokens=len(ids), info=info,
-                                    settings=self.settings, logprobs=req.logprobs is not None,
-                                    top_logprobs=req.logprobs or 0)
-            out.append((echo_text if req.echo else "",
-                        GenerationRequest(request_id=f"{base_id}-{i}", model=req.model, prompt_token_ids=ids,
-                                          params=params)))
+            params = build_sampling(
+                req,
+                max_tokens=req.max_tokens,
+                prompt_tokens=len(ids),
+                info=info,
+                settings=self.settings,
+                logprobs=req.logprobs is not None,
+                top_logprobs=req.logprobs or 0,
+            )
+            out.append(
+                (
+                    echo_text if req.echo else "",
+                    GenerationRequest(
+                        request_id=f"{base_id}-{i}", model=req.model, prompt_token_ids=ids, params=params
+                    ),
+                )
+            )
         return out
 
     async def complete(self, req: CompletionRequest, gens: list[tuple[str, GenerationRequest]]) -> Completion:
@@ -56,15 +79,27 @@ class CompletionService:
         for p, ((echo, gen), (per_choice, used)) in enumerate(zip(gens, results, strict=True)):
             completion_tokens += used
             for c, choice in enumerate(per_choice):
-                choices.append(CompletionChoice(index=p * gen.params.n + c, text=echo + choice.text,
-                                                finish_reason=choice.reason,
-                                                logprobs=_legacy_logprobs(choice.tokens, len(echo))
-                                                if gen.params.logprobs else None))
+                choices.append(
+                    CompletionChoice(
+                        index=p * gen.params.n + c,
+                        text=echo + choice.text,
+                        finish_reason=choice.reason,
+                        logprobs=_legacy_logprobs(choice.tokens, len(echo)) if gen.params.logprobs else None,
+                    )
+                )
         prompt_tokens = sum(len(g.prompt_token_ids) for _, g in gens)
-        return Completion(id=gens[0][1].request_id.rsplit("-", 1)[0], created=now(), model=req.model,
-                          choices=choices, system_fingerprint=FINGERPRINT,
-                          usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                      total_tokens=prompt_tokens + completion_tokens))
+        return Completion(
+            id=gens[0][1].request_id.rsplit("-", 1)[0],
+            created=now(),
+            model=req.model,
+            choices=choices,
+            system_fingerprint=FINGERPRINT,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
 
     async def _collect(self, gen: GenerationRequest) -> tuple[list[_Choice], int]:
         choices = [_Choice() for _ in range(gen.params.n)]
@@ -83,12 +118,21 @@ class CompletionService:
             raise InvalidRequestError("streaming supports one prompt per request", param="prompt")
         echo, gen = gens[0]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        base = {"id": gen.request_id, "object": "text_completion", "created": now(), "model": req.model,
-                "system_fingerprint": FINGERPRINT}
+        base = {
+            "id": gen.request_id,
+            "object": "text_completion",
+            "created": now(),
+            "model": req.model,
+            "system_fingerprint": FINGERPRINT,
+        }
 
         def chunk(index: int, text: str, reason: str | None, lp: CompletionLogprobs | None = None) -> str:
-            payload = {**base, "choices": [{"index": index, "text": text, "logprobs": lp.model_dump() if lp else None,
-                                            "finish_reason": reason}]}
+            payload = {
+                **base,
+                "choices": [
+                    {"index": index, "text": text, "logprobs": lp.model_dump() if lp else None, "finish_reason": reason}
+                ],
+            }
             if include_usage:
                 payload["usage"] = None
             return sse_event(payload)
@@ -111,8 +155,17 @@ class CompletionService:
             await generator.aclose()
         if include_usage:
             prompt_tokens = len(gen.prompt_token_ids)
-            yield sse_event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used,
-                                                              "total_tokens": prompt_tokens + used}})
+            yield sse_event(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": used,
+                        "total_tokens": prompt_tokens + used,
+                    },
+                }
+            )
         yield SSE_DONE
 
 
@@ -121,9 +174,12 @@ def _legacy_logprobs(tokens: list[TokenLogprob], offset: int) -> CompletionLogpr
     for t in tokens:
         offsets.append(offset)
         offset += len(t.token)
-    return CompletionLogprobs(tokens=[t.token for t in tokens], token_logprobs=[t.logprob for t in tokens],
-                              top_logprobs=[{x.token: x.logprob for x in t.top_logprobs} for t in tokens],
-                              text_offset=offsets)
+    return CompletionLogprobs(
+        tokens=[t.token for t in tokens],
+        token_logprobs=[t.logprob for t in tokens],
+        top_logprobs=[{x.token: x.logprob for x in t.top_logprobs} for t in tokens],
+        text_offset=offsets,
+    )
 
 
 def _raise_on_error(delta: GenerationDelta) -> None:

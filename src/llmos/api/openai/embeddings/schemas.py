@@ -19,11 +19,13 @@ class EmbeddingRequest(StrictModel):
     user: str | None = None
 
     def items(self) -> list[str] | list[list[int]]:
-        if isinstance(self.input, str):
-            return [self.input]
-        if self.input and isinstance(self.input[0], int):
-            return [list(self.input)]  # type: ignore[arg-type]
-        return list(self.input)  # type: ignore[arg-type]
+        """The input as a list of strings or a list of token-id lists."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and all(isinstance(x, int) for x in value):
+            return [[int(x) for x in value]]  # type: ignore[arg-type]
+        return value  # type: ignore[return-value]
 
 
 class Embedding(BaseModel):

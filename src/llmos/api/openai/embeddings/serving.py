@@ -7,7 +7,12 @@ import math
 
 import numpy as np
 
-from llmos.api.openai.embeddings.schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from llmos.api.openai.embeddings.schemas import (
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+)
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
 from llmos.errors import InvalidRequestError
@@ -44,5 +49,8 @@ async def create_embeddings(req: EmbeddingRequest, engine: EngineClient, setting
         if req.dimensions is not None and req.dimensions < width:
             vector = shorten(vector, req.dimensions)
         data.append(Embedding(index=i, embedding=encode_base64(vector) if req.encoding_format == "base64" else vector))
-    return EmbeddingList(data=data, model=req.model,
-                         usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens))
+    return EmbeddingList(
+        data=data,
+        model=req.model,
+        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    )

@@ -35,11 +35,26 @@ class ModelObject(BaseModel):
     @classmethod
     def from_record(cls, r: ModelRecord, *, parent_name: str | None = None, detail: bool = False) -> ModelObject:
         created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
-        return cls(id=r.name, created=int(created.timestamp()), owned_by=r.owner, task=r.task, version=r.version,
-                   parent=parent_name, root=f"{r.name}@{r.version}", format=r.format, family=r.family,
-                   architecture=r.architecture, parameter_count=r.parameter_count, size_bytes=r.size_bytes,
-                   context_length=r.context_length, license=r.license, source=r.source, status=r.status,
-                   artifacts=r.artifacts if detail else None, extra=r.extra if detail else None)
+        return cls(
+            id=r.name,
+            created=int(created.timestamp()),
+            owned_by=r.owner,
+            task=r.task,
+            version=r.version,
+            parent=parent_name,
+            root=f"{r.name}@{r.version}",
+            format=r.format,
+            family=r.family,
+            architecture=r.architecture,
+            parameter_count=r.parameter_count,
+            size_bytes=r.size_bytes,
+            context_length=r.context_length,
+            license=r.license,
+            source=r.source,
+            status=r.status,
+            artifacts=r.artifacts if detail else None,
+            extra=r.extra if detail else None,
+        )
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,119 @@
+"""The PyTorch backend on a tiny random Llama: batching, sampling parameters, abort."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmos.engine import FinishReason, GenerationRequest, SamplingParams
+from llmos.engine.local import LocalEngine
+from llmos.platform import Platform
+
+
+@pytest.fixture
+def engine(loaded_platform: Platform) -> LocalEngine:
+    return LocalEngine(loaded_platform.registry, loaded_platform.settings)
+
+
+async def _run(
+    engine: LocalEngine, prompt: list[int], rid: str = "r", **params: object
+) -> tuple[dict[int, list[int]], dict[int, FinishReason | None]]:
+    tokens: dict[int, list[int]] = {}
+    reasons: dict[int, FinishReason | None] = {}
+    async for d in engine.generate(GenerationRequest(rid, "tiny-chat", prompt, SamplingParams(**params))):  # type: ignore[arg-type]
+        tokens.setdefault(d.index, []).extend(d.token_ids)
+        if d.finish_reason:
+            reasons[d.index] = d.finish_reason
+    return tokens, reasons
+
+
+def test_greedy_matches_transformers_generate(engine: LocalEngine, tiny_chat_dir: Path) -> None:
+    async def main() -> None:
+        prompt = await engine.encode_chat("tiny-chat", [{"role": "user", "content": "Hello there"}])
+        tokens, reasons = await _run(engine, prompt, max_tokens=12, temperature=0.0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32)
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
+        expected = [t for t in reference.tolist() if t != model.config.eos_token_id][: len(tokens[0])]
+        assert tokens[0] == expected
+        assert reasons[0] in (FinishReason.LENGTH, FinishReason.STOP)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_concurrent_requests_share_a_batch_and_match_solo_runs(engine: LocalEngine) -> None:
+    async def main() -> None:
+        prompts = [await engine.encode_text("tiny-chat", t) for t in ("Hello", "The capital of France is", "A")]
+        solo = [(await _run(engine, p, f"solo{i}", max_tokens=8, temperature=0.0))[0][0] for i, p in enumerate(prompts)]
+        runner = engine.residency.acquire(engine.registry.get("tiny-chat").id)
+        batches: list[int] = []
+        original = runner._run_batch
+        runner._run_batch = lambda batch: (batches.append(len(batch)), original(batch))[1]  # type: ignore[method-assign]
+        together = await asyncio.gather(
+            *[_run(engine, p, f"b{i}", max_tokens=8, temperature=0.0) for i, p in enumerate(prompts)]
+        )
+        engine.residency.release(engine.registry.get("tiny-chat").id)
+        assert [t[0][0] for t in together] == solo
+        assert batches == [3]  # one batch, not three runs one after another
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_n_choices_with_seed_are_reproducible_and_length_limited(engine: LocalEngine) -> None:
+    async def main() -> None:
+        prompt = await engine.encode_text("tiny-chat", "Hello")
+        a, _ = await _run(engine, prompt, "a", n=3, seed=11, temperature=1.0, max_tokens=5)
+        b, _ = await _run(engine, prompt, "b", n=3, seed=11, temperature=1.0, max_tokens=5)
+        assert a == b
+        assert sorted(a) == [0, 1, 2]
+        assert all(len(v) <= 5 for v in a.values())
+        assert len({tuple(v) for v in a.values()}) > 1  # choices differ from each other
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_abandoned_stream_stops_generation(engine: LocalEngine) -> None:
+    async def main() -> None:
+        prompt = await engine.encode_text("tiny-chat", "Hello")
+        runner = engine.residency.acquire(engine.registry.get("tiny-chat").id)
+        engine.residency.release(engine.registry.get("tiny-chat").id)
+        steps = 0
+        forward = runner.model.forward
+
+        def counting(*args: object, **kwargs: object) -> object:
+            nonlocal steps
+            steps += 1
+            return forward(*args, **kwargs)
+
+        runner.model.forward = counting
+        # temperature 2 and no eos: generation would run the full 200 tokens.
+        gen = engine.generate(
+            GenerationRequest("gone", "tiny-chat", prompt, SamplingParams(max_tokens=200, temperature=2.0, seed=1))
+        )
+        await gen.__anext__()
+        await gen.aclose()
+        await asyncio.sleep(0.3)
+        assert not runner.busy
+        assert steps < 20
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_embeddings_are_normalised_mean_pooled(engine: LocalEngine) -> None:
+    async def main() -> None:
+        result = await engine.embed("tiny-embed", ["hello world", "the sea"])
+        vectors = torch.tensor(result.vectors)
+        assert vectors.shape == (2, 32)
+        assert torch.allclose(vectors.norm(dim=-1), torch.ones(2), atol=1e-5)
+        single = await engine.embed("tiny-embed", ["hello world"])
+        assert torch.allclose(torch.tensor(single.vectors[0]), vectors[0], atol=1e-5)  # padding does not leak
+        await engine.shutdown()
+
+    asyncio.run(main())

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import torch
+
+from llmos.engine.sampling import (
+    BatchSampling,
+    apply_penalties,
+    apply_top_p,
+    select_tokens,
+    token_logprobs,
+)
+
+
+def _sampling(temps: list[float], top_p: float = 1.0, seeds: list[int | None] | None = None) -> BatchSampling:
+    n = len(temps)
+    seeds = seeds or [None] * n
+    return BatchSampling(
+        torch.tensor(temps),
+        torch.full((n,), top_p),
+        torch.zeros(n),
+        torch.zeros(n),
+        [torch.Generator().manual_seed(s) if s is not None else None for s in seeds],
+    )
+
+
+def test_greedy_rows_take_argmax_while_others_sample() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    chosen = select_tokens(logits, _sampling([0.0, 1.0], seeds=[None, 3]))
+    assert chosen[0].item() == 1
+    assert chosen[1].item() in (0, 1, 2)
+
+
+def test_seeded_sampling_is_reproducible() -> None:
+    logits = torch.randn(1, 50)
+    a = [select_tokens(logits, _sampling([1.0], seeds=[7])).item() for _ in range(3)]
+    b = [select_tokens(logits, _sampling([1.0], seeds=[7])).item() for _ in range(3)]
+    assert a == b
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(apply_top_p(logits, torch.tensor([0.7])))
+    assert kept.tolist() == [[True, True, False, False]]
+    # The most likely token always survives, even at a tiny top_p.
+    assert torch.isfinite(apply_top_p(logits, torch.tensor([0.01])))[0, 0]
+
+
+def test_tiny_top_p_sampling_is_greedy() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    for seed in range(5):
+        assert select_tokens(logits, _sampling([1.5], top_p=0.01, seeds=[seed])).item() == 1
+
+
+def test_penalties_follow_openai_definition() -> None:
+    logits = torch.zeros(1, 3)
+    counts = torch.tensor([[2.0, 0.0, 1.0]])
+    out = apply_penalties(logits, counts, torch.tensor([0.5]), torch.tensor([0.25]))
+    assert out.tolist() == [[-1.0, 0.0, -0.75]]
+
+
+def test_logprobs_are_from_the_model_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    chosen_lp, top_vals, top_idx = token_logprobs(logits, torch.tensor([1]), 2)
+    assert abs(chosen_lp.item() - torch.log(torch.tensor(0.2)).item()) < 1e-5
+    assert top_idx.tolist() == [[0, 1]]
+    assert top_vals.shape == (1, 2)
+
+
+def test_select_rows_keeps_parameters_aligned() -> None:
+    s = _sampling([0.0, 0.5, 1.0], seeds=[1, 2, 3])
+    kept = s.select(torch.tensor([0, 2]))
+    assert kept.temperature.tolist() == [0.0, 1.0]
+    assert kept.generators[1] is s.generators[2]
