@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from llmos import __version__
 from llmos.api import health
+from llmos.api.admin.router import router as admin_router
 from llmos.api.errors import install_error_handlers
 from llmos.api.limits import BodyLimitMiddleware
 from llmos.api.openai.chat.router import router as chat_router
@@ -53,6 +54,6 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
-    for router in (health.router, models_router, chat_router, completions_router, embeddings_router):
+    for router in (health.router, admin_router, models_router, chat_router, completions_router, embeddings_router):
         app.include_router(router)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -51,6 +52,9 @@ def serve(
                 except LLMOSError as exc:
                     raise fail(exc) from exc
         platform.close()
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that
+    # was installed before it; exiting 0 there tells supervisors the shutdown was clean.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     console.print(f"LLM OS {__version__} on http://{settings.host}:{settings.port} (docs at /docs)")
     uvicorn.run(
         create_app(settings),
@@ -59,6 +63,10 @@ def serve(
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @app.command()

@@ -145,6 +145,24 @@ class LocalEngine:
         if isinstance(runner, CausalRunner):
             runner.abort(request_id)
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for operators and tests: what is resident, running and computed."""
+        models = {}
+        for model_id in self.residency.resident():
+            record = self._records.get(model_id)
+            runner = self.residency.peek(model_id)
+            entry: dict[str, Any] = {"name": record.name if record else model_id}
+            if isinstance(runner, CausalRunner):
+                entry.update(busy=runner.busy, tokens_generated=runner.tokens_generated, batches_run=runner.batches_run)
+            models[model_id] = entry
+        return {
+            "pending_requests": self._pending,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "memory_budget_bytes": self.residency.budget,
+            "resident_bytes": self.residency.used_bytes,
+            "models": models,
+        }
+
     async def check_health(self) -> None:
         await asyncio.to_thread(self.registry.list)
 

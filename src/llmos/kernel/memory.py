@@ -46,6 +46,12 @@ class ModelResidency(Generic[T]):
         with self._lock:
             return sum(s.size for s in self._slots.values())
 
+    def peek(self, key: str) -> T | None:
+        """The resident value for ``key`` without pinning or loading it."""
+        with self._lock:
+            slot = self._slots.get(key)
+            return slot.value if slot else None
+
     def resident(self) -> list[str]:
         with self._lock:
             return list(self._slots)

@@ -72,6 +72,8 @@ class CausalRunner:
         self._aborted: set[str] = set()
         self._abort_lock = threading.Lock()
         self._active = 0
+        self.tokens_generated = 0  # every token computed, including for requests later aborted
+        self.batches_run = 0
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -114,6 +116,7 @@ class CausalRunner:
             if not batch:
                 continue
             self._active = len(batch)
+            self.batches_run += 1
             try:
                 self._run_batch(batch)
             except Exception as exc:  # the loop survives; the batch's requests fail clearly
@@ -179,6 +182,7 @@ class CausalRunner:
             lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
             if counts is not None:
                 counts.scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=counts.dtype))
+            self.tokens_generated += len(rows)
             for i, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
                 if not row.finished:
                     self._advance(row, token, int(next_pos[i]) + 1, lp, i)

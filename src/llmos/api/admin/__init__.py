@@ -1,0 +1,1 @@
+"""Native administration endpoints under /v1/admin (admin scope)."""
