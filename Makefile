@@ -36,7 +36,7 @@ test: lint typecheck
 	$(BIN)/pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/serve_smoke.py
+	$(BIN)/python benchmarks/serve_concurrency.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

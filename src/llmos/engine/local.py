@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from llmos.registry import ModelRecord, ModelRegistry
 log = logging.getLogger(__name__)
 Runner = CausalRunner | EncoderRunner
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
+GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 def resolve_dtype(setting: str) -> torch.dtype:
@@ -39,6 +41,10 @@ class LocalEngine:
         self.dtype = resolve_dtype(settings.dtype)
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        # The engine thread re-takes the GIL after each of the ~600 torch ops of a forward pass; with
+        # the default 5 ms switch interval it waits behind the event loop thread (a GIL convoy).
+        # Measured through the server with 1 client: 16 tokens/s at 5 ms, 23 tokens/s at 0.2 ms.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.residency: ModelResidency[Runner] = ModelResidency(
             settings.memory_budget_mb * 1024 * 1024, self._load, _unload, self._estimate_size
         )
