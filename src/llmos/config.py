@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=5.0, ge=0, le=1000, description="How long the engine waits for more requests before starting a batch."
     )
+    prefill_chunk_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Prompt tokens prefilled between two decode steps; bounds the pause running streams see "
+        "when new requests arrive.",
+    )
     max_n: int = Field(default=8, ge=1, le=128, description="Largest `n` (choices per request) accepted.")
     max_tokens_cap: int = Field(default=4096, ge=1, description="Largest `max_tokens` accepted, whatever the context.")
     max_top_logprobs: int = Field(default=20, ge=0, le=20, description="Largest `top_logprobs` accepted.")

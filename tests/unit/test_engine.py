@@ -50,15 +50,50 @@ def test_concurrent_requests_share_a_batch_and_match_solo_runs(engine: LocalEngi
         prompts = [await engine.encode_text("tiny-chat", t) for t in ("Hello", "The capital of France is", "A")]
         solo = [(await _run(engine, p, f"solo{i}", max_tokens=8, temperature=0.0))[0][0] for i, p in enumerate(prompts)]
         runner = engine.residency.acquire(engine.registry.get("tiny-chat").id)
-        batches: list[int] = []
-        original = runner._run_batch
-        runner._run_batch = lambda batch: (batches.append(len(batch)), original(batch))[1]  # type: ignore[method-assign]
         together = await asyncio.gather(
             *[_run(engine, p, f"b{i}", max_tokens=8, temperature=0.0) for i, p in enumerate(prompts)]
         )
         engine.residency.release(engine.registry.get("tiny-chat").id)
         assert [t[0][0] for t in together] == solo
-        assert batches == [3]  # one batch, not three runs one after another
+        assert runner.peak_rows == 3  # decoded together, not one after another
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_request_joins_a_running_batch_and_leaves_before_it(engine: LocalEngine) -> None:
+    """Iteration-level scheduling: a short request admitted mid-flight finishes first, and the
+    answers of both equal their solo answers (left padding and cache merging are exact)."""
+
+    async def main() -> None:
+        long_prompt = await engine.encode_text("tiny-chat", "Write a short poem about the sea and the stars.")
+        short_prompt = await engine.encode_text("tiny-chat", "Hello")
+        solo_long = (await _run(engine, long_prompt, "solo-long", max_tokens=60, temperature=0.0))[0][0]
+        solo_short = (await _run(engine, short_prompt, "solo-short", max_tokens=5, temperature=0.0))[0][0]
+        order: list[str] = []
+        long_tokens: list[int] = []
+        short_started = asyncio.Event()
+
+        async def long_request() -> None:
+            gen = engine.generate(
+                GenerationRequest("long", "tiny-chat", long_prompt, SamplingParams(max_tokens=60, temperature=0.0))
+            )
+            async for d in gen:
+                long_tokens.extend(d.token_ids)
+                if len(long_tokens) == 3:
+                    short_started.set()
+            order.append("long")
+
+        async def short_request() -> list[int]:
+            await short_started.wait()
+            tokens, _ = await _run(engine, short_prompt, "short", max_tokens=5, temperature=0.0)
+            order.append("short")
+            return tokens[0]
+
+        _, short_tokens = await asyncio.gather(long_request(), short_request())
+        assert order == ["short", "long"]
+        assert short_tokens == solo_short
+        assert long_tokens == solo_long
         await engine.shutdown()
 
     asyncio.run(main())

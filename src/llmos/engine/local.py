@@ -119,13 +119,13 @@ class LocalEngine:
                 loop.call_soon_threadsafe(deltas.put_nowait, delta)
 
             runner.submit(request, deliver)
-            while remaining:
+            while remaining > 0:
                 delta = await deltas.get()
                 if delta.finish_reason is not None:
                     remaining -= 1
                 yield delta
         finally:
-            if remaining and isinstance(runner, CausalRunner):
+            if remaining > 0 and isinstance(runner, CausalRunner):
                 runner.abort(request.request_id)  # client gone or consumer stopped early
             self._inflight.pop(request.request_id, None)
             self.residency.release(record.id)
@@ -159,7 +159,12 @@ class LocalEngine:
             runner = self.residency.peek(model_id)
             entry: dict[str, Any] = {"name": record.name if record else model_id}
             if isinstance(runner, CausalRunner):
-                entry.update(busy=runner.busy, tokens_generated=runner.tokens_generated, batches_run=runner.batches_run)
+                entry.update(
+                    busy=runner.busy,
+                    tokens_generated=runner.tokens_generated,
+                    prefills=runner.prefills,
+                    peak_rows=runner.peak_rows,
+                )
             models[model_id] = entry
         return {
             "pending_requests": self._pending,
@@ -196,6 +201,7 @@ class LocalEngine:
             context_length=record.context_length or 2048,
             max_batch_size=self.settings.max_batch_size,
             batch_wait_s=self.settings.batch_wait_ms / 1000,
+            prefill_budget=self.settings.prefill_chunk_tokens,
             name=record.name,
         )
 

@@ -31,6 +31,15 @@ class BatchSampling:
             [self.generators[i] for i in rows],
         )
 
+    def concat(self, other: BatchSampling) -> BatchSampling:
+        return BatchSampling(
+            torch.cat([self.temperature, other.temperature]),
+            torch.cat([self.top_p, other.top_p]),
+            torch.cat([self.presence, other.presence]),
+            torch.cat([self.frequency, other.frequency]),
+            self.generators + other.generators,
+        )
+
     @property
     def uses_penalties(self) -> bool:
         return bool((self.presence != 0).any() or (self.frequency != 0).any())

@@ -1,9 +1,10 @@
-"""Batched generation for causal language models on one engine thread.
+"""Continuous batching for causal language models on one engine thread.
 
-Requests that arrive together (within ``batch_wait``) are decoded as one left-padded batch
-with a shared KV cache; each row keeps its own sampling parameters, stop sequences and
-stream. Finished or aborted rows leave the batch at the next step, so no token is computed
-for a client that has gone. (Iteration-level admission of new requests is the next step.)
+Each loop iteration admits the requests that are waiting (their prompts are prefilled and
+their KV cache merged into the running batch), then advances every running row by one token.
+Rows keep their own sampling parameters, stop sequences and stream, and leave the batch the
+step they finish or their client goes away, so nobody waits for the slowest request and no
+token is computed for a departed client.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ from llmos.engine.protocol import (
     TopLogprob,
 )
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
+from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs, prefill_inputs
 
 log = logging.getLogger(__name__)
 Sink = Callable[[GenerationDelta], None]
@@ -58,6 +61,7 @@ class CausalRunner:
         context_length: int,
         max_batch_size: int = 32,
         batch_wait_s: float = 0.005,
+        prefill_budget: int = 256,
         name: str = "model",
     ) -> None:
         self.model = model
@@ -65,6 +69,7 @@ class CausalRunner:
         self.context_length = context_length
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.prefill_budget = prefill_budget
         self.name = name
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -72,8 +77,11 @@ class CausalRunner:
         self._aborted: set[str] = set()
         self._abort_lock = threading.Lock()
         self._active = 0
+        self._closing = False
+        self._deferred: deque[_Pending] = deque()
         self.tokens_generated = 0  # every token computed, including for requests later aborted
-        self.batches_run = 0
+        self.prefills = 0
+        self.peak_rows = 0  # the most rows ever decoded in one step
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -87,7 +95,7 @@ class CausalRunner:
 
     @property
     def busy(self) -> bool:
-        return self._active > 0 or not self._queue.empty()
+        return self._active > 0 or not self._queue.empty() or bool(self._deferred)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -95,44 +103,81 @@ class CausalRunner:
 
     # -- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            rows = first.request.params.n
-            deadline = time.monotonic() + self.batch_wait_s
-            while rows < self.max_batch_size:
+        """Admit waiting requests between decode steps, then advance every running row by one token.
+
+        Prompts are prefilled one request at a time (no padding wasted on uneven lengths) and at
+        most ``prefill_budget`` prompt tokens per iteration, so admitting a crowd delays the
+        running rows by one bounded pause, not by every newcomer's prompt at once.
+        """
+        state: BatchState[_Row] | None = None
+        while not self._closing:
+            room = self.max_batch_size - (len(state) if state else 0)
+            incoming = self._collect(block=state is None, room=room)
+            spent = 0
+            for i, pending in enumerate(incoming):
+                if spent and spent + len(pending.request.prompt_token_ids) > self.prefill_budget:
+                    self._deferred.extendleft(reversed(incoming[i:]))  # next iteration, same order
+                    break
+                spent += len(pending.request.prompt_token_ids)
+                fresh = self._prefill_or_fail([pending])
+                if fresh is not None and state is not None:
+                    state.merge(fresh)
+                elif fresh is not None:
+                    state = fresh
+            if state is None:
+                continue
+            running = state
+            try:
+                state = self._step(running)
+            except Exception as exc:  # the loop survives; the running requests fail clearly
+                log.exception("decoding failed on %s", self.name)
+                self._fail_rows([r for r in running.rows if not r.finished], exc)
+                state = None
+            self._active = len(state) if state else 0
+        if state is not None:
+            for row in state.rows:
+                if not row.finished:
+                    row.pending.sink(GenerationDelta(index=row.index, text="", finish_reason=FinishReason.ABORT))
+
+    def _collect(self, *, block: bool, room: int) -> list[_Pending]:
+        """Requests to admit now: when idle, wait for one and then ``batch_wait`` for company;
+        when decoding, take only what is already waiting and fits in ``room`` rows."""
+        taken: list[_Pending] = []
+        deadline = time.monotonic() + self.batch_wait_s
+        while room > 0:
+            if self._deferred:
+                item: _Pending | None = self._deferred.popleft()
+            else:
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if block and not taken:
+                        item = self._queue.get()
+                    elif block:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    else:
+                        item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-                rows += item.request.params.n
-            batch = [p for p in batch if not self._take_abort(p.request.request_id, p)]
-            if not batch:
+            if item is None:
+                self._closing = True
+                break
+            if self._take_abort(item.request.request_id, item):
                 continue
-            self._active = len(batch)
-            self.batches_run += 1
-            try:
-                self._run_batch(batch)
-            except Exception as exc:  # the loop survives; the batch's requests fail clearly
-                log.exception("generation failed on %s", self.name)
-                for p in batch:
-                    for i in range(p.request.params.n):
-                        p.sink(
-                            GenerationDelta(
-                                index=i,
-                                text="",
-                                finish_reason=FinishReason.ERROR,
-                                error=f"generation failed: {type(exc).__name__}: {exc}",
-                            )
-                        )
-            finally:
-                self._active = 0
+            if item.request.params.n > room and (taken or not block):
+                self._deferred.appendleft(item)  # waits for rows to free up
+                break
+            taken.append(item)
+            room -= item.request.params.n
+        return taken
+
+    def _fail(self, pendings: list[_Pending], exc: Exception) -> None:
+        for p in pendings:
+            for i in range(p.request.params.n):
+                p.sink(_error_delta(i, exc))
+
+    def _fail_rows(self, rows: list[_Row], exc: Exception) -> None:
+        for row in rows:
+            row.finished = True
+            row.pending.sink(_error_delta(row.index, exc))
 
     def _take_abort(self, request_id: str, pending: _Pending | None = None) -> bool:
         with self._abort_lock:
@@ -144,68 +189,73 @@ class CausalRunner:
         return hit
 
     @torch.inference_mode()
-    def _run_batch(self, batch: list[_Pending]) -> None:
-        rows = [
-            _Row(p, i, IncrementalText(self._decode, p.request.params.stop))
-            for p in batch
-            for i in range(p.request.params.n)
-        ]
-        prompts = [list(r.pending.request.prompt_token_ids) for r in rows]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            attention[i, width - len(prompt) :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        sampling = _batch_sampling(rows)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :].float()
-        counts = torch.zeros_like(logits) if sampling.uses_penalties else None
-        next_pos = positions[:, -1] + 1
-        while True:
-            self._drop_aborted(rows)
-            if counts is not None:
-                logits = apply_penalties(logits, counts, sampling.presence, sampling.frequency)
-            chosen = select_tokens(logits, sampling)
-            want_k = max(
-                (r.pending.request.params.top_logprobs for r in rows if r.pending.request.params.logprobs), default=-1
+    def _prefill_or_fail(self, pendings: list[_Pending]) -> BatchState[_Row] | None:
+        """Run the prompts of newly admitted requests; a failure fails only those requests."""
+        try:
+            rows = [
+                _Row(p, i, IncrementalText(self._decode, p.request.params.stop))
+                for p in pendings
+                for i in range(p.request.params.n)
+            ]
+            input_ids, attention, positions = prefill_inputs(
+                [list(r.pending.request.prompt_token_ids) for r in rows], self.pad_id
             )
-            lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
-            if counts is not None:
-                counts.scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=counts.dtype))
-            self.tokens_generated += len(rows)
-            for i, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
-                if not row.finished:
-                    self._advance(row, token, int(next_pos[i]) + 1, lp, i)
-            keep = torch.tensor([not r.finished for r in rows])
-            if not bool(keep.any()):
-                return
-            if not bool(keep.all()):
-                idx = torch.nonzero(keep).flatten()
-                cache.batch_select_indices(idx)
-                rows = [rows[j] for j in idx.tolist()]
-                chosen, attention, next_pos = chosen[idx], attention[idx], next_pos[idx]
-                sampling = sampling.select(idx)
-                counts = counts[idx] if counts is not None else None
-            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype)], dim=1)
+            cache = DynamicCache(config=self.model.config)
             out = self.model(
-                input_ids=chosen[:, None],
+                input_ids=input_ids,
                 attention_mask=attention,
-                position_ids=next_pos[:, None],
+                position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,
             )
+            sampling = _batch_sampling(rows)
             logits = out.logits[:, -1, :].float()
-            next_pos = next_pos + 1
+            counts = torch.zeros_like(logits) if sampling.uses_penalties else None
+            self.prefills += 1
+            return BatchState(
+                rows=rows,
+                cache=cache,
+                attention=attention,
+                next_pos=positions[:, -1] + 1,
+                logits=logits,
+                sampling=sampling,
+                counts=counts,
+            )
+        except Exception as exc:
+            log.exception("prefill failed on %s", self.name)
+            self._fail(pendings, exc)
+            return None
+
+    @torch.inference_mode()
+    def _step(self, state: BatchState[_Row]) -> BatchState[_Row] | None:
+        """Choose each row's next token, stream it, drop finished rows, and compute the next logits."""
+        self._drop_aborted(state.rows)
+        logits = state.logits
+        if state.counts is not None:
+            logits = apply_penalties(logits, state.counts, state.sampling.presence, state.sampling.frequency)
+        chosen = select_tokens(logits, state.sampling)
+        want_k = max(
+            (r.pending.request.params.top_logprobs for r in state.rows if r.pending.request.params.logprobs), default=-1
+        )
+        lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
+        if state.counts is not None:
+            state.counts.scatter_add_(1, chosen[:, None], torch.ones_like(state.counts[:, :1]))
+        self.tokens_generated += len(state.rows)
+        self.peak_rows = max(self.peak_rows, len(state.rows))
+        for i, (row, token) in enumerate(zip(state.rows, chosen.tolist(), strict=True)):
+            if not row.finished:
+                self._advance(row, token, int(state.next_pos[i]) + 1, lp, i)
+        keep = [i for i, r in enumerate(state.rows) if not r.finished]
+        if not keep:
+            return None
+        tokens = chosen[keep]
+        state.select(keep)
+        state.attention = torch.cat([state.attention, torch.ones((len(state), 1), dtype=state.attention.dtype)], 1)
+        out = self.model(**forward_kwargs(state, tokens))
+        state.logits = out.logits[:, -1, :].float()
+        state.next_pos = state.next_pos + 1
+        return state
 
     def _drop_aborted(self, rows: list[_Row]) -> None:
         ids = {r.pending.request.request_id for r in rows if not r.finished}
@@ -254,6 +304,12 @@ class CausalRunner:
 
     def _decode(self, ids: Any) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _error_delta(index: int, exc: Exception) -> GenerationDelta:
+    return GenerationDelta(
+        index=index, text="", finish_reason=FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}: {exc}"
+    )
 
 
 def _batch_sampling(rows: list[_Row]) -> BatchSampling:

@@ -28,6 +28,7 @@ def load_runner(
     context_length: int,
     max_batch_size: int,
     batch_wait_s: float,
+    prefill_budget: int,
     name: str,
 ) -> CausalRunner | EncoderRunner:
     from transformers import AutoModel, AutoModelForCausalLM
@@ -43,6 +44,7 @@ def load_runner(
                 context_length=context_length,
                 max_batch_size=max_batch_size,
                 batch_wait_s=batch_wait_s,
+                prefill_budget=prefill_budget,
                 name=name,
             )
         if task == "embedding":
