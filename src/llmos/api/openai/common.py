@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.config import Settings
-from llmos.engine.protocol import FinishReason, ModelInfo, SamplingParams
-from llmos.errors import ContextLengthExceededError, InvalidRequestError
+from llmos.engine.protocol import (
+    EngineClient,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+)
+from llmos.errors import ContextLengthExceededError, EngineError, InvalidRequestError
+
+FINGERPRINT = "fp_llmos"
 
 
 class StrictModel(BaseModel):
@@ -113,3 +123,24 @@ def finish_reason(reason: FinishReason | None) -> str | None:
     if reason is None:
         return None
     return "length" if reason == FinishReason.LENGTH else "stop"
+
+
+async def engine_deltas(engine: EngineClient, gen: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    """The engine's deltas for ``gen``; a failed generation raises EngineError. Closing this
+    iterator early (a client gone) closes the engine stream, which aborts the request."""
+    generator = engine.generate(gen)
+    try:
+        async for delta in generator:
+            if delta.finish_reason == FinishReason.ERROR:
+                raise EngineError(delta.error or "generation failed")
+            yield delta
+    finally:
+        await generator.aclose()
+
+
+def usage_chunk(base: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The last streamed chunk when ``stream_options.include_usage`` is set: no choices, only usage."""
+    usage = Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+    return {**base, "choices": [], "usage": usage.model_dump()}

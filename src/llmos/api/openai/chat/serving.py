@@ -14,19 +14,20 @@ from llmos.api.openai.chat.schemas import (
     TokenLogprobOut,
     TopLogprobOut,
 )
-from llmos.api.openai.common import Usage, build_sampling, finish_reason, new_id, now
+from llmos.api.openai.common import (
+    FINGERPRINT,
+    Usage,
+    build_sampling,
+    engine_deltas,
+    finish_reason,
+    new_id,
+    now,
+    usage_chunk,
+)
 from llmos.api.sse import SSE_DONE, sse_event
 from llmos.config import Settings
-from llmos.engine.protocol import (
-    EngineClient,
-    FinishReason,
-    GenerationDelta,
-    GenerationRequest,
-    TokenLogprob,
-)
+from llmos.engine.protocol import EngineClient, GenerationRequest, TokenLogprob
 from llmos.errors import EngineError, InvalidRequestError
-
-FINGERPRINT = "fp_llmos"
 
 
 def logprob_out(lp: TokenLogprob) -> TokenLogprobOut:
@@ -72,8 +73,7 @@ class ChatService:
         reasons: list[str | None] = [None] * n
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         completion_tokens = 0
-        async for delta in self.engine.generate(gen):
-            _raise_on_error(delta)
+        async for delta in engine_deltas(self.engine, gen):
             texts[delta.index] += delta.text
             logprobs[delta.index].extend(delta.logprobs)
             completion_tokens += len(delta.token_ids)
@@ -89,26 +89,26 @@ class ChatService:
             for i in range(n)
         ]
         prompt_tokens = len(gen.prompt_token_ids)
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
         return ChatCompletion(
             id=gen.request_id,
             created=now(),
             model=req.model,
             choices=choices,
             system_fingerprint=FINGERPRINT,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=usage,
         )
 
     async def stream(self, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        created = now()
         base: dict[str, Any] = {
             "id": gen.request_id,
             "object": "chat.completion.chunk",
-            "created": created,
+            "created": now(),
             "model": req.model,
             "system_fingerprint": FINGERPRINT,
         }
@@ -123,12 +123,8 @@ class ChatService:
         for i in range(gen.params.n):
             yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
         completion_tokens = 0
-        generator = self.engine.generate(gen)
         try:
-            async for delta in generator:
-                if delta.finish_reason == FinishReason.ERROR:
-                    yield sse_event(EngineError(delta.error or "generation failed").to_dict())
-                    return
+            async for delta in engine_deltas(self.engine, gen):
                 completion_tokens += len(delta.token_ids)
                 lp = (
                     {"content": [logprob_out(x).model_dump() for x in delta.logprobs], "refusal": None}
@@ -139,24 +135,9 @@ class ChatService:
                     yield chunk(delta.index, {"content": delta.text}, None, lp)
                 if delta.finish_reason is not None:
                     yield chunk(delta.index, {}, finish_reason(delta.finish_reason))
-        finally:
-            await generator.aclose()
+        except EngineError as exc:
+            yield sse_event(exc.to_dict())
+            return
         if include_usage:
-            prompt_tokens = len(gen.prompt_token_ids)
-            yield sse_event(
-                {
-                    **base,
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    },
-                }
-            )
+            yield sse_event(usage_chunk(base, len(gen.prompt_token_ids), completion_tokens))
         yield SSE_DONE
-
-
-def _raise_on_error(delta: GenerationDelta) -> None:
-    if delta.finish_reason == FinishReason.ERROR:
-        raise EngineError(delta.error or "generation failed")

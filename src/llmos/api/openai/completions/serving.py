@@ -6,7 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from llmos.api.openai.common import Usage, build_sampling, finish_reason, new_id, now
+from llmos.api.openai.common import (
+    FINGERPRINT,
+    Usage,
+    build_sampling,
+    engine_deltas,
+    finish_reason,
+    new_id,
+    now,
+    usage_chunk,
+)
 from llmos.api.openai.completions.schemas import (
     Completion,
     CompletionChoice,
@@ -15,16 +24,8 @@ from llmos.api.openai.completions.schemas import (
 )
 from llmos.api.sse import SSE_DONE, sse_event
 from llmos.config import Settings
-from llmos.engine.protocol import (
-    EngineClient,
-    FinishReason,
-    GenerationDelta,
-    GenerationRequest,
-    TokenLogprob,
-)
+from llmos.engine.protocol import EngineClient, GenerationRequest, TokenLogprob
 from llmos.errors import EngineError, InvalidRequestError
-
-FINGERPRINT = "fp_llmos"
 
 
 @dataclass
@@ -104,8 +105,7 @@ class CompletionService:
     async def _collect(self, gen: GenerationRequest) -> tuple[list[_Choice], int]:
         choices = [_Choice() for _ in range(gen.params.n)]
         used = 0
-        async for delta in self.engine.generate(gen):
-            _raise_on_error(delta)
+        async for delta in engine_deltas(self.engine, gen):
             choices[delta.index].text += delta.text
             choices[delta.index].tokens.extend(delta.logprobs)
             used += len(delta.token_ids)
@@ -141,31 +141,17 @@ class CompletionService:
             for i in range(gen.params.n):
                 yield chunk(i, echo, None)
         used = 0
-        generator = self.engine.generate(gen)
         try:
-            async for delta in generator:
-                if delta.finish_reason == FinishReason.ERROR:
-                    yield sse_event(EngineError(delta.error or "generation failed").to_dict())
-                    return
+            async for delta in engine_deltas(self.engine, gen):
                 used += len(delta.token_ids)
                 lp = _legacy_logprobs(list(delta.logprobs), 0) if gen.params.logprobs and delta.logprobs else None
                 if delta.text or lp or delta.finish_reason:
                     yield chunk(delta.index, delta.text, finish_reason(delta.finish_reason), lp)
-        finally:
-            await generator.aclose()
+        except EngineError as exc:
+            yield sse_event(exc.to_dict())
+            return
         if include_usage:
-            prompt_tokens = len(gen.prompt_token_ids)
-            yield sse_event(
-                {
-                    **base,
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": used,
-                        "total_tokens": prompt_tokens + used,
-                    },
-                }
-            )
+            yield sse_event(usage_chunk(base, len(gen.prompt_token_ids), used))
         yield SSE_DONE
 
 
@@ -180,8 +166,3 @@ def _legacy_logprobs(tokens: list[TokenLogprob], offset: int) -> CompletionLogpr
         top_logprobs=[{x.token: x.logprob for x in t.top_logprobs} for t in tokens],
         text_offset=offsets,
     )
-
-
-def _raise_on_error(delta: GenerationDelta) -> None:
-    if delta.finish_reason == FinishReason.ERROR:
-        raise EngineError(delta.error or "generation failed")
