@@ -29,7 +29,9 @@ def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", admin_key=ADMIN_KEY, dtype="float32", batch_wait_ms=20)
+    return Settings(
+        home=tmp_path / "home", admin_key=ADMIN_KEY, dtype="float32", batch_wait_ms=20, allowed_hosts=["testserver"]
+    )
 
 
 @pytest.fixture

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `llmos serve` listens on.")
+    allowed_hosts: list[str] = Field(
+        default=[],
+        description="Host header names the server answers. Empty: loopback names only when bound to loopback "
+        "(DNS-rebinding protection), any name otherwise.",
+    )
     admin_key: str | None = Field(
         default=None,
         description="Bootstrap admin API key used instead of generating one at first start (automation).",

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from llmos.config import Settings
 from llmos.registry import LocalArtifactStore, ModelRegistry
 from llmos.registry.db import Database
 from llmos.security import KeyStore
+from llmos.security.audit import AuditLog
+from llmos.security.limits import RateLimiter
+from llmos.security.tenants import TenantStore
+from llmos.security.usage import UsageLedger
 
 if TYPE_CHECKING:
     from llmos.engine.protocol import EngineClient
@@ -20,18 +25,37 @@ class Platform:
     db: Database
     registry: ModelRegistry
     keys: KeyStore
+    tenants: TenantStore
+    audit: AuditLog
+    usage: UsageLedger
+    limiter: RateLimiter
+    _usage_writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "usage-writer"))
 
     @classmethod
     def open(cls, settings: Settings) -> Platform:
         settings.home.mkdir(parents=True, exist_ok=True)
         db = Database(settings.db_url)
         registry = ModelRegistry(db, LocalArtifactStore(settings.store_dir), settings.home)
-        return cls(settings=settings, db=db, registry=registry, keys=KeyStore(db))
+        return cls(
+            settings=settings,
+            db=db,
+            registry=registry,
+            keys=KeyStore(db),
+            tenants=TenantStore(db),
+            audit=AuditLog(db),
+            usage=UsageLedger(db),
+            limiter=RateLimiter(),
+        )
 
     def make_engine(self) -> EngineClient:
         from llmos.engine.local import LocalEngine
 
         return LocalEngine(self.registry, self.settings)
 
+    def record_usage(self, **entry: Any) -> None:
+        """Write a usage row off the request path (one writer thread keeps rows in order)."""
+        self._usage_writer.submit(self.usage.record, **entry)
+
     def close(self) -> None:
+        self._usage_writer.shutdown(wait=True)  # flush pending usage rows
         self.db.dispose()

@@ -65,3 +65,18 @@ def test_config_file_is_read(home: Path) -> None:
     result = runner.invoke(app, ["config"])
     data = json.loads(result.output)
     assert (data["port"], data["max_n"]) == (9555, 3)
+
+
+def test_tenants_usage_and_audit(home: Path) -> None:
+    assert runner.invoke(app, ["tenants", "create", "acme", "--limits", '{"requests_per_minute": 5}']).exit_code == 0
+    listing = runner.invoke(app, ["tenants", "list"])
+    assert "acme" in listing.output and "requests_per_minute=5" in listing.output
+    assert runner.invoke(app, ["tenants", "create", "acme"]).exit_code == 1  # exists
+    assert runner.invoke(app, ["tenants", "create", "bad", "--limits", '{"nope": 1}']).exit_code == 1
+    assert runner.invoke(app, ["tenants", "update", "acme", "--disable"]).exit_code == 0
+    assert "disabled" in runner.invoke(app, ["tenants", "list"]).output
+    created = runner.invoke(app, ["keys", "create", "--tenant", "acme"])
+    assert created.exit_code == 0, created.output
+    log = runner.invoke(app, ["audit"], env={"COLUMNS": "250"}).output
+    assert "tenant.create" in log and "key.create" in log and "tenant.update" in log
+    assert runner.invoke(app, ["usage"]).exit_code == 0

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute, iter_route_contexts
 
 from llmos import __version__
-from llmos.api import health
+from llmos.api import health, usage
 from llmos.api.admin.router import router as admin_router
 from llmos.api.errors import install_error_handlers
+from llmos.api.hosts import HostCheckMiddleware, allowed_hosts_for
 from llmos.api.limits import BodyLimitMiddleware
 from llmos.api.openai.chat.router import router as chat_router
 from llmos.api.openai.completions.router import router as completions_router
@@ -22,6 +25,24 @@ from llmos.engine.protocol import EngineClient
 from llmos.platform import Platform
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    path: str
+    methods: frozenset[str]
+    route: APIRoute
+
+
+def api_routes(app: FastAPI) -> list[RouteInfo]:
+    """Every API route with its full path (FastAPI keeps included routers nested)."""
+    return [
+        RouteInfo(
+            path=ctx.path_format or ctx.path or "", methods=frozenset(ctx.methods or ()) - {"HEAD"}, route=ctx.route
+        )
+        for ctx in iter_route_contexts(app.routes)
+        if isinstance(ctx.route, APIRoute)
+    ]
 
 
 def create_app(
@@ -54,6 +75,17 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
-    for router in (health.router, admin_router, models_router, chat_router, completions_router, embeddings_router):
+    allowed = allowed_hosts_for(settings.host, settings.allowed_hosts)
+    if allowed is not None:
+        app.add_middleware(HostCheckMiddleware, allowed=allowed)
+    for router in (
+        health.router,
+        admin_router,
+        usage.router,
+        models_router,
+        chat_router,
+        completions_router,
+        embeddings_router,
+    ):
         app.include_router(router)
     return app

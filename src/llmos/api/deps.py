@@ -38,16 +38,30 @@ def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
     and checks it grants ``scope``; the scope is recorded on the route for the route-table audit."""
 
     def dependency(request: Request) -> ApiKeyInfo:
+        platform = get_platform(request)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationError(
-                "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
-                code="missing_api_key",
+        key = None
+        try:
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthenticationError(
+                    "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
+                    code="missing_api_key",
+                )
+            key = platform.keys.verify(token.strip())
+            if not key.allows(scope):
+                raise PermissionDeniedError(f"This API key lacks the '{scope}' scope.")
+        except (AuthenticationError, PermissionDeniedError) as exc:
+            platform.audit.record(
+                "auth.denied",
+                outcome="denied",
+                tenant=key.tenant if key else None,
+                key_id=key.id if key else None,
+                target=f"{request.method} {request.url.path}",
+                client=request.client.host if request.client else None,
+                detail={"code": exc.code, "scope": scope},
             )
-        key = get_platform(request).keys.verify(token.strip())
-        if not key.allows(scope):
-            raise PermissionDeniedError(f"This API key lacks the '{scope}' scope.")
+            raise
         request.state.api_key = key
         return key
 

@@ -25,12 +25,16 @@ def create(
 ) -> None:
     """Create a key. It is printed once and stored only as a hash."""
     expires = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
+    platform = open_platform(home=home)
     try:
-        info, key = open_platform(home=home).keys.create(
+        info, key = platform.keys.create(
             name, tenant=tenant, scopes=tuple(s.strip() for s in scopes.split(",") if s.strip()), expires_at=expires
         )
     except LLMOSError as exc:
         raise fail(exc) from exc
+    platform.audit.record(
+        "key.create", tenant=info.tenant, target=info.id, client="cli", detail={"scopes": list(info.scopes)}
+    )
     console.print(f"key id {info.id} ({', '.join(info.scopes)}); store it now, it is not shown again:")
     print(key)
 
@@ -56,8 +60,10 @@ def list_keys(home: HomeOpt = None) -> None:
 @keys_app.command("revoke")
 def revoke(key_id: str, home: HomeOpt = None) -> None:
     """Revoke a key at once."""
+    platform = open_platform(home=home)
     try:
-        open_platform(home=home).keys.revoke(key_id)
+        info = platform.keys.revoke(key_id)
     except LLMOSError as exc:
         raise fail(exc) from exc
+    platform.audit.record("key.revoke", tenant=info.tenant, target=key_id, client="cli")
     console.print(f"[green]revoked[/green] {key_id}")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from llmos import __version__
+from llmos.cli.admin import audit, tenants_app, usage
 from llmos.cli.client_cmds import chat, embed
 from llmos.cli.common import console, fail, open_platform, pull_with_progress, settings_from
 from llmos.cli.keys import keys_app
@@ -25,6 +26,9 @@ app.command()(chat)
 app.command()(embed)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+app.command()(usage)
+app.command()(audit)
 
 
 @app.command()

@@ -36,6 +36,8 @@ class GenerationRequest:
     model: str
     prompt_token_ids: Sequence[int]
     params: SamplingParams
+    tenant: str = "default"
+    """Requests are admitted round-robin across tenants, so a flood from one cannot starve another."""
 
 
 class FinishReason(enum.StrEnum):

@@ -11,15 +11,16 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import overload
+from typing import Any, overload
 
 from sqlalchemy import select
 
 from llmos.errors import AuthenticationError, InvalidRequestError, NotFoundError
 from llmos.registry.db import Database
-from llmos.registry.tables import ApiKeyRow
+from llmos.registry.tables import ApiKeyRow, TenantRow
+from llmos.security.limits import Limits
 
 SCOPES = ("inference", "files", "fine-tune", "admin")
 _KEY = re.compile(r"^sk-llmos-([0-9a-f]{12})-[A-Za-z0-9_-]{20,128}$")
@@ -35,6 +36,7 @@ class ApiKeyInfo:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    limits: Limits = field(default_factory=Limits)
 
     def allows(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
@@ -49,7 +51,26 @@ class ApiKeyInfo:
             created_at=_aware(row.created_at),
             expires_at=_aware(row.expires_at),
             revoked_at=_aware(row.revoked_at),
+            limits=Limits.parse(row.limits),
         )
+
+    def public(self) -> dict[str, Any]:
+        """The key as the admin API shows it: never the secret, nor its hash."""
+
+        def ts(value: datetime | None) -> int | None:
+            return int(value.timestamp()) if value else None
+
+        return {
+            "id": self.id,
+            "object": "api_key",
+            "name": self.name,
+            "tenant": self.tenant,
+            "scopes": list(self.scopes),
+            "created_at": ts(self.created_at),
+            "expires_at": ts(self.expires_at),
+            "revoked_at": ts(self.revoked_at),
+            "limits": self.limits.as_dict(),
+        }
 
 
 @overload
@@ -80,14 +101,19 @@ class KeyStore:
         expires_at: datetime | None = None,
         secret: str | None = None,
         key_id: str | None = None,
+        limits: Limits | None = None,
     ) -> tuple[ApiKeyInfo, str]:
         """Create a key; returns its record and the key itself, which is never shown again."""
         unknown = set(scopes) - set(SCOPES)
         if unknown or not scopes:
             raise InvalidRequestError(f"unknown scopes {sorted(unknown)}; choose from {SCOPES}", param="scopes")
+        if expires_at is not None and _aware(expires_at) <= datetime.now(UTC):
+            raise InvalidRequestError("expires_at must be in the future", param="expires_at")
         key_id = key_id or secrets.token_hex(6)
         key = secret or f"sk-llmos-{key_id}-{secrets.token_urlsafe(32)}"
         with self.db.session() as s:
+            if s.get(TenantRow, tenant) is None:
+                raise NotFoundError(f"no tenant {tenant!r}", param="tenant")
             row = ApiKeyRow(
                 id=key_id,
                 name=name[:128],
@@ -96,6 +122,7 @@ class KeyStore:
                 scopes=list(scopes),
                 expires_at=expires_at,
                 created_at=datetime.now(UTC),
+                limits=(limits or Limits()).as_dict(),
             )
             s.add(row)
             s.flush()

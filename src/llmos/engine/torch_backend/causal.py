@@ -10,7 +10,6 @@ token is computed for a departed client.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from llmos.engine.protocol import (
 )
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs, prefill_inputs
+from llmos.kernel.fair_queue import Empty, FairQueue
 
 log = logging.getLogger(__name__)
 Sink = Callable[[GenerationDelta], None]
@@ -73,7 +73,7 @@ class CausalRunner:
         self.name = name
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._queue: FairQueue[_Pending | None] = FairQueue()
         self._aborted: set[str] = set()
         self._abort_lock = threading.Lock()
         self._active = 0
@@ -87,7 +87,7 @@ class CausalRunner:
 
     # -- called from other threads ---------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        self._queue.put(_Pending(request, sink))
+        self._queue.put(request.tenant, _Pending(request, sink))
 
     def abort(self, request_id: str) -> None:
         with self._abort_lock:
@@ -98,7 +98,7 @@ class CausalRunner:
         return self._active > 0 or not self._queue.empty() or bool(self._deferred)
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._queue.put("", None)
         self._thread.join(timeout=30)
 
     # -- engine thread ---------------------------------------------------------------------
@@ -150,12 +150,12 @@ class CausalRunner:
             else:
                 try:
                     if block and not taken:
-                        item = self._queue.get()
+                        item = self._queue.get(timeout=None)
                     elif block:
                         item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                     else:
                         item = self._queue.get_nowait()
-                except queue.Empty:
+                except Empty:
                     break
             if item is None:
                 self._closing = True

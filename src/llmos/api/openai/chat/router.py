@@ -4,7 +4,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from llmos.api.deps import EngineDep, InferenceKey, SettingsDep
+from llmos.api.context import ChatContext
+from llmos.api.deps import EngineDep, SettingsDep
 from llmos.api.openai.chat.schemas import ChatCompletion, ChatCompletionRequest
 from llmos.api.openai.chat.serving import ChatService
 from llmos.api.sse import EventStreamResponse
@@ -16,10 +17,11 @@ router = APIRouter(tags=["chat"])
     "/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": {"text/event-stream": {}}}}
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, engine: EngineDep, settings: SettingsDep, _key: InferenceKey
+    body: ChatCompletionRequest, engine: EngineDep, settings: SettingsDep, ctx: ChatContext
 ) -> Any:
-    service = ChatService(engine, settings)
+    service = ChatService(engine, settings, ctx)
     gen = await service.prepare(body)
     if body.stream:
+        ctx.handed_off = True
         return EventStreamResponse(service.stream(body, gen))
     return (await service.complete(body, gen)).dump()

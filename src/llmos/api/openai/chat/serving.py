@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from llmos.api.context import RequestContext
 from llmos.api.openai.chat.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -40,9 +41,10 @@ def logprob_out(lp: TokenLogprob) -> TokenLogprobOut:
 
 
 class ChatService:
-    def __init__(self, engine: EngineClient, settings: Settings) -> None:
+    def __init__(self, engine: EngineClient, settings: Settings, ctx: RequestContext) -> None:
         self.engine = engine
         self.settings = settings
+        self.ctx = ctx
 
     async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
         info = await self.engine.model_info(req.model)
@@ -65,7 +67,13 @@ class ChatService:
             logprobs=bool(req.logprobs),
             top_logprobs=req.top_logprobs or 0,
         )
-        return GenerationRequest(request_id=new_id("chatcmpl"), model=req.model, prompt_token_ids=prompt, params=params)
+        return GenerationRequest(
+            request_id=new_id("chatcmpl"),
+            model=req.model,
+            prompt_token_ids=prompt,
+            params=params,
+            tenant=self.ctx.tenant,
+        )
 
     async def complete(self, req: ChatCompletionRequest, gen: GenerationRequest) -> ChatCompletion:
         n = gen.params.n
@@ -89,6 +97,7 @@ class ChatService:
             for i in range(n)
         ]
         prompt_tokens = len(gen.prompt_token_ids)
+        self.ctx.finish(req.model, prompt_tokens, completion_tokens)
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -138,6 +147,8 @@ class ChatService:
         except EngineError as exc:
             yield sse_event(exc.to_dict())
             return
+        finally:  # also when the client goes away: it pays for what was computed
+            self.ctx.finish(req.model, len(gen.prompt_token_ids), completion_tokens)
         if include_usage:
             yield sse_event(usage_chunk(base, len(gen.prompt_token_ids), completion_tokens))
         yield SSE_DONE

@@ -4,7 +4,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from llmos.api.deps import EngineDep, InferenceKey, SettingsDep
+from llmos.api.context import CompletionContext
+from llmos.api.deps import EngineDep, SettingsDep
 from llmos.api.openai.completions.schemas import Completion, CompletionRequest
 from llmos.api.openai.completions.serving import CompletionService
 from llmos.api.sse import EventStreamResponse
@@ -15,12 +16,13 @@ router = APIRouter(tags=["completions"])
 
 @router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})
 async def create_completion(
-    body: CompletionRequest, engine: EngineDep, settings: SettingsDep, _key: InferenceKey
+    body: CompletionRequest, engine: EngineDep, settings: SettingsDep, ctx: CompletionContext
 ) -> Any:
-    service = CompletionService(engine, settings)
+    service = CompletionService(engine, settings, ctx)
     if body.stream and len(body.prompts()) != 1:
         raise InvalidRequestError("streaming supports one prompt per request", param="prompt")
     gens = await service.prepare(body)
     if body.stream:
+        ctx.handed_off = True
         return EventStreamResponse(service.stream(body, gens))
     return (await service.complete(body, gens)).model_dump()

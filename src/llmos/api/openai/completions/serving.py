@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from llmos.api.context import RequestContext
 from llmos.api.openai.common import (
     FINGERPRINT,
     Usage,
@@ -36,9 +37,10 @@ class _Choice:
 
 
 class CompletionService:
-    def __init__(self, engine: EngineClient, settings: Settings) -> None:
+    def __init__(self, engine: EngineClient, settings: Settings, ctx: RequestContext) -> None:
         self.engine = engine
         self.settings = settings
+        self.ctx = ctx
 
     async def prepare(self, req: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
         info = await self.engine.model_info(req.model)
@@ -67,7 +69,11 @@ class CompletionService:
                 (
                     echo_text if req.echo else "",
                     GenerationRequest(
-                        request_id=f"{base_id}-{i}", model=req.model, prompt_token_ids=ids, params=params
+                        request_id=f"{base_id}-{i}",
+                        model=req.model,
+                        prompt_token_ids=ids,
+                        params=params,
+                        tenant=self.ctx.tenant,
                     ),
                 )
             )
@@ -89,6 +95,7 @@ class CompletionService:
                     )
                 )
         prompt_tokens = sum(len(g.prompt_token_ids) for _, g in gens)
+        self.ctx.finish(req.model, prompt_tokens, completion_tokens)
         return Completion(
             id=gens[0][1].request_id.rsplit("-", 1)[0],
             created=now(),
@@ -150,6 +157,8 @@ class CompletionService:
         except EngineError as exc:
             yield sse_event(exc.to_dict())
             return
+        finally:  # also when the client goes away: it pays for what was computed
+            self.ctx.finish(req.model, len(gen.prompt_token_ids), used)
         if include_usage:
             yield sse_event(usage_chunk(base, len(gen.prompt_token_ids), used))
         yield SSE_DONE

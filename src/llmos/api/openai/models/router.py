@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from llmos.api.deps import AdminKey, EngineDep, InferenceKey, PlatformDep
 from llmos.api.openai.models.schemas import ModelDeleted, ModelList, ModelObject
@@ -36,10 +36,17 @@ async def retrieve_model(model: str, platform: PlatformDep, _key: InferenceKey) 
 
 
 @router.delete("/v1/models/{model:path}", response_model=ModelDeleted)
-async def delete_model(model: str, platform: PlatformDep, engine: EngineDep, _key: AdminKey) -> Any:
+async def delete_model(model: str, platform: PlatformDep, engine: EngineDep, request: Request, key: AdminKey) -> Any:
     record = await asyncio.to_thread(platform.registry.get, model)
     unload = getattr(engine, "unload", None)
     if unload is not None:
         await unload(record.id)
     await asyncio.to_thread(platform.registry.delete, model)
+    platform.audit.record(
+        "model.delete",
+        tenant=key.tenant,
+        key_id=key.id,
+        target=f"{record.name}@{record.version}",
+        client=request.client.host if request.client else None,
+    )
     return ModelDeleted(id=model, deleted=True).model_dump()
