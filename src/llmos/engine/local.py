@@ -67,15 +67,14 @@ class LocalEngine:
 
     async def model_info(self, model: str) -> ModelInfo:
         record = await asyncio.to_thread(self._record, model)
-        has_template = False
-        if record.task in CAUSAL_TASKS:
-            tok = await asyncio.to_thread(self._tokenizer, record)
-            has_template = bool(getattr(tok, "chat_template", None))
+        tok = await asyncio.to_thread(self._tokenizer, record)
+        has_template = record.task in CAUSAL_TASKS and bool(getattr(tok, "chat_template", None))
         return ModelInfo(
             name=record.name,
             task=record.task,
             context_length=record.context_length or 2048,
             has_chat_template=has_template,
+            vocab_size=len(tok),
         )
 
     async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:

@@ -80,6 +80,8 @@ class ModelInfo:
     task: str
     context_length: int
     has_chat_template: bool
+    vocab_size: int = 0
+    """Token ids a prompt may use are below this (0: unknown)."""
 
 
 @dataclass(frozen=True)

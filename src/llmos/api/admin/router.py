@@ -106,7 +106,7 @@ async def audit_log(
     _key: AdminKey,
     tenant: Annotated[str | None, Query(max_length=63)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
-    after: Annotated[int | None, Query(ge=1, description="Return events older than this id.")] = None,
+    after: Annotated[int | None, Query(ge=1, le=2**62, description="Return events older than this id.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Security-relevant events, newest first (page with ``after``)."""

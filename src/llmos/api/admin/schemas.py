@@ -27,6 +27,6 @@ class KeyCreate(AdminModel):
     name: Annotated[str, Field(min_length=1, max_length=128)]
     tenant: Annotated[str, Field(min_length=1, max_length=63)] = "default"
     scopes: Annotated[list[str], Field(min_length=1, max_length=4)] = ["inference"]
-    expires_at: Annotated[int, Field(gt=0)] | None = None
+    expires_at: Annotated[int, Field(gt=0, le=4_102_444_800)] | None = None  # at most year 2100
     """Unix seconds."""
     limits: dict[str, Any] | None = None

@@ -40,7 +40,7 @@ class SamplingFields(StrictModel):
     n: Annotated[int, Field(ge=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     stream: bool | None = False
@@ -60,6 +60,13 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def check_token_ids(ids: list[int], info: ModelInfo, *, param: str) -> None:
+    if info.vocab_size and any(t >= info.vocab_size for t in ids):
+        raise InvalidRequestError(
+            f"token ids must be below {info.vocab_size}, this model's vocabulary size", param=param
+        )
 
 
 def stop_sequences(stop: str | list[str] | None, settings: Settings) -> tuple[str, ...]:

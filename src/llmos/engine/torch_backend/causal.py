@@ -319,7 +319,7 @@ def _batch_sampling(rows: list[_Row]) -> BatchSampling:
     generators: list[torch.Generator | None] = []
     for r in rows:
         seed = r.pending.request.params.seed
-        generators.append(torch.Generator().manual_seed(seed + r.index) if seed is not None else None)
+        generators.append(torch.Generator().manual_seed((seed + r.index) % 2**63) if seed is not None else None)
     return BatchSampling(
         temperature=col("temperature"),
         top_p=col("top_p"),

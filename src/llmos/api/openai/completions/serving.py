@@ -11,6 +11,7 @@ from llmos.api.openai.common import (
     FINGERPRINT,
     Usage,
     build_sampling,
+    check_token_ids,
     engine_deltas,
     finish_reason,
     new_id,
@@ -56,6 +57,7 @@ class CompletionService:
                 echo_text = prompt
             else:
                 ids, echo_text = prompt, ""
+                check_token_ids(ids, info, param="prompt")
             params = build_sampling(
                 req,
                 max_tokens=req.max_tokens,

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from llmos.api.openai.common import check_token_ids
 from llmos.api.openai.embeddings.schemas import (
     Embedding,
     EmbeddingList,
@@ -40,6 +41,9 @@ async def create_embeddings(req: EmbeddingRequest, engine: EngineClient, setting
     info = await engine.model_info(req.model)
     if info.task != "embedding":
         raise InvalidRequestError(f"model {req.model} is a {info.task} model, not an embedding model", param="model")
+    for item in items:
+        if not isinstance(item, str):
+            check_token_ids(item, info, param="input")
     result = await engine.embed(req.model, items)
     width = len(result.vectors[0]) if result.vectors else 0
     if req.dimensions is not None and req.dimensions > width:
