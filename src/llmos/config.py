@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(default=4, ge=0, le=64, description="Most stop sequences per request.")
     max_embedding_inputs: int = Field(default=2048, ge=1, description="Most inputs in one embeddings request.")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1024, description="Largest file accepted by POST /v1/files; larger gets 413."
+    )
     max_json_depth: int = Field(
         default=32, ge=4, le=1000, description="Deepest JSON nesting accepted in a request body."
     )

@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Any
 from llmos.config import Settings
 from llmos.registry import LocalArtifactStore, ModelRegistry
 from llmos.registry.db import Database
+from llmos.registry.files import FileStore
 from llmos.security import KeyStore
 from llmos.security.audit import AuditLog
 from llmos.security.limits import RateLimiter
 from llmos.security.tenants import TenantStore
 from llmos.security.usage import UsageLedger
+from llmos.training.batches import validate_batch_file
+from llmos.training.datasets import check_training_file
 
 if TYPE_CHECKING:
     from llmos.engine.protocol import EngineClient
@@ -29,6 +32,7 @@ class Platform:
     audit: AuditLog
     usage: UsageLedger
     limiter: RateLimiter
+    files: FileStore
     _usage_writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "usage-writer"))
 
     @classmethod
@@ -45,6 +49,7 @@ class Platform:
             audit=AuditLog(db),
             usage=UsageLedger(db),
             limiter=RateLimiter(),
+            files=FileStore(db, registry.store, {"fine-tune": check_training_file, "batch": validate_batch_file}),
         )
 
     def make_engine(self) -> EngineClient:

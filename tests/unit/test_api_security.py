@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 
@@ -72,16 +73,7 @@ def test_route_sweep_without_a_valid_key_is_401_everywhere(http: TestClient, loa
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""])
 def test_foreign_host_header_is_refused_on_loopback(loaded_platform: Platform, host: str) -> None:
     settings = loaded_platform.settings.model_copy(update={"allowed_hosts": []})
-    platform = Platform(
-        settings=settings,
-        db=loaded_platform.db,
-        registry=loaded_platform.registry,
-        keys=loaded_platform.keys,
-        tenants=loaded_platform.tenants,
-        audit=loaded_platform.audit,
-        usage=loaded_platform.usage,
-        limiter=loaded_platform.limiter,
-    )
+    platform = dataclasses.replace(loaded_platform, settings=settings)
     with TestClient(create_app(platform=platform), base_url="http://127.0.0.1") as client:
         assert client.get("/health").status_code == 200
         assert client.get("/health", headers={"Host": "localhost:8000"}).status_code == 200

@@ -19,6 +19,7 @@ from llmos.api.limits import BodyLimitMiddleware
 from llmos.api.openai.chat.router import router as chat_router
 from llmos.api.openai.completions.router import router as completions_router
 from llmos.api.openai.embeddings.router import router as embeddings_router
+from llmos.api.openai.files.router import router as files_router
 from llmos.api.openai.models.router import router as models_router
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
@@ -74,7 +75,12 @@ def create_app(
         description="OpenAI-compatible API of LLM OS. Authenticate with `Authorization: Bearer <key>`.",
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, max_json_depth=settings.max_json_depth)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_json_depth=settings.max_json_depth,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     allowed = allowed_hosts_for(settings.host, settings.allowed_hosts)
     if allowed is not None:
         app.add_middleware(HostCheckMiddleware, allowed=allowed)
@@ -86,6 +92,7 @@ def create_app(
         chat_router,
         completions_router,
         embeddings_router,
+        files_router,
     ):
         app.include_router(router)
     return app

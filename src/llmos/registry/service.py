@@ -19,6 +19,7 @@ from llmos.registry.convert import gguf_to_safetensors
 from llmos.registry.db import Database
 from llmos.registry.facts import inspect_model_dir
 from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_checkpoint, parse_json
+from llmos.registry.gc import collect_unreferenced
 from llmos.registry.sources import Progress, get_source
 from llmos.registry.store import LocalArtifactStore, sha256_file
 from llmos.registry.tables import ArtifactRow, ModelRow
@@ -157,7 +158,7 @@ class ModelRegistry:
             if row is not None:
                 s.delete(row)
         shutil.rmtree(self._models_dir / record.id, ignore_errors=True)
-        self._collect_garbage(set(record.artifacts.values()))
+        collect_unreferenced(self.db, self.store, record.artifacts.values())
         return record
 
     # -- internals -------------------------------------------------------------------------
@@ -294,12 +295,6 @@ class ModelRegistry:
             s.add(row)
             s.flush()
             return ModelRecord.from_row(row)
-
-    def _collect_garbage(self, digests: set[str]) -> None:
-        with self.db.session() as s:
-            used = set(s.scalars(select(ArtifactRow.sha256).where(ArtifactRow.sha256.in_(digests))).all())
-        for digest in digests - used:
-            self.store.delete(digest)
 
 
 def _name_from_uri(uri: str) -> str:

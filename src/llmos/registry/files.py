@@ -1,0 +1,210 @@
+"""Uploaded files: tenant-owned, content-addressed, validated at upload, created idempotently."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from llmos.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from llmos.registry.db import Database
+from llmos.registry.gc import collect_unreferenced
+from llmos.registry.store import LocalArtifactStore
+from llmos.registry.tables import FileRow
+
+Validator = Callable[[Path], dict[str, Any]]
+"""Checks an uploaded file for one purpose; returns what it found or raises InvalidRequestError."""
+
+_FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\]")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    tenant: str
+    purpose: str
+    filename: str
+    bytes: int
+    sha256: str
+    status: str
+    status_details: str | None
+    created_at: datetime
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: FileRow) -> FileRecord:
+        created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+        return cls(
+            id=row.id,
+            tenant=row.tenant,
+            purpose=row.purpose,
+            filename=row.filename,
+            bytes=row.bytes,
+            sha256=row.sha256,
+            status=row.status,
+            status_details=row.status_details,
+            created_at=created,
+            summary=dict(row.summary or {}),
+        )
+
+    def public(self) -> dict[str, Any]:
+        """OpenAI's file object, plus the content hash and what validation found."""
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes,
+            "created_at": int(self.created_at.timestamp()),
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": self.status,
+            "status_details": self.status_details,
+            "expires_at": None,
+            "sha256": self.sha256,
+            **self.summary,
+        }
+
+
+def clean_filename(name: str | None) -> str:
+    """The last path component, without control characters, at most 255 characters."""
+    base = re.split(r"[/\\]", name or "")[-1]
+    base = _UNSAFE_NAME.sub("_", base).strip() or "upload"
+    return base[-255:]
+
+
+def _limited(chunks: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            raise PayloadTooLargeError(f"file exceeds the upload limit of {max_bytes} bytes", param="file")
+        yield chunk
+
+
+class FileStore:
+    """``validators`` maps each accepted purpose to its check (injected: the training layer knows
+    the formats it can learn from; the file system does not)."""
+
+    def __init__(self, db: Database, store: LocalArtifactStore, validators: dict[str, Validator]) -> None:
+        self.db = db
+        self.store = store
+        self.validators = validators
+
+    def create(
+        self,
+        *,
+        tenant: str,
+        purpose: str,
+        filename: str | None,
+        chunks: Iterable[bytes],
+        max_bytes: int,
+        idempotency_key: str | None = None,
+    ) -> tuple[FileRecord, bool]:
+        """Store and validate an upload. Returns the file and whether it was created (False: the
+        idempotency key named an identical earlier upload)."""
+        if purpose not in self.validators:
+            raise InvalidRequestError(f"purpose must be one of {sorted(self.validators)}", param="purpose")
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= 255):
+            raise InvalidRequestError("Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
+        name = clean_filename(filename)
+        digest = self.store.put_chunks(_limited(chunks, max_bytes))
+        request_hash = hashlib.sha256(f"{purpose}\0{name}\0{digest}".encode()).hexdigest()
+        if idempotency_key is not None:
+            earlier = self._by_key(tenant, idempotency_key, request_hash)
+            if earlier is not None:
+                return earlier, False
+        status, details, summary = self._validate(purpose, self.store.local_path(digest))
+        row = FileRow(
+            id=f"file-{uuid.uuid4().hex[:24]}",
+            tenant=tenant,
+            purpose=purpose,
+            filename=name,
+            bytes=self.store.local_path(digest).stat().st_size,
+            sha256=digest,
+            status=status,
+            status_details=details,
+            summary=summary,
+            created_at=datetime.now(UTC),
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+        try:
+            with self.db.session() as s:
+                s.add(row)
+                s.flush()
+                return FileRecord.from_row(row), True
+        except IntegrityError:
+            # A concurrent request with the same idempotency key won the race: answer with its file.
+            assert idempotency_key is not None
+            earlier = self._by_key(tenant, idempotency_key, request_hash)
+            if earlier is None:
+                raise
+            return earlier, False
+
+    def _by_key(self, tenant: str, key: str, request_hash: str) -> FileRecord | None:
+        with self.db.session() as s:
+            row = s.scalars(select(FileRow).where(FileRow.tenant == tenant, FileRow.idempotency_key == key)).first()
+            if row is None:
+                return None
+            if row.request_hash != request_hash:
+                raise ConflictError(
+                    "this Idempotency-Key was used with a different request",
+                    param="Idempotency-Key",
+                    code="idempotency_key_reused",
+                )
+            return FileRecord.from_row(row)
+
+    def _validate(self, purpose: str, path: Path) -> tuple[str, str | None, dict[str, Any]]:
+        try:
+            return "processed", None, self.validators[purpose](path)
+        except InvalidRequestError as exc:  # recorded on the file: a job using it is refused with this message
+            return "error", exc.message[:2048], {}
+
+    def get(self, tenant: str, file_id: str) -> FileRecord:
+        if not _FILE_ID.fullmatch(file_id):
+            raise NotFoundError(f"No such File object: {file_id[:80]}", param="file_id")
+        with self.db.session() as s:
+            row = s.get(FileRow, file_id)
+            if row is None or row.tenant != tenant:  # another tenant's file does not exist for you
+                raise NotFoundError(f"No such File object: {file_id}", param="file_id")
+            return FileRecord.from_row(row)
+
+    def list(
+        self,
+        tenant: str,
+        *,
+        purpose: str | None = None,
+        limit: int = 10000,
+        after: str | None = None,
+        order: str = "desc",
+    ) -> tuple[list[FileRecord], bool]:
+        with self.db.session() as s:
+            q = select(FileRow).where(FileRow.tenant == tenant)
+            if purpose is not None:
+                q = q.where(FileRow.purpose == purpose)
+            rows = list(s.scalars(q))
+        rows.sort(key=lambda r: (r.created_at, r.id), reverse=order == "desc")
+        if after is not None:
+            ids = [r.id for r in rows]
+            rows = rows[ids.index(after) + 1 :] if after in ids else []
+        return [FileRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def content_path(self, tenant: str, file_id: str) -> Path:
+        return self.store.local_path(self.get(tenant, file_id).sha256)
+
+    def delete(self, tenant: str, file_id: str) -> FileRecord:
+        record = self.get(tenant, file_id)
+        with self.db.session() as s:
+            row = s.get(FileRow, file_id)
+            if row is not None:
+                s.delete(row)
+        collect_unreferenced(self.db, self.store, [record.sha256])
+        return record

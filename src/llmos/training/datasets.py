@@ -1,0 +1,199 @@
+"""Training data formats, detected and validated at upload; every error names its line and field.
+
+| format | file | a record |
+|---|---|---|
+| chat | JSONL | `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}` with an assistant turn |
+| classification | JSONL or CSV/TSV with a header | `{"text": "...", "label": "..."}` / columns `text` (or
+  `sentence`) and `label` (or `category`) |
+| token-classification | JSONL or CoNLL | `{"tokens": [...], "tags": [...]}` of equal length /
+  `token<TAB>tag` lines, a blank line between sentences |
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmos.errors import InvalidRequestError
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
+# Column names accepted for tables, in order of preference (SST-2 says "sentence", Banking77 "category").
+TEXT_COLUMNS = frozenset({"text", "sentence"})
+LABEL_COLUMNS = frozenset({"label", "category"})
+MAX_ERRORS_SHOWN = 5
+
+
+class DatasetError(InvalidRequestError):
+    """The file is not a valid training set; ``line`` is 1-based."""
+
+    default_code = "invalid_training_file"
+
+    def __init__(self, message: str, *, line: int | None = None, field: str | None = None) -> None:
+        where = f"line {line}" if line is not None else "file"
+        super().__init__(f"{where}: {message}" + (f" (field '{field}')" if field else ""), param="file")
+        self.line = line
+        self.field = field
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    format: str  # chat | classification | token-classification
+    encoding: str  # jsonl | csv | tsv | conll
+    records: int
+    labels: dict[str, int] = field(default_factory=dict)
+    """Label (or tag) counts for classification formats."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "encoding": self.encoding, "records": self.records, "labels": self.labels}
+
+
+def validate_dataset(path: Path) -> DatasetSummary:
+    """Detect the format of a training file and check every record of it."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"not UTF-8 text (byte {exc.start})") from exc
+    lines = text.splitlines()
+    first = next((ln for ln in lines if ln.strip()), None)
+    if first is None:
+        raise DatasetError("the file is empty")
+    if first.lstrip().startswith(("{", "[")):
+        return _validate_jsonl(lines)
+    header = _header_fields(first)
+    if header & TEXT_COLUMNS and header & LABEL_COLUMNS:
+        return _validate_table(text, "\t" if "\t" in first else ",")
+    return _validate_conll(lines)
+
+
+def _header_fields(line: str) -> set[str]:
+    sep = "\t" if "\t" in line else ","
+    return {f.strip().strip('"').lower() for f in line.split(sep)}
+
+
+def _validate_jsonl(lines: list[str]) -> DatasetSummary:
+    kind: str | None = None
+    labels: Counter[str] = Counter()
+    records = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"invalid JSON: {exc.msg} at column {exc.colno}", line=number) from exc
+        if not isinstance(record, dict):
+            raise DatasetError("each line must be a JSON object", line=number)
+        record_kind = _jsonl_kind(record, number)
+        if kind is None:
+            kind = record_kind
+        elif record_kind != kind:
+            raise DatasetError(f"a {record_kind} record in a {kind} file", line=number)
+        if kind == "chat":
+            _check_chat(record, number)
+        elif kind == "classification":
+            _check_text(record.get("text"), number, "text")
+            labels[_label(record.get("label"), number)] += 1
+        else:
+            for tag in _check_tokens(record, number):
+                labels[tag] += 1
+        records += 1
+    assert kind is not None
+    return DatasetSummary(format=kind, encoding="jsonl", records=records, labels=dict(labels))
+
+
+def _jsonl_kind(record: dict[str, Any], line: int) -> str:
+    if "messages" in record:
+        return "chat"
+    if "text" in record or "label" in record:
+        return "classification"
+    if "tokens" in record or "tags" in record:
+        return "token-classification"
+    raise DatasetError(
+        "expected 'messages' (chat), 'text' + 'label' (classification) or 'tokens' + 'tags' (token classification)",
+        line=line,
+    )
+
+
+def _check_text(value: Any, line: int, name: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise DatasetError("must be a non-empty string", line=line, field=name)
+
+
+def _label(value: Any, line: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int) or (isinstance(value, str) and not value.strip()):
+        raise DatasetError("must be a non-empty string or an integer", line=line, field="label")
+    return str(value)
+
+
+def _check_chat(record: dict[str, Any], line: int) -> None:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError("must be a non-empty list", line=line, field="messages")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise DatasetError("must be an object", line=line, field=where)
+        if message.get("role") not in CHAT_ROLES:
+            raise DatasetError(f"role must be one of {sorted(CHAT_ROLES)}", line=line, field=f"{where}.role")
+        if not isinstance(message.get("content"), str):
+            raise DatasetError("must be a string", line=line, field=f"{where}.content")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DatasetError("needs at least one non-empty assistant message to learn from", line=line, field="messages")
+
+
+def _check_tokens(record: dict[str, Any], line: int) -> list[str]:
+    tokens, tags = record.get("tokens"), record.get("tags")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+        raise DatasetError("must be a non-empty list of non-empty strings", line=line, field="tokens")
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+        raise DatasetError("must be a list of non-empty strings", line=line, field="tags")
+    if len(tags) != len(tokens):
+        raise DatasetError(f"{len(tags)} tags for {len(tokens)} tokens", line=line, field="tags")
+    return tags
+
+
+def _validate_table(text: str, sep: str) -> DatasetSummary:
+    reader = csv.DictReader(io.StringIO(text), delimiter=sep)
+    fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
+    text_column = next(fields[c] for c in ("text", "sentence") if c in fields)
+    label_column = next(fields[c] for c in ("label", "category") if c in fields)
+    labels: Counter[str] = Counter()
+    records = 0
+    for row in reader:
+        number = reader.line_num
+        _check_text(row.get(text_column), number, "text")
+        labels[_label(row.get(label_column), number)] += 1
+        records += 1
+    if records == 0:
+        raise DatasetError("the table has a header but no rows")
+    return DatasetSummary(
+        format="classification", encoding="tsv" if sep == "\t" else "csv", records=records, labels=dict(labels)
+    )
+
+
+def _validate_conll(lines: list[str]) -> DatasetSummary:
+    labels: Counter[str] = Counter()
+    sentences = 0
+    in_sentence = False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            in_sentence = False
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) < 2 or not parts[0].strip() or not parts[-1].strip():
+            raise DatasetError("expected 'token<TAB>tag' (CoNLL) or a JSONL / CSV training file", line=number)
+        labels[parts[-1].strip()] += 1
+        if not in_sentence:
+            sentences += 1
+            in_sentence = True
+    return DatasetSummary(format="token-classification", encoding="conll", records=sentences, labels=dict(labels))
+
+
+def check_training_file(path: Path) -> dict[str, Any]:
+    """The validator for ``purpose=fine-tune`` uploads."""
+    return validate_dataset(path).as_dict()
