@@ -37,13 +37,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
-    # Models are pulled once into a git-ignored home and reused by later local runs (CI starts clean).
-    home = Path(os.environ.get("LLMOS_TEST_HOME", ROOT / ".cache" / "integration-home"))
-    home.mkdir(parents=True, exist_ok=True)
+def start_server(home: Path) -> Server:
+    """Start `llmos serve` on a free loopback port with ``home`` as its data directory."""
     port = _free_port()
-    log = home / "server.log"
+    log = home / f"server-{port}.log"
     env = {
         **os.environ,
         "LLMOS_HOME": str(home),
@@ -64,19 +61,35 @@ def server() -> Iterator[Server]:
             pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return Server(url=url, process=process, home=home, log=log)
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("server did not start in time")
-    srv = Server(url=url, process=process, home=home, log=log)
-    yield srv
-    process.send_signal(signal.SIGTERM)
+    process.kill()
+    pytest.fail("server did not start in time")
+
+
+def stop_server(server: Server) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
     try:
-        code = process.wait(timeout=60)
+        return server.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        server.process.kill()
         raise
+
+
+@pytest.fixture(scope="session")
+def server_home() -> Path:
+    # Models are pulled once into a git-ignored home and reused by later local runs (CI starts clean).
+    home = Path(os.environ.get("LLMOS_TEST_HOME", ROOT / ".cache" / "integration-home"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def server(server_home: Path) -> Iterator[Server]:
+    srv = start_server(server_home)
+    yield srv
+    code = stop_server(srv)
     assert code == 0, f"server did not shut down cleanly (exit {code})"

@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.integration.conftest import ADMIN_KEY, Server
+from tests.integration.conftest import ADMIN_KEY, Server, start_server
 
 pytestmark = pytest.mark.integration
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -127,3 +127,26 @@ def test_disconnect_mid_stream_stops_generation(server: Server) -> None:
     time.sleep(1.5)
     assert generated() == settled  # nothing more is computed for the departed client
     assert settled - before < 200
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_zero(server: Server) -> None:
+    """SIGTERM while a stream is open on a second server: the stream still ends with [DONE], exit 0."""
+    import signal
+    import threading
+
+    server = start_server(server.home)  # its own process: the shared one keeps serving the other tests
+    body = {
+        "model": CHAT_MODEL,
+        "stream": True,
+        "max_tokens": 40,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Count from one to twenty in words."}],
+    }
+    lines: list[str] = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, json=body, timeout=120) as resp:
+        stream = resp.iter_lines()
+        lines.append(next(stream))
+        threading.Timer(0.2, server.process.send_signal, args=(signal.SIGTERM,)).start()
+        lines.extend(stream)
+    assert [line for line in lines if line][-1] == "data: [DONE]"
+    assert server.process.wait(timeout=60) == 0

@@ -13,7 +13,7 @@ from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
-BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+BODY = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
 class FailingEngine:
@@ -49,8 +49,8 @@ class FailingEngine:
 
 
 @pytest.fixture
-def http(platform: Platform) -> Iterator[TestClient]:
-    with TestClient(create_app(platform=platform, engine=FailingEngine())) as client:
+def http(loaded_platform: Platform) -> Iterator[TestClient]:
+    with TestClient(create_app(platform=loaded_platform, engine=FailingEngine())) as client:
         yield client
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +15,7 @@ from llmos.api.app import api_routes
 from llmos.api.health import PUBLIC_PATHS
 from llmos.config import Settings
 from llmos.platform import Platform
+from llmos.registry.tables import ModelRow
 from llmos.security.limits import Limits
 from tests.conftest import ADMIN_KEY
 
@@ -184,3 +186,21 @@ def test_revoking_a_key_through_the_api(http: TestClient) -> None:
     key_id = secret.split("-")[2]
     assert http.delete(f"/v1/admin/keys/{key_id}", headers=ADMIN).json()["revoked_at"] is not None
     assert http.get("/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+
+
+def test_another_tenants_model_is_invisible(http: TestClient, loaded_platform: Platform, tiny_chat_dir: Path) -> None:
+    """A tenant-owned model (as fine-tuning will register) is 404 for every other tenant, everywhere."""
+    record = loaded_platform.registry.pull(f"file:{tiny_chat_dir}", name="acme-private")
+    with loaded_platform.db.session() as s:
+        s.get(ModelRow, record.id).owner = "owner-co"  # type: ignore[union-attr]
+    owner = {"Authorization": f"Bearer {_tenant_key(http, 'owner-co')}"}
+    stranger = {"Authorization": f"Bearer {_tenant_key(http, 'stranger')}"}
+    body = {**CHAT, "model": "acme-private"}
+    assert http.post("/v1/chat/completions", headers=owner, json=body).status_code == 200
+    assert "acme-private" in [m["id"] for m in http.get("/v1/models", headers=owner).json()["data"]]
+    assert http.post("/v1/chat/completions", headers=stranger, json=body).status_code == 404
+    assert http.post("/v1/completions", headers=stranger, json={**body, "prompt": "x"}).status_code == 404
+    assert http.get("/v1/models/acme-private", headers=stranger).status_code == 404
+    assert "acme-private" not in [m["id"] for m in http.get("/v1/models", headers=stranger).json()["data"]]
+    assert "tiny-chat" in [m["id"] for m in http.get("/v1/models", headers=stranger).json()["data"]]  # shared base
+    assert loaded_platform.registry.get("acme-private").owner == "owner-co"  # unchanged

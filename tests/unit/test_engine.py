@@ -152,3 +152,29 @@ def test_embeddings_are_normalised_mean_pooled(engine: LocalEngine) -> None:
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_full_engine_refuses_at_once_with_retry_after(loaded_platform: Platform) -> None:
+    """Admission control: beyond max_pending_requests a request is refused immediately (503 +
+    Retry-After at the edge), instead of piling up."""
+    from llmos.errors import ServiceUnavailableError
+
+    settings = loaded_platform.settings.model_copy(update={"max_pending_requests": 1})
+    engine = LocalEngine(loaded_platform.registry, settings)
+
+    async def main() -> None:
+        prompt = await engine.encode_text("tiny-chat", "Hello")
+        first = engine.generate(
+            GenerationRequest("one", "tiny-chat", prompt, SamplingParams(max_tokens=100, temperature=1.0, seed=1))
+        )
+        await first.__anext__()
+        second = engine.generate(GenerationRequest("two", "tiny-chat", prompt, SamplingParams(max_tokens=2)))
+        with pytest.raises(ServiceUnavailableError) as exc:
+            await second.__anext__()
+        assert exc.value.retry_after >= 1
+        await first.aclose()
+        tokens, _ = await _run(engine, prompt, "three", max_tokens=2)  # room again once the first is gone
+        assert tokens
+        await engine.shutdown()
+
+    asyncio.run(main())

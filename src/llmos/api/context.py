@@ -33,6 +33,10 @@ class RequestContext:
     def tenant(self) -> str:
         return self.key.tenant
 
+    def check_model(self, model: str) -> None:
+        """404 unless the model is a shared base model or the caller's tenant's own (admins see all)."""
+        self.platform.registry.get(model, tenant=None if "admin" in self.key.scopes else self.key.tenant)
+
     def finish(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Charge what the request used; safe to call more than once (only the first counts)."""
         if self.lease.released:

@@ -24,6 +24,7 @@ from llmos.registry.sources import Progress, get_source
 from llmos.registry.store import LocalArtifactStore, sha256_file
 from llmos.registry.tables import ArtifactRow, ModelRow
 
+SHARED_OWNER = "system"  # base models: readable by every tenant, changed only by admins
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Files a served model needs besides its weights; everything else in a source is left behind.
 _KEEP_SUFFIXES = {".json", ".txt", ".model", ".jinja", ".safetensors"}
@@ -96,13 +97,23 @@ class ModelRegistry:
         self._models_dir = home / "models"
 
     # -- queries ---------------------------------------------------------------------------
-    def list(self) -> list[ModelRecord]:
+    def list(self, *, tenant: str | None = None) -> list[ModelRecord]:
+        """Every version; with ``tenant``, only shared base models and that tenant's own."""
         with self.db.session() as s:
-            rows = s.scalars(select(ModelRow).order_by(ModelRow.name, ModelRow.version)).all()
-            return [ModelRecord.from_row(r) for r in rows]
+            query = select(ModelRow).order_by(ModelRow.name, ModelRow.version)
+            if tenant is not None:
+                query = query.where(ModelRow.owner.in_((SHARED_OWNER, tenant)))
+            return [ModelRecord.from_row(r) for r in s.scalars(query)]
 
-    def get(self, ref: str) -> ModelRecord:
-        """Resolve ``name`` (newest version), ``name@N`` or an internal id."""
+    def get(self, ref: str, *, tenant: str | None = None) -> ModelRecord:
+        """Resolve ``name`` (newest version), ``name@N`` or an internal id. With ``tenant``, another
+        tenant's model does not exist (404, not 403: its name is not revealed either)."""
+        record = self._resolve(ref)
+        if tenant is not None and record.owner not in (SHARED_OWNER, tenant):
+            raise ModelNotFoundError(f"The model '{ref}' does not exist", param="model")
+        return record
+
+    def _resolve(self, ref: str) -> ModelRecord:
         name, _, version = ref.partition("@")
         with self.db.session() as s:
             query = select(ModelRow).where(ModelRow.name == name, ModelRow.status == "ready")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,6 +48,7 @@ class ChatService:
         self.ctx = ctx
 
     async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
+        await asyncio.to_thread(self.ctx.check_model, req.model)
         info = await self.engine.model_info(req.model)
         if info.task != "chat" or not info.has_chat_template:
             raise InvalidRequestError(

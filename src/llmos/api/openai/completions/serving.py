@@ -44,6 +44,7 @@ class CompletionService:
         self.ctx = ctx
 
     async def prepare(self, req: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
+        await asyncio.to_thread(self.ctx.check_model, req.model)
         info = await self.engine.model_info(req.model)
         if info.task not in ("chat", "completion"):
             raise InvalidRequestError(

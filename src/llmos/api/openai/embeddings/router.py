@@ -14,6 +14,6 @@ router = APIRouter(tags=["embeddings"])
 
 @router.post("/v1/embeddings", response_model=EmbeddingList)
 async def embeddings(body: EmbeddingRequest, engine: EngineDep, settings: SettingsDep, ctx: EmbeddingContext) -> Any:
-    result = await create_embeddings(body, engine, settings)
+    result = await create_embeddings(body, engine, settings, ctx)
     ctx.finish(body.model, result.usage.prompt_tokens, 0)
     return result.model_dump()

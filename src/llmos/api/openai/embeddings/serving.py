@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 
 import numpy as np
 
+from llmos.api.context import RequestContext
 from llmos.api.openai.common import check_token_ids
 from llmos.api.openai.embeddings.schemas import (
     Embedding,
@@ -30,7 +32,9 @@ def encode_base64(vector: list[float]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
-async def create_embeddings(req: EmbeddingRequest, engine: EngineClient, settings: Settings) -> EmbeddingList:
+async def create_embeddings(
+    req: EmbeddingRequest, engine: EngineClient, settings: Settings, ctx: RequestContext
+) -> EmbeddingList:
     items = req.items()
     if not items:
         raise InvalidRequestError("input must not be empty", param="input")
@@ -38,6 +42,7 @@ async def create_embeddings(req: EmbeddingRequest, engine: EngineClient, setting
         raise InvalidRequestError(f"at most {settings.max_embedding_inputs} inputs per request", param="input")
     if any(isinstance(x, str) and not x for x in items):
         raise InvalidRequestError("input strings must not be empty", param="input")
+    await asyncio.to_thread(ctx.check_model, req.model)
     info = await engine.model_info(req.model)
     if info.task != "embedding":
         raise InvalidRequestError(f"model {req.model} is a {info.task} model, not an embedding model", param="model")

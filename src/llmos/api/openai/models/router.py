@@ -8,8 +8,14 @@ from fastapi import APIRouter, Request
 from llmos.api.deps import AdminKey, EngineDep, InferenceKey, PlatformDep
 from llmos.api.openai.models.schemas import ModelDeleted, ModelList, ModelObject
 from llmos.registry import ModelRecord
+from llmos.security import ApiKeyInfo
 
 router = APIRouter(tags=["models"])
+
+
+def _visible_to(key: ApiKeyInfo) -> str | None:
+    """The tenant whose models (besides shared base models) a key sees; None for admins: all."""
+    return None if "admin" in key.scopes else key.tenant
 
 
 def _newest_versions(records: list[ModelRecord]) -> list[ModelRecord]:
@@ -21,16 +27,16 @@ def _newest_versions(records: list[ModelRecord]) -> list[ModelRecord]:
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(platform: PlatformDep, _key: InferenceKey) -> Any:
-    records = await asyncio.to_thread(platform.registry.list)
+async def list_models(platform: PlatformDep, key: InferenceKey) -> Any:
+    records = await asyncio.to_thread(platform.registry.list, tenant=_visible_to(key))
     names = {r.id: r.name for r in records}
     data = [ModelObject.from_record(r, parent_name=names.get(r.parent_id or "")) for r in _newest_versions(records)]
     return ModelList(data=data).model_dump()
 
 
 @router.get("/v1/models/{model:path}", response_model=ModelObject)
-async def retrieve_model(model: str, platform: PlatformDep, _key: InferenceKey) -> Any:
-    record = await asyncio.to_thread(platform.registry.get, model)
+async def retrieve_model(model: str, platform: PlatformDep, key: InferenceKey) -> Any:
+    record = await asyncio.to_thread(platform.registry.get, model, tenant=_visible_to(key))
     parent = await asyncio.to_thread(platform.registry.get, record.parent_id) if record.parent_id else None
     return ModelObject.from_record(record, parent_name=parent.name if parent else None, detail=True).model_dump()
 
