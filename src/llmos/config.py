@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests waiting for the engine beyond this are refused with 503 and Retry-After.",
     )
+    max_concurrent_jobs: int = Field(default=1, ge=0, le=64, description="Fine-tuning jobs run at once (0: none).")
+    training_threads: int = Field(default=0, ge=0, description="CPU threads per training worker; 0 uses all cores.")
+    job_max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Times a job's worker may die before the job is failed."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Server log level.")
 
     @field_validator("home", mode="after")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmos.config import Settings
+from llmos.kernel.jobs import JobStore
 from llmos.registry import LocalArtifactStore, ModelRegistry
 from llmos.registry.db import Database
 from llmos.registry.files import FileStore
@@ -33,6 +34,7 @@ class Platform:
     usage: UsageLedger
     limiter: RateLimiter
     files: FileStore
+    jobs: JobStore
     _usage_writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "usage-writer"))
 
     @classmethod
@@ -40,6 +42,7 @@ class Platform:
         settings.home.mkdir(parents=True, exist_ok=True)
         db = Database(settings.db_url)
         registry = ModelRegistry(db, LocalArtifactStore(settings.store_dir), settings.home)
+        files = FileStore(db, registry.store, {"fine-tune": check_training_file, "batch": validate_batch_file})
         return cls(
             settings=settings,
             db=db,
@@ -49,7 +52,8 @@ class Platform:
             audit=AuditLog(db),
             usage=UsageLedger(db),
             limiter=RateLimiter(),
-            files=FileStore(db, registry.store, {"fine-tune": check_training_file, "batch": validate_batch_file}),
+            files=files,
+            jobs=JobStore(db, files, registry),
         )
 
     def make_engine(self) -> EngineClient:

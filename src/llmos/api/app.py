@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,9 +21,11 @@ from llmos.api.openai.chat.router import router as chat_router
 from llmos.api.openai.completions.router import router as completions_router
 from llmos.api.openai.embeddings.router import router as embeddings_router
 from llmos.api.openai.files.router import router as files_router
+from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
 from llmos.api.openai.models.router import router as models_router
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
+from llmos.kernel.supervisor import JobSupervisor
 from llmos.platform import Platform
 
 log = logging.getLogger(__name__)
@@ -61,9 +64,17 @@ def create_app(
         if new_key:
             # Shown once: only its hash is stored.
             print(f"\n  Admin API key (shown once, store it now): {new_key}\n", flush=True)
+        supervisor = None
+        if settings.max_concurrent_jobs > 0:
+            p = app.state.platform
+            supervisor = JobSupervisor(p.jobs, p.tenants, p.settings)
+            supervisor.start()
+        app.state.supervisor = supervisor
         try:
             yield
         finally:
+            if supervisor is not None:
+                await asyncio.to_thread(supervisor.stop)
             await app.state.engine.shutdown()
             if owned:
                 app.state.platform.close()
@@ -93,6 +104,7 @@ def create_app(
         completions_router,
         embeddings_router,
         files_router,
+        fine_tuning_router,
     ):
         app.include_router(router)
     return app

@@ -13,6 +13,7 @@ from llmos.cli.client_cmds import chat, embed
 from llmos.cli.common import console, fail, open_platform, pull_with_progress, settings_from
 from llmos.cli.keys import keys_app
 from llmos.cli.models import models_app, pull
+from llmos.cli.tuning import files_app, finetune_app, jobs_app
 from llmos.errors import LLMOSError, ModelNotFoundError
 
 app = typer.Typer(
@@ -27,6 +28,9 @@ app.command()(embed)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")
+app.add_typer(files_app, name="files")
+app.add_typer(finetune_app, name="finetune")
+app.add_typer(jobs_app, name="jobs")
 app.command()(usage)
 app.command()(audit)
 

@@ -25,7 +25,7 @@ from llmos.registry.store import LocalArtifactStore, sha256_file
 from llmos.registry.tables import ArtifactRow, ModelRow
 
 SHARED_OWNER = "system"  # base models: readable by every tenant, changed only by admins
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")  # ':' for ft:<base>:<tenant>:<suffix>:<id>
 # Files a served model needs besides its weights; everything else in a source is left behind.
 _KEEP_SUFFIXES = {".json", ".txt", ".model", ".jinja", ".safetensors"}
 
@@ -79,10 +79,20 @@ class ModelRecord:
         )
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Who owns a new version and where it comes from (fine-tuned models name their base)."""
+
+    owner: str = SHARED_OWNER
+    parent_id: str | None = None
+    base_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 def validate_name(name: str) -> str:
     if not _NAME.fullmatch(name):
         raise InvalidRequestError(
-            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)", param="name"
+            f"invalid model name {name!r}: use letters, digits, '.', '_', ':' or '-' (at most 256)", param="name"
         )
     return name
 
@@ -133,7 +143,9 @@ class ModelRegistry:
         return self.store.materialize(record.artifacts, self._models_dir / record.id)
 
     # -- mutations -------------------------------------------------------------------------
-    def pull(self, ref: str, *, name: str | None = None, progress: Progress | None = None) -> ModelRecord:
+    def pull(
+        self, ref: str, *, name: str | None = None, progress: Progress | None = None, lineage: Lineage | None = None
+    ) -> ModelRecord:
         """Fetch ``ref`` (a catalog name or ``scheme:spec``), validate it and register a version."""
         progress = progress or Progress()
         entry = CATALOG.get(ref)
@@ -158,6 +170,7 @@ class ModelRegistry:
                 extra,
                 license=entry.license if entry else _license(model_dir),
                 progress=progress,
+                lineage=lineage or Lineage(),
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -241,6 +254,7 @@ class ModelRegistry:
         *,
         license: str | None,
         progress: Progress,
+        lineage: Lineage,
     ) -> ModelRecord:
         facts = inspect_model_dir(model_dir)
         params = sum(check_safetensors(p).parameters for p in model_dir.rglob("*.safetensors"))
@@ -258,7 +272,7 @@ class ModelRegistry:
                 else:
                     progress.advance(path.stat().st_size)
                 artifacts[path.relative_to(model_dir).as_posix()] = (digest, path.stat().st_size)
-            return self._insert(name, source, fmt, facts, params, total, license, extra, artifacts)
+            return self._insert(name, source, fmt, facts, params, total, license, extra, artifacts, lineage)
         except BaseException:
             for digest in added:
                 self.store.delete(digest)
@@ -275,6 +289,7 @@ class ModelRegistry:
         license: str | None,
         extra: dict[str, Any],
         artifacts: dict[str, tuple[str, int]],
+        lineage: Lineage,
     ) -> ModelRecord:
         with self.db.session() as s:
             latest = s.scalars(
@@ -299,8 +314,10 @@ class ModelRegistry:
                 license=license,
                 source=source,
                 status="ready",
-                owner="system",
-                extra=extra,
+                owner=lineage.owner,
+                parent_id=lineage.parent_id,
+                base_id=lineage.base_id,
+                extra={**extra, **lineage.extra},
                 artifacts=[ArtifactRow(path=p, sha256=d, size_bytes=n) for p, (d, n) in artifacts.items()],
             )
             s.add(row)

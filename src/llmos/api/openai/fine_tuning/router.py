@@ -1,0 +1,114 @@
+"""/v1/fine_tuning/jobs (scope `fine-tune`): create, list, retrieve, cancel, pause, resume,
+events and checkpoints, isolated per tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+
+from llmos.api.deps import PlatformDep, require
+from llmos.errors import InvalidRequestError
+from llmos.security import ApiKeyInfo
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+TuneKey = Annotated[ApiKeyInfo, Depends(require("fine-tune"))]
+_FIELDS = {
+    "model",
+    "training_file",
+    "validation_file",
+    "suffix",
+    "seed",
+    "method",
+    "hyperparameters",
+    "integrations",
+    "metadata",
+    "priority",
+}
+
+
+@router.post("")
+async def create_job(
+    request: Request,
+    platform: PlatformDep,
+    key: TuneKey,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+) -> dict[str, Any]:
+    """Validate the files, model and method, then queue the job (see docs/fine-tuning.md)."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError("We could not parse the JSON body of your request.") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    unknown = set(body) - _FIELDS
+    if unknown:  # tenant, owner, paths... are never taken from a request
+        raise InvalidRequestError(f"unknown fields {sorted(unknown)}", param=sorted(unknown)[0])
+    job = await asyncio.to_thread(platform.jobs.create, tenant=key.tenant, body=body, idempotency_key=idempotency_key)
+    platform.audit.record(
+        "job.create",
+        tenant=key.tenant,
+        key_id=key.id,
+        target=job.id,
+        client=request.client.host if request.client else None,
+        detail={"model": job.model},
+    )
+    return job.public()
+
+
+@router.get("")
+async def list_jobs(
+    platform: PlatformDep,
+    key: TuneKey,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    jobs, has_more = await asyncio.to_thread(platform.jobs.list, key.tenant, after=after, limit=limit)
+    return {"object": "list", "data": [j.public() for j in jobs], "has_more": has_more}
+
+
+@router.get("/{job_id}")
+async def retrieve_job(job_id: str, platform: PlatformDep, key: TuneKey) -> dict[str, Any]:
+    return (await asyncio.to_thread(platform.jobs.get, key.tenant, job_id)).public()
+
+
+@router.post("/{job_id}/cancel")
+async def cancel_job(job_id: str, platform: PlatformDep, key: TuneKey) -> dict[str, Any]:
+    return (await asyncio.to_thread(platform.jobs.cancel, key.tenant, job_id)).public()
+
+
+@router.post("/{job_id}/pause")
+async def pause_job(job_id: str, platform: PlatformDep, key: TuneKey) -> dict[str, Any]:
+    return (await asyncio.to_thread(platform.jobs.pause, key.tenant, job_id)).public()
+
+
+@router.post("/{job_id}/resume")
+async def resume_job(job_id: str, platform: PlatformDep, key: TuneKey) -> dict[str, Any]:
+    return (await asyncio.to_thread(platform.jobs.resume, key.tenant, job_id)).public()
+
+
+@router.get("/{job_id}/events")
+async def job_events(
+    job_id: str,
+    platform: PlatformDep,
+    key: TuneKey,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict[str, Any]:
+    cursor = int(after.removeprefix("ftevent-")) if after and after.removeprefix("ftevent-").isdigit() else None
+    events = await asyncio.to_thread(platform.jobs.events, key.tenant, job_id, after=cursor, limit=limit)
+    return {"object": "list", "data": events, "has_more": len(events) == limit}
+
+
+@router.get("/{job_id}/checkpoints")
+async def job_checkpoints(job_id: str, platform: PlatformDep, key: TuneKey) -> dict[str, Any]:
+    data = await asyncio.to_thread(platform.jobs.checkpoints, key.tenant, job_id)
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }

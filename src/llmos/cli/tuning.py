@@ -1,0 +1,198 @@
+"""`llmos files`, `llmos finetune create --follow` and `llmos jobs ...`: clients of a running server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmos.cli.client_cmds import HostOpt, KeyOpt, PortOpt
+from llmos.cli.common import api_client, console, err_console, settings_from
+
+files_app = typer.Typer(help="Upload and list files (training data, batch input).", no_args_is_help=True)
+finetune_app = typer.Typer(help="Start fine-tuning jobs.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Follow and control fine-tuning jobs.", no_args_is_help=True)
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _client(api_key: str | None, host: str | None, port: int | None) -> Any:
+    return api_client(settings_from(host=host, port=port), api_key)
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    import openai
+
+    try:
+        return fn(*args, **kwargs)
+    except openai.APIError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=1) from exc
+
+
+@files_app.command("upload")
+def upload(
+    path: Path,
+    purpose: Annotated[str, typer.Option(help="fine-tune or batch.")] = "fine-tune",
+    api_key: KeyOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Upload a file; prints its id, status and what validation found."""
+    client = _client(api_key, host, port)
+    with path.open("rb") as f:
+        created = _call(client.files.create, file=f, purpose=purpose)
+    console.print_json(json.dumps(created.model_dump()))
+
+
+@files_app.command("list")
+def list_files(api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Your tenant's files."""
+    table = Table("id", "filename", "purpose", "bytes", "status", "format", "records")
+    for f in _call(_client(api_key, host, port).files.list).data:
+        extra = f.model_dump()
+        table.add_row(
+            f.id,
+            f.filename,
+            f.purpose,
+            str(f.bytes),
+            f.status,
+            str(extra.get("format", "-")),
+            str(extra.get("records", "-")),
+        )
+    console.print(table)
+
+
+@finetune_app.command("create")
+def create(
+    model: Annotated[str, typer.Option(help="Base model.")],
+    training_file: Annotated[str, typer.Option(help="A file id, or a local path to upload first.")],
+    validation_file: Annotated[str | None, typer.Option(help="A file id or local path.")] = None,
+    suffix: Annotated[str | None, typer.Option(help="Part of the fine-tuned model's name.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="n_epochs (default auto).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch_size (default auto).")] = None,
+    lr_multiplier: Annotated[float | None, typer.Option(help="learning_rate_multiplier.")] = None,
+    adapter: Annotated[str, typer.Option(help="lora, ia3 or full.")] = "lora",
+    seed: Annotated[int | None, typer.Option(help="Seed for a reproducible run.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Show progress and metrics until the job ends.")] = False,
+    api_key: KeyOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Create a supervised fine-tuning job (uploading local files first)."""
+    client = _client(api_key, host, port)
+
+    def file_id(value: str) -> str:
+        if value.startswith("file-") and not Path(value).exists():
+            return value
+        with Path(value).open("rb") as f:
+            return str(_call(client.files.create, file=f, purpose="fine-tune").id)
+
+    hyper = {
+        k: v
+        for k, v in {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": lr_multiplier}.items()
+        if v is not None
+    }
+    method = {"type": "supervised", "supervised": {"hyperparameters": hyper, "adapter": {"type": adapter}}}
+    body: dict[str, Any] = {"model": model, "training_file": file_id(training_file), "method": method}
+    if validation_file:
+        body["validation_file"] = file_id(validation_file)
+    if suffix:
+        body["suffix"] = suffix
+    if seed is not None:
+        body["seed"] = seed
+    job = _call(client.post, "/fine_tuning/jobs", body=body, cast_to=dict)
+    console.print(f"created job [bold]{job['id']}[/bold] ({job['status']})")
+    if follow:
+        _follow(client, job["id"])
+
+
+def _follow(client: Any, job_id: str) -> None:
+    seen: set[str] = set()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[metrics]}"),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(job_id, total=None, metrics="")
+        while True:
+            job = _call(client.fine_tuning.jobs.retrieve, job_id)
+            events = list(reversed(_call(client.fine_tuning.jobs.list_events, job_id, limit=100).data))
+            for e in events:
+                if e.id in seen:
+                    continue
+                seen.add(e.id)
+                data = e.data or {}
+                if e.type == "metrics" and "total_steps" in data:
+                    shown = ", ".join(
+                        f"{k}={data[k]:.3f}" for k in ("train_loss", "train_mean_token_accuracy") if k in data
+                    )
+                    bar.update(task, total=data["total_steps"], completed=data["step"], metrics=shown)
+                elif e.type == "metrics":
+                    bar.console.print(f"  validation: {json.dumps(data)}")
+                else:
+                    bar.console.print(f"  {e.message}")
+            bar.update(task, description=f"{job_id} {job.status}")
+            if job.status in TERMINAL:
+                break
+            time.sleep(1.0)
+    if job.status == "succeeded":
+        console.print(f"[green]succeeded[/green]: {job.fine_tuned_model}")
+    else:
+        console.print(f"[red]{job.status}[/red]: {job.error}")
+        raise typer.Exit(code=1)
+
+
+@jobs_app.command("list")
+def list_jobs(api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Your tenant's jobs, newest first."""
+    table = Table("id", "model", "status", "fine_tuned_model", "trained tokens")
+    for j in _call(_client(api_key, host, port).fine_tuning.jobs.list).data:
+        table.add_row(j.id, j.model, j.status, j.fine_tuned_model or "-", str(j.trained_tokens or "-"))
+    console.print(table)
+
+
+@jobs_app.command("show")
+def show(job_id: str, api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+    """A job as JSON, with its checkpoints and their metrics."""
+    client = _client(api_key, host, port)
+    job = _call(client.fine_tuning.jobs.retrieve, job_id).model_dump()
+    job["checkpoints"] = [c.model_dump() for c in _call(client.fine_tuning.jobs.checkpoints.list, job_id).data]
+    console.print_json(json.dumps(job, default=str))
+
+
+@jobs_app.command("events")
+def events(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", help="Until the job ends.")] = False,
+    api_key: KeyOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """A job's events, oldest first."""
+    client = _client(api_key, host, port)
+    if follow:
+        _follow(client, job_id)
+        return
+    for e in reversed(_call(client.fine_tuning.jobs.list_events, job_id, limit=1000).data):
+        console.print(f"{time.strftime('%H:%M:%S', time.gmtime(e.created_at))} {e.type:8} {e.message}")
+
+
+def _control(action: str) -> Any:
+    def command(job_id: str, api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+        job = _call(getattr(_client(api_key, host, port).fine_tuning.jobs, action), job_id)
+        console.print(f"{job.id}: {job.status}")
+
+    command.__doc__ = f"{action.capitalize()} a job."
+    return command
+
+
+for _action in ("cancel", "pause", "resume"):
+    jobs_app.command(_action)(_control(_action))

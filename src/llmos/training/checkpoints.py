@@ -1,0 +1,76 @@
+"""Training checkpoints written atomically (a temporary directory renamed into place), in
+safetensors and JSON only, so resuming never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> Path:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "trainable.safetensors")
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slot in opt["state"].items():
+        for name, value in slot.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    save_file(tensors or {"_empty": torch.zeros(1)}, tmp / "optimizer.safetensors")
+    meta = {
+        "state": state,
+        "param_groups": opt["param_groups"],
+        "scalars": scalars,
+        "scheduler": scheduler.state_dict(),
+    }
+    (tmp / "trainer_state.json").write_text(json.dumps(meta, default=float))
+    for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
+        with f.open("rb") as handle:
+            os.fsync(handle.fileno())
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_checkpoint(
+    directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    weights = load_file(directory / "trainable.safetensors")
+    missing = set(weights) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"checkpoint has unknown parameters: {sorted(missing)[:3]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    meta = json.loads((directory / "trainer_state.json").read_text())
+    tensors = load_file(directory / "optimizer.safetensors")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key == "_empty":
+            continue
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, extra in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(extra)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return dict(meta["state"])

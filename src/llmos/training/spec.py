@@ -1,0 +1,122 @@
+"""What a fine-tuning job asks for: OpenAI's `method` (type `supervised`, `hyperparameters`), plus
+LLM OS's own settings under `method.supervised` (adapter, sequence length, schedule...).
+Everything is validated before a job is queued, and "auto" is resolved once, at creation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llmos.errors import InvalidRequestError
+
+ADAPTERS = ("lora", "ia3", "full")
+"""Methods whose result merges into plain weights, so the engine serves it like any model."""
+DEFERRED_ADAPTERS = ("adalora", "prefix_tuning", "prompt_tuning")
+BASE_LR = {"lora": 2e-4, "ia3": 3e-3, "full": 2e-5}
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    n_epochs: int = 3
+    batch_size: int = 8
+    learning_rate_multiplier: float = 1.0
+    adapter: str = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    max_seq_length: int = 512
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    early_stopping_patience: int | None = None
+
+    @property
+    def learning_rate(self) -> float:
+        return BASE_LR[self.adapter] * self.learning_rate_multiplier
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _number(value: Any, name: str, kind: type, low: float, high: float, auto: Any) -> Any:
+    if value is None or value == "auto":
+        return auto
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+        raise InvalidRequestError(
+            f"{name} must be {'an integer' if kind is int else 'a number'} or 'auto'",
+            param=f"method.supervised.hyperparameters.{name}",
+        )
+    if not low <= value <= high:
+        raise InvalidRequestError(
+            f"{name} must be between {low} and {high}", param=f"method.supervised.hyperparameters.{name}"
+        )
+    return kind(value)
+
+
+def parse_spec(
+    method: dict[str, Any] | None, legacy_hyperparameters: dict[str, Any] | None, *, training_records: int
+) -> TrainingSpec:
+    method = method or {"type": "supervised"}
+    if not isinstance(method, dict) or method.get("type", "supervised") != "supervised":
+        raise InvalidRequestError("only method.type 'supervised' is supported", param="method.type")
+    supervised = method.get("supervised") or {}
+    if not isinstance(supervised, dict):
+        raise InvalidRequestError("method.supervised must be an object", param="method.supervised")
+    hp = {**(legacy_hyperparameters or {}), **(supervised.get("hyperparameters") or {})}
+    unknown = set(hp) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown hyperparameters {sorted(unknown)}", param="method.supervised.hyperparameters"
+        )
+    adapter_cfg = supervised.get("adapter") or {}
+    if not isinstance(adapter_cfg, dict):
+        raise InvalidRequestError("method.supervised.adapter must be an object", param="method.supervised.adapter")
+    adapter = adapter_cfg.get("type", "lora")
+    if adapter in DEFERRED_ADAPTERS:
+        raise InvalidRequestError(
+            f"adapter type {adapter!r} is not available yet; use one of {list(ADAPTERS)}",
+            param="method.supervised.adapter.type",
+            code="unsupported_method",
+        )
+    if adapter not in ADAPTERS:
+        raise InvalidRequestError(
+            f"adapter type must be one of {list(ADAPTERS)}", param="method.supervised.adapter.type"
+        )
+    schedule = supervised.get("lr_scheduler", "linear")
+    if schedule not in SCHEDULES:
+        raise InvalidRequestError(
+            f"lr_scheduler must be one of {list(SCHEDULES)}", param="method.supervised.lr_scheduler"
+        )
+    target = adapter_cfg.get("target_modules", "all-linear")
+    if not (
+        target == "all-linear"
+        or (isinstance(target, list) and target and all(isinstance(t, str) and t.isidentifier() for t in target))
+    ):
+        raise InvalidRequestError(
+            "target_modules must be 'all-linear' or a list of module names",
+            param="method.supervised.adapter.target_modules",
+        )
+    patience = supervised.get("early_stopping_patience")
+    return TrainingSpec(
+        n_epochs=_number(hp.get("n_epochs"), "n_epochs", int, 1, 50, 3),
+        batch_size=_number(hp.get("batch_size"), "batch_size", int, 1, 256, max(1, min(8, training_records))),
+        learning_rate_multiplier=_number(
+            hp.get("learning_rate_multiplier"), "learning_rate_multiplier", float, 1e-3, 100.0, 1.0
+        ),
+        adapter=adapter,
+        lora_r=_number(adapter_cfg.get("r"), "r", int, 1, 256, 16),
+        lora_alpha=_number(adapter_cfg.get("alpha"), "alpha", int, 1, 1024, 32),
+        lora_dropout=_number(adapter_cfg.get("dropout"), "dropout", float, 0.0, 0.9, 0.05),
+        target_modules=target,
+        max_seq_length=_number(supervised.get("max_seq_length"), "max_seq_length", int, 16, 32768, 512),
+        gradient_accumulation_steps=_number(
+            supervised.get("gradient_accumulation_steps"), "gradient_accumulation_steps", int, 1, 256, 1
+        ),
+        warmup_ratio=_number(supervised.get("warmup_ratio"), "warmup_ratio", float, 0.0, 0.5, 0.0),
+        lr_scheduler=schedule,
+        early_stopping_patience=None
+        if patience is None
+        else _number(patience, "early_stopping_patience", int, 1, 50, None),
+    )

@@ -1,0 +1,181 @@
+"""A training worker process: `python -m llmos.training.worker JOB_ID`.
+
+Started and watched by the kernel's job supervisor. It writes heartbeats, events, metrics and
+checkpoints to the database, stops at the next step when asked to cancel or pause, dies with
+its supervisor (so a job never runs twice), and registers the fine-tuned model at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmos.config import Settings
+from llmos.kernel.devices import detect_cpu
+from llmos.kernel.jobs import Job
+from llmos.platform import Platform
+from llmos.registry.service import Lineage
+from llmos.registry.tables import JobCheckpointRow, JobRow
+from llmos.training.sft import Hooks, Stopped, run_sft
+from llmos.training.spec import TrainingSpec
+
+log = logging.getLogger("llmos.worker")
+HEARTBEAT_S = 2.0
+EXIT_STOPPED = 3
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its supervisor dies (kill -9 included)."""
+    with contextlib.suppress(OSError):  # not Linux: the orphan check in Heartbeat still applies
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Heartbeat(threading.Thread):
+    """Every few seconds: prove we are alive, and read what the supervisor asks of us."""
+
+    def __init__(self, platform: Platform, job_id: str, parent: int) -> None:
+        super().__init__(daemon=True, name="heartbeat")
+        self.platform, self.job_id, self.parent = platform, job_id, parent
+        self.control: str | None = None
+        self._stop = threading.Event()
+
+    def beat(self) -> None:
+        with self.platform.db.session() as s:
+            row = s.get(JobRow, self.job_id)
+            if row is not None:
+                row.heartbeat_at = datetime.now(UTC)
+                self.control = row.control
+
+    def run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if os.getppid() != self.parent:  # orphaned: a restarted server will resume the job
+                os._exit(EXIT_STOPPED)
+            try:
+                self.beat()
+            except Exception:  # a busy database must not kill training; the next beat retries
+                log.exception("heartbeat failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat) -> Hooks:
+    def metrics(data: dict[str, Any]) -> None:
+        parts = [f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float)]
+        platform.jobs.add_event(job.id, f"Step {data.get('step')}: " + ", ".join(parts), type="metrics", data=data)
+
+    def checkpoint(step: int, epoch: int, data: dict[str, Any], path: Path) -> None:
+        with platform.db.session() as s:
+            s.add(
+                JobCheckpointRow(
+                    id=f"ftckpt-{uuid.uuid4().hex[:24]}",
+                    job_id=job.id,
+                    step=step,
+                    epoch=epoch,
+                    metrics=data,
+                    path=str(path),
+                    created_at=datetime.now(UTC),
+                )
+            )
+        platform.jobs.add_event(job.id, f"Checkpoint saved at step {step} (epoch {epoch})", data=data)
+
+    return Hooks(
+        metrics=metrics,
+        message=lambda m: platform.jobs.add_event(job.id, m),
+        checkpoint=checkpoint,
+        control=lambda: heartbeat.control,
+    )
+
+
+def _finish(platform: Platform, job_id: str, **fields: Any) -> None:
+    with platform.db.session() as s:
+        row = s.get(JobRow, job_id)
+        if row is not None:
+            for key, value in fields.items():
+                setattr(row, key, value)
+
+
+def run(job_id: str) -> int:
+    _die_with_parent()
+    parent = os.getppid()
+    settings = Settings()
+    if settings.training_threads:
+        torch.set_num_threads(settings.training_threads)
+    platform = Platform.open(settings)
+    job = platform.jobs.get(None, job_id)
+    heartbeat = Heartbeat(platform, job_id, parent)
+    heartbeat.beat()
+    heartbeat.start()
+    work_dir = settings.home / "jobs" / job_id
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        base = platform.registry.get(job.base_model_id)
+        result = run_sft(
+            base_dir=platform.registry.model_dir(base),
+            train_path=platform.registry.store.local_path(job.training_sha256),
+            valid_path=platform.registry.store.local_path(job.validation_sha256) if job.validation_sha256 else None,
+            spec=TrainingSpec(**job.method["resolved"]),
+            seed=job.seed,
+            work_dir=work_dir,
+            hooks=_hooks(platform, job, heartbeat),
+            bf16=detect_cpu().bf16_fast,
+        )
+        name = f"ft:{base.name}:{job.tenant}:{job.suffix or 'model'}:{job.id.removeprefix('ftjob-')[:8]}"
+        lineage = Lineage(
+            owner=job.tenant,
+            parent_id=base.id,
+            base_id=base.base_id or base.id,
+            extra={
+                "job_id": job.id,
+                "training_file": job.training_file,
+                "training_file_sha256": job.training_sha256,
+                "validation_file_sha256": job.validation_sha256,
+                "hyperparameters": job.method.get("resolved"),
+                "metrics": result.metrics,
+                "seed": job.seed,
+            },
+        )
+        platform.registry.pull(f"file:{result.model_dir}", name=name, lineage=lineage)
+    except Stopped as stopped:
+        platform.jobs.add_event(job_id, f"Training stopped: {stopped.reason}")
+        return EXIT_STOPPED
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        _finish(
+            platform,
+            job_id,
+            status="failed",
+            finished_at=datetime.now(UTC),
+            error={"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"[:1000], "param": None},
+        )
+        platform.jobs.add_event(job_id, f"Job failed: {type(exc).__name__}: {exc}"[:2000], level="error")
+        return 1
+    finally:
+        heartbeat.stop()
+    _finish(
+        platform,
+        job_id,
+        status="succeeded",
+        fine_tuned_model=name,
+        trained_tokens=result.trained_tokens,
+        finished_at=datetime.now(UTC),
+    )
+    platform.jobs.add_event(job_id, "The job has successfully completed", data={"fine_tuned_model": name})
+    platform.close()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(run(sys.argv[1]))

@@ -1,0 +1,170 @@
+"""Fine-tuning end to end on the tiny chat model, through the official openai client: upload,
+create, events, checkpoints, the result served at once; cancel, pause/resume, a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from llmos.api import create_app
+from llmos.platform import Platform
+from llmos.registry.tables import JobRow
+from tests.conftest import ADMIN_KEY
+
+ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Say the word number {i}"},
+            {"role": "assistant", "content": "Paris is the capital of France."},
+        ]
+    }
+    for i in range(12)
+]
+LORA = {
+    "type": "supervised",
+    "supervised": {
+        "hyperparameters": {"n_epochs": 2, "batch_size": 4},
+        "adapter": {"type": "lora", "r": 4, "alpha": 8},
+    },
+}
+
+
+@pytest.fixture
+def http(loaded_platform: Platform) -> Iterator[TestClient]:
+    with TestClient(create_app(platform=loaded_platform)) as client:
+        yield client
+
+
+@pytest.fixture
+def client(http: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=ADMIN_KEY, http_client=http, max_retries=0)
+
+
+def upload(client: openai.OpenAI, rows: list[dict] = ROWS) -> str:
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    return client.files.create(file=("train.jsonl", data), purpose="fine-tune").id
+
+
+def wait_for(client: openai.OpenAI, job_id: str, states: set[str], timeout: float = 240) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in states:
+            return job
+        time.sleep(0.3)
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=50).data]
+    raise AssertionError(f"job {job_id} stuck in {job.status}: {events}")
+
+
+def test_fine_tune_then_chat_with_the_result(client: openai.OpenAI) -> None:
+    training = upload(client)
+    job = client.fine_tuning.jobs.create(
+        model="tiny-chat", training_file=training, validation_file=training, suffix="demo", seed=7, method=LORA
+    )  # type: ignore[arg-type]
+    assert job.status == "queued" and job.hyperparameters.n_epochs == 2
+    done = wait_for(client, job.id, {"succeeded", "failed"})
+    assert done.status == "succeeded", done.error  # type: ignore[attr-defined]
+    name = done.fine_tuned_model  # type: ignore[attr-defined]
+    assert name.startswith("ft:tiny-chat:default:demo:")
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and any("train_loss" in (e.data or {}) for e in metrics)  # type: ignore[operator]
+    assert any("valid_loss" in (e.data or {}) for e in metrics)  # type: ignore[operator]
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert len(checkpoints) == 2 and checkpoints[0].step_number > checkpoints[1].step_number
+    assert "valid_loss" in checkpoints[0].metrics.model_dump(exclude_none=True) or checkpoints[0].metrics
+    model = client.models.retrieve(name)
+    assert model.parent == "tiny-chat"  # type: ignore[attr-defined]
+    assert model.extra["job_id"] == job.id  # type: ignore[attr-defined]
+    reply = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Say the word number 3"}], temperature=0, max_tokens=12
+    )
+    assert reply.choices[0].message.content  # served at once, like any model
+    assert (done.trained_tokens or 0) > 0  # type: ignore[attr-defined]
+
+
+def test_bad_job_requests_are_refused_before_queueing(client: openai.OpenAI) -> None:
+    training = upload(client)
+    bad_file = client.files.create(file=("bad.jsonl", b'{"messages": []}'), purpose="fine-tune").id
+    cases = [
+        ({"model": "no-such-model", "training_file": training}, "model"),
+        ({"model": "tiny-embed", "training_file": training}, "model"),
+        ({"model": "tiny-chat", "training_file": "file-000000000000000000000000"}, "training_file"),
+        ({"model": "tiny-chat", "training_file": bad_file}, "training_file"),
+        ({"model": "tiny-chat", "training_file": training, "suffix": "Bad Suffix!"}, "suffix"),
+        (
+            {
+                "model": "tiny-chat",
+                "training_file": training,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}},
+            },
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        (
+            {
+                "model": "tiny-chat",
+                "training_file": training,
+                "method": {"type": "supervised", "supervised": {"adapter": {"type": "prefix_tuning"}}},
+            },
+            "method.supervised.adapter.type",
+        ),
+        ({"model": "tiny-chat", "training_file": training, "tenant": "someone-else"}, "tenant"),
+    ]
+    for body, param in cases:
+        with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as exc:
+            client.post("/fine_tuning/jobs", body=body, cast_to=object)
+        assert exc.value.body["param"] == param, (body, exc.value.body)  # type: ignore[index]
+    assert client.fine_tuning.jobs.list().data == []
+
+
+def test_cancel_stops_a_running_job(client: openai.OpenAI, loaded_platform: Platform) -> None:
+    training = upload(client, ROWS * 20)
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}
+    job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training, method=method)  # type: ignore[arg-type]
+    wait_for(client, job.id, {"running"})
+    time.sleep(2)
+    assert client.fine_tuning.jobs.cancel(job.id).status in ("running", "cancelled")
+    done = wait_for(client, job.id, {"cancelled", "failed", "succeeded"}, timeout=30)
+    assert done.status == "cancelled"  # type: ignore[attr-defined]
+    with loaded_platform.db.session() as s:
+        assert s.get(JobRow, job.id).worker_pid is None  # type: ignore[union-attr]
+
+
+def test_killed_worker_resumes_from_its_checkpoint(client: openai.OpenAI, loaded_platform: Platform) -> None:
+    training = upload(client, ROWS * 4)
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 2}}}
+    job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training, method=method)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 120
+    while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    with loaded_platform.db.session() as s:
+        pid = s.get(JobRow, job.id).worker_pid  # type: ignore[union-attr]
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    done = wait_for(client, job.id, {"succeeded", "failed"})
+    assert done.status == "succeeded", done.error  # type: ignore[attr-defined]
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
+    assert any("exited unexpectedly" in m for m in messages)
+    assert any(m.startswith("Resumed from checkpoint") for m in messages)
+    with loaded_platform.db.session() as s:
+        assert s.get(JobRow, job.id).attempts == 2  # type: ignore[union-attr]
+
+
+def test_pause_and_resume(client: openai.OpenAI) -> None:
+    training = upload(client, ROWS * 10)
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}}
+    job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training, method=method)  # type: ignore[arg-type]
+    wait_for(client, job.id, {"running"})
+    client.fine_tuning.jobs.pause(job.id)
+    wait_for(client, job.id, {"paused"}, timeout=30)
+    client.fine_tuning.jobs.resume(job.id)
+    done = wait_for(client, job.id, {"succeeded", "failed"})
+    assert done.status == "succeeded"  # type: ignore[attr-defined]
