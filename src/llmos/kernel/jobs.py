@@ -18,9 +18,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from llmos.errors import ConflictError, InvalidRequestError, NotFoundError
+from llmos.errors import InvalidRequestError, NotFoundError
 from llmos.registry.db import Database
 from llmos.registry.files import FileRecord, FileStore
+from llmos.registry.idempotency import find_earlier
 from llmos.registry.service import ModelRegistry
 from llmos.registry.tables import JobCheckpointRow, JobEventRow, JobRow
 from llmos.training.spec import parse_spec
@@ -230,17 +231,8 @@ class JobStore:
         return record
 
     def _by_key(self, tenant: str, key: str, request_hash: str) -> Job | None:
-        with self.db.session() as s:
-            row = s.scalars(select(JobRow).where(JobRow.tenant == tenant, JobRow.idempotency_key == key)).first()
-            if row is None:
-                return None
-            if row.request_hash != request_hash:
-                raise ConflictError(
-                    "this Idempotency-Key was used with a different request",
-                    param="Idempotency-Key",
-                    code="idempotency_key_reused",
-                )
-            return Job.from_row(row)
+        row = find_earlier(self.db, JobRow, tenant, key, request_hash)
+        return Job.from_row(row) if row is not None else None
 
     # -- queries ---------------------------------------------------------------------------
     def get(self, tenant: str | None, job_id: str) -> Job:

@@ -14,9 +14,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from llmos.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from llmos.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from llmos.registry.db import Database
 from llmos.registry.gc import collect_unreferenced
+from llmos.registry.idempotency import find_earlier
 from llmos.registry.store import LocalArtifactStore
 from llmos.registry.tables import FileRow
 
@@ -150,17 +151,8 @@ class FileStore:
             return earlier, False
 
     def _by_key(self, tenant: str, key: str, request_hash: str) -> FileRecord | None:
-        with self.db.session() as s:
-            row = s.scalars(select(FileRow).where(FileRow.tenant == tenant, FileRow.idempotency_key == key)).first()
-            if row is None:
-                return None
-            if row.request_hash != request_hash:
-                raise ConflictError(
-                    "this Idempotency-Key was used with a different request",
-                    param="Idempotency-Key",
-                    code="idempotency_key_reused",
-                )
-            return FileRecord.from_row(row)
+        row = find_earlier(self.db, FileRow, tenant, key, request_hash)
+        return FileRecord.from_row(row) if row is not None else None
 
     def _validate(self, purpose: str, path: Path) -> tuple[str, str | None, dict[str, Any]]:
         try:

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from llmos.training.datasets import DatasetError
+from llmos.training.datasets import DatasetError, jsonl_objects, read_lines
 
 BATCH_URLS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 def validate_batch_file(path: Path) -> dict[str, Any]:
     """Check every line is ``{"custom_id", "method": "POST", "url", "body"}`` with unique ids; return the count."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"not UTF-8 text (byte {exc.start})") from exc
     seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"invalid JSON: {exc.msg} at column {exc.colno}", line=number) from exc
-        if not isinstance(record, dict):
-            raise DatasetError("each line must be a JSON object", line=number)
+    for number, record in jsonl_objects(read_lines(path)):
         custom_id = record.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise DatasetError("must be a non-empty string", line=number, field="custom_id")

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,8 @@ class DatasetSummary:
 
 def validate_dataset(path: Path) -> DatasetSummary:
     """Detect the format of a training file and check every record of it."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"not UTF-8 text (byte {exc.start})") from exc
-    lines = text.splitlines()
+    lines = read_lines(path)
+    text = "\n".join(lines)
     first = next((ln for ln in lines if ln.strip()), None)
     if first is None:
         raise DatasetError("the file is empty")
@@ -75,10 +73,15 @@ def _header_fields(line: str) -> set[str]:
     return {f.strip().strip('"').lower() for f in line.split(sep)}
 
 
-def _validate_jsonl(lines: list[str]) -> DatasetSummary:
-    kind: str | None = None
-    labels: Counter[str] = Counter()
-    records = 0
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"not UTF-8 text (byte {exc.start})") from exc
+
+
+def jsonl_objects(lines: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for every non-blank line; anything else is a DatasetError."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -88,6 +91,14 @@ def _validate_jsonl(lines: list[str]) -> DatasetSummary:
             raise DatasetError(f"invalid JSON: {exc.msg} at column {exc.colno}", line=number) from exc
         if not isinstance(record, dict):
             raise DatasetError("each line must be a JSON object", line=number)
+        yield number, record
+
+
+def _validate_jsonl(lines: list[str]) -> DatasetSummary:
+    kind: str | None = None
+    labels: Counter[str] = Counter()
+    records = 0
+    for number, record in jsonl_objects(lines):
         record_kind = _jsonl_kind(record, number)
         if kind is None:
             kind = record_kind
