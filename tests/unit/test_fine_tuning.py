@@ -95,7 +95,7 @@ def test_bad_job_requests_are_refused_before_queueing(client: openai.OpenAI) -> 
     bad_file = client.files.create(file=("bad.jsonl", b'{"messages": []}'), purpose="fine-tune").id
     cases = [
         ({"model": "no-such-model", "training_file": training}, "model"),
-        ({"model": "tiny-embed", "training_file": training}, "model"),
+        ({"model": "tiny-embed", "training_file": training}, "training_file"),  # chat data on an encoder
         ({"model": "tiny-chat", "training_file": "file-000000000000000000000000"}, "training_file"),
         ({"model": "tiny-chat", "training_file": bad_file}, "training_file"),
         ({"model": "tiny-chat", "training_file": training, "suffix": "Bad Suffix!"}, "suffix"),
@@ -168,3 +168,48 @@ def test_pause_and_resume(client: openai.OpenAI) -> None:
     client.fine_tuning.jobs.resume(job.id)
     done = wait_for(client, job.id, {"succeeded", "failed"})
     assert done.status == "succeeded"  # type: ignore[attr-defined]
+
+
+def test_classifier_fine_tune_then_classify(client: openai.OpenAI, http: TestClient) -> None:
+    rows = [
+        {"text": "hello how are you today", "label": "greeting"},
+        {"text": "the capital of france is paris", "label": "fact"},
+    ] * 12
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    training = client.files.create(file=("cls.jsonl", data), purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as wrong:  # chat data on an encoder
+        client.fine_tuning.jobs.create(model="tiny-embed", training_file=upload(client))
+    assert wrong.value.body["param"] == "training_file"  # type: ignore[index]
+    method = {
+        "type": "supervised",
+        "supervised": {
+            "hyperparameters": {"n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 100},
+            "adapter": {"type": "full"},
+            "lr_scheduler": "constant",
+        },
+    }
+    job = client.fine_tuning.jobs.create(
+        model="tiny-embed", training_file=training, validation_file=training, method=method
+    )  # type: ignore[arg-type]
+    done = wait_for(client, job.id, {"succeeded", "failed"})
+    assert done.status == "succeeded", done.error  # type: ignore[attr-defined]
+    name = done.fine_tuned_model  # type: ignore[attr-defined]
+    assert client.models.retrieve(name).task == "sequence-classification"  # type: ignore[attr-defined]
+    checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].model_dump()
+    assert {"valid_accuracy", "valid_macro_f1", "valid_report"} <= set(checkpoint["metrics"])
+    resp = http.post(
+        "/v1/classifications",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        json={"model": name, "input": ["hello how are you today", "the capital of france is paris"]},
+    )
+    assert resp.status_code == 200, resp.text
+    out = resp.json()["data"]
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert [d["label"] for d in out] == ["greeting", "fact"], (out, events)
+    assert abs(sum(s["score"] for s in out[0]["scores"]) - 1) < 1e-4
+    chat_model = http.post(
+        "/v1/classifications",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        json={"model": "tiny-chat", "input": "x"},
+    )
+    assert chat_model.status_code == 400

@@ -23,6 +23,7 @@ from llmos.api.openai.embeddings.router import router as embeddings_router
 from llmos.api.openai.files.router import router as files_router
 from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
 from llmos.api.openai.models.router import router as models_router
+from llmos.api.tasks.classifications import router as classifications_router
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
 from llmos.kernel.supervisor import JobSupervisor
@@ -105,6 +106,7 @@ def create_app(
         embeddings_router,
         files_router,
         fine_tuning_router,
+        classifications_router,
     ):
         app.include_router(router)
     return app

@@ -1,6 +1,7 @@
 """The CPU of LLM OS: inference backends behind one protocol."""
 
 from llmos.engine.protocol import (
+    ClassificationResult,
     EmbeddingResult,
     EngineClient,
     FinishReason,
@@ -13,6 +14,7 @@ from llmos.engine.protocol import (
 )
 
 __all__ = [
+    "ClassificationResult",
     "EmbeddingResult",
     "EngineClient",
     "FinishReason",

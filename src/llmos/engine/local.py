@@ -13,15 +13,16 @@ from typing import Any
 import torch
 
 from llmos.config import Settings
-from llmos.engine.protocol import EmbeddingResult, GenerationDelta, GenerationRequest, ModelInfo
+from llmos.engine.protocol import ClassificationResult, EmbeddingResult, GenerationDelta, GenerationRequest, ModelInfo
 from llmos.engine.torch_backend import CausalRunner, EncoderRunner
+from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, load_runner, load_tokenizer
 from llmos.errors import InvalidRequestError, ServiceUnavailableError
 from llmos.kernel import ModelResidency, detect_cpu
 from llmos.registry import ModelRecord, ModelRegistry
 
 log = logging.getLogger(__name__)
-Runner = CausalRunner | EncoderRunner
+Runner = CausalRunner | EncoderRunner | ClassifierRunner
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 GIL_SWITCH_INTERVAL_S = 0.0002
 
@@ -139,6 +140,21 @@ class LocalEngine:
             return await asyncio.to_thread(self._embed_sync, record.id, inputs)
         finally:
             self._pending -= 1
+
+    async def classify(self, model: str, inputs: list[str]) -> ClassificationResult:
+        record = await asyncio.to_thread(self._record, model)
+        if record.task != "sequence-classification":
+            raise InvalidRequestError(f"model {model} is a {record.task} model, not a classifier", param="model")
+        self._admit()
+        try:
+            return await asyncio.to_thread(self._classify_sync, record.id, inputs)
+        finally:
+            self._pending -= 1
+
+    def _classify_sync(self, model_id: str, inputs: list[str]) -> ClassificationResult:
+        with self.residency.use(model_id) as runner:
+            assert isinstance(runner, ClassifierRunner)
+            return runner.classify(inputs)
 
     def _embed_sync(self, model_id: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
         with self.residency.use(model_id) as runner:

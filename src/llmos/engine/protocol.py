@@ -90,6 +90,15 @@ class EmbeddingResult:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class ClassificationResult:
+    labels: list[str]
+    """The model's label set, in score order."""
+    scores: list[list[float]]
+    """One probability per label for every input."""
+    prompt_tokens: int
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """What the API may ask of an inference engine."""
@@ -109,6 +118,10 @@ class EngineClient(Protocol):
         ...
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult: ...
+
+    async def classify(self, model: str, inputs: list[str]) -> ClassificationResult:
+        """Label probabilities from a sequence-classification model."""
+        ...
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; no further tokens are computed for it."""

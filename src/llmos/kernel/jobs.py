@@ -29,7 +29,14 @@ from llmos.training.spec import parse_spec
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-CHAT_TASKS = frozenset({"chat", "completion"})
+# Base model task -> what a job on it learns, and the training-file format that needs.
+TRAINABLE = {
+    "chat": "chat",
+    "completion": "chat",
+    "embedding": "sequence-classification",
+    "sequence-classification": "sequence-classification",
+}
+FORMAT_FOR = {"chat": "chat", "sequence-classification": "classification"}
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -138,16 +145,17 @@ class JobStore:
             if earlier is not None:
                 return earlier
         base = self.registry.get(str(body.get("model", "")), tenant=tenant)
-        if base.task not in CHAT_TASKS:
+        task = TRAINABLE.get(base.task)
+        if task is None:
             raise InvalidRequestError(
-                f"model {base.name} is a {base.task} model; supervised chat fine-tuning "
-                "needs a chat or completion model",
+                f"model {base.name} is a {base.task} model; fine-tuning takes chat/completion models (chat data) "
+                "or encoders (classification data)",
                 param="model",
                 code="unsupported_model",
             )
-        training = self._training_file(tenant, body.get("training_file"), "training_file")
+        training = self._training_file(tenant, body.get("training_file"), "training_file", task)
         validation = (
-            self._training_file(tenant, body["validation_file"], "validation_file")
+            self._training_file(tenant, body["validation_file"], "validation_file", task)
             if body.get("validation_file")
             else None
         )
@@ -176,7 +184,7 @@ class JobStore:
             validation_sha256=validation.sha256 if validation else None,
             suffix=suffix,
             seed=seed,
-            method={"type": "supervised", "resolved": spec.as_dict()},
+            method={"type": "supervised", "task": task, "resolved": spec.as_dict()},
             status="queued",
             priority=priority,
             attempts=0,
@@ -206,7 +214,7 @@ class JobStore:
                 raise
             return earlier
 
-    def _training_file(self, tenant: str, file_id: Any, param: str) -> FileRecord:
+    def _training_file(self, tenant: str, file_id: Any, param: str, task: str) -> FileRecord:
         if not isinstance(file_id, str):
             raise InvalidRequestError(f"{param} must be a file id", param=param)
         try:
@@ -221,10 +229,10 @@ class JobStore:
             raise InvalidRequestError(
                 f"{param} {file_id} is invalid: {record.status_details}", param=param, code="invalid_training_file"
             )
-        if record.summary.get("format") != "chat":
+        if record.summary.get("format") != FORMAT_FOR[task]:
             raise InvalidRequestError(
-                f"{param} {file_id} is a {record.summary.get('format')} file; supervised "
-                "chat fine-tuning needs chat JSONL",
+                f"{param} {file_id} is a {record.summary.get('format')} file; {task} fine-tuning needs "
+                f"{FORMAT_FOR[task]} data",
                 param=param,
                 code="invalid_training_file",
             )

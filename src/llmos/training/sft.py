@@ -36,7 +36,7 @@ class Hooks:
 
 
 @dataclass(frozen=True)
-class SftResult:
+class TrainingResult:
     model_dir: Path
     metrics: dict[str, Any]
     trained_tokens: int
@@ -73,7 +73,7 @@ def _loss_and_accuracy(model: Any, batch: list[Example], pad_id: int, autocast: 
     return loss, correct, int(counted.sum())
 
 
-def _schedule(spec: TrainingSpec, total_steps: int) -> Callable[[int], float]:
+def lr_schedule(spec: TrainingSpec, total_steps: int) -> Callable[[int], float]:
     warmup = int(spec.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
@@ -129,7 +129,7 @@ def run_sft(
     work_dir: Path,
     hooks: Hooks,
     bf16: bool,
-) -> SftResult:
+) -> TrainingResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -145,7 +145,7 @@ def run_sft(
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
     steps_per_epoch = math.ceil(math.ceil(len(train) / spec.batch_size) / spec.gradient_accumulation_steps)
     total_steps = steps_per_epoch * spec.n_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(spec, total_steps))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best_valid_loss": None, "bad_epochs": 0}
     checkpoints = sorted(work_dir.glob("ckpt-epoch-*[0-9]"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
     if checkpoints:
@@ -210,7 +210,7 @@ def run_sft(
     out = work_dir / "result"
     merged.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return SftResult(model_dir=out, metrics=metrics, trained_tokens=int(state["trained_tokens"]))
+    return TrainingResult(model_dir=out, metrics=metrics, trained_tokens=int(state["trained_tokens"]))
 
 
 def _should_stop_early(spec: TrainingSpec, state: dict[str, Any], metrics: dict[str, Any]) -> bool:

@@ -27,6 +27,7 @@ from llmos.kernel.jobs import Job
 from llmos.platform import Platform
 from llmos.registry.service import Lineage
 from llmos.registry.tables import JobCheckpointRow, JobRow
+from llmos.training.classify import run_classification
 from llmos.training.sft import Hooks, Stopped, run_sft
 from llmos.training.spec import TrainingSpec
 
@@ -121,7 +122,8 @@ def run(job_id: str) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         base = platform.registry.get(job.base_model_id)
-        result = run_sft(
+        train_fn = run_classification if job.method.get("task") == "sequence-classification" else run_sft
+        result = train_fn(
             base_dir=platform.registry.model_dir(base),
             train_path=platform.registry.store.local_path(job.training_sha256),
             valid_path=platform.registry.store.local_path(job.validation_sha256) if job.validation_sha256 else None,

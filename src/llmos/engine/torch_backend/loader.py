@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from llmos.engine.torch_backend.causal import CausalRunner
+from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.encoder import EncoderRunner, Pooling
 from llmos.errors import ModelLoadError
 
@@ -30,7 +31,7 @@ def load_runner(
     batch_wait_s: float,
     prefill_budget: int,
     name: str,
-) -> CausalRunner | EncoderRunner:
+) -> CausalRunner | EncoderRunner | ClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
 
     try:
@@ -47,6 +48,14 @@ def load_runner(
                 prefill_budget=prefill_budget,
                 name=name,
             )
+        if task == "sequence-classification":
+            from transformers import AutoModelForSequenceClassification
+
+            classifier = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, dtype=torch.float32, use_safetensors=True
+            )
+            classifier.eval()
+            return ClassifierRunner(classifier, tokenizer, max_length=context_length)
         if task == "embedding":
             # Encoders are small and latency-bound; float32 keeps embeddings identical to the reference.
             model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)

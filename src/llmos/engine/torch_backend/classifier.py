@@ -1,0 +1,38 @@
+"""Sequence classification with a fine-tuned encoder: labels with softmax scores."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from llmos.engine.protocol import ClassificationResult
+from llmos.errors import ContextLengthExceededError
+
+
+class ClassifierRunner:
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int, micro_batch: int = 64) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.micro_batch = micro_batch
+        self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Nothing runs in the background; dropping references frees the weights."""
+
+    def classify(self, texts: list[str]) -> ClassificationResult:
+        encoded = [list(self.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+        for i, ids in enumerate(encoded):
+            if len(ids) > self.max_length:
+                raise ContextLengthExceededError(
+                    f"input[{i}] has {len(ids)} tokens; this model accepts at most {self.max_length}", param="input"
+                )
+        scores: list[list[float]] = []
+        with self._lock, torch.inference_mode():
+            for k in range(0, len(texts), self.micro_batch):
+                batch = self.tokenizer(texts[k : k + self.micro_batch], padding=True, return_tensors="pt")
+                scores.extend(torch.softmax(self.model(**batch).logits.float(), dim=-1).tolist())
+        return ClassificationResult(labels=self.labels, scores=scores, prompt_tokens=sum(len(ids) for ids in encoded))
