@@ -151,7 +151,7 @@ def run_classification(
                 logits = model(**enc).logits
             loss = torch.nn.functional.cross_entropy(logits.float(), target)
             (loss / spec.gradient_accumulation_steps).backward()
-            window_loss += float(loss) * len(batch)
+            window_loss += loss.item() * len(batch)
             window_correct += int((logits.argmax(-1) == target).sum())
             window_count += len(batch)
             state["trained_tokens"] += int(enc["attention_mask"].sum())

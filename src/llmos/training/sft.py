@@ -113,7 +113,7 @@ def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, 
     total_loss, correct, counted = 0.0, 0, 0
     for k in range(0, len(examples), batch_size):
         loss, c, n = _loss_and_accuracy(model, examples[k : k + batch_size], pad_id, autocast)
-        total_loss += float(loss) * n
+        total_loss += loss.item() * n
         correct, counted = correct + c, counted + n
     model.train()
     return {"valid_loss": total_loss / max(1, counted), "valid_mean_token_accuracy": correct / max(1, counted)}
@@ -166,7 +166,7 @@ def run_sft(
                 raise Stopped(reason)
             loss, correct, counted = _loss_and_accuracy(model, batch, pad_id, bf16)
             (loss / spec.gradient_accumulation_steps).backward()
-            window_loss += float(loss) * counted
+            window_loss += loss.item() * counted
             window_correct, window_count = window_correct + correct, window_count + counted
             state["trained_tokens"] += sum(len(e.input_ids) for e in batch)
             if (k + 1) % spec.gradient_accumulation_steps:
