@@ -74,3 +74,38 @@ def load_checkpoint(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     return dict(meta["state"])
+
+
+def _epoch_of(directory: Path) -> int:
+    return int(directory.name.rsplit("-", 1)[1])
+
+
+def save_epoch(
+    work_dir: Path,
+    epoch: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> Path:
+    """The checkpoint at the end of ``epoch``: the trainable weights only (an adapter is small)."""
+    return save_checkpoint(
+        work_dir / f"ckpt-epoch-{epoch}",
+        weights={n: p for n, p in model.named_parameters() if p.requires_grad},
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+    )
+
+
+def resume_latest(
+    work_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, report: Any
+) -> dict[str, Any] | None:
+    """Load the newest complete checkpoint in ``work_dir`` (a ``.tmp`` one never counts)."""
+    done = sorted((p for p in work_dir.glob("ckpt-epoch-*") if p.name.rsplit("-", 1)[1].isdigit()), key=_epoch_of)
+    if not done:
+        return None
+    state = load_checkpoint(done[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+    report(f"Resumed from checkpoint at step {state['step']} (epoch {state['epoch']})")
+    return state

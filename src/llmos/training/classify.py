@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from llmos.training.checkpoints import load_checkpoint, save_checkpoint
+from llmos.training.adapters import merged, wrap_model
+from llmos.training.checkpoints import resume_latest, save_epoch
 from llmos.training.datasets import LABEL_COLUMNS, TEXT_COLUMNS, jsonl_objects, read_lines
 from llmos.training.sft import Hooks, Stopped, TrainingResult, lr_schedule
 
@@ -56,24 +57,6 @@ def classification_report(gold: list[int], predicted: list[int], labels: list[st
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / max(1, len(f1s)), "per_class": per_class}
 
 
-def _wrap(model: Any, spec: Any) -> Any:
-    if spec.adapter == "full":
-        return model
-    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
-
-    if spec.adapter == "lora":
-        config: Any = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=spec.lora_r,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            target_modules=spec.target_modules,
-        )
-    else:
-        config = IA3Config(task_type=TaskType.SEQ_CLS)
-    return get_peft_model(model, config)
-
-
 @torch.no_grad()
 def _predict(model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_size: int) -> list[int]:
     model.eval()
@@ -112,7 +95,7 @@ def run_classification(
     model = AutoModelForSequenceClassification.from_pretrained(
         base_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=index, dtype=torch.float32
     )
-    model = _wrap(model, spec)
+    model = wrap_model(model, spec, "SEQ_CLS")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.01)
@@ -120,10 +103,7 @@ def run_classification(
     total_steps = steps_per_epoch * spec.n_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(spec, total_steps))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0}
-    checkpoints = sorted(work_dir.glob("ckpt-epoch-*[0-9]"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer, scheduler=scheduler)
-        hooks.message(f"Resumed from checkpoint at step {state['step']} (epoch {state['epoch']})")
+    state = resume_latest(work_dir, model, optimizer, scheduler, hooks.message) or state
     hooks.message(
         f"Training {spec.adapter} sequence classification on {len(train)} examples, {len(labels)} labels, "
         f"{spec.n_epochs} epochs ({total_steps} steps)"
@@ -184,17 +164,11 @@ def run_classification(
             hooks.metrics(
                 {"step": state["step"], "valid_accuracy": report["accuracy"], "valid_macro_f1": report["macro_f1"]}
             )
-        directory = save_checkpoint(
-            work_dir / f"ckpt-epoch-{epoch + 1}",
-            weights={n: p for n, p in model.named_parameters() if p.requires_grad},
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-        )
+        directory = save_epoch(work_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
         hooks.checkpoint(int(state["step"]), epoch + 1, epoch_metrics, directory)
         metrics = epoch_metrics
-    merged = model.merge_and_unload() if spec.adapter != "full" else model
+    merged_model = merged(model, spec)
     out = work_dir / "result"
-    merged.save_pretrained(out, safe_serialization=True)
+    merged_model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return TrainingResult(model_dir=out, metrics=metrics, trained_tokens=int(state["trained_tokens"]))

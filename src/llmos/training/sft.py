@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from llmos.training.adapters import merged, wrap_model
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
-from llmos.training.checkpoints import load_checkpoint, save_checkpoint
+from llmos.training.checkpoints import resume_latest, save_epoch
 from llmos.training.spec import TrainingSpec
 
 
@@ -89,24 +90,6 @@ def lr_schedule(spec: TrainingSpec, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _wrap(model: Any, spec: TrainingSpec) -> Any:
-    if spec.adapter == "full":
-        return model
-    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
-
-    if spec.adapter == "lora":
-        config: Any = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=spec.lora_r,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            target_modules=spec.target_modules,
-        )
-    else:
-        config = IA3Config(task_type=TaskType.CAUSAL_LM)
-    return get_peft_model(model, config)
-
-
 @torch.no_grad()
 def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, autocast: bool) -> dict[str, float]:
     model.eval()
@@ -139,7 +122,7 @@ def run_sft(
     valid = load_chat_file(valid_path, tokenizer, spec.max_seq_length) if valid_path else []
     if not train:
         raise ValueError("no training example has an assistant token left after truncation to max_seq_length")
-    model = _wrap(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), spec)
+    model = wrap_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), spec, "CAUSAL_LM")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
@@ -147,10 +130,7 @@ def run_sft(
     total_steps = steps_per_epoch * spec.n_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(spec, total_steps))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best_valid_loss": None, "bad_epochs": 0}
-    checkpoints = sorted(work_dir.glob("ckpt-epoch-*[0-9]"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer, scheduler=scheduler)
-        hooks.message(f"Resumed from checkpoint at step {state['step']} (epoch {state['epoch']})")
+    state = resume_latest(work_dir, model, optimizer, scheduler, hooks.message) or state
     hooks.message(
         f"Training {spec.adapter} on {len(train)} examples for {spec.n_epochs} epochs "
         f"({total_steps} steps, batch {spec.batch_size})"
@@ -194,21 +174,15 @@ def run_sft(
         if valid:
             epoch_metrics.update(evaluate(model, valid, spec.batch_size, pad_id, bf16))
             hooks.metrics({"step": state["step"], **{k: v for k, v in epoch_metrics.items() if k.startswith("valid")}})
-        directory = save_checkpoint(
-            work_dir / f"ckpt-epoch-{epoch + 1}",
-            weights={n: p for n, p in model.named_parameters() if p.requires_grad},
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-        )
+        directory = save_epoch(work_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
         hooks.checkpoint(int(state["step"]), epoch + 1, epoch_metrics, directory)
         metrics = epoch_metrics
         if _should_stop_early(spec, state, epoch_metrics):
             hooks.message(f"Early stopping after epoch {epoch + 1}: validation loss stopped improving")
             break
-    merged = model.merge_and_unload() if spec.adapter != "full" else model
+    merged_model = merged(model, spec)
     out = work_dir / "result"
-    merged.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    merged_model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return TrainingResult(model_dir=out, metrics=metrics, trained_tokens=int(state["trained_tokens"]))
 
