@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from benchmarks.serve_concurrency import KEY, MODEL, percentile, start_server
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: reuse the serving benchmark's helpers
+
+from benchmarks.serve_concurrency import KEY, MODEL, percentile, start_server  # noqa: E402
 
 
 def admin(url: str, method: str, path: str, body: dict | None = None) -> dict:
