@@ -85,8 +85,24 @@ def test_cli_finetune_follow_then_chat(server: Server, tmp_path: Path) -> None:
     assert client.models.retrieve(name).parent == "smollm2-135m-instruct"  # type: ignore[attr-defined]
 
 
+def _home_with_smollm(shared: Path, home: Path) -> Path:
+    """A data directory of its own (so no other server's supervisor can take the job), with
+    SmolLM2 registered from the shared home's already converted files."""
+    from llmos.config import Settings
+    from llmos.platform import Platform
+
+    source = Platform.open(Settings(home=shared))
+    model_dir = source.registry.model_dir(source.registry.get("smollm2-135m-instruct"))
+    source.close()
+    target = Platform.open(Settings(home=home))
+    target.registry.pull(f"file:{model_dir}", name="smollm2-135m-instruct")
+    target.close()
+    return home
+
+
 def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(server: Server, tmp_path: Path) -> None:
-    own = start_server(server.home)  # a server of its own to kill
+    home = _home_with_smollm(server.home, tmp_path / "home")
+    own = start_server(home)  # a server of its own to kill
     try:
         client = own.client(timeout=120)
         data = sst2_chat(tmp_path / "sst2-chat.jsonl", 16)
@@ -107,9 +123,11 @@ def test_kill_9_of_the_server_mid_job_then_restart_resumes_it(server: Server, tm
             time.sleep(1)
         own.process.send_signal(signal.SIGKILL)
         own.process.wait(timeout=30)
-        time.sleep(1)
-        assert _worker_gone(job.id)
-        own = start_server(server.home)
+        deadline = time.monotonic() + 15
+        while not _worker_gone(job.id):
+            assert time.monotonic() < deadline, "the worker outlived its server"
+            time.sleep(0.5)
+        own = start_server(home)
         client = own.client(timeout=120)
         deadline = time.monotonic() + 900
         while (status := client.fine_tuning.jobs.retrieve(job.id).status) not in ("succeeded", "failed"):
