@@ -139,7 +139,7 @@ def test_cancel_stops_a_running_job(client: openai.OpenAI, loaded_platform: Plat
 
 def test_killed_worker_resumes_from_its_checkpoint(client: openai.OpenAI, loaded_platform: Platform) -> None:
     training = upload(client, ROWS * 4)
-    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 2}}}
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8, "batch_size": 2}}}
     job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training, method=method)  # type: ignore[arg-type]
     deadline = time.monotonic() + 120
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
@@ -160,7 +160,7 @@ def test_killed_worker_resumes_from_its_checkpoint(client: openai.OpenAI, loaded
 
 def test_pause_and_resume(client: openai.OpenAI) -> None:
     training = upload(client, ROWS * 10)
-    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}}
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8, "batch_size": 2}}}
     job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training, method=method)  # type: ignore[arg-type]
     wait_for(client, job.id, {"running"})
     client.fine_tuning.jobs.pause(job.id)
