@@ -17,6 +17,7 @@ from llmos.training.adapters import merged, wrap_model
 from llmos.training.checkpoints import resume_latest, save_epoch
 from llmos.training.datasets import LABEL_COLUMNS, TEXT_COLUMNS, jsonl_objects, read_lines
 from llmos.training.sft import Hooks, Stopped, TrainingResult, lr_schedule
+from llmos.training.spec import TrainingSpec
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def run_classification(
     base_dir: Path,
     train_path: Path,
     valid_path: Path | None,
-    spec: Any,
+    spec: TrainingSpec,
     seed: int,
     work_dir: Path,
     hooks: Hooks,
