@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import sys
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 Runner = CausalRunner | EncoderRunner | ClassifierRunner
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 GIL_SWITCH_INTERVAL_S = 0.0002
+RESOLVE_TTL_S = 2.0  # a model pulled or deleted by another process is seen within this
 
 
 def resolve_dtype(setting: str) -> torch.dtype:
@@ -50,14 +52,23 @@ class LocalEngine:
             settings.memory_budget_mb * 1024 * 1024, self._load, _unload, self._estimate_size
         )
         self._records: dict[str, ModelRecord] = {}
+        self._resolved: dict[str, tuple[float, ModelRecord]] = {}
         self._tokenizers: dict[str, Any] = {}
         self._inflight: dict[str, Runner] = {}
         self._pending = 0
 
     # -- model facts -----------------------------------------------------------------------
     def _record(self, model: str) -> ModelRecord:
+        """Resolve a model reference. One request asks up to four times (info, prompt, generate),
+        so answers are kept for a moment instead of querying the database each time; ``unload``
+        forgets them at once when a model is deleted here."""
+        now = time.monotonic()
+        hit = self._resolved.get(model)
+        if hit is not None and now - hit[0] < RESOLVE_TTL_S:
+            return hit[1]
         record = self.registry.get(model)
         self._records[record.id] = record
+        self._resolved[model] = (now, record)
         return record
 
     def _tokenizer(self, record: ModelRecord) -> Any:
@@ -193,6 +204,7 @@ class LocalEngine:
         await asyncio.to_thread(self.registry.list)
 
     async def unload(self, model_id: str) -> None:
+        self._resolved = {ref: hit for ref, hit in self._resolved.items() if hit[1].id != model_id}
         await asyncio.to_thread(self.residency.evict, model_id)
         self._tokenizers.pop(model_id, None)
 
