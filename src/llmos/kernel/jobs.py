@@ -16,12 +16,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from llmos.errors import InvalidRequestError, NotFoundError
 from llmos.registry.db import Database
 from llmos.registry.files import FileRecord, FileStore
-from llmos.registry.idempotency import find_earlier
+from llmos.registry.idempotency import find_earlier, insert_once
 from llmos.registry.service import ModelRegistry
 from llmos.registry.tables import JobCheckpointRow, JobEventRow, JobRow
 from llmos.training.spec import parse_spec
@@ -192,27 +191,12 @@ class JobStore:
             idempotency_key=idempotency_key,
             request_hash=request_hash,
         )
-        try:
-            with self.db.session() as s:
-                s.add(row)
-                s.flush()
-                for message in (
-                    "Validating training file: " + training.id,
-                    "Files validated, moving job to queued state",
-                ):
-                    s.add(
-                        JobEventRow(
-                            job_id=row.id, created_at=datetime.now(UTC), level="info", type="message", message=message
-                        )
-                    )
-                return Job.from_row(row)
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            earlier = self._by_key(tenant, idempotency_key, request_hash)
-            if earlier is None:
-                raise
-            return earlier
+        events = [
+            JobEventRow(job_id=row.id, created_at=datetime.now(UTC), level="info", type="message", message=message)
+            for message in ("Validating training file: " + training.id, "Files validated, moving job to queued state")
+        ]
+        stored, _ = insert_once(self.db, row, events)
+        return Job.from_row(stored)
 
     def _training_file(self, tenant: str, file_id: Any, param: str, task: str) -> FileRecord:
         if not isinstance(file_id, str):

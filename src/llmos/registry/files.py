@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from llmos.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from llmos.registry.db import Database
 from llmos.registry.gc import collect_unreferenced
-from llmos.registry.idempotency import find_earlier
+from llmos.registry.idempotency import find_earlier, insert_once
 from llmos.registry.store import LocalArtifactStore
 from llmos.registry.tables import FileRow
 
@@ -137,18 +136,8 @@ class FileStore:
             idempotency_key=idempotency_key,
             request_hash=request_hash,
         )
-        try:
-            with self.db.session() as s:
-                s.add(row)
-                s.flush()
-                return FileRecord.from_row(row), True
-        except IntegrityError:
-            # A concurrent request with the same idempotency key won the race: answer with its file.
-            assert idempotency_key is not None
-            earlier = self._by_key(tenant, idempotency_key, request_hash)
-            if earlier is None:
-                raise
-            return earlier, False
+        stored, created = insert_once(self.db, row)  # a concurrent twin may have won: answer with its file
+        return FileRecord.from_row(stored), created
 
     def _by_key(self, tenant: str, key: str, request_hash: str) -> FileRecord | None:
         row = find_earlier(self.db, FileRow, tenant, key, request_hash)
