@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=5.0, ge=0, le=1000, description="How long the engine waits for more requests before starting a batch."
     )
+    adapter_memory_mb: int = Field(
+        default=512,
+        ge=1,
+        description="Memory for LoRA adapters beside each resident base model; idle adapters are evicted "
+        "least recently used beyond it.",
+    )
     prefill_chunk_tokens: int = Field(
         default=256,
         ge=1,

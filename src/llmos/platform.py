@@ -59,7 +59,11 @@ class Platform:
     def make_engine(self) -> EngineClient:
         from llmos.engine.local import LocalEngine
 
-        return LocalEngine(self.registry, self.settings)
+        return LocalEngine(self.registry, self.settings, on_restart=self._audit_engine_restart)
+
+    def _audit_engine_restart(self, model: str, reason: str, restarted: bool) -> None:
+        outcome = "success" if restarted else "failure"
+        self.audit.record("engine.restart", outcome=outcome, target=model, detail={"reason": reason[:500]})
 
     def record_usage(self, **entry: Any) -> None:
         """Write a usage row off the request path (one writer thread keeps rows in order)."""

@@ -82,6 +82,7 @@ def test_fine_tune_then_chat_with_the_result(client: openai.OpenAI) -> None:
     assert "valid_loss" in checkpoints[0].metrics.model_dump(exclude_none=True) or checkpoints[0].metrics
     model = client.models.retrieve(name)
     assert model.parent == "tiny-chat"  # type: ignore[attr-defined]
+    assert model.format == "lora"  # type: ignore[attr-defined]  # an adapter served beside its base, not a copy
     assert model.extra["job_id"] == job.id  # type: ignore[attr-defined]
     reply = client.chat.completions.create(
         model=name, messages=[{"role": "user", "content": "Say the word number 3"}], temperature=0, max_tokens=12

@@ -6,27 +6,40 @@ import asyncio
 import gc
 import logging
 import sys
+import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmos.config import Settings
-from llmos.engine.protocol import ClassificationResult, EmbeddingResult, GenerationDelta, GenerationRequest, ModelInfo
+from llmos.engine.protocol import (
+    ClassificationResult,
+    EmbeddingResult,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+)
 from llmos.engine.torch_backend import CausalRunner, EncoderRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, load_runner, load_tokenizer
-from llmos.errors import InvalidRequestError, ServiceUnavailableError
+from llmos.engine.torch_backend.lora import LoraWeights, load_lora
+from llmos.errors import InvalidRequestError, ModelLoadError, ServiceUnavailableError
 from llmos.kernel import ModelResidency, detect_cpu
 from llmos.registry import ModelRecord, ModelRegistry
+from llmos.registry.adapters import ADAPTER_FORMAT
 
 log = logging.getLogger(__name__)
 Runner = CausalRunner | EncoderRunner | ClassifierRunner
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 GIL_SWITCH_INTERVAL_S = 0.0002
 RESOLVE_TTL_S = 2.0  # a model pulled or deleted by another process is seen within this
+Sink = Callable[[GenerationDelta], None]
+RestartHook = Callable[[str, str, bool], None]
 
 
 def resolve_dtype(setting: str) -> torch.dtype:
@@ -38,8 +51,11 @@ def resolve_dtype(setting: str) -> torch.dtype:
 class LocalEngine:
     """Implements ``EngineClient`` over the PyTorch backend in this process."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(self, registry: ModelRegistry, settings: Settings, *, on_restart: RestartHook | None = None) -> None:
+        """``on_restart(model, reason, restarted)`` is told each time a crashed engine loop has been
+        restarted, or the restart failed (the platform writes it to the audit log)."""
         self.registry = registry
+        self.on_restart = on_restart
         self.settings = settings
         self.dtype = resolve_dtype(settings.dtype)
         if settings.threads:
@@ -56,6 +72,12 @@ class LocalEngine:
         self._tokenizers: dict[str, Any] = {}
         self._inflight: dict[str, Runner] = {}
         self._pending = 0
+        # Crash handling: the sinks of running generations (to fail them if their engine loop
+        # dies), the models whose loop is being restarted, and how many restarts there were.
+        self._sinks: dict[str, tuple[Sink, int]] = {}
+        self._crash_lock = threading.Lock()
+        self._restarting: set[str] = set()
+        self.restarts = 0
 
     # -- model facts -----------------------------------------------------------------------
     def _record(self, model: str) -> ModelRecord:
@@ -71,10 +93,21 @@ class LocalEngine:
         self._resolved[model] = (now, record)
         return record
 
+    def _serving_base(self, record: ModelRecord) -> ModelRecord:
+        """The model whose weights serve ``record``: itself, or for a LoRA adapter the base it runs on."""
+        if record.format != ADAPTER_FORMAT:
+            return record
+        if record.parent_id is None:
+            raise ModelLoadError(f"adapter {record.name} has lost its base model")
+        return self._record(record.parent_id)
+
     def _tokenizer(self, record: ModelRecord) -> Any:
         tok = self._tokenizers.get(record.id)
         if tok is None:
-            tok = self._tokenizers[record.id] = load_tokenizer(self.registry.model_dir(record))
+            directory = self.registry.model_dir(record)
+            if record.format == ADAPTER_FORMAT and not (directory / "tokenizer_config.json").is_file():
+                directory = self.registry.model_dir(self._serving_base(record))  # adapters may ship no tokenizer
+            tok = self._tokenizers[record.id] = load_tokenizer(directory)
         return tok
 
     async def model_info(self, model: str) -> ModelInfo:
@@ -112,24 +145,35 @@ class LocalEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
         record = await asyncio.to_thread(self._record, request.model)
+        base = await asyncio.to_thread(self._serving_base, record)
         self._admit()
         try:
-            runner = await asyncio.to_thread(self.residency.acquire, record.id)
+            runner = await asyncio.to_thread(self.residency.acquire, base.id)
         except BaseException:
             self._pending -= 1
             raise
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[GenerationDelta] = asyncio.Queue()
         remaining = request.params.n
+        adapter: str | None = None
         try:
             if not isinstance(runner, CausalRunner):
                 raise InvalidRequestError(f"model {request.model} cannot generate text", param="model")
-            self._inflight[request.request_id] = runner
+            if base is not record:  # a LoRA adapter: loaded beside its resident base, off the engine thread
+                await asyncio.to_thread(runner.lora.acquire, record.id, partial(self._load_adapter, record))
+                adapter = record.id
 
             def deliver(delta: GenerationDelta) -> None:  # called on the engine thread
                 loop.call_soon_threadsafe(deltas.put_nowait, delta)
 
-            runner.submit(request, deliver)
+            with self._crash_lock:  # a loop that dies after this fails the request (see _on_crash)
+                if runner.crashed is not None:
+                    raise ServiceUnavailableError(
+                        f"the engine for {request.model} crashed and is restarting; retry shortly", retry_after=1.0
+                    )
+                self._inflight[request.request_id] = runner
+                self._sinks[request.request_id] = (deliver, request.params.n)
+            runner.submit(request, deliver, adapter)
             while remaining > 0:
                 delta = await deltas.get()
                 if delta.finish_reason is not None:
@@ -138,9 +182,16 @@ class LocalEngine:
         finally:
             if remaining > 0 and isinstance(runner, CausalRunner):
                 runner.abort(request.request_id)  # client gone or consumer stopped early
-            self._inflight.pop(request.request_id, None)
-            self.residency.release(record.id)
+            with self._crash_lock:
+                self._inflight.pop(request.request_id, None)
+                self._sinks.pop(request.request_id, None)
+            if adapter is not None and isinstance(runner, CausalRunner):
+                runner.lora.release(adapter)
+            self.residency.release(base.id, runner)  # a no-op if this runner crashed and was replaced
             self._pending -= 1
+
+    def _load_adapter(self, record: ModelRecord, shapes: dict[str, tuple[int, int]]) -> LoraWeights:
+        return load_lora(self.registry.model_dir(record), record.id, shapes, self.dtype)
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
         record = await asyncio.to_thread(self._record, model)
@@ -190,10 +241,14 @@ class LocalEngine:
                     tokens_generated=runner.tokens_generated,
                     prefills=runner.prefills,
                     peak_rows=runner.peak_rows,
+                    adapters=[self._records[a].name if a in self._records else a for a in runner.lora.resident()],
+                    adapter_bytes=runner.lora.used_bytes,
+                    adapter_loads=runner.lora.loads,
                 )
             models[model_id] = entry
         return {
             "pending_requests": self._pending,
+            "engine_restarts": self.restarts,
             "dtype": str(self.dtype).removeprefix("torch."),
             "memory_budget_bytes": self.residency.budget,
             "resident_bytes": self.residency.used_bytes,
@@ -201,11 +256,18 @@ class LocalEngine:
         }
 
     async def check_health(self) -> None:
+        if self._restarting:
+            names = sorted(self._records[m].name if m in self._records else m for m in self._restarting)
+            raise ServiceUnavailableError(f"the engine is restarting after a crash: {', '.join(names)}")
         await asyncio.to_thread(self.registry.list)
 
     async def unload(self, model_id: str) -> None:
         self._resolved = {ref: hit for ref, hit in self._resolved.items() if hit[1].id != model_id}
         await asyncio.to_thread(self.residency.evict, model_id)
+        for resident in self.residency.resident():
+            runner = self.residency.peek(resident)
+            if isinstance(runner, CausalRunner):
+                runner.lora.evict(model_id)
         self._tokenizers.pop(model_id, None)
 
     async def shutdown(self) -> None:
@@ -221,7 +283,7 @@ class LocalEngine:
     def _load(self, model_id: str) -> Runner:
         record = self._records[model_id]
         model_dir: Path = self.registry.model_dir(record)
-        return load_runner(
+        runner = load_runner(
             model_dir,
             record.task,
             dtype=self.dtype,
@@ -229,8 +291,46 @@ class LocalEngine:
             max_batch_size=self.settings.max_batch_size,
             batch_wait_s=self.settings.batch_wait_ms / 1000,
             prefill_budget=self.settings.prefill_chunk_tokens,
+            adapter_budget_bytes=self.settings.adapter_memory_mb << 20,
             name=record.name,
         )
+        if isinstance(runner, CausalRunner):
+            runner.on_crash = partial(self._on_crash, model_id, runner)
+            if runner.crashed is not None:  # died before it could be watched
+                raise ModelLoadError(f"the engine loop of {record.name} died at start: {runner.crashed!r}")
+        return runner
+
+    # -- crash and restart -----------------------------------------------------------------
+    def _on_crash(self, model_id: str, runner: CausalRunner, exc: BaseException) -> None:
+        """Called on the dying engine thread: fail every request it had, forget the runner, and
+        load a fresh one in the background (until then /ready answers 503)."""
+        reason = f"{type(exc).__name__}: {exc}"
+        with self._crash_lock:
+            victims = [self._sinks[rid] for rid, r in self._inflight.items() if r is runner and rid in self._sinks]
+            self.residency.discard(model_id, runner)
+            self._restarting.add(model_id)
+        log.error("engine loop of %s crashed (%s); failing %d request(s)", runner.name, reason, len(victims))
+        message = f"the engine crashed while serving this request ({reason}); it is being restarted, retry shortly"
+        for sink, n in victims:
+            for index in range(n):
+                sink(GenerationDelta(index=index, text="", finish_reason=FinishReason.ERROR, error=message))
+        threading.Thread(target=self._restart, args=(model_id, runner.name, reason), name="engine-restart").start()
+
+    def _restart(self, model_id: str, name: str, reason: str) -> None:
+        restarted = False
+        try:
+            self.residency.acquire(model_id)
+            self.residency.release(model_id)
+            restarted = True
+            log.warning("engine for %s restarted after a crash (%s)", name, reason)
+        except Exception:  # the next request loads it again and reports why
+            log.exception("restarting the engine for %s failed", name)
+        finally:
+            with self._crash_lock:
+                self._restarting.discard(model_id)
+                self.restarts += restarted
+        if self.on_restart is not None:
+            self.on_restart(name, reason, restarted)
 
 
 def _unload(runner: Runner) -> None:

@@ -90,12 +90,25 @@ class ModelResidency(Generic[T]):
                 self._slots[key] = _Slot(value=value, size=size, users=1)
             return value
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, value: T | None = None) -> None:
+        """Unpin ``key``. Given the ``value`` that was acquired, a release that comes after that value
+        was discarded (and perhaps replaced by a fresh load) leaves the new one alone."""
         with self._lock:
             slot = self._slots.get(key)
-            if slot is not None:
+            if slot is not None and (value is None or slot.value is value):
                 slot.users = max(0, slot.users - 1)
                 slot.last_used = time.monotonic()
+
+    def discard(self, key: str, value: T) -> bool:
+        """Forget ``key`` now, even while in use, if it still holds ``value`` (a runner that crashed):
+        the next ``acquire`` loads a fresh one. The old value is not unloaded here; it goes when its
+        last user lets go of it."""
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None or slot.value is not value:
+                return False
+            del self._slots[key]
+            return True
 
     def evict(self, key: str) -> bool:
         """Unload ``key`` now if nobody uses it (e.g. the model was deleted)."""

@@ -6,18 +6,19 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
-from llmos.errors import ArtifactError, InvalidRequestError, ModelNotFoundError
+from llmos.errors import ArtifactError, ConflictError, InvalidRequestError, ModelNotFoundError
+from llmos.registry.adapters import ADAPTER_FORMAT, SERVABLE_BASE_TASKS, is_adapter_dir, read_adapter_config
 from llmos.registry.catalog import CATALOG
 from llmos.registry.convert import gguf_to_safetensors
 from llmos.registry.db import Database
-from llmos.registry.facts import inspect_model_dir
+from llmos.registry.facts import ModelFacts, inspect_model_dir
 from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_checkpoint, parse_json
 from llmos.registry.gc import collect_unreferenced
 from llmos.registry.sources import Progress, get_source
@@ -177,6 +178,13 @@ class ModelRegistry:
 
     def delete(self, ref: str) -> ModelRecord:
         record = self.get(ref)
+        adapters = self.adapters_of(record.id)
+        if adapters:
+            raise ConflictError(
+                f"{len(adapters)} adapter(s) run on {record.name} (e.g. {adapters[0].name}); delete them first",
+                param="model",
+                code="model_in_use",
+            )
         with self.db.session() as s:
             row = s.get(ModelRow, record.id)
             if row is not None:
@@ -256,7 +264,10 @@ class ModelRegistry:
         progress: Progress,
         lineage: Lineage,
     ) -> ModelRecord:
-        facts = inspect_model_dir(model_dir)
+        if is_adapter_dir(model_dir):
+            facts, fmt, lineage = self._adapter_facts(model_dir, lineage)
+        else:
+            facts = inspect_model_dir(model_dir)
         params = sum(check_safetensors(p).parameters for p in model_dir.rglob("*.safetensors"))
         files = sorted(p for p in model_dir.rglob("*") if p.is_file())
         total = sum(p.stat().st_size for p in files)
@@ -277,6 +288,35 @@ class ModelRegistry:
             for digest in added:
                 self.store.delete(digest)
             raise
+
+    def _adapter_facts(self, model_dir: Path, lineage: Lineage) -> tuple[ModelFacts, str, Lineage]:
+        """An adapter is its base's kind of model; its parent is the base it runs on: the one in its
+        lineage (fine-tuning jobs), else the registered model its config names."""
+        config = read_adapter_config(model_dir)
+        base_ref = lineage.parent_id or str(config.get("base_model_name_or_path") or "")
+        try:
+            parent = self._resolve(base_ref) if base_ref else None
+        except ModelNotFoundError:
+            parent = None
+        if parent is None:
+            raise ArtifactError(
+                f"the adapter's base model {base_ref!r} is not registered; pull the base first",
+                code="unknown_base_model",
+            )
+        if parent.format == ADAPTER_FORMAT or parent.task not in SERVABLE_BASE_TASKS:
+            raise ArtifactError(
+                f"LoRA adapters run on chat or completion models; {parent.name} is a {parent.task} "
+                f"{'adapter' if parent.format == ADAPTER_FORMAT else 'model'}",
+                code="unsupported_artifact",
+            )
+        facts = ModelFacts(parent.family, parent.architecture, parent.task, parent.context_length)
+        return facts, ADAPTER_FORMAT, replace(lineage, parent_id=parent.id, base_id=parent.base_id or parent.id)
+
+    def adapters_of(self, model_id: str) -> tuple[ModelRecord, ...]:
+        """The LoRA adapters registered to run on ``model_id``."""
+        with self.db.session() as s:
+            rows = s.scalars(select(ModelRow).where(ModelRow.parent_id == model_id, ModelRow.format == ADAPTER_FORMAT))
+            return tuple(ModelRecord.from_row(r) for r in rows)
 
     def _insert(
         self,

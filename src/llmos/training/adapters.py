@@ -1,14 +1,17 @@
 """Parameter-efficient methods, registered by name (no if-chains over method names).
 
 Each builder turns a TrainingSpec into a PEFT config for a task type; `full` needs none.
-Only methods whose result merges into plain weights are registered: the engine then serves a
-fine-tuned model like any other.
+Chat LoRA results are saved as adapters the engine serves beside their base; every other result
+is merged into plain weights and served like any other model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from llmos.training.spec import TrainingSpec
 
@@ -57,3 +60,12 @@ def wrap_model(model: Any, spec: TrainingSpec, task: str) -> Any:
 def merged(model: Any, spec: TrainingSpec) -> Any:
     """Plain weights for serving: adapters folded into the base."""
     return model if spec.adapter == "full" else model.merge_and_unload()
+
+
+def save_for_serving(model: Any, spec: TrainingSpec, out: Path) -> None:
+    """Write what the engine serves: a LoRA stays an adapter (megabytes, served beside its resident
+    base in mixed batches); other methods are folded into full bf16 weights."""
+    if spec.adapter == "lora":
+        model.save_pretrained(out, safe_serialization=True)
+        return
+    merged(model, spec).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llmos.training.adapters import merged, wrap_model
+from llmos.training.adapters import save_for_serving, wrap_model
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
 from llmos.training.checkpoints import resume_latest, save_epoch
 from llmos.training.spec import TrainingSpec
@@ -180,9 +180,8 @@ def run_sft(
         if _should_stop_early(spec, state, epoch_metrics):
             hooks.message(f"Early stopping after epoch {epoch + 1}: validation loss stopped improving")
             break
-    merged_model = merged(model, spec)
     out = work_dir / "result"
-    merged_model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    save_for_serving(model, spec, out)
     tokenizer.save_pretrained(out)
     return TrainingResult(model_dir=out, metrics=metrics, trained_tokens=int(state["trained_tokens"]))
 

@@ -30,6 +30,7 @@ from llmos.engine.protocol import (
 )
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs, prefill_inputs
+from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.kernel.fair_queue import Empty, FairQueue
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ Sink = Callable[[GenerationDelta], None]
 class _Pending:
     request: GenerationRequest
     sink: Sink
+    adapter: str | None = None
 
 
 @dataclass
@@ -50,6 +52,8 @@ class _Row:
     generated: int = 0
     finished: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    held_ids: list[int] = field(default_factory=list)
+    """Tokens whose text is held back (a partial character or a possible stop sequence)."""
 
 
 class CausalRunner:
@@ -62,6 +66,7 @@ class CausalRunner:
         max_batch_size: int = 32,
         batch_wait_s: float = 0.005,
         prefill_budget: int = 256,
+        adapter_budget_bytes: int = 512 << 20,
         name: str = "model",
     ) -> None:
         self.model = model
@@ -73,6 +78,7 @@ class CausalRunner:
         self.name = name
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.lora = LoraBank(model, adapter_budget_bytes)
         self._queue: FairQueue[_Pending | None] = FairQueue()
         self._aborted: set[str] = set()
         self._abort_lock = threading.Lock()
@@ -82,12 +88,16 @@ class CausalRunner:
         self.tokens_generated = 0  # every token computed, including for requests later aborted
         self.prefills = 0
         self.peak_rows = 0  # the most rows ever decoded in one step
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self.crashed: BaseException | None = None
+        """Why the engine thread died, if it did; its requests are then failed by whoever watches it."""
+        self.on_crash: Callable[[BaseException], None] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
     # -- called from other threads ---------------------------------------------------------
-    def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        self._queue.put(request.tenant, _Pending(request, sink))
+    def submit(self, request: GenerationRequest, sink: Sink, adapter: str | None = None) -> None:
+        """Queue a request; ``adapter`` (acquired from ``self.lora`` by the caller) applies to its rows."""
+        self._queue.put(request.tenant, _Pending(request, sink, adapter))
 
     def abort(self, request_id: str) -> None:
         with self._abort_lock:
@@ -102,6 +112,18 @@ class CausalRunner:
         self._thread.join(timeout=30)
 
     # -- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        """The engine thread. A failed step fails its rows and the loop goes on; anything that
+        escapes the loop itself kills the thread, and ``on_crash`` is told so it can fail what
+        was in flight and start a fresh runner."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.critical("the engine loop of %s crashed", self.name, exc_info=exc)
+            self.crashed = exc
+            if self.on_crash is not None:
+                self.on_crash(exc)
+
     def _loop(self) -> None:
         """Admit waiting requests between decode steps, then advance every running row by one token.
 
@@ -201,6 +223,7 @@ class CausalRunner:
                 [list(r.pending.request.prompt_token_ids) for r in rows], self.pad_id
             )
             cache = DynamicCache(config=self.model.config)
+            self.lora.prepare([r.pending.adapter for r in rows])
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention,
@@ -252,6 +275,7 @@ class CausalRunner:
         tokens = chosen[keep]
         state.select(keep)
         state.attention = torch.cat([state.attention, torch.ones((len(state), 1), dtype=state.attention.dtype)], 1)
+        self.lora.prepare([r.pending.adapter for r in state.rows])
         out = self.model(**forward_kwargs(state, tokens))
         state.logits = out.logits[:, -1, :].float()
         state.next_pos = state.next_pos + 1
@@ -285,8 +309,10 @@ class CausalRunner:
         if lp is not None and params.logprobs:
             logprobs = (self._logprob_entry(token, lp, i, params.top_logprobs),)
         row.finished = finish is not None
-        emitted_ids = () if token in self.eos_ids else (token,)
+        if token not in self.eos_ids:
+            row.held_ids.append(token)
         if text or finish or logprobs:
+            emitted_ids, row.held_ids = tuple(row.held_ids), []
             row.pending.sink(
                 GenerationDelta(
                     index=row.index, text=text, token_ids=emitted_ids, logprobs=logprobs, finish_reason=finish

@@ -30,6 +30,7 @@ def load_runner(
     max_batch_size: int,
     batch_wait_s: float,
     prefill_budget: int,
+    adapter_budget_bytes: int,
     name: str,
 ) -> CausalRunner | EncoderRunner | ClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
@@ -46,6 +47,7 @@ def load_runner(
                 max_batch_size=max_batch_size,
                 batch_wait_s=batch_wait_s,
                 prefill_budget=prefill_budget,
+                adapter_budget_bytes=adapter_budget_bytes,
                 name=name,
             )
         if task == "sequence-classification":

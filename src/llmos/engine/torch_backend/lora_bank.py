@@ -1,0 +1,247 @@
+"""Many LoRA adapters beside one resident base model, applied to mixed batches.
+
+Every loaded adapter owns a range of columns, the same in every layer: per target layer the
+bank keeps all adapters' ``A`` stacked as one (R, in) matrix and their ``B`` as one (out, R)
+matrix (zeros where an adapter does not target the layer). One decode step then costs two
+small matrix products per adapted layer, whatever the number of adapters in the batch: each
+row's ``x @ A_all.T`` is masked to its own adapter's columns before ``@ B_all.T`` (rows
+without an adapter have an all-zero mask and get exactly the base output). This is
+Punica/S-LoRA's segmented idea in the shape that is cheapest for small CPU batches: no
+gathering of per-row weights, no Python loop over adapters.
+
+The engine thread only reads immutable ``BankView`` snapshots; loading and evicting build a
+new view on the caller's thread and publish it with one assignment, so a load never stalls
+decoding of other requests.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmos.engine.torch_backend.lora import LoraWeights, linear_shapes
+from llmos.errors import ServiceUnavailableError
+
+
+@dataclass(frozen=True)
+class BankView:
+    """The adapters resident at one moment: their column ranges and the stacked weights."""
+
+    spans: dict[str, tuple[int, int]]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_all (R, in), B_all (out, R))
+    width: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+    def adapter(self, adapter_id: str) -> LoraWeights:
+        start, end = self.spans[adapter_id]
+        return LoraWeights(adapter_id, {m: (a[start:end], b[:, start:end]) for m, (a, b) in self.weights.items()})
+
+
+EMPTY_VIEW = BankView(spans={}, weights={}, width=0)
+
+
+@dataclass
+class LoraContext:
+    """What the adapted layers apply during the current forward pass (set by the engine thread)."""
+
+    view: BankView = EMPTY_VIEW
+    span: tuple[int, int] | None = None
+    """All rows use one adapter: only its columns are computed (prefill)."""
+    mask: torch.Tensor | None = None
+    """(B, 1, R): each row's own columns (mixed decode batches)."""
+
+    @property
+    def active(self) -> bool:
+        return self.span is not None or self.mask is not None
+
+
+class AdaptedLinear(nn.Module):
+    """A base linear layer plus whatever adapter columns the current batch's rows select."""
+
+    def __init__(self, base: nn.Linear, name: str, context: LoraContext) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ctx = self.context
+        if not ctx.active:
+            return y
+        ab = ctx.view.weights.get(self.name)
+        if ab is None:
+            return y
+        a, b = ab
+        if ctx.span is not None:
+            start, end = ctx.span
+            return y + (x @ a[start:end].T) @ b[:, start:end].T
+        assert ctx.mask is not None
+        return y + ((x @ a.T) * ctx.mask) @ b.T
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    refs: int = 0
+    doomed: bool = False
+
+
+@dataclass
+class LoraBank:
+    """The adapters of one base model: loaded on demand, evicted least recently used when idle."""
+
+    model: nn.Module
+    budget_bytes: int
+    context: LoraContext = field(default_factory=LoraContext)
+
+    def __post_init__(self) -> None:
+        self.shapes = linear_shapes(self.model)
+        self.view = EMPTY_VIEW
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()  # entries and views
+        self._loading: dict[str, threading.Lock] = {}  # one loader per adapter; others wait for it
+        self.loads = 0
+
+    # -- any thread ------------------------------------------------------------------------
+    def acquire(self, adapter_id: str, load: Callable[[dict[str, tuple[int, int]]], LoraWeights]) -> None:
+        """Make ``adapter_id`` resident and pin it until ``release``; ``load`` reads it from disk."""
+        with self._lock:
+            if self._pin(adapter_id):
+                return
+            gate = self._loading.setdefault(adapter_id, threading.Lock())
+        with gate:
+            with self._lock:
+                if self._pin(adapter_id):
+                    return
+            weights = load(self.shapes)  # outside the bank lock: other adapters stay usable
+            with self._lock:
+                self._make_room(weights.nbytes)
+                self._wrap(weights.modules)
+                self._entries[adapter_id] = _Entry(weights.nbytes, refs=1)
+                self.view = _rebuilt(self.view, add=weights)
+                self.loads += 1
+                self._loading.pop(adapter_id, None)
+
+    def release(self, adapter_id: str) -> None:
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                return
+            entry.refs -= 1
+            if entry.refs <= 0 and entry.doomed:
+                self._drop(adapter_id)
+
+    def evict(self, adapter_id: str) -> None:
+        """Forget an adapter (its model was deleted); one still decoding goes when its rows finish."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                return
+            if entry.refs > 0:
+                entry.doomed = True
+            else:
+                self._drop(adapter_id)
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.view.nbytes
+
+    # -- engine thread ---------------------------------------------------------------------
+    def prepare(self, adapters: Sequence[str | None]) -> None:
+        """Point the adapted layers at the adapters of the rows about to run (None: the base)."""
+        ctx = self.context
+        distinct = set(adapters)
+        if distinct == {None} or not distinct:
+            ctx.span, ctx.mask = None, None
+            return
+        view = self.view
+        ctx.view = view
+        # A row whose adapter is gone was aborted after the engine last looked; it leaves the batch
+        # before its output is read, so it just runs on the base for this one step.
+        spans = [view.spans.get(a) if a is not None else None for a in adapters]
+        if len(distinct) == 1:
+            ctx.span, ctx.mask = spans[0], None
+            return
+        mask = torch.zeros((len(adapters), 1, view.width), dtype=self._dtype())
+        for row, span in enumerate(spans):
+            if span is not None:
+                mask[row, 0, span[0] : span[1]] = 1
+        ctx.span, ctx.mask = None, mask
+
+    # -- internals (bank lock held) -----------------------------------------------------------
+    def _pin(self, adapter_id: str) -> bool:
+        entry = self._entries.get(adapter_id)
+        if entry is None or entry.doomed:
+            return False
+        entry.refs += 1
+        self._entries.move_to_end(adapter_id)
+        return True
+
+    def _make_room(self, need: int) -> None:
+        used = sum(e.nbytes for e in self._entries.values())
+        for adapter_id in [a for a, e in self._entries.items() if e.refs == 0]:
+            if used + need <= self.budget_bytes:
+                break
+            used -= self._entries[adapter_id].nbytes
+            self._drop(adapter_id)
+        if used + need > self.budget_bytes and self._entries:
+            raise ServiceUnavailableError(
+                "every resident adapter is busy and the adapter memory budget is full; retry shortly", retry_after=1.0
+            )
+
+    def _drop(self, adapter_id: str) -> None:
+        del self._entries[adapter_id]
+        self.view = _rebuilt(self.view, remove=adapter_id)
+
+    def _wrap(self, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put an ``AdaptedLinear`` around each target layer the first time an adapter needs it."""
+        for name in modules:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            layer = getattr(parent, child)
+            if isinstance(layer, nn.Linear):
+                setattr(parent, child, AdaptedLinear(layer, name, self.context))
+
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.view.weights.values()))[0].dtype if self.view.weights else torch.float32
+
+
+def _rebuilt(view: BankView, *, add: LoraWeights | None = None, remove: str | None = None) -> BankView:
+    """A new view with one adapter added or removed; the old view stays valid for a running step."""
+    kept = [view.adapter(a) for a in view.spans if a != remove]
+    adapters = kept + ([add] if add is not None else [])
+    spans: dict[str, tuple[int, int]] = {}
+    width = 0
+    for adapter in adapters:
+        spans[adapter.adapter_id] = (width, width + adapter.rank)
+        width += adapter.rank
+    shapes: dict[str, tuple[int, int, torch.dtype]] = {}
+    for adapter in adapters:
+        for module, (a, b) in adapter.modules.items():
+            shapes[module] = (a.shape[1], b.shape[0], a.dtype)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, (fan_in, fan_out, dtype) in shapes.items():
+        a_all = torch.zeros((width, fan_in), dtype=dtype)
+        b_all = torch.zeros((fan_out, width), dtype=dtype)
+        for adapter in adapters:
+            ab = adapter.modules.get(module)
+            if ab is None:
+                continue
+            start = spans[adapter.adapter_id][0]
+            a_all[start : start + ab[0].shape[0]] = ab[0]
+            b_all[:, start : start + ab[1].shape[1]] = ab[1]
+        weights[module] = (a_all, b_all)
+    return BankView(spans=spans, weights=weights, width=width)
