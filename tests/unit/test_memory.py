@@ -81,3 +81,19 @@ def test_evict_only_when_idle() -> None:
     res.release("a")
     assert res.evict("a")
     assert unloaded == ["model:a"]
+
+
+def test_discarded_value_is_replaced_and_its_late_release_leaves_the_new_one_pinned() -> None:
+    """A crashed runner is discarded while requests still hold it; the next acquire loads a fresh
+    one, and the old holders' releases must not unpin the fresh one."""
+    unloaded: list[object] = []
+    res: ModelResidency[object] = ModelResidency(100 * MB, lambda key: object(), unloaded.append, lambda k: 10 * MB)
+    old = res.acquire("a")
+    assert res.discard("a", old)
+    assert not res.discard("a", old)  # already gone
+    new = res.acquire("a")
+    assert new is not old and res.peek("a") is new
+    res.release("a", old)  # the crashed runner's holder lets go
+    assert not res.evict("a")  # the fresh one is still pinned by its own user
+    res.release("a", new)
+    assert res.evict("a") and unloaded == [new]
