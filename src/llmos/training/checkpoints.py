@@ -1,8 +1,10 @@
 """Training checkpoints written atomically (a temporary directory renamed into place), in
-safetensors and JSON only, so resuming never unpickles anything."""
+safetensors and JSON only, so resuming never unpickles anything. A full disk while writing one
+removes the half-written directory and leaves every earlier checkpoint as it was."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -10,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from llmos.errors import InsufficientStorageError
 
 
 def save_checkpoint(
@@ -23,8 +27,36 @@ def save_checkpoint(
 ) -> Path:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, weights, optimizer, scheduler, state)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint left behind
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise InsufficientStorageError(
+                f"no space left on device while writing checkpoint {directory.name}; the previous complete "
+                "checkpoint is kept. Free disk space and resume the job."
+            ) from exc
+        raise
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # Serialised in memory and written by Python, not by safetensors' own file writer: that one
+    # reports a full disk as a SafetensorError carrying only a message, ours as OSError(ENOSPC).
+    path.write_bytes(save(tensors))
+
+
+def _write(
+    tmp: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> None:
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "trainable.safetensors")
+    _write_safetensors({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "trainable.safetensors")
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -34,7 +66,7 @@ def save_checkpoint(
                 tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(index), {})[name] = value
-    save_file(tensors or {"_empty": torch.zeros(1)}, tmp / "optimizer.safetensors")
+    _write_safetensors(tensors or {"_empty": torch.zeros(1)}, tmp / "optimizer.safetensors")
     meta = {
         "state": state,
         "param_groups": opt["param_groups"],
@@ -45,22 +77,24 @@ def save_checkpoint(
     for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
         with f.open("rb") as handle:
             os.fsync(handle.fileno())
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    return directory
+
+
+def load_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Copy a checkpoint's trainable weights into ``model`` (optimizer state untouched)."""
+    weights = load_file(directory / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = set(weights) - set(params)
+    if missing:
+        raise ValueError(f"checkpoint has unknown parameters: {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
 
 
 def load_checkpoint(
     directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    weights = load_file(directory / "trainable.safetensors")
-    missing = set(weights) - {n for n, _ in model.named_parameters()}
-    if missing:
-        raise ValueError(f"checkpoint has unknown parameters: {sorted(missing)[:3]}")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_weights(directory, model)
     meta = json.loads((directory / "trainer_state.json").read_text())
     tensors = load_file(directory / "optimizer.safetensors")
     state: dict[int, dict[str, Any]] = {}

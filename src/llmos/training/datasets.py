@@ -187,21 +187,32 @@ def _validate_table(text: str, sep: str) -> DatasetSummary:
     )
 
 
-def _validate_conll(lines: list[str]) -> DatasetSummary:
-    labels: Counter[str] = Counter()
-    sentences = 0
-    in_sentence = False
+def conll_sentences(lines: list[str]) -> Iterator[tuple[int, list[str], list[str]]]:
+    """(1-based line of its first token, tokens, tags) for every sentence of a CoNLL file: one
+    ``token<TAB>tag`` (or space-separated, tag last) line per token, a blank line between sentences."""
+    start, tokens, tags = 0, list[str](), list[str]()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
-            in_sentence = False
+            if tokens:
+                yield start, tokens, tags
+            start, tokens, tags = 0, [], []
             continue
         parts = line.split("\t") if "\t" in line else line.split()
         if len(parts) < 2 or not parts[0].strip() or not parts[-1].strip():
             raise DatasetError("expected 'token<TAB>tag' (CoNLL) or a JSONL / CSV training file", line=number)
-        labels[parts[-1].strip()] += 1
-        if not in_sentence:
-            sentences += 1
-            in_sentence = True
+        start = start or number
+        tokens.append(parts[0].strip())
+        tags.append(parts[-1].strip())
+    if tokens:
+        yield start, tokens, tags
+
+
+def _validate_conll(lines: list[str]) -> DatasetSummary:
+    labels: Counter[str] = Counter()
+    sentences = 0
+    for _, _, tags in conll_sentences(lines):
+        labels.update(tags)
+        sentences += 1
     return DatasetSummary(format="token-classification", encoding="conll", records=sentences, labels=dict(labels))
 
 

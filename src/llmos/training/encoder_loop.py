@@ -1,0 +1,166 @@
+"""The training loop every encoder task shares (sequence classification, token classification):
+shuffled batches, bf16 autocast in the task's step, gradient accumulation, metrics windows,
+validation and an atomic checkpoint each epoch, resume from the last complete checkpoint,
+early stopping, and the best validation epoch kept as the result.
+
+A task supplies only what differs: its training examples, the loss of one batch, and its
+validation metrics (one of which, ``select``, ranks the epochs: higher is better).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from llmos.training.adapters import merged
+from llmos.training.checkpoints import load_weights, resume_latest, save_epoch
+from llmos.training.sft import Hooks, Stopped, TrainingResult, lr_schedule
+from llmos.training.spec import TrainingSpec
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One batch: its mean loss (to backpropagate), how many predictions were right out of how
+    many were counted (examples or labelled words), and how many input tokens it had."""
+
+    loss: torch.Tensor
+    correct: int
+    counted: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class EncoderTask(Generic[T]):
+    description: str
+    """What is trained, for the first message, e.g. "sequence classification on 100 examples"."""
+    train: Sequence[T]
+    step: Callable[[list[T]], StepOutput]
+    evaluate: Callable[[], dict[str, Any]] | None
+    """Validation metrics (``valid_*`` keys; scalars go to the metrics event, all to the checkpoint)."""
+    select: str
+    """The validation metric that ranks epochs (higher is better), e.g. ``valid_f1``."""
+
+
+def train_encoder(
+    model: Any,
+    tokenizer: Any,
+    task: EncoderTask[T],
+    *,
+    spec: TrainingSpec,
+    seed: int,
+    work_dir: Path,
+    hooks: Hooks,
+) -> TrainingResult:
+    """Train ``model`` (already wrapped by its PEFT method) on ``task``; save the merged result,
+    from the epoch with the best ``task.select`` when there is validation data, else the last."""
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.01)
+    batches = math.ceil(len(task.train) / spec.batch_size)
+    steps_per_epoch = math.ceil(batches / spec.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * spec.n_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(spec, total_steps))
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best": None, "bad_epochs": 0}
+    state = resume_latest(work_dir, model, optimizer, scheduler, hooks.message) or state
+    hooks.message(
+        f"Training {spec.adapter} {task.description}, {spec.n_epochs} epochs ({total_steps} steps, "
+        f"batch {spec.batch_size})"
+    )
+    log_every = max(1, steps_per_epoch // 10)
+    metrics: dict[str, Any] = {}
+    for epoch in range(int(state["epoch"]), spec.n_epochs):
+        order = list(range(len(task.train)))
+        random.Random(seed * 1000 + epoch).shuffle(order)  # noqa: S311 -- data order, the same on resume
+        window = _Window()
+        for b in range(batches):
+            reason = hooks.control()
+            if reason:
+                raise Stopped(reason)
+            out = task.step([task.train[i] for i in order[b * spec.batch_size : (b + 1) * spec.batch_size]])
+            (out.loss / spec.gradient_accumulation_steps).backward()
+            window.add(out)
+            state["trained_tokens"] += out.tokens
+            if (b + 1) % spec.gradient_accumulation_steps and b + 1 < batches:
+                continue
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            if state["step"] % log_every == 0:
+                hooks.metrics(
+                    {
+                        "step": state["step"],
+                        **window.flush(),
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "epoch": epoch + 1,
+                        "total_steps": total_steps,
+                    }
+                )
+        state["epoch"] = epoch + 1
+        metrics = {"step": state["step"], "epoch": epoch + 1}
+        if task.evaluate is not None:
+            metrics.update(task.evaluate())
+            hooks.metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+            _rank_epoch(state, metrics, task.select)
+        directory = save_epoch(work_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+        hooks.checkpoint(int(state["step"]), epoch + 1, metrics, directory)
+        if spec.early_stopping_patience is not None and state["bad_epochs"] >= spec.early_stopping_patience:
+            hooks.message(f"Early stopping after epoch {epoch + 1}: {task.select} stopped improving")
+            break
+    best = state.get("best")
+    if best is not None:
+        if best["epoch"] != state["epoch"]:
+            load_weights(work_dir / f"ckpt-epoch-{best['epoch']}", model)
+        hooks.message(f"Keeping epoch {best['epoch']}, the best on validation ({task.select}={best['value']:.4f})")
+        metrics = {**best["metrics"], "best_epoch": best["epoch"]}
+    out_dir = work_dir / "result"
+    merged(model, spec).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return TrainingResult(model_dir=out_dir, metrics=metrics, trained_tokens=int(state["trained_tokens"]))
+
+
+def _rank_epoch(state: dict[str, Any], metrics: dict[str, Any], select: str) -> None:
+    """Remember the best epoch so far (its metrics too, so a resumed run still knows them)."""
+    best = state.get("best")
+    if best is None or metrics[select] > best["value"]:
+        state["best"] = {"epoch": metrics["epoch"], "value": metrics[select], "metrics": metrics}
+        state["bad_epochs"] = 0
+    else:
+        state["bad_epochs"] = int(state.get("bad_epochs", 0)) + 1
+
+
+class _Window:
+    """Training loss, accuracy and throughput since the last metrics event."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.correct, self.counted, self.tokens = 0.0, 0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, out: StepOutput) -> None:
+        self.loss += out.loss.item() * out.counted
+        self.correct += out.correct
+        self.counted += out.counted
+        self.tokens += out.tokens
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        data = {
+            "train_loss": self.loss / max(1, self.counted),
+            "train_accuracy": self.correct / max(1, self.counted),
+            "tokens_per_second": self.tokens / elapsed,
+        }
+        self.reset()
+        return data
