@@ -89,6 +89,14 @@ class ServiceUnavailableError(LLMOSError):
         self.retry_after = retry_after
 
 
+class InsufficientStorageError(LLMOSError):
+    """The disk is full (ENOSPC). Whatever was being written is removed, the last good state kept (507)."""
+
+    status_code = 507
+    error_type = "server_error"
+    default_code = "disk_full"
+
+
 class ModelLoadError(LLMOSError):
     """A model's artifacts could not be loaded or validated."""
 

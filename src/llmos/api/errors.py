@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmos.errors import LLMOSError, RateLimitError, ServiceUnavailableError
+from llmos.errors import InsufficientStorageError, LLMOSError, RateLimitError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +80,11 @@ def install_error_handlers(app: FastAPI) -> None:
             ),
             status_code=500,
         )
+
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno == errno.ENOSPC:  # a full disk anywhere (e.g. spooling a multipart upload)
+            log.error("disk full: %s", exc)
+            return error_response(InsufficientStorageError("no space left on device; free disk space and retry"))
+        return await _unexpected(request, exc)
+
+    app.add_exception_handler(OSError, _os_error)  # type: ignore[arg-type]

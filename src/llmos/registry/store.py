@@ -7,6 +7,7 @@ a full disk or a corrupt download never leaves a partial blob under a real name.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -16,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from llmos.errors import ArtifactError
+from llmos.errors import ArtifactError, InsufficientStorageError
 
 CHUNK = 1024 * 1024
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -112,8 +113,13 @@ class LocalArtifactStore(ArtifactStore):
             else:
                 os.replace(tmp, final)
             return digest
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)  # never a partial blob, even when the disk is full
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise InsufficientStorageError(
+                    "no space left on device while writing to the artifact store; nothing was kept. "
+                    "Free disk space and retry."
+                ) from exc
             raise
 
     def exists(self, digest: str) -> bool:
