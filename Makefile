@@ -36,7 +36,7 @@ test: lint typecheck
 	$(BIN)/pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/serve_concurrency.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

@@ -23,7 +23,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: reuse the serving benchmark's helpers
 
-from benchmarks.serve_concurrency import KEY, MODEL, percentile, start_server  # noqa: E402
+from benchmarks.harness import KEY, MODEL, percentile, start_server  # noqa: E402
 
 
 def admin(url: str, method: str, path: str, body: dict | None = None) -> dict:

@@ -212,3 +212,55 @@ def test_adapter_not_matching_its_base_fails_only_its_own_requests(
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def _toy_adapter(adapter_id: str, rank: int, seed: int, modules: tuple[str, ...] = ("0", "1")) -> Any:
+    from llmos.engine.torch_backend.lora import LoraWeights
+
+    g = torch.Generator().manual_seed(seed)
+    return LoraWeights(
+        adapter_id, {m: (torch.randn(rank, 8, generator=g), torch.randn(8, rank, generator=g)) for m in modules}
+    )
+
+
+def test_bank_reuses_freed_columns_and_keeps_every_row_exact() -> None:
+    from llmos.engine.torch_backend.lora_bank import LoraBank
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    reference = {
+        name: (layer.weight.detach().clone(), layer.bias.detach().clone()) for name, layer in model.named_children()
+    }
+    bank = LoraBank(model, budget_bytes=1 << 20)
+    made = {"a": _toy_adapter("a", 2, 1), "b": _toy_adapter("b", 4, 2, ("1",)), "c": _toy_adapter("c", 2, 3)}
+
+    def expected(x: torch.Tensor, adapters: list[str | None]) -> torch.Tensor:
+        out = []
+        for row, adapter in zip(x[:, 0], adapters, strict=True):
+            h = row
+            for name in ("0", "1"):
+                w, bias = reference[name]
+                delta = 0
+                if adapter is not None and name in made[adapter].modules:
+                    a, b = made[adapter].modules[name]
+                    delta = h @ a.T @ b.T
+                h = h @ w.T + bias + delta
+            out.append(h)
+        return torch.stack(out)[:, None]
+
+    for name in ("a", "b"):
+        bank.acquire(name, lambda shapes, name=name: made[name])
+    width = bank.view.width
+    x = torch.randn(3, 1, 8)  # (batch, tokens, features), as in a decode step
+    rows: list[str | None] = ["a", None, "b"]
+    bank.prepare(rows)
+    torch.testing.assert_close(model(x), expected(x, rows))
+    bank.release("a")
+    bank.evict("a")  # its columns are zeroed and free
+    bank.acquire("c", lambda shapes: made["c"])  # same rank: fits where "a" was, no reallocation
+    assert bank.view.width == width and bank.view.spans["c"][0] == 0
+    rows = ["c", "b", None]
+    bank.prepare(rows)
+    torch.testing.assert_close(model(x), expected(x, rows))
+    bank.prepare(["b", "b", "b"])  # one adapter: only its columns are computed
+    torch.testing.assert_close(model(x), expected(x, ["b", "b", "b"]))

@@ -9,9 +9,9 @@ without an adapter have an all-zero mask and get exactly the base output). This 
 Punica/S-LoRA's segmented idea in the shape that is cheapest for small CPU batches: no
 gathering of per-row weights, no Python loop over adapters.
 
-The engine thread only reads immutable ``BankView`` snapshots; loading and evicting build a
-new view on the caller's thread and publish it with one assignment, so a load never stalls
-decoding of other requests.
+The engine thread reads ``BankView`` snapshots; loading writes an adapter into free columns (or
+widened copies) on the caller's thread and publishes a new view with one assignment, so a load
+never stalls decoding of other requests.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ class BankView:
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
-
-    def adapter(self, adapter_id: str) -> LoraWeights:
-        start, end = self.spans[adapter_id]
-        return LoraWeights(adapter_id, {m: (a[start:end], b[:, start:end]) for m, (a, b) in self.weights.items()})
 
 
 EMPTY_VIEW = BankView(spans={}, weights={}, width=0)
@@ -127,7 +123,7 @@ class LoraBank:
                 self._make_room(weights.nbytes)
                 self._wrap(weights.modules)
                 self._entries[adapter_id] = _Entry(weights.nbytes, refs=1)
-                self.view = _rebuilt(self.view, add=weights)
+                self.view = _with_adapter(self.view, weights)
                 self.loads += 1
                 self._loading.pop(adapter_id, None)
 
@@ -157,6 +153,7 @@ class LoraBank:
 
     @property
     def used_bytes(self) -> int:
+        """Memory held for adapters, free columns included."""
         return self.view.nbytes
 
     # -- engine thread ---------------------------------------------------------------------
@@ -204,7 +201,12 @@ class LoraBank:
 
     def _drop(self, adapter_id: str) -> None:
         del self._entries[adapter_id]
-        self.view = _rebuilt(self.view, remove=adapter_id)
+        view = self.view
+        start, end = view.spans[adapter_id]
+        self.view = BankView({a: span for a, span in view.spans.items() if a != adapter_id}, view.weights, view.width)
+        for a_all, b_all in view.weights.values():  # free columns must be zero: masked rows read them
+            a_all[start:end].zero_()
+            b_all[:, start:end].zero_()
 
     def _wrap(self, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put an ``AdaptedLinear`` around each target layer the first time an adapter needs it."""
@@ -219,29 +221,43 @@ class LoraBank:
         return next(iter(self.view.weights.values()))[0].dtype if self.view.weights else torch.float32
 
 
-def _rebuilt(view: BankView, *, add: LoraWeights | None = None, remove: str | None = None) -> BankView:
-    """A new view with one adapter added or removed; the old view stays valid for a running step."""
-    kept = [view.adapter(a) for a in view.spans if a != remove]
-    adapters = kept + ([add] if add is not None else [])
-    spans: dict[str, tuple[int, int]] = {}
-    width = 0
-    for adapter in adapters:
-        spans[adapter.adapter_id] = (width, width + adapter.rank)
-        width += adapter.rank
-    shapes: dict[str, tuple[int, int, torch.dtype]] = {}
-    for adapter in adapters:
-        for module, (a, b) in adapter.modules.items():
-            shapes[module] = (a.shape[1], b.shape[0], a.dtype)
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, (fan_in, fan_out, dtype) in shapes.items():
-        a_all = torch.zeros((width, fan_in), dtype=dtype)
-        b_all = torch.zeros((fan_out, width), dtype=dtype)
-        for adapter in adapters:
-            ab = adapter.modules.get(module)
-            if ab is None:
-                continue
-            start = spans[adapter.adapter_id][0]
-            a_all[start : start + ab[0].shape[0]] = ab[0]
-            b_all[:, start : start + ab[1].shape[1]] = ab[1]
-        weights[module] = (a_all, b_all)
-    return BankView(spans=spans, weights=weights, width=width)
+def _with_adapter(view: BankView, adapter: LoraWeights) -> BankView:
+    """``view`` plus ``adapter`` written into free columns. Columns no span owns are zero and only
+    ever read under a zero mask, so writing them while the engine runs a step is safe; the tensors
+    are reallocated (doubling) only when no gap is wide enough, so loads stay cheap and memory
+    does not fragment."""
+    rank = adapter.rank
+    start = _free_columns(view, rank)
+    weights = dict(view.weights)
+    width = view.width
+    if start is None:
+        start, width = view.width, max(2 * view.width, view.width + rank)
+        weights = {m: _widened(a, b, width) for m, (a, b) in weights.items()}
+    for module, (a, b) in adapter.modules.items():
+        if module not in weights:
+            weights[module] = (
+                torch.zeros((width, a.shape[1]), dtype=a.dtype),
+                torch.zeros((b.shape[0], width), dtype=b.dtype),
+            )
+        a_all, b_all = weights[module]
+        a_all[start : start + a.shape[0]] = a
+        b_all[:, start : start + b.shape[1]] = b
+    return BankView({**view.spans, adapter.adapter_id: (start, start + rank)}, weights, width)
+
+
+def _free_columns(view: BankView, rank: int) -> int | None:
+    """The first gap of ``rank`` columns no adapter owns, if any."""
+    cursor = 0
+    for start, end in sorted(view.spans.values()):
+        if start - cursor >= rank:
+            return cursor
+        cursor = max(cursor, end)
+    return cursor if view.width - cursor >= rank else None
+
+
+def _widened(a: torch.Tensor, b: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a_new = torch.zeros((width, a.shape[1]), dtype=a.dtype)
+    b_new = torch.zeros((b.shape[0], width), dtype=b.dtype)
+    a_new[: a.shape[0]] = a
+    b_new[:, : b.shape[1]] = b
+    return a_new, b_new

