@@ -85,18 +85,6 @@ class BatchState(Generic[RowT]):
         self.rows = self.rows + other.rows
 
 
-def prefill_inputs(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded input ids, attention mask and per-row position ids for a prefill."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
-        attention[i, width - len(prompt) :] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention, positions
-
-
 def forward_kwargs(state: BatchState[Any], tokens: torch.Tensor) -> dict[str, Any]:
     """Inputs of one decode step: each row's new token at its own position."""
     return {

@@ -29,8 +29,9 @@ from llmos.engine.protocol import (
     TopLogprob,
 )
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
-from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs, prefill_inputs
+from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.lora_bank import LoraBank
+from llmos.engine.torch_backend.prefix_cache import PrefixCache
 from llmos.kernel.fair_queue import Empty, FairQueue
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class CausalRunner:
         batch_wait_s: float = 0.005,
         prefill_budget: int = 256,
         adapter_budget_bytes: int = 512 << 20,
+        prefix_cache_bytes: int = 256 << 20,
         name: str = "model",
     ) -> None:
         self.model = model
@@ -79,6 +81,8 @@ class CausalRunner:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.lora = LoraBank(model, adapter_budget_bytes)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.prefill_tokens = 0  # prompt tokens computed (those served from the prefix cache are not)
         self._queue: FairQueue[_Pending | None] = FairQueue()
         self._aborted: set[str] = set()
         self._abort_lock = threading.Lock()
@@ -141,7 +145,7 @@ class CausalRunner:
                     self._deferred.extendleft(reversed(incoming[i:]))  # next iteration, same order
                     break
                 spent += len(pending.request.prompt_token_ids)
-                fresh = self._prefill_or_fail([pending])
+                fresh = self._prefill_or_fail(pending)
                 if fresh is not None and state is not None:
                     state.merge(fresh)
                 elif fresh is not None:
@@ -211,43 +215,53 @@ class CausalRunner:
         return hit
 
     @torch.inference_mode()
-    def _prefill_or_fail(self, pendings: list[_Pending]) -> BatchState[_Row] | None:
-        """Run the prompts of newly admitted requests; a failure fails only those requests."""
+    def _prefill_or_fail(self, pending: _Pending) -> BatchState[_Row] | None:
+        """Run a newly admitted request's prompt once (its ``n`` choices share it), starting after
+        the longest prefix whose states are cached for its tenant and adapter; a failure fails only it."""
         try:
+            request = pending.request
             rows = [
-                _Row(p, i, IncrementalText(self._decode, p.request.params.stop))
-                for p in pendings
-                for i in range(p.request.params.n)
+                _Row(pending, i, IncrementalText(self._decode, request.params.stop)) for i in range(request.params.n)
             ]
-            input_ids, attention, positions = prefill_inputs(
-                [list(r.pending.request.prompt_token_ids) for r in rows], self.pad_id
-            )
+            prompt = list(request.prompt_token_ids)
+            scope = f"{request.tenant}\0{pending.adapter or ''}"
             cache = DynamicCache(config=self.model.config)
-            self.lora.prepare([r.pending.adapter for r in rows])
+            hit = self.prefix_cache.lookup(scope, prompt)
+            start = 0
+            if hit is not None:
+                start, states = hit
+                for layer, (keys, values) in enumerate(states):
+                    cache.update(keys, values, layer)
+            self.lora.prepare([pending.adapter])
             out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                position_ids=positions,
+                input_ids=torch.tensor([prompt[start:]]),
+                attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                position_ids=torch.arange(start, len(prompt))[None],
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
+            self.prefix_cache.store(scope, prompt, cache, row=0)
+            if len(rows) > 1:
+                cache.batch_repeat_interleave(len(rows))
+            attention = torch.ones((len(rows), len(prompt)), dtype=torch.long)
             sampling = _batch_sampling(rows)
-            logits = out.logits[:, -1, :].float()
+            logits = out.logits[:, -1, :].float().expand(len(rows), -1).contiguous()
             counts = torch.zeros_like(logits) if sampling.uses_penalties else None
             self.prefills += 1
+            self.prefill_tokens += len(prompt) - start
             return BatchState(
                 rows=rows,
                 cache=cache,
                 attention=attention,
-                next_pos=positions[:, -1] + 1,
+                next_pos=torch.full((len(rows),), len(prompt)),
                 logits=logits,
                 sampling=sampling,
                 counts=counts,
             )
         except Exception as exc:
             log.exception("prefill failed on %s", self.name)
-            self._fail(pendings, exc)
+            self._fail([pending], exc)
             return None
 
     @torch.inference_mode()

@@ -1,0 +1,104 @@
+"""Key/value states of prompt prefixes, kept so a shared system prompt is prefilled once.
+
+Prefixes are cut in blocks of ``BLOCK`` tokens and keyed by a chained hash of their tokens, as in
+vLLM's automatic prefix caching, plus the tenant and the adapter: one tenant never reuses (and
+so cannot time) another tenant's prompts, and an adapter's states are not a base model's. Only
+full-attention caches are stored (a sliding-window layer's states depend on more than the
+prefix). Entries are evicted least recently used under a byte budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+BLOCK = 16
+
+
+@dataclass
+class _Entry:
+    states: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of (1, H, L, D)
+    nbytes: int
+    keys: list[bytes]  # the block keys that point here
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # by the key of its full length, LRU first
+        self._index: dict[bytes, bytes] = {}  # any block key -> the entry holding states that long
+        self._used = 0
+        self.hits = 0
+        self.tokens_reused = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def lookup(self, scope: str, prompt: Sequence[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """The longest cached prefix of ``prompt`` (leaving at least one token to compute) as
+        (length, per-layer states sliced to it), or None."""
+        best: tuple[int, bytes] | None = None
+        for length, key in _block_keys(scope, prompt, limit=len(prompt) - 1):
+            owner = self._index.get(key)
+            if owner is not None:  # a shorter block may have left with an evicted entry: keep looking
+                best = (length, owner)
+        if best is None:
+            return None
+        length, owner = best
+        self._entries.move_to_end(owner)
+        self.hits += 1
+        self.tokens_reused += length
+        return length, [(k[:, :, :length], v[:, :, :length]) for k, v in self._entries[owner].states]
+
+    def store(self, scope: str, prompt: Sequence[int], cache: DynamicCache, row: int) -> None:
+        """Keep the states of ``prompt``'s full blocks from row ``row`` of a fresh prefill cache,
+        which must hold that prompt alone, without padding."""
+        layers: list[Any] = list(cache.layers)
+        if self.budget_bytes <= 0 or not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return
+        keys = _block_keys(scope, prompt, limit=len(prompt))
+        if not keys or keys[-1][1] in self._index:
+            return
+        length, owner = keys[-1]
+        states = [
+            (layer.keys[row : row + 1, :, :length].clone(), layer.values[row : row + 1, :, :length].clone())
+            for layer in layers
+        ]
+        nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in states)
+        if nbytes > self.budget_bytes:
+            return
+        while self._used + nbytes > self.budget_bytes:
+            self._evict_oldest()
+        covered = [key for _, key in keys]  # this entry covers every shorter prefix too
+        self._entries[owner] = _Entry(states, nbytes, covered)
+        self._index.update(dict.fromkeys(covered, owner))
+        self._used += nbytes
+
+    def _evict_oldest(self) -> None:
+        owner, entry = self._entries.popitem(last=False)
+        for key in entry.keys:
+            if self._index.get(key) == owner:
+                del self._index[key]
+        self._used -= entry.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._index.clear()
+        self._used = 0
+
+
+def _block_keys(scope: str, prompt: Sequence[int], *, limit: int) -> list[tuple[int, bytes]]:
+    """(prefix length, key) for every full block boundary at or below ``limit`` tokens."""
+    digest = hashlib.blake2b(scope.encode(), digest_size=16)
+    out = []
+    for end in range(BLOCK, limit + 1, BLOCK):
+        digest.update(b"".join(t.to_bytes(4, "little", signed=False) for t in prompt[end - BLOCK : end]))
+        out.append((end, digest.copy().digest()))
+    return out
