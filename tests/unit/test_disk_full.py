@@ -117,7 +117,9 @@ def _trainer() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
 
 def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, optimizer, scheduler = _trainer()
-    checkpoints.save_epoch(tmp_path, 0, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 3, "epoch": 0})
+    checkpoints.save_epoch(
+        tmp_path, 0, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 3, "epoch": 0}
+    )
     good = {p.name: p.read_bytes() for p in (tmp_path / "ckpt-epoch-0").iterdir()}
 
     real_write = Path.write_bytes
@@ -135,7 +137,9 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path, monkey
     with torch.no_grad():
         model.weight.add_(1.0)
     with pytest.raises(InsufficientStorageError) as raised:
-        checkpoints.save_epoch(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 6, "epoch": 1})
+        checkpoints.save_epoch(
+            tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 6, "epoch": 1}
+        )
     monkeypatch.undo()
     assert raised.value.code == "disk_full" and raised.value.status_code == 507
     assert "no space left on device while writing checkpoint ckpt-epoch-1" in raised.value.message

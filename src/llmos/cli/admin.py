@@ -78,11 +78,21 @@ def usage(
     since: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
     home: HomeOpt = None,
 ) -> None:
-    """Requests and tokens by day, tenant, key, model and kind."""
-    table = Table("day", "tenant", "key", "model", "kind", "requests", "prompt tokens", "completion tokens")
+    """Requests, tokens and training CPU-seconds by day, tenant, key, model and kind."""
+    table = Table(
+        "day", "tenant", "key", "model", "kind", "requests", "prompt tokens", "completion tokens", "CPU seconds"
+    )
     for r in open_platform(home=home).usage.query(tenant=tenant, since=since):
         table.add_row(
-            r.day, r.tenant, r.key_id, r.model, r.kind, str(r.requests), str(r.prompt_tokens), str(r.completion_tokens)
+            r.day,
+            r.tenant,
+            r.key_id,
+            r.model,
+            r.kind,
+            str(r.requests),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            f"{r.cpu_seconds:.1f}",
         )
     console.print(table)
 

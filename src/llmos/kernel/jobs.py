@@ -26,6 +26,8 @@ from llmos.registry.tables import JobCheckpointRow, JobEventRow, JobRow
 from llmos.training.spec import parse_spec
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+RESUMABLE_ERRORS = frozenset({"disk_full", "quota_exceeded"})
+"""A job failed for one of these can be resumed (from its last checkpoint) once the cause is gone."""
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 # Base model task -> what a job on it learns, and the training-file format that needs.
@@ -66,6 +68,7 @@ class Job:
     created_at: datetime
     finished_at: datetime | None
     priority: int = 0
+    cpu_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -91,6 +94,7 @@ class Job:
             created_at=r.created_at,
             finished_at=r.finished_at,
             priority=r.priority,
+            cpu_seconds=r.cpu_seconds or 0.0,
         )
 
     def public(self) -> dict[str, Any]:
@@ -126,6 +130,7 @@ class Job:
             },
             "training_file_sha256": self.training_sha256,
             "priority": self.priority,
+            "cpu_seconds": round(self.cpu_seconds, 3),
         }
 
 
@@ -284,9 +289,13 @@ class JobStore:
     def resume(self, tenant: str, job_id: str) -> Job:
         with self.db.session() as s:
             row = self._row(s, tenant, job_id)
-            if row.status != "paused":
-                raise InvalidRequestError(f"job {job_id} is {row.status}, not paused", param="fine_tuning_job_id")
-            row.status, row.control = "queued", None
+            resumable = row.status == "failed" and (row.error or {}).get("code") in RESUMABLE_ERRORS
+            if row.status != "paused" and not resumable:
+                raise InvalidRequestError(
+                    f"job {job_id} is {row.status}, not paused (or failed for a full disk or a spent quota)",
+                    param="fine_tuning_job_id",
+                )
+            row.status, row.control, row.error, row.finished_at = "queued", None, None, None
             s.add(
                 JobEventRow(
                     job_id=job_id,

@@ -21,7 +21,9 @@ from llmos.config import Settings
 from llmos.kernel.jobs import JobStore
 from llmos.registry.tables import JobRow
 from llmos.security.limits import Limits
+from llmos.security.quotas import training_quota_error
 from llmos.security.tenants import TenantStore
+from llmos.security.usage import UsageLedger
 
 log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(seconds=30)
@@ -58,6 +60,7 @@ class JobSupervisor:
         self.jobs = jobs
         self.db = jobs.db
         self.tenants = tenants
+        self.usage = UsageLedger(jobs.db)
         self.settings = settings
         self._spawn = spawn
         self._workers: dict[str, _Worker] = {}
@@ -161,9 +164,11 @@ class JobSupervisor:
         for row in queued:
             if free <= 0:
                 break
-            cap = self._tenant_limits(row.tenant).max_concurrent_jobs
-            if cap is not None and per_tenant.get(row.tenant, 0) >= cap:
+            limits = self._tenant_limits(row.tenant)
+            if limits.max_concurrent_jobs is not None and per_tenant.get(row.tenant, 0) >= limits.max_concurrent_jobs:
                 continue
+            if training_quota_error(row.tenant, limits, self.usage) is not None:
+                continue  # waits in the queue until the tenant's training CPU window resets
             if not self._claim(row.id):
                 continue
             process = self._spawn(row.id, self.settings)

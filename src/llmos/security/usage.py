@@ -1,11 +1,12 @@
-"""Usage accounting: requests and tokens by day, tenant, key, model and kind (chat, embeddings...)."""
+"""Usage accounting: requests and tokens by day, tenant, key, model and kind (chat, embeddings...),
+and the CPU-seconds of training workers (kind ``fine-tune``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from llmos.registry.db import Database
@@ -22,6 +23,16 @@ class UsageEntry:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cpu_seconds: float = 0.0
+
+
+TRAINING_KIND = "fine-tune"
+TRAINING_KEY = "-"
+"""Training usage is charged to the tenant, not to a key (a job outlives the key that created it)."""
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
 class UsageLedger:
@@ -31,14 +42,42 @@ class UsageLedger:
     def record(
         self, *, tenant: str, key_id: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int
     ) -> None:
-        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        day = today()
         try:
             self._increment(day, tenant, key_id, model, kind, prompt_tokens, completion_tokens)
         except IntegrityError:  # another request created today's row first; add to it
             self._increment(day, tenant, key_id, model, kind, prompt_tokens, completion_tokens)
 
+    def charge_training_cpu(self, *, tenant: str, model: str, seconds: float) -> None:
+        """Add a training worker's CPU time to today's ``fine-tune`` row of ``tenant`` and ``model``."""
+        day = today()
+        try:
+            self._increment(day, tenant, TRAINING_KEY, model, TRAINING_KIND, 0, 0, requests=0, cpu_seconds=seconds)
+        except IntegrityError:
+            self._increment(day, tenant, TRAINING_KEY, model, TRAINING_KIND, 0, 0, requests=0, cpu_seconds=seconds)
+
+    def training_cpu_seconds(self, tenant: str, day: str | None = None) -> float:
+        """CPU-seconds the tenant's training workers used on ``day`` (UTC, default today)."""
+        with self.db.session() as s:
+            total = s.scalar(
+                select(func.sum(UsageRow.cpu_seconds)).where(
+                    UsageRow.day == (day or today()), UsageRow.tenant == tenant, UsageRow.kind == TRAINING_KIND
+                )
+            )
+            return float(total or 0.0)
+
     def _increment(
-        self, day: str, tenant: str, key_id: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int
+        self,
+        day: str,
+        tenant: str,
+        key_id: str,
+        model: str,
+        kind: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        requests: int = 1,
+        cpu_seconds: float = 0.0,
     ) -> None:
         with self.db.session() as s:
             row = s.get(UsageRow, (day, tenant, key_id, model, kind), with_for_update=True)
@@ -52,11 +91,13 @@ class UsageLedger:
                     requests=0,
                     prompt_tokens=0,
                     completion_tokens=0,
+                    cpu_seconds=0.0,
                 )
                 s.add(row)
-            row.requests += 1
+            row.requests += requests
             row.prompt_tokens += prompt_tokens
             row.completion_tokens += completion_tokens
+            row.cpu_seconds = (row.cpu_seconds or 0.0) + cpu_seconds
 
     def query(self, *, tenant: str | None = None, since: str | None = None) -> list[UsageEntry]:
         with self.db.session() as s:
@@ -75,6 +116,7 @@ class UsageLedger:
                     requests=r.requests,
                     prompt_tokens=r.prompt_tokens,
                     completion_tokens=r.completion_tokens,
+                    cpu_seconds=round(r.cpu_seconds or 0.0, 3),
                 )
                 for r in s.scalars(q)
             ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -22,12 +23,14 @@ from typing import Any
 import torch
 
 from llmos.config import Settings
+from llmos.errors import LLMOSError
 from llmos.kernel.devices import detect_cpu
 from llmos.kernel.jobs import Job
 from llmos.platform import Platform
 from llmos.registry.service import Lineage
 from llmos.registry.tables import JobCheckpointRow, JobRow
 from llmos.training.classify import run_classification
+from llmos.training.metering import QUOTA_STOP, CpuMeter
 from llmos.training.sft import Hooks, Stopped, run_sft
 from llmos.training.spec import TrainingSpec
 
@@ -50,6 +53,7 @@ class Heartbeat(threading.Thread):
         self.platform, self.job_id, self.parent = platform, job_id, parent
         self.control: str | None = None
         self._stop = threading.Event()
+        self.meter = CpuMeter(platform.db, platform.usage, platform.tenants, job_id)
 
     def beat(self) -> None:
         with self.platform.db.session() as s:
@@ -57,6 +61,8 @@ class Heartbeat(threading.Thread):
             if row is not None:
                 row.heartbeat_at = datetime.now(UTC)
                 self.control = row.control
+        if self.meter.charge() is not None and self.control is None:
+            self.control = QUOTA_STOP  # the training loop stops at its next step
 
     def run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -69,6 +75,10 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            self.meter.charge()  # the CPU time used since the last beat
+        except Exception:
+            log.exception("could not charge the job's last CPU time")
 
 
 def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat) -> Hooks:
@@ -97,6 +107,15 @@ def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat) -> Hooks:
         checkpoint=checkpoint,
         control=lambda: heartbeat.control,
     )
+
+
+def _failure(exc: Exception) -> tuple[str, str]:
+    """A failed job's error code and message: the platform's own code (e.g. ``disk_full``) where it has one."""
+    if isinstance(exc, LLMOSError):
+        return exc.code or "training_failed", exc.message
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "disk_full", f"no space left on device: {exc}"
+    return "training_failed", f"{type(exc).__name__}: {exc}"
 
 
 def _finish(platform: Platform, job_id: str, **fields: Any) -> None:
@@ -150,18 +169,28 @@ def run(job_id: str) -> int:
         )
         platform.registry.pull(f"file:{result.model_dir}", name=name, lineage=lineage)
     except Stopped as stopped:
+        if stopped.reason == QUOTA_STOP:
+            message = (
+                f"{heartbeat.meter.over_quota or 'Training CPU quota exceeded.'} The job was stopped; its last "
+                "checkpoint is kept, resume it once the quota resets."
+            )
+            error = {"code": QUOTA_STOP, "message": message[:1000], "param": None}
+            _finish(platform, job_id, status="failed", finished_at=datetime.now(UTC), error=error)
+            platform.jobs.add_event(job_id, f"Job failed: {message}"[:2000], level="error")
+            return 1
         platform.jobs.add_event(job_id, f"Training stopped: {stopped.reason}")
         return EXIT_STOPPED
     except Exception as exc:
         log.exception("job %s failed", job_id)
+        code, message = _failure(exc)
         _finish(
             platform,
             job_id,
             status="failed",
             finished_at=datetime.now(UTC),
-            error={"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"[:1000], "param": None},
+            error={"code": code, "message": message[:1000], "param": None},
         )
-        platform.jobs.add_event(job_id, f"Job failed: {type(exc).__name__}: {exc}"[:2000], level="error")
+        platform.jobs.add_event(job_id, f"Job failed: {message}"[:2000], level="error")
         return 1
     finally:
         heartbeat.stop()

@@ -1,0 +1,54 @@
+"""A training worker's CPU time, charged as it runs to its job and to its tenant's usage, and
+checked against the tenant's training CPU quota (see ``llmos.security.quotas``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from llmos.registry.db import Database
+from llmos.registry.tables import JobRow
+from llmos.security.quotas import training_quota_error
+from llmos.security.tenants import TenantStore
+from llmos.security.usage import UsageLedger
+
+QUOTA_STOP = "quota_exceeded"
+"""The control reason a worker stops with when its tenant's training CPU quota is spent."""
+
+
+class CpuMeter:
+    """Charges the CPU time this process used since the last charge (all its threads, from its
+    start: ``time.process_time``) to the job's ``cpu_seconds`` and the tenant's usage for today."""
+
+    def __init__(
+        self,
+        db: Database,
+        usage: UsageLedger,
+        tenants: TenantStore,
+        job_id: str,
+        clock: Callable[[], float] = time.process_time,
+    ) -> None:
+        self.db, self.usage, self.tenants, self.job_id = db, usage, tenants, job_id
+        self._clock = clock
+        self._charged = 0.0
+        self._lock = threading.Lock()
+        self.over_quota: str | None = None
+        """Why the job must stop (the 429 message), once the tenant's quota is spent."""
+
+    def charge(self) -> str | None:
+        """Charge what was used since the last call; return the quota message once it is spent."""
+        with self._lock:
+            used = self._clock()
+            seconds, self._charged = max(0.0, used - self._charged), used
+            with self.db.session() as s:
+                row = s.get(JobRow, self.job_id)
+                if row is None:
+                    return None
+                row.cpu_seconds = (row.cpu_seconds or 0.0) + seconds
+                tenant, model = row.tenant, row.model
+            if seconds:
+                self.usage.charge_training_cpu(tenant=tenant, model=model, seconds=seconds)
+            error = training_quota_error(tenant, self.tenants.get(tenant).limits, self.usage)
+            self.over_quota = error.message if error is not None else None
+            return self.over_quota
