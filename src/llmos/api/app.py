@@ -24,6 +24,7 @@ from llmos.api.openai.files.router import router as files_router
 from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
 from llmos.api.openai.models.router import router as models_router
 from llmos.api.tasks.classifications import router as classifications_router
+from llmos.api.tasks.ner import router as ner_router
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
 from llmos.kernel.supervisor import JobSupervisor
@@ -107,6 +108,7 @@ def create_app(
         files_router,
         fine_tuning_router,
         classifications_router,
+        ner_router,
     ):
         app.include_router(router)
     return app

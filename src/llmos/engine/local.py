@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +19,7 @@ from llmos.config import Settings
 from llmos.engine.protocol import (
     ClassificationResult,
     EmbeddingResult,
+    EntityResult,
     FinishReason,
     GenerationDelta,
     GenerationRequest,
@@ -26,15 +27,18 @@ from llmos.engine.protocol import (
 )
 from llmos.engine.torch_backend import CausalRunner, EncoderRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
-from llmos.engine.torch_backend.loader import CAUSAL_TASKS, load_runner, load_tokenizer
+from llmos.engine.torch_backend.loader import CAUSAL_TASKS, TASK_HEADS, load_runner, load_tokenizer
 from llmos.engine.torch_backend.lora import LoraWeights, load_lora
+from llmos.engine.torch_backend.token_classifier import TokenClassifierRunner
 from llmos.errors import InvalidRequestError, ModelLoadError, ServiceUnavailableError
 from llmos.kernel import ModelResidency, detect_cpu
 from llmos.registry import ModelRecord, ModelRegistry
 from llmos.registry.adapters import ADAPTER_FORMAT
 
 log = logging.getLogger(__name__)
-Runner = CausalRunner | EncoderRunner | ClassifierRunner
+Runner = CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner
+R = TypeVar("R", bound=Runner)
+T = TypeVar("T")
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 GIL_SWITCH_INTERVAL_S = 0.0002
 RESOLVE_TTL_S = 2.0  # a model pulled or deleted by another process is seen within this
@@ -194,34 +198,37 @@ class LocalEngine:
         return load_lora(self.registry.model_dir(record), record.id, shapes, self.dtype)
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
-        record = await asyncio.to_thread(self._record, model)
-        if record.task != "embedding":
-            raise InvalidRequestError(f"model {model} is a {record.task} model, not an embedding model", param="model")
-        self._admit()
-        try:
-            return await asyncio.to_thread(self._embed_sync, record.id, inputs)
-        finally:
-            self._pending -= 1
+        return await self._on_runner(model, "embedding", "an embedding model", EncoderRunner, lambda r: r.embed(inputs))
 
     async def classify(self, model: str, inputs: list[str]) -> ClassificationResult:
+        return await self._on_runner(
+            model, "sequence-classification", "a classifier", ClassifierRunner, lambda r: r.classify(inputs)
+        )
+
+    async def extract_entities(self, model: str, inputs: list[str]) -> EntityResult:
+        return await self._on_runner(
+            model,
+            "token-classification",
+            "a token-classification (NER) model",
+            TokenClassifierRunner,
+            lambda r: r.extract(inputs),
+        )
+
+    async def _on_runner(self, model: str, task: str, what: str, kind: type[R], work: Callable[[R], T]) -> T:
+        """Run ``work`` on the resident runner of ``model`` (a ``task`` model, else 400), off the event loop."""
         record = await asyncio.to_thread(self._record, model)
-        if record.task != "sequence-classification":
-            raise InvalidRequestError(f"model {model} is a {record.task} model, not a classifier", param="model")
+        if record.task != task:
+            raise InvalidRequestError(f"model {model} is a {record.task} model, not {what}", param="model")
         self._admit()
         try:
-            return await asyncio.to_thread(self._classify_sync, record.id, inputs)
+            return await asyncio.to_thread(self._use_runner, record.id, kind, work)
         finally:
             self._pending -= 1
 
-    def _classify_sync(self, model_id: str, inputs: list[str]) -> ClassificationResult:
+    def _use_runner(self, model_id: str, kind: type[R], work: Callable[[R], T]) -> T:
         with self.residency.use(model_id) as runner:
-            assert isinstance(runner, ClassifierRunner)
-            return runner.classify(inputs)
-
-    def _embed_sync(self, model_id: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
-        with self.residency.use(model_id) as runner:
-            assert isinstance(runner, EncoderRunner)
-            return runner.embed(inputs)
+            assert isinstance(runner, kind)
+            return work(runner)
 
     async def abort(self, request_id: str) -> None:
         runner = self._inflight.get(request_id)
@@ -276,7 +283,7 @@ class LocalEngine:
     # -- residency callbacks ---------------------------------------------------------------
     def _estimate_size(self, model_id: str) -> int:
         record = self._records[model_id]
-        width = 4 if record.task == "embedding" else _DTYPE_BYTES.get(self.dtype, 4)
+        width = 4 if record.task == "embedding" or record.task in TASK_HEADS else _DTYPE_BYTES.get(self.dtype, 4)
         params = record.parameter_count or record.size_bytes // 2
         return int(params * width * 1.1) + (64 << 20)
 

@@ -99,6 +99,27 @@ class ClassificationResult:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class Entity:
+    """A named entity found in an input: its type, its text and where it stands."""
+
+    entity: str
+    text: str
+    start: int
+    """Character offset of its first character in the input."""
+    end: int
+    """Character offset just past its last character: ``input[start:end] == text``."""
+    score: float
+    """The mean probability of the tags of its words."""
+
+
+@dataclass(frozen=True)
+class EntityResult:
+    entities: list[list[Entity]]
+    """The entities of every input, in order of position."""
+    prompt_tokens: int
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """What the API may ask of an inference engine."""
@@ -121,6 +142,10 @@ class EngineClient(Protocol):
 
     async def classify(self, model: str, inputs: list[str]) -> ClassificationResult:
         """Label probabilities from a sequence-classification model."""
+        ...
+
+    async def extract_entities(self, model: str, inputs: list[str]) -> EntityResult:
+        """Named entities (BIO spans with character offsets) from a token-classification model."""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -30,14 +30,17 @@ RESUMABLE_ERRORS = frozenset({"disk_full", "quota_exceeded"})
 """A job failed for one of these can be resumed (from its last checkpoint) once the cause is gone."""
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-# Base model task -> what a job on it learns, and the training-file format that needs.
+# Base model task -> {training-file format -> what a job on it learns}. Causal models learn chat;
+# an encoder learns whatever head its training file's detected format calls for.
+_CAUSAL = {"chat": "chat"}
+_ENCODER = {"classification": "sequence-classification", "token-classification": "token-classification"}
 TRAINABLE = {
-    "chat": "chat",
-    "completion": "chat",
-    "embedding": "sequence-classification",
-    "sequence-classification": "sequence-classification",
+    "chat": _CAUSAL,
+    "completion": _CAUSAL,
+    "embedding": _ENCODER,
+    "sequence-classification": _ENCODER,
+    "token-classification": _ENCODER,
 }
-FORMAT_FOR = {"chat": "chat", "sequence-classification": "classification"}
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -149,17 +152,20 @@ class JobStore:
             if earlier is not None:
                 return earlier
         base = self.registry.get(str(body.get("model", "")), tenant=tenant)
-        task = TRAINABLE.get(base.task)
-        if task is None:
+        learns = TRAINABLE.get(base.task)
+        if learns is None:
             raise InvalidRequestError(
                 f"model {base.name} is a {base.task} model; fine-tuning takes chat/completion models (chat data) "
-                "or encoders (classification data)",
+                "or encoders (classification or token-classification data)",
                 param="model",
                 code="unsupported_model",
             )
-        training = self._training_file(tenant, body.get("training_file"), "training_file", task)
+        training = self._training_file(tenant, body.get("training_file"), "training_file", base.task, learns)
+        task = learns[training.summary["format"]]
         validation = (
-            self._training_file(tenant, body["validation_file"], "validation_file", task)
+            self._training_file(
+                tenant, body["validation_file"], "validation_file", base.task, {training.summary["format"]: task}
+            )
             if body.get("validation_file")
             else None
         )
@@ -203,7 +209,10 @@ class JobStore:
         stored, _ = insert_once(self.db, row, events)
         return Job.from_row(stored)
 
-    def _training_file(self, tenant: str, file_id: Any, param: str, task: str) -> FileRecord:
+    def _training_file(
+        self, tenant: str, file_id: Any, param: str, base_task: str, learns: dict[str, str]
+    ) -> FileRecord:
+        """The tenant's processed fine-tune file, in one of the formats of ``learns``."""
         if not isinstance(file_id, str):
             raise InvalidRequestError(f"{param} must be a file id", param=param)
         try:
@@ -218,10 +227,10 @@ class JobStore:
             raise InvalidRequestError(
                 f"{param} {file_id} is invalid: {record.status_details}", param=param, code="invalid_training_file"
             )
-        if record.summary.get("format") != FORMAT_FOR[task]:
+        if record.summary.get("format") not in learns:
             raise InvalidRequestError(
-                f"{param} {file_id} is a {record.summary.get('format')} file; {task} fine-tuning needs "
-                f"{FORMAT_FOR[task]} data",
+                f"{param} {file_id} is a {record.summary.get('format')} file; fine-tuning a {base_task} model "
+                f"needs {' or '.join(learns)} data",
                 param=param,
                 code="invalid_training_file",
             )

@@ -17,6 +17,9 @@ from llmos.training.spec import TrainingSpec
 
 AdapterBuilder = Callable[[TrainingSpec, Any], Any]
 _BUILDERS: dict[str, AdapterBuilder] = {}
+# Classification heads, which PEFT trains whole (modules_to_save): LoRA must not wrap them too.
+# PEFT leaves them out of "all-linear" by itself for SEQ_CLS only, not for TOKEN_CLS.
+HEAD_MODULES = ["classifier", "score"]
 
 
 def register_adapter(name: str) -> Callable[[AdapterBuilder], AdapterBuilder]:
@@ -29,7 +32,7 @@ def register_adapter(name: str) -> Callable[[AdapterBuilder], AdapterBuilder]:
 
 @register_adapter("lora")
 def _lora(spec: TrainingSpec, task_type: Any) -> Any:
-    from peft import LoraConfig
+    from peft import LoraConfig, TaskType
 
     return LoraConfig(
         task_type=task_type,
@@ -37,6 +40,7 @@ def _lora(spec: TrainingSpec, task_type: Any) -> Any:
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
         target_modules=spec.target_modules,
+        exclude_modules=HEAD_MODULES if task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
     )
 
 

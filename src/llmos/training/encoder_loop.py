@@ -78,8 +78,11 @@ def train_encoder(
     log_every = max(1, steps_per_epoch // 10)
     metrics: dict[str, Any] = {}
     for epoch in range(int(state["epoch"]), spec.n_epochs):
+        # Data order and dropout masks depend on the seed and the epoch only, so a run resumed from
+        # a checkpoint ends with the very weights of one that was never stopped.
+        torch.manual_seed(seed * 1000 + epoch)
         order = list(range(len(task.train)))
-        random.Random(seed * 1000 + epoch).shuffle(order)  # noqa: S311 -- data order, the same on resume
+        random.Random(seed * 1000 + epoch).shuffle(order)  # noqa: S311 -- data order, not secrets
         window = _Window()
         for b in range(batches):
             reason = hooks.control()

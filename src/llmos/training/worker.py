@@ -31,12 +31,19 @@ from llmos.registry.service import Lineage
 from llmos.registry.tables import JobCheckpointRow, JobRow
 from llmos.training.classify import run_classification
 from llmos.training.metering import QUOTA_STOP, CpuMeter
+from llmos.training.ner import run_token_classification
 from llmos.training.sft import Hooks, Stopped, run_sft
 from llmos.training.spec import TrainingSpec
 
 log = logging.getLogger("llmos.worker")
 HEARTBEAT_S = 2.0
 EXIT_STOPPED = 3
+# A job's task (chosen from its base model and training file, see kernel.jobs.TRAINABLE) -> its trainer.
+TRAINERS = {
+    "chat": run_sft,
+    "sequence-classification": run_classification,
+    "token-classification": run_token_classification,
+}
 
 
 def _die_with_parent() -> None:
@@ -141,8 +148,7 @@ def run(job_id: str) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         base = platform.registry.get(job.base_model_id)
-        train_fn = run_classification if job.method.get("task") == "sequence-classification" else run_sft
-        result = train_fn(
+        result = TRAINERS[job.method.get("task", "chat")](
             base_dir=platform.registry.model_dir(base),
             train_path=platform.registry.store.local_path(job.training_sha256),
             valid_path=platform.registry.store.local_path(job.validation_sha256) if job.validation_sha256 else None,

@@ -11,15 +11,15 @@ from pydantic import Field
 from llmos.api.context import RequestContext, admitted
 from llmos.api.deps import EngineDep, SettingsDep
 from llmos.api.openai.common import StrictModel
-from llmos.errors import InvalidRequestError
+from llmos.api.tasks.common import ModelField, TextInput, listing, text_inputs
 
 router = APIRouter(tags=["tasks"])
 ClassifyContext = Annotated[RequestContext, Depends(admitted("classification"))]
 
 
 class ClassificationRequest(StrictModel):
-    model: Annotated[str, Field(min_length=1, max_length=512)]
-    input: str | Annotated[list[str], Field(min_length=1)]
+    model: ModelField
+    input: TextInput
     top_k: Annotated[int, Field(ge=1, le=1000)] | None = None
     """How many labels to return per input with their scores (default: all)."""
 
@@ -29,11 +29,7 @@ async def classify(
     body: ClassificationRequest, engine: EngineDep, settings: SettingsDep, ctx: ClassifyContext
 ) -> dict[str, Any]:
     """Classify each input; `label`/`score` is the most likely label, `scores` all of them, best first."""
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if len(texts) > settings.max_embedding_inputs:
-        raise InvalidRequestError(f"at most {settings.max_embedding_inputs} inputs per request", param="input")
-    if any(not t.strip() for t in texts):
-        raise InvalidRequestError("inputs must not be empty", param="input")
+    texts = text_inputs(body.input, settings)
     await asyncio.to_thread(ctx.check_model, body.model)
     result = await engine.classify(body.model, texts)
     data = []
@@ -49,9 +45,4 @@ async def classify(
             }
         )
     ctx.finish(body.model, result.prompt_tokens, 0)
-    return {
-        "object": "list",
-        "model": body.model,
-        "data": data,
-        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
-    }
+    return listing(body.model, data, result.prompt_tokens)

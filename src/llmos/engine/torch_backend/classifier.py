@@ -24,15 +24,23 @@ class ClassifierRunner:
         """Nothing runs in the background; dropping references frees the weights."""
 
     def classify(self, texts: list[str]) -> ClassificationResult:
-        encoded = [list(self.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
-        for i, ids in enumerate(encoded):
-            if len(ids) > self.max_length:
-                raise ContextLengthExceededError(
-                    f"input[{i}] has {len(ids)} tokens; this model accepts at most {self.max_length}", param="input"
-                )
+        prompt_tokens = count_tokens(self.tokenizer, texts, self.max_length)
         scores: list[list[float]] = []
         with self._lock, torch.inference_mode():
             for k in range(0, len(texts), self.micro_batch):
                 batch = self.tokenizer(texts[k : k + self.micro_batch], padding=True, return_tensors="pt")
                 scores.extend(torch.softmax(self.model(**batch).logits.float(), dim=-1).tolist())
-        return ClassificationResult(labels=self.labels, scores=scores, prompt_tokens=sum(len(ids) for ids in encoded))
+        return ClassificationResult(labels=self.labels, scores=scores, prompt_tokens=prompt_tokens)
+
+
+def count_tokens(tokenizer: Any, texts: list[str], max_length: int) -> int:
+    """Tokens in all ``texts`` (special tokens included); 400 naming the first input that is too long."""
+    total = 0
+    for i, text in enumerate(texts):
+        n = len(tokenizer(text, add_special_tokens=True)["input_ids"])
+        if n > max_length:
+            raise ContextLengthExceededError(
+                f"input[{i}] has {n} tokens; this model accepts at most {max_length}", param="input"
+            )
+        total += n
+    return total

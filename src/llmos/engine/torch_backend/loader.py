@@ -10,9 +10,16 @@ import torch
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.encoder import EncoderRunner, Pooling
+from llmos.engine.torch_backend.token_classifier import TokenClassifierRunner
 from llmos.errors import ModelLoadError
 
 CAUSAL_TASKS = frozenset({"chat", "completion"})
+# Fine-tuned encoders with a task head: task -> (transformers auto class, runner). Float32: they
+# are small and latency-bound, and it keeps their scores those of evaluation.
+TASK_HEADS: dict[str, tuple[str, type[ClassifierRunner] | type[TokenClassifierRunner]]] = {
+    "sequence-classification": ("AutoModelForSequenceClassification", ClassifierRunner),
+    "token-classification": ("AutoModelForTokenClassification", TokenClassifierRunner),
+}
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -32,7 +39,7 @@ def load_runner(
     prefill_budget: int,
     adapter_budget_bytes: int,
     name: str,
-) -> CausalRunner | EncoderRunner | ClassifierRunner:
+) -> CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
 
     try:
@@ -50,14 +57,14 @@ def load_runner(
                 adapter_budget_bytes=adapter_budget_bytes,
                 name=name,
             )
-        if task == "sequence-classification":
-            from transformers import AutoModelForSequenceClassification
+        if task in TASK_HEADS:
+            import transformers
 
-            classifier = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, dtype=torch.float32, use_safetensors=True
-            )
-            classifier.eval()
-            return ClassifierRunner(classifier, tokenizer, max_length=context_length)
+            auto_name, runner_class = TASK_HEADS[task]
+            auto_class = getattr(transformers, auto_name)
+            head = auto_class.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+            head.eval()
+            return runner_class(head, tokenizer, max_length=context_length)
         if task == "embedding":
             # Encoders are small and latency-bound; float32 keeps embeddings identical to the reference.
             model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)

@@ -1,0 +1,184 @@
+"""Token classification (NER) fine-tuning of an encoder (e.g. all-MiniLM-L6-v2): full, LoRA or
+IA3. Each word's tag is learnt on its first sub-word (the others are ignored, -100), and the
+model is scored on whole entities (seqeval, CoNLL-2000 rules): precision, recall, F1 and a
+per-type report. The loop is the one every encoder task shares (see encoder_loop)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmos.training.adapters import wrap_model
+from llmos.training.datasets import conll_sentences, jsonl_objects, read_lines
+from llmos.training.encoder_loop import EncoderTask, StepOutput, train_encoder
+from llmos.training.sft import Hooks, TrainingResult
+from llmos.training.spec import TrainingSpec
+
+IGNORE = -100
+OUTSIDE = "O"
+
+
+@dataclass(frozen=True)
+class TaggedSentence:
+    tokens: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+def load_token_file(path: Path) -> list[TaggedSentence]:
+    """A token-classification file (JSONL ``tokens``/``tags`` or CoNLL), already validated at upload."""
+    lines = read_lines(path)
+    first = next((line for line in lines if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        return [TaggedSentence(tuple(r["tokens"]), tuple(r["tags"])) for _, r in jsonl_objects(lines)]
+    return [TaggedSentence(tuple(tokens), tuple(tags)) for _, tokens, tags in conll_sentences(lines)]
+
+
+def align_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[int]:
+    """Per sub-word position: the word's tag id on its first sub-word, IGNORE elsewhere (special
+    tokens, padding, continuation pieces)."""
+    labels: list[int] = []
+    previous: int | None = None
+    for word in word_ids:
+        labels.append(IGNORE if word is None or word == previous else tags[word])
+        previous = word
+    return labels
+
+
+def entity_report(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, Any]:
+    """Entity-level micro precision / recall / F1 and per-type precision / recall / F1 / support
+    (seqeval's default mode, which scores like conlleval)."""
+    from seqeval.metrics import classification_report
+
+    report = classification_report(gold, predicted, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {})
+    return {
+        "precision": float(micro.get("precision", 0.0)),
+        "recall": float(micro.get("recall", 0.0)),
+        "f1": float(micro.get("f1-score", 0.0)),
+        "per_type": {
+            name: {
+                "precision": float(row["precision"]),
+                "recall": float(row["recall"]),
+                "f1": float(row["f1-score"]),
+                "support": int(row["support"]),
+            }
+            for name, row in report.items()
+            if not name.endswith(" avg")
+        },
+    }
+
+
+class WordTagger:
+    """Encodes tagged sentences for a token-classification model and reads its word-level tags."""
+
+    def __init__(self, model: Any, tokenizer: Any, tags: list[str], max_length: int) -> None:
+        if not tokenizer.is_fast:
+            raise ValueError("token classification needs a fast tokenizer (it maps sub-words to words)")
+        self.model, self.tokenizer, self.tags, self.max_length = model, tokenizer, tags, max_length
+        self.index = {tag: i for i, tag in enumerate(tags)}
+
+    def encode(self, batch: Sequence[TaggedSentence]) -> tuple[Any, torch.Tensor]:
+        enc = self.tokenizer(
+            [list(s.tokens) for s in batch],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        labels = [
+            align_labels(enc.word_ids(i), [self.index.get(t, IGNORE) for t in s.tags]) for i, s in enumerate(batch)
+        ]
+        return enc, torch.tensor(labels)
+
+    @torch.no_grad()
+    def predict(self, sentences: Sequence[TaggedSentence], batch_size: int = 64) -> list[list[str]]:
+        """A tag for every word; a word cut off by ``max_length`` (or that tokenizes to nothing) is O."""
+        self.model.eval()
+        out: list[list[str]] = []
+        for k in range(0, len(sentences), batch_size):
+            batch = sentences[k : k + batch_size]
+            enc, _ = self.encode(batch)
+            best = self.model(**enc).logits.argmax(-1).tolist()
+            for i, sentence in enumerate(batch):
+                words = [OUTSIDE] * len(sentence.tokens)
+                previous: int | None = None
+                for position, word in enumerate(enc.word_ids(i)):
+                    if word is not None and word != previous:
+                        words[word] = self.tags[best[i][position]]
+                    previous = word
+                out.append(words)
+        self.model.train()
+        return out
+
+
+def run_token_classification(
+    *,
+    base_dir: Path,
+    train_path: Path,
+    valid_path: Path | None,
+    spec: TrainingSpec,
+    seed: int,
+    work_dir: Path,
+    hooks: Hooks,
+    bf16: bool,
+) -> TrainingResult:
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train = load_token_file(train_path)
+    valid = load_token_file(valid_path) if valid_path else []
+    tags = sorted({t for s in train for t in s.tags})
+    unseen = sorted({t for s in valid for t in s.tags} - set(tags))
+    if unseen:
+        raise ValueError(f"validation tags not in the training file: {unseen[:5]}")
+    model = AutoModelForTokenClassification.from_pretrained(
+        base_dir,
+        num_labels=len(tags),
+        id2label=dict(enumerate(tags)),
+        label2id={t: i for i, t in enumerate(tags)},
+        dtype=torch.float32,
+        ignore_mismatched_sizes=True,  # a classifier base brings a head of another shape: start it afresh
+    )
+    model = wrap_model(model, spec, "TOKEN_CLS")
+    tagger = WordTagger(model, tokenizer, tags, spec.max_seq_length)
+
+    def step(batch: list[TaggedSentence]) -> StepOutput:
+        enc, labels = tagger.encode(batch)
+        tokens = int(enc["attention_mask"].sum())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**enc).logits
+        counted = labels != IGNORE
+        if not counted.any():  # every word cut off or untokenizable: nothing to learn, and no NaN
+            return StepOutput(loss=logits.sum() * 0.0, correct=0, counted=0, tokens=tokens)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        correct = int(((logits.argmax(-1) == labels) & counted).sum())
+        return StepOutput(loss=loss, correct=correct, counted=int(counted.sum()), tokens=tokens)
+
+    def evaluate() -> dict[str, Any]:
+        gold = [list(s.tags) for s in valid]
+        predicted = tagger.predict(valid)
+        report = entity_report(gold, predicted)
+        words = sum(len(g) for g in gold)
+        right = sum(g == p for gs, ps in zip(gold, predicted, strict=True) for g, p in zip(gs, ps, strict=True))
+        return {
+            "valid_precision": report["precision"],
+            "valid_recall": report["recall"],
+            "valid_f1": report["f1"],
+            "valid_token_accuracy": right / max(1, words),
+            "valid_report": report["per_type"],
+        }
+
+    task = EncoderTask(
+        description=f"token classification on {len(train)} sentences, {len(tags)} tags",
+        train=train,
+        step=step,
+        evaluate=evaluate if valid else None,
+        select="valid_f1",
+    )
+    return train_encoder(model, tokenizer, task, spec=spec, seed=seed, work_dir=work_dir, hooks=hooks)
