@@ -11,7 +11,10 @@ from llmos.engine.protocol import ClassificationResult
 from llmos.errors import ContextLengthExceededError
 
 
-class ClassifierRunner:
+class HeadRunner:
+    """A fine-tuned encoder with a task head (its labels in ``id2label``). One forward pass per
+    micro-batch; a lock keeps the 2-core CPU from thrashing."""
+
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int, micro_batch: int = 64) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -23,6 +26,8 @@ class ClassifierRunner:
     def close(self) -> None:
         """Nothing runs in the background; dropping references frees the weights."""
 
+
+class ClassifierRunner(HeadRunner):
     def classify(self, texts: list[str]) -> ClassificationResult:
         prompt_tokens = count_tokens(self.tokenizer, texts, self.max_length)
         scores: list[list[float]] = []

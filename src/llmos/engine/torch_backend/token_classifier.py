@@ -9,7 +9,6 @@ entity's text exactly as the caller wrote it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from llmos.engine.protocol import Entity, EntityResult
-from llmos.engine.torch_backend.classifier import count_tokens
+from llmos.engine.torch_backend.classifier import HeadRunner, count_tokens
 
 OUTSIDE = "O"
 
@@ -87,21 +86,11 @@ def tag_words(
     return words
 
 
-class TokenClassifierRunner:
-    """Runs one forward pass per micro-batch; a lock keeps the 2-core CPU from thrashing."""
-
+class TokenClassifierRunner(HeadRunner):
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int, micro_batch: int = 32) -> None:
         if not tokenizer.is_fast:
             raise ValueError("NER needs a fast tokenizer (tokenizer.json) for character offsets")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.micro_batch = micro_batch
-        self.labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        """Nothing runs in the background; dropping references frees the weights."""
+        super().__init__(model, tokenizer, max_length=max_length, micro_batch=micro_batch)
 
     def extract(self, texts: list[str]) -> EntityResult:
         prompt_tokens = count_tokens(self.tokenizer, texts, self.max_length)
