@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from llmos.engine.torch_backend.token_classifier import TaggedWord, group_entities, split_tag
 from llmos.platform import Platform
 from llmos.registry.tables import ModelRow
+from llmos.training.classify import run_classification
 from llmos.training.datasets import validate_dataset
 from llmos.training.ner import IGNORE, align_labels, entity_report, load_token_file, run_token_classification
 from llmos.training.sft import Hooks, Stopped
@@ -160,6 +161,27 @@ def test_seeded_runs_match_and_a_stopped_run_resumes_to_the_same_weights(
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
         assert torch.equal(value, weights[2][name]), name
+
+
+def test_a_task_head_of_another_shape_is_started_afresh(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    """Fine-tuning a fine-tuned encoder again: its 3-tag NER head gives way to the new task's head."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = _fixed_tagger(tiny_encoder_dir, tmp_path / "tagger", "O")
+    ner, _ = _train(base, tmp_path / "ner", TrainingSpec(n_epochs=1, batch_size=4, adapter="full"))
+    assert len(json.loads((ner.model_dir / "config.json").read_text())["id2label"]) == 4  # type: ignore[attr-defined]
+    (tmp_path / "cls.jsonl").write_bytes(_jsonl([{"text": "hello", "label": "a"}, {"text": "paris", "label": "b"}] * 4))
+    result = run_classification(
+        base_dir=base,
+        train_path=tmp_path / "cls.jsonl",
+        valid_path=None,
+        spec=TrainingSpec(n_epochs=1, batch_size=4, adapter="full"),
+        seed=0,
+        work_dir=tmp_path / "cls",
+        hooks=Hooks(metrics=lambda m: None, message=lambda m: None, checkpoint=lambda *a: None, control=lambda: None),
+        bf16=False,
+    )
+    assert AutoModelForSequenceClassification.from_pretrained(result.model_dir).config.num_labels == 2
 
 
 # -- a job through the supervisor and worker, then POST /v1/ner ------------------------------

@@ -92,7 +92,12 @@ def run_classification(
     if unseen:
         raise ValueError(f"validation labels not in the training file: {unseen[:5]}")
     model = AutoModelForSequenceClassification.from_pretrained(
-        base_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=index, dtype=torch.float32
+        base_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id=index,
+        dtype=torch.float32,
+        ignore_mismatched_sizes=True,  # a classifier base (other labels, or an NER head) brings a head of another shape
     )
     model = wrap_model(model, spec, "SEQ_CLS")
 
