@@ -88,6 +88,11 @@ def test_fine_tune_then_chat_with_the_result(client: openai.OpenAI) -> None:
         model=name, messages=[{"role": "user", "content": "Say the word number 3"}], temperature=0, max_tokens=12
     )
     assert reply.choices[0].message.content  # served at once, like any model
+    first = checkpoints[-1].fine_tuned_model_checkpoint
+    assert first == f"{name}:ckpt-step-{checkpoints[-1].step_number}"
+    earlier = client.chat.completions.create(model=first, messages=[{"role": "user", "content": "3"}], max_tokens=4)
+    assert earlier.model == first  # an intermediate checkpoint is servable too
+    assert client.models.retrieve(first).extra["checkpoint_step"] == checkpoints[-1].step_number  # type: ignore[attr-defined]
     assert (done.trained_tokens or 0) > 0  # type: ignore[attr-defined]
 
 

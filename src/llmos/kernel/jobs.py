@@ -22,7 +22,7 @@ from llmos.registry.db import Database
 from llmos.registry.files import FileRecord, FileStore
 from llmos.registry.idempotency import find_earlier, insert_once
 from llmos.registry.service import ModelRegistry
-from llmos.registry.tables import JobCheckpointRow, JobEventRow, JobRow
+from llmos.registry.tables import JobCheckpointRow, JobEventRow, JobRow, ModelRow
 from llmos.training.spec import parse_spec
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -135,6 +135,16 @@ class Job:
             "priority": self.priority,
             "cpu_seconds": round(self.cpu_seconds, 3),
         }
+
+
+def fine_tuned_name(job: Job, base_name: str) -> str:
+    """The model a job registers: ``ft:<base>:<tenant>:<suffix>:<id>``, as OpenAI names them."""
+    return f"ft:{base_name}:{job.tenant}:{job.suffix or 'model'}:{job.id.removeprefix('ftjob-')[:8]}"
+
+
+def checkpoint_name(result_name: str, step: int) -> str:
+    """A checkpoint's own servable model (chat jobs): ``<fine-tuned model>:ckpt-step-<N>``."""
+    return f"{result_name}:ckpt-step-{step}"
 
 
 class JobStore:
@@ -272,6 +282,8 @@ class JobStore:
     def checkpoints(self, tenant: str, job_id: str) -> list[dict[str, Any]]:
         job = self.get(tenant, job_id)
         with self.db.session() as s:
+            base = s.get(ModelRow, job.base_model_id)
+            result_name = fine_tuned_name(job, base.name if base is not None else job.model)
             rows = s.scalars(
                 select(JobCheckpointRow).where(JobCheckpointRow.job_id == job_id).order_by(JobCheckpointRow.step.desc())
             )
@@ -283,7 +295,7 @@ class JobStore:
                     "fine_tuning_job_id": job_id,
                     "step_number": c.step,
                     "metrics": c.metrics,
-                    "fine_tuned_model_checkpoint": f"{job.fine_tuned_model or job.id}:ckpt-step-{c.step}",
+                    "fine_tuned_model_checkpoint": checkpoint_name(result_name, c.step),
                 }
                 for c in rows
             ]

@@ -66,10 +66,18 @@ def merged(model: Any, spec: TrainingSpec) -> Any:
     return model if spec.adapter == "full" else model.merge_and_unload()
 
 
-def save_for_serving(model: Any, spec: TrainingSpec, out: Path) -> None:
+def save_for_serving(model: Any, spec: TrainingSpec, out: Path, *, final: bool = True) -> bool:
     """Write what the engine serves: a LoRA stays an adapter (megabytes, served beside its resident
-    base in mixed batches); other methods are folded into full bf16 weights."""
+    base in mixed batches); a full fine-tune is saved in bf16; other methods are folded into full
+    weights, which changes the model, so only for the ``final`` result. False: nothing written."""
     if spec.adapter == "lora":
         model.save_pretrained(out, safe_serialization=True)
-        return
+        return True
+    if spec.adapter == "full":
+        state = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        return True
+    if not final:
+        return False
     merged(model, spec).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return True

@@ -16,6 +16,9 @@ from safetensors.torch import load_file, save
 
 from llmos.errors import InsufficientStorageError
 
+SERVABLE = "model"
+"""A checkpoint's sub-directory holding the model as the engine serves it (where the method allows)."""
+
 
 def save_checkpoint(
     directory: Path,

@@ -16,7 +16,7 @@ import torch
 
 from llmos.training.adapters import save_for_serving, wrap_model
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
-from llmos.training.checkpoints import resume_latest, save_epoch
+from llmos.training.checkpoints import SERVABLE, resume_latest, save_epoch
 from llmos.training.spec import TrainingSpec
 
 
@@ -175,6 +175,8 @@ def run_sft(
             epoch_metrics.update(evaluate(model, valid, spec.batch_size, pad_id, bf16))
             hooks.metrics({"step": state["step"], **{k: v for k, v in epoch_metrics.items() if k.startswith("valid")}})
         directory = save_epoch(work_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+        if save_for_serving(model, spec, directory / SERVABLE, final=False):  # served as <model>:ckpt-step-N
+            tokenizer.save_pretrained(directory / SERVABLE)
         hooks.checkpoint(int(state["step"]), epoch + 1, epoch_metrics, directory)
         metrics = epoch_metrics
         if _should_stop_early(spec, state, epoch_metrics):

@@ -25,10 +25,11 @@ import torch
 from llmos.config import Settings
 from llmos.errors import LLMOSError
 from llmos.kernel.devices import detect_cpu
-from llmos.kernel.jobs import Job
+from llmos.kernel.jobs import Job, checkpoint_name, fine_tuned_name
 from llmos.platform import Platform
-from llmos.registry.service import Lineage
+from llmos.registry.service import Lineage, ModelRecord
 from llmos.registry.tables import JobCheckpointRow, JobRow
+from llmos.training.checkpoints import SERVABLE
 from llmos.training.classify import run_classification
 from llmos.training.metering import QUOTA_STOP, CpuMeter
 from llmos.training.ner import run_token_classification
@@ -88,7 +89,7 @@ class Heartbeat(threading.Thread):
             log.exception("could not charge the job's last CPU time")
 
 
-def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat) -> Hooks:
+def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat, base: ModelRecord) -> Hooks:
     def metrics(data: dict[str, Any]) -> None:
         parts = [f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float)]
         platform.jobs.add_event(job.id, f"Step {data.get('step')}: " + ", ".join(parts), type="metrics", data=data)
@@ -107,6 +108,8 @@ def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat) -> Hooks:
                 )
             )
         platform.jobs.add_event(job.id, f"Checkpoint saved at step {step} (epoch {epoch})", data=data)
+        if (path / SERVABLE).is_dir():
+            _register_checkpoint(platform, job, base, step, data, path / SERVABLE)
 
     return Hooks(
         metrics=metrics,
@@ -114,6 +117,39 @@ def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat) -> Hooks:
         checkpoint=checkpoint,
         control=lambda: heartbeat.control,
     )
+
+
+def _lineage(job: Job, base: ModelRecord, **extra: Any) -> Lineage:
+    return Lineage(
+        owner=job.tenant,
+        parent_id=base.id,
+        base_id=base.base_id or base.id,
+        extra={
+            "job_id": job.id,
+            "training_file": job.training_file,
+            "training_file_sha256": job.training_sha256,
+            "validation_file_sha256": job.validation_sha256,
+            "hyperparameters": job.method.get("resolved"),
+            "seed": job.seed,
+            **extra,
+        },
+    )
+
+
+def _register_checkpoint(
+    platform: Platform, job: Job, base: ModelRecord, step: int, metrics: dict[str, Any], directory: Path
+) -> None:
+    """Make a checkpoint servable as ``<fine-tuned model>:ckpt-step-N``; training goes on if it cannot be."""
+    name = checkpoint_name(fine_tuned_name(job, base.name), step)
+    try:
+        platform.registry.pull(
+            f"file:{directory}", name=name, lineage=_lineage(job, base, checkpoint_step=step, metrics=metrics)
+        )
+    except Exception as exc:  # a checkpoint model is a convenience; the checkpoint itself is saved
+        log.exception("could not register checkpoint %s", name)
+        platform.jobs.add_event(job.id, f"Checkpoint {step} is not servable: {exc}"[:1000], level="warn")
+        return
+    platform.jobs.add_event(job.id, f"Checkpoint model {name} is ready to serve", data={"model": name})
 
 
 def _failure(exc: Exception) -> tuple[str, str]:
@@ -155,25 +191,13 @@ def run(job_id: str) -> int:
             spec=TrainingSpec(**job.method["resolved"]),
             seed=job.seed,
             work_dir=work_dir,
-            hooks=_hooks(platform, job, heartbeat),
+            hooks=_hooks(platform, job, heartbeat, base),
             bf16=detect_cpu().bf16_fast,
         )
-        name = f"ft:{base.name}:{job.tenant}:{job.suffix or 'model'}:{job.id.removeprefix('ftjob-')[:8]}"
-        lineage = Lineage(
-            owner=job.tenant,
-            parent_id=base.id,
-            base_id=base.base_id or base.id,
-            extra={
-                "job_id": job.id,
-                "training_file": job.training_file,
-                "training_file_sha256": job.training_sha256,
-                "validation_file_sha256": job.validation_sha256,
-                "hyperparameters": job.method.get("resolved"),
-                "metrics": result.metrics,
-                "seed": job.seed,
-            },
+        name = fine_tuned_name(job, base.name)
+        platform.registry.pull(
+            f"file:{result.model_dir}", name=name, lineage=_lineage(job, base, metrics=result.metrics)
         )
-        platform.registry.pull(f"file:{result.model_dir}", name=name, lineage=lineage)
     except Stopped as stopped:
         if stopped.reason == QUOTA_STOP:
             message = (
