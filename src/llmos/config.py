@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         description="Memory for LoRA adapters beside each resident base model; idle adapters are evicted "
         "least recently used beyond it.",
     )
+    prefix_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description="Memory for the key/value states of prompt prefixes (system prompts) per chat model, "
+        "reused by later prompts of the same tenant that start the same way; 0 turns prefix caching off.",
+    )
     prefill_chunk_tokens: int = Field(
         default=256,
         ge=1,

@@ -251,6 +251,10 @@ class LocalEngine:
                     adapters=[self._records[a].name if a in self._records else a for a in runner.lora.resident()],
                     adapter_bytes=runner.lora.used_bytes,
                     adapter_loads=runner.lora.loads,
+                    prefill_tokens=runner.prefill_tokens,
+                    prefix_cache_hits=runner.prefix_cache.hits,
+                    prefix_tokens_reused=runner.prefix_cache.tokens_reused,
+                    prefix_cache_bytes=runner.prefix_cache.used_bytes,
                 )
             models[model_id] = entry
         return {
@@ -299,6 +303,7 @@ class LocalEngine:
             batch_wait_s=self.settings.batch_wait_ms / 1000,
             prefill_budget=self.settings.prefill_chunk_tokens,
             adapter_budget_bytes=self.settings.adapter_memory_mb << 20,
+            prefix_cache_bytes=self.settings.prefix_cache_mb << 20,
             name=record.name,
         )
         if isinstance(runner, CausalRunner):

@@ -38,6 +38,7 @@ def load_runner(
     batch_wait_s: float,
     prefill_budget: int,
     adapter_budget_bytes: int,
+    prefix_cache_bytes: int,
     name: str,
 ) -> CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
@@ -55,6 +56,7 @@ def load_runner(
                 batch_wait_s=batch_wait_s,
                 prefill_budget=prefill_budget,
                 adapter_budget_bytes=adapter_budget_bytes,
+                prefix_cache_bytes=prefix_cache_bytes,
                 name=name,
             )
         if task in TASK_HEADS:
