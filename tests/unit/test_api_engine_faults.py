@@ -41,6 +41,9 @@ class FailingEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
+    def check_capacity(self) -> None:
+        return None
+
     async def check_health(self) -> None:
         raise RuntimeError("engine down")
 
@@ -73,3 +76,39 @@ def test_ready_reports_an_unhealthy_engine(http: TestClient) -> None:
     assert resp.status_code == 503
     assert resp.json()["status"] == "unavailable"
     assert http.get("/health").status_code == 200
+
+
+class FullEngine(FailingEngine):
+    """At capacity: every request must be refused before the engine is asked for anything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def check_capacity(self) -> None:
+        from llmos.errors import ServiceUnavailableError
+
+        raise ServiceUnavailableError("the server is at capacity; retry shortly", retry_after=1.0)
+
+    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
+        self.asked.append("encode_chat")
+        return [1]
+
+    async def model_info(self, model: str) -> ModelInfo:
+        self.asked.append("model_info")
+        return await super().model_info(model)
+
+
+def test_a_full_engine_refuses_before_any_work(loaded_platform: Platform) -> None:
+    engine = FullEngine()
+    with TestClient(create_app(platform=loaded_platform, engine=engine)) as client:
+        for path, body in (
+            ("/v1/chat/completions", BODY),
+            ("/v1/completions", {"model": "tiny-chat", "prompt": "hi"}),
+            ("/v1/embeddings", {"model": "tiny-embed", "input": "hi"}),
+        ):
+            resp = client.post(path, headers=AUTH, json=body)
+            assert resp.status_code == 503, path
+            assert resp.headers["retry-after"] == "1"
+            assert resp.json()["error"]["code"] == "overloaded"
+    assert engine.asked == []  # no tokenising, no model lookup: the refusal costs nothing

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from llmos.api.deps import get_platform, require
+from llmos.api.deps import get_engine, get_platform, require
 from llmos.errors import PermissionDeniedError
 from llmos.platform import Platform
 from llmos.security import ApiKeyInfo
@@ -82,6 +82,7 @@ def admitted(kind: str) -> Callable[..., Iterator[RequestContext]]:
     def dependency(
         request: Request, key: Annotated[ApiKeyInfo, Depends(require("inference"))]
     ) -> Iterator[RequestContext]:
+        get_engine(request).check_capacity()  # a full engine refuses before anything else is done
         platform = get_platform(request)
         tenant = _tenant_cache(request).get(key.tenant)
         if tenant.disabled:

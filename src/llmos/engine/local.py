@@ -142,9 +142,12 @@ class LocalEngine:
         return list(tok(text, add_special_tokens=True)["input_ids"])
 
     # -- work ------------------------------------------------------------------------------
-    def _admit(self) -> None:
+    def check_capacity(self) -> None:
         if self._pending >= self.settings.max_pending_requests:
             raise ServiceUnavailableError("the server is at capacity; retry shortly", retry_after=1.0)
+
+    def _admit(self) -> None:
+        self.check_capacity()  # again: requests admitted at the edge may have filled it since
         self._pending += 1
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:

@@ -152,6 +152,11 @@ class EngineClient(Protocol):
         """Stop a request; no further tokens are computed for it."""
         ...
 
+    def check_capacity(self) -> None:
+        """Raise ServiceUnavailableError at once if no request can be admitted now (no I/O: the API
+        asks before any other work, so a full server refuses in milliseconds)."""
+        ...
+
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
         ...
