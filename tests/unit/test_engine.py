@@ -154,6 +154,36 @@ def test_embeddings_are_normalised_mean_pooled(engine: LocalEngine) -> None:
     asyncio.run(main())
 
 
+def test_concurrent_embedding_requests_share_one_forward_pass(engine: LocalEngine) -> None:
+    import threading
+    import time
+
+    from llmos.engine.torch_backend import EncoderRunner
+
+    texts = [["hello world"], ["the sea", "a quick brown fox jumps"], ["stars"], ["Paris is the capital of France"]]
+    model_id = engine._record("tiny-embed").id
+    with engine.residency.use(model_id) as runner:
+        assert isinstance(runner, EncoderRunner)
+        solo = [runner.embed(t).vectors for t in texts]
+        results: dict[int, list[list[float]]] = {}
+        before = runner.forwards
+        with runner._lock:  # busy: the requests below queue up behind the running forward
+            threads = [
+                threading.Thread(target=lambda i=i: results.update({i: runner.embed(texts[i]).vectors}))
+                for i in range(4)
+            ]
+            for t in threads:
+                t.start()
+            while len(runner._queue) < 4:
+                time.sleep(0.01)
+        for t in threads:
+            t.join()
+        assert runner.forwards - before == 1  # four requests, one combined forward pass
+        for i, vectors in enumerate(solo):
+            torch.testing.assert_close(torch.tensor(results[i]), torch.tensor(vectors), atol=1e-5, rtol=1e-4)
+    asyncio.run(engine.shutdown())
+
+
 def test_full_engine_refuses_at_once_with_retry_after(loaded_platform: Platform) -> None:
     """Admission control: beyond max_pending_requests a request is refused immediately (503 +
     Retry-After at the edge), instead of piling up."""
