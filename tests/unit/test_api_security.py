@@ -184,6 +184,7 @@ def test_disabled_tenant_is_refused(http: TestClient) -> None:
 def test_revoking_a_key_through_the_api(http: TestClient) -> None:
     secret = _tenant_key(http, "rev")
     key_id = secret.split("-")[2]
+    assert http.get("/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200  # now cached
     assert http.delete(f"/v1/admin/keys/{key_id}", headers=ADMIN).json()["revoked_at"] is not None
     assert http.get("/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
 

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, overload
@@ -25,6 +26,7 @@ from llmos.security.limits import Limits
 SCOPES = ("inference", "files", "fine-tune", "admin")
 _KEY = re.compile(r"^sk-llmos-([0-9a-f]{12})-[A-Za-z0-9_-]{20,128}$")
 _BOOTSTRAP_ID = "000000000000"
+VERIFIED_TTL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ def _hash(key: str) -> str:
 class KeyStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Verified keys by hash, for VERIFIED_TTL_S: a flood of requests (or of refusals) costs a
+        # hash and a dict lookup each, not a database query. Changes made here clear it at once;
+        # a key revoked through another server stops working within the TTL.
+        self._verified: dict[str, tuple[float, ApiKeyInfo]] = {}
 
     def create(
         self,
@@ -150,6 +156,7 @@ class KeyStore:
                     )
                 else:
                     row.key_hash, row.revoked_at = _hash(configured), None
+                    self._verified.clear()
                 return None
             has_admin = any(
                 "admin" in r.scopes for r in s.scalars(select(ApiKeyRow).where(ApiKeyRow.revoked_at.is_(None))).all()
@@ -160,6 +167,19 @@ class KeyStore:
         return key
 
     def verify(self, key: str) -> ApiKeyInfo:
+        digest = _hash(key)
+        hit = self._verified.get(digest)
+        if hit is not None and time.monotonic() - hit[0] < VERIFIED_TTL_S:
+            info = hit[1]
+            if info.expires_at is None or info.expires_at > datetime.now(UTC):
+                return info
+        info = self._verify_stored(key)
+        if len(self._verified) > 10_000:  # bounded: many keys in use just means more queries
+            self._verified.clear()
+        self._verified[digest] = (time.monotonic(), info)
+        return info
+
+    def _verify_stored(self, key: str) -> ApiKeyInfo:
         match = _KEY.fullmatch(key)
         key_id = match.group(1) if match else _BOOTSTRAP_ID
         with self.db.session() as s:
@@ -189,4 +209,5 @@ class KeyStore:
             if row is None:
                 raise NotFoundError(f"no API key {key_id!r}", param="key_id")
             row.revoked_at = datetime.now(UTC)
+            self._verified.clear()
             return ApiKeyInfo.from_row(row)
