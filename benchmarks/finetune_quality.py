@@ -57,7 +57,7 @@ def main() -> None:
     from llmos.kernel.devices import detect_cpu
     from llmos.platform import Platform
     from llmos.training.classify import classification_report, load_classification_file
-    from llmos.training.sft import Hooks
+    from llmos.training.run import Hooks, TrainingRun
     from llmos.training.spec import TrainingSpec
 
     if args.threads:
@@ -92,14 +92,16 @@ def main() -> None:
         from llmos.training.classify import run_classification
 
         result = run_classification(
-            base_dir=platform.registry.model_dir(base),
-            train_path=SHARED / DATA[args.task][0],
-            valid_path=None,
-            spec=spec,
-            seed=0,
-            work_dir=Path(work),
-            hooks=hooks,
-            bf16=detect_cpu().bf16_fast,
+            TrainingRun(
+                base_dir=platform.registry.model_dir(base),
+                train_path=SHARED / DATA[args.task][0],
+                valid_path=None,
+                spec=spec,
+                seed=0,
+                work_dir=Path(work),
+                hooks=hooks,
+                bf16=detect_cpu().bf16_fast,
+            )
         )
         train_s = time.perf_counter() - start
         import torch
@@ -159,19 +161,22 @@ def _ner(args: argparse.Namespace, base_dir: Path, spec: Any, hooks: Any) -> Non
 
     from llmos.kernel.devices import detect_cpu
     from llmos.training.ner import WordTagger, entity_report, load_token_file, run_token_classification
+    from llmos.training.run import TrainingRun
 
     train_file, dev_file, test_file = NER_DATA[args.task]
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
         result = run_token_classification(
-            base_dir=base_dir,
-            train_path=SHARED / train_file,
-            valid_path=SHARED / dev_file,
-            spec=spec,
-            seed=0,
-            work_dir=Path(work),
-            hooks=hooks,
-            bf16=detect_cpu().bf16_fast,
+            TrainingRun(
+                base_dir=base_dir,
+                train_path=SHARED / train_file,
+                valid_path=SHARED / dev_file,
+                spec=spec,
+                seed=0,
+                work_dir=Path(work),
+                hooks=hooks,
+                bf16=detect_cpu().bf16_fast,
+            )
         )
         train_s = time.perf_counter() - start
         model = AutoModelForTokenClassification.from_pretrained(result.model_dir, dtype=torch.float32).eval()

@@ -19,7 +19,8 @@ from llmos.registry.tables import ModelRow
 from llmos.training.classify import run_classification
 from llmos.training.datasets import validate_dataset
 from llmos.training.ner import IGNORE, align_labels, entity_report, load_token_file, run_token_classification
-from llmos.training.sft import Hooks, Stopped
+from llmos.training.run import Hooks, TrainingRun
+from llmos.training.sft import Stopped
 from llmos.training.spec import TrainingSpec
 from tests.conftest import ADMIN_KEY
 from tests.unit.test_api_security import _tenant_key
@@ -120,14 +121,16 @@ def _train(encoder: Path, tmp: Path, spec: TrainingSpec, control: object = lambd
     log: list = []
     hooks = Hooks(metrics=log.append, message=lambda m: None, checkpoint=lambda *a: log.append(a), control=control)  # type: ignore[arg-type]
     result = run_token_classification(
-        base_dir=encoder,
-        train_path=tmp / "train.jsonl",
-        valid_path=tmp / "train.jsonl",
-        spec=spec,
-        seed=7,
-        work_dir=tmp / "work",
-        hooks=hooks,
-        bf16=False,
+        TrainingRun(
+            base_dir=encoder,
+            train_path=tmp / "train.jsonl",
+            valid_path=tmp / "train.jsonl",
+            spec=spec,
+            seed=7,
+            work_dir=tmp / "work",
+            hooks=hooks,
+            bf16=False,
+        )
     )
     return result, log
 
@@ -172,14 +175,18 @@ def test_a_task_head_of_another_shape_is_started_afresh(tiny_encoder_dir: Path, 
     assert len(json.loads((ner.model_dir / "config.json").read_text())["id2label"]) == 4  # type: ignore[attr-defined]
     (tmp_path / "cls.jsonl").write_bytes(_jsonl([{"text": "hello", "label": "a"}, {"text": "paris", "label": "b"}] * 4))
     result = run_classification(
-        base_dir=base,
-        train_path=tmp_path / "cls.jsonl",
-        valid_path=None,
-        spec=TrainingSpec(n_epochs=1, batch_size=4, adapter="full"),
-        seed=0,
-        work_dir=tmp_path / "cls",
-        hooks=Hooks(metrics=lambda m: None, message=lambda m: None, checkpoint=lambda *a: None, control=lambda: None),
-        bf16=False,
+        TrainingRun(
+            base_dir=base,
+            train_path=tmp_path / "cls.jsonl",
+            valid_path=None,
+            spec=TrainingSpec(n_epochs=1, batch_size=4, adapter="full"),
+            seed=0,
+            work_dir=tmp_path / "cls",
+            hooks=Hooks(
+                metrics=lambda m: None, message=lambda m: None, checkpoint=lambda *a: None, control=lambda: None
+            ),
+            bf16=False,
+        )
     )
     assert AutoModelForSequenceClassification.from_pretrained(result.model_dir).config.num_labels == 2
 

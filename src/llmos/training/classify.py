@@ -14,8 +14,7 @@ import torch
 from llmos.training.adapters import wrap_model
 from llmos.training.datasets import LABEL_COLUMNS, TEXT_COLUMNS, jsonl_objects, read_lines
 from llmos.training.encoder_loop import EncoderTask, StepOutput, train_encoder
-from llmos.training.sft import Hooks, TrainingResult
-from llmos.training.spec import TrainingSpec
+from llmos.training.run import TrainingResult, TrainingRun
 
 
 @dataclass(frozen=True)
@@ -69,51 +68,45 @@ def _predict(model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_s
     return out
 
 
-def run_classification(
-    *,
-    base_dir: Path,
-    train_path: Path,
-    valid_path: Path | None,
-    spec: TrainingSpec,
-    seed: int,
-    work_dir: Path,
-    hooks: Hooks,
-    bf16: bool,
-) -> TrainingResult:
+def run_classification(run: TrainingRun) -> TrainingResult:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    train = load_classification_file(train_path)
-    valid = load_classification_file(valid_path) if valid_path else []
+    torch.manual_seed(run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(run.base_dir)
+    train = load_classification_file(run.train_path)
+    valid = load_classification_file(run.valid_path) if run.valid_path else []
     labels = sorted({x.label for x in train})
     index = {name: i for i, name in enumerate(labels)}
     unseen = sorted({x.label for x in valid} - set(labels))
     if unseen:
         raise ValueError(f"validation labels not in the training file: {unseen[:5]}")
     model = AutoModelForSequenceClassification.from_pretrained(
-        base_dir,
+        run.base_dir,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id=index,
         dtype=torch.float32,
         ignore_mismatched_sizes=True,  # a classifier base (other labels, or an NER head) brings a head of another shape
     )
-    model = wrap_model(model, spec, "SEQ_CLS")
+    model = wrap_model(model, run.spec, "SEQ_CLS")
 
     def step(batch: list[LabelledText]) -> StepOutput:
         enc = tokenizer(
-            [x.text for x in batch], truncation=True, max_length=spec.max_seq_length, padding=True, return_tensors="pt"
+            [x.text for x in batch],
+            truncation=True,
+            max_length=run.spec.max_seq_length,
+            padding=True,
+            return_tensors="pt",
         )
         target = torch.tensor([index[x.label] for x in batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
             logits = model(**enc).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), target)
         correct = int((logits.argmax(-1) == target).sum())
         return StepOutput(loss=loss, correct=correct, counted=len(batch), tokens=int(enc["attention_mask"].sum()))
 
     def evaluate() -> dict[str, Any]:
-        predicted = _predict(model, tokenizer, [x.text for x in valid], spec.max_seq_length, 64)
+        predicted = _predict(model, tokenizer, [x.text for x in valid], run.spec.max_seq_length, 64)
         report = classification_report([index[x.label] for x in valid], predicted, labels)
         return {
             "valid_accuracy": report["accuracy"],
@@ -128,4 +121,4 @@ def run_classification(
         evaluate=evaluate if valid else None,
         select="valid_accuracy",
     )
-    return train_encoder(model, tokenizer, task, spec=spec, seed=seed, work_dir=work_dir, hooks=hooks)
+    return train_encoder(model, tokenizer, task, spec=run.spec, seed=run.seed, work_dir=run.work_dir, hooks=run.hooks)

@@ -21,7 +21,8 @@ import torch
 
 from llmos.training.adapters import merged
 from llmos.training.checkpoints import load_weights, resume_latest, save_epoch
-from llmos.training.sft import Hooks, Stopped, TrainingResult, lr_schedule
+from llmos.training.run import Hooks, TrainingResult
+from llmos.training.sft import Stopped, lr_schedule
 from llmos.training.spec import TrainingSpec
 
 T = TypeVar("T")

@@ -15,8 +15,7 @@ import torch
 from llmos.training.adapters import wrap_model
 from llmos.training.datasets import conll_sentences, jsonl_objects, read_lines
 from llmos.training.encoder_loop import EncoderTask, StepOutput, train_encoder
-from llmos.training.sft import Hooks, TrainingResult
-from llmos.training.spec import TrainingSpec
+from llmos.training.run import TrainingResult, TrainingRun
 
 IGNORE = -100
 OUTSIDE = "O"
@@ -116,42 +115,32 @@ class WordTagger:
         return out
 
 
-def run_token_classification(
-    *,
-    base_dir: Path,
-    train_path: Path,
-    valid_path: Path | None,
-    spec: TrainingSpec,
-    seed: int,
-    work_dir: Path,
-    hooks: Hooks,
-    bf16: bool,
-) -> TrainingResult:
+def run_token_classification(run: TrainingRun) -> TrainingResult:
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    train = load_token_file(train_path)
-    valid = load_token_file(valid_path) if valid_path else []
+    torch.manual_seed(run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(run.base_dir)
+    train = load_token_file(run.train_path)
+    valid = load_token_file(run.valid_path) if run.valid_path else []
     tags = sorted({t for s in train for t in s.tags})
     unseen = sorted({t for s in valid for t in s.tags} - set(tags))
     if unseen:
         raise ValueError(f"validation tags not in the training file: {unseen[:5]}")
     model = AutoModelForTokenClassification.from_pretrained(
-        base_dir,
+        run.base_dir,
         num_labels=len(tags),
         id2label=dict(enumerate(tags)),
         label2id={t: i for i, t in enumerate(tags)},
         dtype=torch.float32,
         ignore_mismatched_sizes=True,  # a classifier base brings a head of another shape: start it afresh
     )
-    model = wrap_model(model, spec, "TOKEN_CLS")
-    tagger = WordTagger(model, tokenizer, tags, spec.max_seq_length)
+    model = wrap_model(model, run.spec, "TOKEN_CLS")
+    tagger = WordTagger(model, tokenizer, tags, run.spec.max_seq_length)
 
     def step(batch: list[TaggedSentence]) -> StepOutput:
         enc, labels = tagger.encode(batch)
         tokens = int(enc["attention_mask"].sum())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
             logits = model(**enc).logits
         counted = labels != IGNORE
         if not counted.any():  # every word cut off or untokenizable: nothing to learn, and no NaN
@@ -181,4 +170,4 @@ def run_token_classification(
         evaluate=evaluate if valid else None,
         select="valid_f1",
     )
-    return train_encoder(model, tokenizer, task, spec=spec, seed=seed, work_dir=work_dir, hooks=hooks)
+    return train_encoder(model, tokenizer, task, spec=run.spec, seed=run.seed, work_dir=run.work_dir, hooks=run.hooks)

@@ -8,8 +8,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from llmos.training.adapters import save_for_serving, wrap_model
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
 from llmos.training.checkpoints import SERVABLE, resume_latest, save_epoch
+from llmos.training.run import TrainingResult, TrainingRun
 from llmos.training.spec import TrainingSpec
 
 
@@ -26,21 +25,6 @@ class Stopped(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass
-class Hooks:
-    metrics: Callable[[dict[str, Any]], None]
-    message: Callable[[str], None]
-    checkpoint: Callable[[int, int, dict[str, Any], Path], None]
-    control: Callable[[], str | None]
-
-
-@dataclass(frozen=True)
-class TrainingResult:
-    model_dir: Path
-    metrics: dict[str, Any]
-    trained_tokens: int
 
 
 def _batches(examples: list[Example], size: int, rng: random.Random) -> list[list[Example]]:
@@ -102,54 +86,44 @@ def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, 
     return {"valid_loss": total_loss / max(1, counted), "valid_mean_token_accuracy": correct / max(1, counted)}
 
 
-def run_sft(
-    *,
-    base_dir: Path,
-    train_path: Path,
-    valid_path: Path | None,
-    spec: TrainingSpec,
-    seed: int,
-    work_dir: Path,
-    hooks: Hooks,
-    bf16: bool,
-) -> TrainingResult:
+def run_sft(run: TrainingRun) -> TrainingResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    torch.manual_seed(run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(run.base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = load_chat_file(train_path, tokenizer, spec.max_seq_length)
-    valid = load_chat_file(valid_path, tokenizer, spec.max_seq_length) if valid_path else []
+    train = load_chat_file(run.train_path, tokenizer, run.spec.max_seq_length)
+    valid = load_chat_file(run.valid_path, tokenizer, run.spec.max_seq_length) if run.valid_path else []
     if not train:
         raise ValueError("no training example has an assistant token left after truncation to max_seq_length")
-    model = wrap_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), spec, "CAUSAL_LM")
+    model = wrap_model(AutoModelForCausalLM.from_pretrained(run.base_dir, dtype=torch.float32), run.spec, "CAUSAL_LM")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
-    steps_per_epoch = math.ceil(math.ceil(len(train) / spec.batch_size) / spec.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * spec.n_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(spec, total_steps))
+    optimizer = torch.optim.AdamW(trainable, lr=run.spec.learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / run.spec.batch_size) / run.spec.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * run.spec.n_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(run.spec, total_steps))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best_valid_loss": None, "bad_epochs": 0}
-    state = resume_latest(work_dir, model, optimizer, scheduler, hooks.message) or state
-    hooks.message(
-        f"Training {spec.adapter} on {len(train)} examples for {spec.n_epochs} epochs "
-        f"({total_steps} steps, batch {spec.batch_size})"
+    state = resume_latest(run.work_dir, model, optimizer, scheduler, run.hooks.message) or state
+    run.hooks.message(
+        f"Training {run.spec.adapter} on {len(train)} examples for {run.spec.n_epochs} epochs "
+        f"({total_steps} steps, batch {run.spec.batch_size})"
     )
     log_every = max(1, steps_per_epoch // 10)
     metrics: dict[str, Any] = {}
-    for epoch in range(int(state["epoch"]), spec.n_epochs):
-        rng = random.Random(seed * 1000 + epoch)  # noqa: S311 -- data order, not secrets; the same on resume
+    for epoch in range(int(state["epoch"]), run.spec.n_epochs):
+        rng = random.Random(run.seed * 1000 + epoch)  # noqa: S311 -- data order, not secrets; the same on resume
         window_loss, window_correct, window_count, window_start = 0.0, 0, 0, time.perf_counter()
-        for k, batch in enumerate(_batches(train, spec.batch_size, rng)):
-            reason = hooks.control()
+        for k, batch in enumerate(_batches(train, run.spec.batch_size, rng)):
+            reason = run.hooks.control()
             if reason:
                 raise Stopped(reason)
-            loss, correct, counted = _loss_and_accuracy(model, batch, pad_id, bf16)
-            (loss / spec.gradient_accumulation_steps).backward()
+            loss, correct, counted = _loss_and_accuracy(model, batch, pad_id, run.bf16)
+            (loss / run.spec.gradient_accumulation_steps).backward()
             window_loss += loss.item() * counted
             window_correct, window_count = window_correct + correct, window_count + counted
             state["trained_tokens"] += sum(len(e.input_ids) for e in batch)
-            if (k + 1) % spec.gradient_accumulation_steps:
+            if (k + 1) % run.spec.gradient_accumulation_steps:
                 continue
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -167,23 +141,27 @@ def run_sft(
                     "epoch": epoch + 1,
                     "total_steps": total_steps,
                 }
-                hooks.metrics(metrics)
+                run.hooks.metrics(metrics)
                 window_loss, window_correct, window_count, window_start = 0.0, 0, 0, time.perf_counter()
         state["epoch"] = epoch + 1
         epoch_metrics = {"step": state["step"], "epoch": epoch + 1, **metrics}
         if valid:
-            epoch_metrics.update(evaluate(model, valid, spec.batch_size, pad_id, bf16))
-            hooks.metrics({"step": state["step"], **{k: v for k, v in epoch_metrics.items() if k.startswith("valid")}})
-        directory = save_epoch(work_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
-        if save_for_serving(model, spec, directory / SERVABLE, final=False):  # served as <model>:ckpt-step-N
+            epoch_metrics.update(evaluate(model, valid, run.spec.batch_size, pad_id, run.bf16))
+            run.hooks.metrics(
+                {"step": state["step"], **{k: v for k, v in epoch_metrics.items() if k.startswith("valid")}}
+            )
+        directory = save_epoch(
+            run.work_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state
+        )
+        if save_for_serving(model, run.spec, directory / SERVABLE, final=False):  # served as <model>:ckpt-step-N
             tokenizer.save_pretrained(directory / SERVABLE)
-        hooks.checkpoint(int(state["step"]), epoch + 1, epoch_metrics, directory)
+        run.hooks.checkpoint(int(state["step"]), epoch + 1, epoch_metrics, directory)
         metrics = epoch_metrics
-        if _should_stop_early(spec, state, epoch_metrics):
-            hooks.message(f"Early stopping after epoch {epoch + 1}: validation loss stopped improving")
+        if _should_stop_early(run.spec, state, epoch_metrics):
+            run.hooks.message(f"Early stopping after epoch {epoch + 1}: validation loss stopped improving")
             break
-    out = work_dir / "result"
-    save_for_serving(model, spec, out)
+    out = run.work_dir / "result"
+    save_for_serving(model, run.spec, out)
     tokenizer.save_pretrained(out)
     return TrainingResult(model_dir=out, metrics=metrics, trained_tokens=int(state["trained_tokens"]))
 

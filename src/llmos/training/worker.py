@@ -33,7 +33,8 @@ from llmos.training.checkpoints import SERVABLE
 from llmos.training.classify import run_classification
 from llmos.training.metering import QUOTA_STOP, CpuMeter
 from llmos.training.ner import run_token_classification
-from llmos.training.sft import Hooks, Stopped, run_sft
+from llmos.training.run import Hooks, TrainingRun
+from llmos.training.sft import Stopped, run_sft
 from llmos.training.spec import TrainingSpec
 
 log = logging.getLogger("llmos.worker")
@@ -184,7 +185,7 @@ def run(job_id: str) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         base = platform.registry.get(job.base_model_id)
-        result = TRAINERS[job.method.get("task", "chat")](
+        run = TrainingRun(
             base_dir=platform.registry.model_dir(base),
             train_path=platform.registry.store.local_path(job.training_sha256),
             valid_path=platform.registry.store.local_path(job.validation_sha256) if job.validation_sha256 else None,
@@ -194,6 +195,7 @@ def run(job_id: str) -> int:
             hooks=_hooks(platform, job, heartbeat, base),
             bf16=detect_cpu().bf16_fast,
         )
+        result = TRAINERS[job.method.get("task", "chat")](run)
         name = fine_tuned_name(job, base.name)
         platform.registry.pull(
             f"file:{result.model_dir}", name=name, lineage=_lineage(job, base, metrics=result.metrics)

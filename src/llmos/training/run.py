@@ -1,0 +1,39 @@
+"""What every trainer takes and gives back: one run's inputs, the hooks it reports through, its result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmos.training.spec import TrainingSpec
+
+
+@dataclass
+class Hooks:
+    metrics: Callable[[dict[str, Any]], None]
+    message: Callable[[str], None]
+    checkpoint: Callable[[int, int, dict[str, Any], Path], None]
+    control: Callable[[], str | None]
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    base_dir: Path
+    train_path: Path
+    valid_path: Path | None
+    spec: TrainingSpec
+    seed: int
+    work_dir: Path
+    """Checkpoints and the result are written here."""
+    hooks: Hooks
+    bf16: bool
+    """Autocast to bfloat16 (CPUs with AMX / AVX-512 BF16)."""
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    model_dir: Path
+    metrics: dict[str, Any]
+    trained_tokens: int
