@@ -370,7 +370,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"model": MODEL, "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out.relative_to(ROOT)}")
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
