@@ -46,7 +46,8 @@ def adapters(loaded_platform: Platform, tiny_chat_dir: Path, tmp_path: Path) -> 
     base = loaded_platform.registry.get("tiny-chat")
     made = {}
     for i, name in enumerate(("ad-a", "ad-b", "ad-c")):
-        directory = make_lora(tiny_chat_dir, tmp_path / name, seed=10 + i)
+        extra = {"alpha_pattern": {"q_proj": 3}} if name == "ad-a" else {}  # a per-module scale, as PEFT allows
+        directory = make_lora(tiny_chat_dir, tmp_path / name, seed=10 + i, **extra)
         loaded_platform.registry.pull(f"file:{directory}", name=name, lineage=Lineage(parent_id=base.id))
         made[name] = directory
     return made
@@ -169,6 +170,8 @@ def test_adapter_resolves_its_base_by_name_and_needs_one(
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"peft_type": "IA3"}, "only LoRA"),
         ({"r": 0}, "positive"),
+        ({"rank_pattern": {"(.*)*x": 4}}, "module names"),  # never compiled as a regular expression
+        ({"alpha_pattern": {"q_proj": "big"}}, "module names"),
     ],
 )
 def test_adapters_the_engine_cannot_apply_exactly_are_refused(

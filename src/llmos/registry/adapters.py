@@ -7,6 +7,7 @@ architecture and context length are the base's. The engine serves it beside the 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FORMAT = "lora"
 SERVABLE_BASE_TASKS = frozenset({"chat", "completion"})
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
 def is_adapter_dir(directory: Path) -> bool:
@@ -44,9 +46,19 @@ def check_lora_config(config: dict[str, Any]) -> None:
             code="unsupported_artifact",
         )
     for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        if not _positive(config.get(key)):
             raise ArtifactError(f"{ADAPTER_CONFIG}: {key} must be a positive number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        # Keys are module names (PEFT also takes regular expressions: never compiled here).
+        if not isinstance(patterns, dict) or not all(
+            isinstance(k, str) and _MODULE_NAME.fullmatch(k) and _positive(v) for k, v in patterns.items()
+        ):
+            raise ArtifactError(f"{ADAPTER_CONFIG}: {key} must map module names to positive numbers")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:

@@ -39,9 +39,10 @@ class LoraWeights:
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern: a key matches a module path ending in it."""
+    """PEFT's rank_pattern / alpha_pattern: a key (a module name, checked at registration) applies
+    to the module path ending in it."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if module == key or module.endswith("." + key):
             return float(value)
     return default
 
