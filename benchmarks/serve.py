@@ -165,7 +165,7 @@ def run_naive(model_dir: Path, chats: list[list[dict[str, str]]], max_tokens: in
     }
 
 
-def make_adapters(home: Path, count: int, rank: int) -> list[str]:
+def make_adapters(home: Path, count: int, rank: int, targets: list[str]) -> list[str]:
     """``count`` LoRA adapters of the base registered in ``home`` (made once, reused by later runs)."""
     from llmos.config import Settings
     from llmos.errors import ModelNotFoundError
@@ -173,7 +173,8 @@ def make_adapters(home: Path, count: int, rank: int) -> list[str]:
     from llmos.registry.service import Lineage
 
     platform = Platform.open(Settings(home=home))
-    names = [f"bench-lora-r{rank}-{i}" for i in range(count)]
+    tag = "" if targets == ["all-linear"] else "-" + "-".join(t.removesuffix("_proj") for t in targets)
+    names = [f"bench-lora-r{rank}{tag}-{i}" for i in range(count)]
     try:
         missing = []
         for name in names:
@@ -188,7 +189,8 @@ def make_adapters(home: Path, count: int, rank: int) -> list[str]:
 
             base = platform.registry.get(MODEL)
             model = AutoModelForCausalLM.from_pretrained(platform.registry.model_dir(base), dtype=torch.float32)
-            peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+            modules: str | list[str] = "all-linear" if targets == ["all-linear"] else targets
+            peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules))
             scratch = home / "tmp" / "bench-adapters"
             for i, name in enumerate(missing):
                 torch.manual_seed(1000 + i)
@@ -258,8 +260,9 @@ def run_llmos(
     max_tokens: int,
     adapter_counts: list[int],
     adapter_clients: int,
+    adapter_targets: list[str],
 ) -> dict[str, dict[str, Any]]:
-    names = make_adapters(home, max(adapter_counts), rank=8) if adapter_counts else []
+    names = make_adapters(home, max(adapter_counts), 8, adapter_targets) if adapter_counts else []
     proc, url = start_server(home)
     rows: dict[str, dict[str, Any]] = {}
     try:
@@ -326,6 +329,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--adapter-clients", type=int, default=16)
+    parser.add_argument(
+        "--adapter-targets", nargs="+", default=["all-linear"], help="layers the adapters adapt, e.g. q_proj v_proj"
+    )
     parser.add_argument("--naive-requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
@@ -362,13 +368,16 @@ def main() -> None:
         print("llmos ...")
         clients = args.clients if "llmos" in args.systems else []
         counts = args.adapters if "adapters" in args.systems else []
-        rows.update(run_llmos(args.home, chats, clients, args.max_tokens, counts, args.adapter_clients))
+        rows.update(
+            run_llmos(args.home, chats, clients, args.max_tokens, counts, args.adapter_clients, args.adapter_targets)
+        )
 
     add_ratios(rows)
     print()
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"model": MODEL, "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    result["adapter_rank"], result["adapter_targets"] = 8, args.adapter_targets
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
 
