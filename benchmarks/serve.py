@@ -4,7 +4,8 @@
     python benchmarks/serve.py --systems naive llmos adapters    # just ours
 
 Model: smollm2-135m-instruct. Prompts: ../shared/datasets/sft_self_instruct/test.jsonl, as chat,
-greedy, a fixed ``max_tokens``, streamed over HTTP on loopback. Systems:
+greedy, a fixed ``max_tokens``, streamed over HTTP on loopback; each row sends prompts no earlier
+row sent (LLM OS caches prompt prefixes), the same ones for every system at one concurrency. Systems:
 - ``naive``: what a user without a server writes, one ``model.generate`` per request, one after
   another (transformers, float32), in this process;
 - ``transformers`` / ``transformers-cb``: ``transformers serve`` on the same weights, without and
@@ -56,6 +57,18 @@ from benchmarks.harness import (
     prompts,
     start_server,
 )
+
+# Every row gets prompts no earlier row sent (LLM OS caches prompt prefixes: a prompt seen before
+# would be served from the cache), and every system gets the same prompts at the same concurrency.
+WARM_UP = -1  # the last prompt of the file, never in a timed row
+ADAPTER_OFFSET = 112  # after the 16 + 16 + 16 + 64 prompts of the 1/4/16/64-client rows
+
+
+def row_prompts(chats: list[list[dict[str, str]]], clients: int) -> list[list[dict[str, str]]]:
+    """The prompts of the row at ``clients`` (16, or ``clients`` when more)."""
+    start = {1: 0, 4: 16, 16: 32, 64: 48}.get(clients, 0)
+    return chats[start : start + max(16, clients)]
+
 
 ALL_SYSTEMS = ("naive", "transformers", "transformers-cb", "llamacpp", "llmos", "adapters")
 SERIALISING = {"transformers", "llamacpp"}
@@ -239,9 +252,9 @@ def run_peer(
     proc = launch(command, url, health=health, env={"HF_HUB_OFFLINE": "1"})
     rows = {}
     try:
-        stream_chat(url, model, chats[0], 4)  # warm up (loads the model on demand)
+        stream_chat(url, model, chats[WARM_UP], 4)  # warm up (loads the model on demand)
         for c in clients:
-            batch = chats[: max(16, c)]
+            batch = row_prompts(chats, c)
             rows[f"{system}, {c} client(s)"] = drive(url, proc.pid, lambda _: model, batch, c, max_tokens)
             print(f"  {system} at {c} client(s): {rows[f'{system}, {c} client(s)']['tokens_per_s']:.1f} tok/s")
     finally:
@@ -266,16 +279,18 @@ def run_llmos(
     proc, url = start_server(home)
     rows: dict[str, dict[str, Any]] = {}
     try:
-        stream_chat(url, MODEL, chats[0], 4)  # load the model before timing
+        stream_chat(url, MODEL, chats[WARM_UP], 4)  # load the model before timing
         for c in clients:
-            rows[f"llmos, {c} client(s)"] = drive(url, proc.pid, lambda _: MODEL, chats[: max(16, c)], c, max_tokens)
+            rows[f"llmos, {c} client(s)"] = drive(url, proc.pid, lambda _: MODEL, row_prompts(chats, c), c, max_tokens)
             print(f"  llmos at {c} client(s): {rows[f'llmos, {c} client(s)']['tokens_per_s']:.1f} tok/s")
+        offset = ADAPTER_OFFSET
         for n in adapter_counts:
-            batch = chats[: max(16, adapter_clients, n)]
+            batch = chats[offset : offset + max(16, adapter_clients, n)]
+            offset += len(batch)
             key = f"llmos + {n} adapter(s), {adapter_clients} clients"
             t0 = time.perf_counter()  # load them first: steady-state serving is measured, loading reported apart
             with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda name: stream_chat(url, name, chats[0], 1), names[:n]))
+                list(pool.map(lambda name: stream_chat(url, name, chats[WARM_UP], 1), names[:n]))
             load_s = time.perf_counter() - t0
             rows[key] = drive(url, proc.pid, lambda i, n=n: names[i % n], batch, adapter_clients, max_tokens)
             stats = httpx.get(f"{url}/v1/admin/engine", headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -337,7 +352,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = parser.parse_args()
-    chats = prompts(max([64, *args.clients, *args.adapters]))
+    chats = prompts(10_000)  # all of them: rows take disjoint slices (see row_prompts)
 
     from llmos.config import Settings
     from llmos.platform import Platform
@@ -356,7 +371,7 @@ def main() -> None:
     if "naive" in args.systems:
         print("naive model.generate ...")
         rows["naive model.generate, sequential (fp32)"] = run_naive(
-            model_dir, chats[: args.naive_requests], args.max_tokens
+            model_dir, row_prompts(chats, 1)[: args.naive_requests], args.max_tokens
         )
     for system in ("transformers", "transformers-cb", "llamacpp"):
         if system in args.systems:
