@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from llmos.api import create_app
 from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
 
 CHAT = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture
-def http(loaded_platform: Platform) -> Iterator[TestClient]:
-    with TestClient(create_app(platform=loaded_platform)) as client:
-        yield client
-
-
-@pytest.fixture
-def client(http: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=ADMIN_KEY, http_client=http, max_retries=0)
 
 
 def auth() -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ from tests.conftest import ADMIN_KEY
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
-
-
-@pytest.fixture
-def http(loaded_platform: Platform) -> Iterator[TestClient]:
-    with TestClient(create_app(platform=loaded_platform)) as client:
-        yield client
 
 
 def _scopes(dependant: object) -> set[str]:

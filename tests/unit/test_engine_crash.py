@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 import llmos.engine.local as local_module
-from llmos.api import create_app
 from llmos.engine import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
 from llmos.engine.local import LocalEngine
 from llmos.engine.torch_backend import CausalRunner
@@ -117,12 +116,6 @@ def test_crash_fails_every_inflight_request_and_the_engine_restarts(
         await engine.shutdown()
 
     asyncio.run(main())
-
-
-@pytest.fixture
-def http(loaded_platform: Platform) -> Iterator[TestClient]:
-    with TestClient(create_app(platform=loaded_platform)) as client:
-        yield client
 
 
 def _ready_after_restart(http: TestClient, loaded_platform: Platform) -> None:

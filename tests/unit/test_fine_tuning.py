@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from llmos.api import create_app
 from llmos.platform import Platform
 from llmos.registry.tables import JobRow
 from tests.conftest import ADMIN_KEY
@@ -34,17 +32,6 @@ LORA = {
         "adapter": {"type": "lora", "r": 4, "alpha": 8},
     },
 }
-
-
-@pytest.fixture
-def http(loaded_platform: Platform) -> Iterator[TestClient]:
-    with TestClient(create_app(platform=loaded_platform)) as client:
-        yield client
-
-
-@pytest.fixture
-def client(http: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=ADMIN_KEY, http_client=http, max_retries=0)
 
 
 def upload(client: openai.OpenAI, rows: list[dict] = ROWS) -> str:

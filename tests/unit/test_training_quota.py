@@ -8,14 +8,12 @@ import errno
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from llmos.api import create_app
 from llmos.platform import Platform
 from llmos.registry.tables import JobRow
 from llmos.security.limits import Limits
@@ -61,17 +59,6 @@ def test_meter_charges_the_job_and_the_tenants_day(loaded_platform: Platform) ->
     assert over is not None and "10 of 8 CPU-seconds" in over and "quota" in over
     (row,) = [r for r in p.usage.query(tenant="default") if r.kind == "fine-tune"]
     assert (row.model, row.key_id, row.requests, row.cpu_seconds) == ("tiny-chat", "-", 0, 10.0)
-
-
-@pytest.fixture
-def http(loaded_platform: Platform) -> Iterator[TestClient]:
-    with TestClient(create_app(platform=loaded_platform)) as client:
-        yield client
-
-
-@pytest.fixture
-def client(http: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=ADMIN_KEY, http_client=http, max_retries=0)
 
 
 def _wait(client: openai.OpenAI, job_id: str, states: set[str], timeout: float = 240) -> object:
