@@ -24,7 +24,7 @@ from llmos.training.sft import Stopped
 from llmos.training.spec import TrainingSpec
 from tests.conftest import ADMIN_KEY
 from tests.unit.test_api_security import _tenant_key
-from tests.unit.test_fine_tuning import client, http, wait_for  # noqa: F401 -- fixtures
+from tests.unit.test_fine_tuning import wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
@@ -192,7 +192,7 @@ def test_a_task_head_of_another_shape_is_started_afresh(tiny_encoder_dir: Path, 
 
 
 # -- a job through the supervisor and worker, then POST /v1/ner ------------------------------
-def test_ner_fine_tune_then_extract_entities(client: openai.OpenAI, http: TestClient) -> None:  # noqa: F811
+def test_ner_fine_tune_then_extract_entities(client: openai.OpenAI, http: TestClient) -> None:
     training = client.files.create(file=("ner.jsonl", _jsonl(ROWS * 8)), purpose="fine-tune")
     assert training.format == "token-classification"  # type: ignore[attr-defined]
     chat = client.files.create(
@@ -265,7 +265,7 @@ def taggers(loaded_platform: Platform, tiny_encoder_dir: Path, tmp_path: Path) -
     return loaded_platform
 
 
-def _ner(http: TestClient, body: dict, headers: dict = ADMIN) -> dict:  # noqa: F811
+def _ner(http: TestClient, body: dict, headers: dict = ADMIN) -> dict:
     resp = http.post("/v1/ner", headers=headers, json=body)
     assert resp.status_code == 200, resp.text
     return resp.json()
@@ -274,7 +274,7 @@ def _ner(http: TestClient, body: dict, headers: dict = ADMIN) -> dict:  # noqa: 
 TEXTS = ["  The Café,  Zürich antidisestablishment!", "Paris\tis\nhere", "ÉCOLE  d'été 42"]
 
 
-def test_offsets_point_into_the_input_as_written(taggers: Platform, http: TestClient) -> None:  # noqa: F811
+def test_offsets_point_into_the_input_as_written(taggers: Platform, http: TestClient) -> None:
     each = _ner(http, {"model": "tag-each-word", "input": TEXTS})["data"]
     for text, row in zip(TEXTS, each, strict=True):
         # Every word (BERT splits on spaces and punctuation) is its own entity, in the input's own case and accents.
@@ -290,7 +290,7 @@ def test_offsets_point_into_the_input_as_written(taggers: Platform, http: TestCl
         assert 0 < entity["score"] <= 1
 
 
-def test_bad_ner_requests_get_the_openai_error_shape(taggers: Platform, http: TestClient) -> None:  # noqa: F811
+def test_bad_ner_requests_get_the_openai_error_shape(taggers: Platform, http: TestClient) -> None:
     cases = [
         ({"model": "tiny-embed", "input": "x"}, 400, "model"),  # an encoder without an NER head
         ({"model": "tiny-chat", "input": "x"}, 400, "model"),
@@ -313,7 +313,7 @@ def test_bad_ner_requests_get_the_openai_error_shape(taggers: Platform, http: Te
     assert http.post("/v1/ner", json={"model": "tag-each-word", "input": "x"}).status_code == 401
 
 
-def test_a_tenants_ner_model_is_invisible_to_others(taggers: Platform, http: TestClient) -> None:  # noqa: F811
+def test_a_tenants_ner_model_is_invisible_to_others(taggers: Platform, http: TestClient) -> None:
     with taggers.db.session() as s:
         s.get(ModelRow, taggers.registry.get("tag-one-span").id).owner = "owner-co"  # type: ignore[union-attr]
     owner = {"Authorization": f"Bearer {_tenant_key(http, 'owner-co')}"}
