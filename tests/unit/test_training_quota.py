@@ -20,6 +20,7 @@ from llmos.security.limits import Limits
 from llmos.training import worker
 from llmos.training.metering import CpuMeter
 from tests.conftest import ADMIN_KEY
+from tests.unit.test_fine_tuning import wait_for
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ROWS = [
@@ -61,16 +62,6 @@ def test_meter_charges_the_job_and_the_tenants_day(loaded_platform: Platform) ->
     assert (row.model, row.key_id, row.requests, row.cpu_seconds) == ("tiny-chat", "-", 0, 10.0)
 
 
-def _wait(client: openai.OpenAI, job_id: str, states: set[str], timeout: float = 240) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in states:
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} stuck in {job.status}")
-
-
 def test_quota_refuses_new_jobs_stops_a_running_one_and_it_resumes_after_reset(
     http: TestClient, client: openai.OpenAI, loaded_platform: Platform
 ) -> None:
@@ -84,7 +75,7 @@ def test_quota_refuses_new_jobs_stops_a_running_one_and_it_resumes_after_reset(
     # The admin lowers the quota below what the tenant has used today: the running job stops.
     patched = http.patch("/v1/admin/tenants/default", headers=AUTH, json={"limits": {"training_cpu_seconds": 1}})
     assert patched.status_code == 200 and patched.json()["limits"]["training_cpu_seconds"] == 1
-    failed = _wait(client, job.id, {"failed", "succeeded"})
+    failed = wait_for(client, job.id, {"failed", "succeeded"})
     assert failed.status == "failed", "the job finished before the quota stopped it"  # type: ignore[attr-defined]
     assert failed.error.code == "quota_exceeded"  # type: ignore[attr-defined]
     assert "CPU-seconds" in failed.error.message and "checkpoint is kept" in failed.error.message  # type: ignore[attr-defined]
@@ -108,7 +99,7 @@ def test_quota_refuses_new_jobs_stops_a_running_one_and_it_resumes_after_reset(
     time.sleep(1.5)  # a few supervisor ticks: it must not start
     assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
     _set_limit(p, None)
-    done = _wait(client, job.id, {"succeeded", "failed"})
+    done = wait_for(client, job.id, {"succeeded", "failed"})
     assert done.status == "succeeded", done.error  # type: ignore[attr-defined]
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
     assert any(m.startswith("Resumed from checkpoint") for m in messages)

@@ -14,16 +14,14 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
 
 from llmos.training.adapters import merged
 from llmos.training.checkpoints import load_weights, resume_latest, save_epoch
-from llmos.training.run import Hooks, TrainingResult
+from llmos.training.run import TrainingResult, TrainingRun
 from llmos.training.sft import Stopped, lr_schedule
-from llmos.training.spec import TrainingSpec
 
 T = TypeVar("T")
 
@@ -55,14 +53,11 @@ def train_encoder(
     model: Any,
     tokenizer: Any,
     task: EncoderTask[T],
-    *,
-    spec: TrainingSpec,
-    seed: int,
-    work_dir: Path,
-    hooks: Hooks,
+    run: TrainingRun,
 ) -> TrainingResult:
     """Train ``model`` (already wrapped by its PEFT method) on ``task``; save the merged result,
     from the epoch with the best ``task.select`` when there is validation data, else the last."""
+    spec, seed, work_dir, hooks = run.spec, run.seed, run.work_dir, run.hooks
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.01)

@@ -170,4 +170,4 @@ def run_token_classification(run: TrainingRun) -> TrainingResult:
         evaluate=evaluate if valid else None,
         select="valid_f1",
     )
-    return train_encoder(model, tokenizer, task, spec=run.spec, seed=run.seed, work_dir=run.work_dir, hooks=run.hooks)
+    return train_encoder(model, tokenizer, task, run)
