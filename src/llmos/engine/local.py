@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from transformers import AutoConfig
 
 from llmos.config import Settings
 from llmos.engine.protocol import (
@@ -30,10 +31,11 @@ from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, TASK_HEADS, load_runner, load_tokenizer
 from llmos.engine.torch_backend.lora import LoraWeights, load_lora
 from llmos.engine.torch_backend.token_classifier import TokenClassifierRunner
+from llmos.engine.torch_backend.virtual_tokens import VirtualTokens, load_virtual_tokens
 from llmos.errors import InvalidRequestError, ModelLoadError, ServiceUnavailableError
 from llmos.kernel import ModelResidency, detect_cpu
 from llmos.registry import ModelRecord, ModelRegistry
-from llmos.registry.adapters import ADAPTER_FORMAT
+from llmos.registry.adapters import ADAPTER_FORMATS, PREFIX_FORMAT
 
 log = logging.getLogger(__name__)
 Runner = CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner
@@ -74,6 +76,7 @@ class LocalEngine:
         self._records: dict[str, ModelRecord] = {}
         self._resolved: dict[str, tuple[float, ModelRecord]] = {}
         self._tokenizers: dict[str, Any] = {}
+        self._virtual: dict[str, VirtualTokens] = {}  # prefix/prompt-tuning adapters, by model id (small)
         self._inflight: dict[str, Runner] = {}
         self._pending = 0
         # Crash handling: the sinks of running generations (to fail them if their engine loop
@@ -98,8 +101,8 @@ class LocalEngine:
         return record
 
     def _serving_base(self, record: ModelRecord) -> ModelRecord:
-        """The model whose weights serve ``record``: itself, or for a LoRA adapter the base it runs on."""
-        if record.format != ADAPTER_FORMAT:
+        """The model whose weights serve ``record``: itself, or for an adapter the base it runs on."""
+        if record.format not in ADAPTER_FORMATS:
             return record
         if record.parent_id is None:
             raise ModelLoadError(f"adapter {record.name} has lost its base model")
@@ -109,7 +112,7 @@ class LocalEngine:
         tok = self._tokenizers.get(record.id)
         if tok is None:
             directory = self.registry.model_dir(record)
-            if record.format == ADAPTER_FORMAT and not (directory / "tokenizer_config.json").is_file():
+            if record.format in ADAPTER_FORMATS and not (directory / "tokenizer_config.json").is_file():
                 directory = self.registry.model_dir(self._serving_base(record))  # adapters may ship no tokenizer
             tok = self._tokenizers[record.id] = load_tokenizer(directory)
         return tok
@@ -118,10 +121,12 @@ class LocalEngine:
         record = await asyncio.to_thread(self._record, model)
         tok = await asyncio.to_thread(self._tokenizer, record)
         has_template = record.task in CAUSAL_TASKS and bool(getattr(tok, "chat_template", None))
+        virtual = await asyncio.to_thread(self._virtual_tokens, record)
         return ModelInfo(
             name=record.name,
             task=record.task,
-            context_length=record.context_length or 2048,
+            # An adapter's virtual tokens take positions of the context before every prompt.
+            context_length=(record.context_length or 2048) - (virtual.length if virtual else 0),
             has_chat_template=has_template,
             vocab_size=len(tok),
         )
@@ -166,7 +171,8 @@ class LocalEngine:
         try:
             if not isinstance(runner, CausalRunner):
                 raise InvalidRequestError(f"model {request.model} cannot generate text", param="model")
-            if base is not record:  # a LoRA adapter: loaded beside its resident base, off the engine thread
+            virtual = await asyncio.to_thread(self._virtual_tokens, record)
+            if base is not record and virtual is None:  # LoRA: loaded beside its resident base, off the engine thread
                 await asyncio.to_thread(runner.lora.acquire, record.id, partial(self._load_adapter, record))
                 adapter = record.id
 
@@ -180,7 +186,7 @@ class LocalEngine:
                     )
                 self._inflight[request.request_id] = runner
                 self._sinks[request.request_id] = (deliver, request.params.n)
-            runner.submit(request, deliver, adapter)
+            runner.submit(request, deliver, adapter, virtual)
             while remaining > 0:
                 delta = await deltas.get()
                 if delta.finish_reason is not None:
@@ -199,6 +205,19 @@ class LocalEngine:
 
     def _load_adapter(self, record: ModelRecord, shapes: dict[str, tuple[int, int]]) -> LoraWeights:
         return load_lora(self.registry.model_dir(record), record.id, shapes, self.dtype)
+
+    def _virtual_tokens(self, record: ModelRecord) -> VirtualTokens | None:
+        """The virtual tokens of a prefix- or prompt-tuning adapter (None for any other model),
+        read once: they are a few hundred kilobytes."""
+        if record.format != PREFIX_FORMAT:
+            return None
+        tokens = self._virtual.get(record.id)
+        if tokens is None:
+            base = self._serving_base(record)
+            config = AutoConfig.from_pretrained(self.registry.model_dir(base))
+            tokens = load_virtual_tokens(self.registry.model_dir(record), record.id, config, self.dtype)
+            self._virtual[record.id] = tokens
+        return tokens
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
         return await self._on_runner(model, "embedding", "an embedding model", EncoderRunner, lambda r: r.embed(inputs))
@@ -251,7 +270,10 @@ class LocalEngine:
                     tokens_generated=runner.tokens_generated,
                     prefills=runner.prefills,
                     peak_rows=runner.peak_rows,
-                    adapters=[self._records[a].name if a in self._records else a for a in runner.lora.resident()],
+                    adapters=[
+                        self._records[a].name if a in self._records else a
+                        for a in runner.lora.resident() + runner.virtual.resident()
+                    ],
                     adapter_bytes=runner.lora.used_bytes,
                     adapter_loads=runner.lora.loads,
                     prefill_tokens=runner.prefill_tokens,
@@ -282,7 +304,9 @@ class LocalEngine:
             runner = self.residency.peek(resident)
             if isinstance(runner, CausalRunner):
                 runner.lora.evict(model_id)
+                runner.virtual.evict(model_id)
         self._tokenizers.pop(model_id, None)
+        self._virtual.pop(model_id, None)
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.residency.close)

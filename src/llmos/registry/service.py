@@ -14,12 +14,20 @@ from typing import Any
 from sqlalchemy import func, select
 
 from llmos.errors import ArtifactError, ConflictError, InvalidRequestError, ModelNotFoundError
-from llmos.registry.adapters import ADAPTER_FORMAT, SERVABLE_BASE_TASKS, is_adapter_dir, read_adapter_config
+from llmos.registry.adapters import (
+    ADAPTER_FORMATS,
+    PREFIX_FORMAT,
+    SERVABLE_BASE_TASKS,
+    adapter_format,
+    check_virtual_tokens_fit,
+    is_adapter_dir,
+    read_adapter_config,
+)
 from llmos.registry.catalog import CATALOG
 from llmos.registry.convert import gguf_to_safetensors
 from llmos.registry.db import Database
 from llmos.registry.facts import ModelFacts, inspect_model_dir
-from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_checkpoint, parse_json
+from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_checkpoint, parse_json, read_json
 from llmos.registry.gc import collect_unreferenced
 from llmos.registry.sources import Progress, get_source
 from llmos.registry.store import LocalArtifactStore, sha256_file
@@ -303,19 +311,24 @@ class ModelRegistry:
                 f"the adapter's base model {base_ref!r} is not registered; pull the base first",
                 code="unknown_base_model",
             )
-        if parent.format == ADAPTER_FORMAT or parent.task not in SERVABLE_BASE_TASKS:
+        if parent.format in ADAPTER_FORMATS or parent.task not in SERVABLE_BASE_TASKS:
             raise ArtifactError(
-                f"LoRA adapters run on chat or completion models; {parent.name} is a {parent.task} "
-                f"{'adapter' if parent.format == ADAPTER_FORMAT else 'model'}",
+                f"adapters run on chat or completion models; {parent.name} is a {parent.task} "
+                f"{'adapter' if parent.format in ADAPTER_FORMATS else 'model'}",
                 code="unsupported_artifact",
             )
+        fmt = adapter_format(config)
+        if fmt == PREFIX_FORMAT:
+            check_virtual_tokens_fit(model_dir, config, read_json(self.model_dir(parent) / "config.json"))
         facts = ModelFacts(parent.family, parent.architecture, parent.task, parent.context_length)
-        return facts, ADAPTER_FORMAT, replace(lineage, parent_id=parent.id, base_id=parent.base_id or parent.id)
+        return facts, fmt, replace(lineage, parent_id=parent.id, base_id=parent.base_id or parent.id)
 
     def adapters_of(self, model_id: str) -> tuple[ModelRecord, ...]:
-        """The LoRA adapters registered to run on ``model_id``."""
+        """The adapters registered to run on ``model_id``."""
         with self.db.session() as s:
-            rows = s.scalars(select(ModelRow).where(ModelRow.parent_id == model_id, ModelRow.format == ADAPTER_FORMAT))
+            rows = s.scalars(
+                select(ModelRow).where(ModelRow.parent_id == model_id, ModelRow.format.in_(ADAPTER_FORMATS))
+            )
             return tuple(ModelRecord.from_row(r) for r in rows)
 
     def _insert(

@@ -32,6 +32,13 @@ from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens,
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
+from llmos.engine.torch_backend.virtual_tokens import (
+    States,
+    VirtualPrefixes,
+    VirtualTokens,
+    prefix_states,
+    prompt_states,
+)
 from llmos.kernel.fair_queue import Empty, FairQueue
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,15 @@ class _Pending:
     request: GenerationRequest
     sink: Sink
     adapter: str | None = None
+    """The LoRA adapter (a column range of ``LoraBank``) applied to this request's rows."""
+    virtual: VirtualTokens | None = None
+    """The prefix- or prompt-tuning adapter whose states go before this request's prompt."""
+
+    @property
+    def scope(self) -> str:
+        """Whose cached prompt states this request may reuse: its tenant's, under the same adapter."""
+        adapter = self.adapter or (self.virtual.adapter_id if self.virtual else "")
+        return f"{self.request.tenant}\0{adapter}"
 
 
 @dataclass
@@ -81,6 +97,7 @@ class CausalRunner:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.lora = LoraBank(model, adapter_budget_bytes)
+        self.virtual = VirtualPrefixes(adapter_budget_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.prefill_tokens = 0  # prompt tokens computed (those served from the prefix cache are not)
         self._queue: FairQueue[_Pending | None] = FairQueue()
@@ -99,9 +116,16 @@ class CausalRunner:
         self._thread.start()
 
     # -- called from other threads ---------------------------------------------------------
-    def submit(self, request: GenerationRequest, sink: Sink, adapter: str | None = None) -> None:
-        """Queue a request; ``adapter`` (acquired from ``self.lora`` by the caller) applies to its rows."""
-        self._queue.put(request.tenant, _Pending(request, sink, adapter))
+    def submit(
+        self,
+        request: GenerationRequest,
+        sink: Sink,
+        adapter: str | None = None,
+        virtual: VirtualTokens | None = None,
+    ) -> None:
+        """Queue a request; ``adapter`` (acquired from ``self.lora`` by the caller) applies to its
+        rows, ``virtual`` tokens go before its prompt."""
+        self._queue.put(request.tenant, _Pending(request, sink, adapter, virtual))
 
     def abort(self, request_id: str) -> None:
         with self._abort_lock:
@@ -224,27 +248,25 @@ class CausalRunner:
                 _Row(pending, i, IncrementalText(self._decode, request.params.stop)) for i in range(request.params.n)
             ]
             prompt = list(request.prompt_token_ids)
-            scope = f"{request.tenant}\0{pending.adapter or ''}"
+            lead = pending.virtual.length if pending.virtual else 0  # cache positions before the prompt
             cache = DynamicCache(config=self.model.config)
-            hit = self.prefix_cache.lookup(scope, prompt)
-            start = 0
-            if hit is not None:
-                start, states = hit
-                for layer, (keys, values) in enumerate(states):
-                    cache.update(keys, values, layer)
+            hit = self.prefix_cache.lookup(pending.scope, prompt, lead=lead)
+            start, states = hit if hit is not None else (0, self._virtual_states(pending.virtual))
+            for layer, (keys, values) in enumerate(states):
+                cache.update(keys, values, layer)
             self.lora.prepare([pending.adapter])
             out = self.model(
                 input_ids=torch.tensor([prompt[start:]]),
-                attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
-                position_ids=torch.arange(start, len(prompt))[None],
+                attention_mask=torch.ones((1, lead + len(prompt)), dtype=torch.long),
+                position_ids=torch.arange(lead + start, lead + len(prompt))[None],
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            self.prefix_cache.store(scope, prompt, cache, row=0)
+            self.prefix_cache.store(pending.scope, prompt, cache, row=0, lead=lead)
             if len(rows) > 1:
                 cache.batch_repeat_interleave(len(rows))
-            attention = torch.ones((len(rows), len(prompt)), dtype=torch.long)
+            attention = torch.ones((len(rows), lead + len(prompt)), dtype=torch.long)
             sampling = _batch_sampling(rows)
             logits = out.logits[:, -1, :].float().expand(len(rows), -1).contiguous()
             counts = torch.zeros_like(logits) if sampling.uses_penalties else None
@@ -254,7 +276,7 @@ class CausalRunner:
                 rows=rows,
                 cache=cache,
                 attention=attention,
-                next_pos=torch.full((len(rows),), len(prompt)),
+                next_pos=torch.full((len(rows),), lead + len(prompt)),
                 logits=logits,
                 sampling=sampling,
                 counts=counts,
@@ -263,6 +285,18 @@ class CausalRunner:
             log.exception("prefill failed on %s", self.name)
             self._fail([pending], exc)
             return None
+
+    def _virtual_states(self, virtual: VirtualTokens | None) -> States:
+        if virtual is None:
+            return []
+        if virtual.method == "PREFIX_TUNING":
+            return self.virtual.states(virtual, lambda v: prefix_states(v, self.model.config))
+
+        def run_base(tokens: VirtualTokens) -> States:
+            self.lora.prepare([None])
+            return prompt_states(tokens, self.model)
+
+        return self.virtual.states(virtual, run_base)
 
     @torch.inference_mode()
     def _step(self, state: BatchState[_Row]) -> BatchState[_Row] | None:

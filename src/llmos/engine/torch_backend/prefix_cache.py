@@ -41,9 +41,12 @@ class PrefixCache:
     def used_bytes(self) -> int:
         return self._used
 
-    def lookup(self, scope: str, prompt: Sequence[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    def lookup(
+        self, scope: str, prompt: Sequence[int], *, lead: int = 0
+    ) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None:
         """The longest cached prefix of ``prompt`` (leaving at least one token to compute) as
-        (length, per-layer states sliced to it), or None."""
+        (length, per-layer states sliced to it), or None. ``lead`` cache positions come before
+        the prompt (an adapter's virtual tokens) and are part of the states returned."""
         best: tuple[int, bytes] | None = None
         for length, key in _block_keys(scope, prompt, limit=len(prompt) - 1):
             owner = self._index.get(key)
@@ -55,11 +58,13 @@ class PrefixCache:
         self._entries.move_to_end(owner)
         self.hits += 1
         self.tokens_reused += length
-        return length, [(k[:, :, :length], v[:, :, :length]) for k, v in self._entries[owner].states]
+        end = lead + length
+        return length, [(k[:, :, :end], v[:, :, :end]) for k, v in self._entries[owner].states]
 
-    def store(self, scope: str, prompt: Sequence[int], cache: DynamicCache, row: int) -> None:
+    def store(self, scope: str, prompt: Sequence[int], cache: DynamicCache, row: int, *, lead: int = 0) -> None:
         """Keep the states of ``prompt``'s full blocks from row ``row`` of a fresh prefill cache,
-        which must hold that prompt alone, without padding."""
+        which must hold that prompt alone, without padding, after ``lead`` positions that the
+        scope always has (an adapter's virtual tokens)."""
         layers: list[Any] = list(cache.layers)
         if self.budget_bytes <= 0 or not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
             return
@@ -68,7 +73,10 @@ class PrefixCache:
             return
         length, owner = keys[-1]
         states = [
-            (layer.keys[row : row + 1, :, :length].clone(), layer.values[row : row + 1, :, :length].clone())
+            (
+                layer.keys[row : row + 1, :, : lead + length].clone(),
+                layer.values[row : row + 1, :, : lead + length].clone(),
+            )
             for layer in layers
         ]
         nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in states)
