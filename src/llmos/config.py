@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         description="Memory for the key/value states of prompt prefixes (system prompts) per chat model, "
         "reused by later prompts of the same tenant that start the same way; 0 turns prefix caching off.",
     )
+    kv_cache_mb: int = Field(
+        default=4096,
+        ge=1,
+        description="Key/value cache memory of each chat model's decode batch. A request is admitted while every "
+        "running row could still grow to its prompt plus max_tokens within it, else it waits; one that could "
+        "never fit is refused (400 kv_cache_exceeded).",
+    )
     prefill_chunk_tokens: int = Field(
         default=256,
         ge=1,

@@ -172,6 +172,7 @@ class LocalEngine:
             if not isinstance(runner, CausalRunner):
                 raise InvalidRequestError(f"model {request.model} cannot generate text", param="model")
             virtual = await asyncio.to_thread(self._virtual_tokens, record)
+            runner.check_fits(request, virtual)
             if base is not record and virtual is None:  # LoRA: loaded beside its resident base, off the engine thread
                 await asyncio.to_thread(runner.lora.acquire, record.id, partial(self._load_adapter, record))
                 adapter = record.id
@@ -280,6 +281,8 @@ class LocalEngine:
                     prefix_cache_hits=runner.prefix_cache.hits,
                     prefix_tokens_reused=runner.prefix_cache.tokens_reused,
                     prefix_cache_bytes=runner.prefix_cache.used_bytes,
+                    kv_cache_bytes=runner.kv_bytes,
+                    kv_cache_budget_bytes=runner.kv_budget.budget_bytes,
                 )
             models[model_id] = entry
         return {
@@ -331,6 +334,7 @@ class LocalEngine:
             prefill_budget=self.settings.prefill_chunk_tokens,
             adapter_budget_bytes=self.settings.adapter_memory_mb << 20,
             prefix_cache_bytes=self.settings.prefix_cache_mb << 20,
+            kv_cache_bytes=self.settings.kv_cache_mb << 20,
             name=record.name,
         )
         if isinstance(runner, CausalRunner):

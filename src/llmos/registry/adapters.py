@@ -96,10 +96,14 @@ def adapter_format(config: dict[str, Any]) -> str:
 def virtual_token_width(peft_type: str, base_config: dict[str, Any]) -> int:
     """How wide each saved virtual token is for a base with this ``config.json``: prompt tuning
     learns input embeddings; prefix tuning learns every layer's keys and values directly."""
-    hidden = int(base_config["hidden_size"])
     if peft_type.upper() == "PROMPT_TUNING":
-        return hidden
-    heads = int(base_config["num_attention_heads"])
+        return int(base_config["hidden_size"])
+    return kv_width(base_config)
+
+
+def kv_width(base_config: dict[str, Any]) -> int:
+    """Numbers a decoder keeps per token in its key/value cache: keys and values of every layer."""
+    hidden, heads = int(base_config["hidden_size"]), int(base_config["num_attention_heads"])
     kv_heads = int(base_config.get("num_key_value_heads") or heads)
     head_dim = int(base_config.get("head_dim") or hidden // heads)
     return int(base_config["num_hidden_layers"]) * 2 * kv_heads * head_dim

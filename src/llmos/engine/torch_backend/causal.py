@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from llmos.engine.detokenize import IncrementalText
 from llmos.engine.protocol import (
@@ -30,7 +29,9 @@ from llmos.engine.protocol import (
 )
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
+from llmos.engine.torch_backend.kv_budget import KvBudget
 from llmos.engine.torch_backend.lora_bank import LoraBank
+from llmos.engine.torch_backend.prefill import Prefill
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
 from llmos.engine.torch_backend.virtual_tokens import (
     States,
@@ -39,7 +40,9 @@ from llmos.engine.torch_backend.virtual_tokens import (
     prefix_states,
     prompt_states,
 )
+from llmos.errors import InvalidRequestError
 from llmos.kernel.fair_queue import Empty, FairQueue
+from llmos.registry.adapters import kv_width
 
 log = logging.getLogger(__name__)
 Sink = Callable[[GenerationDelta], None]
@@ -53,6 +56,8 @@ class _Pending:
     """The LoRA adapter (a column range of ``LoraBank``) applied to this request's rows."""
     virtual: VirtualTokens | None = None
     """The prefix- or prompt-tuning adapter whose states go before this request's prompt."""
+    reserve: int = 0
+    """Cache tokens each of its rows may grow to (see kv_budget)."""
 
     @property
     def scope(self) -> str:
@@ -85,6 +90,7 @@ class CausalRunner:
         prefill_budget: int = 256,
         adapter_budget_bytes: int = 512 << 20,
         prefix_cache_bytes: int = 256 << 20,
+        kv_cache_bytes: int = 4096 << 20,
         name: str = "model",
     ) -> None:
         self.model = model
@@ -99,6 +105,9 @@ class CausalRunner:
         self.lora = LoraBank(model, adapter_budget_bytes)
         self.virtual = VirtualPrefixes(adapter_budget_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        width = kv_width(model.config.to_dict()) * next(model.parameters()).element_size()
+        self.kv_budget = KvBudget(kv_cache_bytes, width)
+        self.kv_bytes = 0  # the running batch's key/value cache, as of the last step
         self.prefill_tokens = 0  # prompt tokens computed (those served from the prefix cache are not)
         self._queue: FairQueue[_Pending | None] = FairQueue()
         self._aborted: set[str] = set()
@@ -106,6 +115,7 @@ class CausalRunner:
         self._active = 0
         self._closing = False
         self._deferred: deque[_Pending] = deque()
+        self._prefilling: deque[Prefill] = deque()
         self.tokens_generated = 0  # every token computed, including for requests later aborted
         self.prefills = 0
         self.peak_rows = 0  # the most rows ever decoded in one step
@@ -124,8 +134,24 @@ class CausalRunner:
         virtual: VirtualTokens | None = None,
     ) -> None:
         """Queue a request; ``adapter`` (acquired from ``self.lora`` by the caller) applies to its
-        rows, ``virtual`` tokens go before its prompt."""
-        self._queue.put(request.tenant, _Pending(request, sink, adapter, virtual))
+        rows, ``virtual`` tokens go before its prompt. Call ``check_fits`` first."""
+        self._queue.put(request.tenant, _Pending(request, sink, adapter, virtual, self._reservation(request, virtual)))
+
+    def _reservation(self, request: GenerationRequest, virtual: VirtualTokens | None) -> int:
+        lead = virtual.length if virtual else 0
+        return min(self.context_length, lead + len(request.prompt_token_ids) + request.params.max_tokens)
+
+    def check_fits(self, request: GenerationRequest, virtual: VirtualTokens | None = None) -> None:
+        """Refuse (400) a request that could not fit the key/value cache budget even alone."""
+        reserve = self._reservation(request, virtual)
+        if not self.kv_budget.fits([reserve] * request.params.n):
+            raise InvalidRequestError(
+                f"this request needs room for {request.params.n} x {reserve} tokens in the key/value cache, more "
+                f"than this server's budget of {self.kv_budget.budget_tokens} tokens for {self.name} "
+                "(kv_cache_mb); reduce max_tokens, n or the prompt",
+                param="max_tokens",
+                code="kv_cache_exceeded",
+            )
 
     def abort(self, request_id: str) -> None:
         with self._abort_lock:
@@ -133,7 +159,7 @@ class CausalRunner:
 
     @property
     def busy(self) -> bool:
-        return self._active > 0 or not self._queue.empty() or bool(self._deferred)
+        return self._active > 0 or not self._queue.empty() or bool(self._deferred) or bool(self._prefilling)
 
     def close(self) -> None:
         self._queue.put("", None)
@@ -153,27 +179,25 @@ class CausalRunner:
                 self.on_crash(exc)
 
     def _loop(self) -> None:
-        """Admit waiting requests between decode steps, then advance every running row by one token.
+        """Admit waiting requests between decode steps, prefill at most ``prefill_budget`` prompt
+        tokens, then advance every running row by one token.
 
-        Prompts are prefilled one request at a time (no padding wasted on uneven lengths) and at
-        most ``prefill_budget`` prompt tokens per iteration, so admitting a crowd delays the
-        running rows by one bounded pause, not by every newcomer's prompt at once.
+        Prompts are prefilled one request at a time (no padding wasted on uneven lengths), in
+        chunks: admitting a crowd, or one very long prompt, delays the running rows by one bounded
+        pause per step, not by every newcomer's whole prompt at once.
         """
         state: BatchState[_Row] | None = None
         while not self._closing:
-            room = self.max_batch_size - (len(state) if state else 0)
-            incoming = self._collect(block=state is None, room=room)
-            spent = 0
-            for i, pending in enumerate(incoming):
-                if spent and spent + len(pending.request.prompt_token_ids) > self.prefill_budget:
-                    self._deferred.extendleft(reversed(incoming[i:]))  # next iteration, same order
-                    break
-                spent += len(pending.request.prompt_token_ids)
-                fresh = self._prefill_or_fail(pending)
-                if fresh is not None and state is not None:
-                    state.merge(fresh)
-                elif fresh is not None:
+            idle = state is None and not self._prefilling
+            for pending in self._collect(block=idle, running=state):
+                job = self._start_prefill(pending)
+                if job is not None:
+                    self._prefilling.append(job)
+            for fresh in self._advance_prefills():
+                if state is None:
                     state = fresh
+                else:
+                    state.merge(fresh)
             if state is None:
                 continue
             running = state
@@ -183,18 +207,24 @@ class CausalRunner:
                 log.exception("decoding failed on %s", self.name)
                 self._fail_rows([r for r in running.rows if not r.finished], exc)
                 state = None
+            self.kv_bytes = len(state) * state.attention.shape[1] * self.kv_budget.bytes_per_token if state else 0
             self._active = len(state) if state else 0
         if state is not None:
             for row in state.rows:
                 if not row.finished:
                     row.pending.sink(GenerationDelta(index=row.index, text="", finish_reason=FinishReason.ABORT))
+        for job in self._prefilling:
+            self._fail_abort(job.pending)
 
-    def _collect(self, *, block: bool, room: int) -> list[_Pending]:
+    def _collect(self, *, block: bool, running: BatchState[_Row] | None) -> list[_Pending]:
         """Requests to admit now: when idle, wait for one and then ``batch_wait`` for company;
-        when decoding, take only what is already waiting and fits in ``room`` rows."""
+        when busy, take only what is already waiting and fits, in rows and in the cache budget."""
+        reserved = [r.pending.reserve for r in running.rows] if running else []
+        for job in self._prefilling:
+            reserved += [job.pending.reserve] * job.pending.request.params.n
         taken: list[_Pending] = []
         deadline = time.monotonic() + self.batch_wait_s
-        while room > 0:
+        while len(reserved) < self.max_batch_size:
             if self._deferred:
                 item: _Pending | None = self._deferred.popleft()
             else:
@@ -212,12 +242,18 @@ class CausalRunner:
                 break
             if self._take_abort(item.request.request_id, item):
                 continue
-            if item.request.params.n > room and (taken or not block):
-                self._deferred.appendleft(item)  # waits for rows to free up
+            wanted = reserved + [item.reserve] * item.request.params.n
+            if reserved and (len(wanted) > self.max_batch_size or not self.kv_budget.fits(wanted)):
+                self._deferred.appendleft(item)  # waits for rows to finish
                 break
             taken.append(item)
-            room -= item.request.params.n
+            reserved = wanted
         return taken
+
+    def _fail_abort(self, pending: _Pending) -> None:
+        """End every choice of ``pending`` as aborted."""
+        for i in range(pending.request.params.n):
+            pending.sink(GenerationDelta(index=i, text="", finish_reason=FinishReason.ABORT))
 
     def _fail(self, pendings: list[_Pending], exc: Exception) -> None:
         for p in pendings:
@@ -234,57 +270,68 @@ class CausalRunner:
             hit = request_id in self._aborted
             self._aborted.discard(request_id)
         if hit and pending is not None:
-            for i in range(pending.request.params.n):
-                pending.sink(GenerationDelta(index=i, text="", finish_reason=FinishReason.ABORT))
+            self._fail_abort(pending)
         return hit
 
     @torch.inference_mode()
-    def _prefill_or_fail(self, pending: _Pending) -> BatchState[_Row] | None:
-        """Run a newly admitted request's prompt once (its ``n`` choices share it), starting after
-        the longest prefix whose states are cached for its tenant and adapter; a failure fails only it."""
+    def _start_prefill(self, pending: _Pending) -> Prefill | None:
+        """A prefill job for a newly admitted request (its ``n`` choices share it), starting after
+        the longest prefix whose states are cached for its tenant and adapter."""
         try:
-            request = pending.request
-            rows = [
-                _Row(pending, i, IncrementalText(self._decode, request.params.stop)) for i in range(request.params.n)
-            ]
-            prompt = list(request.prompt_token_ids)
-            lead = pending.virtual.length if pending.virtual else 0  # cache positions before the prompt
-            cache = DynamicCache(config=self.model.config)
+            prompt = list(pending.request.prompt_token_ids)
+            lead = pending.virtual.length if pending.virtual else 0
             hit = self.prefix_cache.lookup(pending.scope, prompt, lead=lead)
             start, states = hit if hit is not None else (0, self._virtual_states(pending.virtual))
-            for layer, (keys, values) in enumerate(states):
-                cache.update(keys, values, layer)
-            self.lora.prepare([pending.adapter])
-            out = self.model(
-                input_ids=torch.tensor([prompt[start:]]),
-                attention_mask=torch.ones((1, lead + len(prompt)), dtype=torch.long),
-                position_ids=torch.arange(lead + start, lead + len(prompt))[None],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            self.prefix_cache.store(pending.scope, prompt, cache, row=0, lead=lead)
-            if len(rows) > 1:
-                cache.batch_repeat_interleave(len(rows))
-            attention = torch.ones((len(rows), lead + len(prompt)), dtype=torch.long)
-            sampling = _batch_sampling(rows)
-            logits = out.logits[:, -1, :].float().expand(len(rows), -1).contiguous()
-            counts = torch.zeros_like(logits) if sampling.uses_penalties else None
-            self.prefills += 1
-            self.prefill_tokens += len(prompt) - start
-            return BatchState(
-                rows=rows,
-                cache=cache,
-                attention=attention,
-                next_pos=torch.full((len(rows),), lead + len(prompt)),
-                logits=logits,
-                sampling=sampling,
-                counts=counts,
-            )
+            return Prefill.start(pending, self.model.config, prompt, lead, start, states)
         except Exception as exc:
             log.exception("prefill failed on %s", self.name)
             self._fail([pending], exc)
             return None
+
+    @torch.inference_mode()
+    def _advance_prefills(self) -> list[BatchState[_Row]]:
+        """Run up to ``prefill_budget`` prompt tokens of the jobs in order; the finished ones
+        become batches of their rows. A failure fails only its request."""
+        budget, finished = self.prefill_budget, []
+        while self._prefilling and budget > 0:
+            job = self._prefilling[0]
+            if self._take_abort(job.pending.request.request_id, job.pending):
+                self._prefilling.popleft()
+                continue
+            take = min(job.remaining, budget)
+            budget -= take
+            try:
+                self.lora.prepare([job.pending.adapter])
+                job.run(self.model, take)
+                self.prefill_tokens += take
+                if job.remaining == 0:
+                    self._prefilling.popleft()
+                    finished.append(self._to_batch(job))
+            except Exception as exc:
+                log.exception("prefill failed on %s", self.name)
+                self._prefilling.popleft()
+                self._fail([job.pending], exc)
+        return finished
+
+    def _to_batch(self, job: Prefill) -> BatchState[_Row]:
+        pending, request = job.pending, job.pending.request
+        rows = [_Row(pending, i, IncrementalText(self._decode, request.params.stop)) for i in range(request.params.n)]
+        self.prefix_cache.store(pending.scope, job.prompt, job.cache, row=0, lead=job.lead)
+        if len(rows) > 1:
+            job.cache.batch_repeat_interleave(len(rows))
+        assert job.logits is not None
+        sampling = _batch_sampling(rows)
+        logits = job.logits.expand(len(rows), -1).contiguous()
+        self.prefills += 1
+        return BatchState(
+            rows=rows,
+            cache=job.cache,
+            attention=torch.ones((len(rows), job.lead + len(job.prompt)), dtype=torch.long),
+            next_pos=torch.full((len(rows),), job.lead + len(job.prompt)),
+            logits=logits,
+            sampling=sampling,
+            counts=torch.zeros_like(logits) if sampling.uses_penalties else None,
+        )
 
     def _virtual_states(self, virtual: VirtualTokens | None) -> States:
         if virtual is None:

@@ -39,6 +39,7 @@ def load_runner(
     prefill_budget: int,
     adapter_budget_bytes: int,
     prefix_cache_bytes: int,
+    kv_cache_bytes: int,
     name: str,
 ) -> CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
@@ -57,6 +58,7 @@ def load_runner(
                 prefill_budget=prefill_budget,
                 adapter_budget_bytes=adapter_budget_bytes,
                 prefix_cache_bytes=prefix_cache_bytes,
+                kv_cache_bytes=kv_cache_bytes,
                 name=name,
             )
         if task in TASK_HEADS:

@@ -1,0 +1,53 @@
+"""A prompt being prefilled, a chunk at a time between decode steps.
+
+A long prompt computed in one go would pause every running stream for its whole length; run in
+chunks of at most ``prefill_chunk_tokens`` per engine iteration, it delays them by one bounded
+chunk per step instead (vLLM's chunked prefill). The key/value states of the chunks done so far
+live in the job's own cache; the last chunk's logits choose the first token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from llmos.engine.torch_backend.virtual_tokens import States
+
+
+@dataclass
+class Prefill:
+    pending: Any  # the runner's queued request
+    prompt: list[int]
+    lead: int  # cache positions before the prompt (an adapter's virtual tokens)
+    cache: DynamicCache
+    done: int  # prompt tokens whose states are in ``cache`` (cached prefix included)
+    logits: torch.Tensor | None = None  # (1, vocab) after the last chunk
+
+    @classmethod
+    def start(cls, pending: Any, config: Any, prompt: list[int], lead: int, start: int, states: States) -> Prefill:
+        """A job whose first ``start`` prompt tokens (and ``lead`` virtual ones) have the given states."""
+        cache = DynamicCache(config=config)
+        for layer, (keys, values) in enumerate(states):
+            cache.update(keys, values, layer)
+        return cls(pending, prompt, lead, cache, start)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompt) - self.done
+
+    def run(self, model: Any, tokens: int) -> None:
+        """Compute the next ``tokens`` prompt tokens' states (and logits, which only the last chunk needs)."""
+        end = min(len(self.prompt), self.done + tokens)
+        out = model(
+            input_ids=torch.tensor([self.prompt[self.done : end]]),
+            attention_mask=torch.ones((1, self.lead + end), dtype=torch.long),
+            position_ids=torch.arange(self.lead + self.done, self.lead + end)[None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.done = end
+        self.logits = out.logits[:, -1, :].float()
