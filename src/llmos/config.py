@@ -90,6 +90,15 @@ class Settings(BaseSettings):
         "running row could still grow to its prompt plus max_tokens within it, else it waits; one that could "
         "never fit is refused (400 kv_cache_exceeded).",
     )
+    tenant_rows_when_shared: int = Field(
+        default=4,
+        ge=0,
+        le=1024,
+        description="While a tenant with at most this many requests is active (or was in the last 2 s), no "
+        "tenant decodes more than this many rows of a chat model's batch; the rest wait or are parked, so one "
+        "tenant's flood barely slows another's tokens. Busy tenants alone share the whole batch equally; 0 turns "
+        "this off.",
+    )
     prefill_chunk_tokens: int = Field(
         default=256,
         ge=1,

@@ -35,12 +35,12 @@ class LoopFault:
         self.fired = 0
         original = CausalRunner._collect
 
-        def collect(runner: CausalRunner, *, block: bool, running: Any) -> Any:
+        def collect(runner: CausalRunner, *, block: bool, **rest: Any) -> Any:
             if not block and self.armed.is_set():  # not blocking: rows are running
                 self.armed.clear()
                 self.fired += 1
                 raise RuntimeError("injected fault in the engine loop")
-            return original(runner, block=block, running=running)
+            return original(runner, block=block, **rest)
 
         monkeypatch.setattr(CausalRunner, "_collect", collect)
 

@@ -36,3 +36,18 @@ def test_blocking_get_wakes_on_put() -> None:
     t.join(timeout=5)
     assert out == [42]
     assert len(q) == 0
+
+
+def test_skipped_tenants_keep_their_items_and_put_back_restores_the_turn() -> None:
+    q: FairQueue[str] = FairQueue()
+    for i in range(3):
+        q.put("flood", f"f{i}")
+    q.put("quiet", "q0")
+    assert q.get_nowait(skip={"flood"}) == "q0"
+    with pytest.raises(Empty):
+        q.get_nowait(skip={"flood"})
+    assert q.waiting() == {"flood": 3}
+    first = q.get_nowait()
+    q.put("quiet", "q1")
+    q.put_back("flood", first)  # not admitted after all: first in line again, and its turn kept
+    assert [q.get_nowait() for _ in range(len(q))] == ["f0", "q1", "f1", "f2"]

@@ -283,6 +283,7 @@ class LocalEngine:
                     prefix_cache_bytes=runner.prefix_cache.used_bytes,
                     kv_cache_bytes=runner.kv_bytes,
                     kv_cache_budget_bytes=runner.kv_budget.budget_bytes,
+                    rows_parked=runner.share.parks,
                 )
             models[model_id] = entry
         return {
@@ -335,6 +336,7 @@ class LocalEngine:
             adapter_budget_bytes=self.settings.adapter_memory_mb << 20,
             prefix_cache_bytes=self.settings.prefix_cache_mb << 20,
             kv_cache_bytes=self.settings.kv_cache_mb << 20,
+            tenant_rows_when_shared=self.settings.tenant_rows_when_shared,
             name=record.name,
         )
         if isinstance(runner, CausalRunner):

@@ -1,7 +1,8 @@
 """A blocking queue that serves tenants in turn, so one tenant's flood cannot starve another.
 
 Items of one tenant keep their order; across tenants, ``get`` takes one item from each tenant
-with work in round-robin order. Thread-safe; used between the API threads and an engine thread.
+with work in round-robin order, passing over tenants the caller says are at their share.
+Thread-safe; used between the API threads and an engine thread.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Collection
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -30,25 +32,41 @@ class FairQueue(Generic[T]):
             self._size += 1
             self._cond.notify()
 
-    def get(self, timeout: float | None = None) -> T:
-        """The next item in tenant round-robin order; blocks up to ``timeout`` (None: forever)."""
+    def get(self, timeout: float | None = None, *, skip: Collection[str] = ()) -> T:
+        """The next item in tenant round-robin order, from a tenant not in ``skip``; blocks up to
+        ``timeout`` (None: forever) for one."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._size == 0:
+            while True:
+                tenant = next((t for t in self._queues if t not in skip), None)
+                if tenant is not None:
+                    break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise Empty
                 self._cond.wait(remaining)
-            tenant, items = next(iter(self._queues.items()))
+            items = self._queues.pop(tenant)
             item = items.popleft()
             self._size -= 1
-            del self._queues[tenant]
             if items:
                 self._queues[tenant] = items  # back of the line: the others go first
             return item
 
-    def get_nowait(self) -> T:
-        return self.get(timeout=0)
+    def put_back(self, tenant: str, item: T) -> None:
+        """Return an item just taken: first in its tenant's line, and the tenant's turn restored."""
+        with self._cond:
+            self._queues.setdefault(tenant, deque()).appendleft(item)
+            self._queues.move_to_end(tenant, last=False)
+            self._size += 1
+            self._cond.notify()
+
+    def waiting(self) -> dict[str, int]:
+        """How many items each tenant has queued."""
+        with self._cond:
+            return {tenant: len(items) for tenant, items in self._queues.items()}
+
+    def get_nowait(self, *, skip: Collection[str] = ()) -> T:
+        return self.get(timeout=0, skip=skip)
 
     def empty(self) -> bool:
         with self._cond:

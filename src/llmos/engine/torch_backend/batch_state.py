@@ -57,6 +57,26 @@ class BatchState(Generic[RowT]):
         self.counts = self.counts[idx] if self.counts is not None else None
         self.trim()
 
+    def split_off(self, indices: list[int], config: Any) -> BatchState[RowT]:
+        """Remove the rows at ``indices`` (in order) and return them as a batch of their own."""
+        idx = torch.tensor(indices, dtype=torch.long)
+        cache = DynamicCache(config=config)
+        for i, layer in enumerate(_layers(self.cache)):
+            cache.update(layer.keys[idx], layer.values[idx], i)
+        other = BatchState(
+            rows=[self.rows[i] for i in indices],
+            cache=cache,
+            attention=self.attention[idx],
+            next_pos=self.next_pos[idx],
+            logits=self.logits[idx],
+            sampling=self.sampling.select(idx),
+            counts=self.counts[idx] if self.counts is not None else None,
+        )
+        other.trim()
+        gone = set(indices)
+        self.select([i for i in range(len(self.rows)) if i not in gone])
+        return other
+
     def trim(self) -> None:
         used = self.attention.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +33,7 @@ from llmos.engine.torch_backend.kv_budget import KvBudget
 from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.engine.torch_backend.prefill import Prefill
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
+from llmos.engine.torch_backend.tenant_share import TenantShare
 from llmos.engine.torch_backend.virtual_tokens import (
     States,
     VirtualPrefixes,
@@ -46,6 +47,7 @@ from llmos.registry.adapters import kv_width
 
 log = logging.getLogger(__name__)
 Sink = Callable[[GenerationDelta], None]
+_CLOSE = "\0close"  # the queue "tenant" of the sentinel that stops the loop; never a real tenant id
 
 
 @dataclass
@@ -91,6 +93,7 @@ class CausalRunner:
         adapter_budget_bytes: int = 512 << 20,
         prefix_cache_bytes: int = 256 << 20,
         kv_cache_bytes: int = 4096 << 20,
+        tenant_rows_when_shared: int = 0,
         name: str = "model",
     ) -> None:
         self.model = model
@@ -114,7 +117,7 @@ class CausalRunner:
         self._abort_lock = threading.Lock()
         self._active = 0
         self._closing = False
-        self._deferred: deque[_Pending] = deque()
+        self.share = TenantShare(max_batch_size, tenant_rows_when_shared, model.config)
         self._prefilling: deque[Prefill] = deque()
         self.tokens_generated = 0  # every token computed, including for requests later aborted
         self.prefills = 0
@@ -159,10 +162,10 @@ class CausalRunner:
 
     @property
     def busy(self) -> bool:
-        return self._active > 0 or not self._queue.empty() or bool(self._deferred) or bool(self._prefilling)
+        return self._active > 0 or not self._queue.empty() or bool(self._prefilling) or self.share.parked is not None
 
     def close(self) -> None:
-        self._queue.put("", None)
+        self._queue.put(_CLOSE, None)
         self._thread.join(timeout=30)
 
     # -- engine thread ---------------------------------------------------------------------
@@ -188,8 +191,11 @@ class CausalRunner:
         """
         state: BatchState[_Row] | None = None
         while not self._closing:
-            idle = state is None and not self._prefilling
-            for pending in self._collect(block=idle, running=state):
+            idle = state is None and not self._prefilling and self.share.parked is None
+            held = self.share.held(state)
+            for prefilling in self._prefilling:
+                held[prefilling.pending.request.tenant] += prefilling.pending.request.params.n
+            for pending in self._collect(block=idle, running=state, held=held):
                 job = self._start_prefill(pending)
                 if job is not None:
                     self._prefilling.append(job)
@@ -198,6 +204,8 @@ class CausalRunner:
                     state = fresh
                 else:
                     state.merge(fresh)
+            self.share.drop_finished()
+            state = self.share.rebalance(state, self.share.caps(self.share.held(state), self._queue.waiting()))
             if state is None:
                 continue
             running = state
@@ -207,46 +215,55 @@ class CausalRunner:
                 log.exception("decoding failed on %s", self.name)
                 self._fail_rows([r for r in running.rows if not r.finished], exc)
                 state = None
-            self.kv_bytes = len(state) * state.attention.shape[1] * self.kv_budget.bytes_per_token if state else 0
+            self.kv_bytes = sum(
+                len(b) * b.attention.shape[1] * self.kv_budget.bytes_per_token for b in (state, self.share.parked) if b
+            )
             self._active = len(state) if state else 0
-        if state is not None:
-            for row in state.rows:
+        for batch in (state, self.share.parked):
+            for row in batch.rows if batch else []:
                 if not row.finished:
                     row.pending.sink(GenerationDelta(index=row.index, text="", finish_reason=FinishReason.ABORT))
         for job in self._prefilling:
             self._fail_abort(job.pending)
 
-    def _collect(self, *, block: bool, running: BatchState[_Row] | None) -> list[_Pending]:
+    def _collect(self, *, block: bool, running: BatchState[_Row] | None, held: Counter[str]) -> list[_Pending]:
         """Requests to admit now: when idle, wait for one and then ``batch_wait`` for company;
-        when busy, take only what is already waiting and fits, in rows and in the cache budget."""
+        when busy, take only what is already waiting and fits: in rows, in the cache budget and
+        in its tenant's share of the batch."""
         reserved = [r.pending.reserve for r in running.rows] if running else []
+        reserved += [r.pending.reserve for r in self.share.parked.rows] if self.share.parked else []
         for job in self._prefilling:
             reserved += [job.pending.reserve] * job.pending.request.params.n
+        caps = self.share.caps(held, self._queue.waiting())
+        full = {t for t, rows in held.items() if rows >= caps.get(t, self.max_batch_size)}
         taken: list[_Pending] = []
         deadline = time.monotonic() + self.batch_wait_s
         while len(reserved) < self.max_batch_size:
-            if self._deferred:
-                item: _Pending | None = self._deferred.popleft()
-            else:
-                try:
-                    if block and not taken:
-                        item = self._queue.get(timeout=None)
-                    elif block:
-                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    else:
-                        item = self._queue.get_nowait()
-                except Empty:
-                    break
+            try:
+                if block and not taken:
+                    item = self._queue.get(timeout=None, skip=full)
+                elif block:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()), skip=full)
+                else:
+                    item = self._queue.get_nowait(skip=full)
+            except Empty:
+                break
             if item is None:
                 self._closing = True
                 break
             if self._take_abort(item.request.request_id, item):
                 continue
-            wanted = reserved + [item.reserve] * item.request.params.n
+            tenant, n = item.request.tenant, item.request.params.n
+            wanted = reserved + [item.reserve] * n
             if reserved and (len(wanted) > self.max_batch_size or not self.kv_budget.fits(wanted)):
-                self._deferred.appendleft(item)  # waits for rows to finish
+                self._queue.put_back(tenant, item)  # waits for rows to finish
                 break
+            if held[tenant] and held[tenant] + n > caps.get(tenant, self.max_batch_size):
+                self._queue.put_back(tenant, item)  # its tenant has its share; others may still come in
+                full.add(tenant)
+                continue
             taken.append(item)
+            held[tenant] += n
             reserved = wanted
         return taken
 

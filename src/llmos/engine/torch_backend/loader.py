@@ -40,6 +40,7 @@ def load_runner(
     adapter_budget_bytes: int,
     prefix_cache_bytes: int,
     kv_cache_bytes: int,
+    tenant_rows_when_shared: int,
     name: str,
 ) -> CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
@@ -59,6 +60,7 @@ def load_runner(
                 adapter_budget_bytes=adapter_budget_bytes,
                 prefix_cache_bytes=prefix_cache_bytes,
                 kv_cache_bytes=kv_cache_bytes,
+                tenant_rows_when_shared=tenant_rows_when_shared,
                 name=name,
             )
         if task in TASK_HEADS:
