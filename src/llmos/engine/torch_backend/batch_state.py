@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from llmos.engine.sampling import BatchSampling
+from llmos.engine.torch_backend.kv_cache import new_cache
 
 RowT = TypeVar("RowT")
 
@@ -60,7 +61,7 @@ class BatchState(Generic[RowT]):
     def split_off(self, indices: list[int], config: Any) -> BatchState[RowT]:
         """Remove the rows at ``indices`` (in order) and return them as a batch of their own."""
         idx = torch.tensor(indices, dtype=torch.long)
-        cache = DynamicCache(config=config)
+        cache = new_cache(config)
         for i, layer in enumerate(_layers(self.cache)):
             cache.update(layer.keys[idx], layer.values[idx], i)
         other = BatchState(

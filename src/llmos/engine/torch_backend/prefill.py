@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.virtual_tokens import States
 
 
@@ -29,7 +30,7 @@ class Prefill:
     @classmethod
     def start(cls, pending: Any, config: Any, prompt: list[int], lead: int, start: int, states: States) -> Prefill:
         """A job whose first ``start`` prompt tokens (and ``lead`` virtual ones) have the given states."""
-        cache = DynamicCache(config=config)
+        cache = new_cache(config)
         for layer, (keys, values) in enumerate(states):
             cache.update(keys, values, layer)
         return cls(pending, prompt, lead, cache, start)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 BLOCK = 16
 
@@ -66,7 +67,8 @@ class PrefixCache:
         which must hold that prompt alone, without padding, after ``lead`` positions that the
         scope always has (an adapter's virtual tokens)."""
         layers: list[Any] = list(cache.layers)
-        if self.budget_bytes <= 0 or not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        full_attention = all(isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in layers)
+        if self.budget_bytes <= 0 or not layers or not full_attention:
             return
         keys = _block_keys(scope, prompt, limit=len(prompt))
         if not keys or keys[-1][1] in self._index:

@@ -1,0 +1,90 @@
+"""Key/value caches that grow in place.
+
+transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, copying a
+layer's whole cache every decode step: on SmolLM2 with 16 rows that copying was a quarter to a
+third of the step (measured with torch.profiler). ``GrowingLayer`` keeps the states in buffers
+with spare room along the sequence and writes each step's new position in place, copying only
+when the room runs out (then with half as much again to spare). Everything else (batch_state's
+merge, trim and split, the prefix cache) reads and assigns ``keys``/``values`` as before: an
+assigned tensor becomes the buffer as it is, with no spare room, so a buffer that is shared with
+anyone else is never written into.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+MIN_SPARE = 32
+
+
+class _Growing:
+    """One of a layer's two tensors (keys or values): a buffer and how much of it is filled."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.length = 0
+
+    def get(self) -> torch.Tensor | None:
+        return None if self.buffer is None else self.buffer[:, :, : self.length]
+
+    def set(self, tensor: torch.Tensor | None) -> None:
+        self.buffer = tensor if tensor is not None and tensor.dim() == 4 else None
+        self.length = 0 if self.buffer is None else self.buffer.shape[2]
+
+    def append(self, states: torch.Tensor) -> None:
+        end = self.length + states.shape[2]
+        if self.buffer is None or end > self.buffer.shape[2]:
+            batch, heads, _, dim = states.shape
+            grown = torch.empty(
+                (batch, heads, end + max(MIN_SPARE, end // 2), dim), dtype=states.dtype, device=states.device
+            )
+            if self.buffer is not None and self.length:
+                grown[:, :, : self.length] = self.buffer[:, :, : self.length]
+            self.buffer = grown
+        self.buffer[:, :, self.length : end] = states
+        self.length = end
+
+
+class GrowingLayer(DynamicLayer):
+    def __init__(self) -> None:
+        self._keys, self._values = _Growing(), _Growing()
+        super().__init__()
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._keys.get()
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        self._keys.set(tensor)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._values.get()
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        self._values.set(tensor)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True  # states assigned before the first update are kept
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._keys.append(key_states)
+        self._values.append(value_states)
+        return self.keys, self.values
+
+
+def new_cache(config: Any) -> DynamicCache:
+    """A cache for ``config``'s model whose full-attention layers grow in place (sliding-window
+    layers keep transformers' own behaviour)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache

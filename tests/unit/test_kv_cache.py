@@ -1,0 +1,75 @@
+"""Key/value cache layers that grow in place: same states as transformers' own, no copy per step,
+and a tensor handed to the cache is never written into."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+from llmos.engine.torch_backend.kv_cache import GrowingLayer, new_cache
+
+
+def _states(length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, length, 4, generator=g), torch.randn(2, 3, length, 4, generator=g)
+
+
+def test_appends_reuse_the_buffer_and_match_concatenation() -> None:
+    layer = GrowingLayer()
+    keys, values = _states(5, 0)
+    layer.update(keys, values)
+    buffer = layer._keys.buffer
+    for step in range(10):
+        k, v = _states(1, step + 1)
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        got_k, got_v = layer.update(k, v)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    assert layer._keys.buffer is buffer  # 5 + 10 tokens fit the room left at the first allocation
+    assert layer.get_seq_length() == 15
+
+
+def test_assigned_tensors_are_never_written_into() -> None:
+    layer = GrowingLayer()
+    shared_k, shared_v = _states(6, 1)
+    before = shared_k.clone(), shared_v.clone()
+    layer.keys, layer.values = shared_k[:, :, 2:], shared_v[:, :, 2:]  # e.g. trimmed left padding
+    k, v = _states(1, 2)
+    got_k, got_v = layer.update(k, v)
+    assert torch.equal(shared_k, before[0]) and torch.equal(shared_v, before[1])
+    assert torch.equal(got_k, torch.cat([before[0][:, :, 2:], k], 2))
+    assert torch.equal(got_v, torch.cat([before[1][:, :, 2:], v], 2))
+
+
+def test_keys_and_values_are_assigned_independently() -> None:
+    layer = GrowingLayer()
+    layer.update(*_states(6, 3))
+    keys, values = layer.keys, layer.values
+    assert keys is not None and values is not None
+    layer.keys = keys[:, :, 2:]  # batch_state trims keys, then values
+    assert layer.values is not None and torch.equal(layer.values, values)
+    layer.values = values[:, :, 2:]
+    assert layer.get_seq_length() == 4
+
+
+def test_a_model_decodes_the_same_as_with_transformers_cache() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prompt = torch.randint(0, 100, (1, 7))
+    logits = []
+    for cache in (DynamicCache(config=config), new_cache(config)):
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        steps = []
+        for i in range(6):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[7 + i]]))
+            steps.append(out.logits)
+        logits.append(torch.cat(steps))
+    assert torch.allclose(logits[0], logits[1], atol=1e-6)
