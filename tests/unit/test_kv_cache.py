@@ -3,8 +3,10 @@ and a tensor handed to the cache is never written into."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from llmos.engine.torch_backend.kv_cache import GrowingLayer, new_cache
 
@@ -51,20 +53,11 @@ def test_keys_and_values_are_assigned_independently() -> None:
     assert layer.get_seq_length() == 4
 
 
-def test_a_model_decodes_the_same_as_with_transformers_cache() -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
-    prompt = torch.randint(0, 100, (1, 7))
+def test_a_model_decodes_the_same_as_with_transformers_cache(tiny_chat_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
     logits = []
-    for cache in (DynamicCache(config=config), new_cache(config)):
+    for cache in (DynamicCache(config=model.config), new_cache(model.config)):
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
         steps = []
         for i in range(6):
