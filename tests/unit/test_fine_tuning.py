@@ -104,9 +104,20 @@ def test_bad_job_requests_are_refused_before_queueing(client: openai.OpenAI) -> 
             {
                 "model": "tiny-chat",
                 "training_file": training,
-                "method": {"type": "supervised", "supervised": {"adapter": {"type": "prefix_tuning"}}},
+                "method": {"type": "supervised", "supervised": {"adapter": {"type": "dora"}}},
             },
             "method.supervised.adapter.type",
+        ),
+        (
+            {
+                "model": "tiny-chat",
+                "training_file": training,
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"adapter": {"type": "prompt_tuning", "num_virtual_tokens": 0}},
+                },
+            },
+            "method.supervised.hyperparameters.num_virtual_tokens",
         ),
         ({"model": "tiny-chat", "training_file": training, "tenant": "someone-else"}, "tenant"),
     ]
@@ -206,3 +217,51 @@ def test_classifier_fine_tune_then_classify(client: openai.OpenAI, http: TestCli
         json={"model": "tiny-chat", "input": "x"},
     )
     assert chat_model.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "fmt"), [("adalora", "safetensors"), ("prefix_tuning", "prefix"), ("prompt_tuning", "prefix")]
+)
+def test_every_peft_method_trains_a_servable_chat_model(client: openai.OpenAI, method: str, fmt: str) -> None:
+    training = upload(client)
+    adapter = {"type": method, "r": 4, "alpha": 8, "num_virtual_tokens": 4}
+    job = client.fine_tuning.jobs.create(
+        model="tiny-chat",
+        training_file=training,
+        validation_file=training,
+        seed=3,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}, "adapter": adapter},
+        },
+    )  # type: ignore[arg-type]
+    done = wait_for(client, job.id, {"succeeded", "failed"})
+    assert done.status == "succeeded", done.error  # type: ignore[attr-defined]
+    name = done.fine_tuned_model  # type: ignore[attr-defined]
+    model = client.models.retrieve(name)
+    assert model.format == fmt and model.extra["hyperparameters"]["adapter"] == method  # type: ignore[attr-defined]
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    by_step = {e.data["step"]: e.data["valid_loss"] for e in events if e.data and "valid_loss" in e.data}  # type: ignore[index,operator]
+    losses = [by_step[step] for step in sorted(by_step)]
+    assert len(losses) == 2 and losses[1] < losses[0]  # validation loss after each epoch: it went down
+    reply = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Say the word number 3"}], temperature=0, max_tokens=8
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    if fmt == "prefix":  # adapters are servable at every epoch; merged methods only at the end
+        first = checkpoints[-1].fine_tuned_model_checkpoint
+        assert client.chat.completions.create(model=first, messages=[{"role": "user", "content": "3"}], max_tokens=4)
+
+
+def test_prompt_learning_is_refused_on_encoders(client: openai.OpenAI) -> None:
+    rows = [{"text": "hello there", "label": "greeting"}, {"text": "paris is in france", "label": "fact"}] * 4
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    training = client.files.create(file=("cls.jsonl", data), purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(
+            model="tiny-embed",
+            training_file=training,
+            method={"type": "supervised", "supervised": {"adapter": {"type": "prefix_tuning"}}},
+        )  # type: ignore[arg-type]
+    assert refused.value.body["code"] == "unsupported_method"  # type: ignore[index]

@@ -76,7 +76,7 @@ def create(
     epochs: Annotated[int | None, typer.Option(help="n_epochs (default auto).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="batch_size (default auto).")] = None,
     lr_multiplier: Annotated[float | None, typer.Option(help="learning_rate_multiplier.")] = None,
-    adapter: Annotated[str, typer.Option(help="lora, ia3 or full.")] = "lora",
+    adapter: Annotated[str, typer.Option(help="lora, adalora, ia3, prefix_tuning, prompt_tuning or full.")] = "lora",
     seed: Annotated[int | None, typer.Option(help="Seed for a reproducible run.")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Show progress and metrics until the job ends.")] = False,
     api_key: KeyOpt = None,

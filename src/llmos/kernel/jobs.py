@@ -23,7 +23,7 @@ from llmos.registry.files import FileRecord, FileStore
 from llmos.registry.idempotency import find_earlier, insert_once
 from llmos.registry.service import ModelRegistry
 from llmos.registry.tables import JobCheckpointRow, JobEventRow, JobRow, ModelRow
-from llmos.training.spec import parse_spec
+from llmos.training.spec import VIRTUAL_TOKEN_ADAPTERS, parse_spec
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 RESUMABLE_ERRORS = frozenset({"disk_full", "quota_exceeded"})
@@ -190,6 +190,13 @@ class JobStore:
         spec = parse_spec(
             body.get("method"), body.get("hyperparameters"), training_records=int(training.summary.get("records", 0))
         )
+        if spec.adapter in VIRTUAL_TOKEN_ADAPTERS and task != "chat":
+            raise InvalidRequestError(
+                f"adapter type {spec.adapter!r} trains chat models only (the engine serves its virtual tokens "
+                f"beside a causal base); for {task} use lora, adalora, ia3 or full",
+                param="method.supervised.adapter.type",
+                code="unsupported_method",
+            )
         priority = body.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, int) or not -10 <= priority <= 10:
             raise InvalidRequestError("priority must be an integer from -10 to 10", param="priority")

@@ -1,8 +1,9 @@
 """Parameter-efficient methods, registered by name (no if-chains over method names).
 
-Each builder turns a TrainingSpec into a PEFT config for a task type; `full` needs none.
-Chat LoRA results are saved as adapters the engine serves beside their base; every other result
-is merged into plain weights and served like any other model.
+Each builder turns a TrainingSpec into a PEFT config for a task type and the run's length; `full`
+needs none. Chat LoRA, prefix-tuning and prompt-tuning results are saved as adapters the engine
+serves beside their base; every other result is merged into plain weights and served like any
+other model.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 
 from llmos.training.spec import TrainingSpec
 
-AdapterBuilder = Callable[[TrainingSpec, Any], Any]
+AdapterBuilder = Callable[[TrainingSpec, Any, int], Any]  # (spec, PEFT task type, total steps) -> config
 _BUILDERS: dict[str, AdapterBuilder] = {}
+SERVED_AS_ADAPTERS = ("lora", "prefix_tuning", "prompt_tuning")
+"""Methods whose chat results stay adapters (the engine runs them beside the resident base)."""
 # Classification heads, which PEFT trains whole (modules_to_save): LoRA must not wrap them too.
 # PEFT leaves them out of "all-linear" by itself for SEQ_CLS only, not for TOKEN_CLS.
 HEAD_MODULES = ["classifier", "score"]
@@ -31,7 +34,7 @@ def register_adapter(name: str) -> Callable[[AdapterBuilder], AdapterBuilder]:
 
 
 @register_adapter("lora")
-def _lora(spec: TrainingSpec, task_type: Any) -> Any:
+def _lora(spec: TrainingSpec, task_type: Any, total_steps: int) -> Any:
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -44,21 +47,86 @@ def _lora(spec: TrainingSpec, task_type: Any) -> Any:
     )
 
 
+@register_adapter("adalora")
+def _adalora(spec: TrainingSpec, task_type: Any, total_steps: int) -> Any:
+    """LoRA whose rank budget is re-allocated during training: every layer starts at rank ``r``;
+    after the first 10% of the steps the least important singular values are pruned until, for
+    the last 20%, the average rank is ``r / 2``."""
+    from peft import AdaLoraConfig, TaskType
+
+    total = max(total_steps, 3)
+    return AdaLoraConfig(
+        task_type=task_type,
+        init_r=spec.lora_r,
+        target_r=max(1, spec.lora_r // 2),
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.target_modules,
+        exclude_modules=HEAD_MODULES if task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
+        total_step=total,
+        tinit=total // 10,
+        tfinal=total // 5,
+        deltaT=max(1, total // 50),
+    )
+
+
 @register_adapter("ia3")
-def _ia3(spec: TrainingSpec, task_type: Any) -> Any:
+def _ia3(spec: TrainingSpec, task_type: Any, total_steps: int) -> Any:
     from peft import IA3Config
 
     return IA3Config(task_type=task_type)
 
 
-def wrap_model(model: Any, spec: TrainingSpec, task: str) -> Any:
+@register_adapter("prefix_tuning")
+def _prefix(spec: TrainingSpec, task_type: Any, total_steps: int) -> Any:
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=spec.num_virtual_tokens)
+
+
+@register_adapter("prompt_tuning")
+def _prompt(spec: TrainingSpec, task_type: Any, total_steps: int) -> Any:
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    # Virtual tokens start as embeddings of real vocabulary tokens: random vectors off the
+    # embedding manifold train much more slowly.
+    return PromptTuningConfig(
+        task_type=task_type,
+        num_virtual_tokens=spec.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+    )
+
+
+def wrap_model(model: Any, spec: TrainingSpec, task: str, total_steps: int) -> Any:
     """``model`` ready to train: itself for full fine-tuning, else wrapped by its PEFT method.
     ``task`` is PEFT's task type name (``CAUSAL_LM``, ``SEQ_CLS``)."""
     if spec.adapter == "full":
         return model
     from peft import TaskType, get_peft_model
 
-    return get_peft_model(model, _BUILDERS[spec.adapter](spec, TaskType[task]))
+    return get_peft_model(model, _BUILDERS[spec.adapter](spec, TaskType[task], total_steps))
+
+
+def regularization(model: Any) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality penalty on its singular vectors (PEFT adds it only when the model
+    computes the loss itself, which our loops do not); None for every other method."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or str(config.peft_type) not in ("ADALORA", "PeftType.ADALORA"):
+        return None
+    total, count = torch.zeros(()), 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and ("lora_A" in name or "lora_B" in name):
+            cov = param @ param.T if "lora_A" in name else param.T @ param
+            total = total + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0]), "fro")
+            count += 1
+    return config.orth_reg_weight * total / max(1, count)
+
+
+def after_step(model: Any, step: int) -> None:
+    """What a method does after each optimizer step: AdaLoRA re-allocates its rank budget."""
+    update = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
+    if update is not None:
+        update(step)
 
 
 def merged(model: Any, spec: TrainingSpec) -> Any:
@@ -67,10 +135,11 @@ def merged(model: Any, spec: TrainingSpec) -> Any:
 
 
 def save_for_serving(model: Any, spec: TrainingSpec, out: Path, *, final: bool = True) -> bool:
-    """Write what the engine serves: a LoRA stays an adapter (megabytes, served beside its resident
-    base in mixed batches); a full fine-tune is saved in bf16; other methods are folded into full
-    weights, which changes the model, so only for the ``final`` result. False: nothing written."""
-    if spec.adapter == "lora":
+    """Write what the engine serves: a LoRA, prefix or prompt tuning stays an adapter (megabytes,
+    served beside its resident base in mixed batches); a full fine-tune is saved in bf16; other
+    methods are folded into full weights, which changes the model, so only for the ``final``
+    result. False: nothing written."""
+    if spec.adapter in SERVED_AS_ADAPTERS:
         model.save_pretrained(out, safe_serialization=True)
         return True
     if spec.adapter == "full":

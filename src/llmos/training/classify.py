@@ -88,7 +88,7 @@ def run_classification(run: TrainingRun) -> TrainingResult:
         dtype=torch.float32,
         ignore_mismatched_sizes=True,  # a classifier base (other labels, or an NER head) brings a head of another shape
     )
-    model = wrap_model(model, run.spec, "SEQ_CLS")
+    model = wrap_model(model, run.spec, "SEQ_CLS", run.spec.total_steps(len(train)))
 
     def step(batch: list[LabelledText]) -> StepOutput:
         enc = tokenizer(

@@ -18,10 +18,11 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from llmos.training.adapters import merged
+from llmos.training.adapters import merged, regularization
 from llmos.training.checkpoints import load_weights, resume_latest, save_epoch
+from llmos.training.optim import Optimization
 from llmos.training.run import TrainingResult, TrainingRun
-from llmos.training.sft import Stopped, lr_schedule
+from llmos.training.sft import Stopped
 
 T = TypeVar("T")
 
@@ -59,14 +60,12 @@ def train_encoder(
     from the epoch with the best ``task.select`` when there is validation data, else the last."""
     spec, seed, work_dir, hooks = run.spec, run.seed, run.work_dir, run.hooks
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.01)
     batches = math.ceil(len(task.train) / spec.batch_size)
-    steps_per_epoch = math.ceil(batches / spec.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * spec.n_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(spec, total_steps))
+    total_steps = spec.total_steps(len(task.train))
+    steps_per_epoch = total_steps // spec.n_epochs
+    opt = Optimization(model, spec, total_steps, weight_decay=0.01)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best": None, "bad_epochs": 0}
-    state = resume_latest(work_dir, model, optimizer, scheduler, hooks.message) or state
+    state = resume_latest(work_dir, model, opt.optimizer, opt.scheduler, hooks.message) or state
     hooks.message(
         f"Training {spec.adapter} {task.description}, {spec.n_epochs} epochs ({total_steps} steps, "
         f"batch {spec.batch_size})"
@@ -85,22 +84,19 @@ def train_encoder(
             if reason:
                 raise Stopped(reason)
             out = task.step([task.train[i] for i in order[b * spec.batch_size : (b + 1) * spec.batch_size]])
-            (out.loss / spec.gradient_accumulation_steps).backward()
+            penalty = regularization(model)
+            ((out.loss if penalty is None else out.loss + penalty) / spec.gradient_accumulation_steps).backward()
             window.add(out)
             state["trained_tokens"] += out.tokens
             if (b + 1) % spec.gradient_accumulation_steps and b + 1 < batches:
                 continue
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
+            opt.step(state)
             if state["step"] % log_every == 0:
                 hooks.metrics(
                     {
                         "step": state["step"],
                         **window.flush(),
-                        "learning_rate": scheduler.get_last_lr()[0],
+                        "learning_rate": opt.learning_rate,
                         "epoch": epoch + 1,
                         "total_steps": total_steps,
                     }
@@ -111,7 +107,9 @@ def train_encoder(
             metrics.update(task.evaluate())
             hooks.metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
             _rank_epoch(state, metrics, task.select)
-        directory = save_epoch(work_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+        directory = save_epoch(
+            work_dir, epoch + 1, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler, state=state
+        )
         hooks.checkpoint(int(state["step"]), epoch + 1, metrics, directory)
         if spec.early_stopping_patience is not None and state["bad_epochs"] >= spec.early_stopping_patience:
             hooks.message(f"Early stopping after epoch {epoch + 1}: {task.select} stopped improving")

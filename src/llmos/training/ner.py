@@ -134,7 +134,7 @@ def run_token_classification(run: TrainingRun) -> TrainingResult:
         dtype=torch.float32,
         ignore_mismatched_sizes=True,  # a classifier base brings a head of another shape: start it afresh
     )
-    model = wrap_model(model, run.spec, "TOKEN_CLS")
+    model = wrap_model(model, run.spec, "TOKEN_CLS", run.spec.total_steps(len(train)))
     tagger = WordTagger(model, tokenizer, tags, run.spec.max_seq_length)
 
     def step(batch: list[TaggedSentence]) -> StepOutput:

@@ -4,17 +4,16 @@ and atomic checkpoints; resumes from the last complete checkpoint."""
 
 from __future__ import annotations
 
-import math
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from llmos.training.adapters import save_for_serving, wrap_model
+from llmos.training.adapters import regularization, save_for_serving, wrap_model
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
 from llmos.training.checkpoints import SERVABLE, resume_latest, save_epoch
+from llmos.training.optim import Optimization
 from llmos.training.run import TrainingResult, TrainingRun
 from llmos.training.spec import TrainingSpec
 
@@ -48,7 +47,8 @@ def _collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 def _loss_and_accuracy(model: Any, batch: list[Example], pad_id: int, autocast: bool) -> tuple[torch.Tensor, int, int]:
     ids, labels, mask = _collate(batch, pad_id)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        # Prompt tuning returns logits for its virtual tokens too, before the real ones: drop them.
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
@@ -56,22 +56,6 @@ def _loss_and_accuracy(model: Any, batch: list[Example], pad_id: int, autocast: 
     counted = shift_labels != IGNORE
     correct = int(((shift_logits.argmax(-1) == shift_labels) & counted).sum())
     return loss, correct, int(counted.sum())
-
-
-def lr_schedule(spec: TrainingSpec, total_steps: int) -> Callable[[int], float]:
-    warmup = int(spec.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if spec.lr_scheduler == "constant":
-            return 1.0
-        if spec.lr_scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return factor
 
 
 @torch.no_grad()
@@ -96,15 +80,14 @@ def run_sft(run: TrainingRun) -> TrainingResult:
     valid = load_chat_file(run.valid_path, tokenizer, run.spec.max_seq_length) if run.valid_path else []
     if not train:
         raise ValueError("no training example has an assistant token left after truncation to max_seq_length")
-    model = wrap_model(AutoModelForCausalLM.from_pretrained(run.base_dir, dtype=torch.float32), run.spec, "CAUSAL_LM")
+    total_steps = run.spec.total_steps(len(train))
+    steps_per_epoch = total_steps // run.spec.n_epochs
+    base = AutoModelForCausalLM.from_pretrained(run.base_dir, dtype=torch.float32)
+    model = wrap_model(base, run.spec, "CAUSAL_LM", total_steps)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=run.spec.learning_rate, weight_decay=0.0)
-    steps_per_epoch = math.ceil(math.ceil(len(train) / run.spec.batch_size) / run.spec.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * run.spec.n_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(run.spec, total_steps))
+    opt = Optimization(model, run.spec, total_steps, weight_decay=0.0)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best_valid_loss": None, "bad_epochs": 0}
-    state = resume_latest(run.work_dir, model, optimizer, scheduler, run.hooks.message) or state
+    state = resume_latest(run.work_dir, model, opt.optimizer, opt.scheduler, run.hooks.message) or state
     run.hooks.message(
         f"Training {run.spec.adapter} on {len(train)} examples for {run.spec.n_epochs} epochs "
         f"({total_steps} steps, batch {run.spec.batch_size})"
@@ -119,24 +102,21 @@ def run_sft(run: TrainingRun) -> TrainingResult:
             if reason:
                 raise Stopped(reason)
             loss, correct, counted = _loss_and_accuracy(model, batch, pad_id, run.bf16)
-            (loss / run.spec.gradient_accumulation_steps).backward()
+            penalty = regularization(model)
+            ((loss if penalty is None else loss + penalty) / run.spec.gradient_accumulation_steps).backward()
             window_loss += loss.item() * counted
             window_correct, window_count = window_correct + correct, window_count + counted
             state["trained_tokens"] += sum(len(e.input_ids) for e in batch)
             if (k + 1) % run.spec.gradient_accumulation_steps:
                 continue
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
+            opt.step(state)
             if state["step"] % log_every == 0:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     "step": state["step"],
                     "train_loss": window_loss / max(1, window_count),
                     "train_mean_token_accuracy": window_correct / max(1, window_count),
-                    "learning_rate": scheduler.get_last_lr()[0],
+                    "learning_rate": opt.learning_rate,
                     "tokens_per_second": window_count / elapsed,
                     "epoch": epoch + 1,
                     "total_steps": total_steps,
@@ -151,7 +131,7 @@ def run_sft(run: TrainingRun) -> TrainingResult:
                 {"step": state["step"], **{k: v for k, v in epoch_metrics.items() if k.startswith("valid")}}
             )
         directory = save_epoch(
-            run.work_dir, epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state
+            run.work_dir, epoch + 1, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler, state=state
         )
         if save_for_serving(model, run.spec, directory / SERVABLE, final=False):  # served as <model>:ckpt-step-N
             tokenizer.save_pretrained(directory / SERVABLE)

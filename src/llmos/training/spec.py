@@ -4,15 +4,17 @@ Everything is validated before a job is queued, and "auto" is resolved once, at 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from llmos.errors import InvalidRequestError
 
-ADAPTERS = ("lora", "ia3", "full")
-"""Methods whose result merges into plain weights, so the engine serves it like any model."""
-DEFERRED_ADAPTERS = ("adalora", "prefix_tuning", "prompt_tuning")
-BASE_LR = {"lora": 2e-4, "ia3": 3e-3, "full": 2e-5}
+ADAPTERS = ("lora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full")
+VIRTUAL_TOKEN_ADAPTERS = ("prefix_tuning", "prompt_tuning")
+"""Methods that learn virtual tokens: served beside their base, for chat models only."""
+# Prefix and prompt tuning train a few thousand numbers and want far larger steps (PEFT's examples).
+BASE_LR = {"lora": 2e-4, "adalora": 5e-4, "ia3": 3e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "full": 2e-5}
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -26,6 +28,7 @@ class TrainingSpec:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    num_virtual_tokens: int = 20
     max_seq_length: int = 512
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.0
@@ -35,6 +38,11 @@ class TrainingSpec:
     @property
     def learning_rate(self) -> float:
         return BASE_LR[self.adapter] * self.learning_rate_multiplier
+
+    def total_steps(self, examples: int) -> int:
+        """Optimizer steps of the whole run on ``examples`` training examples."""
+        batches = math.ceil(examples / self.batch_size)
+        return math.ceil(batches / self.gradient_accumulation_steps) * self.n_epochs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,12 +82,6 @@ def parse_spec(
     if not isinstance(adapter_cfg, dict):
         raise InvalidRequestError("method.supervised.adapter must be an object", param="method.supervised.adapter")
     adapter = adapter_cfg.get("type", "lora")
-    if adapter in DEFERRED_ADAPTERS:
-        raise InvalidRequestError(
-            f"adapter type {adapter!r} is not available yet; use one of {list(ADAPTERS)}",
-            param="method.supervised.adapter.type",
-            code="unsupported_method",
-        )
     if adapter not in ADAPTERS:
         raise InvalidRequestError(
             f"adapter type must be one of {list(ADAPTERS)}", param="method.supervised.adapter.type"
@@ -110,6 +112,7 @@ def parse_spec(
         lora_alpha=_number(adapter_cfg.get("alpha"), "alpha", int, 1, 1024, 32),
         lora_dropout=_number(adapter_cfg.get("dropout"), "dropout", float, 0.0, 0.9, 0.05),
         target_modules=target,
+        num_virtual_tokens=_number(adapter_cfg.get("num_virtual_tokens"), "num_virtual_tokens", int, 1, 512, 20),
         max_seq_length=_number(supervised.get("max_seq_length"), "max_seq_length", int, 16, 32768, 512),
         gradient_accumulation_steps=_number(
             supervised.get("gradient_accumulation_steps"), "gradient_accumulation_steps", int, 1, 256, 1

@@ -1,0 +1,62 @@
+"""The PEFT methods a job can ask for, below the API: AdaLoRA really re-allocates its rank
+budget and is regularised, and an encoder trains with it through the shared loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from llmos.training.adapters import regularization, wrap_model
+from llmos.training.classify import run_classification
+from llmos.training.optim import Optimization
+from llmos.training.run import Hooks, TrainingRun
+from llmos.training.spec import TrainingSpec
+
+
+def test_adalora_prunes_its_rank_budget_while_training(tiny_chat_dir: Path) -> None:
+    torch.manual_seed(0)
+    spec = TrainingSpec(adapter="adalora", lora_r=4, batch_size=2, n_epochs=1)
+    model = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), spec, "CAUSAL_LM", total_steps=40)
+    start = sum(p.numel() for n, p in model.named_parameters() if "lora_E" in n)  # r per adapted layer
+    opt = Optimization(model, spec, 40, weight_decay=0.0)
+    state = {"step": 0}
+    ids = torch.randint(0, 100, (2, 12))
+    for _ in range(40):
+        loss = model(input_ids=ids, labels=ids).loss
+        penalty = regularization(model)
+        assert penalty is not None and penalty.requires_grad
+        (loss + penalty).backward()
+        opt.step(state)
+    kept = model.peft_config["default"].rank_pattern  # the allocation PEFT saves with the adapter
+    assert kept and sum(sum(mask) for mask in kept.values()) <= start // 2  # pruned to target_r = r / 2
+    pruned = sum(int((p == 0).sum()) for n, p in model.named_parameters() if "lora_E" in n)
+    assert pruned >= start // 2  # and the pruned singular values are zero in the weights
+
+
+def test_only_adalora_adds_a_penalty(tiny_chat_dir: Path) -> None:
+    spec = TrainingSpec(adapter="lora", lora_r=4)
+    model = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), spec, "CAUSAL_LM", total_steps=10)
+    assert regularization(model) is None
+
+
+def test_an_encoder_classifier_trains_with_adalora(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    rows = [{"text": "hello how are you", "label": "greeting"}, {"text": "paris is in france", "label": "fact"}] * 8
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    seen: list[dict] = []
+    hooks = Hooks(metrics=seen.append, message=lambda m: None, checkpoint=lambda *a: None, control=lambda: None)
+    spec = TrainingSpec(adapter="adalora", lora_r=4, n_epochs=3, batch_size=4, learning_rate_multiplier=20)
+    run = TrainingRun(tiny_encoder_dir, data, data, spec, seed=1, work_dir=tmp_path / "work", hooks=hooks, bf16=False)
+    result = run_classification(run)
+    assert (result.model_dir / "model.safetensors").is_file()  # merged into plain weights
+    assert not (result.model_dir / "adapter_config.json").exists()
+    assert {"valid_accuracy", "valid_macro_f1", "valid_report"} <= set(result.metrics)
+    assert any("train_loss" in m for m in seen)
+    trained = AutoModelForSequenceClassification.from_pretrained(result.model_dir)
+    assert trained.config.id2label == {0: "fact", 1: "greeting"}
+    base = AutoModel.from_pretrained(tiny_encoder_dir)
+    name, weight = next((n, p) for n, p in base.named_parameters() if n.endswith("query.weight"))
+    assert not torch.equal(dict(trained.base_model.named_parameters())[name], weight)  # the update was merged in
