@@ -14,6 +14,7 @@ from llmos.registry.files import FileStore
 from llmos.security import KeyStore
 from llmos.security.audit import AuditLog
 from llmos.security.limits import RateLimiter
+from llmos.security.quotas import TrainingQuota
 from llmos.security.tenants import TenantStore
 from llmos.security.usage import UsageLedger
 from llmos.training.batches import validate_batch_file
@@ -55,6 +56,10 @@ class Platform:
             files=files,
             jobs=JobStore(db, files, registry),
         )
+
+    @property
+    def training_quota(self) -> TrainingQuota:
+        return TrainingQuota(self.tenants, self.keys, self.usage)
 
     def make_engine(self) -> EngineClient:
         from llmos.engine.local import LocalEngine

@@ -51,7 +51,7 @@ def test_meter_charges_the_job_and_the_tenants_day(loaded_platform: Platform) ->
     p = loaded_platform
     job = p.jobs.create(tenant="default", body={"model": "tiny-chat", "training_file": _upload(p)})
     cpu = iter([2.5, 4.0, 10.0])
-    meter = CpuMeter(p.db, p.usage, p.tenants, job.id, clock=lambda: next(cpu))
+    meter = CpuMeter(p.db, p.training_quota, job.id, clock=lambda: next(cpu))
     _set_limit(p, 8)
     assert meter.charge() is None and meter.charge() is None
     assert p.jobs.get(None, job.id).cpu_seconds == pytest.approx(4.0)
@@ -60,6 +60,45 @@ def test_meter_charges_the_job_and_the_tenants_day(loaded_platform: Platform) ->
     assert over is not None and "10 of 8 CPU-seconds" in over and "quota" in over
     (row,) = [r for r in p.usage.query(tenant="default") if r.kind == "fine-tune"]
     assert (row.model, row.key_id, row.requests, row.cpu_seconds) == ("tiny-chat", "-", 0, 10.0)
+
+
+def test_a_keys_quota_applies_to_its_own_jobs_besides_the_tenants(http: TestClient, loaded_platform: Platform) -> None:
+    p = loaded_platform
+    limited, limited_secret = p.keys.create(
+        "ci", scopes=("fine-tune",), limits=Limits(training_cpu_seconds=5, max_concurrent_jobs=1)
+    )
+    other, other_secret = p.keys.create("nightly", scopes=("fine-tune",))
+    body = {"model": "tiny-chat", "training_file": _upload(p)}
+    created = http.post("/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {limited_secret}"}, json=body)
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
+    assert p.jobs.get(None, job_id).status in ("queued", "running")
+    with p.db.session() as s:
+        assert s.get(JobRow, job_id).key_id == limited.id  # type: ignore[union-attr]
+    cpu = iter([6.0])
+    assert "API key" in (CpuMeter(p.db, p.training_quota, job_id, clock=lambda: next(cpu)).charge() or "")
+    assert p.usage.training_cpu_seconds("default", key_id=limited.id) >= 6.0  # its worker may have added some
+    assert p.usage.training_cpu_seconds("default", key_id=other.id) == 0.0
+    refused = http.post("/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {limited_secret}"}, json=body)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+    assert "API key" in refused.json()["error"]["message"] and int(refused.headers["Retry-After"]) >= 1
+    # The tenant has no limit and the other key none: its jobs are still taken.
+    allowed = http.post("/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {other_secret}"}, json=body)
+    assert allowed.status_code == 200, allowed.text
+    http.post(f"/v1/fine_tuning/jobs/{allowed.json()['id']}/cancel", headers=AUTH)
+    http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=AUTH)
+
+
+def test_concurrent_job_limits_of_a_key_and_its_tenant(loaded_platform: Platform) -> None:
+    p = loaded_platform
+    key, _ = p.keys.create("ci", scopes=("fine-tune",), limits=Limits(max_concurrent_jobs=1))
+    other, _ = p.keys.create("other", scopes=("fine-tune",))
+    running = {None: 1, key.id: 1}  # one job of ``key`` runs
+    assert not p.training_quota.job_slot_free("default", key.id, running)
+    assert p.training_quota.job_slot_free("default", other.id, running)
+    p.tenants.update("default", limits=Limits(max_concurrent_jobs=1))  # the tenant's limit binds every key
+    assert not p.training_quota.job_slot_free("default", other.id, running)
+    assert p.training_quota.job_slot_free("default", other.id, {})
 
 
 def test_quota_refuses_new_jobs_stops_a_running_one_and_it_resumes_after_reset(

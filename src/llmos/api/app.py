@@ -69,7 +69,7 @@ def create_app(
         supervisor = None
         if settings.max_concurrent_jobs > 0:
             p = app.state.platform
-            supervisor = JobSupervisor(p.jobs, p.tenants, p.settings)
+            supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings)
             supervisor.start()
         app.state.supervisor = supervisor
         try:

@@ -154,7 +154,9 @@ class JobStore:
         self.registry = registry
 
     # -- creation --------------------------------------------------------------------------
-    def create(self, *, tenant: str, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
+    def create(
+        self, *, tenant: str, body: dict[str, Any], idempotency_key: str | None = None, key_id: str | None = None
+    ) -> Job:
         """Validate a job request (files, model, method) and queue it; nothing is queued on error."""
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
         if idempotency_key is not None:
@@ -203,6 +205,7 @@ class JobStore:
         row = JobRow(
             id=f"ftjob-{uuid.uuid4().hex[:24]}",
             tenant=tenant,
+            key_id=key_id,
             model=base.name,
             base_model_id=base.id,
             training_file=training.id,

@@ -20,10 +20,7 @@ from sqlalchemy import select, update
 from llmos.config import Settings
 from llmos.kernel.jobs import JobStore
 from llmos.registry.tables import JobRow
-from llmos.security.limits import Limits
-from llmos.security.quotas import training_quota_error
-from llmos.security.tenants import TenantStore
-from llmos.security.usage import UsageLedger
+from llmos.security.quotas import TrainingQuota
 
 log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(seconds=30)
@@ -53,14 +50,13 @@ class JobSupervisor:
     def __init__(
         self,
         jobs: JobStore,
-        tenants: TenantStore,
+        quota: TrainingQuota,
         settings: Settings,
         spawn: Callable[[str, Settings], subprocess.Popen[bytes]] = spawn_worker,
     ) -> None:
         self.jobs = jobs
         self.db = jobs.db
-        self.tenants = tenants
-        self.usage = UsageLedger(jobs.db)
+        self.quota = quota
         self.settings = settings
         self._spawn = spawn
         self._workers: dict[str, _Worker] = {}
@@ -155,20 +151,20 @@ class JobSupervisor:
                     select(JobRow).where(JobRow.status == "queued").order_by(JobRow.priority.desc(), JobRow.created_at)
                 )
             )
-            running = list(s.scalars(select(JobRow.tenant).where(JobRow.status == "running")))
-        per_tenant: dict[str, int] = {}
-        for tenant in running:
-            per_tenant[tenant] = per_tenant.get(tenant, 0) + 1
+            running = list(s.execute(select(JobRow.tenant, JobRow.key_id).where(JobRow.status == "running")))
+        # Running jobs per tenant, and per key within it (None counts the tenant's total).
+        per_tenant: dict[str, dict[str | None, int]] = {}
+        for tenant, key_id in running:
+            _count(per_tenant.setdefault(tenant, {}), key_id)
         # Fair share: among equal priorities, the tenant with the fewest running jobs goes first.
-        queued.sort(key=lambda r: (-r.priority, per_tenant.get(r.tenant, 0), r.created_at))
+        queued.sort(key=lambda r: (-r.priority, per_tenant.get(r.tenant, {}).get(None, 0), r.created_at))
         for row in queued:
             if free <= 0:
                 break
-            limits = self._tenant_limits(row.tenant)
-            if limits.max_concurrent_jobs is not None and per_tenant.get(row.tenant, 0) >= limits.max_concurrent_jobs:
+            if not self.quota.job_slot_free(row.tenant, row.key_id, per_tenant.get(row.tenant, {})):
                 continue
-            if training_quota_error(row.tenant, limits, self.usage) is not None:
-                continue  # waits in the queue until the tenant's training CPU window resets
+            if self.quota.cpu_error(row.tenant, row.key_id) is not None:
+                continue  # waits in the queue until the training CPU window resets
             if not self._claim(row.id):
                 continue
             process = self._spawn(row.id, self.settings)
@@ -178,14 +174,8 @@ class JobSupervisor:
                 if claimed is not None:
                     claimed.worker_pid = process.pid
             self.jobs.add_event(row.id, f"Fine-tuning job started (attempt {row.attempts + 1})")
-            per_tenant[row.tenant] = per_tenant.get(row.tenant, 0) + 1
+            _count(per_tenant.setdefault(row.tenant, {}), row.key_id)
             free -= 1
-
-    def _tenant_limits(self, tenant: str) -> Limits:
-        try:
-            return self.tenants.get(tenant).limits
-        except Exception:
-            return Limits()
 
     def _claim(self, job_id: str) -> bool:
         """queued -> running, atomically: two supervisors can never both start a job."""
@@ -224,3 +214,9 @@ class JobSupervisor:
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.home / "jobs" / job_id
+
+
+def _count(running: dict[str | None, int], key_id: str | None) -> None:
+    running[None] = running.get(None, 0) + 1
+    if key_id is not None:
+        running[key_id] = running.get(key_id, 0) + 1

@@ -144,6 +144,8 @@ class JobRow(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    """The API key that created it: its training quotas apply besides the tenant's."""
     model: Mapped[str] = mapped_column(String(256))
     base_model_id: Mapped[str] = mapped_column(String(64))
     training_file: Mapped[str] = mapped_column(String(64))

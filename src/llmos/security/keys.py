@@ -199,6 +199,13 @@ class KeyStore:
                 row.last_used_at = now
             return info
 
+    def get(self, key_id: str) -> ApiKeyInfo:
+        with self.db.session() as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None:
+                raise NotFoundError(f"no API key {key_id!r}", param="key_id")
+            return ApiKeyInfo.from_row(row)
+
     def list(self) -> list[ApiKeyInfo]:
         with self.db.session() as s:
             return [ApiKeyInfo.from_row(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]

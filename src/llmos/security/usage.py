@@ -48,23 +48,25 @@ class UsageLedger:
         except IntegrityError:  # another request created today's row first; add to it
             self._increment(day, tenant, key_id, model, kind, prompt_tokens, completion_tokens)
 
-    def charge_training_cpu(self, *, tenant: str, model: str, seconds: float) -> None:
-        """Add a training worker's CPU time to today's ``fine-tune`` row of ``tenant`` and ``model``."""
-        day = today()
+    def charge_training_cpu(self, *, tenant: str, model: str, seconds: float, key_id: str | None = None) -> None:
+        """Add a training worker's CPU time to today's ``fine-tune`` row of ``tenant``, the key that
+        created the job (``-`` for jobs older than per-key accounting) and ``model``."""
+        day, key = today(), key_id or TRAINING_KEY
         try:
-            self._increment(day, tenant, TRAINING_KEY, model, TRAINING_KIND, 0, 0, requests=0, cpu_seconds=seconds)
+            self._increment(day, tenant, key, model, TRAINING_KIND, 0, 0, requests=0, cpu_seconds=seconds)
         except IntegrityError:
-            self._increment(day, tenant, TRAINING_KEY, model, TRAINING_KIND, 0, 0, requests=0, cpu_seconds=seconds)
+            self._increment(day, tenant, key, model, TRAINING_KIND, 0, 0, requests=0, cpu_seconds=seconds)
 
-    def training_cpu_seconds(self, tenant: str, day: str | None = None) -> float:
-        """CPU-seconds the tenant's training workers used on ``day`` (UTC, default today)."""
+    def training_cpu_seconds(self, tenant: str, day: str | None = None, *, key_id: str | None = None) -> float:
+        """CPU-seconds the tenant's training workers used on ``day`` (UTC, default today): all of
+        them, or only the jobs of ``key_id``."""
+        query = select(func.sum(UsageRow.cpu_seconds)).where(
+            UsageRow.day == (day or today()), UsageRow.tenant == tenant, UsageRow.kind == TRAINING_KIND
+        )
+        if key_id is not None:
+            query = query.where(UsageRow.key_id == key_id)
         with self.db.session() as s:
-            total = s.scalar(
-                select(func.sum(UsageRow.cpu_seconds)).where(
-                    UsageRow.day == (day or today()), UsageRow.tenant == tenant, UsageRow.kind == TRAINING_KIND
-                )
-            )
-            return float(total or 0.0)
+            return float(s.scalar(query) or 0.0)
 
     def _increment(
         self,

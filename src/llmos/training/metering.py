@@ -1,5 +1,5 @@
-"""A training worker's CPU time, charged as it runs to its job and to its tenant's usage, and
-checked against the tenant's training CPU quota (see ``llmos.security.quotas``)."""
+"""A training worker's CPU time, charged as it runs to its job and to its tenant's and key's usage,
+and checked against their training CPU quotas (see ``llmos.security.quotas``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from collections.abc import Callable
 
 from llmos.registry.db import Database
 from llmos.registry.tables import JobRow
-from llmos.security.quotas import training_quota_error
-from llmos.security.tenants import TenantStore
-from llmos.security.usage import UsageLedger
+from llmos.security.quotas import TrainingQuota
 
 QUOTA_STOP = "quota_exceeded"
 """The control reason a worker stops with when its tenant's training CPU quota is spent."""
@@ -24,12 +22,11 @@ class CpuMeter:
     def __init__(
         self,
         db: Database,
-        usage: UsageLedger,
-        tenants: TenantStore,
+        quota: TrainingQuota,
         job_id: str,
         clock: Callable[[], float] = time.process_time,
     ) -> None:
-        self.db, self.usage, self.tenants, self.job_id = db, usage, tenants, job_id
+        self.db, self.quota, self.job_id = db, quota, job_id
         self._clock = clock
         self._charged = 0.0
         self._lock = threading.Lock()
@@ -46,9 +43,9 @@ class CpuMeter:
                 if row is None:
                     return None
                 row.cpu_seconds = (row.cpu_seconds or 0.0) + seconds
-                tenant, model = row.tenant, row.model
+                tenant, model, key_id = row.tenant, row.model, row.key_id
             if seconds:
-                self.usage.charge_training_cpu(tenant=tenant, model=model, seconds=seconds)
-            error = training_quota_error(tenant, self.tenants.get(tenant).limits, self.usage)
+                self.quota.usage.charge_training_cpu(tenant=tenant, model=model, seconds=seconds, key_id=key_id)
+            error = self.quota.cpu_error(tenant, key_id)
             self.over_quota = error.message if error is not None else None
             return self.over_quota

@@ -62,7 +62,7 @@ class Heartbeat(threading.Thread):
         self.platform, self.job_id, self.parent = platform, job_id, parent
         self.control: str | None = None
         self._stop = threading.Event()
-        self.meter = CpuMeter(platform.db, platform.usage, platform.tenants, job_id)
+        self.meter = CpuMeter(platform.db, platform.training_quota, job_id)
 
     def beat(self) -> None:
         with self.platform.db.session() as s:

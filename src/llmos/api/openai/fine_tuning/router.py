@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from llmos.api.deps import PlatformDep, require
 from llmos.errors import InvalidRequestError
 from llmos.security import ApiKeyInfo
-from llmos.security.quotas import check_training_quota
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 TuneKey = Annotated[ApiKeyInfo, Depends(require("fine-tune"))]
@@ -47,9 +46,10 @@ async def create_job(
     unknown = set(body) - _FIELDS
     if unknown:  # tenant, owner, paths... are never taken from a request
         raise InvalidRequestError(f"unknown fields {sorted(unknown)}", param=sorted(unknown)[0])
-    tenant = await asyncio.to_thread(platform.tenants.get, key.tenant)
-    await asyncio.to_thread(check_training_quota, tenant.id, tenant.limits, platform.usage)  # 429 once spent
-    job = await asyncio.to_thread(platform.jobs.create, tenant=key.tenant, body=body, idempotency_key=idempotency_key)
+    await asyncio.to_thread(platform.training_quota.check_cpu, key.tenant, key.id)  # 429 once spent
+    job = await asyncio.to_thread(
+        platform.jobs.create, tenant=key.tenant, key_id=key.id, body=body, idempotency_key=idempotency_key
+    )
     platform.audit.record(
         "job.create",
         tenant=key.tenant,
