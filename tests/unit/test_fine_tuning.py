@@ -211,6 +211,13 @@ def test_classifier_fine_tune_then_classify(client: openai.OpenAI, http: TestCli
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert [d["label"] for d in out] == ["greeting", "fact"], (out, events)
     assert abs(sum(s["score"] for s in out[0]["scores"]) - 1) < 1e-4
+    first = client.fine_tuning.jobs.checkpoints.list(job.id).data[-1].fine_tuned_model_checkpoint
+    assert first and first.startswith(f"{name}:ckpt-step-")
+    early = http.post(
+        "/v1/classifications", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, json={"model": first, "input": "hi"}
+    )
+    assert early.status_code == 200, early.text  # an encoder job's checkpoints are servable too
+    assert client.models.retrieve(first).task == "sequence-classification"  # type: ignore[attr-defined]
     chat_model = http.post(
         "/v1/classifications",
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},

@@ -8,6 +8,7 @@ other model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,14 @@ def after_step(model: Any, step: int) -> None:
 def merged(model: Any, spec: TrainingSpec) -> Any:
     """Plain weights for serving: adapters folded into the base."""
     return model if spec.adapter == "full" else model.merge_and_unload()
+
+
+def save_merged_copy(model: Any, spec: TrainingSpec, out: Path) -> None:
+    """Plain weights of ``model`` as it is now, leaving the model in training untouched: a merged
+    copy (for encoders, small enough to copy at every checkpoint)."""
+    merged(model if spec.adapter == "full" else copy.deepcopy(model), spec).save_pretrained(
+        out, safe_serialization=True
+    )
 
 
 def save_for_serving(model: Any, spec: TrainingSpec, out: Path, *, final: bool = True) -> bool:

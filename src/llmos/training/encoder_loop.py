@@ -18,8 +18,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from llmos.training.adapters import merged, regularization
-from llmos.training.checkpoints import load_weights, resume_latest, save_epoch
+from llmos.training.adapters import merged, regularization, save_merged_copy
+from llmos.training.checkpoints import SERVABLE, load_weights, resume_latest, save_epoch
 from llmos.training.optim import Optimization
 from llmos.training.run import TrainingResult, TrainingRun
 from llmos.training.sft import Stopped
@@ -110,6 +110,8 @@ def train_encoder(
         directory = save_epoch(
             work_dir, epoch + 1, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler, state=state
         )
+        save_merged_copy(model, spec, directory / SERVABLE)  # served as <model>:ckpt-step-N
+        tokenizer.save_pretrained(directory / SERVABLE)
         hooks.checkpoint(int(state["step"]), epoch + 1, metrics, directory)
         if spec.early_stopping_patience is not None and state["bad_epochs"] >= spec.early_stopping_patience:
             hooks.message(f"Early stopping after epoch {epoch + 1}: {task.select} stopped improving")
