@@ -192,6 +192,10 @@ class JobStore:
         spec = parse_spec(
             body.get("method"), body.get("hyperparameters"), training_records=int(training.summary.get("records", 0))
         )
+        if spec.packing and task != "chat":
+            raise InvalidRequestError(
+                "packing applies to chat fine-tuning only", param="method.supervised.packing", code="unsupported_method"
+            )
         if spec.adapter in VIRTUAL_TOKEN_ADAPTERS and task != "chat":
             raise InvalidRequestError(
                 f"adapter type {spec.adapter!r} trains chat models only (the engine serves its virtual tokens "

@@ -14,6 +14,8 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    """Set for packed rows (see packing): positions restart at each conversation."""
 
     @property
     def trained_tokens(self) -> int:

@@ -14,6 +14,7 @@ from llmos.training.adapters import regularization, save_for_serving, wrap_model
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
 from llmos.training.checkpoints import SERVABLE, resume_latest, save_epoch
 from llmos.training.optim import Optimization
+from llmos.training.packing import pack
 from llmos.training.run import TrainingResult, TrainingRun
 from llmos.training.spec import TrainingSpec
 
@@ -32,23 +33,32 @@ def _batches(examples: list[Example], size: int, rng: random.Random) -> list[lis
     return [[examples[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
 
 
-def _collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Token ids, labels and the model's masking inputs: a padding mask, or for packed rows the
+    position ids that keep their conversations apart (padding then forms a segment of its own)."""
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
     for i, e in enumerate(batch):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        mask[i, : len(e.input_ids)] = 1
-    return ids, labels, mask
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+        positions[i, :n] = torch.tensor(e.position_ids if e.position_ids is not None else range(n))
+        positions[i, n:] = torch.arange(width - n)
+    if any(e.position_ids is not None for e in batch):
+        return ids, labels, {"position_ids": positions}
+    return ids, labels, {"attention_mask": mask}
 
 
 def _loss_and_accuracy(model: Any, batch: list[Example], pad_id: int, autocast: bool) -> tuple[torch.Tensor, int, int]:
-    ids, labels, mask = _collate(batch, pad_id)
+    ids, labels, masking = _collate(batch, pad_id)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         # Prompt tuning returns logits for its virtual tokens too, before the real ones: drop them.
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
+        # No cache: transformers builds the packed rows' block-diagonal mask only when there is none.
+        logits = model(input_ids=ids, use_cache=False, **masking).logits[:, -ids.shape[1] :]
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
@@ -80,6 +90,10 @@ def run_sft(run: TrainingRun) -> TrainingResult:
     valid = load_chat_file(run.valid_path, tokenizer, run.spec.max_seq_length) if run.valid_path else []
     if not train:
         raise ValueError("no training example has an assistant token left after truncation to max_seq_length")
+    if run.spec.packing:
+        packed = pack(train, run.spec.max_seq_length)
+        run.hooks.message(f"Packed {len(train)} conversations into {len(packed)} rows")
+        train = packed
     total_steps = run.spec.total_steps(len(train))
     steps_per_epoch = total_steps // run.spec.n_epochs
     base = AutoModelForCausalLM.from_pretrained(run.base_dir, dtype=torch.float32)

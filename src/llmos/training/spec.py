@@ -30,6 +30,7 @@ class TrainingSpec:
     target_modules: str | list[str] = "all-linear"
     num_virtual_tokens: int = 20
     max_seq_length: int = 512
+    packing: bool = False
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
@@ -100,6 +101,14 @@ def parse_spec(
             "target_modules must be 'all-linear' or a list of module names",
             param="method.supervised.adapter.target_modules",
         )
+    packing = supervised.get("packing", False)
+    if not isinstance(packing, bool):
+        raise InvalidRequestError("packing must be true or false", param="method.supervised.packing")
+    if packing and adapter in VIRTUAL_TOKEN_ADAPTERS:
+        raise InvalidRequestError(
+            f"packing cannot be combined with {adapter}: its virtual tokens go before each row, not each conversation",
+            param="method.supervised.packing",
+        )
     patience = supervised.get("early_stopping_patience")
     return TrainingSpec(
         n_epochs=_number(hp.get("n_epochs"), "n_epochs", int, 1, 50, 3),
@@ -114,6 +123,7 @@ def parse_spec(
         target_modules=target,
         num_virtual_tokens=_number(adapter_cfg.get("num_virtual_tokens"), "num_virtual_tokens", int, 1, 512, 20),
         max_seq_length=_number(supervised.get("max_seq_length"), "max_seq_length", int, 16, 32768, 512),
+        packing=packing,
         gradient_accumulation_steps=_number(
             supervised.get("gradient_accumulation_steps"), "gradient_accumulation_steps", int, 1, 256, 1
         ),
