@@ -192,6 +192,12 @@ class JobStore:
         spec = parse_spec(
             body.get("method"), body.get("hyperparameters"), training_records=int(training.summary.get("records", 0))
         )
+        if spec.augmentation_probability and task != "sequence-classification":
+            raise InvalidRequestError(
+                "augmentation applies to classification fine-tuning only",
+                param="method.supervised.augmentation",
+                code="unsupported_method",
+            )
         if spec.packing and task != "chat":
             raise InvalidRequestError(
                 "packing applies to chat fine-tuning only", param="method.supervised.packing", code="unsupported_method"

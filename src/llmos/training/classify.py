@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from llmos.training.adapters import wrap_model
+from llmos.training.augment import augment, embedding_synonyms
 from llmos.training.datasets import LABEL_COLUMNS, TEXT_COLUMNS, jsonl_objects, read_lines
 from llmos.training.encoder_loop import EncoderTask, StepOutput, train_encoder
 from llmos.training.run import TrainingResult, TrainingRun
@@ -88,6 +89,20 @@ def run_classification(run: TrainingRun) -> TrainingResult:
         dtype=torch.float32,
         ignore_mismatched_sizes=True,  # a classifier base (other labels, or an NER head) brings a head of another shape
     )
+    if run.spec.augmentation_probability:
+        words = {w.lower() for x in train for w in x.text.split()}
+        synonyms = embedding_synonyms(words, tokenizer, model.get_input_embeddings().weight.detach())
+        original = len(train)
+        train = augment(
+            train,
+            lambda x: x.text,
+            lambda x, text: LabelledText(text, x.label),
+            synonyms,
+            probability=run.spec.augmentation_probability,
+            copies=run.spec.augmentation_copies,
+            seed=run.seed,
+        )
+        run.hooks.message(f"Augmented {original} training examples with {len(train) - original} EDA variants")
     model = wrap_model(model, run.spec, "SEQ_CLS", run.spec.total_steps(len(train)))
 
     def step(batch: list[LabelledText]) -> StepOutput:

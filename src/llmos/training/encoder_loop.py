@@ -14,11 +14,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import torch
 
 from llmos.training.adapters import merged, regularization, save_merged_copy
+from llmos.training.adversarial import FGM
 from llmos.training.checkpoints import SERVABLE, load_weights, resume_latest, save_epoch
 from llmos.training.optim import Optimization
 from llmos.training.run import TrainingResult, TrainingRun
@@ -64,6 +66,7 @@ def train_encoder(
     total_steps = spec.total_steps(len(task.train))
     steps_per_epoch = total_steps // spec.n_epochs
     opt = Optimization(model, spec, total_steps, weight_decay=0.01)
+    fgm = FGM(model, spec.fgm_epsilon) if spec.fgm_epsilon else None
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best": None, "bad_epochs": 0}
     state = resume_latest(work_dir, model, opt.optimizer, opt.scheduler, hooks.message) or state
     hooks.message(
@@ -83,9 +86,12 @@ def train_encoder(
             reason = hooks.control()
             if reason:
                 raise Stopped(reason)
-            out = task.step([task.train[i] for i in order[b * spec.batch_size : (b + 1) * spec.batch_size]])
+            batch = [task.train[i] for i in order[b * spec.batch_size : (b + 1) * spec.batch_size]]
+            out = task.step(batch)
             penalty = regularization(model)
             ((out.loss if penalty is None else out.loss + penalty) / spec.gradient_accumulation_steps).backward()
+            if fgm is not None:
+                fgm.attack(partial(_scaled_loss, task, batch, spec.gradient_accumulation_steps))
             window.add(out)
             state["trained_tokens"] += out.tokens
             if (b + 1) % spec.gradient_accumulation_steps and b + 1 < batches:
@@ -126,6 +132,10 @@ def train_encoder(
     merged(model, spec).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return TrainingResult(model_dir=out_dir, metrics=metrics, trained_tokens=int(state["trained_tokens"]))
+
+
+def _scaled_loss(task: EncoderTask[T], batch: list[T], accumulation: int) -> torch.Tensor:
+    return task.step(batch).loss / accumulation
 
 
 def _rank_epoch(state: dict[str, Any], metrics: dict[str, Any], select: str) -> None:

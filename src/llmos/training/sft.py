@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 from typing import Any
 
 import torch
 
 from llmos.training.adapters import regularization, save_for_serving, wrap_model
+from llmos.training.adversarial import FGM
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
 from llmos.training.checkpoints import SERVABLE, resume_latest, save_epoch
 from llmos.training.optim import Optimization
@@ -68,6 +70,10 @@ def _loss_and_accuracy(model: Any, batch: list[Example], pad_id: int, autocast: 
     return loss, correct, int(counted.sum())
 
 
+def _scaled_loss(model: Any, batch: list[Example], pad_id: int, autocast: bool, accumulation: int) -> torch.Tensor:
+    return _loss_and_accuracy(model, batch, pad_id, autocast)[0] / accumulation
+
+
 @torch.no_grad()
 def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, autocast: bool) -> dict[str, float]:
     model.eval()
@@ -100,6 +106,8 @@ def run_sft(run: TrainingRun) -> TrainingResult:
     model = wrap_model(base, run.spec, "CAUSAL_LM", total_steps)
     model.train()
     opt = Optimization(model, run.spec, total_steps, weight_decay=0.0)
+    fgm = FGM(model, run.spec.fgm_epsilon) if run.spec.fgm_epsilon else None
+    accumulation = run.spec.gradient_accumulation_steps
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best_valid_loss": None, "bad_epochs": 0}
     state = resume_latest(run.work_dir, model, opt.optimizer, opt.scheduler, run.hooks.message) or state
     run.hooks.message(
@@ -118,6 +126,8 @@ def run_sft(run: TrainingRun) -> TrainingResult:
             loss, correct, counted = _loss_and_accuracy(model, batch, pad_id, run.bf16)
             penalty = regularization(model)
             ((loss if penalty is None else loss + penalty) / run.spec.gradient_accumulation_steps).backward()
+            if fgm is not None:
+                fgm.attack(partial(_scaled_loss, model, batch, pad_id, run.bf16, accumulation))
             window_loss += loss.item() * counted
             window_correct, window_count = window_correct + correct, window_count + counted
             state["trained_tokens"] += sum(len(e.input_ids) for e in batch)

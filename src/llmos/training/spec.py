@@ -31,6 +31,11 @@ class TrainingSpec:
     num_virtual_tokens: int = 20
     max_seq_length: int = 512
     packing: bool = False
+    fgm_epsilon: float | None = None
+    """Adversarial training (FGM on the input embeddings) with this step size; None: off."""
+    augmentation_probability: float | None = None
+    """EDA augmentation of classification texts: each word is touched with this probability; None: off."""
+    augmentation_copies: int = 1
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
@@ -109,6 +114,10 @@ def parse_spec(
             f"packing cannot be combined with {adapter}: its virtual tokens go before each row, not each conversation",
             param="method.supervised.packing",
         )
+    fgm_epsilon = _switch(supervised, "adversarial", "fgm", "epsilon", 1.0, 1e-6, 100.0)
+    augmentation = supervised.get("augmentation")
+    probability = _switch(supervised, "augmentation", "eda", "probability", 0.1, 0.01, 0.5, extra={"copies"})
+    copies = _number(augmentation.get("copies") if isinstance(augmentation, dict) else None, "copies", int, 1, 8, 1)
     patience = supervised.get("early_stopping_patience")
     return TrainingSpec(
         n_epochs=_number(hp.get("n_epochs"), "n_epochs", int, 1, 50, 3),
@@ -124,6 +133,9 @@ def parse_spec(
         num_virtual_tokens=_number(adapter_cfg.get("num_virtual_tokens"), "num_virtual_tokens", int, 1, 512, 20),
         max_seq_length=_number(supervised.get("max_seq_length"), "max_seq_length", int, 16, 32768, 512),
         packing=packing,
+        fgm_epsilon=fgm_epsilon,
+        augmentation_probability=probability,
+        augmentation_copies=copies,
         gradient_accumulation_steps=_number(
             supervised.get("gradient_accumulation_steps"), "gradient_accumulation_steps", int, 1, 256, 1
         ),
@@ -133,3 +145,30 @@ def parse_spec(
         if patience is None
         else _number(patience, "early_stopping_patience", int, 1, 50, None),
     )
+
+
+def _switch(
+    supervised: dict[str, Any],
+    name: str,
+    kind: str,
+    knob: str,
+    default: float,
+    low: float,
+    high: float,
+    *,
+    extra: frozenset[str] | set[str] = frozenset(),
+) -> float | None:
+    """An optional ``{"type": kind, knob: number}`` setting: its number, or None when absent."""
+    value = supervised.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") != kind or set(value) - {"type", knob, *extra}:
+        raise InvalidRequestError(
+            f"{name} must be an object {{'type': '{kind}', '{knob}': number}}", param=f"method.supervised.{name}"
+        )
+    number = value.get(knob, default)
+    if isinstance(number, bool) or not isinstance(number, int | float) or not low <= number <= high:
+        raise InvalidRequestError(
+            f"{name}.{knob} must be a number from {low} to {high}", param=f"method.supervised.{name}.{knob}"
+        )
+    return float(number)
