@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)  # one system, in a child process
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     args = parser.parse_args()
 
     from llmos.config import Settings
@@ -137,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         write_chat_file(data, args.train)
-        for system in SYSTEMS:
+        for system in args.systems:
             command = [sys.executable, __file__, "--system", system, "--data", str(data), "--home", str(args.home)]
             command += ["--batch-size", str(args.batch_size)]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout

@@ -239,7 +239,10 @@ def test_every_peft_method_trains_a_servable_chat_model(client: openai.OpenAI, m
         seed=3,
         method={
             "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}, "adapter": adapter},
+            "supervised": {
+                "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5},
+                "adapter": adapter,
+            },
         },
     )  # type: ignore[arg-type]
     done = wait_for(client, job.id, {"succeeded", "failed"})

@@ -57,17 +57,31 @@ def _collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 def _loss_and_accuracy(model: Any, batch: list[Example], pad_id: int, autocast: bool) -> tuple[torch.Tensor, int, int]:
     ids, labels, masking = _collate(batch, pad_id)
+    # Logits only where a label follows (the assistant's tokens): the output layer is a fifth of
+    # SmolLM2's weights, and most positions of a chat example are the prompt.
+    keep = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
+    if len(keep) == 0:
+        keep = torch.tensor([0])
+    targets = labels[:, keep + 1]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        # Prompt tuning returns logits for its virtual tokens too, before the real ones: drop them.
         # No cache: transformers builds the packed rows' block-diagonal mask only when there is none.
-        logits = model(input_ids=ids, use_cache=False, **masking).logits[:, -ids.shape[1] :]
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+        logits = model(
+            input_ids=ids, use_cache=False, logits_to_keep=keep + _virtual_tokens(model), **masking
+        ).logits.float()
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
     )
-    counted = shift_labels != IGNORE
-    correct = int(((shift_logits.argmax(-1) == shift_labels) & counted).sum())
+    counted = targets != IGNORE
+    correct = int(((logits.argmax(-1) == targets) & counted).sum())
     return loss, correct, int(counted.sum())
+
+
+def _virtual_tokens(model: Any) -> int:
+    """Prompt tuning runs its virtual tokens before the real ones, so real positions shift by their number."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is not None and str(config.peft_type).endswith("PROMPT_TUNING"):
+        return int(config.num_virtual_tokens)
+    return 0
 
 
 def _scaled_loss(model: Any, batch: list[Example], pad_id: int, autocast: bool, accumulation: int) -> torch.Tensor:
@@ -102,8 +116,14 @@ def run_sft(run: TrainingRun) -> TrainingResult:
         train = packed
     total_steps = run.spec.total_steps(len(train))
     steps_per_epoch = total_steps // run.spec.n_epochs
-    base = AutoModelForCausalLM.from_pretrained(run.base_dir, dtype=torch.float32)
+    # With an adapter on a bf16-fast CPU the frozen base is kept in bf16: autocast would otherwise
+    # cast every fp32 weight to bf16 again in each forward and backward. What trains stays fp32.
+    frozen_bf16 = run.bf16 and run.spec.adapter != "full"
+    base = AutoModelForCausalLM.from_pretrained(run.base_dir, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     model = wrap_model(base, run.spec, "CAUSAL_LM", total_steps)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     model.train()
     opt = Optimization(model, run.spec, total_steps, weight_decay=0.0)
     fgm = FGM(model, run.spec.fgm_epsilon) if run.spec.fgm_epsilon else None
