@@ -34,7 +34,10 @@ DATA = {
 }
 NER_DATA = {"wnut17-minilm": ("wnut17/train.conll", "wnut17/dev.conll", "wnut17/test.conll")}
 # Per-task defaults for --epochs, --batch-size and --lr-multiplier (full fine-tuning's base LR is 2e-5).
-DEFAULTS = {"wnut17-minilm": {"epochs": 3, "batch_size": 16, "lr_multiplier": 4.0}}
+DEFAULTS = {
+    "wnut17-minilm": {"epochs": 3, "batch_size": 16, "lr_multiplier": 4.0},
+    "banking77-minilm": {"epochs": 5, "lr_multiplier": 10.0},  # 0.923; 4 epochs at 2.5x gave 0.904
+}
 
 
 def main() -> None:

@@ -34,18 +34,24 @@ def register_adapter(name: str) -> Callable[[AdapterBuilder], AdapterBuilder]:
     return decorate
 
 
+def _low_rank(spec: TrainingSpec, task_type: Any) -> dict[str, Any]:
+    """What LoRA and AdaLoRA configs share."""
+    from peft import TaskType
+
+    return {
+        "task_type": task_type,
+        "lora_alpha": spec.lora_alpha,
+        "lora_dropout": spec.lora_dropout,
+        "target_modules": spec.target_modules,
+        "exclude_modules": HEAD_MODULES if task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
+    }
+
+
 @register_adapter("lora")
 def _lora(spec: TrainingSpec, task_type: Any, total_steps: int) -> Any:
-    from peft import LoraConfig, TaskType
+    from peft import LoraConfig
 
-    return LoraConfig(
-        task_type=task_type,
-        r=spec.lora_r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=spec.target_modules,
-        exclude_modules=HEAD_MODULES if task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
-    )
+    return LoraConfig(r=spec.lora_r, **_low_rank(spec, task_type))
 
 
 @register_adapter("adalora")
@@ -53,17 +59,13 @@ def _adalora(spec: TrainingSpec, task_type: Any, total_steps: int) -> Any:
     """LoRA whose rank budget is re-allocated during training: every layer starts at rank ``r``;
     after the first 10% of the steps the least important singular values are pruned until, for
     the last 20%, the average rank is ``r / 2``."""
-    from peft import AdaLoraConfig, TaskType
+    from peft import AdaLoraConfig
 
     total = max(total_steps, 3)
     return AdaLoraConfig(
-        task_type=task_type,
         init_r=spec.lora_r,
         target_r=max(1, spec.lora_r // 2),
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=spec.target_modules,
-        exclude_modules=HEAD_MODULES if task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) else None,
+        **_low_rank(spec, task_type),
         total_step=total,
         tinit=total // 10,
         tfinal=total // 5,
