@@ -121,7 +121,7 @@ class LocalEngine:
         record = await asyncio.to_thread(self._record, model)
         tok = await asyncio.to_thread(self._tokenizer, record)
         has_template = record.task in CAUSAL_TASKS and bool(getattr(tok, "chat_template", None))
-        virtual = await asyncio.to_thread(self._virtual_tokens, record)
+        virtual = await self._virtual_tokens_of(record)
         return ModelInfo(
             name=record.name,
             task=record.task,
@@ -171,7 +171,7 @@ class LocalEngine:
         try:
             if not isinstance(runner, CausalRunner):
                 raise InvalidRequestError(f"model {request.model} cannot generate text", param="model")
-            virtual = await asyncio.to_thread(self._virtual_tokens, record)
+            virtual = await self._virtual_tokens_of(record)
             runner.check_fits(request, virtual)
             if base is not record and virtual is None:  # LoRA: loaded beside its resident base, off the engine thread
                 await asyncio.to_thread(runner.lora.acquire, record.id, partial(self._load_adapter, record))
@@ -206,6 +206,12 @@ class LocalEngine:
 
     def _load_adapter(self, record: ModelRecord, shapes: dict[str, tuple[int, int]]) -> LoraWeights:
         return load_lora(self.registry.model_dir(record), record.id, shapes, self.dtype)
+
+    async def _virtual_tokens_of(self, record: ModelRecord) -> VirtualTokens | None:
+        """Every request asks; only prefix adapters need a thread (their file may be read once)."""
+        if record.format != PREFIX_FORMAT:
+            return None
+        return await asyncio.to_thread(self._virtual_tokens, record)
 
     def _virtual_tokens(self, record: ModelRecord) -> VirtualTokens | None:
         """The virtual tokens of a prefix- or prompt-tuning adapter (None for any other model),
