@@ -22,7 +22,7 @@ import torch
 from llmos.training.adapters import merged, regularization, save_merged_copy
 from llmos.training.adversarial import FGM
 from llmos.training.checkpoints import SERVABLE, load_weights, resume_latest, save_epoch
-from llmos.training.optim import Optimization
+from llmos.training.optim import Accumulation, Optimization
 from llmos.training.run import TrainingResult, TrainingRun
 from llmos.training.sft import Stopped
 
@@ -63,6 +63,7 @@ def train_encoder(
     spec, seed, work_dir, hooks = run.spec, run.seed, run.work_dir, run.hooks
     model.train()
     batches = math.ceil(len(task.train) / spec.batch_size)
+    accumulation = Accumulation(batches, spec.gradient_accumulation_steps)
     total_steps = spec.total_steps(len(task.train))
     steps_per_epoch = total_steps // spec.n_epochs
     opt = Optimization(model, spec, total_steps, weight_decay=0.01)
@@ -89,12 +90,13 @@ def train_encoder(
             batch = [task.train[i] for i in order[b * spec.batch_size : (b + 1) * spec.batch_size]]
             out = task.step(batch)
             penalty = regularization(model)
-            ((out.loss if penalty is None else out.loss + penalty) / spec.gradient_accumulation_steps).backward()
+            scale = accumulation.scale(b)
+            ((out.loss if penalty is None else out.loss + penalty) / scale).backward()
             if fgm is not None:
-                fgm.attack(partial(_scaled_loss, task, batch, spec.gradient_accumulation_steps))
+                fgm.attack(partial(_scaled_loss, task, batch, scale))
             window.add(out)
             state["trained_tokens"] += out.tokens
-            if (b + 1) % spec.gradient_accumulation_steps and b + 1 < batches:
+            if not accumulation.steps_after(b):
                 continue
             opt.step(state)
             if state["step"] % log_every == 0:
@@ -134,8 +136,8 @@ def train_encoder(
     return TrainingResult(model_dir=out_dir, metrics=metrics, trained_tokens=int(state["trained_tokens"]))
 
 
-def _scaled_loss(task: EncoderTask[T], batch: list[T], accumulation: int) -> torch.Tensor:
-    return task.step(batch).loss / accumulation
+def _scaled_loss(task: EncoderTask[T], batch: list[T], scale: float) -> torch.Tensor:
+    return task.step(batch).loss / scale
 
 
 def _rank_epoch(state: dict[str, Any], metrics: dict[str, Any], select: str) -> None:

@@ -4,6 +4,7 @@ its rank budget there, between ``optimizer.step`` and ``zero_grad``, while gradi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,3 +33,23 @@ class Optimization:
     @property
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+
+@dataclass(frozen=True)
+class Accumulation:
+    """Gradient accumulation over one epoch of ``batches`` batches: an optimizer step after every
+    ``every`` batches and after the last one, so an epoch's leftover batches are applied in that
+    epoch (as ``TrainingSpec.total_steps`` counts them) instead of leaking into the next."""
+
+    batches: int
+    every: int
+
+    def steps_after(self, b: int) -> bool:
+        """Whether the optimizer steps once batch ``b`` (0-based) has been backpropagated."""
+        return (b + 1) % self.every == 0 or b + 1 == self.batches
+
+    def scale(self, b: int) -> float:
+        """What batch ``b``'s loss is divided by: the number of batches in its group, so each
+        step follows the mean loss of the batches it applies, the shorter last group included."""
+        start = b - b % self.every
+        return float(min(self.every, self.batches - start))

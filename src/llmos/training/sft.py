@@ -15,7 +15,7 @@ from llmos.training.adapters import regularization, save_for_serving, wrap_model
 from llmos.training.adversarial import FGM
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
 from llmos.training.checkpoints import SERVABLE, resume_latest, save_epoch
-from llmos.training.optim import Optimization
+from llmos.training.optim import Accumulation, Optimization
 from llmos.training.packing import pack
 from llmos.training.run import TrainingResult, TrainingRun
 from llmos.training.spec import TrainingSpec
@@ -84,8 +84,8 @@ def _virtual_tokens(model: Any) -> int:
     return 0
 
 
-def _scaled_loss(model: Any, batch: list[Example], pad_id: int, autocast: bool, accumulation: int) -> torch.Tensor:
-    return _loss_and_accuracy(model, batch, pad_id, autocast)[0] / accumulation
+def _scaled_loss(model: Any, batch: list[Example], pad_id: int, autocast: bool, scale: float) -> torch.Tensor:
+    return _loss_and_accuracy(model, batch, pad_id, autocast)[0] / scale
 
 
 @torch.no_grad()
@@ -127,7 +127,6 @@ def run_sft(run: TrainingRun) -> TrainingResult:
     model.train()
     opt = Optimization(model, run.spec, total_steps, weight_decay=0.0)
     fgm = FGM(model, run.spec.fgm_epsilon) if run.spec.fgm_epsilon else None
-    accumulation = run.spec.gradient_accumulation_steps
     state: dict[str, Any] = {"epoch": 0, "step": 0, "trained_tokens": 0, "best_valid_loss": None, "bad_epochs": 0}
     state = resume_latest(run.work_dir, model, opt.optimizer, opt.scheduler, run.hooks.message) or state
     run.hooks.message(
@@ -139,19 +138,22 @@ def run_sft(run: TrainingRun) -> TrainingResult:
     for epoch in range(int(state["epoch"]), run.spec.n_epochs):
         rng = random.Random(run.seed * 1000 + epoch)  # noqa: S311 -- data order, not secrets; the same on resume
         window_loss, window_correct, window_count, window_start = 0.0, 0, 0, time.perf_counter()
-        for k, batch in enumerate(_batches(train, run.spec.batch_size, rng)):
+        batches = _batches(train, run.spec.batch_size, rng)
+        accumulation = Accumulation(len(batches), run.spec.gradient_accumulation_steps)
+        for k, batch in enumerate(batches):
             reason = run.hooks.control()
             if reason:
                 raise Stopped(reason)
             loss, correct, counted = _loss_and_accuracy(model, batch, pad_id, run.bf16)
             penalty = regularization(model)
-            ((loss if penalty is None else loss + penalty) / run.spec.gradient_accumulation_steps).backward()
+            scale = accumulation.scale(k)
+            ((loss if penalty is None else loss + penalty) / scale).backward()
             if fgm is not None:
-                fgm.attack(partial(_scaled_loss, model, batch, pad_id, run.bf16, accumulation))
+                fgm.attack(partial(_scaled_loss, model, batch, pad_id, run.bf16, scale))
             window_loss += loss.item() * counted
             window_correct, window_count = window_correct + correct, window_count + counted
             state["trained_tokens"] += sum(len(e.input_ids) for e in batch)
-            if (k + 1) % run.spec.gradient_accumulation_steps:
+            if not accumulation.steps_after(k):
                 continue
             opt.step(state)
             if state["step"] % log_every == 0:
