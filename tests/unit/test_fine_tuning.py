@@ -117,7 +117,7 @@ def test_bad_job_requests_are_refused_before_queueing(client: openai.OpenAI) -> 
                     "supervised": {"adapter": {"type": "prompt_tuning", "num_virtual_tokens": 0}},
                 },
             },
-            "method.supervised.hyperparameters.num_virtual_tokens",
+            "method.supervised.adapter.num_virtual_tokens",
         ),
         ({"model": "tiny-chat", "training_file": training, "tenant": "someone-else"}, "tenant"),
     ]

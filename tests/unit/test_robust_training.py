@@ -107,7 +107,7 @@ def test_switches_are_validated_and_a_robust_classifier_trains(client: openai.Op
             "tiny-embed",
             training,
             {"augmentation": {"type": "eda", "copies": 99}},
-            "method.supervised.hyperparameters.copies",
+            "method.supervised.augmentation.copies",
         ),
         ("tiny-chat", chat, {"augmentation": {"type": "eda"}}, "method.supervised.augmentation"),
     ]

@@ -54,19 +54,39 @@ class TrainingSpec:
         return asdict(self)
 
 
-def _number(value: Any, name: str, kind: type, low: float, high: float, auto: Any) -> Any:
+SUPERVISED = "method.supervised"
+ADAPTER = f"{SUPERVISED}.adapter"
+
+
+def _number(value: Any, param: str, kind: type, low: float, high: float, auto: Any) -> Any:
+    """``value`` checked to be a ``kind`` in [low, high] (None or "auto": ``auto``); an error names
+    ``param``, the field's path in the request, which is where the user wrote it."""
     if value is None or value == "auto":
         return auto
+    name = param.rsplit(".", 1)[-1]
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
         raise InvalidRequestError(
-            f"{name} must be {'an integer' if kind is int else 'a number'} or 'auto'",
-            param=f"method.supervised.hyperparameters.{name}",
+            f"{name} must be {'an integer' if kind is int else 'a number'} or 'auto'", param=param
         )
     if not low <= value <= high:
-        raise InvalidRequestError(
-            f"{name} must be between {low} and {high}", param=f"method.supervised.hyperparameters.{name}"
-        )
+        raise InvalidRequestError(f"{name} must be between {low} and {high}", param=param)
     return kind(value)
+
+
+def _hyperparameters(supervised: dict[str, Any], legacy: Any) -> dict[str, tuple[Any, str]]:
+    """OpenAI's hyperparameters, each with the path it came from (for errors): ``method.supervised``'s
+    win over the deprecated top-level ``hyperparameters``."""
+    found: dict[str, tuple[Any, str]] = {}
+    for where, given in (
+        ("hyperparameters", legacy),
+        (f"{SUPERVISED}.hyperparameters", supervised.get("hyperparameters")),
+    ):
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            raise InvalidRequestError(f"{where} must be an object", param=where)
+        found.update((name, (value, f"{where}.{name}")) for name, value in given.items())
+    return found
 
 
 def parse_spec(
@@ -78,12 +98,10 @@ def parse_spec(
     supervised = method.get("supervised") or {}
     if not isinstance(supervised, dict):
         raise InvalidRequestError("method.supervised must be an object", param="method.supervised")
-    hp = {**(legacy_hyperparameters or {}), **(supervised.get("hyperparameters") or {})}
+    hp = _hyperparameters(supervised, legacy_hyperparameters)
     unknown = set(hp) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
     if unknown:
-        raise InvalidRequestError(
-            f"unknown hyperparameters {sorted(unknown)}", param="method.supervised.hyperparameters"
-        )
+        raise InvalidRequestError(f"unknown hyperparameters {sorted(unknown)}", param=hp[min(unknown)][1])
     adapter_cfg = supervised.get("adapter") or {}
     if not isinstance(adapter_cfg, dict):
         raise InvalidRequestError("method.supervised.adapter must be an object", param="method.supervised.adapter")
@@ -117,33 +135,38 @@ def parse_spec(
     fgm_epsilon = _switch(supervised, "adversarial", "fgm", "epsilon", 1.0, 1e-6, 100.0)
     augmentation = supervised.get("augmentation")
     probability = _switch(supervised, "augmentation", "eda", "probability", 0.1, 0.01, 0.5, extra={"copies"})
-    copies = _number(augmentation.get("copies") if isinstance(augmentation, dict) else None, "copies", int, 1, 8, 1)
+    copies = augmentation.get("copies") if isinstance(augmentation, dict) else None
     patience = supervised.get("early_stopping_patience")
+
+    def hyperparameter(name: str, kind: type, low: float, high: float, auto: Any) -> Any:
+        value, param = hp.get(name, (None, name))
+        return _number(value, param, kind, low, high, auto)
+
     return TrainingSpec(
-        n_epochs=_number(hp.get("n_epochs"), "n_epochs", int, 1, 50, 3),
-        batch_size=_number(hp.get("batch_size"), "batch_size", int, 1, 256, max(1, min(8, training_records))),
-        learning_rate_multiplier=_number(
-            hp.get("learning_rate_multiplier"), "learning_rate_multiplier", float, 1e-3, 100.0, 1.0
-        ),
+        n_epochs=hyperparameter("n_epochs", int, 1, 50, 3),
+        batch_size=hyperparameter("batch_size", int, 1, 256, max(1, min(8, training_records))),
+        learning_rate_multiplier=hyperparameter("learning_rate_multiplier", float, 1e-3, 100.0, 1.0),
         adapter=adapter,
-        lora_r=_number(adapter_cfg.get("r"), "r", int, 1, 256, 16),
-        lora_alpha=_number(adapter_cfg.get("alpha"), "alpha", int, 1, 1024, 32),
-        lora_dropout=_number(adapter_cfg.get("dropout"), "dropout", float, 0.0, 0.9, 0.05),
+        lora_r=_number(adapter_cfg.get("r"), f"{ADAPTER}.r", int, 1, 256, 16),
+        lora_alpha=_number(adapter_cfg.get("alpha"), f"{ADAPTER}.alpha", int, 1, 1024, 32),
+        lora_dropout=_number(adapter_cfg.get("dropout"), f"{ADAPTER}.dropout", float, 0.0, 0.9, 0.05),
         target_modules=target,
-        num_virtual_tokens=_number(adapter_cfg.get("num_virtual_tokens"), "num_virtual_tokens", int, 1, 512, 20),
-        max_seq_length=_number(supervised.get("max_seq_length"), "max_seq_length", int, 16, 32768, 512),
+        num_virtual_tokens=_number(
+            adapter_cfg.get("num_virtual_tokens"), f"{ADAPTER}.num_virtual_tokens", int, 1, 512, 20
+        ),
+        max_seq_length=_number(supervised.get("max_seq_length"), f"{SUPERVISED}.max_seq_length", int, 16, 32768, 512),
         packing=packing,
         fgm_epsilon=fgm_epsilon,
         augmentation_probability=probability,
-        augmentation_copies=copies,
+        augmentation_copies=_number(copies, f"{SUPERVISED}.augmentation.copies", int, 1, 8, 1),
         gradient_accumulation_steps=_number(
-            supervised.get("gradient_accumulation_steps"), "gradient_accumulation_steps", int, 1, 256, 1
+            supervised.get("gradient_accumulation_steps"), f"{SUPERVISED}.gradient_accumulation_steps", int, 1, 256, 1
         ),
-        warmup_ratio=_number(supervised.get("warmup_ratio"), "warmup_ratio", float, 0.0, 0.5, 0.0),
+        warmup_ratio=_number(supervised.get("warmup_ratio"), f"{SUPERVISED}.warmup_ratio", float, 0.0, 0.5, 0.0),
         lr_scheduler=schedule,
         early_stopping_patience=None
         if patience is None
-        else _number(patience, "early_stopping_patience", int, 1, 50, None),
+        else _number(patience, f"{SUPERVISED}.early_stopping_patience", int, 1, 50, None),
     )
 
 
