@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from llmos.training.adapters import regularization, wrap_model
+from llmos.training.adapters import merged, regularization, wrap_model
+from llmos.training.checkpoints import resume_latest, save_epoch
 from llmos.training.classify import run_classification
 from llmos.training.optim import Optimization
 from llmos.training.run import Hooks, TrainingRun
@@ -60,3 +63,50 @@ def test_an_encoder_classifier_trains_with_adalora(tiny_encoder_dir: Path, tmp_p
     base = AutoModel.from_pretrained(tiny_encoder_dir)
     name, weight = next((n, p) for n, p in base.named_parameters() if n.endswith("query.weight"))
     assert not torch.equal(dict(trained.base_model.named_parameters())[name], weight)  # the update was merged in
+
+
+ADALORA = TrainingSpec(adapter="adalora", lora_r=4, lora_dropout=0.0)
+
+
+def _adalora(tiny_chat_dir: Path, total: int) -> tuple[Any, Optimization]:
+    torch.manual_seed(0)
+    model = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), ADALORA, "CAUSAL_LM", total_steps=total)
+    return model, Optimization(model, ADALORA, total, weight_decay=0.0)
+
+
+def _train_until(model: Any, opt: Optimization, state: dict[str, Any], until: int, ids: torch.Tensor) -> None:
+    while state["step"] < until:
+        penalty = regularization(model)
+        assert penalty is not None
+        (model(input_ids=ids, labels=ids).loss + penalty).backward()
+        opt.step(state)
+
+
+@pytest.mark.parametrize("stop", [20, 34])  # while ranks are re-allocated; after the final allocation (step 32)
+def test_a_resumed_adalora_run_keeps_its_rank_allocation(tiny_chat_dir: Path, tmp_path: Path, stop: int) -> None:
+    """Resumed from a checkpoint, AdaLoRA goes on with the importance scores and rank pattern it
+    had, so it ends with the very ranks and weights of a run never stopped."""
+    total, ids = 40, torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    model, opt = _adalora(tiny_chat_dir, total)
+    state: dict[str, Any] = {"epoch": 0, "step": 0}
+    _train_until(model, opt, state, stop, ids)
+    save_epoch(tmp_path, 1, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler, state=state)
+    _train_until(model, opt, state, total, ids)
+
+    resumed, resumed_opt = _adalora(tiny_chat_dir, total)
+    resumed_state = resume_latest(tmp_path, resumed, resumed_opt.optimizer, resumed_opt.scheduler, lambda m: None)
+    assert resumed_state is not None and resumed_state["step"] == stop
+    _train_until(resumed, resumed_opt, resumed_state, total, ids)
+
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern and resumed.peft_config["default"].rank_pattern == pattern  # what save_pretrained writes
+    trained = dict(resumed.named_parameters())
+    for name, value in model.named_parameters():
+        assert torch.equal(trained[name], value), name  # the pruned singular values (zeros) included
+    model.eval()
+    resumed.eval()
+    with torch.no_grad():
+        logits = resumed(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, logits)
+        # The result is served merged: the pruned ranks stay zeros in the merged weights.
+        torch.testing.assert_close(merged(resumed, ADALORA)(input_ids=ids).logits, logits)

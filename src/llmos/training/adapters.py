@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,45 @@ def after_step(model: Any, step: int) -> None:
     update = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
     if update is not None:
         update(step)
+
+
+_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+"""AdaLoRA's RankAllocator fields: each weight's latest sensitivity, and its smoothed sensitivity and
+uncertainty, whose product ranks the singular values to prune."""
+
+
+@dataclass(frozen=True)
+class MethodState:
+    """What a method keeps beside its weights that the steps after a resume depend on, as tensors
+    and JSON for a checkpoint: AdaLoRA's importance scores (which choose what is pruned next) and
+    its rank pattern (which, after the final allocation, re-masks the pruned ranks every step).
+    Without them a resumed AdaLoRA job prunes other ranks, or fails after the final allocation."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _rank_allocator(model: Any) -> Any:
+    return getattr(getattr(model, "base_model", None), "rankallocator", None)
+
+
+def method_state(model: Any) -> MethodState:
+    allocator = _rank_allocator(model)
+    if allocator is None:
+        return MethodState()
+    tensors = {f"{kind}/{name}": t for kind in _SCORES for name, t in getattr(allocator, kind).items()}
+    return MethodState(tensors, {"rank_pattern": model.peft_config[allocator.adapter_name].rank_pattern})
+
+
+def restore_method_state(model: Any, saved: MethodState) -> None:
+    allocator = _rank_allocator(model)
+    if allocator is None:
+        return
+    allocator.reset_ipt()
+    for key, value in saved.tensors.items():
+        kind, name = key.split("/", 1)
+        getattr(allocator, kind)[name] = value
+    model.peft_config[allocator.adapter_name].rank_pattern = saved.meta.get("rank_pattern")
 
 
 def merged(model: Any, spec: TrainingSpec) -> Any:

@@ -15,9 +15,12 @@ import torch
 from safetensors.torch import load_file, save
 
 from llmos.errors import InsufficientStorageError
+from llmos.training.adapters import MethodState, method_state, restore_method_state
 
 SERVABLE = "model"
 """A checkpoint's sub-directory holding the model as the engine serves it (where the method allows)."""
+METHOD = "method.safetensors"
+"""A checkpoint's file of the PEFT method's own training state, when it has one (AdaLoRA's importance scores)."""
 
 
 def save_checkpoint(
@@ -27,11 +30,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
+    method: MethodState | None = None,
 ) -> Path:
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, weights, optimizer, scheduler, state)
+        _write(tmp, weights, optimizer, scheduler, state, method or MethodState())
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint left behind
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -57,6 +61,7 @@ def _write(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
+    method: MethodState,
 ) -> None:
     tmp.mkdir(parents=True)
     _write_safetensors({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "trainable.safetensors")
@@ -70,11 +75,14 @@ def _write(
             else:
                 scalars.setdefault(str(index), {})[name] = value
     _write_safetensors(tensors or {"_empty": torch.zeros(1)}, tmp / "optimizer.safetensors")
+    if method.tensors:
+        _write_safetensors({k: v.detach().contiguous().cpu() for k, v in method.tensors.items()}, tmp / METHOD)
     meta = {
         "state": state,
         "param_groups": opt["param_groups"],
         "scalars": scalars,
         "scheduler": scheduler.state_dict(),
+        "method": method.meta,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(meta, default=float))
     for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
@@ -110,6 +118,8 @@ def load_checkpoint(
         state.setdefault(int(index), {}).update(extra)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    method = directory / METHOD
+    restore_method_state(model, MethodState(load_file(method) if method.is_file() else {}, meta.get("method", {})))
     return dict(meta["state"])
 
 
@@ -133,6 +143,7 @@ def save_epoch(
         optimizer=optimizer,
         scheduler=scheduler,
         state=state,
+        method=method_state(model),
     )
 
 
