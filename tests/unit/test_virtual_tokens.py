@@ -43,10 +43,17 @@ def peft_greedy(base_dir: Path, adapter_dir: Path, prompt: list[int], max_tokens
     """PEFT's own greedy tokens for ``prompt`` and the log-probability of the first one."""
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    # Greedy by PEFT's forward over the whole sequence each step, not ``generate``: with
+    # transformers 5.24, PEFT 0.21's generate hands prefix tuning's states over as the deprecated
+    # ``past_key_values`` beside the ``cache`` generate makes, and transformers drops them.
+    tokens: list[int] = []
+    first = 0.0
     with torch.no_grad():
-        first = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1).max().item()
-    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)
-    tokens: list[int] = out[0, -max_tokens:].tolist() if out.shape[1] > max_tokens else out[0].tolist()
+        for step in range(max_tokens):
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + tokens])).logits[0, -1], -1)
+            if step == 0:
+                first = logprobs.max().item()
+            tokens.append(int(logprobs.argmax()))
     eos = base.config.eos_token_id
     return (tokens[: tokens.index(eos)] if eos in tokens else tokens), first
 

@@ -326,6 +326,8 @@ class LocalEngine:
         record = self._records[model_id]
         width = 4 if record.task == "embedding" or record.task in TASK_HEADS else _DTYPE_BYTES.get(self.dtype, 4)
         params = record.parameter_count or record.size_bytes // 2
+        if record.task in CAUSAL_TASKS and self.settings.decode_weights == "int8":
+            width += 1  # the int8 copies read by small decode batches
         return int(params * width * 1.1) + (64 << 20)
 
     def _load(self, model_id: str) -> Runner:
@@ -344,6 +346,7 @@ class LocalEngine:
             kv_cache_bytes=self.settings.kv_cache_mb << 20,
             tenant_rows_when_shared=self.settings.tenant_rows_when_shared,
             name=record.name,
+            decode_int8=self.settings.decode_weights == "int8",
         )
         if isinstance(runner, CausalRunner):
             runner.on_crash = partial(self._on_crash, model_id, runner)

@@ -30,6 +30,7 @@ from llmos.engine.protocol import (
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
+from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.engine.torch_backend.prefill import Prefill
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
@@ -95,6 +96,7 @@ class CausalRunner:
         kv_cache_bytes: int = 4096 << 20,
         tenant_rows_when_shared: int = 0,
         name: str = "model",
+        decode_int8: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -106,6 +108,8 @@ class CausalRunner:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.lora = LoraBank(model, adapter_budget_bytes)
+        # Decode steps run the lean step where the architecture has one, else the model's forward.
+        self.decoder = LeanDecoder.build(model, int8=decode_int8)
         self.virtual = VirtualPrefixes(adapter_budget_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         width = kv_width(model.config.to_dict()) * next(model.parameters()).element_size()
@@ -388,8 +392,10 @@ class CausalRunner:
         state.select(keep)
         state.attention = torch.cat([state.attention, torch.ones((len(state), 1), dtype=state.attention.dtype)], 1)
         self.lora.prepare([r.pending.adapter for r in state.rows])
-        out = self.model(**forward_kwargs(state, tokens))
-        state.logits = out.logits[:, -1, :].float()
+        if self.decoder is not None:
+            state.logits = self.decoder(tokens, state.next_pos, state.attention, state.cache, self.lora.context)
+        else:
+            state.logits = self.model(**forward_kwargs(state, tokens)).logits[:, -1, :].float()
         state.next_pos = state.next_pos + 1
         return state
 

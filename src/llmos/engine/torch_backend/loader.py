@@ -42,6 +42,7 @@ def load_runner(
     kv_cache_bytes: int,
     tenant_rows_when_shared: int,
     name: str,
+    decode_int8: bool = False,
 ) -> CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -62,6 +63,7 @@ def load_runner(
                 kv_cache_bytes=kv_cache_bytes,
                 tenant_rows_when_shared=tenant_rows_when_shared,
                 name=name,
+                decode_int8=decode_int8,
             )
         if task in TASK_HEADS:
             import transformers

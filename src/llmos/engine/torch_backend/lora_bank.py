@@ -70,18 +70,23 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        delta = self.delta(x)
+        return y if delta is None else y + delta
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the current rows' adapters add to this layer's output (None: nothing)."""
         ctx = self.context
         if not ctx.active:
-            return y
+            return None
         ab = ctx.view.weights.get(self.name)
         if ab is None:
-            return y
+            return None
         a, b = ab
         if ctx.span is not None:
             start, end = ctx.span
-            return y + (x @ a[start:end].T) @ b[:, start:end].T
+            return (x @ a[start:end].T) @ b[:, start:end].T
         assert ctx.mask is not None
-        return y + ((x @ a.T) * ctx.mask) @ b.T
+        return ((x @ a.T) * ctx.mask) @ b.T
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""The lean decode step computes what the model's own forward computes: same logits and the same
+cache, for left-padded batches with rows at different positions, with LoRA adapters mixed in; its
+int8 copies stay close to the bf16 weights and are used only for small batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
+from llmos.engine.torch_backend.kv_cache import new_cache
+from llmos.engine.torch_backend.lean_decode import LeanDecoder
+from llmos.engine.torch_backend.lora import LoraWeights
+from llmos.engine.torch_backend.lora_bank import LoraBank
+
+
+def _model(tiny_chat_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=dtype).eval()
+
+
+def _padded_batch(model: torch.nn.Module, lengths: list[int], seed: int) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """Two identical caches of a left-padded prefill, its attention mask and each row's next position."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, model.config.vocab_size, (len(lengths), width), generator=g)
+    attention = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        attention[row, width - n :] = 1
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    caches = []
+    for _ in range(2):
+        cache = new_cache(model.config)
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache)
+        caches.append(cache)
+    return caches, attention, torch.tensor(lengths)
+
+
+def _decode_both(model: torch.nn.Module, decoder: LeanDecoder, lora: LoraBank, lengths: list[int], steps: int) -> None:
+    """Decode ``steps`` tokens with both paths from the same prefill; every step must agree."""
+    (reference, lean), attention, positions = _padded_batch(model, lengths, seed=len(lengths))
+    tokens = torch.arange(3, 3 + len(lengths))
+    exact = next(model.parameters()).dtype == torch.bfloat16
+    for _ in range(steps):
+        attention = torch.cat([attention, torch.ones((len(lengths), 1), dtype=torch.long)], 1)
+        with torch.inference_mode():
+            want = (
+                model(
+                    input_ids=tokens[:, None],
+                    attention_mask=attention,
+                    position_ids=positions[:, None],
+                    past_key_values=reference,
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
+            got = decoder(tokens, positions, attention, lean, lora.context)
+        if exact:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for mine, theirs in zip(lean.layers, reference.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+        tokens, positions = want.argmax(-1), positions + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_step_equals_the_models_forward(tiny_chat_dir: Path, dtype: torch.dtype) -> None:
+    model = _model(tiny_chat_dir, dtype)
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None
+    lora = LoraBank(model, 1 << 20)
+    _decode_both(model, decoder, lora, [5], steps=6)  # one row, no padding: no mask at all
+    _decode_both(model, decoder, lora, [3, 9, 6], steps=6)  # left padding, rows at their own positions
+
+
+def _random_adapter(shapes: dict[str, tuple[int, int]], adapter_id: str, rank: int, seed: int) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, (fan_in, fan_out) in shapes.items():
+        modules[name] = (torch.randn(rank, fan_in, generator=g) * 0.3, torch.randn(fan_out, rank, generator=g) * 0.3)
+    return LoraWeights(adapter_id=adapter_id, modules=modules)
+
+
+def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_chat_dir: Path) -> None:
+    model = _model(tiny_chat_dir, torch.float32)
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None
+    lora = LoraBank(model, 1 << 20)
+    for i, name in enumerate(("a", "b")):
+        lora.acquire(name, lambda shapes, name=name, i=i: _random_adapter(shapes, name, 4, seed=i))
+    lora.prepare(["a", "a"])  # one adapter for every row: only its columns are computed
+    _decode_both(model, decoder, lora, [4, 7], steps=4)
+    lora.prepare(["a", None, "b"])  # mixed batch: each row its own columns, the base row none
+    _decode_both(model, decoder, lora, [4, 7, 5], steps=4)
+
+
+def test_architectures_it_does_not_reproduce_keep_the_models_forward(tiny_chat_dir: Path) -> None:
+    model = _model(tiny_chat_dir, torch.float32)
+    model.config.attention_bias = True
+    assert LeanDecoder.build(model, int8=False) is None
+    model.config.attention_bias = False
+    model.config.model_type = "qwen2"
+    assert LeanDecoder.build(model, int8=False) is None
+
+
+@pytest.mark.skipif(not int8_supported(torch.bfloat16), reason="this torch build has no int8 weight kernel")
+def test_int8_copies_are_close_and_only_used_for_small_batches() -> None:
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(96, 64, generator=g) * 0.05).to(torch.bfloat16)
+    matrix = Int8Matrix(weight)
+    assert matrix.q.dtype == torch.int8 and matrix.nbytes < weight.numel() * weight.element_size()
+    small = torch.randn(1, 3, 64, generator=g).to(torch.bfloat16)
+    want = F.linear(small, weight).float()
+    got = matrix.linear(small).float()
+    assert got.shape == want.shape
+    assert not torch.equal(got, want)  # it really is the int8 copy that ran
+    assert (got - want).norm() / want.norm() < 0.02
+    large = torch.randn(INT8_MAX_ROWS + 1, 64, generator=g).to(torch.bfloat16)
+    assert torch.equal(matrix.linear(large), F.linear(large, weight))
+
+
+@pytest.mark.skipif(not int8_supported(torch.bfloat16), reason="this torch build has no int8 weight kernel")
+def test_int8_decoding_stays_close_to_bf16(tiny_chat_dir: Path) -> None:
+    model = _model(tiny_chat_dir, torch.bfloat16)
+    reference = LeanDecoder(model, int8=False)
+    (cache_a, cache_b), attention, positions = _padded_batch(model, [6], seed=1)
+    tokens = torch.tensor([5])
+    attention = torch.cat([attention, torch.ones((1, 1), dtype=torch.long)], 1)
+    want = reference(tokens, positions, attention, cache_a, LoraBank(model, 1).context)
+    quantised = LeanDecoder(model, int8=True)
+    assert quantised.int8_bytes > 0
+    got = quantised(tokens, positions, attention, cache_b, LoraBank(model, 1).context)
+    assert torch.softmax(got, -1).sub(torch.softmax(want, -1)).abs().max() < 0.05
