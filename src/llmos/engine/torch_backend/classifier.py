@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from llmos.engine.protocol import ClassificationResult
+from llmos.engine.threads import encoder_compute
 from llmos.errors import ContextLengthExceededError
 
 
@@ -26,15 +27,24 @@ class HeadRunner:
     def close(self) -> None:
         """Nothing runs in the background; dropping references frees the weights."""
 
+    def probabilities(self, batch: Any) -> torch.Tensor:
+        """Softmax over the labels for each position of a tokenised batch, on the encoder compute thread."""
+
+        @torch.inference_mode()
+        def forward() -> torch.Tensor:
+            return torch.softmax(self.model(**batch).logits.float(), dim=-1)
+
+        return encoder_compute.run(forward)
+
 
 class ClassifierRunner(HeadRunner):
     def classify(self, texts: list[str]) -> ClassificationResult:
         prompt_tokens = count_tokens(self.tokenizer, texts, self.max_length)
         scores: list[list[float]] = []
-        with self._lock, torch.inference_mode():
+        with self._lock:
             for k in range(0, len(texts), self.micro_batch):
                 batch = self.tokenizer(texts[k : k + self.micro_batch], padding=True, return_tensors="pt")
-                scores.extend(torch.softmax(self.model(**batch).logits.float(), dim=-1).tolist())
+                scores.extend(self.probabilities(batch).tolist())
         return ClassificationResult(labels=self.labels, scores=scores, prompt_tokens=prompt_tokens)
 
 

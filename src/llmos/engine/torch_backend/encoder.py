@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmos.engine.protocol import EmbeddingResult
+from llmos.engine.threads import encoder_compute
 from llmos.errors import ContextLengthExceededError
 
 
@@ -47,12 +49,13 @@ class _Waiting:
 
 
 class EncoderRunner:
-    """Embeds the inputs of concurrent requests together (flat combining, no extra thread).
+    """Embeds the inputs of concurrent requests together (flat combining).
 
     A request queues its token ids, then takes the model lock; whoever holds it embeds every
     request queued so far in one go, sorted by length into micro-batches (little padding), and
-    hands each its vectors. Under load, many one-text requests become one forward pass instead
-    of a forward each; alone, a request runs at once. One forward at a time also keeps a 2-core
+    hands each its vectors; the forward passes run on the encoder compute thread (see
+    ``threads``). Under load, many one-text requests become one forward pass instead of a
+    forward each; alone, a request runs at once. One forward at a time also keeps a 2-core
     CPU from thrashing.
     """
 
@@ -79,7 +82,7 @@ class EncoderRunner:
             if mine.vectors is None and mine.error is None:  # nobody embedded it while we waited
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
-                self._embed_all(batch)
+                encoder_compute.run(partial(self._embed_all, batch))
         if mine.error is not None:
             raise mine.error
         assert mine.vectors is not None

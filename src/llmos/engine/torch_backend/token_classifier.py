@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from llmos.engine.protocol import Entity, EntityResult
 from llmos.engine.torch_backend.classifier import HeadRunner, count_tokens
 
@@ -95,12 +93,12 @@ class TokenClassifierRunner(HeadRunner):
     def extract(self, texts: list[str]) -> EntityResult:
         prompt_tokens = count_tokens(self.tokenizer, texts, self.max_length)
         found: list[list[Entity]] = []
-        with self._lock, torch.inference_mode():
+        with self._lock:
             for k in range(0, len(texts), self.micro_batch):
                 chunk = texts[k : k + self.micro_batch]
                 enc = self.tokenizer(chunk, padding=True, return_offsets_mapping=True, return_tensors="pt")
                 offsets = enc.pop("offset_mapping").tolist()
-                scores, best = torch.softmax(self.model(**enc).logits.float(), dim=-1).max(dim=-1)
+                scores, best = self.probabilities(enc).max(dim=-1)
                 for i, text in enumerate(chunk):
                     tags = [self.labels[j] for j in best[i].tolist()]
                     found.append(group_entities(text, tag_words(enc.word_ids(i), offsets[i], tags, scores[i].tolist())))
