@@ -44,7 +44,9 @@ def _decode_both(model: torch.nn.Module, decoder: LeanDecoder, lora: LoraBank, l
     """Decode ``steps`` tokens with both paths from the same prefill; every step must agree."""
     (reference, lean), attention, positions = _padded_batch(model, lengths, seed=len(lengths))
     tokens = torch.arange(3, 3 + len(lengths))
-    exact = next(model.parameters()).dtype == torch.bfloat16
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    exact = bf16 and len(lengths) == 1  # one row: the same kernels as the model's forward, bit for bit
+    tolerance = 3e-2 if bf16 else 1e-5
     for _ in range(steps):
         attention = torch.cat([attention, torch.ones((len(lengths), 1), dtype=torch.long)], 1)
         with torch.inference_mode():
@@ -63,10 +65,10 @@ def _decode_both(model: torch.nn.Module, decoder: LeanDecoder, lora: LoraBank, l
         if exact:
             assert torch.equal(got, want)
         else:
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
         for mine, theirs in zip(lean.layers, reference.layers, strict=True):
-            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=tolerance, atol=tolerance)
         tokens, positions = want.argmax(-1), positions + 1
 
 
