@@ -25,6 +25,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from llmos.engine.torch_backend.int8 import Int8Matrix, int8_supported
+from llmos.engine.torch_backend.lora_groups import LoraGroups
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
 
@@ -48,8 +49,6 @@ class _Layer:
     o: _Matrix
     gate_up: _Matrix
     down: _Matrix
-    attention: Any  # the module holding q_proj/k_proj/v_proj/o_proj (the LoRA bank wraps those)
-    mlp: Any
 
 
 def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
@@ -123,12 +122,27 @@ class LeanDecoder:
                 o=_Matrix(layer.self_attn.o_proj.weight, int8),
                 gate_up=_Matrix(_fuse([layer.mlp.gate_proj, layer.mlp.up_proj]), int8),
                 down=_Matrix(layer.mlp.down_proj.weight, int8),
-                attention=layer.self_attn,
-                mlp=layer.mlp,
             )
             for layer in inner.layers
         ]
         self.head = _Matrix(model.lm_head.weight, int8)
+        names = {id(module): name for name, module in model.named_modules()}
+
+        def named(*modules: nn.Linear) -> list[tuple[str, int]]:
+            return [(names[id(m)], m.out_features) for m in modules]
+
+        self.adapters = LoraGroups(
+            [
+                {
+                    "qkv": named(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                    "o": named(layer.self_attn.o_proj),
+                    "gate_up": named(layer.mlp.gate_proj, layer.mlp.up_proj),
+                    "down": named(layer.mlp.down_proj),
+                }
+                for layer in inner.layers
+            ]
+            + [{"head": named(model.lm_head)}]
+        )
 
     @classmethod
     def build(cls, model: Any, *, int8: bool) -> LeanDecoder | None:
@@ -161,13 +175,16 @@ class LeanDecoder:
         # No mask when no row has padding: the step attends to every cached position anyway.
         mask = None if bool(attention.all()) else attention[:, None, None, :].bool()
         adapters = lora.active
+        if adapters:
+            self.adapters.prepare(lora, rows)
+        apply = self.adapters.apply
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qk_width = (heads + kv_heads) * dim
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.input_norm, self.eps)
             qkv = layer.qkv(x)
             if adapters:
-                qkv = _add_deltas(qkv, x, (layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj))
+                qkv = apply(qkv, x, i, "qkv")
             qk = qkv[..., :qk_width].view(rows, 1, heads + kv_heads, dim)
             qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :heads].transpose(1, 2)
@@ -181,34 +198,20 @@ class LeanDecoder:
                 o = _grouped_attention(q, keys, values, mask, self.scale)
             out = layer.o(o)
             if adapters:
-                out = _add_deltas(out, o, (layer.attention.o_proj,))
+                out = apply(out, o, i, "o")
             h = h + out
             x = _rms_norm(h, layer.post_norm, self.eps)
             gate_up = layer.gate_up(x)
             if adapters:
-                gate_up = _add_deltas(gate_up, x, (layer.mlp.gate_proj, layer.mlp.up_proj))
+                gate_up = apply(gate_up, x, i, "gate_up")
             gate, up = gate_up.chunk(2, dim=-1)
             inner = self.act(gate) * up
             out = layer.down(inner)
             if adapters:
-                out = _add_deltas(out, inner, (layer.mlp.down_proj,))
+                out = apply(out, inner, i, "down")
             h = h + out
         h = _rms_norm(h, self.norm, self.eps)
         logits = self.head(h)
         if adapters:
-            logits = _add_deltas(logits, h, (self.model.lm_head,))
+            logits = apply(logits, h, len(self.layers), "head")
         return logits[:, -1].float()
-
-
-def _add_deltas(y: torch.Tensor, x: torch.Tensor, modules: tuple[Any, ...]) -> torch.Tensor:
-    """``y`` (the fused base product of ``modules``) plus each adapted module's adapter output, in
-    its own columns."""
-    start = 0
-    for module in modules:
-        delta = getattr(module, "delta", None)
-        part = delta(x) if delta is not None else None
-        width = int(getattr(module, "base", module).out_features)
-        if part is not None:
-            y[..., start : start + width] += part
-        start += width
-    return y
