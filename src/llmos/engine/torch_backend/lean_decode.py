@@ -177,14 +177,17 @@ class LeanDecoder:
         adapters = lora.active
         if adapters:
             self.adapters.prepare(lora, rows)
-        apply = self.adapters.apply
+
+        def project(matrix: _Matrix, x: torch.Tensor, layer: int, group: str) -> torch.Tensor:
+            """A (fused) base product plus, when the batch has adapters, theirs."""
+            y = matrix(x)
+            return self.adapters.apply(y, x, layer, group) if adapters else y
+
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qk_width = (heads + kv_heads) * dim
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.input_norm, self.eps)
-            qkv = layer.qkv(x)
-            if adapters:
-                qkv = apply(qkv, x, i, "qkv")
+            qkv = project(layer.qkv, x, i, "qkv")
             qk = qkv[..., :qk_width].view(rows, 1, heads + kv_heads, dim)
             qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :heads].transpose(1, 2)
@@ -196,22 +199,9 @@ class LeanDecoder:
                 o = o.transpose(1, 2).reshape(rows, 1, heads * dim)
             else:
                 o = _grouped_attention(q, keys, values, mask, self.scale)
-            out = layer.o(o)
-            if adapters:
-                out = apply(out, o, i, "o")
-            h = h + out
+            h = h + project(layer.o, o, i, "o")
             x = _rms_norm(h, layer.post_norm, self.eps)
-            gate_up = layer.gate_up(x)
-            if adapters:
-                gate_up = apply(gate_up, x, i, "gate_up")
-            gate, up = gate_up.chunk(2, dim=-1)
-            inner = self.act(gate) * up
-            out = layer.down(inner)
-            if adapters:
-                out = apply(out, inner, i, "down")
-            h = h + out
+            gate, up = project(layer.gate_up, x, i, "gate_up").chunk(2, dim=-1)
+            h = h + project(layer.down, self.act(gate) * up, i, "down")
         h = _rms_norm(h, self.norm, self.eps)
-        logits = self.head(h)
-        if adapters:
-            logits = apply(logits, h, len(self.layers), "head")
-        return logits[:, -1].float()
+        return project(self.head, h, len(self.layers), "head")[:, -1].float()
