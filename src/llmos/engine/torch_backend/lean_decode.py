@@ -4,7 +4,8 @@ A decode step of a small model on a CPU is dominated by the cost of each operati
 arithmetic: transformers' generic forward (mask builders, per-module hooks, separate q/k/v and
 gate/up products, rotary embedding of q and k apart) took 35 ms a step for SmolLM2-135M with
 one row, this one 27 ms, with the same weights and the same cache (and the same logits, bit for
-bit, for one row in bf16; batches differ by rounding, see ``_grouped_attention``). It computes what
+bit, for one row over a short cache in bf16; batches and long caches differ by rounding, see
+``_grouped_attention``). It computes what
 ``LlamaForCausalLM`` computes for one new token per row, reads and writes the engine's own
 key/value cache, and applies the LoRA bank's adapters, so it is a drop-in replacement for the
 decode call. Prefill keeps using the model's own forward.
@@ -28,6 +29,10 @@ from llmos.engine.torch_backend.int8 import Int8Matrix, int8_supported
 from llmos.engine.torch_backend.lora_groups import LoraGroups
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
+# One row over at most this many cached positions attends through torch's SDPA (faster there, and
+# bit-equal to the model's forward); beyond, SDPA's cost grows with the length and the grouped
+# products win (one row over 300 positions: 169 us against 83 us a layer).
+SDPA_MAX_POSITIONS = 128
 
 
 class _Matrix:
@@ -77,8 +82,8 @@ def _grouped_attention(
 
     torch's CPU ``scaled_dot_product_attention`` is slow for many rows of one query each: for 16
     rows over 300 cached positions (SmolLM2's 9 query and 3 key/value heads) it took 2.4 ms a
-    layer, this 0.23 ms; for a single row it is the faster one and keeps the step equal to the
-    model's forward, so the step uses it there. The query heads sharing a key/value head are
+    layer, this 0.23 ms; only for one row over a short cache is it the faster one (see
+    ``SDPA_MAX_POSITIONS``). The query heads sharing a key/value head are
     grouped instead of the keys and values being repeated. Returns (rows, 1, heads * head_dim).
     """
     rows, heads, _, dim = q.shape
@@ -194,7 +199,7 @@ class LeanDecoder:
             k = qk[:, :, heads:].transpose(1, 2)
             v = qkv[..., qk_width:].view(rows, 1, kv_heads, dim).transpose(1, 2)
             keys, values = cache.layers[i].update(k, v)
-            if rows == 1:
+            if rows == 1 and keys.shape[2] <= SDPA_MAX_POSITIONS:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads)
                 o = o.transpose(1, 2).reshape(rows, 1, heads * dim)
             else:
