@@ -37,14 +37,24 @@ def compute_threads() -> int:
     return _threads
 
 
+def _pin(count: int) -> None:
+    """Fix this thread's torch thread count for good. ``set_num_threads`` sets this thread's
+    count and a process-wide one; a thread's first parallel operator (or ``get_num_threads``)
+    copies the process-wide one into the thread, which may by then be another thread's. Setting,
+    reading and setting again leaves this thread initialised with its own count."""
+    torch.set_num_threads(count)
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
 def enter_compute_thread() -> None:
     """Call at the start of a thread that runs models: it parallelises over ``compute_threads()``."""
-    torch.set_num_threads(_threads)
+    _pin(_threads)
 
 
 def enter_helper_thread() -> None:
     """Call at the start of any other thread that may touch torch: it never starts an OpenMP team."""
-    torch.set_num_threads(1)
+    _pin(1)
 
 
 def helper_pool(workers: int = 8) -> ThreadPoolExecutor:
