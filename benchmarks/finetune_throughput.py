@@ -8,7 +8,8 @@ batch 8, sequences up to 256 tokens, in the same run, each system in its own pro
 peak memory):
 - ``peft-trainer``: what a user writes: ``get_peft_model`` + ``transformers.Trainer`` with
   ``bf16=True`` (autocast on CPU), padding each batch to its longest example;
-- ``llmos``: the job trainer (``run_sft``), without and with sequence packing.
+- ``llmos``: the job trainer (``run_sft``); ``llmos-grouped`` with ``group_by_length``,
+  ``llmos-packing`` with sequence packing.
 Training tokens/s counts real tokens only (no padding), the same way for every system. Prints
 a table and writes benchmarks/results/finetune_throughput.json.
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.finetune_chat_sst2 import LABELS, MODEL, PROMPT, sentences
 from benchmarks.finetune_quality import ROOT, SHARED
 
-SYSTEMS = ("peft-trainer", "llmos", "llmos-packing")
+SYSTEMS = ("peft-trainer", "llmos", "llmos-grouped", "llmos-packing")
 
 
 def write_chat_file(path: Path, count: int) -> None:
@@ -85,14 +86,23 @@ def run_peft_trainer(base_dir: Path, data: Path, work: Path, batch_size: int) ->
     return time.perf_counter() - start, sum(len(e.input_ids) for e in examples)
 
 
-def run_llmos(base_dir: Path, data: Path, work: Path, batch_size: int, packing: bool) -> tuple[float, int]:
+def run_llmos(
+    base_dir: Path, data: Path, work: Path, batch_size: int, *, packing: bool, grouped: bool
+) -> tuple[float, int]:
     from llmos.kernel.devices import detect_cpu
     from llmos.training.run import Hooks, TrainingRun
     from llmos.training.sft import run_sft
     from llmos.training.spec import TrainingSpec
 
     spec = TrainingSpec(
-        n_epochs=1, batch_size=batch_size, adapter="lora", lora_r=16, lora_alpha=32, max_seq_length=256, packing=packing
+        n_epochs=1,
+        batch_size=batch_size,
+        adapter="lora",
+        lora_r=16,
+        lora_alpha=32,
+        max_seq_length=256,
+        packing=packing,
+        group_by_length=grouped,
     )
     hooks = Hooks(metrics=lambda m: None, message=print, checkpoint=lambda *a: None, control=lambda: None)
     start = time.perf_counter()
@@ -105,7 +115,8 @@ def one_system(system: str, base_dir: Path, data: Path, batch_size: int) -> dict
         if system == "peft-trainer":
             seconds, tokens = run_peft_trainer(base_dir, data, Path(work), batch_size)
         else:
-            seconds, tokens = run_llmos(base_dir, data, Path(work), batch_size, packing=system == "llmos-packing")
+            packing, grouped = system == "llmos-packing", system == "llmos-grouped"
+            seconds, tokens = run_llmos(base_dir, data, Path(work), batch_size, packing=packing, grouped=grouped)
     return {
         "system": system,
         "train_seconds": seconds,

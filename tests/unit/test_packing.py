@@ -82,3 +82,22 @@ def test_a_packed_job_trains_and_bad_settings_are_refused(client: openai.OpenAI)
     assert done.status == "succeeded", done.error  # type: ignore[attr-defined]
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert any(m.startswith("Packed 12 conversations into") for m in messages)
+
+
+def _padding(batches: list[list[Example]]) -> int:
+    return sum(len(b) * max(len(e.input_ids) for e in b) - sum(len(e.input_ids) for e in b) for b in batches)
+
+
+def test_length_grouped_batches_pad_less_and_keep_every_example_once() -> None:
+    import random
+
+    from llmos.training.sft import _batches
+
+    examples = [Example(input_ids=[1] * n, labels=[1] * n) for n in random.Random(0).choices(range(5, 200), k=300)]
+    plain = _batches(examples, 8, random.Random(1))
+    grouped = _batches(examples, 8, random.Random(1), by_length=True)
+    assert sorted(id(e) for b in grouped for e in b) == sorted(id(e) for e in examples)
+    assert all(len(b) <= 8 for b in grouped)
+    assert _padding(grouped) < 0.2 * _padding(plain)
+    assert grouped == _batches(examples, 8, random.Random(1), by_length=True)  # the same order on resume
+    assert [len(b[0].input_ids) for b in grouped] != sorted(len(b[0].input_ids) for b in grouped)  # batches shuffled

@@ -75,3 +75,11 @@ def test_legacy_hyperparameters_are_named_where_they_were_written() -> None:
     with pytest.raises(InvalidRequestError) as refused:
         parse_spec(_at("supervised.hyperparameters.n_epochs", 0), {"n_epochs": 2}, training_records=10)
     assert refused.value.param == "method.supervised.hyperparameters.n_epochs"
+
+
+def test_group_by_length_is_a_switch() -> None:
+    assert parse_spec(_at("supervised.group_by_length", True), None, training_records=10).group_by_length
+    assert not parse_spec(None, None, training_records=10).group_by_length
+    with pytest.raises(InvalidRequestError) as err:
+        parse_spec(_at("supervised.group_by_length", "yes"), None, training_records=10)
+    assert err.value.param == "method.supervised.group_by_length"

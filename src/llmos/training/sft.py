@@ -29,10 +29,26 @@ class Stopped(Exception):
         self.reason = reason
 
 
-def _batches(examples: list[Example], size: int, rng: random.Random) -> list[list[Example]]:
+GROUP_WINDOW_BATCHES = 32  # with group_by_length, examples are sorted by length within windows of this many batches
+
+
+def _batches(examples: list[Example], size: int, rng: random.Random, by_length: bool = False) -> list[list[Example]]:
+    """Shuffled batches. ``by_length``: each window of shuffled examples is sorted by length
+    before it is cut into batches, and the batches are shuffled again, so a batch pads little
+    while the order stays random from batch to batch (transformers' ``group_by_length``)."""
     order = list(range(len(examples)))
     rng.shuffle(order)
-    return [[examples[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+    if by_length:
+        window = size * GROUP_WINDOW_BATCHES
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda i: len(examples[i].input_ids))
+        ]
+    batches = [[examples[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+    if by_length:
+        rng.shuffle(batches)
+    return batches
 
 
 def _collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -138,7 +154,7 @@ def run_sft(run: TrainingRun) -> TrainingResult:
     for epoch in range(int(state["epoch"]), run.spec.n_epochs):
         rng = random.Random(run.seed * 1000 + epoch)  # noqa: S311 -- data order, not secrets; the same on resume
         window_loss, window_correct, window_count, window_start = 0.0, 0, 0, time.perf_counter()
-        batches = _batches(train, run.spec.batch_size, rng)
+        batches = _batches(train, run.spec.batch_size, rng, run.spec.group_by_length)
         accumulation = Accumulation(len(batches), run.spec.gradient_accumulation_steps)
         for k, batch in enumerate(batches):
             reason = run.hooks.control()

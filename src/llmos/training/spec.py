@@ -31,6 +31,8 @@ class TrainingSpec:
     num_virtual_tokens: int = 20
     max_seq_length: int = 512
     packing: bool = False
+    group_by_length: bool = False
+    """Chat jobs: batch examples of similar length together (less padding computed)."""
     fgm_epsilon: float | None = None
     """Adversarial training (FGM on the input embeddings) with this step size; None: off."""
     augmentation_probability: float | None = None
@@ -132,6 +134,9 @@ def parse_spec(
             f"packing cannot be combined with {adapter}: its virtual tokens go before each row, not each conversation",
             param="method.supervised.packing",
         )
+    group_by_length = supervised.get("group_by_length", False)
+    if not isinstance(group_by_length, bool):
+        raise InvalidRequestError("group_by_length must be true or false", param=f"{SUPERVISED}.group_by_length")
     fgm_epsilon = _switch(supervised, "adversarial", "fgm", "epsilon", 1.0, 1e-6, 100.0)
     augmentation = supervised.get("augmentation")
     probability = _switch(supervised, "augmentation", "eda", "probability", 0.1, 0.01, 0.5, extra={"copies"})
@@ -156,6 +161,7 @@ def parse_spec(
         ),
         max_seq_length=_number(supervised.get("max_seq_length"), f"{SUPERVISED}.max_seq_length", int, 16, 32768, 512),
         packing=packing,
+        group_by_length=group_by_length,
         fgm_epsilon=fgm_epsilon,
         augmentation_probability=probability,
         augmentation_copies=_number(copies, f"{SUPERVISED}.augmentation.copies", int, 1, 8, 1),
