@@ -75,6 +75,14 @@ def _number(value: Any, param: str, kind: type, low: float, high: float, auto: A
     return kind(value)
 
 
+def _flag(supervised: dict[str, Any], name: str) -> bool:
+    """A true/false switch under ``method.supervised`` (absent: false)."""
+    value = supervised.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be true or false", param=f"{SUPERVISED}.{name}")
+    return value
+
+
 def _hyperparameters(supervised: dict[str, Any], legacy: Any) -> dict[str, tuple[Any, str]]:
     """OpenAI's hyperparameters, each with the path it came from (for errors): ``method.supervised``'s
     win over the deprecated top-level ``hyperparameters``."""
@@ -126,17 +134,13 @@ def parse_spec(
             "target_modules must be 'all-linear' or a list of module names",
             param="method.supervised.adapter.target_modules",
         )
-    packing = supervised.get("packing", False)
-    if not isinstance(packing, bool):
-        raise InvalidRequestError("packing must be true or false", param="method.supervised.packing")
+    packing = _flag(supervised, "packing")
     if packing and adapter in VIRTUAL_TOKEN_ADAPTERS:
         raise InvalidRequestError(
             f"packing cannot be combined with {adapter}: its virtual tokens go before each row, not each conversation",
             param="method.supervised.packing",
         )
-    group_by_length = supervised.get("group_by_length", False)
-    if not isinstance(group_by_length, bool):
-        raise InvalidRequestError("group_by_length must be true or false", param=f"{SUPERVISED}.group_by_length")
+    group_by_length = _flag(supervised, "group_by_length")
     fgm_epsilon = _switch(supervised, "adversarial", "fgm", "epsilon", 1.0, 1e-6, 100.0)
     augmentation = supervised.get("augmentation")
     probability = _switch(supervised, "augmentation", "eda", "probability", 0.1, 0.01, 0.5, extra={"copies"})

@@ -40,6 +40,11 @@ class BankView:
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The adapters' dtype (that of the masks selecting their columns)."""
+        return next(iter(self.weights.values()))[0].dtype if self.weights else torch.float32
+
 
 EMPTY_VIEW = BankView(spans={}, weights={}, width=0)
 
@@ -177,7 +182,7 @@ class LoraBank:
         if len(distinct) == 1:
             ctx.span, ctx.mask = spans[0], None
             return
-        mask = torch.zeros((len(adapters), 1, view.width), dtype=self._dtype())
+        mask = torch.zeros((len(adapters), 1, view.width), dtype=view.dtype)
         for row, span in enumerate(spans):
             if span is not None:
                 mask[row, 0, span[0] : span[1]] = 1
@@ -221,9 +226,6 @@ class LoraBank:
             layer = getattr(parent, child)
             if isinstance(layer, nn.Linear):
                 setattr(parent, child, AdaptedLinear(layer, name, self.context))
-
-    def _dtype(self) -> torch.dtype:
-        return next(iter(self.view.weights.values()))[0].dtype if self.view.weights else torch.float32
 
 
 def _with_adapter(view: BankView, adapter: LoraWeights) -> BankView:

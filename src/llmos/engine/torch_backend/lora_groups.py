@@ -34,6 +34,8 @@ class LoraGroups:
         self._view: BankView | None = None
         self._groups: list[dict[str, _Group | None]] = []
         self._masks: dict[int, torch.Tensor] = {}
+        # A group applies one to all of its modules' adapters (those the loaded adapters target).
+        self._part_counts = range(1, 1 + max(len(names) for groups in layout for names in groups.values()))
 
     def prepare(self, ctx: LoraContext, rows: int) -> None:
         """Regroup if the bank's view changed, and build this step's column masks."""
@@ -45,9 +47,9 @@ class LoraGroups:
             mask = ctx.mask.reshape(rows, view.width)
         else:
             assert ctx.span is not None
-            mask = torch.zeros((1, view.width), dtype=_dtype(view))
+            mask = torch.zeros((1, view.width), dtype=view.dtype)
             mask[0, ctx.span[0] : ctx.span[1]] = 1
-        self._masks = {p: mask.repeat(1, p) if p > 1 else mask for p in (1, 2, 3)}
+        self._masks = {p: mask.repeat(1, p) if p > 1 else mask for p in self._part_counts}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> torch.Tensor:
         found = self._groups[layer].get(group)
@@ -56,10 +58,7 @@ class LoraGroups:
         rows = x.numel() // x.shape[-1]
         flat_y = y.view(rows, y.shape[-1])
         parts = len(found.parts)
-        mask = self._masks.get(parts)
-        if mask is None:
-            mask = self._masks[1].repeat(1, parts)
-        h = (x.reshape(rows, x.shape[-1]) @ found.a.T) * mask
+        h = (x.reshape(rows, x.shape[-1]) @ found.a.T) * self._masks[parts]
         rank = found.a.shape[0] // parts
         for j, (start, end, b) in enumerate(found.parts):
             flat_y[:, start:end].addmm_(h[:, j * rank : (j + 1) * rank], b.T)
@@ -77,7 +76,3 @@ def _group(view: BankView, names: list[tuple[str, int]]) -> _Group | None:
     if not a_parts:
         return None
     return _Group(a=torch.cat(a_parts) if len(a_parts) > 1 else a_parts[0], parts=tuple(parts))
-
-
-def _dtype(view: BankView) -> torch.dtype:
-    return next(iter(view.weights.values()))[0].dtype if view.weights else torch.float32
