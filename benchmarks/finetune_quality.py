@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr-multiplier", type=float)
+    parser.add_argument("--adapter", default="full", help="method.supervised.adapter.type (default full)")
+    parser.add_argument("--num-virtual-tokens", type=int, default=20, help="for prefix_tuning / prompt_tuning")
+    parser.add_argument("--train-limit", type=int, help="train on the first N examples only")
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: torch's); 1 is faster on a machine other work shares"
@@ -76,7 +79,8 @@ def main() -> None:
         n_epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate_multiplier=args.lr_multiplier,
-        adapter="full",
+        adapter=args.adapter,
+        num_virtual_tokens=args.num_virtual_tokens,
         max_seq_length=128,
         warmup_ratio=0.06,
         lr_scheduler="linear",
@@ -91,13 +95,14 @@ def main() -> None:
     if args.task in NER_DATA:
         return _ner(args, platform.registry.model_dir(base), spec, hooks)
     with tempfile.TemporaryDirectory() as work:
+        train_path = _limited(SHARED / DATA[args.task][0], args.train_limit, Path(work))
         start = time.perf_counter()
         from llmos.training.classify import run_classification
 
         result = run_classification(
             TrainingRun(
                 base_dir=platform.registry.model_dir(base),
-                train_path=SHARED / DATA[args.task][0],
+                train_path=train_path,
                 valid_path=None,
                 spec=spec,
                 seed=0,
@@ -110,7 +115,10 @@ def main() -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
+        from llmos.engine.torch_backend.prompted_encoder import load_prompted
+
+        model = load_prompted(AutoModelForSequenceClassification.from_pretrained(result.model_dir), result.model_dir)
+        model.eval()
         tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
         test = load_classification_file(SHARED / DATA[args.task][1])
         labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
@@ -137,15 +145,29 @@ def main() -> None:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "learning_rate": spec.learning_rate,
+        "adapter": args.adapter,
+        "train_examples": args.train_limit,
         "reference": REFERENCE[args.task],
         "date": time.strftime("%Y-%m-%d"),
     }
+    print(f"\nadapter {args.adapter}, {result.trained_tokens} training tokens")
     print(f"\n{'task':14} {'test acc':>9} {'macro-F1':>9} {'ref acc':>8} {'train s':>8} {'tok/s':>8} {'peak MB':>8}")
     print(
         f"{args.task:14} {row['test_accuracy']:9.3f} {row['test_macro_f1']:9.3f} "
         f"{REFERENCE[args.task]['accuracy']:8.3f} {train_s:8.0f} {row['train_tokens_per_s']:8.0f} {peak_mb:8.0f}"
     )
-    _write(args.task, row)
+    _write(args.task if args.adapter == "full" else f"{args.task}-{args.adapter}", row)
+
+
+def _limited(path: Path, limit: int | None, work: Path) -> Path:
+    """``path``, or a copy of its header and first ``limit`` examples."""
+    if limit is None:
+        return path
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = 0 if lines[0].lstrip().startswith("{") else 1
+    out = work / f"first-{limit}{path.suffix}"
+    out.write_text("\n".join(lines[: header + limit]) + "\n", encoding="utf-8")
+    return out
 
 
 def _write(task: str, row: dict[str, Any]) -> None:

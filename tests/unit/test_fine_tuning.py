@@ -262,16 +262,3 @@ def test_every_peft_method_trains_a_servable_chat_model(client: openai.OpenAI, m
     if fmt == "prefix":  # adapters are servable at every epoch; merged methods only at the end
         first = checkpoints[-1].fine_tuned_model_checkpoint
         assert client.chat.completions.create(model=first, messages=[{"role": "user", "content": "3"}], max_tokens=4)
-
-
-def test_prompt_learning_is_refused_on_encoders(client: openai.OpenAI) -> None:
-    rows = [{"text": "hello there", "label": "greeting"}, {"text": "paris is in france", "label": "fact"}] * 4
-    data = "\n".join(json.dumps(r) for r in rows).encode()
-    training = client.files.create(file=("cls.jsonl", data), purpose="fine-tune").id
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.fine_tuning.jobs.create(
-            model="tiny-embed",
-            training_file=training,
-            method={"type": "supervised", "supervised": {"adapter": {"type": "prefix_tuning"}}},
-        )  # type: ignore[arg-type]
-    assert refused.value.body["code"] == "unsupported_method"  # type: ignore[index]

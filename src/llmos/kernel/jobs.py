@@ -23,7 +23,7 @@ from llmos.registry.files import FileRecord, FileStore
 from llmos.registry.idempotency import find_earlier, insert_once
 from llmos.registry.service import ModelRegistry
 from llmos.registry.tables import JobCheckpointRow, JobEventRow, JobRow, ModelRow
-from llmos.training.spec import VIRTUAL_TOKEN_ADAPTERS, parse_spec
+from llmos.training.spec import parse_spec
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 RESUMABLE_ERRORS = frozenset({"disk_full", "quota_exceeded"})
@@ -201,13 +201,6 @@ class JobStore:
         if spec.packing and task != "chat":
             raise InvalidRequestError(
                 "packing applies to chat fine-tuning only", param="method.supervised.packing", code="unsupported_method"
-            )
-        if spec.adapter in VIRTUAL_TOKEN_ADAPTERS and task != "chat":
-            raise InvalidRequestError(
-                f"adapter type {spec.adapter!r} trains chat models only (the engine serves its virtual tokens "
-                f"beside a causal base); for {task} use lora, adalora, ia3 or full",
-                param="method.supervised.adapter.type",
-                code="unsupported_method",
             )
         priority = body.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, int) or not -10 <= priority <= 10:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmos.training.spec import TrainingSpec
+from llmos.training.spec import VIRTUAL_TOKEN_ADAPTERS, TrainingSpec
 
 AdapterBuilder = Callable[[TrainingSpec, Any, int], Any]  # (spec, PEFT task type, total steps) -> config
 _BUILDERS: dict[str, AdapterBuilder] = {}
@@ -25,6 +25,7 @@ SERVED_AS_ADAPTERS = ("lora", "prefix_tuning", "prompt_tuning")
 # Classification heads, which PEFT trains whole (modules_to_save): LoRA must not wrap them too.
 # PEFT leaves them out of "all-linear" by itself for SEQ_CLS only, not for TOKEN_CLS.
 HEAD_MODULES = ["classifier", "score"]
+ENCODER_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 
 
 def register_adapter(name: str) -> Callable[[AdapterBuilder], AdapterBuilder]:
@@ -103,9 +104,18 @@ def _prompt(spec: TrainingSpec, task_type: Any, total_steps: int) -> Any:
 
 def wrap_model(model: Any, spec: TrainingSpec, task: str, total_steps: int) -> Any:
     """``model`` ready to train: itself for full fine-tuning, else wrapped by its PEFT method.
-    ``task`` is PEFT's task type name (``CAUSAL_LM``, ``SEQ_CLS``)."""
+    ``task`` is PEFT's task type name (``CAUSAL_LM``, ``SEQ_CLS``). Prefix and prompt tuning of
+    an encoder are the engine's ``PromptedEncoder`` (what it serves; PEFT's prefix tuning needs
+    ``past_key_values``, which transformers 5 encoders no longer take), seeded by torch's RNG."""
     if spec.adapter == "full":
         return model
+    if spec.adapter in VIRTUAL_TOKEN_ADAPTERS and task in ENCODER_TASK_TYPES:
+        from llmos.engine.torch_backend.prompted_encoder import PromptedEncoder
+
+        prompted = PromptedEncoder(model, spec.adapter, spec.num_virtual_tokens)
+        prompted.initialize()
+        prompted.freeze_base(train_head=True)  # as PEFT's prompt learning trains the classifier beside
+        return prompted
     from peft import TaskType, get_peft_model
 
     return get_peft_model(model, _BUILDERS[spec.adapter](spec, TaskType[task], total_steps))
@@ -173,8 +183,20 @@ def restore_method_state(model: Any, saved: MethodState) -> None:
 
 
 def merged(model: Any, spec: TrainingSpec) -> Any:
-    """Plain weights for serving: adapters folded into the base."""
-    return model if spec.adapter == "full" else model.merge_and_unload()
+    """Plain weights for serving: adapters folded into the base (an encoder's virtual tokens
+    cannot be folded: it saves them beside its weights)."""
+    if spec.adapter == "full" or not hasattr(model, "merge_and_unload"):
+        return model
+    return model.merge_and_unload()
+
+
+def input_limit(model: Any, spec: TrainingSpec) -> int:
+    """Input tokens a training example keeps: ``max_seq_length``, less any positions the model's
+    virtual tokens take of the ones it has."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return spec.max_seq_length
+    return max(1, min(spec.max_seq_length, positions - getattr(model, "positions_used", 0)))
 
 
 def save_merged_copy(model: Any, spec: TrainingSpec, out: Path) -> None:

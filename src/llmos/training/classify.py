@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llmos.training.adapters import wrap_model
+from llmos.training.adapters import input_limit, wrap_model
 from llmos.training.augment import augment, embedding_synonyms
 from llmos.training.datasets import LABEL_COLUMNS, TEXT_COLUMNS, jsonl_objects, read_lines
 from llmos.training.encoder_loop import EncoderTask, StepOutput, train_encoder
@@ -104,12 +104,13 @@ def run_classification(run: TrainingRun) -> TrainingResult:
         )
         run.hooks.message(f"Augmented {original} training examples with {len(train) - original} EDA variants")
     model = wrap_model(model, run.spec, "SEQ_CLS", run.spec.total_steps(len(train)))
+    max_length = input_limit(model, run.spec)
 
     def step(batch: list[LabelledText]) -> StepOutput:
         enc = tokenizer(
             [x.text for x in batch],
             truncation=True,
-            max_length=run.spec.max_seq_length,
+            max_length=max_length,
             padding=True,
             return_tensors="pt",
         )
@@ -121,7 +122,7 @@ def run_classification(run: TrainingRun) -> TrainingResult:
         return StepOutput(loss=loss, correct=correct, counted=len(batch), tokens=int(enc["attention_mask"].sum()))
 
     def evaluate() -> dict[str, Any]:
-        predicted = _predict(model, tokenizer, [x.text for x in valid], run.spec.max_seq_length, 64)
+        predicted = _predict(model, tokenizer, [x.text for x in valid], max_length, 64)
         report = classification_report([index[x.label] for x in valid], predicted, labels)
         return {
             "valid_accuracy": report["accuracy"],

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from llmos.training.adapters import wrap_model
+from llmos.training.adapters import input_limit, wrap_model
 from llmos.training.datasets import conll_sentences, jsonl_objects, read_lines
 from llmos.training.encoder_loop import EncoderTask, StepOutput, train_encoder
 from llmos.training.run import TrainingResult, TrainingRun
@@ -135,7 +135,7 @@ def run_token_classification(run: TrainingRun) -> TrainingResult:
         ignore_mismatched_sizes=True,  # a classifier base brings a head of another shape: start it afresh
     )
     model = wrap_model(model, run.spec, "TOKEN_CLS", run.spec.total_steps(len(train)))
-    tagger = WordTagger(model, tokenizer, tags, run.spec.max_seq_length)
+    tagger = WordTagger(model, tokenizer, tags, input_limit(model, run.spec))
 
     def step(batch: list[TaggedSentence]) -> StepOutput:
         enc, labels = tagger.encode(batch)

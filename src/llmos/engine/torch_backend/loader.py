@@ -10,6 +10,7 @@ import torch
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.encoder import EncoderRunner, Pooling
+from llmos.engine.torch_backend.prompted_encoder import load_prompted
 from llmos.engine.torch_backend.token_classifier import TokenClassifierRunner
 from llmos.errors import ModelLoadError
 
@@ -72,7 +73,8 @@ def load_runner(
             auto_class = getattr(transformers, auto_name)
             head = auto_class.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
             head.eval()
-            return runner_class(head, tokenizer, max_length=context_length)
+            prompted = load_prompted(head, model_dir)  # prefix or prompt tuning keeps its virtual tokens
+            return runner_class(prompted, tokenizer, max_length=context_length - getattr(prompted, "positions_used", 0))
         if task == "embedding":
             # Encoders are small and latency-bound; float32 keeps embeddings identical to the reference.
             model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
