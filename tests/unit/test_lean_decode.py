@@ -1,6 +1,7 @@
 """The lean decode step computes what the model's own forward computes: same logits and the same
 cache, for left-padded batches with rows at different positions, with LoRA adapters mixed in; its
-int8 copies stay close to the bf16 weights and are used only for small batches."""
+int8 copies stay close to the bf16 weights and are used only for small batches. Its prefill of a
+prompt's chunks computes what the model's forward computes too."""
 
 from __future__ import annotations
 
@@ -82,6 +83,39 @@ def test_lean_step_equals_the_models_forward(tiny_chat_dir: Path, dtype: torch.d
     _decode_both(model, decoder, lora, [5], steps=6)  # one row, no padding: no mask at all
     _decode_both(model, decoder, lora, [3, 9, 6], steps=6)  # left padding, rows at their own positions
     _decode_both(model, decoder, lora, [SDPA_MAX_POSITIONS - 1], steps=3)  # one row past the SDPA length
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_prefill_equals_the_models_forward(tiny_chat_dir: Path, dtype: torch.dtype) -> None:
+    """A prompt prefilled in chunks (the first from an empty cache, the others after cached states)
+    gives the model's logits and cache; the first chunk in bf16 bit for bit."""
+    model = _model(tiny_chat_dir, dtype)
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None
+    prompt = torch.randint(3, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    reference, lean = new_cache(model.config), new_cache(model.config)
+    for start, end in [(0, 9), (9, 10), (10, 23)]:
+        with torch.inference_mode():
+            want = (
+                model(
+                    input_ids=torch.tensor([prompt[start:end]]),
+                    attention_mask=torch.ones((1, end), dtype=torch.long),
+                    position_ids=torch.arange(start, end)[None],
+                    past_key_values=reference,
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
+        got = decoder.prefill(prompt[start:end], start, lean)
+        if start == 0 and dtype == torch.bfloat16:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+        for mine, theirs in zip(lean.layers, reference.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=tolerance, atol=tolerance)
 
 
 def _random_adapter(shapes: dict[str, tuple[int, int]], adapter_id: str, rank: int, seed: int) -> LoraWeights:

@@ -6,6 +6,7 @@ requests with different parameters, and each is unit-tested without a model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -64,16 +65,24 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def select_tokens(logits: torch.Tensor, sampling: BatchSampling) -> torch.Tensor:
-    """Choose one token per row: argmax where temperature is 0, else a (seeded) sample."""
+def select_tokens(
+    logits: torch.Tensor, sampling: BatchSampling, fixed: Mapping[int, int] | None = None
+) -> torch.Tensor:
+    """Choose one token per row: argmax where temperature is 0, else a (seeded) sample. Rows in
+    ``fixed`` get the token given there and draw nothing from their generator."""
     greedy = sampling.temperature == 0
     chosen = torch.argmax(logits, dim=-1)
+    fixed = fixed or {}
+    for row, token in fixed.items():
+        chosen[row] = token
     if bool(greedy.all()):
         return chosen
     temps = torch.where(greedy, torch.ones_like(sampling.temperature), sampling.temperature)
     scaled = apply_top_p(logits / temps[:, None], sampling.top_p)
     probs = torch.softmax(scaled, dim=-1)
     for row in torch.nonzero(~greedy).flatten().tolist():
+        if row in fixed:
+            continue
         chosen[row] = torch.multinomial(probs[row], 1, generator=sampling.generators[row])[0]
     return chosen
 

@@ -80,6 +80,8 @@ class _Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     held_ids: list[int] = field(default_factory=list)
     """Tokens whose text is held back (a partial character or a possible stop sequence)."""
+    chosen: int | None = None
+    """Its next token when already chosen and streamed: the first, right after its prefill."""
 
 
 class CausalRunner:
@@ -325,11 +327,14 @@ class CausalRunner:
             budget -= take
             try:
                 self.lora.prepare([job.pending.adapter])
-                job.run(self.model, take)
+                # The lean layers apply no adapter: a LoRA request's prompt goes through the model.
+                job.run(self.model, take, self.decoder if job.pending.adapter is None else None)
                 self.prefill_tokens += take
                 if job.remaining == 0:
                     self._prefilling.popleft()
-                    finished.append(self._to_batch(job))
+                    fresh = self._to_batch(job)
+                    self._first_tokens(fresh)
+                    finished.append(fresh)
             except Exception as exc:
                 log.exception("prefill failed on %s", self.name)
                 self._prefilling.popleft()
@@ -369,24 +374,43 @@ class CausalRunner:
         return self.virtual.states(virtual, run_base)
 
     @torch.inference_mode()
-    def _step(self, state: BatchState[_Row]) -> BatchState[_Row] | None:
-        """Choose each row's next token, stream it, drop finished rows, and compute the next logits."""
+    def _choose(self, state: BatchState[_Row]) -> torch.Tensor:
+        """Choose each row's next token from ``state.logits`` and stream it; a row whose token was
+        chosen already keeps it (and is not streamed twice)."""
         self._drop_aborted(state.rows)
         logits = state.logits
         if state.counts is not None:
             logits = apply_penalties(logits, state.counts, state.sampling.presence, state.sampling.frequency)
-        chosen = select_tokens(logits, state.sampling)
+        early = {i: r.chosen for i, r in enumerate(state.rows) if r.chosen is not None}
+        chosen = select_tokens(logits, state.sampling, early)
         want_k = max(
             (r.pending.request.params.top_logprobs for r in state.rows if r.pending.request.params.logprobs), default=-1
         )
         lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
+        counted = torch.ones_like(chosen, dtype=logits.dtype)
+        for i in early:
+            counted[i] = 0  # counted when it was chosen
         if state.counts is not None:
-            state.counts.scatter_add_(1, chosen[:, None], torch.ones_like(state.counts[:, :1]))
-        self.tokens_generated += len(state.rows)
+            state.counts.scatter_add_(1, chosen[:, None], counted[:, None])
+        self.tokens_generated += len(state.rows) - len(early)
         self.peak_rows = max(self.peak_rows, len(state.rows))
         for i, (row, token) in enumerate(zip(state.rows, chosen.tolist(), strict=True)):
-            if not row.finished:
+            if row.chosen is not None:
+                row.chosen = None
+            elif not row.finished:
                 self._advance(row, token, int(state.next_pos[i]) + 1, lp, i)
+        return chosen
+
+    def _first_tokens(self, fresh: BatchState[_Row]) -> None:
+        """Stream the first token of freshly prefilled rows at once, not after the prefills that
+        follow theirs in this iteration and the next decode step (its time to first token)."""
+        for row, token in zip(fresh.rows, self._choose(fresh).tolist(), strict=True):
+            row.chosen = token
+
+    @torch.inference_mode()
+    def _step(self, state: BatchState[_Row]) -> BatchState[_Row] | None:
+        """Choose each row's next token, stream it, drop finished rows, and compute the next logits."""
+        chosen = self._choose(state)
         keep = [i for i, r in enumerate(state.rows) if not r.finished]
         if not keep:
             return None

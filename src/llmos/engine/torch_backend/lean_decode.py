@@ -8,7 +8,8 @@ bit, for one row over a short cache in bf16; batches and long caches differ by r
 ``_grouped_attention``). It computes what
 ``LlamaForCausalLM`` computes for one new token per row, reads and writes the engine's own
 key/value cache, and applies the LoRA bank's adapters, so it is a drop-in replacement for the
-decode call. Prefill keeps using the model's own forward.
+decode call. Prefill chunks of requests without a LoRA adapter run the same layers over their
+tokens (``prefill``); those with one keep using the model's own forward.
 
 The q/k/v and gate/up weight matrices are concatenated once and the original modules' weights
 become views into the concatenation, so nothing is held twice. With ``int8`` the step reads
@@ -173,15 +174,53 @@ class LeanDecoder:
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor, cache: Any, lora: Any
     ) -> torch.Tensor:
+        """One decode step: ``tokens`` (B,) at ``positions`` (B,) over ``cache``; (B, vocab) logits."""
         rows = tokens.shape[0]
-        h = self.embed(tokens[:, None])
-        cos, sin = self.rotary(h, positions[:, None])
-        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, 1, 1, head_dim): one angle per row, every head
         # No mask when no row has padding: the step attends to every cached position anyway.
         mask = None if bool(attention.all()) else attention[:, None, None, :].bool()
+        kv_heads, heads = self.kv_heads, self.heads
+
+        def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            if rows == 1 and keys.shape[2] <= SDPA_MAX_POSITIONS:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads)
+                return o.transpose(1, 2).reshape(rows, 1, heads * self.head_dim)
+            return _grouped_attention(q, keys, values, mask, self.scale)
+
         adapters = lora.active
         if adapters:
             self.adapters.prepare(lora, rows)
+        return self._forward(tokens[:, None], positions[:, None], cache, attend, adapters)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: list[int], start: int, cache: Any) -> torch.Tensor:
+        """The next chunk of one prompt without adapters: ``tokens`` at positions ``start``...,
+        after the states in ``cache`` (a prompt's earlier chunks, a cached prefix, virtual
+        tokens), which it extends; the last position's (1, vocab) logits. What the model's
+        forward computes (bit for bit for a first chunk in bf16), without its per-call overhead
+        (about 8 ms a chunk here, a fifth of a short chunk's cost)."""
+        count = len(tokens)
+        kv_heads, heads = self.kv_heads, self.heads
+
+        def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            past = keys.shape[2] - count
+            if past == 0:
+                o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=kv_heads != heads)
+            else:  # causal among the new tokens, every earlier position seen
+                mask = torch.ones(count, past + count, dtype=torch.bool).tril(past)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads)
+            return o.transpose(1, 2).reshape(1, count, heads * self.head_dim)
+
+        return self._forward(torch.tensor([tokens]), torch.arange(start, start + count)[None], cache, attend, False)
+
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any, attend: Any, adapters: bool
+    ) -> torch.Tensor:
+        """The layers over (B, T) ``tokens``; ``attend(q, keys, values)`` is the attention of the
+        new positions. Returns the last position's float32 logits."""
+        rows, count = tokens.shape
+        h = self.embed(tokens)
+        cos, sin = self.rotary(h, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, head_dim): one angle per position, every head
 
         def project(matrix: _Matrix, x: torch.Tensor, layer: int, group: str) -> torch.Tensor:
             """A (fused) base product plus, when the batch has adapters, theirs."""
@@ -193,20 +232,15 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.input_norm, self.eps)
             qkv = project(layer.qkv, x, i, "qkv")
-            qk = qkv[..., :qk_width].view(rows, 1, heads + kv_heads, dim)
+            qk = qkv[..., :qk_width].view(rows, count, heads + kv_heads, dim)
             qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :heads].transpose(1, 2)
             k = qk[:, :, heads:].transpose(1, 2)
-            v = qkv[..., qk_width:].view(rows, 1, kv_heads, dim).transpose(1, 2)
+            v = qkv[..., qk_width:].view(rows, count, kv_heads, dim).transpose(1, 2)
             keys, values = cache.layers[i].update(k, v)
-            if rows == 1 and keys.shape[2] <= SDPA_MAX_POSITIONS:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads)
-                o = o.transpose(1, 2).reshape(rows, 1, heads * dim)
-            else:
-                o = _grouped_attention(q, keys, values, mask, self.scale)
-            h = h + project(layer.o, o, i, "o")
+            h = h + project(layer.o, attend(q, keys, values), i, "o")
             x = _rms_norm(h, layer.post_norm, self.eps)
             gate, up = project(layer.gate_up, x, i, "gate_up").chunk(2, dim=-1)
             h = h + project(layer.down, self.act(gate) * up, i, "down")
-        h = _rms_norm(h, self.norm, self.eps)
+        h = _rms_norm(h[:, -1:], self.norm, self.eps)
         return project(self.head, h, len(self.layers), "head")[:, -1].float()

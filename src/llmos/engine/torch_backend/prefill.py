@@ -39,9 +39,14 @@ class Prefill:
     def remaining(self) -> int:
         return len(self.prompt) - self.done
 
-    def run(self, model: Any, tokens: int) -> None:
-        """Compute the next ``tokens`` prompt tokens' states (and logits, which only the last chunk needs)."""
+    def run(self, model: Any, tokens: int, decoder: Any = None) -> None:
+        """Compute the next ``tokens`` prompt tokens' states (and logits, which only the last chunk
+        needs), through ``decoder.prefill`` when given (the lean layers), else the model's forward."""
         end = min(len(self.prompt), self.done + tokens)
+        if decoder is not None:
+            self.logits = decoder.prefill(self.prompt[self.done : end], self.lead + self.done, self.cache)
+            self.done = end
+            return
         out = model(
             input_ids=torch.tensor([self.prompt[self.done : end]]),
             attention_mask=torch.ones((1, self.lead + end), dtype=torch.long),

@@ -1,0 +1,92 @@
+"""A freshly prefilled request streams its first token at once, before the prompts admitted with it
+are prefilled, and what it generates does not depend on that (same tokens, same seeded samples)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
+from llmos.engine.torch_backend import prefill
+from llmos.engine.torch_backend.causal import CausalRunner
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [15, 16, 17], [18, 19, 20, 21, 22]]
+
+
+def _generate(
+    runner: CausalRunner, requests: list[tuple[list[int], SamplingParams]], events: list[tuple[str, str]]
+) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    done = threading.Semaphore(0)
+
+    def sink_for(rid: str):  # type: ignore[no-untyped-def]
+        def sink(delta: GenerationDelta) -> None:
+            if rid not in tokens:
+                events.append(("first token", rid))
+            tokens.setdefault(rid, []).extend(delta.token_ids)
+            if delta.finish_reason is not None:
+                done.release()
+
+        return sink
+
+    for i, (prompt, params) in enumerate(requests):  # queued before the loop wakes: admitted in one iteration
+        runner.submit(GenerationRequest(f"r{i}", "m", prompt, params), sink_for(f"r{i}"))
+    for _ in requests:
+        assert done.acquire(timeout=60)
+    return tokens
+
+
+@pytest.fixture
+def runner(tiny_chat_dir: Path) -> CausalRunner:
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    # A long batch wait: every request submitted below is admitted together.
+    out = CausalRunner(model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128, batch_wait_s=0.5)
+    yield out
+    out.close()
+
+
+def test_first_tokens_stream_right_after_each_prefill(runner: CausalRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, str]] = []
+    run = prefill.Prefill.run
+
+    def recording(self: prefill.Prefill, model: object, tokens: int, decoder: object = None) -> None:
+        run(self, model, tokens, decoder)
+        if self.remaining == 0:
+            events.append(("prefilled", self.pending.request.request_id))
+
+    monkeypatch.setattr(prefill.Prefill, "run", recording)
+    _generate(runner, [(p, SamplingParams(max_tokens=6, temperature=0.0)) for p in PROMPTS], events)
+    assert [e for e in events if e[1] == "r0"][:2] == [("prefilled", "r0"), ("first token", "r0")]
+    assert events.index(("first token", "r0")) < events.index(("prefilled", "r1"))
+    assert events.index(("first token", "r2")) < events.index(("prefilled", "r3"))
+
+
+def test_a_burst_generates_what_each_request_generates_alone(runner: CausalRunner) -> None:
+    params = [
+        SamplingParams(max_tokens=8, temperature=0.0),
+        SamplingParams(max_tokens=8, temperature=1.0, seed=3),
+        SamplingParams(max_tokens=8, temperature=0.8, seed=5, presence_penalty=1.0),
+        SamplingParams(max_tokens=8, temperature=1.0, seed=7, logprobs=True, top_logprobs=2),
+    ]
+    together = _generate(runner, list(zip(PROMPTS, params, strict=True)), [])
+    for i, (prompt, p) in enumerate(zip(PROMPTS, params, strict=True)):
+        assert _generate(runner, [(prompt, p)], [])["r0"] == together[f"r{i}"]
+
+
+def test_a_seeded_request_draws_once_per_token(runner: CausalRunner) -> None:
+    """The first token is drawn right after the prefill, and not drawn again at the next step."""
+    prompt, seed = PROMPTS[1], 3
+    got = _generate(runner, [(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=seed))], [])["r0"]
+    generator = torch.Generator().manual_seed(seed)  # choice 0's generator, as the engine seeds it
+    ids, expected = list(prompt), []
+    with torch.no_grad():
+        for _ in range(len(got)):
+            logits = runner.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0])
+            expected.append(token)
+            ids.append(token)
+    assert got == expected
