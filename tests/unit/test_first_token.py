@@ -4,6 +4,7 @@ are prefilled, and what it generates does not depend on that (same tokens, same 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
-from llmos.engine.torch_backend import prefill
+from llmos.engine.torch_backend import causal, prefill
 from llmos.engine.torch_backend.causal import CausalRunner
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [15, 16, 17], [18, 19, 20, 21, 22]]
@@ -40,29 +41,38 @@ def _generate(
     return tokens
 
 
-@pytest.fixture
-def runner(tiny_chat_dir: Path) -> CausalRunner:
+def _runner(tiny_chat_dir: Path, **options: object) -> CausalRunner:
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
-    # A long batch wait: every request submitted below is admitted together.
-    out = CausalRunner(model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128, batch_wait_s=0.5)
+    # A long batch wait: every request submitted together is admitted together.
+    return CausalRunner(
+        model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128, batch_wait_s=0.5, **options
+    )
+
+
+@pytest.fixture
+def runner(tiny_chat_dir: Path) -> Iterator[CausalRunner]:
+    out = _runner(tiny_chat_dir)
     yield out
     out.close()
 
 
-def test_first_tokens_stream_right_after_each_prefill(runner: CausalRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_first_tokens_stream_right_after_each_prefill(tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, str]] = []
-    run = prefill.Prefill.run
+    packed = causal.run_packed
 
-    def recording(self: prefill.Prefill, model: object, tokens: int, decoder: object = None) -> None:
-        run(self, model, tokens, decoder)
-        if self.remaining == 0:
-            events.append(("prefilled", self.pending.request.request_id))
+    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]]) -> None:
+        packed(decoder, planned)
+        events.extend(("prefilled", job.pending.request.request_id) for job, _ in planned if job.remaining == 0)
 
-    monkeypatch.setattr(prefill.Prefill, "run", recording)
-    _generate(runner, [(p, SamplingParams(max_tokens=6, temperature=0.0)) for p in PROMPTS], events)
+    monkeypatch.setattr(causal, "run_packed", recording)
+    runner = _runner(tiny_chat_dir, prefill_budget=5)  # 4 + 6 + 3 + 5 prompt tokens: four passes
+    try:
+        _generate(runner, [(p, SamplingParams(max_tokens=6, temperature=0.0)) for p in PROMPTS], events)
+    finally:
+        runner.close()
     assert [e for e in events if e[1] == "r0"][:2] == [("prefilled", "r0"), ("first token", "r0")]
     assert events.index(("first token", "r0")) < events.index(("prefilled", "r1"))
-    assert events.index(("first token", "r2")) < events.index(("prefilled", "r3"))
+    assert events.index(("first token", "r1")) < events.index(("prefilled", "r3"))
 
 
 def test_a_burst_generates_what_each_request_generates_alone(runner: CausalRunner) -> None:
@@ -90,3 +100,22 @@ def test_a_seeded_request_draws_once_per_token(runner: CausalRunner) -> None:
             expected.append(token)
             ids.append(token)
     assert got == expected
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_pass(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[int] = []
+    packed = causal.run_packed
+
+    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]]) -> None:
+        passes.append(len(planned))
+        packed(decoder, planned)
+
+    monkeypatch.setattr(causal, "run_packed", recording)
+    runner = _runner(tiny_chat_dir)
+    try:
+        _generate(runner, [(p, SamplingParams(max_tokens=3)) for p in PROMPTS], [])
+    finally:
+        runner.close()
+    assert passes == [len(PROMPTS)]

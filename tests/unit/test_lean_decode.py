@@ -108,12 +108,54 @@ def test_lean_prefill_equals_the_models_forward(tiny_chat_dir: Path, dtype: torc
                 .logits[:, -1]
                 .float()
             )
-        got = decoder.prefill(prompt[start:end], start, lean)
+        got = decoder.prefill([(prompt[start:end], start, lean)])
         if start == 0 and dtype == torch.bfloat16:
             assert torch.equal(got, want)
         else:
             torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
         for mine, theirs in zip(lean.layers, reference.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_prefill_gives_each_prompt_what_it_gets_alone(tiny_chat_dir: Path, dtype: torch.dtype) -> None:
+    """Chunks of several prompts in one pass, each after its own cached states (none, a prefix,
+    a one-token chunk): each gets the logits and cache the model's forward gives it alone."""
+    model = _model(tiny_chat_dir, dtype)
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (11, 17, 6)]
+    cached = [0, 9, 5]  # prompt tokens whose states are already in the cache
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    references, packed, chunks = [], [], []
+    for prompt, done in zip(prompts, cached, strict=True):
+        caches = [new_cache(model.config), new_cache(model.config)]
+        if done:
+            for cache in caches:
+                with torch.inference_mode():
+                    model(input_ids=torch.tensor([prompt[:done]]), past_key_values=cache, use_cache=True)
+        with torch.inference_mode():
+            want = (
+                model(
+                    input_ids=torch.tensor([prompt[done:]]),
+                    attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                    position_ids=torch.arange(done, len(prompt))[None],
+                    past_key_values=caches[0],
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
+        references.append((want, caches[0]))
+        packed.append(caches[1])
+        chunks.append((prompt[done:], done, caches[1]))
+    got = decoder.prefill(chunks)
+    assert got.shape == (3, model.config.vocab_size)
+    for i, (want, reference) in enumerate(references):
+        torch.testing.assert_close(got[i : i + 1], want, rtol=tolerance, atol=tolerance)
+        for mine, theirs in zip(packed[i].layers, reference.layers, strict=True):
             torch.testing.assert_close(mine.keys, theirs.keys, rtol=tolerance, atol=tolerance)
             torch.testing.assert_close(mine.values, theirs.values, rtol=tolerance, atol=tolerance)
 

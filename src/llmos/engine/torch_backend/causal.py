@@ -33,7 +33,7 @@ from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
-from llmos.engine.torch_backend.prefill import Prefill
+from llmos.engine.torch_backend.prefill import Prefill, run_packed
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
 from llmos.engine.torch_backend.tenant_share import TenantShare
 from llmos.engine.torch_backend.virtual_tokens import (
@@ -316,29 +316,49 @@ class CausalRunner:
     @torch.inference_mode()
     def _advance_prefills(self) -> list[BatchState[_Row]]:
         """Run up to ``prefill_budget`` prompt tokens of the jobs in order; the finished ones
-        become batches of their rows. A failure fails only its request."""
-        budget, finished = self.prefill_budget, []
-        while self._prefilling and budget > 0:
-            job = self._prefilling[0]
+        become batches of their rows, and stream their first tokens at once. Chunks of requests
+        without a LoRA adapter run packed into one pass of the lean layers; the others (the lean
+        layers apply no adapter) one by one through the model. A failure fails only the requests
+        of its pass."""
+        budget, planned = self.prefill_budget, []
+        for job in list(self._prefilling):
+            if budget <= 0:
+                break
             if self._take_abort(job.pending.request.request_id, job.pending):
-                self._prefilling.popleft()
+                self._prefilling.remove(job)
                 continue
             take = min(job.remaining, budget)
             budget -= take
+            planned.append((job, take))
+        packed = [p for p in planned if self.decoder is not None and p[0].pending.adapter is None]
+        passes = ([packed] if packed else []) + [[p] for p in planned if p not in packed]
+        finished = []
+        for group in passes:
             try:
-                self.lora.prepare([job.pending.adapter])
-                # The lean layers apply no adapter: a LoRA request's prompt goes through the model.
-                job.run(self.model, take, self.decoder if job.pending.adapter is None else None)
-                self.prefill_tokens += take
-                if job.remaining == 0:
-                    self._prefilling.popleft()
-                    fresh = self._to_batch(job)
-                    self._first_tokens(fresh)
-                    finished.append(fresh)
+                if group is packed:
+                    run_packed(self.decoder, group)
+                else:
+                    job, take = group[0]
+                    self.lora.prepare([job.pending.adapter])
+                    job.run(self.model, take)
             except Exception as exc:
                 log.exception("prefill failed on %s", self.name)
-                self._prefilling.popleft()
-                self._fail([job.pending], exc)
+                for job, _ in group:  # a pass that failed part-way leaves its caches half-written
+                    self._prefilling.remove(job)
+                    self._fail([job.pending], exc)
+                continue
+            self.prefill_tokens += sum(take for _, take in group)
+            for job, _ in group:
+                if job.remaining == 0:
+                    self._prefilling.remove(job)
+                    try:
+                        fresh = self._to_batch(job)
+                        self._first_tokens(fresh)
+                    except Exception as exc:
+                        log.exception("first token failed on %s", self.name)
+                        self._fail([job.pending], exc)
+                        continue
+                    finished.append(fresh)
         return finished
 
     def _to_batch(self, job: Prefill) -> BatchState[_Row]:

@@ -39,14 +39,10 @@ class Prefill:
     def remaining(self) -> int:
         return len(self.prompt) - self.done
 
-    def run(self, model: Any, tokens: int, decoder: Any = None) -> None:
+    def run(self, model: Any, tokens: int) -> None:
         """Compute the next ``tokens`` prompt tokens' states (and logits, which only the last chunk
-        needs), through ``decoder.prefill`` when given (the lean layers), else the model's forward."""
+        needs) with the model's forward."""
         end = min(len(self.prompt), self.done + tokens)
-        if decoder is not None:
-            self.logits = decoder.prefill(self.prompt[self.done : end], self.lead + self.done, self.cache)
-            self.done = end
-            return
         out = model(
             input_ids=torch.tensor([self.prompt[self.done : end]]),
             attention_mask=torch.ones((1, self.lead + end), dtype=torch.long),
@@ -57,3 +53,16 @@ class Prefill:
         )
         self.done = end
         self.logits = out.logits[:, -1, :].float()
+
+
+def run_packed(decoder: Any, planned: list[tuple[Prefill, int]]) -> None:
+    """The next chunk of each job, ``(job, tokens)``, in one pass of ``decoder.prefill`` (the
+    lean layers, several prompts packed together)."""
+    chunks = []
+    for job, tokens in planned:
+        end = min(len(job.prompt), job.done + tokens)
+        chunks.append((job.prompt[job.done : end], job.lead + job.done, job.cache))
+    logits = decoder.prefill(chunks)
+    for i, (job, _) in enumerate(planned):
+        job.done += len(chunks[i][0])
+        job.logits = logits[i : i + 1]
