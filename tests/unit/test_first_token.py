@@ -60,8 +60,8 @@ def test_first_tokens_stream_right_after_each_prefill(tiny_chat_dir: Path, monke
     events: list[tuple[str, str]] = []
     packed = causal.run_packed
 
-    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]]) -> None:
-        packed(decoder, planned)
+    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]], lora: object = None) -> None:
+        packed(decoder, planned, lora)
         events.extend(("prefilled", job.pending.request.request_id) for job, _ in planned if job.remaining == 0)
 
     monkeypatch.setattr(causal, "run_packed", recording)
@@ -108,9 +108,9 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass(
     passes: list[int] = []
     packed = causal.run_packed
 
-    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]]) -> None:
+    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]], lora: object = None) -> None:
         passes.append(len(planned))
-        packed(decoder, planned)
+        packed(decoder, planned, lora)
 
     monkeypatch.setattr(causal, "run_packed", recording)
     runner = _runner(tiny_chat_dir)

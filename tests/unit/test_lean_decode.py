@@ -118,19 +118,34 @@ def test_lean_prefill_equals_the_models_forward(tiny_chat_dir: Path, dtype: torc
             torch.testing.assert_close(mine.values, theirs.values, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_prefill_gives_each_prompt_what_it_gets_alone(tiny_chat_dir: Path, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "adapters"),
+    [
+        (torch.float32, (None, None, None)),
+        (torch.bfloat16, (None, None, None)),
+        (torch.float32, ("a", None, "b")),  # mixed: each token its prompt's adapter columns
+        (torch.float32, ("a", "a", "a")),  # one adapter: only its columns (bf16 adapters differ by rounding)
+    ],
+)
+def test_packed_prefill_gives_each_prompt_what_it_gets_alone(
+    tiny_chat_dir: Path, dtype: torch.dtype, adapters: tuple[str | None, ...]
+) -> None:
     """Chunks of several prompts in one pass, each after its own cached states (none, a prefix,
-    a one-token chunk): each gets the logits and cache the model's forward gives it alone."""
+    a one-token chunk) and with its own LoRA adapter or none: each gets the logits and cache
+    the model's forward (with the adapted modules) gives it alone."""
     model = _model(tiny_chat_dir, dtype)
     decoder = LeanDecoder.build(model, int8=False)
     assert decoder is not None
+    lora = LoraBank(model, 1 << 20)
+    for i, name in enumerate(("a", "b")):
+        lora.acquire(name, lambda shapes, name=name, i=i: _random_adapter(shapes, name, 4, seed=i, dtype=dtype))
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (11, 17, 6)]
     cached = [0, 9, 5]  # prompt tokens whose states are already in the cache
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
     references, packed, chunks = [], [], []
-    for prompt, done in zip(prompts, cached, strict=True):
+    for prompt, done, adapter in zip(prompts, cached, adapters, strict=True):
+        lora.prepare([adapter])
         caches = [new_cache(model.config), new_cache(model.config)]
         if done:
             for cache in caches:
@@ -151,7 +166,8 @@ def test_packed_prefill_gives_each_prompt_what_it_gets_alone(tiny_chat_dir: Path
         references.append((want, caches[0]))
         packed.append(caches[1])
         chunks.append((prompt[done:], done, caches[1]))
-    got = decoder.prefill(chunks)
+    lora.prepare([a for (chunk, _, _), a in zip(chunks, adapters, strict=True) for _ in chunk])
+    got = decoder.prefill(chunks, lora.context)
     assert got.shape == (3, model.config.vocab_size)
     for i, (want, reference) in enumerate(references):
         torch.testing.assert_close(got[i : i + 1], want, rtol=tolerance, atol=tolerance)
@@ -160,11 +176,14 @@ def test_packed_prefill_gives_each_prompt_what_it_gets_alone(tiny_chat_dir: Path
             torch.testing.assert_close(mine.values, theirs.values, rtol=tolerance, atol=tolerance)
 
 
-def _random_adapter(shapes: dict[str, tuple[int, int]], adapter_id: str, rank: int, seed: int) -> LoraWeights:
+def _random_adapter(
+    shapes: dict[str, tuple[int, int]], adapter_id: str, rank: int, seed: int, dtype: torch.dtype = torch.float32
+) -> LoraWeights:
     g = torch.Generator().manual_seed(seed)
     modules = {}
     for name, (fan_in, fan_out) in shapes.items():
-        modules[name] = (torch.randn(rank, fan_in, generator=g) * 0.3, torch.randn(fan_out, rank, generator=g) * 0.3)
+        a, b = torch.randn(rank, fan_in, generator=g) * 0.3, torch.randn(fan_out, rank, generator=g) * 0.3
+        modules[name] = (a.to(dtype), b.to(dtype))
     return LoraWeights(adapter_id=adapter_id, modules=modules)
 
 

@@ -316,10 +316,8 @@ class CausalRunner:
     @torch.inference_mode()
     def _advance_prefills(self) -> list[BatchState[_Row]]:
         """Run up to ``prefill_budget`` prompt tokens of the jobs in order; the finished ones
-        become batches of their rows, and stream their first tokens at once. Chunks of requests
-        without a LoRA adapter run packed into one pass of the lean layers; the others (the lean
-        layers apply no adapter) one by one through the model. A failure fails only the requests
-        of its pass."""
+        become batches of their rows, and stream their first tokens at once. A failure fails only
+        the requests of its pass."""
         budget, planned = self.prefill_budget, []
         for job in list(self._prefilling):
             if budget <= 0:
@@ -330,13 +328,15 @@ class CausalRunner:
             take = min(job.remaining, budget)
             budget -= take
             planned.append((job, take))
-        packed = [p for p in planned if self.decoder is not None and p[0].pending.adapter is None]
-        passes = ([packed] if packed else []) + [[p] for p in planned if p not in packed]
+        # With the lean layers every chunk runs in one packed pass, each token with its prompt's
+        # adapter; without them, one pass a prompt through the model's forward.
+        passes = [planned] if self.decoder is not None and planned else [[p] for p in planned]
         finished = []
         for group in passes:
             try:
-                if group is packed:
-                    run_packed(self.decoder, group)
+                if self.decoder is not None:
+                    self.lora.prepare([job.pending.adapter for job, take in group for _ in range(take)])
+                    run_packed(self.decoder, group, self.lora.context)
                 else:
                     job, take = group[0]
                     self.lora.prepare([job.pending.adapter])

@@ -8,8 +8,8 @@ bit, for one row over a short cache in bf16; batches and long caches differ by r
 ``_grouped_attention``). It computes what
 ``LlamaForCausalLM`` computes for one new token per row, reads and writes the engine's own
 key/value cache, and applies the LoRA bank's adapters, so it is a drop-in replacement for the
-decode call. Prefill chunks of requests without a LoRA adapter run the same layers, several
-prompts packed into one pass (``prefill``); those with one keep using the model's own forward.
+decode call. Prefill chunks run the same layers, several prompts (with their adapters) packed
+into one pass (``prefill``).
 
 The q/k/v and gate/up weight matrices are concatenated once and the original modules' weights
 become views into the concatenation, so nothing is held twice. With ``int8`` the step reads
@@ -28,7 +28,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from llmos.engine.torch_backend.int8 import Int8Matrix, int8_supported
-from llmos.engine.torch_backend.lora_groups import LoraGroups
+from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, LoraGroups
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
 # One row over at most this many cached positions attends through torch's SDPA (faster there, and
@@ -148,7 +148,7 @@ class LeanDecoder:
                 }
                 for layer in inner.layers
             ]
-            + [{"head": named(model.lm_head)}]
+            + [{OUTPUT_GROUP: named(model.lm_head)}]
         )
 
     @classmethod
@@ -194,10 +194,11 @@ class LeanDecoder:
         return self._forward(tokens[:, None], positions[:, None], attend, adapters, [0])[:, 0]
 
     @torch.inference_mode()
-    def prefill(self, chunks: Sequence[tuple[list[int], int, Any]]) -> torch.Tensor:
-        """The next chunk of each of several prompts, none with an adapter: ``(tokens, start,
-        cache)``, the tokens at positions ``start``... after the states in ``cache`` (earlier
-        chunks, a cached prefix, virtual tokens), which it extends. Returns each chunk's last
+    def prefill(self, chunks: Sequence[tuple[list[int], int, Any]], lora: Any = None) -> torch.Tensor:
+        """The next chunk of each of several prompts: ``(tokens, start, cache)``, the tokens at
+        positions ``start``... after the states in ``cache`` (earlier chunks, a cached prefix,
+        virtual tokens), which it extends; ``lora``: the bank's context prepared with one entry
+        per token (each token its prompt's adapter, or none). Returns each chunk's last
         position's logits, (chunks, vocab).
 
         The chunks are packed into one sequence (vLLM's varlen prefill): every weight product runs
@@ -233,7 +234,10 @@ class LeanDecoder:
         ids = torch.tensor([[t for chunk, _, _ in chunks for t in chunk]])
         positions = torch.cat([torch.arange(start, start + len(chunk)) for chunk, start, _ in chunks])[None]
         last = [first + count - 1 for first, count in spans]
-        return self._forward(ids, positions, attend, False, last)[0]
+        adapters = lora is not None and lora.active
+        if adapters:
+            self.adapters.prepare(lora, offset, last)
+        return self._forward(ids, positions, attend, adapters, last)[0]
 
     def _forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, attend: Any, adapters: bool, last: list[int]
@@ -266,4 +270,4 @@ class LeanDecoder:
             gate, up = project(layer.gate_up, x, i, "gate_up").chunk(2, dim=-1)
             h = h + project(layer.down, self.act(gate) * up, i, "down")
         h = _rms_norm(h[:, last], self.norm, self.eps)
-        return project(self.head, h, len(self.layers), "head").float()
+        return project(self.head, h, len(self.layers), OUTPUT_GROUP).float()

@@ -183,9 +183,12 @@ class LoraBank:
             ctx.span, ctx.mask = spans[0], None
             return
         mask = torch.zeros((len(adapters), 1, view.width), dtype=view.dtype)
-        for row, span in enumerate(spans):
+        rows_of: dict[tuple[int, int], list[int]] = {}
+        for row, span in enumerate(spans):  # a packed prefill has a row per token: one write per adapter
             if span is not None:
-                mask[row, 0, span[0] : span[1]] = 1
+                rows_of.setdefault(span, []).append(row)
+        for (start, end), rows in rows_of.items():
+            mask[rows, 0, start:end] = 1
         ctx.span, ctx.mask = None, mask
 
     # -- internals (bank lock held) -----------------------------------------------------------

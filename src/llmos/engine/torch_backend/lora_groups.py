@@ -11,11 +11,15 @@ matrices.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from llmos.engine.torch_backend.lora_bank import BankView, LoraContext
+
+OUTPUT_GROUP = "head"
+"""The output layer's group: in a packed prefill it reads only each prompt's last position."""
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,14 @@ class LoraGroups:
         self._view: BankView | None = None
         self._groups: list[dict[str, _Group | None]] = []
         self._masks: dict[int, torch.Tensor] = {}
+        self._output_masks: dict[int, torch.Tensor] = {}
         # A group applies one to all of its modules' adapters (those the loaded adapters target).
         self._part_counts = range(1, 1 + max(len(names) for groups in layout for names in groups.values()))
 
-    def prepare(self, ctx: LoraContext, rows: int) -> None:
-        """Regroup if the bank's view changed, and build this step's column masks."""
+    def prepare(self, ctx: LoraContext, rows: int, last: Sequence[int] | None = None) -> None:
+        """Regroup if the bank's view changed, and build this pass's column masks: one per row
+        (a token of a packed prefill), and for the output layer those of the rows ``last``
+        (each prompt's last token) when only they reach it."""
         if ctx.view is not self._view:
             self._view = ctx.view
             self._groups = [{g: _group(ctx.view, names) for g, names in layer.items()} for layer in self.layout]
@@ -50,6 +57,10 @@ class LoraGroups:
             mask = torch.zeros((1, view.width), dtype=view.dtype)
             mask[0, ctx.span[0] : ctx.span[1]] = 1
         self._masks = {p: mask.repeat(1, p) if p > 1 else mask for p in self._part_counts}
+        if last is not None and mask.shape[0] > 1:
+            self._output_masks = {p: m[list(last)] for p, m in self._masks.items()}
+        else:
+            self._output_masks = self._masks
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> torch.Tensor:
         found = self._groups[layer].get(group)
@@ -58,7 +69,8 @@ class LoraGroups:
         rows = x.numel() // x.shape[-1]
         flat_y = y.view(rows, y.shape[-1])
         parts = len(found.parts)
-        h = (x.reshape(rows, x.shape[-1]) @ found.a.T) * self._masks[parts]
+        masks = self._output_masks if group == OUTPUT_GROUP else self._masks
+        h = (x.reshape(rows, x.shape[-1]) @ found.a.T) * masks[parts]
         rank = found.a.shape[0] // parts
         for j, (start, end, b) in enumerate(found.parts):
             flat_y[:, start:end].addmm_(h[:, j * rank : (j + 1) * rank], b.T)

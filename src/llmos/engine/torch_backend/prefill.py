@@ -55,14 +55,14 @@ class Prefill:
         self.logits = out.logits[:, -1, :].float()
 
 
-def run_packed(decoder: Any, planned: list[tuple[Prefill, int]]) -> None:
+def run_packed(decoder: Any, planned: list[tuple[Prefill, int]], lora: Any = None) -> None:
     """The next chunk of each job, ``(job, tokens)``, in one pass of ``decoder.prefill`` (the
-    lean layers, several prompts packed together)."""
+    lean layers, several prompts packed together; ``lora`` prepared with one entry per token)."""
     chunks = []
     for job, tokens in planned:
         end = min(len(job.prompt), job.done + tokens)
         chunks.append((job.prompt[job.done : end], job.lead + job.done, job.cache))
-    logits = decoder.prefill(chunks)
+    logits = decoder.prefill(chunks, lora)
     for i, (job, _) in enumerate(planned):
         job.done += len(chunks[i][0])
         job.logits = logits[i : i + 1]
