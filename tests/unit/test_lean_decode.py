@@ -192,12 +192,16 @@ def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_chat_dir: Path
     decoder = LeanDecoder.build(model, int8=False)
     assert decoder is not None
     lora = LoraBank(model, 1 << 20)
-    for i, name in enumerate(("a", "b")):
+    for i, name in enumerate(("a", "b", "c")):
         lora.acquire(name, lambda shapes, name=name, i=i: _random_adapter(shapes, name, 4, seed=i))
     lora.prepare(["a", "a"])  # one adapter for every row: only its columns are computed
     _decode_both(model, decoder, lora, [4, 7], steps=4)
-    lora.prepare(["a", None, "b"])  # mixed batch: each row its own columns, the base row none
+    lora.prepare(["a", None, "b", "c"])  # mixed batch: each row its own columns, the base row none
+    _decode_both(model, decoder, lora, [4, 7, 5, 3], steps=4)
+    lora.prepare(["c", None, "a"])  # two of the three resident: the groups keep only their columns
     _decode_both(model, decoder, lora, [4, 7, 5], steps=4)
+    kept = decoder.adapters._groups[0]["o"]
+    assert kept is not None and kept.a.shape[0] == 8 < lora.view.width  # 2 adapters of rank 4
 
 
 def test_architectures_it_does_not_reproduce_keep_the_models_forward(tiny_chat_dir: Path) -> None:

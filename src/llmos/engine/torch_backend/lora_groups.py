@@ -5,12 +5,13 @@ stacked ``A`` matrices, and each ``B`` product is added into the fused base outp
 (``addmm_``). For a mixed batch that is 15 operators a layer instead of 28 for the seven
 adapted projections one by one; small bf16 products on a CPU cost their call, not their
 arithmetic, so the count is what matters. The stacked ``A`` copies are rebuilt whenever the bank
-publishes a new view (an adapter loaded or dropped) and cost as much memory as the bank's ``A``
-matrices.
+publishes a new view (an adapter loaded or dropped) or the batch's adapters change, and hold
+the ``A`` and ``B`` columns of the adapters in use (at most as much memory as the bank's).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import torch
 
 from llmos.engine.torch_backend.lora_bank import BankView, LoraContext
 
+BUILT_KEPT = 2
+"""Column sets whose groups are kept: the running batch's and the next packed prefill's."""
 OUTPUT_GROUP = "head"
 """The output layer's group: in a packed prefill it reads only each prompt's last position."""
 
@@ -37,18 +40,23 @@ class LoraGroups:
         self.layout = layout
         self._view: BankView | None = None
         self._groups: list[dict[str, _Group | None]] = []
+        # Groups built for (view, columns) lately: a decode batch's and a packed prefill's.
+        self._built: OrderedDict[tuple[int, tuple[int, ...] | None], list[dict[str, _Group | None]]] = OrderedDict()
         self._masks: dict[int, torch.Tensor] = {}
         self._output_masks: dict[int, torch.Tensor] = {}
         # A group applies one to all of its modules' adapters (those the loaded adapters target).
         self._part_counts = range(1, 1 + max(len(names) for groups in layout for names in groups.values()))
 
     def prepare(self, ctx: LoraContext, rows: int, last: Sequence[int] | None = None) -> None:
-        """Regroup if the bank's view changed, and build this pass's column masks: one per row
-        (a token of a packed prefill), and for the output layer those of the rows ``last``
-        (each prompt's last token) when only they reach it."""
-        if ctx.view is not self._view:
-            self._view = ctx.view
-            self._groups = [{g: _group(ctx.view, names) for g, names in layer.items()} for layer in self.layout]
+        """Regroup if the bank's view or the adapters in use changed, and build this pass's column
+        masks: one per row (a token of a packed prefill), and for the output layer those of the
+        rows ``last`` (each prompt's last token) when only they reach it.
+
+        Only the columns of the adapters the rows use are kept (copied out of the bank when that
+        is fewer than all): with 32 adapters resident and 16 rows, every product reads half the
+        adapter weights it otherwise would. The copies are rebuilt when the set changes (a
+        request joins or leaves), which costs far less than reading every resident adapter at
+        every step."""
         view = ctx.view
         if ctx.mask is not None:
             mask = ctx.mask.reshape(rows, view.width)
@@ -56,6 +64,22 @@ class LoraGroups:
             assert ctx.span is not None
             mask = torch.zeros((1, view.width), dtype=view.dtype)
             mask[0, ctx.span[0] : ctx.span[1]] = 1
+        used = (mask != 0).any(0)
+        columns = None if bool(used.all()) else tuple(used.nonzero().flatten().tolist())
+        key = (id(view), columns)
+        if self._view is not view:  # adapters loaded or dropped: every copy is stale
+            self._view = view
+            self._built.clear()
+        groups = self._built.get(key)
+        if groups is None:
+            groups = [{g: _group(view, names, columns) for g, names in layer.items()} for layer in self.layout]
+            self._built[key] = groups
+            if len(self._built) > BUILT_KEPT:
+                self._built.popitem(last=False)
+        self._built.move_to_end(key)
+        self._groups = groups
+        if columns is not None:
+            mask = mask[:, list(columns)]
         self._masks = {p: mask.repeat(1, p) if p > 1 else mask for p in self._part_counts}
         if last is not None and mask.shape[0] > 1:
             self._output_masks = {p: m[list(last)] for p, m in self._masks.items()}
@@ -77,13 +101,16 @@ class LoraGroups:
         return y
 
 
-def _group(view: BankView, names: list[tuple[str, int]]) -> _Group | None:
+def _group(view: BankView, names: list[tuple[str, int]], columns: tuple[int, ...] | None) -> _Group | None:
+    """The group's stacked ``A`` and its modules' ``B`` (only ``columns`` of them, when given)."""
+    keep = None if columns is None else torch.tensor(columns)
     a_parts, parts, start = [], [], 0
     for name, width in names:
         ab = view.weights.get(name)
         if ab is not None:
-            a_parts.append(ab[0])
-            parts.append((start, start + width, ab[1]))
+            a, b = ab if keep is None else (ab[0].index_select(0, keep), ab[1].index_select(1, keep))
+            a_parts.append(a)
+            parts.append((start, start + width, b))
         start += width
     if not a_parts:
         return None
