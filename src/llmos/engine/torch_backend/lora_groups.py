@@ -103,15 +103,25 @@ class LoraGroups:
 
 def _group(view: BankView, names: list[tuple[str, int]], columns: tuple[int, ...] | None) -> _Group | None:
     """The group's stacked ``A`` and its modules' ``B`` (only ``columns`` of them, when given)."""
-    keep = None if columns is None else torch.tensor(columns)
     a_parts, parts, start = [], [], 0
     for name, width in names:
         ab = view.weights.get(name)
         if ab is not None:
-            a, b = ab if keep is None else (ab[0].index_select(0, keep), ab[1].index_select(1, keep))
+            a, b = ab if columns is None else _columns(ab, columns)
             a_parts.append(a)
             parts.append((start, start + width, b))
         start += width
     if not a_parts:
         return None
     return _Group(a=torch.cat(a_parts) if len(a_parts) > 1 else a_parts[0], parts=tuple(parts))
+
+
+def _columns(ab: tuple[torch.Tensor, torch.Tensor], columns: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` rows and ``B`` columns ``columns`` of one module: views when they are one range (a
+    single adapter, as in most prefills), else copies."""
+    a, b = ab
+    first, last = columns[0], columns[-1]
+    if last - first + 1 == len(columns):
+        return a[first : last + 1], b[:, first : last + 1]
+    keep = torch.tensor(columns)
+    return a.index_select(0, keep), b.index_select(1, keep)
