@@ -4,8 +4,9 @@ Decoding one to four rows is bound by reading the weights, not by arithmetic: ev
 each matrix once whatever the number of rows. Reading an int8 copy (one scale per output row,
 symmetric) halves that traffic, and torch's ``_weight_int8pack_mm`` kernel runs it at the
 memory's speed: on the 2-core reference CPU the 30 layers of SmolLM2-135M took 8.7 ms in int8
-against 19.8 ms in bf16 for one row. From about six rows on the bf16 kernels win (they use AMX),
-so larger batches and prefill keep the bf16 weights; ``INT8_MAX_ROWS`` is that crossover.
+against 19.8 ms in bf16 for one row. From about six rows on the bf16 kernels win (oneDNN's
+AVX-512 BF16 products), so larger batches and prefill keep the bf16 weights; ``INT8_MAX_ROWS`` is
+that crossover.
 """
 
 from __future__ import annotations
