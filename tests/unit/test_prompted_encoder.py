@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -125,6 +126,24 @@ def _run(base: Path, tmp: Path, spec: TrainingSpec, control=lambda: None, valid:
     return result, log
 
 
+def _classifier(model_dir: Path) -> Any:
+    """The engine's runner for a classification model directory (512 positions)."""
+    return load_runner(
+        model_dir,
+        "sequence-classification",
+        dtype=torch.float32,
+        context_length=512,
+        max_batch_size=4,
+        batch_wait_s=0,
+        prefill_budget=64,
+        adapter_budget_bytes=0,
+        prefix_cache_bytes=0,
+        kv_cache_bytes=0,
+        tenant_rows_when_shared=0,
+        name="t",
+    )
+
+
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_a_classifier_trains_and_is_saved_beside_its_unchanged_base(
     tiny_encoder_dir: Path, tmp_path: Path, method: str
@@ -148,28 +167,15 @@ def test_a_classifier_trains_and_is_saved_beside_its_unchanged_base(
     shared = [k for k in saved if k.removeprefix("bert.") in base]
     assert shared and all(torch.equal(saved[k], base[k.removeprefix("bert.")]) for k in shared)  # base frozen
     assert not any("virtual" in k for k in saved)  # the encoder's file loads as a plain encoder
-    runner = load_runner(
-        out,
-        "sequence-classification",
-        dtype=torch.float32,
-        context_length=512,
-        max_batch_size=4,
-        batch_wait_s=0,
-        prefill_budget=64,
-        adapter_budget_bytes=0,
-        prefix_cache_bytes=0,
-        kv_cache_bytes=0,
-        tenant_rows_when_shared=0,
-        name="t",
-    )
-    assert isinstance(runner.model, PromptedEncoder)  # type: ignore[union-attr]
-    assert runner.max_length == 512 - (6 if method == "prompt_tuning" else 0)  # type: ignore[union-attr]
-    served = runner.classify([r["text"] for r in ROWS[:2]])  # type: ignore[union-attr]
+    runner = _classifier(out)
+    assert isinstance(runner.model, PromptedEncoder)
+    assert runner.max_length == 512 - (6 if method == "prompt_tuning" else 0)
+    served = runner.classify([r["text"] for r in ROWS[:2]])
     plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         without = torch.softmax(
             plain(**runner.tokenizer([r["text"] for r in ROWS[:2]], return_tensors="pt", padding=True)).logits, -1
-        )  # type: ignore[union-attr]
+        )
     assert not torch.allclose(torch.tensor(served.scores), without)  # the virtual tokens are really applied
 
 
@@ -194,20 +200,7 @@ def test_virtual_tokens_of_the_wrong_shape_are_refused_at_load(tmp_path: Path) -
         load_prompted(BertForSequenceClassification.from_pretrained(tmp_path), tmp_path)
     (tmp_path / "virtual_tokens.json").write_text(json.dumps({"method": "../x", "num_virtual_tokens": 3}))
     with pytest.raises(ModelLoadError):
-        load_runner(
-            tmp_path,
-            "sequence-classification",
-            dtype=torch.float32,
-            context_length=512,
-            max_batch_size=4,
-            batch_wait_s=0,
-            prefill_budget=64,
-            adapter_budget_bytes=0,
-            prefix_cache_bytes=0,
-            kv_cache_bytes=0,
-            tenant_rows_when_shared=0,
-            name="t",
-        )
+        _classifier(tmp_path)
 
 
 @pytest.mark.parametrize(("method", "task"), [("prefix_tuning", "classifications"), ("prompt_tuning", "ner")])

@@ -152,6 +152,9 @@ def run_sft(run: TrainingRun) -> TrainingResult:
     log_every = max(1, steps_per_epoch // 10)
     metrics: dict[str, Any] = {}
     for epoch in range(int(state["epoch"]), run.spec.n_epochs):
+        # Data order and dropout masks depend on the seed and the epoch only, so a run resumed from
+        # a checkpoint ends with the very weights of one that was never stopped.
+        torch.manual_seed(run.seed * 1000 + epoch)
         rng = random.Random(run.seed * 1000 + epoch)  # noqa: S311 -- data order, not secrets; the same on resume
         window_loss, window_correct, window_count, window_start = 0.0, 0, 0, time.perf_counter()
         batches = _batches(train, run.spec.batch_size, rng, run.spec.group_by_length)
