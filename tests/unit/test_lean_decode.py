@@ -17,6 +17,7 @@ from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import SDPA_MAX_POSITIONS, LeanDecoder
 from llmos.engine.torch_backend.lora import LoraWeights
 from llmos.engine.torch_backend.lora_bank import LoraBank
+from llmos.engine.torch_backend.packed import PackedMatrix
 
 
 def _model(tiny_chat_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -219,7 +220,7 @@ def test_int8_copies_are_close_and_only_used_for_small_batches() -> None:
     weight = (torch.randn(96, 64, generator=g) * 0.05).to(torch.bfloat16)
     matrix = Int8Matrix(weight)
     assert matrix.q.dtype == torch.int8 and matrix.nbytes < weight.numel() * weight.element_size()
-    small = torch.randn(1, 3, 64, generator=g).to(torch.bfloat16)
+    small = torch.randn(1, INT8_MAX_ROWS, 64, generator=g).to(torch.bfloat16)
     want = F.linear(small, weight).float()
     got = matrix.linear(small).float()
     assert got.shape == want.shape
@@ -227,6 +228,20 @@ def test_int8_copies_are_close_and_only_used_for_small_batches() -> None:
     assert (got - want).norm() / want.norm() < 0.02
     large = torch.randn(INT8_MAX_ROWS + 1, 64, generator=g).to(torch.bfloat16)
     assert torch.equal(matrix.linear(large), F.linear(large, weight))
+
+
+def test_packed_copies_compute_what_f_linear_computes(tiny_chat_dir: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(96, 64, generator=g) * 0.05).to(torch.bfloat16)
+    packed = PackedMatrix.of(weight)
+    if packed is None:
+        pytest.skip("this torch build cannot pack weights for oneDNN")
+    for shape in [(1, 64), (1, 1, 64), (3, 1, 64), (1, 300, 64)]:  # a row, a step of rows, a packed prefill
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        assert torch.equal(packed.linear(x), F.linear(x, weight))
+    assert PackedMatrix.of(weight.float()) is None  # float32 keeps F.linear
+    decoder = LeanDecoder.build(_model(tiny_chat_dir, torch.bfloat16), int8=False)
+    assert decoder is not None and decoder.packed_bytes > 0  # the lean step reads the packed copies
 
 
 @pytest.mark.skipif(not int8_supported(torch.bfloat16), reason="this torch build has no int8 weight kernel")

@@ -333,8 +333,10 @@ class LocalEngine:
         record = self._records[model_id]
         width = 4 if record.task == "embedding" or record.task in TASK_HEADS else _DTYPE_BYTES.get(self.dtype, 4)
         params = record.parameter_count or record.size_bytes // 2
+        if record.task in CAUSAL_TASKS and self.dtype == torch.bfloat16:
+            width += 2  # the lean step's oneDNN-packed copies (see torch_backend.packed)
         if record.task in CAUSAL_TASKS and self.settings.decode_weights == "int8":
-            width += 1  # the int8 copies read by small decode batches
+            width += 1  # the int8 copies read by single-row decode steps
         return int(params * width * 1.1) + (64 << 20)
 
     def _load(self, model_id: str) -> Runner:

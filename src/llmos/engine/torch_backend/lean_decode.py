@@ -12,8 +12,9 @@ decode call. Prefill chunks run the same layers, several prompts (with their ada
 into one pass (``prefill``).
 
 The q/k/v and gate/up weight matrices are concatenated once and the original modules' weights
-become views into the concatenation, so nothing is held twice. With ``int8`` the step reads
-int8 copies of the matrices when a batch has few rows (see ``int8``).
+become views into the concatenation; the products read copies packed for oneDNN (``packed``:
+the same results, without a weight reorder on every call). With ``int8`` a step of one row
+reads int8 copies of the matrices instead (see ``int8``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from llmos.engine.torch_backend.int8 import Int8Matrix, int8_supported
+from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, LoraGroups
+from llmos.engine.torch_backend.packed import PackedMatrix
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
 # One row over at most this many cached positions attends through torch's SDPA (faster there, and
@@ -38,14 +40,18 @@ SDPA_MAX_POSITIONS = 128
 
 
 class _Matrix:
-    """A (possibly fused) weight matrix and, optionally, its int8 copy for small batches."""
+    """A (possibly fused) weight matrix, its oneDNN-packed copy (see ``packed``) and, optionally,
+    its int8 copy for single rows."""
 
     def __init__(self, weight: torch.Tensor, int8: bool) -> None:
         self.weight = weight
+        self.packed = PackedMatrix.of(weight)
         self.int8 = Int8Matrix(weight) if int8 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.int8.linear(x) if self.int8 is not None else F.linear(x, self.weight)
+        if self.int8 is not None and x.numel() // x.shape[-1] <= INT8_MAX_ROWS:
+            return self.int8.linear(x)
+        return self.packed.linear(x) if self.packed is not None else F.linear(x, self.weight)
 
 
 @dataclass
@@ -167,11 +173,18 @@ class LeanDecoder:
         dtype = next(model.parameters()).dtype
         return cls(model, int8=int8 and int8_supported(dtype))
 
+    def _matrices(self) -> list[_Matrix]:
+        return [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
+
     @property
     def int8_bytes(self) -> int:
         """Memory held by the int8 copies."""
-        mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
-        return sum(m.int8.nbytes for m in mats if m.int8 is not None)
+        return sum(m.int8.nbytes for m in self._matrices() if m.int8 is not None)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Memory held by the oneDNN-packed copies."""
+        return sum(m.packed.nbytes for m in self._matrices() if m.packed is not None)
 
     @torch.inference_mode()
     def __call__(
