@@ -86,6 +86,19 @@ def test_lean_step_equals_the_models_forward(tiny_chat_dir: Path, dtype: torch.d
     _decode_both(model, decoder, lora, [SDPA_MAX_POSITIONS - 1], steps=3)  # one row past the SDPA length
 
 
+def _model_chunk(model: torch.nn.Module, prompt: list[int], start: int, end: int, cache: object) -> torch.Tensor:
+    """The model's own forward over ``prompt[start:end]`` after the states in ``cache``: its last logits."""
+    with torch.inference_mode():
+        out = model(
+            input_ids=torch.tensor([prompt[start:end]]),
+            attention_mask=torch.ones((1, end), dtype=torch.long),
+            position_ids=torch.arange(start, end)[None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return out.logits[:, -1].float()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lean_prefill_equals_the_models_forward(tiny_chat_dir: Path, dtype: torch.dtype) -> None:
     """A prompt prefilled in chunks (the first from an empty cache, the others after cached states)
@@ -97,18 +110,7 @@ def test_lean_prefill_equals_the_models_forward(tiny_chat_dir: Path, dtype: torc
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
     reference, lean = new_cache(model.config), new_cache(model.config)
     for start, end in [(0, 9), (9, 10), (10, 23)]:
-        with torch.inference_mode():
-            want = (
-                model(
-                    input_ids=torch.tensor([prompt[start:end]]),
-                    attention_mask=torch.ones((1, end), dtype=torch.long),
-                    position_ids=torch.arange(start, end)[None],
-                    past_key_values=reference,
-                    use_cache=True,
-                )
-                .logits[:, -1]
-                .float()
-            )
+        want = _model_chunk(model, prompt, start, end, reference)
         got = decoder.prefill([(prompt[start:end], start, lean)])
         if start == 0 and dtype == torch.bfloat16:
             assert torch.equal(got, want)
@@ -152,18 +154,7 @@ def test_packed_prefill_gives_each_prompt_what_it_gets_alone(
             for cache in caches:
                 with torch.inference_mode():
                     model(input_ids=torch.tensor([prompt[:done]]), past_key_values=cache, use_cache=True)
-        with torch.inference_mode():
-            want = (
-                model(
-                    input_ids=torch.tensor([prompt[done:]]),
-                    attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
-                    position_ids=torch.arange(done, len(prompt))[None],
-                    past_key_values=caches[0],
-                    use_cache=True,
-                )
-                .logits[:, -1]
-                .float()
-            )
+        want = _model_chunk(model, prompt, done, len(prompt), caches[0])
         references.append((want, caches[0]))
         packed.append(caches[1])
         chunks.append((prompt[done:], done, caches[1]))

@@ -233,16 +233,19 @@ class LeanDecoder:
                 end = first + count
                 keys, values = cache.layers[layer].update(k[:, :, first:end], v[:, :, first:end])
                 past = keys.shape[2] - count
-                if past == 0:
-                    o = F.scaled_dot_product_attention(
-                        q[:, :, first:end], keys, values, is_causal=True, enable_gqa=kv_heads != heads
+                # Causal among the new tokens, every earlier position seen (from an empty cache
+                # SDPA's own causal flag, the kernel the model's forward uses).
+                mask = torch.ones(count, past + count, dtype=torch.bool).tril(past) if past else None
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q[:, :, first:end],
+                        keys,
+                        values,
+                        attn_mask=mask,
+                        is_causal=not past,
+                        enable_gqa=kv_heads != heads,
                     )
-                else:  # causal among the new tokens, every earlier position seen
-                    mask = torch.ones(count, past + count, dtype=torch.bool).tril(past)
-                    o = F.scaled_dot_product_attention(
-                        q[:, :, first:end], keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
-                    )
-                outs.append(o)
+                )
             o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             return o.transpose(1, 2).reshape(1, offset, heads * dim)
 

@@ -40,8 +40,9 @@ class LoraGroups:
         self.layout = layout
         self._view: BankView | None = None
         self._groups: list[dict[str, _Group | None]] = []
-        # Groups built for (view, columns) lately: a decode batch's and a packed prefill's.
-        self._built: OrderedDict[tuple[int, tuple[int, ...] | None], list[dict[str, _Group | None]]] = OrderedDict()
+        # Groups built over ``_view`` for the column sets used lately: a decode batch's and a
+        # packed prefill's.
+        self._built: OrderedDict[tuple[int, ...] | None, list[dict[str, _Group | None]]] = OrderedDict()
         self._masks: dict[int, torch.Tensor] = {}
         self._output_masks: dict[int, torch.Tensor] = {}
         # A group applies one to all of its modules' adapters (those the loaded adapters target).
@@ -66,17 +67,16 @@ class LoraGroups:
             mask[0, ctx.span[0] : ctx.span[1]] = 1
         used = (mask != 0).any(0)
         columns = None if bool(used.all()) else tuple(used.nonzero().flatten().tolist())
-        key = (id(view), columns)
         if self._view is not view:  # adapters loaded or dropped: every copy is stale
             self._view = view
             self._built.clear()
-        groups = self._built.get(key)
+        groups = self._built.get(columns)
         if groups is None:
             groups = [{g: _group(view, names, columns) for g, names in layer.items()} for layer in self.layout]
-            self._built[key] = groups
+            self._built[columns] = groups
             if len(self._built) > BUILT_KEPT:
                 self._built.popitem(last=False)
-        self._built.move_to_end(key)
+        self._built.move_to_end(columns)
         self._groups = groups
         if columns is not None:
             mask = mask[:, list(columns)]
