@@ -17,7 +17,8 @@ row sent (LLM OS caches prompt prefixes), the same ones for every system at one 
 - ``llmos-int8``: ``llmos serve`` with ``LLMOS_DECODE_WEIGHTS=int8`` (decode batches of up to 4 rows
   read int8 copies of the weights);
 - ``adapters``: the same server with 1, 8 and 32 distinct LoRA adapters (rank 8, every linear
-  layer, random weights of a fine-tune's scale) spread round-robin over the requests.
+  layer, random weights of a fine-tune's scale) spread round-robin over the requests, each row
+  after the base model on the same prompts (its ``x no-ad`` ratio is against that run).
 
 Each row reports output tokens/s (of completed requests only), time to first token p50/p99, time
 per output token p50, requests dropped or cut short, peak RSS and CPU use of the serving process.
@@ -63,7 +64,7 @@ from benchmarks.harness import (
 # Every row gets prompts no earlier row sent (LLM OS caches prompt prefixes: a prompt seen before
 # would be served from the cache), and every system gets the same prompts at the same concurrency.
 WARM_UP = -1  # the last prompt of the file, never in a timed row
-ADAPTER_OFFSET = 112  # after the 16 + 16 + 16 + 64 prompts of the 1/4/16/64-client rows
+ADAPTER_OFFSET = 112  # after the 16 + 16 + 16 + 64 prompts of the 1/4/16/64-client rows; 3 x 32 follow
 
 
 def row_prompts(chats: list[list[dict[str, str]]], clients: int) -> list[list[dict[str, str]]]:
@@ -291,8 +292,13 @@ def run_llmos(
             print(f"  {label} at {c} client(s): {rows[key]['tokens_per_s']:.1f} tok/s")
         offset = ADAPTER_OFFSET
         for n in adapter_counts:
-            batch = chats[offset : offset + max(16, adapter_clients, n)]
+            # Two waves of clients, and the base model on the very same prompts first: outputs and
+            # their lengths vary with the prompts, so the ratio compares like with like (the
+            # adapters' cached prefixes are their own, so the base run gives them none).
+            batch = chats[offset : offset + max(2 * adapter_clients, n)]
             offset += len(batch)
+            base_key = f"llmos, same prompts as {n} adapter(s), {adapter_clients} clients"
+            rows[base_key] = drive(url, proc.pid, lambda _: MODEL, batch, adapter_clients, max_tokens)
             key = f"llmos + {n} adapter(s), {adapter_clients} clients"
             t0 = time.perf_counter()  # load them first: steady-state serving is measured, loading reported apart
             with ThreadPoolExecutor(8) as pool:
@@ -303,8 +309,13 @@ def run_llmos(
             model_stats = next(iter(m for m in stats["models"].values() if m.get("adapters") is not None), {})
             rows[key]["adapters_resident"] = len(model_stats.get("adapters", []))
             rows[key]["adapter_mb"] = model_stats.get("adapter_bytes", 0) / 2**20
+            rows[key]["adapter_copy_mb"] = model_stats.get("adapter_copy_bytes", 0) / 2**20
             rows[key]["adapter_load_s"] = load_s
-            print(f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, adapters {rows[key]['adapter_mb']:.0f} MB")
+            rows[key]["no_adapter_row"] = base_key
+            print(
+                f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, adapters {rows[key]['adapter_mb']:.0f} MB "
+                f"+ {rows[key]['adapter_copy_mb']:.0f} MB in copies"
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -313,15 +324,14 @@ def run_llmos(
 
 def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
     """Ratios against the naive baseline, against transformers-cb at the same concurrency and, for
-    adapter rows, against LLM OS without adapters at the same concurrency."""
+    adapter rows, against LLM OS without adapters on the same prompts."""
     naive = next((r["tokens_per_s"] for k, r in rows.items() if k.startswith("naive")), None)
     peer = {r["clients"]: r["tokens_per_s"] for k, r in rows.items() if k.startswith("transformers-cb")}
-    plain = {r["clients"]: r["tokens_per_s"] for k, r in rows.items() if k.startswith("llmos, ")}
-    for key, r in rows.items():
+    for r in rows.values():
         r["x_naive"] = r["tokens_per_s"] / naive if naive else None
         r["x_transformers_cb"] = r["tokens_per_s"] / peer[r["clients"]] if r["clients"] in peer else None
-        if "adapter" in key and r["clients"] in plain:
-            r["x_no_adapter"] = r["tokens_per_s"] / plain[r["clients"]]
+        if "no_adapter_row" in r:
+            r["x_no_adapter"] = r["tokens_per_s"] / rows[r["no_adapter_row"]]["tokens_per_s"]
 
 
 def print_table(rows: dict[str, dict[str, Any]]) -> None:

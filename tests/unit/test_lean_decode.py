@@ -17,6 +17,7 @@ from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import SDPA_MAX_POSITIONS, LeanDecoder
 from llmos.engine.torch_backend.lora import LoraWeights
 from llmos.engine.torch_backend.lora_bank import LoraBank
+from llmos.engine.torch_backend.lora_groups import SHRINK_AFTER
 from llmos.engine.torch_backend.packed import PackedMatrix
 
 
@@ -121,27 +122,40 @@ def test_lean_prefill_equals_the_models_forward(tiny_chat_dir: Path, dtype: torc
             torch.testing.assert_close(mine.values, theirs.values, rtol=tolerance, atol=tolerance)
 
 
+def _lean(model: torch.nn.Module) -> LeanDecoder:
+    """A lean decoder whose adapters' ``A`` products run apart until ``refresh`` fuses them."""
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None
+    decoder.fuser = None
+    return decoder
+
+
 @pytest.mark.parametrize(
-    ("dtype", "adapters"),
+    ("dtype", "adapters", "fused"),
     [
-        (torch.float32, (None, None, None)),
-        (torch.bfloat16, (None, None, None)),
-        (torch.float32, ("a", None, "b")),  # mixed: each token its prompt's adapter columns
-        (torch.float32, ("a", "a", "a")),  # one adapter: only its columns (bf16 adapters differ by rounding)
+        (torch.float32, (None, None, None), False),
+        (torch.bfloat16, (None, None, None), False),
+        (torch.float32, ("a", None, "b"), False),  # mixed: each token its prompt's adapter columns
+        (torch.float32, ("a", "a", "a"), False),  # one adapter: only its columns (bf16 adapters differ by rounding)
+        (torch.float32, ("a", None, "b"), True),  # the A products in the base products
+        (torch.float32, ("b", "b", "b"), True),
+        (torch.float32, (None, None, None), True),  # no adapter in the pass, resident ones fused
     ],
 )
 def test_packed_prefill_gives_each_prompt_what_it_gets_alone(
-    tiny_chat_dir: Path, dtype: torch.dtype, adapters: tuple[str | None, ...]
+    tiny_chat_dir: Path, dtype: torch.dtype, adapters: tuple[str | None, ...], fused: bool
 ) -> None:
     """Chunks of several prompts in one pass, each after its own cached states (none, a prefix,
     a one-token chunk) and with its own LoRA adapter or none: each gets the logits and cache
     the model's forward (with the adapted modules) gives it alone."""
     model = _model(tiny_chat_dir, dtype)
-    decoder = LeanDecoder.build(model, int8=False)
-    assert decoder is not None
+    decoder = _lean(model)
     lora = LoraBank(model, 1 << 20)
     for i, name in enumerate(("a", "b")):
         lora.acquire(name, lambda shapes, name=name, i=i: _random_adapter(shapes, name, 4, seed=i, dtype=dtype))
+    if fused:
+        decoder.refresh(lora.view)
+        assert decoder.weights.covers(lora.view)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (11, 17, 6)]
     cached = [0, 9, 5]  # prompt tokens whose states are already in the cache
@@ -179,21 +193,87 @@ def _random_adapter(
     return LoraWeights(adapter_id=adapter_id, modules=modules)
 
 
-def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_chat_dir: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_chat_dir: Path, fused: bool) -> None:
     model = _model(tiny_chat_dir, torch.float32)
-    decoder = LeanDecoder.build(model, int8=False)
-    assert decoder is not None
+    decoder = _lean(model)
     lora = LoraBank(model, 1 << 20)
     for i, name in enumerate(("a", "b", "c")):
         lora.acquire(name, lambda shapes, name=name, i=i: _random_adapter(shapes, name, 4, seed=i))
+    if fused:
+        decoder.refresh(lora.view)
     lora.prepare(["a", "a"])  # one adapter for every row: only its columns are computed
     _decode_both(model, decoder, lora, [4, 7], steps=4)
     lora.prepare(["a", None, "b", "c"])  # mixed batch: each row its own columns, the base row none
     _decode_both(model, decoder, lora, [4, 7, 5, 3], steps=4)
-    lora.prepare(["c", None, "a"])  # two of the three resident: the groups keep only their columns
+    every = decoder.adapters.columns  # the three adapters' 12 columns (of the bank's 16)
+    assert every is not None and len(every) == 12
+    lora.prepare(["c", None, "a"])  # two of the three: the columns built for all three are kept
     _decode_both(model, decoder, lora, [4, 7, 5], steps=4)
+    assert decoder.adapters.columns == every
+    lora.prepare(["c", "c"])  # one of three: still the three's columns, until it has been so a while
+    _decode_both(model, decoder, lora, [4, 7], steps=4)
+    assert decoder.adapters.columns == every
+    for _ in range(SHRINK_AFTER):
+        decoder.adapters.prepare(lora.context, 2, fused=fused, decode=True)
+    start, end = lora.view.spans["c"]
+    assert decoder.adapters.columns == tuple(range(start, end))  # groups over its columns only
+    _decode_both(model, decoder, lora, [4, 7], steps=2)
     kept = decoder.adapters._groups[0]["o"]
-    assert kept is not None and kept.a.shape[0] == 8 < lora.view.width  # 2 adapters of rank 4
+    assert kept is not None and kept.block is not None and kept.block.plain is not None
+    assert kept.block.plain.shape[1] == 4 < lora.view.width
+    assert decoder.adapters.copy_bytes > 0  # the blocks at least (one adapter's A and B are views)
+    assert (kept.a is None) == fused  # fused: the base product computes every resident A
+    lora.prepare([None, None])  # the base alone, with the resident adapters' A rows in its products
+    _decode_both(model, decoder, lora, [4, 7], steps=2)
+
+
+def test_fused_matrices_follow_the_resident_adapters(tiny_chat_dir: Path) -> None:
+    """A generation covers the view it was built for and any that only dropped adapters; a load
+    (even the same adapter again, into the same columns) needs a new one, which the background
+    builder publishes; the base columns of a fused product are the plain product's, bit for bit."""
+    model = _model(tiny_chat_dir, torch.bfloat16)
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None and decoder.fuser is not None
+    lora = LoraBank(model, 1 << 20)
+    plain = decoder.weights
+    load = {n: (lambda shapes, n=n: _random_adapter(shapes, n, 4, seed=1, dtype=torch.bfloat16)) for n in "ab"}
+    for name in "ab":
+        lora.acquire(name, load[name])
+    assert not plain.covers(lora.view)
+    decoder.fuser.want(lora.view)
+    assert decoder.fuser.wait()
+    fused = decoder.weights
+    assert fused.covers(lora.view) and fused.adapter_bytes > 0 and fused.nbytes > plain.nbytes
+    x = torch.randn(5, model.config.hidden_size).to(torch.bfloat16)
+    for group in ("qkv", "o", "gate_up"):
+        base, extended = plain.layers[0][group], fused.layers[0][group]
+        assert extended.extra_rows == lora.view.width * len(decoder.layout[0][group])
+        assert torch.equal(extended(x)[:, : extended.out], base(x))
+    lora.release("b")
+    lora.evict("b")
+    assert fused.covers(lora.view)  # only dropped: b's columns are never selected
+    lora.acquire("b", load["b"])
+    assert lora.view.spans["b"] == fused.spans["b"] and not fused.covers(lora.view)
+
+
+def test_lean_step_with_adapters_before_and_after_fusing_agrees(tiny_chat_dir: Path) -> None:
+    """The step computes the same logits with the A products apart and fused (bf16, rounding)."""
+    model = _model(tiny_chat_dir, torch.bfloat16)
+    decoder = _lean(model)
+    lora = LoraBank(model, 1 << 20)
+    for i, name in enumerate(("a", "b")):
+        lora.acquire(
+            name, lambda shapes, name=name, i=i: _random_adapter(shapes, name, 4, seed=i, dtype=torch.bfloat16)
+        )
+    (apart, fused), attention, positions = _padded_batch(model, [5, 8, 3], seed=3)
+    attention = torch.cat([attention, torch.ones((3, 1), dtype=torch.long)], 1)
+    tokens = torch.tensor([5, 6, 7])
+    lora.prepare(["a", "b", None])
+    want = decoder(tokens, positions, attention, apart, lora.context)
+    decoder.refresh(lora.view)
+    got = decoder(tokens, positions, attention, fused, lora.context)
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
 
 
 def test_architectures_it_does_not_reproduce_keep_the_models_forward(tiny_chat_dir: Path) -> None:

@@ -289,6 +289,7 @@ class LocalEngine:
                         for a in runner.lora.resident() + runner.virtual.resident()
                     ],
                     adapter_bytes=runner.lora.used_bytes,
+                    adapter_copy_bytes=runner.adapter_copy_bytes,
                     adapter_loads=runner.lora.loads,
                     prefill_tokens=runner.prefill_tokens,
                     prefix_cache_hits=runner.prefix_cache.hits,

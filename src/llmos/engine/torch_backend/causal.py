@@ -135,6 +135,14 @@ class CausalRunner:
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
+    @property
+    def adapter_copy_bytes(self) -> int:
+        """Memory the lean step holds in copies of the resident adapters' weights, beside the
+        bank's own (``lora.used_bytes``): ``A`` rows in its matrices, columns of those in use."""
+        if self.decoder is None:
+            return 0
+        return self.decoder.weights.adapter_bytes + self.decoder.adapters.copy_bytes
+
     # -- called from other threads ---------------------------------------------------------
     def submit(
         self,

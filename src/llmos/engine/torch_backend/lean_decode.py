@@ -13,8 +13,9 @@ into one pass (``prefill``).
 
 The q/k/v and gate/up weight matrices are concatenated once and the original modules' weights
 become views into the concatenation; the products read copies packed for oneDNN (``packed``:
-the same results, without a weight reorder on every call). With ``int8`` a step of one row
-reads int8 copies of the matrices instead (see ``int8``).
+the same results, without a weight reorder on every call), with the resident LoRA adapters'
+``A`` rows appended once they are built (``fused_weights``). With ``int8`` a step of one row
+without adapters reads int8 copies of the matrices instead (see ``int8``).
 """
 
 from __future__ import annotations
@@ -28,40 +29,27 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from llmos.engine.torch_backend.fused_weights import Generation, GenerationBuilder, Layout, build_generation
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
+from llmos.engine.torch_backend.lora_bank import EMPTY_VIEW, BankView
 from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, LoraGroups
-from llmos.engine.torch_backend.packed import PackedMatrix
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
 # One row over at most this many cached positions attends through torch's SDPA (faster there, and
 # bit-equal to the model's forward); beyond, SDPA's cost grows with the length and the grouped
 # products win (one row over 300 positions: 169 us against 83 us a layer).
 SDPA_MAX_POSITIONS = 128
-
-
-class _Matrix:
-    """A (possibly fused) weight matrix, its oneDNN-packed copy (see ``packed``) and, optionally,
-    its int8 copy for single rows."""
-
-    def __init__(self, weight: torch.Tensor, int8: bool) -> None:
-        self.weight = weight
-        self.packed = PackedMatrix.of(weight)
-        self.int8 = Int8Matrix(weight) if int8 else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None and x.numel() // x.shape[-1] <= INT8_MAX_ROWS:
-            return self.int8.linear(x)
-        return self.packed.linear(x) if self.packed is not None else F.linear(x, self.weight)
+# Adapters' A rows are appended to the base matrices (fused_weights) while the resident adapters
+# have at most this many columns in all: every product then reads every resident adapter's A,
+# base rows included, which beyond this costs more than the separate A products it saves (SmolLM2,
+# 16 rows: with 8 rank-8 adapters resident 54 against 57 ms a step, with 32 resident 61 against 58).
+FUSE_MAX_COLUMNS = 128
 
 
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: _Matrix
-    o: _Matrix
-    gate_up: _Matrix
-    down: _Matrix
 
 
 def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
@@ -130,34 +118,48 @@ class LeanDecoder:
         self.norm = inner.norm.weight
         self.int8 = int8
         self.layers = [
-            _Layer(
-                input_norm=layer.input_layernorm.weight,
-                post_norm=layer.post_attention_layernorm.weight,
-                qkv=_Matrix(_fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]), int8),
-                o=_Matrix(layer.self_attn.o_proj.weight, int8),
-                gate_up=_Matrix(_fuse([layer.mlp.gate_proj, layer.mlp.up_proj]), int8),
-                down=_Matrix(layer.mlp.down_proj.weight, int8),
-            )
+            _Layer(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight)
             for layer in inner.layers
         ]
-        self.head = _Matrix(model.lm_head.weight, int8)
+        # Per layer (the output layer last), each group's (fused) base matrix.
+        self._base: list[dict[str, torch.Tensor]] = [
+            {
+                "qkv": _fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                "o": layer.self_attn.o_proj.weight,
+                "gate_up": _fuse([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                "down": layer.mlp.down_proj.weight,
+            }
+            for layer in inner.layers
+        ] + [{OUTPUT_GROUP: model.lm_head.weight}]
+        self._int8 = [{g: Int8Matrix(w) for g, w in groups.items()} for groups in self._base] if int8 else None
         names = {id(module): name for name, module in model.named_modules()}
 
         def named(*modules: nn.Linear) -> list[tuple[str, int]]:
             return [(names[id(m)], m.out_features) for m in modules]
 
-        self.adapters = LoraGroups(
-            [
-                {
-                    "qkv": named(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-                    "o": named(layer.self_attn.o_proj),
-                    "gate_up": named(layer.mlp.gate_proj, layer.mlp.up_proj),
-                    "down": named(layer.mlp.down_proj),
-                }
-                for layer in inner.layers
-            ]
-            + [{OUTPUT_GROUP: named(model.lm_head)}]
-        )
+        self.layout: Layout = [
+            {
+                "qkv": named(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                "o": named(layer.self_attn.o_proj),
+                "gate_up": named(layer.mlp.gate_proj, layer.mlp.up_proj),
+                "down": named(layer.mlp.down_proj),
+            }
+            for layer in inner.layers
+        ] + [{OUTPUT_GROUP: named(model.lm_head)}]
+        self.adapters = LoraGroups(self.layout)
+        self.weights: Generation = build_generation(self._base, self.layout, EMPTY_VIEW)
+        # None: no background builds (tests choose the path with ``refresh``).
+        self.fuser: GenerationBuilder | None = GenerationBuilder(self._generation, self._publish)
+
+    def _generation(self, view: BankView) -> Generation:
+        return build_generation(self._base, self.layout, view)
+
+    def _publish(self, generation: Generation) -> None:
+        self.weights = generation  # one assignment: the engine thread reads it once a pass
+
+    def refresh(self, view: BankView) -> None:
+        """Build ``view``'s matrices now, on this thread (tests; the engine asks ``fuser``)."""
+        self._publish(self._generation(view))
 
     @classmethod
     def build(cls, model: Any, *, int8: bool) -> LeanDecoder | None:
@@ -173,18 +175,15 @@ class LeanDecoder:
         dtype = next(model.parameters()).dtype
         return cls(model, int8=int8 and int8_supported(dtype))
 
-    def _matrices(self) -> list[_Matrix]:
-        return [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
-
     @property
     def int8_bytes(self) -> int:
         """Memory held by the int8 copies."""
-        return sum(m.int8.nbytes for m in self._matrices() if m.int8 is not None)
+        return sum(m.nbytes for groups in self._int8 or [] for m in groups.values())
 
     @property
     def packed_bytes(self) -> int:
-        """Memory held by the oneDNN-packed copies."""
-        return sum(m.packed.nbytes for m in self._matrices() if m.packed is not None)
+        """Memory held by the matrices' packed copies (adapters' ``A`` rows included)."""
+        return self.weights.nbytes
 
     @torch.inference_mode()
     def __call__(
@@ -203,10 +202,27 @@ class LeanDecoder:
                 return o.transpose(1, 2).reshape(rows, 1, heads * self.head_dim)
             return _grouped_attention(q, keys, values, mask, self.scale)
 
-        adapters = lora.active
+        weights, adapters, fused = self._prepare(lora, rows, None, decode=True)
+        int8 = self._int8 if rows <= INT8_MAX_ROWS and not fused else None
+        return self._forward(tokens[:, None], positions[:, None], attend, weights, adapters, fused, [0], int8)[:, 0]
+
+    def _prepare(self, lora: Any, rows: int, last: list[int] | None, *, decode: bool) -> tuple[Generation, bool, bool]:
+        """This pass's matrices, whether it has adapters, and whether their ``A`` outputs come
+        with the base products (else they are computed apart, and the fused matrices are asked
+        for)."""
+        weights = self.weights
+        adapters = lora is not None and lora.active
+        fused = False
         if adapters:
-            self.adapters.prepare(lora, rows)
-        return self._forward(tokens[:, None], positions[:, None], attend, adapters, [0])[:, 0]
+            view = lora.view
+            fused = weights.covers(view)
+            if not fused and self.fuser is not None:
+                # Too many adapters resident to fuse: back to the plain matrices.
+                wanted = view if view.width <= FUSE_MAX_COLUMNS else EMPTY_VIEW
+                if wanted.width or weights.width:
+                    self.fuser.want(wanted)
+            self.adapters.prepare(lora, rows, last, fused=fused, decode=decode)
+        return weights, adapters, fused
 
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[tuple[list[int], int, Any]], lora: Any = None) -> torch.Tensor:
@@ -252,13 +268,19 @@ class LeanDecoder:
         ids = torch.tensor([[t for chunk, _, _ in chunks for t in chunk]])
         positions = torch.cat([torch.arange(start, start + len(chunk)) for chunk, start, _ in chunks])[None]
         last = [first + count - 1 for first, count in spans]
-        adapters = lora is not None and lora.active
-        if adapters:
-            self.adapters.prepare(lora, offset, last)
-        return self._forward(ids, positions, attend, adapters, last)[0]
+        weights, adapters, fused = self._prepare(lora, offset, last, decode=False)
+        return self._forward(ids, positions, attend, weights, adapters, fused, last, None)[0]
 
     def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, attend: Any, adapters: bool, last: list[int]
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Any,
+        weights: Generation,
+        adapters: bool,
+        fused: bool,
+        last: list[int],
+        int8: list[dict[str, Int8Matrix]] | None,
     ) -> torch.Tensor:
         """The layers over (B, T) ``tokens``; ``attend(layer, q, k, v)`` stores the new keys and
         values in the cache and returns the attention of the new positions. Returns the float32
@@ -268,24 +290,32 @@ class LeanDecoder:
         cos, sin = self.rotary(h, positions)
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, head_dim): one angle per position, every head
 
-        def project(matrix: _Matrix, x: torch.Tensor, layer: int, group: str) -> torch.Tensor:
-            """A (fused) base product plus, when the batch has adapters, theirs."""
-            y = matrix(x)
+        def project(x: torch.Tensor, layer: int, group: str) -> torch.Tensor:
+            """A group's (fused) base product plus, when the batch has adapters, theirs."""
+            if int8 is not None:
+                y = int8[layer][group].linear(x)
+            else:
+                matrix = weights.layers[layer][group]
+                y = matrix(x)
+                if matrix.extra_rows:  # the resident adapters' A outputs follow the base output
+                    if fused:
+                        return self.adapters.apply_fused(y, matrix.out, layer, group)
+                    y = y[..., : matrix.out]
             return self.adapters.apply(y, x, layer, group) if adapters else y
 
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qk_width = (heads + kv_heads) * dim
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.input_norm, self.eps)
-            qkv = project(layer.qkv, x, i, "qkv")
+            qkv = project(x, i, "qkv")
             qk = qkv[..., :qk_width].view(rows, count, heads + kv_heads, dim)
             qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :heads].transpose(1, 2)
             k = qk[:, :, heads:].transpose(1, 2)
             v = qkv[..., qk_width:].view(rows, count, kv_heads, dim).transpose(1, 2)
-            h = h + project(layer.o, attend(i, q, k, v), i, "o")
+            h = h + project(attend(i, q, k, v), i, "o")
             x = _rms_norm(h, layer.post_norm, self.eps)
-            gate, up = project(layer.gate_up, x, i, "gate_up").chunk(2, dim=-1)
-            h = h + project(layer.down, self.act(gate) * up, i, "down")
+            gate, up = project(x, i, "gate_up").chunk(2, dim=-1)
+            h = h + project(self.act(gate) * up, i, "down")
         h = _rms_norm(h[:, last], self.norm, self.eps)
-        return project(self.head, h, len(self.layers), OUTPUT_GROUP).float()
+        return project(h, len(self.layers), OUTPUT_GROUP).float()

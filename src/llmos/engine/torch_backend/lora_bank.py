@@ -35,6 +35,8 @@ class BankView:
     spans: dict[str, tuple[int, int]]
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_all (R, in), B_all (out, R))
     width: int
+    serials: dict[str, int] = field(default_factory=dict)
+    """Which load of the bank wrote each adapter's columns (copies of them are of that load)."""
 
     @property
     def nbytes(self) -> int:
@@ -133,8 +135,8 @@ class LoraBank:
                 self._make_room(weights.nbytes)
                 self._wrap(weights.modules)
                 self._entries[adapter_id] = _Entry(weights.nbytes, refs=1)
-                self.view = _with_adapter(self.view, weights)
                 self.loads += 1
+                self.view = _with_adapter(self.view, weights, self.loads)
                 self._loading.pop(adapter_id, None)
 
     def release(self, adapter_id: str) -> None:
@@ -216,7 +218,12 @@ class LoraBank:
         del self._entries[adapter_id]
         view = self.view
         start, end = view.spans[adapter_id]
-        self.view = BankView({a: span for a, span in view.spans.items() if a != adapter_id}, view.weights, view.width)
+        self.view = BankView(
+            {a: span for a, span in view.spans.items() if a != adapter_id},
+            view.weights,
+            view.width,
+            {a: serial for a, serial in view.serials.items() if a != adapter_id},
+        )
         for a_all, b_all in view.weights.values():  # free columns must be zero: masked rows read them
             a_all[start:end].zero_()
             b_all[:, start:end].zero_()
@@ -231,7 +238,7 @@ class LoraBank:
                 setattr(parent, child, AdaptedLinear(layer, name, self.context))
 
 
-def _with_adapter(view: BankView, adapter: LoraWeights) -> BankView:
+def _with_adapter(view: BankView, adapter: LoraWeights, serial: int) -> BankView:
     """``view`` plus ``adapter`` written into free columns. Columns no span owns are zero and only
     ever read under a zero mask, so writing them while the engine runs a step is safe; the tensors
     are reallocated (doubling) only when no gap is wide enough, so loads stay cheap and memory
@@ -252,7 +259,8 @@ def _with_adapter(view: BankView, adapter: LoraWeights) -> BankView:
         a_all, b_all = weights[module]
         a_all[start : start + a.shape[0]] = a
         b_all[:, start : start + b.shape[1]] = b
-    return BankView({**view.spans, adapter.adapter_id: (start, start + rank)}, weights, width)
+    spans = {**view.spans, adapter.adapter_id: (start, start + rank)}
+    return BankView(spans, weights, width, {**view.serials, adapter.adapter_id: serial})
 
 
 def _free_columns(view: BankView, rank: int) -> int | None:

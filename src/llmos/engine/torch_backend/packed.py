@@ -13,6 +13,7 @@ matrix's memory once more.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class PackedMatrix:
@@ -35,3 +36,31 @@ class PackedMatrix:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class Matrix:
+    """Products with ``[weight; extra]``: a base matrix and, appended as further output columns,
+    extra rows (adapters' ``A``; see fused_weights), through a packed copy where this build packs
+    (else the concatenation as it is, a copy only when extended)."""
+
+    def __init__(self, weight: torch.Tensor, extra: torch.Tensor | None = None) -> None:
+        self.out = weight.shape[0]
+        full = weight if extra is None else torch.cat([weight, extra.to(weight.dtype)])
+        self.packed = PackedMatrix.of(full)
+        self.plain = full if self.packed is None else None
+        self.extra_rows = 0 if extra is None else extra.shape[0]
+        self.nbytes = full.numel() * full.element_size() if (self.packed is not None or extra is not None) else 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ [weight; extra].T``."""
+        if self.packed is not None:
+            return self.packed.linear(x)
+        assert self.plain is not None
+        return F.linear(x, self.plain)
+
+    def added_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + x @ weight.T`` for 2-d ``x`` and ``y`` (a new tensor), in one oneDNN call where packed."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, y, self.packed.packed, None, "add")
+        assert self.plain is not None
+        return torch.addmm(y, x, self.plain.T)
