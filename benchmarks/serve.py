@@ -18,7 +18,8 @@ row sent (LLM OS caches prompt prefixes), the same ones for every system at one 
   read int8 copies of the weights);
 - ``adapters``: the same server with 1, 8 and 32 distinct LoRA adapters (rank 8, every linear
   layer, random weights of a fine-tune's scale) spread round-robin over the requests, each row
-  after the base model on the same prompts (its ``x no-ad`` ratio is against that run).
+  after the base model on the same prompts (its ``x no-ad`` ratio is against that run), twice in
+  turn, on a server of its own with prefix caching off (so prompts can be sent again).
 
 Each row reports output tokens/s (of completed requests only), time to first token p50/p99, time
 per output token p50, requests dropped or cut short, peak RSS and CPU use of the serving process.
@@ -274,14 +275,10 @@ def run_llmos(
     chats: list[list[dict[str, str]]],
     clients: list[int],
     max_tokens: int,
-    adapter_counts: list[int],
-    adapter_clients: int,
-    adapter_targets: list[str],
     *,
     label: str = "llmos",
     env: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    names = make_adapters(home, max(adapter_counts), 8, adapter_targets) if adapter_counts else []
     proc, url = start_server(home, env)
     rows: dict[str, dict[str, Any]] = {}
     try:
@@ -290,36 +287,74 @@ def run_llmos(
             key = f"{label}, {c} client(s)"
             rows[key] = drive(url, proc.pid, lambda _: MODEL, row_prompts(chats, c), c, max_tokens)
             print(f"  {label} at {c} client(s): {rows[key]['tokens_per_s']:.1f} tok/s")
-        offset = ADAPTER_OFFSET
-        for n in adapter_counts:
-            # Two waves of clients, and the base model on the very same prompts first: outputs and
-            # their lengths vary with the prompts, so the ratio compares like with like (the
-            # adapters' cached prefixes are their own, so the base run gives them none).
-            batch = chats[offset : offset + max(2 * adapter_clients, n)]
-            offset += len(batch)
-            base_key = f"llmos, same prompts as {n} adapter(s), {adapter_clients} clients"
-            rows[base_key] = drive(url, proc.pid, lambda _: MODEL, batch, adapter_clients, max_tokens)
-            key = f"llmos + {n} adapter(s), {adapter_clients} clients"
-            t0 = time.perf_counter()  # load them first: steady-state serving is measured, loading reported apart
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda name: stream_chat(url, name, chats[WARM_UP], 1), names[:n]))
-            load_s = time.perf_counter() - t0
-            rows[key] = drive(url, proc.pid, lambda i, n=n: names[i % n], batch, adapter_clients, max_tokens)
-            stats = httpx.get(f"{url}/v1/admin/engine", headers={"Authorization": f"Bearer {KEY}"}).json()
-            model_stats = next(iter(m for m in stats["models"].values() if m.get("adapters") is not None), {})
-            rows[key]["adapters_resident"] = len(model_stats.get("adapters", []))
-            rows[key]["adapter_mb"] = model_stats.get("adapter_bytes", 0) / 2**20
-            rows[key]["adapter_copy_mb"] = model_stats.get("adapter_copy_bytes", 0) / 2**20
-            rows[key]["adapter_load_s"] = load_s
-            rows[key]["no_adapter_row"] = base_key
-            print(
-                f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, adapters {rows[key]['adapter_mb']:.0f} MB "
-                f"+ {rows[key]['adapter_copy_mb']:.0f} MB in copies"
-            )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     return rows
+
+
+def run_adapters(
+    home: Path,
+    chats: list[list[dict[str, str]]],
+    max_tokens: int,
+    counts: list[int],
+    clients: int,
+    targets: list[str],
+    repeats: int,
+) -> dict[str, dict[str, Any]]:
+    """LLM OS with ``counts`` distinct adapters over the requests, each run right after the base
+    model on the very same prompts (outputs and their lengths vary with the prompts, so the ratio
+    compares like with like), ``repeats`` times in turn. Prefix caching is off on this server so
+    the same prompts can be sent again without being served from the cache."""
+    names = make_adapters(home, max(counts), 8, targets)
+    proc, url = start_server(home, {"LLMOS_PREFIX_CACHE_MB": "0"})
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        stream_chat(url, MODEL, chats[WARM_UP], 4)  # load the model before timing
+        offset = ADAPTER_OFFSET
+        for n in counts:
+            batch = chats[offset : offset + max(2 * clients, n)]  # two waves of clients
+            offset += len(batch)
+            for run in range(1, repeats + 1):
+                suffix = f", {clients} clients" + (f", run {run}" if repeats > 1 else "")
+                base_key = f"llmos, same prompts as {n} adapter(s){suffix}"
+                rows[base_key] = drive(url, proc.pid, lambda _: MODEL, batch, clients, max_tokens)
+                load_s = 0.0
+                if run == 1:  # load them first: steady-state serving is measured, loading reported apart
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(8) as pool:
+                        list(pool.map(lambda name: stream_chat(url, name, chats[WARM_UP], 1), names[:n]))
+                    wait_for_fusing(url)  # loading ends when the adapters' A rows are in the base matrices
+                    load_s = time.perf_counter() - t0
+                key = f"llmos + {n} adapter(s){suffix}"
+                rows[key] = drive(url, proc.pid, lambda i, n=n: names[i % n], batch, clients, max_tokens)
+                model_stats = next(iter(m for m in engine_stats(url)["models"].values() if m.get("adapters")), {})
+                rows[key]["adapters_resident"] = len(model_stats.get("adapters", []))
+                rows[key]["adapter_mb"] = model_stats.get("adapter_bytes", 0) / 2**20
+                rows[key]["adapter_copy_mb"] = model_stats.get("adapter_copy_bytes", 0) / 2**20
+                rows[key]["adapter_load_s"] = load_s
+                rows[key]["no_adapter_row"] = base_key
+                print(
+                    f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s against {rows[base_key]['tokens_per_s']:.1f}, "
+                    f"adapters {rows[key]['adapter_mb']:.0f} MB + {rows[key]['adapter_copy_mb']:.0f} MB in copies"
+                )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return rows
+
+
+def engine_stats(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/v1/admin/engine", headers={"Authorization": f"Bearer {KEY}"}).json()
+
+
+def wait_for_fusing(url: str, timeout: float = 120.0) -> None:
+    """Until no model's lean step is still rebuilding its matrices for newly loaded adapters."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(m.get("adapters_fusing") for m in engine_stats(url)["models"].values()):
+            return
+        time.sleep(0.2)
 
 
 def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
@@ -360,6 +395,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--adapter-clients", type=int, default=16)
+    parser.add_argument("--adapter-repeats", type=int, default=2, help="base/adapter runs in turn per adapter count")
     parser.add_argument(
         "--adapter-targets", nargs="+", default=["all-linear"], help="layers the adapters adapt, e.g. q_proj v_proj"
     )
@@ -395,12 +431,21 @@ def main() -> None:
             clients = [c for c in args.clients if c in (1, 16)] if system in SERIALISING else args.clients
             gguf = original_gguf(args.home) if system == "llamacpp" else Path()
             rows.update(run_peer(system, model_dir, gguf, chats, clients, args.max_tokens))
-    if "llmos" in args.systems or "adapters" in args.systems:
+    if "llmos" in args.systems:
         print("llmos ...")
-        clients = args.clients if "llmos" in args.systems else []
-        counts = args.adapters if "adapters" in args.systems else []
+        rows.update(run_llmos(args.home, chats, args.clients, args.max_tokens))
+    if "adapters" in args.systems:
+        print("llmos with adapters ...")
         rows.update(
-            run_llmos(args.home, chats, clients, args.max_tokens, counts, args.adapter_clients, args.adapter_targets)
+            run_adapters(
+                args.home,
+                chats,
+                args.max_tokens,
+                args.adapters,
+                args.adapter_clients,
+                args.adapter_targets,
+                args.adapter_repeats,
+            )
         )
     if "llmos-int8" in args.systems:
         print("llmos with int8 decode weights ...")
@@ -410,9 +455,6 @@ def main() -> None:
                 chats,
                 args.clients,
                 args.max_tokens,
-                [],
-                args.adapter_clients,
-                args.adapter_targets,
                 label="llmos int8",
                 env={"LLMOS_DECODE_WEIGHTS": "int8"},
             )

@@ -242,7 +242,7 @@ def test_fused_matrices_follow_the_resident_adapters(tiny_chat_dir: Path) -> Non
         lora.acquire(name, load[name])
     assert not plain.covers(lora.view)
     decoder.fuser.want(lora.view)
-    assert decoder.fuser.wait()
+    assert decoder.fuser.wait() and not decoder.fuser.busy
     fused = decoder.weights
     assert fused.covers(lora.view) and fused.adapter_bytes > 0 and fused.nbytes > plain.nbytes
     x = torch.randn(5, model.config.hidden_size).to(torch.bfloat16)

@@ -290,6 +290,7 @@ class LocalEngine:
                     ],
                     adapter_bytes=runner.lora.used_bytes,
                     adapter_copy_bytes=runner.adapter_copy_bytes,
+                    adapters_fusing=runner.adapters_fusing,
                     adapter_loads=runner.lora.loads,
                     prefill_tokens=runner.prefill_tokens,
                     prefix_cache_hits=runner.prefix_cache.hits,

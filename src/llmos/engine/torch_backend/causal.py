@@ -143,6 +143,12 @@ class CausalRunner:
             return 0
         return self.decoder.weights.adapter_bytes + self.decoder.adapters.copy_bytes
 
+    @property
+    def adapters_fusing(self) -> bool:
+        """Whether the lean step's matrices are being rebuilt for the resident adapters (until
+        then adapted rows compute their ``A`` products apart, a little slower)."""
+        return self.decoder is not None and self.decoder.fuser is not None and self.decoder.fuser.busy
+
     # -- called from other threads ---------------------------------------------------------
     def submit(
         self,

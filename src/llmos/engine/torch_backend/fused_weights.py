@@ -104,6 +104,12 @@ class GenerationBuilder:
                 self._thread.start()
             self._cv.notify()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a generation is being built (or waits to be)."""
+        with self._cv:
+            return self._wanted is not None
+
     def wait(self, timeout: float = 60.0) -> bool:
         """Block until nothing is wanted (tests, benchmarks)."""
         with self._cv:
