@@ -119,12 +119,12 @@ class LoraGroups:
             self._built[key] = groups
             if len(self._built) > BUILT_KEPT:
                 self._built.popitem(last=False)
+            bank = {t.untyped_storage().data_ptr() for ab in view.weights.values() for t in ab}
+            self.copy_bytes = sum(
+                _copy_bytes(g, bank) for kept in self._built.values() for layer in kept for g in layer.values()
+            )
         self._built.move_to_end(key)
         self._groups = groups
-        bank = {t.untyped_storage().data_ptr() for ab in view.weights.values() for t in ab}
-        self.copy_bytes = sum(
-            _copy_bytes(g, bank) for kept in self._built.values() for layer in kept for g in layer.values()
-        )
         self._picks = {}
         if columns is not None:
             mask = mask[:, list(columns)]
@@ -190,9 +190,9 @@ class LoraGroups:
         masks = self._output_masks if group == OUTPUT_GROUP else self._masks
         parts = len(found.parts)
         h = h * masks[parts]
-        flat_y = y.reshape(h.shape[0], y.shape[-1])
         if found.block is not None:
-            return found.block.added_to(flat_y, h).view(y.shape)
+            return found.block.added_to(y.reshape(h.shape[0], y.shape[-1]), h).view(y.shape)
+        flat_y = y.view(h.shape[0], y.shape[-1])  # a view: the products are added into y itself
         rank = h.shape[1] // parts
         for j, (start, end, b) in enumerate(found.parts):
             flat_y[:, start:end].addmm_(h[:, j * rank : (j + 1) * rank], b.T)
