@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmos.engine.heap import trim
 from llmos.engine.threads import enter_helper_thread
 from llmos.engine.torch_backend.lora_bank import BankView
 from llmos.engine.torch_backend.packed import Matrix
@@ -133,6 +134,8 @@ class GenerationBuilder:
                     self._cv.notify_all()
                 continue
             self._publish(generation)
+            del generation
+            trim()  # the build's temporary copies (the replaced generation goes with the next)
             with self._cv:
                 self.builds += 1
                 if self._wanted is view:

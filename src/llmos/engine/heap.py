@@ -1,0 +1,32 @@
+"""Giving freed memory back to the operating system.
+
+glibc keeps what a process frees in its heaps (one arena per thread that allocated), so after a
+burst of large temporary tensors (the copies a rebuild of the lean step's matrices makes) the
+process's resident memory stays as high as the burst: eight adapter loads left SmolLM2's server
+430 MB larger, of which ``malloc_trim`` gave back 365 MB. Elsewhere (not glibc) this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def trim() -> None:
+    """Return the heaps' free memory to the system (cheap: a few milliseconds)."""
+    release = _malloc_trim()
+    if release is not None:
+        release(0)
