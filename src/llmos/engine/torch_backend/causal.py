@@ -190,6 +190,12 @@ class CausalRunner:
     def close(self) -> None:
         self._queue.put(_CLOSE, None)
         self._thread.join(timeout=30)
+        self._stop_fuser()
+
+    def _stop_fuser(self) -> None:
+        """Stop the lean step's helper thread, which holds the model (so that it can be freed)."""
+        if self.decoder is not None and self.decoder.fuser is not None:
+            self.decoder.fuser.close()
 
     # -- engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -202,6 +208,7 @@ class CausalRunner:
         except BaseException as exc:
             log.critical("the engine loop of %s crashed", self.name, exc_info=exc)
             self.crashed = exc
+            self._stop_fuser()
             if self.on_crash is not None:
                 self.on_crash(exc)
 

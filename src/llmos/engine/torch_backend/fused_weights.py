@@ -90,14 +90,16 @@ class GenerationBuilder:
         self._publish = publish
         self._cv = threading.Condition()
         self._wanted: BankView | None = None
-        self._failed: BankView | None = None
+        self._failed: tuple[int, tuple[tuple[str, int], ...]] | None = None  # a failed view's _identity
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.builds = 0
 
     def want(self, view: BankView) -> None:
-        """Ask for ``view``'s generation (ignored while it is being built or after it failed)."""
+        """Ask for ``view``'s generation (ignored while it is being built, after one for the same
+        adapters failed, or once closed)."""
         with self._cv:
-            if view is self._wanted or view is self._failed:
+            if self._closed or view is self._wanted or _identity(view) == self._failed:
                 return
             self._wanted = view
             if self._thread is None:
@@ -116,28 +118,43 @@ class GenerationBuilder:
         with self._cv:
             return self._cv.wait_for(lambda: self._wanted is None, timeout)
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the helper thread (after the build under way, if any): it holds the model."""
+        with self._cv:
+            self._closed = True
+            self._wanted = None
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
     def _run(self) -> None:
         enter_helper_thread()  # one core: the engine thread keeps the other
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._wanted is not None)
+                self._cv.wait_for(lambda: self._wanted is not None or self._closed)
+                if self._closed:
+                    return
                 view = self._wanted
             assert view is not None
             try:
-                generation = self._build(view)
-            except (RuntimeError, MemoryError) as exc:  # the step keeps computing A products apart
+                generation: Generation | None = self._build(view)
+            except Exception as exc:  # the step keeps computing A products apart
                 log.warning("could not fuse the LoRA adapters into the base matrices: %s", exc)
-                with self._cv:
-                    self._failed = view
-                    if self._wanted is view:
-                        self._wanted = None
-                    self._cv.notify_all()
-                continue
-            self._publish(generation)
-            del generation
-            trim()  # the build's temporary copies (the replaced generation goes with the next)
+                generation = None
             with self._cv:
-                self.builds += 1
+                if generation is None:
+                    self._failed = _identity(view)
+                elif not self._closed:
+                    self._publish(generation)
+                    self.builds += 1
                 if self._wanted is view:
                     self._wanted = None
                 self._cv.notify_all()
+            del view, generation  # the replaced generation goes with the engine's next pass
+            trim()  # the build's temporary copies
+
+
+def _identity(view: BankView) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """What a generation depends on in a view: its width and which loads wrote its columns."""
+    return view.width, tuple(sorted(view.serials.items()))

@@ -148,6 +148,9 @@ class LeanDecoder:
         ] + [{OUTPUT_GROUP: named(model.lm_head)}]
         self.adapters = LoraGroups(self.layout)
         self.weights: Generation = build_generation(self._base, self.layout, EMPTY_VIEW)
+        # Only packed matrices are fused in the background: unpacked (float32, or a build without
+        # oneDNN) a generation would be a second copy of every weight.
+        self.can_fuse = all(m.packed is not None for layer in self.weights.layers for m in layer.values())
         # None: no background builds (tests choose the path with ``refresh``).
         self.fuser: GenerationBuilder | None = GenerationBuilder(self._generation, self._publish)
 
@@ -213,10 +216,12 @@ class LeanDecoder:
         weights = self.weights
         adapters = lora is not None and lora.active
         fused = False
+        if not adapters and weights.width and self.fuser is not None and lora is not None and not lora.view.spans:
+            self.fuser.want(EMPTY_VIEW)  # every adapter gone: no more A rows in the products
         if adapters:
             view = lora.view
             fused = weights.covers(view)
-            if not fused and self.fuser is not None:
+            if not fused and self.fuser is not None and self.can_fuse:
                 # Too many adapters resident to fuse: back to the plain matrices.
                 wanted = view if view.width <= FUSE_MAX_COLUMNS else EMPTY_VIEW
                 if wanted.width or weights.width:

@@ -172,12 +172,12 @@ class LoraBank:
     def prepare(self, adapters: Sequence[str | None]) -> None:
         """Point the adapted layers at the adapters of the rows about to run (None: the base)."""
         ctx = self.context
+        view = self.view
+        ctx.view = view  # the lean step also looks at what is resident when no row has an adapter
         distinct = set(adapters)
         if distinct == {None} or not distinct:
             ctx.span, ctx.mask = None, None
             return
-        view = self.view
-        ctx.view = view
         # A row whose adapter is gone was aborted after the engine last looked; it leaves the batch
         # before its output is read, so it just runs on the base for this one step.
         spans = [view.spans.get(a) if a is not None else None for a in adapters]
