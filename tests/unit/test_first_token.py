@@ -19,7 +19,10 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [15, 16, 17], [18, 19, 20, 21,
 
 
 def _generate(
-    runner: CausalRunner, requests: list[tuple[list[int], SamplingParams]], events: list[tuple[str, str]]
+    runner: CausalRunner,
+    requests: list[tuple[list[int], SamplingParams]],
+    events: list[tuple[str, str]],
+    finishes: dict[str, str] | None = None,
 ) -> dict[str, list[int]]:
     tokens: dict[str, list[int]] = {}
     done = threading.Semaphore(0)
@@ -30,6 +33,8 @@ def _generate(
                 events.append(("first token", rid))
             tokens.setdefault(rid, []).extend(delta.token_ids)
             if delta.finish_reason is not None:
+                if finishes is not None:
+                    finishes[rid] = str(delta.finish_reason)
                 done.release()
 
         return sink
@@ -119,3 +124,32 @@ def test_prompts_admitted_together_are_prefilled_in_one_pass(
     finally:
         runner.close()
     assert passes == [len(PROMPTS)]
+
+
+def test_a_failing_prompt_fails_alone_and_the_others_of_its_pass_go_on(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packed prefill pass that fails after writing its caches is rolled back and its prompts run
+    again one by one: the one at fault fails, the others generate what they generate alone."""
+    bad = 77
+    passes: list[int] = []
+    packed = causal.run_packed
+
+    def failing(decoder: object, planned: list[tuple[prefill.Prefill, int]], lora: object = None) -> None:
+        passes.append(len(planned))
+        packed(decoder, planned, lora)  # every cache of the pass written, every job advanced
+        if any(bad in job.prompt for job, _ in planned):
+            raise RuntimeError("a fault in one prompt")
+
+    monkeypatch.setattr(causal, "run_packed", failing)
+    runner = _runner(tiny_chat_dir)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    try:
+        finishes: dict[str, str] = {}
+        together = _generate(runner, [(PROMPTS[0], greedy), ([bad, 5, 6], greedy), (PROMPTS[2], greedy)], [], finishes)
+        alone = [_generate(runner, [(p, greedy)], [])["r0"] for p in (PROMPTS[0], PROMPTS[2])]
+    finally:
+        runner.close()
+    assert passes[:4] == [3, 1, 1, 1]  # the pass, then each prompt alone
+    assert finishes["r1"] == "error" and finishes["r0"] != "error" and finishes["r2"] != "error"
+    assert together["r0"] == alone[0] and together["r2"] == alone[1]

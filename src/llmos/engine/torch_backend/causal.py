@@ -32,6 +32,7 @@ from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens,
 from llmos.engine.threads import enter_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
+from llmos.engine.torch_backend.kv_cache import truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.engine.torch_backend.prefill import Prefill, run_packed
@@ -340,7 +341,8 @@ class CausalRunner:
     def _advance_prefills(self) -> list[BatchState[_Row]]:
         """Run up to ``prefill_budget`` prompt tokens of the jobs in order; the finished ones
         become batches of their rows, and stream their first tokens at once. A failure fails only
-        the requests of its pass."""
+        the request at fault: a packed pass that fails is rolled back and its prompts are run
+        again one by one."""
         budget, planned = self.prefill_budget, []
         for job in list(self._prefilling):
             if budget <= 0:
@@ -355,7 +357,9 @@ class CausalRunner:
         # adapter; without them, one pass a prompt through the model's forward.
         passes = [planned] if self.decoder is not None and planned else [[p] for p in planned]
         finished = []
-        for group in passes:
+        while passes:
+            group = passes.pop(0)
+            done = [job.done for job, _ in group]
             try:
                 if self.decoder is not None:
                     self.lora.prepare([job.pending.adapter for job, take in group for _ in range(take)])
@@ -366,7 +370,15 @@ class CausalRunner:
                     job.run(self.model, take)
             except Exception as exc:
                 log.exception("prefill failed on %s", self.name)
-                for job, _ in group:  # a pass that failed part-way leaves its caches half-written
+                # A packed pass that failed part-way has written some of its caches: rolled back,
+                # its prompts run again one by one, so only the one at fault fails.
+                jobs = [(job, d) for (job, _), d in zip(group, done, strict=True)]
+                if len(group) > 1 and all(truncate(job.cache, job.lead + d) for job, d in jobs):
+                    for job, d in jobs:
+                        job.done = d
+                    passes[:0] = [[p] for p in group]
+                    continue
+                for job, _ in group:
                     self._prefilling.remove(job)
                     self._fail([job.pending], exc)
                 continue

@@ -88,3 +88,16 @@ def new_cache(config: Any) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def truncate(cache: DynamicCache, length: int) -> bool:
+    """Forget every position of ``cache`` from ``length`` on (what a failed pass wrote), in
+    place; False where a layer is not one that grows in place (nothing is changed then)."""
+    if not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
+        return False
+    for layer in cache.layers:
+        assert isinstance(layer, GrowingLayer)
+        for states in (layer._keys, layer._values):
+            if states.buffer is not None:
+                states.length = min(states.length, length)
+    return True
