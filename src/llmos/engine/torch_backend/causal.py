@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from llmos.engine.detokenize import IncrementalText
-from llmos.engine.heap import trim
 from llmos.engine.protocol import (
     FinishReason,
     GenerationDelta,
@@ -115,7 +114,6 @@ class CausalRunner:
         self.lora = LoraBank(model, adapter_budget_bytes)
         # Decode steps run the lean step where the architecture has one, else the model's forward.
         self.decoder = LeanDecoder.build(model, int8=decode_int8)
-        trim()  # the weights it replaced with fused and packed copies
         self.virtual = VirtualPrefixes(adapter_budget_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         width = kv_width(model.config.to_dict()) * next(model.parameters()).element_size()

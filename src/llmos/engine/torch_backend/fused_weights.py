@@ -27,12 +27,10 @@ import torch
 from llmos.engine.heap import trim
 from llmos.engine.threads import enter_helper_thread
 from llmos.engine.torch_backend.lora_bank import BankView
+from llmos.engine.torch_backend.lora_groups import Layout
 from llmos.engine.torch_backend.packed import Matrix
 
 log = logging.getLogger(__name__)
-
-Layout = list[dict[str, list[tuple[str, int]]]]
-"""Per layer, each group's module names (as the bank names them) with their output widths."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,6 @@ class GenerationBuilder:
         self._failed: tuple[int, tuple[tuple[str, int], ...]] | None = None  # a failed view's _identity
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.builds = 0
 
     def want(self, view: BankView) -> None:
         """Ask for ``view``'s generation (ignored while it is being built, after one for the same
@@ -147,7 +144,6 @@ class GenerationBuilder:
                     self._failed = _identity(view)
                 elif not self._closed:
                     self._publish(generation)
-                    self.builds += 1
                 if self._wanted is view:
                     self._wanted = None
                 self._cv.notify_all()

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from llmos.engine.torch_backend.fused_weights import Generation, GenerationBuilder, Layout, build_generation
+from llmos.engine.torch_backend.fused_weights import Generation, GenerationBuilder, build_generation
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.lora_bank import EMPTY_VIEW, BankView
-from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, LoraGroups
+from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, Layout, LoraGroups
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
 # One row over at most this many cached positions attends through torch's SDPA (faster there, and

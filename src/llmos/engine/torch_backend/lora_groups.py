@@ -43,6 +43,9 @@ grow by a newcomer's up to this many too; beyond, each new set of adapters is co
 columns as the batch uses (reading 32 adapters' columns for 16 in use cost more than copying)."""
 
 Columns = tuple[int, ...] | None  # None: every column of the view
+Layout = list[dict[str, list[tuple[str, int]]]]
+"""Per layer, each group's module names (as the bank names them) with their output widths, in the
+order their columns appear in the group's fused output."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,16 @@ class _Group:
     block: Matrix | None  # decode: the Bs as one block-diagonal (out, P * R) matrix, zeros elsewhere
 
 
+@dataclass(frozen=True)
+class _Built:
+    groups: list[dict[str, _Group | None]]  # per layer, by group
+    picks: dict[int, torch.Tensor]  # fused: per part count, the A output columns the rows use
+
+
 class LoraGroups:
     """``apply(y, x, layer, group)`` adds the current rows' adapters to a fused base output ``y``."""
 
-    def __init__(self, layout: list[dict[str, list[tuple[str, int]]]]) -> None:
+    def __init__(self, layout: Layout) -> None:
         """``layout[layer][group]``: the group's module names (as the bank names them) with their
         output widths, in the order their columns appear in the fused output."""
         self.layout = layout
@@ -64,8 +73,8 @@ class LoraGroups:
         self._groups: list[dict[str, _Group | None]] = []
         # Groups built over ``_view`` for the column sets used lately, by (columns, fused, decode):
         # a decode batch's and a packed prefill's.
-        self._built: OrderedDict[tuple[Columns, bool, bool], list[dict[str, _Group | None]]] = OrderedDict()
-        self._decode: Columns | frozenset[int] = frozenset()  # the decode batch's kept columns
+        self._built: OrderedDict[tuple[Columns, bool, bool], _Built] = OrderedDict()
+        self._decode: Columns = ()  # the decode batch's kept columns (none yet)
         self._sparse_steps = 0  # decode steps in a row using less than 1/MAX_SPARE of them
         self._masks: dict[int, torch.Tensor] = {}
         self._output_masks: dict[int, torch.Tensor] = {}
@@ -105,55 +114,54 @@ class LoraGroups:
         if self._view is not view:  # adapters loaded or dropped: every copy is stale
             self._view = view
             self._built.clear()
-            self._decode = frozenset()
+            self._decode = ()
         used = frozenset((mask != 0).any(0).nonzero().flatten().tolist())
         if not used:  # every row's adapter went away since it was admitted: any column will do
             used = frozenset({0})
         columns = self._decode_columns(used, view.width) if decode else _as_columns(used, view.width)
         key = (columns, fused, decode)
-        groups = self._built.get(key)
-        if groups is None:
-            groups = [
-                {g: _group(view, names, columns, fused, decode) for g, names in layer.items()} for layer in self.layout
-            ]
-            self._built[key] = groups
+        built = self._built.get(key)
+        if built is None:
+            built = self._build(view, columns, fused, decode)
+            self._built[key] = built
             if len(self._built) > BUILT_KEPT:
                 self._built.popitem(last=False)
             bank = {t.untyped_storage().data_ptr() for ab in view.weights.values() for t in ab}
             self.copy_bytes = sum(
-                _copy_bytes(g, bank) for kept in self._built.values() for layer in kept for g in layer.values()
+                _copy_bytes(g, bank) for kept in self._built.values() for layer in kept.groups for g in layer.values()
             )
         self._built.move_to_end(key)
-        self._groups = groups
-        self._picks = {}
+        self._groups, self._picks = built.groups, built.picks
         if columns is not None:
             mask = mask[:, list(columns)]
-            if fused:  # the columns of each part's A output the rows use
-                self._picks = {
-                    p: torch.tensor([part * view.width + c for part in range(p) for c in columns])
-                    for p in self._part_counts
-                }
         self._masks = {p: mask.repeat(1, p) if p > 1 else mask for p in self._part_counts}
         if last is not None and mask.shape[0] > 1:
             self._output_masks = {p: m[list(last)] for p, m in self._masks.items()}
         else:
             self._output_masks = self._masks
 
+    def _build(self, view: BankView, columns: Columns, fused: bool, decode: bool) -> _Built:
+        groups = [{g: _group(view, n, columns, fused, decode) for g, n in layer.items()} for layer in self.layout]
+        picks = {}
+        if fused and columns is not None:  # the columns of each part's A output the rows use
+            for p in self._part_counts:
+                picks[p] = torch.tensor([part * view.width + c for part in range(p) for c in columns])
+        return _Built(groups, picks)
+
     def _decode_columns(self, used: frozenset[int], width: int) -> Columns:
         """The decode batch's columns: the kept ones while they hold every adapter in use (grown
         by a newcomer's), rebuilt smaller only after ``SHRINK_AFTER`` steps in a row using less
         than 1/``MAX_SPARE`` of them (a batch's adapters come and go; a rebuild costs tens of ms)."""
-        kept = self._decode
-        held = frozenset(range(width)) if kept is None else frozenset(kept)
+        held = frozenset(range(width) if self._decode is None else self._decode)
+        chosen = held
         if not used <= held:
             grown = held | used
-            chosen, self._sparse_steps = (grown if len(grown) <= BLOCK_MAX_COLUMNS else used), 0
+            chosen = grown if len(grown) <= BLOCK_MAX_COLUMNS else used
         elif len(held) > MAX_SPARE * len(used):
             self._sparse_steps += 1
-            chosen = used if self._sparse_steps >= SHRINK_AFTER else held
-        else:
-            chosen, self._sparse_steps = held, 0
-        if chosen is not held:
+            if self._sparse_steps >= SHRINK_AFTER:
+                chosen = used
+        if chosen is not held or len(held) <= MAX_SPARE * len(used):
             self._sparse_steps = 0
         self._decode = _as_columns(chosen, width)
         return self._decode
