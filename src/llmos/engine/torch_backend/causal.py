@@ -19,15 +19,9 @@ from typing import Any
 
 import torch
 
+from llmos.engine.choices import Streamer, abort_delta, batch_sampling, eos_ids, error_delta
 from llmos.engine.detokenize import IncrementalText
-from llmos.engine.protocol import (
-    FinishReason,
-    GenerationDelta,
-    GenerationRequest,
-    TokenLogprob,
-    TopLogprob,
-)
-from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
+from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
 from llmos.engine.threads import enter_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
@@ -109,7 +103,8 @@ class CausalRunner:
         self.batch_wait_s = batch_wait_s
         self.prefill_budget = prefill_budget
         self.name = name
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids((getattr(model, "generation_config", None), model.config), tokenizer)
+        self.streamer = Streamer(tokenizer, self.eos_ids, context_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.lora = LoraBank(model, adapter_budget_bytes)
         # Decode steps run the lean step where the architecture has one, else the model's forward.
@@ -252,7 +247,7 @@ class CausalRunner:
         for batch in (state, self.share.parked):
             for row in batch.rows if batch else []:
                 if not row.finished:
-                    row.pending.sink(GenerationDelta(index=row.index, text="", finish_reason=FinishReason.ABORT))
+                    row.pending.sink(abort_delta(row.index))
         for job in self._prefilling:
             self._fail_abort(job.pending)
 
@@ -300,17 +295,17 @@ class CausalRunner:
     def _fail_abort(self, pending: _Pending) -> None:
         """End every choice of ``pending`` as aborted."""
         for i in range(pending.request.params.n):
-            pending.sink(GenerationDelta(index=i, text="", finish_reason=FinishReason.ABORT))
+            pending.sink(abort_delta(i))
 
     def _fail(self, pendings: list[_Pending], exc: Exception) -> None:
         for p in pendings:
             for i in range(p.request.params.n):
-                p.sink(_error_delta(i, exc))
+                p.sink(error_delta(i, exc))
 
     def _fail_rows(self, rows: list[_Row], exc: Exception) -> None:
         for row in rows:
             row.finished = True
-            row.pending.sink(_error_delta(row.index, exc))
+            row.pending.sink(error_delta(row.index, exc))
 
     def _take_abort(self, request_id: str, pending: _Pending | None = None) -> bool:
         with self._abort_lock:
@@ -396,12 +391,12 @@ class CausalRunner:
 
     def _to_batch(self, job: Prefill) -> BatchState[_Row]:
         pending, request = job.pending, job.pending.request
-        rows = [_Row(pending, i, IncrementalText(self._decode, request.params.stop)) for i in range(request.params.n)]
+        rows = [_Row(pending, i, self.streamer.new_text(request)) for i in range(request.params.n)]
         self.prefix_cache.store(pending.scope, job.prompt, job.cache, row=0, lead=job.lead)
         if len(rows) > 1:
             job.cache.batch_repeat_interleave(len(rows))
         assert job.logits is not None
-        sampling = _batch_sampling(rows)
+        sampling = batch_sampling(rows)
         logits = job.logits.expand(len(rows), -1).contiguous()
         self.prefills += 1
         return BatchState(
@@ -431,27 +426,11 @@ class CausalRunner:
         """Choose each row's next token from ``state.logits`` and stream it; a row whose token was
         chosen already keeps it (and is not streamed twice)."""
         self._drop_aborted(state.rows)
-        logits = state.logits
-        if state.counts is not None:
-            logits = apply_penalties(logits, state.counts, state.sampling.presence, state.sampling.frequency)
-        early = {i: r.chosen for i, r in enumerate(state.rows) if r.chosen is not None}
-        chosen = select_tokens(logits, state.sampling, early)
-        want_k = max(
-            (r.pending.request.params.top_logprobs for r in state.rows if r.pending.request.params.logprobs), default=-1
-        )
-        lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
-        counted = torch.ones_like(chosen, dtype=logits.dtype)
-        for i in early:
-            counted[i] = 0  # counted when it was chosen
-        if state.counts is not None:
-            state.counts.scatter_add_(1, chosen[:, None], counted[:, None])
-        self.tokens_generated += len(state.rows) - len(early)
+        lengths = (state.next_pos + 1).tolist()
+        fresh = sum(1 for r in state.rows if r.chosen is None)
+        chosen = self.streamer.choose(state.rows, state.logits, state.sampling, state.counts, lengths)
+        self.tokens_generated += fresh
         self.peak_rows = max(self.peak_rows, len(state.rows))
-        for i, (row, token) in enumerate(zip(state.rows, chosen.tolist(), strict=True)):
-            if row.chosen is not None:
-                row.chosen = None
-            elif not row.finished:
-                self._advance(row, token, int(state.next_pos[i]) + 1, lp, i)
         return chosen
 
     def _first_tokens(self, fresh: BatchState[_Row]) -> None:
@@ -486,80 +465,4 @@ class CausalRunner:
         for row in rows:
             if row.pending.request.request_id in gone and not row.finished:
                 row.finished = True
-                row.pending.sink(GenerationDelta(index=row.index, text="", finish_reason=FinishReason.ABORT))
-
-    def _advance(self, row: _Row, token: int, total_len: int, lp: Any, i: int) -> None:
-        params = row.pending.request.params
-        row.generated += 1
-        finish: FinishReason | None = None
-        if token in self.eos_ids:
-            finish = FinishReason.STOP
-            text = row.text.flush()
-        else:
-            text = row.text.push(token)
-            if row.text.stopped:
-                finish = FinishReason.STOP
-            elif row.generated >= params.max_tokens or total_len >= self.context_length:
-                finish = FinishReason.LENGTH
-                text += row.text.flush()
-        logprobs: tuple[TokenLogprob, ...] = ()
-        if lp is not None and params.logprobs:
-            logprobs = (self._logprob_entry(token, lp, i, params.top_logprobs),)
-        row.finished = finish is not None
-        if token not in self.eos_ids:
-            row.held_ids.append(token)
-        if text or finish or logprobs:
-            emitted_ids, row.held_ids = tuple(row.held_ids), []
-            row.pending.sink(
-                GenerationDelta(
-                    index=row.index, text=text, token_ids=emitted_ids, logprobs=logprobs, finish_reason=finish
-                )
-            )
-
-    def _logprob_entry(self, token: int, lp: Any, i: int, k: int) -> TokenLogprob:
-        chosen_lp, top_vals, top_idx = lp
-        piece = self._decode([token])
-        top = [
-            TopLogprob(token=(t := self._decode([tid])), logprob=float(v), bytes=list(t.encode()))
-            for v, tid in zip(top_vals[i, :k].tolist(), top_idx[i, :k].tolist(), strict=True)
-        ]
-        return TokenLogprob(token=piece, logprob=float(chosen_lp[i]), bytes=list(piece.encode()), top_logprobs=top)
-
-    def _decode(self, ids: Any) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-
-def _error_delta(index: int, exc: Exception) -> GenerationDelta:
-    return GenerationDelta(
-        index=index, text="", finish_reason=FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}: {exc}"
-    )
-
-
-def _batch_sampling(rows: list[_Row]) -> BatchSampling:
-    def col(attr: str) -> torch.Tensor:
-        return torch.tensor([float(getattr(r.pending.request.params, attr)) for r in rows])
-
-    generators: list[torch.Generator | None] = []
-    for r in rows:
-        seed = r.pending.request.params.seed
-        generators.append(torch.Generator().manual_seed((seed + r.index) % 2**63) if seed is not None else None)
-    return BatchSampling(
-        temperature=col("temperature"),
-        top_p=col("top_p"),
-        presence=col("presence_penalty"),
-        frequency=col("frequency_penalty"),
-        generators=generators,
-    )
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(v for v in value if isinstance(v, int))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+                row.pending.sink(abort_delta(row.index))

@@ -1,0 +1,163 @@
+"""What every generating backend does with a step's logits: choose each row's next token
+(penalties, greedy or seeded sampling, logprobs) and stream it as text, ending the row on an
+end-of-sequence token, a stop sequence, ``max_tokens`` or the context length.
+
+A row is one choice of one request; backends keep their own rows (the cache they point into
+differs), and this module needs only the fields of ``StreamedRow``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from llmos.engine.detokenize import IncrementalText
+from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob, TopLogprob
+from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
+
+Sink = Callable[[GenerationDelta], None]
+
+
+class PendingLike(Protocol):
+    request: GenerationRequest
+    sink: Sink
+
+
+class StreamedRow(Protocol):
+    pending: Any  # PendingLike: a request and where its deltas go
+    index: int
+    text: IncrementalText
+    generated: int
+    finished: bool
+    held_ids: list[int]
+    chosen: int | None
+
+
+class Streamer:
+    """Turns chosen tokens into deltas for one model (its end-of-sequence ids, context length
+    and tokenizer)."""
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int], context_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context_length = context_length
+
+    def new_text(self, request: GenerationRequest) -> IncrementalText:
+        return IncrementalText(self.decode, request.params.stop)
+
+    def choose(
+        self,
+        rows: Sequence[StreamedRow],
+        logits: torch.Tensor,
+        sampling: BatchSampling,
+        counts: torch.Tensor | None,
+        lengths: Sequence[int],
+    ) -> torch.Tensor:
+        """Choose each row's next token from ``logits`` (B, V) and stream it; ``lengths`` are the
+        rows' sequence lengths once it is added. A row whose token was chosen already keeps it
+        (and is not streamed twice); finished rows are not streamed."""
+        if counts is not None:
+            logits = apply_penalties(logits, counts, sampling.presence, sampling.frequency)
+        early = {i: r.chosen for i, r in enumerate(rows) if r.chosen is not None}
+        chosen = select_tokens(logits, sampling, early)
+        asks = [r.pending.request.params for r in rows]
+        want_k = max((params.top_logprobs for params in asks if params.logprobs), default=-1)
+        lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
+        if counts is not None:
+            counted = torch.ones_like(chosen, dtype=logits.dtype)
+            for i in early:
+                counted[i] = 0  # counted when it was chosen
+            counts.scatter_add_(1, chosen[:, None], counted[:, None])
+        for i, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
+            if row.chosen is not None:
+                row.chosen = None
+            elif not row.finished:
+                self.advance(row, token, lengths[i], lp, i)
+        return chosen
+
+    def advance(self, row: StreamedRow, token: int, total_len: int, lp: Any, i: int) -> None:
+        """Stream ``token`` for ``row`` (``lp``: the step's logprobs, ``i``: the row's index in them)."""
+        params = row.pending.request.params
+        row.generated += 1
+        finish: FinishReason | None = None
+        if token in self.eos_ids:
+            finish = FinishReason.STOP
+            text = row.text.flush()
+        else:
+            text = row.text.push(token)
+            if row.text.stopped:
+                finish = FinishReason.STOP
+            elif row.generated >= params.max_tokens or total_len >= self.context_length:
+                finish = FinishReason.LENGTH
+                text += row.text.flush()
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if lp is not None and params.logprobs:
+            logprobs = (self._logprob_entry(token, lp, i, params.top_logprobs),)
+        row.finished = finish is not None
+        if token not in self.eos_ids:
+            row.held_ids.append(token)
+        if text or finish or logprobs:
+            emitted_ids, row.held_ids = tuple(row.held_ids), []
+            row.pending.sink(
+                GenerationDelta(
+                    index=row.index, text=text, token_ids=emitted_ids, logprobs=logprobs, finish_reason=finish
+                )
+            )
+
+    def _logprob_entry(self, token: int, lp: Any, i: int, k: int) -> TokenLogprob:
+        chosen_lp, top_vals, top_idx = lp
+        piece = self.decode([token])
+        top = [
+            TopLogprob(token=(t := self.decode([tid])), logprob=float(v), bytes=list(t.encode()))
+            for v, tid in zip(top_vals[i, :k].tolist(), top_idx[i, :k].tolist(), strict=True)
+        ]
+        return TokenLogprob(token=piece, logprob=float(chosen_lp[i]), bytes=list(piece.encode()), top_logprobs=top)
+
+    def decode(self, ids: Any) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def error_delta(index: int, exc: Exception) -> GenerationDelta:
+    return GenerationDelta(
+        index=index, text="", finish_reason=FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}: {exc}"
+    )
+
+
+def abort_delta(index: int) -> GenerationDelta:
+    return GenerationDelta(index=index, text="", finish_reason=FinishReason.ABORT)
+
+
+def batch_sampling(rows: Sequence[StreamedRow]) -> BatchSampling:
+    """The sampling parameters of ``rows`` as tensors; a seeded request's choice ``i`` draws
+    from a generator seeded with ``seed + i``."""
+
+    def col(attr: str) -> torch.Tensor:
+        return torch.tensor([float(getattr(r.pending.request.params, attr)) for r in rows])
+
+    generators: list[torch.Generator | None] = []
+    for r in rows:
+        seed = r.pending.request.params.seed
+        generators.append(torch.Generator().manual_seed((seed + r.index) % 2**63) if seed is not None else None)
+    return BatchSampling(
+        temperature=col("temperature"),
+        top_p=col("top_p"),
+        presence=col("presence_penalty"),
+        frequency=col("frequency_penalty"),
+        generators=generators,
+    )
+
+
+def eos_ids(configs: Iterable[Any], tokenizer: Any) -> set[int]:
+    """Every end-of-sequence id named by the model's configs (generation config first) and its tokenizer."""
+    ids: set[int] = set()
+    for source in configs:
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
