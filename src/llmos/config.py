@@ -67,6 +67,20 @@ class Settings(BaseSettings):
         "or int8 copies quantised per output row (about 2x faster single-stream decoding, +50% weight memory, "
         "outputs differ slightly from the bf16 model's). Larger batches and prefill always use bf16.",
     )
+    gguf_backend: Literal["torch", "llama.cpp"] = Field(
+        default="torch",
+        description="Backend of chat models pulled from a GGUF file: torch (the bf16 conversion; LoRA and prefix "
+        "adapters, the fastest with many clients) or llama.cpp (the original quantised file through "
+        "llama-cpp-python, `pip install llmos[gguf]`; about 3x faster for one client, slower with many, no "
+        "adapters). Other models always use torch.",
+    )
+    llamacpp_cache_tokens: int = Field(
+        default=16384,
+        ge=256,
+        description="Key/value cache cells of each model served by llama.cpp, allocated when it loads and shared "
+        "by its running requests and cached prefixes; a request is admitted while every running one could still "
+        "grow to its prompt plus max_tokens, else it waits (one that could never fit gets 400 kv_cache_exceeded).",
+    )
     threads: int = Field(default=0, ge=0, description="Torch intra-op threads for inference; 0 leaves torch's default.")
     memory_budget_mb: int = Field(
         default=8192,

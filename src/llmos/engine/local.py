@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
@@ -15,10 +16,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from llmos.config import Settings
 from llmos.engine import threads
+from llmos.engine.choices import eos_ids
+from llmos.engine.llamacpp_backend import LlamaCppRunner
+from llmos.engine.llamacpp_backend.library import KV_BYTES_PER_VALUE
 from llmos.engine.protocol import (
     ClassificationResult,
     EmbeddingResult,
@@ -37,10 +41,12 @@ from llmos.engine.torch_backend.virtual_tokens import VirtualTokens, load_virtua
 from llmos.errors import InvalidRequestError, ModelLoadError, ServiceUnavailableError
 from llmos.kernel import ModelResidency, detect_cpu
 from llmos.registry import ModelRecord, ModelRegistry
-from llmos.registry.adapters import ADAPTER_FORMATS, PREFIX_FORMAT
+from llmos.registry.adapters import ADAPTER_FORMATS, PREFIX_FORMAT, kv_width
+from llmos.registry.formats import read_json
 
 log = logging.getLogger(__name__)
-Runner = CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner
+Generator = CausalRunner | LlamaCppRunner
+Runner = CausalRunner | LlamaCppRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner
 R = TypeVar("R", bound=Runner)
 T = TypeVar("T")
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
@@ -176,13 +182,23 @@ class LocalEngine:
         remaining = request.params.n
         adapter: str | None = None
         try:
-            if not isinstance(runner, CausalRunner):
+            if isinstance(runner, LlamaCppRunner):
+                if base is not record:
+                    raise InvalidRequestError(
+                        f"{request.model} is an adapter; its base {base.name} is served by llama.cpp (gguf_backend), "
+                        "which cannot apply adapters",
+                        param="model",
+                        code="adapter_unsupported",
+                    )
+                runner.check_fits(request)
+            elif isinstance(runner, CausalRunner):
+                virtual = await self._virtual_tokens_of(record)
+                runner.check_fits(request, virtual)
+                if base is not record and virtual is None:  # LoRA: loaded beside its base, off the engine thread
+                    await self._off_loop(runner.lora.acquire, record.id, partial(self._load_adapter, record))
+                    adapter = record.id
+            else:
                 raise InvalidRequestError(f"model {request.model} cannot generate text", param="model")
-            virtual = await self._virtual_tokens_of(record)
-            runner.check_fits(request, virtual)
-            if base is not record and virtual is None:  # LoRA: loaded beside its resident base, off the engine thread
-                await self._off_loop(runner.lora.acquire, record.id, partial(self._load_adapter, record))
-                adapter = record.id
 
             def deliver(delta: GenerationDelta) -> None:  # called on the engine thread
                 loop.call_soon_threadsafe(deltas.put_nowait, delta)
@@ -194,14 +210,17 @@ class LocalEngine:
                     )
                 self._inflight[request.request_id] = runner
                 self._sinks[request.request_id] = (deliver, request.params.n)
-            runner.submit(request, deliver, adapter, virtual)
+            if isinstance(runner, LlamaCppRunner):
+                runner.submit(request, deliver)
+            else:
+                runner.submit(request, deliver, adapter, virtual)
             while remaining > 0:
                 delta = await deltas.get()
                 if delta.finish_reason is not None:
                     remaining -= 1
                 yield delta
         finally:
-            if remaining > 0 and isinstance(runner, CausalRunner):
+            if remaining > 0 and isinstance(runner, Generator):
                 runner.abort(request.request_id)  # client gone or consumer stopped early
             with self._crash_lock:
                 self._inflight.pop(request.request_id, None)
@@ -268,7 +287,7 @@ class LocalEngine:
 
     async def abort(self, request_id: str) -> None:
         runner = self._inflight.get(request_id)
-        if isinstance(runner, CausalRunner):
+        if isinstance(runner, Generator):
             runner.abort(request_id)
 
     def stats(self) -> dict[str, Any]:
@@ -299,6 +318,19 @@ class LocalEngine:
                     kv_cache_bytes=runner.kv_bytes,
                     kv_cache_budget_bytes=runner.kv_budget.budget_bytes,
                     rows_parked=runner.share.parks,
+                )
+            elif isinstance(runner, LlamaCppRunner):
+                entry.update(
+                    backend="llama.cpp",
+                    busy=runner.busy,
+                    tokens_generated=runner.tokens_generated,
+                    prefills=runner.prefills,
+                    peak_rows=runner.peak_rows,
+                    prefill_tokens=runner.prefill_tokens,
+                    prefix_cache_hits=runner.prefix_hits,
+                    prefix_tokens_reused=runner.prefix_tokens_reused,
+                    kv_cache_bytes=runner.kv_bytes,
+                    kv_cache_budget_bytes=runner.cache_bytes,
                 )
             models[model_id] = entry
         return {
@@ -333,6 +365,11 @@ class LocalEngine:
     # -- residency callbacks ---------------------------------------------------------------
     def _estimate_size(self, model_id: str) -> int:
         record = self._records[model_id]
+        gguf = self._served_gguf(record)
+        if gguf is not None:  # its file (mapped) and its cache, allocated at load
+            config = read_json(self.registry.model_dir(record) / "config.json")
+            cache = self.settings.llamacpp_cache_tokens * kv_width(config) * KV_BYTES_PER_VALUE
+            return gguf.stat().st_size + cache + (64 << 20)
         width = 4 if record.task == "embedding" or record.task in TASK_HEADS else _DTYPE_BYTES.get(self.dtype, 4)
         params = record.parameter_count or record.size_bytes // 2
         if record.task in CAUSAL_TASKS and self.dtype == torch.bfloat16:
@@ -341,10 +378,46 @@ class LocalEngine:
             width += 1  # the int8 copies read by single-row decode steps
         return int(params * width * 1.1) + (64 << 20)
 
+    def _served_gguf(self, record: ModelRecord) -> Path | None:
+        """The GGUF file llama.cpp serves ``record`` from, if the settings and the model say so."""
+        name = record.extra.get("gguf_file")
+        if self.settings.gguf_backend != "llama.cpp" or record.task not in CAUSAL_TASKS or not name:
+            return None
+        path = self.registry.model_dir(record) / str(name)
+        return path if path.is_file() else None
+
+    def _load_llamacpp(self, record: ModelRecord, gguf: Path) -> LlamaCppRunner:
+        model_dir = self.registry.model_dir(record)
+        tokenizer = load_tokenizer(model_dir)
+        configs = [AutoConfig.from_pretrained(model_dir)]
+        with contextlib.suppress(OSError):  # a model may ship no generation config
+            configs.insert(0, GenerationConfig.from_pretrained(model_dir))
+        return LlamaCppRunner(
+            gguf,
+            tokenizer,
+            eos_ids(configs, tokenizer),
+            context_length=record.context_length or 2048,
+            cache_tokens=self.settings.llamacpp_cache_tokens,
+            max_batch_size=self.settings.max_batch_size,
+            batch_wait_s=self.settings.batch_wait_ms / 1000,
+            prefill_budget=self.settings.prefill_chunk_tokens,
+            threads=self.settings.threads,
+            name=record.name,
+        )
+
     def _load(self, model_id: str) -> Runner:
         record = self._records[model_id]
         model_dir: Path = self.registry.model_dir(record)
-        runner = load_runner(
+        gguf = self._served_gguf(record)
+        runner = self._load_llamacpp(record, gguf) if gguf is not None else self._load_torch(record, model_dir)
+        if isinstance(runner, Generator):
+            runner.on_crash = partial(self._on_crash, model_id, runner)
+            if runner.crashed is not None:  # died before it could be watched
+                raise ModelLoadError(f"the engine loop of {record.name} died at start: {runner.crashed!r}")
+        return runner
+
+    def _load_torch(self, record: ModelRecord, model_dir: Path) -> Runner:
+        return load_runner(
             model_dir,
             record.task,
             dtype=self.dtype,
@@ -359,14 +432,9 @@ class LocalEngine:
             name=record.name,
             decode_int8=self.settings.decode_weights == "int8",
         )
-        if isinstance(runner, CausalRunner):
-            runner.on_crash = partial(self._on_crash, model_id, runner)
-            if runner.crashed is not None:  # died before it could be watched
-                raise ModelLoadError(f"the engine loop of {record.name} died at start: {runner.crashed!r}")
-        return runner
 
     # -- crash and restart -----------------------------------------------------------------
-    def _on_crash(self, model_id: str, runner: CausalRunner, exc: BaseException) -> None:
+    def _on_crash(self, model_id: str, runner: Generator, exc: BaseException) -> None:
         """Called on the dying engine thread: fail every request it had, forget the runner, and
         load a fresh one in the background (until then /ready answers 503)."""
         reason = f"{type(exc).__name__}: {exc}"

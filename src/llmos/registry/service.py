@@ -208,9 +208,12 @@ class ModelRegistry:
             gguf = check_gguf(fetched)
             progress.stage(f"converting {fetched.name} to safetensors (bf16)")
             gguf_to_safetensors(fetched, out)
+            # The original file is kept beside the conversion: the llama.cpp backend serves it as it is.
+            shutil.copyfile(fetched, out / fetched.name)
             extra = {
                 "converted_from": "gguf",
                 "original_file": fetched.name,
+                "gguf_file": fetched.name,
                 "original_sha256": sha256_file(fetched),
                 "gguf_architecture": gguf["architecture"],
             }
