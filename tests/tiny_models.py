@@ -118,3 +118,71 @@ def build_tiny_encoder(root: Path, *, seed: int = 0) -> Path:
     )
     (root / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
     return root
+
+
+def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
+    """Write the tiny Llama chat model of ``model_dir`` (``build_tiny_chat_model``) as a float32
+    GGUF file, as llama.cpp's converter would: its tokenizer as a GPT-2 style BPE vocabulary, and
+    the query and key rows reordered for llama.cpp's rotary layout."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab_json = json.loads((model_dir / "tokenizer.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    weights = load_file(str(model_dir / "model.safetensors"))
+
+    def permute(w: object, n_head: int) -> object:
+        import numpy as np
+
+        a = np.asarray(w)
+        return a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(float(config.get("rope_theta") or config["rope_parameters"]["rope_theta"]))
+    writer.add_rope_dimension_count(config["hidden_size"] // heads)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = vocab_json["model"]["vocab"]
+    specials = {t["id"] for t in vocab_json["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    )
+    merges = vocab_json["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    names = {
+        "attn_norm": "input_layernorm",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    for i in range(config["num_hidden_layers"]):
+        hf = f"model.layers.{i}"
+        writer.add_tensor(f"blk.{i}.attn_q.weight", permute(weights[f"{hf}.self_attn.q_proj.weight"], heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", permute(weights[f"{hf}.self_attn.k_proj.weight"], kv_heads))
+        for ours, theirs in names.items():
+            writer.add_tensor(f"blk.{i}.{ours}.weight", weights[f"{hf}.{theirs}.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
