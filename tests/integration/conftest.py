@@ -37,8 +37,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(home: Path) -> Server:
-    """Start `llmos serve` on a free loopback port with ``home`` as its data directory."""
+def start_server(home: Path, **settings: str) -> Server:
+    """Start `llmos serve` on a free loopback port with ``home`` as its data directory (and
+    ``settings`` as ``LLMOS_*`` variables)."""
     port = _free_port()
     log = home / f"server-{port}.log"
     env = {
@@ -49,6 +50,7 @@ def start_server(home: Path) -> Server:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "LLMOS_MAX_N": "8",
+        **{f"LLMOS_{key.upper()}": value for key, value in settings.items()},
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
