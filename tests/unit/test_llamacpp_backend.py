@@ -264,3 +264,26 @@ def test_a_pulled_gguf_is_served_by_the_backend_the_settings_name(settings, tiny
         assert by_llama == by_torch  # float32 weights both ways: the same greedy tokens
     finally:
         platform.close()
+
+
+def test_a_cache_out_of_room_forgets_cached_prefixes_and_goes_on(make_runner, reference, monkeypatch) -> None:
+    runner = make_runner()
+    submit(runner, list(range(100, 140)), rid="cached").wait()
+    idle(runner)
+    assert len(runner._cached) == 1
+    real = runner.llama.decode
+    calls = {"n": 0}
+
+    def full_once(*args: object) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise DecodeError(1)  # llama.cpp found no free cells; the cache is as it was
+        return real(*args)
+
+    monkeypatch.setattr(runner.llama, "decode", full_once)
+    prompt = [1, 2, 3, 4, 5, 6]
+    sink = submit(runner, prompt, rid="after").wait()
+    assert sink.finish() == FinishReason.LENGTH
+    np.testing.assert_allclose(sink.logprobs(), teacher_forced(reference, prompt, sink.tokens()), atol=2e-3)
+    assert calls["n"] > 1 and idle(runner).cells_reserved == 0
+    assert not runner._cached or runner._cached[0].tokens[:6] == prompt  # the old prefix was forgotten

@@ -361,20 +361,21 @@ class LlamaCppRunner:
         job.done = best
 
     def _failed_decode(self, rows: list[_Row], chunks: list[tuple[_Prefill, int]], exc: DecodeError) -> None:
-        """The cache is as before the call. Out of room: forget every cached prefix and try
-        again next step; once none is left, the prompts being prefilled fail (the running rows'
-        cells are reserved, so they are not at fault). Any other failure fails the batch."""
+        """Out of room (the cache is as before the call): forget every cached prefix and try
+        again next step; once none is left, the prompts of this step fail (the running rows'
+        cells are reserved, so they are not at fault). Any other failure fails everything in the
+        batch, whose cells llama.cpp may have written in part."""
         log.error("llama_decode failed on %s: %s", self.name, exc)
         if exc.no_room and self._cached:
             while self._cached:
                 self._evict_cached()
             return
-        victims = [job for job, _ in chunks] if exc.no_room and chunks else []
-        if not victims:
+        victims = [job for job, _ in chunks]
+        if not (exc.no_room and chunks):
             for row in rows:
                 row.finished = True
+                row.tokens = []  # its cells may be half-written: forgotten, never a cached prefix
                 row.pending.sink(error_delta(row.index, exc))
-            victims = list(self._prefilling)
         for job in victims:
             self._prefilling.remove(job)
             self._release(job.seqs, job.pending)
