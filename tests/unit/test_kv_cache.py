@@ -58,11 +58,11 @@ def test_a_model_decodes_the_same_as_with_transformers_cache(tiny_chat_dir: Path
     prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
     logits = []
     for cache in (DynamicCache(config=model.config), new_cache(model.config)):
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt, cache=cache, use_cache=True)
         steps = []
         for i in range(6):
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(input_ids=token, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[7 + i]]))
+            out = model(input_ids=token, cache=cache, use_cache=True, position_ids=torch.tensor([[7 + i]]))
             steps.append(out.logits)
         logits.append(torch.cat(steps))
     assert torch.allclose(logits[0], logits[1], atol=1e-6)

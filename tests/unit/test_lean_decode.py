@@ -38,7 +38,7 @@ def _padded_batch(model: torch.nn.Module, lengths: list[int], seed: int) -> tupl
     for _ in range(2):
         cache = new_cache(model.config)
         with torch.inference_mode():
-            model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache)
+            model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache)
         caches.append(cache)
     return caches, attention, torch.tensor(lengths)
 
@@ -59,7 +59,7 @@ def _decode_both(model: torch.nn.Module, decoder: LeanDecoder, lora: LoraBank, l
                     input_ids=tokens[:, None],
                     attention_mask=attention,
                     position_ids=positions[:, None],
-                    past_key_values=reference,
+                    cache=reference,
                     use_cache=True,
                 )
                 .logits[:, -1]
@@ -94,7 +94,7 @@ def _model_chunk(model: torch.nn.Module, prompt: list[int], start: int, end: int
             input_ids=torch.tensor([prompt[start:end]]),
             attention_mask=torch.ones((1, end), dtype=torch.long),
             position_ids=torch.arange(start, end)[None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
     return out.logits[:, -1].float()
@@ -167,7 +167,7 @@ def test_packed_prefill_gives_each_prompt_what_it_gets_alone(
         if done:
             for cache in caches:
                 with torch.inference_mode():
-                    model(input_ids=torch.tensor([prompt[:done]]), past_key_values=cache, use_cache=True)
+                    model(input_ids=torch.tensor([prompt[:done]]), cache=cache, use_cache=True)
         want = _model_chunk(model, prompt, done, len(prompt), caches[0])
         references.append((want, caches[0]))
         packed.append(caches[1])
@@ -283,7 +283,7 @@ def test_lean_step_with_adapters_before_and_after_fusing_agrees(tiny_chat_dir: P
             input_ids=tokens[:, None],
             attention_mask=attention,
             position_ids=positions[:, None],
-            past_key_values=reference,
+            cache=reference,
         ).logits[:, -1]
     for logits in (want, got):
         assert (logits - model_logits.float()).norm() / model_logits.float().norm() < 0.1

@@ -64,7 +64,7 @@ def test_prefix_cache_evicts_least_recently_used_within_its_budget(loaded_platfo
     with torch.inference_mode():
         for prompt in prompts:
             cache = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True)
             caches.append(cache)
     one_entry = sum(layer.keys[:, :, : 2 * BLOCK].numel() * 4 * 2 for layer in caches[0].layers)
     prefixes = PrefixCache(budget_bytes=2 * one_entry)

@@ -106,12 +106,13 @@ class BatchState(Generic[RowT]):
         self.rows = self.rows + other.rows
 
 
-def forward_kwargs(state: BatchState[Any], tokens: torch.Tensor) -> dict[str, Any]:
-    """Inputs of one decode step: each row's new token at its own position."""
+def forward_kwargs(state: BatchState[Any], tokens: torch.Tensor, cache_name: str = "cache") -> dict[str, Any]:
+    """Inputs of one decode step: each row's new token at its own position (the cache under the
+    name the model's forward takes it by, see ``kv_cache.cache_argument``)."""
     return {
         "input_ids": tokens[:, None],
         "attention_mask": state.attention,
         "position_ids": state.next_pos[:, None],
-        "past_key_values": state.cache,
+        cache_name: state.cache,
         "use_cache": True,
     }

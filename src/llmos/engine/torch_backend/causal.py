@@ -25,7 +25,7 @@ from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogpr
 from llmos.engine.threads import enter_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
-from llmos.engine.torch_backend.kv_cache import truncate
+from llmos.engine.torch_backend.kv_cache import cache_argument, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.engine.torch_backend.prefill import Prefill, run_packed
@@ -105,6 +105,7 @@ class CausalRunner:
         self.name = name
         self.eos_ids = eos_ids((getattr(model, "generation_config", None), model.config), tokenizer)
         self.streamer = Streamer(tokenizer, self.eos_ids, context_length)
+        self.cache_name = cache_argument(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.lora = LoraBank(model, adapter_budget_bytes)
         # Decode steps run the lean step where the architecture has one, else the model's forward.
@@ -453,7 +454,7 @@ class CausalRunner:
         if self.decoder is not None:
             state.logits = self.decoder(tokens, state.next_pos, state.attention, state.cache, self.lora.context)
         else:
-            state.logits = self.model(**forward_kwargs(state, tokens)).logits[:, -1, :].float()
+            state.logits = self.model(**forward_kwargs(state, tokens, self.cache_name)).logits[:, -1, :].float()
         state.next_pos = state.next_pos + 1
         return state
 

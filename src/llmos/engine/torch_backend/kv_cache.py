@@ -12,6 +12,7 @@ anyone else is never written into.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -101,3 +102,15 @@ def truncate(cache: DynamicCache, length: int) -> bool:
             if states.buffer is not None:
                 states.length = min(states.length, length)
     return True
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which ``model``'s forward takes its cache: ``cache`` since transformers 5.24
+    renamed it (``past_key_values`` still works for now, with a warning, and goes in 5.40), the
+    old name for architectures that were not renamed."""
+    forward = getattr(type(model), "forward", None)
+    try:
+        names = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):
+        names = {}
+    return "cache" if "cache" in names else "past_key_values"

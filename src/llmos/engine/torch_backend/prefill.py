@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from llmos.engine.torch_backend.kv_cache import new_cache
+from llmos.engine.torch_backend.kv_cache import cache_argument, new_cache
 from llmos.engine.torch_backend.virtual_tokens import States
 
 
@@ -47,9 +47,9 @@ class Prefill:
             input_ids=torch.tensor([self.prompt[self.done : end]]),
             attention_mask=torch.ones((1, self.lead + end), dtype=torch.long),
             position_ids=torch.arange(self.lead + self.done, self.lead + end)[None],
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_argument(model): self.cache},
         )
         self.done = end
         self.logits = out.logits[:, -1, :].float()

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
+from llmos.engine.torch_backend.kv_cache import cache_argument
 from llmos.errors import ModelLoadError
 from llmos.registry.adapters import ADAPTER_WEIGHTS, VIRTUAL_TOKENS_KEY, read_adapter_config, virtual_token_width
 
@@ -72,9 +73,9 @@ def prompt_states(tokens: VirtualTokens, model: Any) -> States:
         inputs_embeds=tokens.weights[None],
         attention_mask=torch.ones((1, tokens.length), dtype=torch.long),
         position_ids=torch.arange(tokens.length)[None],
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_argument(model): cache},
     )
     layers: list[Any] = list(cache.layers)
     return [(layer.keys, layer.values) for layer in layers]
