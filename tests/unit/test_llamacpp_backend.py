@@ -233,22 +233,26 @@ def test_a_failed_decode_fails_its_rows_and_the_loop_goes_on(make_runner, monkey
     assert idle(runner).cells_reserved == 0 and runner.crashed is None
 
 
-def test_a_pulled_gguf_is_served_by_the_backend_the_settings_name(settings, tiny_gguf: Path) -> None:
+def test_a_pulled_gguf_is_served_by_the_backend_the_settings_name(settings, tiny_gguf: Path, tmp_path: Path) -> None:
     """The registry keeps the original GGUF beside its conversion; with ``gguf_backend`` set to
     llama.cpp the engine serves that file (and refuses adapters on it), else the conversion."""
     import asyncio
 
     from llmos.engine.local import LocalEngine
     from llmos.platform import Platform
+    from llmos.registry.service import Lineage
+    from tests.unit.test_adapters import make_lora
 
-    async def answer(engine: LocalEngine) -> list[int]:
-        prompt = await engine.encode_chat("tiny-gguf", [{"role": "user", "content": "Hello there"}])
-        params = SamplingParams(max_tokens=8, temperature=0.0)
-        tokens: list[int] = []
-        async for delta in engine.generate(GenerationRequest("g", "tiny-gguf", prompt, params)):
-            tokens.extend(delta.token_ids)
-        await engine.shutdown()
-        return tokens
+    async def answer(engine: LocalEngine, model: str = "tiny-gguf") -> list[int]:
+        try:
+            prompt = await engine.encode_chat(model, [{"role": "user", "content": "Hello there"}])
+            params = SamplingParams(max_tokens=8, temperature=0.0)
+            tokens: list[int] = []
+            async for delta in engine.generate(GenerationRequest("g", model, prompt, params)):
+                tokens.extend(delta.token_ids)
+            return tokens
+        finally:
+            await engine.shutdown()
 
     platform = Platform.open(settings)
     try:
@@ -262,6 +266,14 @@ def test_a_pulled_gguf_is_served_by_the_backend_the_settings_name(settings, tiny
         by_torch = asyncio.run(answer(converted))
         assert len(by_llama) == 8
         assert by_llama == by_torch  # float32 weights both ways: the same greedy tokens
+        # A LoRA adapter of it runs on the torch backend only: refused with a clear error on llama.cpp.
+        adapter_dir = make_lora(platform.registry.model_dir(record), tmp_path / "lora", seed=3)
+        platform.registry.pull(f"file:{adapter_dir}", name="tiny-gguf-lora", lineage=Lineage(parent_id=record.id))
+        served = LocalEngine(platform.registry, settings.model_copy(update={"gguf_backend": "llama.cpp"}))
+        with pytest.raises(InvalidRequestError) as refused:
+            asyncio.run(answer(served, "tiny-gguf-lora"))
+        assert refused.value.code == "adapter_unsupported"
+        assert len(asyncio.run(answer(LocalEngine(platform.registry, settings), "tiny-gguf-lora"))) == 8
     finally:
         platform.close()
 
@@ -287,3 +299,30 @@ def test_a_cache_out_of_room_forgets_cached_prefixes_and_goes_on(make_runner, re
     np.testing.assert_allclose(sink.logprobs(), teacher_forced(reference, prompt, sink.tokens()), atol=2e-3)
     assert calls["n"] > 1 and idle(runner).cells_reserved == 0
     assert not runner._cached or runner._cached[0].tokens[:6] == prompt  # the old prefix was forgotten
+
+
+def test_requests_it_cannot_run_are_refused_before_they_are_queued(make_runner) -> None:
+    runner = make_runner(max_batch_size=4)
+    for request, code in (
+        (GenerationRequest("e", "tiny", [], SamplingParams()), "empty_prompt"),
+        (GenerationRequest("n", "tiny", PROMPTS[0], SamplingParams(n=5)), None),
+        (GenerationRequest("l", "tiny", list(range(1, 300)), SamplingParams(max_tokens=4)), "context_length_exceeded"),
+    ):
+        with pytest.raises(InvalidRequestError) as refused:
+            runner.check_fits(request)
+        assert refused.value.code == code
+
+
+def test_a_crashed_loop_reports_and_frees_llama_cpp_s_memory(make_runner, monkeypatch) -> None:
+    runner = make_runner()
+    seen: list[BaseException] = []
+    runner.on_crash = seen.append
+
+    def broken() -> list[object]:
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(runner, "_plan_prefill", broken)
+    runner.submit(GenerationRequest("x", "tiny", PROMPTS[0], SamplingParams(max_tokens=4)), Collector())
+    runner._thread.join(30)
+    assert isinstance(runner.crashed, RuntimeError) and seen == [runner.crashed]
+    assert runner.llama._ctx is None and runner.llama._model is None

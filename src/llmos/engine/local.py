@@ -139,10 +139,21 @@ class LocalEngine:
             name=record.name,
             task=record.task,
             # An adapter's virtual tokens take positions of the context before every prompt.
-            context_length=(record.context_length or 2048) - (virtual.length if virtual else 0),
+            context_length=self._context_length(record) - (virtual.length if virtual else 0),
             has_chat_template=has_template,
             vocab_size=len(tok),
         )
+
+    def _context_length(self, record: ModelRecord) -> int:
+        """Positions a prompt and its answer may take: the model's, at most the llama.cpp cache
+        when that backend serves it."""
+        context = record.context_length or 2048
+        if self._wants_llamacpp(record):  # (without looking for the file: asked on the event loop)
+            context = min(context, self.settings.llamacpp_cache_tokens)
+        return context
+
+    def _wants_llamacpp(self, record: ModelRecord) -> bool:
+        return self.settings.gguf_backend == "llama.cpp" and record.task in CAUSAL_TASKS and "gguf_file" in record.extra
 
     async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
         record = await self._off_loop(self._record, model)
@@ -380,10 +391,9 @@ class LocalEngine:
 
     def _served_gguf(self, record: ModelRecord) -> Path | None:
         """The GGUF file llama.cpp serves ``record`` from, if the settings and the model say so."""
-        name = record.extra.get("gguf_file")
-        if self.settings.gguf_backend != "llama.cpp" or record.task not in CAUSAL_TASKS or not name:
+        if not self._wants_llamacpp(record):
             return None
-        path = self.registry.model_dir(record) / str(name)
+        path = self.registry.model_dir(record) / str(record.extra["gguf_file"])
         return path if path.is_file() else None
 
     def _load_llamacpp(self, record: ModelRecord, gguf: Path) -> LlamaCppRunner:

@@ -86,9 +86,20 @@ class LlamaCpp:
         self.n_batch = n_batch
         self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
         self.context_length = int(lib.llama_model_n_ctx_train(self._model))
-        layers, embd = lib.llama_model_n_layer(self._model), lib.llama_model_n_embd(self._model)
-        kv_embd = embd * lib.llama_model_n_head_kv(self._model) // lib.llama_model_n_head(self._model)
-        self.kv_bytes_per_token = 2 * layers * kv_embd * KV_BYTES_PER_VALUE
+        heads, kv_heads = lib.llama_model_n_head(self._model), lib.llama_model_n_head_kv(self._model)
+        head_dim = lib.llama_model_n_embd(self._model) // heads
+        arch = self._meta("general.architecture")
+        key_dim = int(self._meta(f"{arch}.attention.key_length") or head_dim)
+        value_dim = int(self._meta(f"{arch}.attention.value_length") or head_dim)
+        layers = lib.llama_model_n_layer(self._model)
+        self.kv_bytes_per_token = layers * kv_heads * (key_dim + value_dim) * KV_BYTES_PER_VALUE
+        # Recurrent and hybrid models keep one state per sequence, not one per position, and
+        # sliding-window layers reuse cells: a prefix of them cannot be handed to another sequence.
+        self.shares_prefixes = not (
+            lib.llama_model_is_recurrent(self._model)
+            or lib.llama_model_is_hybrid(self._model)
+            or lib.llama_model_n_swa(self._model) > 0
+        )
         self.weight_bytes = int(lib.llama_model_size(self._model))
         # The batch's arrays live in numpy, filled with vector writes; the C struct points at them.
         self._token = np.zeros(n_batch, dtype=np.int32)
@@ -105,6 +116,11 @@ class LlamaCpp:
         self._batch.n_seq_id = self._n_seq.ctypes.data_as(int_p)
         self._batch.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(int_p))
         self._batch.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def _meta(self, key: str) -> str | None:
+        value = ctypes.create_string_buffer(256)
+        written = self._lib.llama_model_meta_val_str(self._model, key.encode(), value, len(value))
+        return value.value.decode() if written >= 0 else None
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, seqs: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         """Run one batch (every token at its position in its sequence) and return the logits of

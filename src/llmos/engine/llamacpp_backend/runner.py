@@ -174,6 +174,13 @@ class LlamaCppRunner:
 
     def check_fits(self, request: GenerationRequest) -> None:
         """Refuse (400) a request that could not fit the cache even alone."""
+        if not request.prompt_token_ids:
+            raise InvalidRequestError("the prompt has no tokens", param="messages", code="empty_prompt")
+        if request.params.n > self.max_batch_size:
+            raise InvalidRequestError(
+                f"n is {request.params.n}; {self.name} decodes at most {self.max_batch_size} sequences at once",
+                param="n",
+            )
         if len(request.prompt_token_ids) >= self.context_length:
             raise InvalidRequestError(
                 f"the prompt has {len(request.prompt_token_ids)} tokens; {self.name} is served with a context of "
@@ -224,6 +231,7 @@ class LlamaCppRunner:
             self.crashed = exc
             if self.on_crash is not None:
                 self.on_crash(exc)
+            self.llama.close()  # native memory: nobody else would free it (this thread was its only user)
 
     def _loop(self) -> None:
         while not self._closing:
@@ -237,6 +245,13 @@ class LlamaCppRunner:
                 row.pending.sink(abort_delta(row.index))
         for job in self._prefilling:
             self._end(job.pending, abort_delta)
+        while True:  # requests queued behind the close get their end too
+            try:
+                item = self._queue.get_nowait()
+            except Empty:
+                break
+            if item is not None:
+                self._end(item, abort_delta)
 
     def _collect(self, *, block: bool) -> list[_Pending]:
         """When idle, wait for a request and ``batch_wait`` for company; when busy, take what is
@@ -339,6 +354,8 @@ class LlamaCppRunner:
         return planned
 
     def _share_prefix(self, job: _Prefill) -> None:
+        if not self.llama.shares_prefixes:
+            return
         tenant = job.pending.request.tenant
         sources: list[tuple[int, list[int]]] = [(c.seq, c.tokens) for c in self._cached if c.scope == tenant]
         if self._batch is not None:
@@ -436,7 +453,8 @@ class LlamaCppRunner:
 
     def _retire(self, row: _Row) -> None:
         self.cells_reserved -= row.pending.reserve
-        if len(row.tokens) < MIN_SHARED:
+        # One choice of a request is kept (its siblings share its prompt and would crowd others out).
+        if len(row.tokens) < MIN_SHARED or row.index > 0 or not self.llama.shares_prefixes:
             self.llama.forget(row.seq)
             self._free.append(row.seq)
             return
