@@ -153,3 +153,34 @@ def test_a_failing_prompt_fails_alone_and_the_others_of_its_pass_go_on(
     assert passes[:4] == [3, 1, 1, 1]  # the pass, then each prompt alone
     assert finishes["r1"] == "error" and finishes["r0"] != "error" and finishes["r2"] != "error"
     assert together["r0"] == alone[0] and together["r2"] == alone[1]
+
+
+def test_a_request_whose_sampling_fails_fails_alone(tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Choosing the batch's tokens raises because of one request (here: any batch holding a row
+    with temperature 0.5): the batch is chosen again row by row, that request fails with an error,
+    and the others, greedy and seeded, generate exactly what they generate alone."""
+    from llmos.engine import choices
+
+    real = choices.select_tokens
+    calls = {"failed": 0}
+
+    def poisoned(logits, sampling, fixed=None):  # type: ignore[no-untyped-def]
+        if bool((sampling.temperature == 0.5).any()):
+            calls["failed"] += 1
+            raise RuntimeError("probability tensor contains nan")
+        return real(logits, sampling, fixed)
+
+    monkeypatch.setattr(choices, "select_tokens", poisoned)
+    runner = _runner(tiny_chat_dir)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    seeded = SamplingParams(max_tokens=6, temperature=1.0, seed=3)
+    bad = SamplingParams(max_tokens=6, temperature=0.5)
+    try:
+        finishes: dict[str, str] = {}
+        together = _generate(runner, [(PROMPTS[0], greedy), (PROMPTS[1], bad), (PROMPTS[2], seeded)], [], finishes)
+        alone = [_generate(runner, [(p, s)], [])["r0"] for p, s in ((PROMPTS[0], greedy), (PROMPTS[2], seeded))]
+    finally:
+        runner.close()
+    assert calls["failed"] >= 2  # the batch, then the row alone
+    assert finishes["r1"] == "error" and finishes["r0"] == "length" and finishes["r2"] == "length"
+    assert together["r0"] == alone[0] and together["r2"] == alone[1]

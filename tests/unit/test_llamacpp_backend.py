@@ -326,3 +326,23 @@ def test_a_crashed_loop_reports_and_frees_llama_cpp_s_memory(make_runner, monkey
     runner._thread.join(30)
     assert isinstance(runner.crashed, RuntimeError) and seen == [runner.crashed]
     assert runner.llama._ctx is None and runner.llama._model is None
+
+
+def test_a_request_whose_sampling_fails_fails_alone(make_runner, reference, monkeypatch) -> None:
+    from llmos.engine import choices
+
+    real = choices.select_tokens
+
+    def poisoned(logits, sampling, fixed=None):  # type: ignore[no-untyped-def]
+        if bool((sampling.temperature == 0.5).any()):
+            raise RuntimeError("probability tensor contains nan")
+        return real(logits, sampling, fixed)
+
+    monkeypatch.setattr(choices, "select_tokens", poisoned)
+    runner = make_runner()
+    bad = submit(runner, PROMPTS[1], rid="bad", temperature=0.5)
+    good = submit(runner, PROMPTS[0], rid="good")
+    assert bad.wait().finish() == FinishReason.ERROR
+    assert good.wait().finish() == FinishReason.LENGTH
+    np.testing.assert_allclose(good.logprobs(), teacher_forced(reference, PROMPTS[0], good.tokens()), atol=2e-3)
+    assert idle(runner).cells_reserved == 0

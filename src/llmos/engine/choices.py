@@ -8,6 +8,7 @@ differs), and this module needs only the fields of ``StreamedRow``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ from llmos.engine.detokenize import IncrementalText
 from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob, TopLogprob
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
 
+log = logging.getLogger(__name__)
 Sink = Callable[[GenerationDelta], None]
 
 
@@ -57,7 +59,43 @@ class Streamer:
     ) -> torch.Tensor:
         """Choose each row's next token from ``logits`` (B, V) and stream it; ``lengths`` are the
         rows' sequence lengths once it is added. A row whose token was chosen already keeps it
-        (and is not streamed twice); finished rows are not streamed."""
+        (and is not streamed twice); finished rows are not streamed. A row whose choosing or
+        streaming raises fails alone: it gets its error delta and is finished, the others go on."""
+        try:
+            chosen, lp = self._tokens(rows, logits, sampling, counts)
+            steps: list[tuple[Any, int] | None] = [(lp, i) for i in range(len(rows))]
+        except Exception:
+            log.exception("choosing the next tokens of %d rows failed; choosing them one by one", len(rows))
+            chosen, steps = torch.zeros(len(rows), dtype=torch.long), []
+            for i, row in enumerate(rows):
+                try:
+                    one, lp = self._tokens(
+                        [row],
+                        logits[i : i + 1],
+                        sampling.select(torch.tensor([i])),
+                        counts[i : i + 1] if counts is not None else None,
+                    )
+                    chosen[i] = one[0]
+                    steps.append((lp, 0))
+                except Exception as exc:
+                    self._fail(row, exc)
+                    steps.append(None)
+        for i, (row, token, step) in enumerate(zip(rows, chosen.tolist(), steps, strict=True)):
+            if row.chosen is not None:
+                row.chosen = None
+            elif not row.finished and step is not None:
+                try:
+                    self.advance(row, token, lengths[i], *step)
+                except Exception as exc:
+                    log.exception("streaming a token failed")
+                    self._fail(row, exc)
+        return chosen
+
+    def _tokens(
+        self, rows: Sequence[StreamedRow], logits: torch.Tensor, sampling: BatchSampling, counts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any]:
+        """The rows' next tokens and, if any row asks for them, the step's logprobs; ``counts``
+        (a view of the rows' token counts, for penalties) takes the new tokens."""
         if counts is not None:
             logits = apply_penalties(logits, counts, sampling.presence, sampling.frequency)
         early = {i: r.chosen for i, r in enumerate(rows) if r.chosen is not None}
@@ -70,12 +108,13 @@ class Streamer:
             for i in early:
                 counted[i] = 0  # counted when it was chosen
             counts.scatter_add_(1, chosen[:, None], counted[:, None])
-        for i, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
-            if row.chosen is not None:
-                row.chosen = None
-            elif not row.finished:
-                self.advance(row, token, lengths[i], lp, i)
-        return chosen
+        return chosen, lp
+
+    @staticmethod
+    def _fail(row: StreamedRow, exc: Exception) -> None:
+        if not row.finished:
+            row.finished = True
+            row.pending.sink(error_delta(row.index, exc))
 
     def advance(self, row: StreamedRow, token: int, total_len: int, lp: Any, i: int) -> None:
         """Stream ``token`` for ``row`` (``lp``: the step's logprobs, ``i``: the row's index in them)."""

@@ -402,15 +402,7 @@ class LlamaCppRunner:
     def _choose(self, batch: _Batch, logits: torch.Tensor) -> None:
         lengths = [len(r.tokens) + 1 for r in batch.rows]
         fresh = sum(1 for r in batch.rows if r.chosen is None)
-        try:
-            chosen = self.streamer.choose(batch.rows, logits, batch.sampling, batch.counts, lengths)
-        except Exception as exc:  # sampling failed: these rows fail, the loop goes on
-            log.exception("choosing tokens failed on %s", self.name)
-            for row in batch.rows:
-                if not row.finished:
-                    row.finished = True
-                    row.pending.sink(error_delta(row.index, exc))
-            return
+        chosen = self.streamer.choose(batch.rows, logits, batch.sampling, batch.counts, lengths)
         self.tokens_generated += fresh
         self.peak_rows = max(self.peak_rows, len(batch.rows))
         for row, token in zip(batch.rows, chosen.tolist(), strict=True):
