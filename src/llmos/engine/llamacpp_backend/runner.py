@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmos.engine.admission import cache_exceeded
 from llmos.engine.choices import Streamer, abort_delta, batch_sampling, error_delta
 from llmos.engine.detokenize import IncrementalText
 from llmos.engine.llamacpp_backend.library import DecodeError, LlamaCpp
@@ -188,15 +189,9 @@ class LlamaCppRunner:
                 param="messages",
                 code="context_length_exceeded",
             )
-        need = request.params.n * self._reservation(request)
-        if need > self.llama.n_ctx:
-            raise InvalidRequestError(
-                f"this request needs {request.params.n} x {self._reservation(request)} cells of the key/value "
-                f"cache, more than the {self.llama.n_ctx} that {self.name} has (llamacpp_cache_tokens); reduce "
-                "max_tokens, n or the prompt",
-                param="max_tokens",
-                code="kv_cache_exceeded",
-            )
+        reserve = self._reservation(request)
+        if request.params.n * reserve > self.llama.n_ctx:
+            raise cache_exceeded(request.params.n, reserve, self.llama.n_ctx, self.name, "llamacpp_cache_tokens")
 
     def abort(self, request_id: str) -> None:
         with self._abort_lock:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llmos.engine.admission import cache_exceeded
 from llmos.engine.choices import Streamer, abort_delta, batch_sampling, eos_ids, error_delta
 from llmos.engine.detokenize import IncrementalText
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
@@ -38,7 +39,6 @@ from llmos.engine.torch_backend.virtual_tokens import (
     prefix_states,
     prompt_states,
 )
-from llmos.errors import InvalidRequestError
 from llmos.kernel.fair_queue import Empty, FairQueue
 from llmos.registry.adapters import kv_width
 
@@ -166,13 +166,7 @@ class CausalRunner:
         """Refuse (400) a request that could not fit the key/value cache budget even alone."""
         reserve = self._reservation(request, virtual)
         if not self.kv_budget.fits([reserve] * request.params.n):
-            raise InvalidRequestError(
-                f"this request needs room for {request.params.n} x {reserve} tokens in the key/value cache, more "
-                f"than this server's budget of {self.kv_budget.budget_tokens} tokens for {self.name} "
-                "(kv_cache_mb); reduce max_tokens, n or the prompt",
-                param="max_tokens",
-                code="kv_cache_exceeded",
-            )
+            raise cache_exceeded(request.params.n, reserve, self.kv_budget.budget_tokens, self.name, "kv_cache_mb")
 
     def abort(self, request_id: str) -> None:
         with self._abort_lock:
