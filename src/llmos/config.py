@@ -69,10 +69,10 @@ class Settings(BaseSettings):
     )
     gguf_backend: Literal["torch", "llama.cpp"] = Field(
         default="torch",
-        description="Backend of chat models pulled from a GGUF file: torch (the bf16 conversion; LoRA and prefix "
-        "adapters, the fastest with many clients) or llama.cpp (the original quantised file through "
-        "llama-cpp-python, `pip install llmos[gguf]`; about 3x faster for one client, slower with many, no "
-        "adapters). Other models always use torch.",
+        description="Backend of chat models pulled from a GGUF file: torch (the bf16 conversion, the fastest with "
+        "many clients) or llama.cpp (the original quantised file through llama-cpp-python, `pip install "
+        "llmos[gguf]`; about 3x faster for one client, slower with many; adapters of such a model run on a torch "
+        "runner loaded beside it). Other models always use torch.",
     )
     llamacpp_cache_tokens: int = Field(
         default=16384,

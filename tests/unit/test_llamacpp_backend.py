@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -235,7 +236,8 @@ def test_a_failed_decode_fails_its_rows_and_the_loop_goes_on(make_runner, monkey
 
 def test_a_pulled_gguf_is_served_by_the_backend_the_settings_name(settings, tiny_gguf: Path, tmp_path: Path) -> None:
     """The registry keeps the original GGUF beside its conversion; with ``gguf_backend`` set to
-    llama.cpp the engine serves that file (and refuses adapters on it), else the conversion."""
+    llama.cpp the engine serves that file (its adapters on a torch runner beside it), else the
+    conversion."""
     import asyncio
 
     from llmos.engine.local import LocalEngine
@@ -243,14 +245,17 @@ def test_a_pulled_gguf_is_served_by_the_backend_the_settings_name(settings, tiny
     from llmos.registry.service import Lineage
     from tests.unit.test_adapters import make_lora
 
+    async def answer_once(engine: LocalEngine, model: str = "tiny-gguf") -> list[int]:
+        prompt = await engine.encode_chat(model, [{"role": "user", "content": "Hello there"}])
+        params = SamplingParams(max_tokens=8, temperature=0.0)
+        tokens: list[int] = []
+        async for delta in engine.generate(GenerationRequest(f"g-{model}", model, prompt, params)):
+            tokens.extend(delta.token_ids)
+        return tokens
+
     async def answer(engine: LocalEngine, model: str = "tiny-gguf") -> list[int]:
         try:
-            prompt = await engine.encode_chat(model, [{"role": "user", "content": "Hello there"}])
-            params = SamplingParams(max_tokens=8, temperature=0.0)
-            tokens: list[int] = []
-            async for delta in engine.generate(GenerationRequest("g", model, prompt, params)):
-                tokens.extend(delta.token_ids)
-            return tokens
+            return await answer_once(engine, model)
         finally:
             await engine.shutdown()
 
@@ -266,14 +271,23 @@ def test_a_pulled_gguf_is_served_by_the_backend_the_settings_name(settings, tiny
         by_torch = asyncio.run(answer(converted))
         assert len(by_llama) == 8
         assert by_llama == by_torch  # float32 weights both ways: the same greedy tokens
-        # A LoRA adapter of it runs on the torch backend only: refused with a clear error on llama.cpp.
+        # A LoRA adapter of it runs on a torch runner of the same model, loaded beside llama.cpp's.
         adapter_dir = make_lora(platform.registry.model_dir(record), tmp_path / "lora", seed=3)
         platform.registry.pull(f"file:{adapter_dir}", name="tiny-gguf-lora", lineage=Lineage(parent_id=record.id))
         served = LocalEngine(platform.registry, settings.model_copy(update={"gguf_backend": "llama.cpp"}))
-        with pytest.raises(InvalidRequestError) as refused:
-            asyncio.run(answer(served, "tiny-gguf-lora"))
-        assert refused.value.code == "adapter_unsupported"
-        assert len(asyncio.run(answer(LocalEngine(platform.registry, settings), "tiny-gguf-lora"))) == 8
+
+        async def both() -> tuple[list[int], list[int], dict[str, Any]]:
+            adapted, base = await asyncio.gather(answer_once(served, "tiny-gguf-lora"), answer_once(served))
+            stats = served.stats()["models"]
+            await served.shutdown()
+            return adapted, base, stats
+
+        adapted, base, stats = asyncio.run(both())
+        assert base == by_llama
+        assert adapted == asyncio.run(answer(LocalEngine(platform.registry, settings), "tiny-gguf-lora"))
+        assert adapted != by_torch  # the adapter changes the answer
+        assert sorted(entry.get("backend", "torch") for entry in stats.values()) == ["llama.cpp", "torch"]
+        assert [entry.get("serves") for entry in stats.values() if "serves" in entry] == ["adapters"]
     finally:
         platform.close()
 

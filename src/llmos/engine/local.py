@@ -51,6 +51,7 @@ R = TypeVar("R", bound=Runner)
 T = TypeVar("T")
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 GIL_SWITCH_INTERVAL_S = 0.0002
+TORCH_TWIN = "+torch"  # residency key suffix: the torch runner of a model llama.cpp serves, for its adapters
 RESOLVE_TTL_S = 2.0  # a model pulled or deleted by another process is seen within this
 Sink = Callable[[GenerationDelta], None]
 RestartHook = Callable[[str, str, bool], None]
@@ -182,9 +183,11 @@ class LocalEngine:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
         record = await self._off_loop(self._record, request.model)
         base = await self._off_loop(self._serving_base, record)
+        # Adapters of a model that llama.cpp serves run on a torch runner of the same model beside it.
+        key = base.id + TORCH_TWIN if base is not record and self._wants_llamacpp(base) else base.id
         self._admit()
         try:
-            runner = await self._off_loop(self.residency.acquire, base.id)
+            runner = await self._off_loop(self.residency.acquire, key)
         except BaseException:
             self._pending -= 1
             raise
@@ -194,13 +197,6 @@ class LocalEngine:
         adapter: str | None = None
         try:
             if isinstance(runner, LlamaCppRunner):
-                if base is not record:
-                    raise InvalidRequestError(
-                        f"{request.model} is an adapter; its base {base.name} is served by llama.cpp (gguf_backend), "
-                        "which cannot apply adapters",
-                        param="model",
-                        code="adapter_unsupported",
-                    )
                 runner.check_fits(request)
             elif isinstance(runner, CausalRunner):
                 virtual = await self._virtual_tokens_of(record)
@@ -238,7 +234,7 @@ class LocalEngine:
                 self._sinks.pop(request.request_id, None)
             if adapter is not None and isinstance(runner, CausalRunner):
                 runner.lora.release(adapter)
-            self.residency.release(base.id, runner)  # a no-op if this runner crashed and was replaced
+            self.residency.release(key, runner)  # a no-op if this runner crashed and was replaced
             self._pending -= 1
 
     def _load_adapter(self, record: ModelRecord, shapes: dict[str, tuple[int, int]]) -> LoraWeights:
@@ -305,9 +301,11 @@ class LocalEngine:
         """Counters for operators and tests: what is resident, running and computed."""
         models = {}
         for model_id in self.residency.resident():
-            record = self._records.get(model_id)
+            record = self._records.get(model_id.removesuffix(TORCH_TWIN))
             runner = self.residency.peek(model_id)
             entry: dict[str, Any] = {"name": record.name if record else model_id}
+            if model_id.endswith(TORCH_TWIN):
+                entry["serves"] = "adapters"  # the torch runner beside a model llama.cpp serves
             if isinstance(runner, CausalRunner):
                 entry.update(
                     busy=runner.busy,
@@ -355,13 +353,15 @@ class LocalEngine:
 
     async def check_health(self) -> None:
         if self._restarting:
-            names = sorted(self._records[m].name if m in self._records else m for m in self._restarting)
+            ids = [m.removesuffix(TORCH_TWIN) for m in self._restarting]
+            names = sorted(self._records[m].name if m in self._records else m for m in ids)
             raise ServiceUnavailableError(f"the engine is restarting after a crash: {', '.join(names)}")
         await self._off_loop(self.registry.list)
 
     async def unload(self, model_id: str) -> None:
         self._resolved = {ref: hit for ref, hit in self._resolved.items() if hit[1].id != model_id}
         await self._off_loop(self.residency.evict, model_id)
+        await self._off_loop(self.residency.evict, model_id + TORCH_TWIN)
         for resident in self.residency.resident():
             runner = self.residency.peek(resident)
             if isinstance(runner, CausalRunner):
@@ -375,8 +375,8 @@ class LocalEngine:
 
     # -- residency callbacks ---------------------------------------------------------------
     def _estimate_size(self, model_id: str) -> int:
-        record = self._records[model_id]
-        gguf = self._served_gguf(record)
+        record = self._records[model_id.removesuffix(TORCH_TWIN)]
+        gguf = None if model_id.endswith(TORCH_TWIN) else self._served_gguf(record)
         if gguf is not None:  # its file (mapped) and its cache, allocated at load
             config = read_json(self.registry.model_dir(record) / "config.json")
             cache = self.settings.llamacpp_cache_tokens * kv_width(config) * KV_BYTES_PER_VALUE
@@ -416,9 +416,9 @@ class LocalEngine:
         )
 
     def _load(self, model_id: str) -> Runner:
-        record = self._records[model_id]
+        record = self._records[model_id.removesuffix(TORCH_TWIN)]
         model_dir: Path = self.registry.model_dir(record)
-        gguf = self._served_gguf(record)
+        gguf = None if model_id.endswith(TORCH_TWIN) else self._served_gguf(record)
         runner = self._load_llamacpp(record, gguf) if gguf is not None else self._load_torch(record, model_dir)
         if isinstance(runner, Generator):
             runner.on_crash = partial(self._on_crash, model_id, runner)

@@ -115,7 +115,7 @@ class _Batch:
 
 class LlamaCppRunner:
     """Serves one GGUF chat model; the same calls as the torch backend's ``CausalRunner``
-    (submit, check_fits, abort, close), without adapters."""
+    (submit, check_fits, abort, close), without adapters (the engine runs those on torch)."""
 
     def __init__(
         self,
