@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	# llama-cpp-python builds from source (about 9 minutes on 2 cores; pip caches the wheel); a native
 	# build (the default) crashes at the first completion on this platform's CPUs.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,gguf]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,gguf]" || { \
+	  echo "WARNING: llama-cpp-python did not build: the llama.cpp backend's tests will be skipped"; \
+	  $(BIN)/pip install --quiet -e ".[dev]"; }
 	touch $(STAMP)
 
 install: $(STAMP)
