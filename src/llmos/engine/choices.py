@@ -22,13 +22,8 @@ log = logging.getLogger(__name__)
 Sink = Callable[[GenerationDelta], None]
 
 
-class PendingLike(Protocol):
-    request: GenerationRequest
-    sink: Sink
-
-
 class StreamedRow(Protocol):
-    pending: Any  # PendingLike: a request and where its deltas go
+    pending: Any  # has ``request`` (a GenerationRequest) and ``sink`` (where its deltas go)
     index: int
     text: IncrementalText
     generated: int

@@ -46,6 +46,17 @@ class BatchSampling:
         return bool((self.presence != 0).any() or (self.frequency != 0).any())
 
 
+def concat_counts(
+    mine: torch.Tensor | None, rows: int, theirs: torch.Tensor | None, their_rows: int, vocab: int
+) -> torch.Tensor | None:
+    """Token counts of two groups of rows joined (a group without penalties has none yet: zeros)."""
+    if mine is None and theirs is None:
+        return None
+    first = mine if mine is not None else torch.zeros(rows, vocab)
+    second = theirs if theirs is not None else torch.zeros(their_rows, vocab)
+    return torch.cat([first, second])
+
+
 def apply_penalties(
     logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
 ) -> torch.Tensor:

@@ -85,7 +85,6 @@ class LlamaCpp:
         self.n_seq_max = int(lib.llama_n_seq_max(self._ctx))
         self.n_batch = n_batch
         self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
-        self.context_length = int(lib.llama_model_n_ctx_train(self._model))
         heads, kv_heads = lib.llama_model_n_head(self._model), lib.llama_model_n_head_kv(self._model)
         head_dim = lib.llama_model_n_embd(self._model) // heads
         arch = self._meta("general.architecture")
@@ -100,7 +99,6 @@ class LlamaCpp:
             or lib.llama_model_is_hybrid(self._model)
             or lib.llama_model_n_swa(self._model) > 0
         )
-        self.weight_bytes = int(lib.llama_model_size(self._model))
         # The batch's arrays live in numpy, filled with vector writes; the C struct points at them.
         self._token = np.zeros(n_batch, dtype=np.int32)
         self._pos = np.zeros(n_batch, dtype=np.int32)
@@ -141,16 +139,13 @@ class LlamaCpp:
         view = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
         return view.copy()
 
-    def forget(self, seq: int, start: int = 0) -> None:
-        """Drop sequence ``seq``'s positions from ``start`` on (all of them by default)."""
-        self._lib.llama_memory_seq_rm(self._memory, seq, start if start > 0 else -1, -1)
+    def forget(self, seq: int) -> None:
+        """Drop every position of sequence ``seq`` (cells shared with others stay theirs)."""
+        self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
     def share(self, src: int, dst: int, length: int) -> None:
         """Give ``dst`` the first ``length`` positions of ``src`` (the same cells, not a copy)."""
         self._lib.llama_memory_seq_cp(self._memory, src, dst, 0, length)
-
-    def clear(self) -> None:
-        self._lib.llama_memory_clear(self._memory, True)
 
     def close(self) -> None:
         if self._ctx:

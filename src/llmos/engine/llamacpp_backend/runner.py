@@ -32,7 +32,7 @@ from llmos.engine.choices import Streamer, abort_delta, batch_sampling, error_de
 from llmos.engine.detokenize import IncrementalText
 from llmos.engine.llamacpp_backend.library import DecodeError, LlamaCpp
 from llmos.engine.protocol import GenerationDelta, GenerationRequest
-from llmos.engine.sampling import BatchSampling
+from llmos.engine.sampling import BatchSampling, concat_counts
 from llmos.engine.threads import enter_helper_thread
 from llmos.errors import InvalidRequestError
 from llmos.kernel.fair_queue import Empty, FairQueue
@@ -77,6 +77,8 @@ class _Prefill:
     seqs: list[int]
     """One sequence per choice; the first one is prefilled, the others share it at the end."""
     done: int = 0
+    computing: bool = False
+    """Whether it has computed prompt tokens itself: from then on it takes no shared prefix."""
 
     @property
     def tokens(self) -> list[int]:
@@ -105,10 +107,7 @@ class _Batch:
         self.counts = self.counts[idx] if self.counts is not None else None
 
     def join(self, other: _Batch, vocab: int) -> None:
-        if self.counts is not None or other.counts is not None:
-            mine = self.counts if self.counts is not None else torch.zeros(len(self.rows), vocab)
-            theirs = other.counts if other.counts is not None else torch.zeros(len(other.rows), vocab)
-            self.counts = torch.cat([mine, theirs])
+        self.counts = concat_counts(self.counts, len(self.rows), other.counts, len(other.rows), vocab)
         self.rows = self.rows + other.rows
         self.sampling = self.sampling.concat(other.sampling)
 
@@ -321,6 +320,7 @@ class LlamaCppRunner:
             row.feed = None
         for job, take in chunks:
             job.done += take
+            job.computing = True
             self.prefill_tokens += take
         out = torch.from_numpy(logits)
         if self._batch is not None and rows:
@@ -349,7 +349,9 @@ class LlamaCppRunner:
         return planned
 
     def _share_prefix(self, job: _Prefill) -> None:
-        if not self.llama.shares_prefixes:
+        """Start ``job`` from the longest prefix another sequence of its tenant holds. Looked for
+        until it computes its own first chunk (each look compares its prompt with every sequence)."""
+        if job.computing or not self.llama.shares_prefixes:
             return
         tenant = job.pending.request.tenant
         sources: list[tuple[int, list[int]]] = [(c.seq, c.tokens) for c in self._cached if c.scope == tenant]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from llmos.engine.sampling import BatchSampling
+from llmos.engine.sampling import BatchSampling, concat_counts
 from llmos.engine.torch_backend.kv_cache import new_cache
 
 RowT = TypeVar("RowT")
@@ -98,11 +98,7 @@ class BatchState(Generic[RowT]):
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.logits = torch.cat([self.logits, other.logits])
         self.sampling = self.sampling.concat(other.sampling)
-        if self.counts is not None or other.counts is not None:
-            vocab = self.logits.shape[1]
-            mine_counts = self.counts if self.counts is not None else torch.zeros(len(self.rows), vocab)
-            their_counts = other.counts if other.counts is not None else torch.zeros(len(other.rows), vocab)
-            self.counts = torch.cat([mine_counts, their_counts])
+        self.counts = concat_counts(self.counts, len(self.rows), other.counts, len(other.rows), self.logits.shape[1])
         self.rows = self.rows + other.rows
 
 
