@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         "or int8 copies quantised per output row (about 2x faster single-stream decoding, +50% weight memory, "
         "outputs differ slightly from the bf16 model's). Larger batches and prefill always use bf16.",
     )
+    native_kernels: bool = Field(
+        default=True,
+        description="Build the engine's small C kernels with the system's C compiler on first use (cached under "
+        "`LLMOS_KERNEL_DIR`, default `~/.cache/llmos/kernels`): decode steps mixing LoRA adapters add each row's "
+        "own adapter in one call a layer group. Without a compiler, or false, the PyTorch path is used.",
+    )
     gguf_backend: Literal["torch", "llama.cpp"] = Field(
         default="torch",
         description="Backend of chat models pulled from a GGUF file: torch (the bf16 conversion, the fastest with "

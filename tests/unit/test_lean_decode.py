@@ -16,7 +16,8 @@ from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supp
 from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import SDPA_MAX_POSITIONS, LeanDecoder
 from llmos.engine.torch_backend.lora import LoraWeights
-from llmos.engine.torch_backend.lora_bank import LoraBank
+from llmos.engine.torch_backend.lora_bank import BankView, LoraBank, _zero_b
+from llmos.engine.torch_backend.lora_expand import LoraExpand
 from llmos.engine.torch_backend.lora_groups import SHRINK_AFTER
 from llmos.engine.torch_backend.packed import PackedMatrix
 
@@ -43,14 +44,16 @@ def _padded_batch(model: torch.nn.Module, lengths: list[int], seed: int) -> tupl
     return caches, attention, torch.tensor(lengths)
 
 
-def _decode_both(model: torch.nn.Module, decoder: LeanDecoder, lora: LoraBank, lengths: list[int], steps: int) -> None:
+def _decode_both(
+    model: torch.nn.Module, decoder: LeanDecoder, lora: LoraBank, lengths: list[int], steps: int, float32_tolerance=1e-5
+) -> None:
     """Decode ``steps`` tokens with both paths from the same prefill; every step must agree."""
     (reference, lean), attention, positions = _padded_batch(model, lengths, seed=len(lengths))
     tokens = torch.arange(3, 3 + len(lengths))
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     # One row over a short cache: the same kernels as the model's forward, bit for bit.
     exact = bf16 and len(lengths) == 1 and lengths[0] + steps <= SDPA_MAX_POSITIONS
-    tolerance = 3e-2 if bf16 else 1e-5
+    tolerance = 3e-2 if bf16 else float32_tolerance
     for _ in range(steps):
         attention = torch.cat([attention, torch.ones((len(lengths), 1), dtype=torch.long)], 1)
         with torch.inference_mode():
@@ -122,10 +125,12 @@ def test_lean_prefill_equals_the_models_forward(tiny_chat_dir: Path, dtype: torc
             torch.testing.assert_close(mine.values, theirs.values, rtol=tolerance, atol=tolerance)
 
 
-def _lean(model: torch.nn.Module) -> LeanDecoder:
-    """A lean decoder whose adapters' ``A`` products run apart until ``refresh`` fuses them."""
-    decoder = LeanDecoder.build(model, int8=False)
+def _lean(model: torch.nn.Module, *, native: bool = True) -> LeanDecoder:
+    """A lean decoder whose adapters' ``A`` products run apart until ``refresh`` fuses them;
+    ``native``: fused decode steps add the adapters' ``B`` products by the native kernel."""
+    decoder = LeanDecoder.build(model, int8=False, native=native)
     assert decoder is not None
+    assert (decoder.adapters.expand is not None) == native, "the native kernel did not build (is cc installed?)"
     decoder.fuser = None
     return decoder
 
@@ -193,39 +198,92 @@ def _random_adapter(
     return LoraWeights(adapter_id=adapter_id, modules=modules)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_chat_dir: Path, fused: bool) -> None:
+@pytest.mark.parametrize(("fused", "native"), [(False, False), (True, False), (True, True)])
+def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_chat_dir: Path, fused: bool, native: bool) -> None:
     model = _model(tiny_chat_dir, torch.float32)
-    decoder = _lean(model)
+    decoder = _lean(model, native=native)
     lora = LoraBank(model, 1 << 20)
     for i, name in enumerate(("a", "b", "c")):
         lora.acquire(name, lambda shapes, name=name, i=i: _random_adapter(shapes, name, 4, seed=i))
     if fused:
         decoder.refresh(lora.view)
+    # The kernel sums each output's adapter terms in another order than the modules' products.
+    tolerance = 1e-4 if native else 1e-5
+
+    def decode(lengths: list[int], steps: int) -> None:
+        _decode_both(model, decoder, lora, lengths, steps, float32_tolerance=tolerance)
+
     lora.prepare(["a", "a"])  # one adapter for every row: only its columns are computed
-    _decode_both(model, decoder, lora, [4, 7], steps=4)
+    decode([4, 7], steps=4)
     lora.prepare(["a", None, "b", "c"])  # mixed batch: each row its own columns, the base row none
-    _decode_both(model, decoder, lora, [4, 7, 5, 3], steps=4)
+    decode([4, 7, 5, 3], steps=4)
+    if native:  # the kernel reads each row's own columns: no copies of the adapters are built
+        assert decoder.adapters.copy_bytes == 0
+        lora.prepare(["c", None, "a"])
+        decode([4, 7, 5], steps=2)
+        lora.prepare([None, None])  # the base alone, with the resident adapters' A rows in its products
+        decode([4, 7], steps=2)
+        return
     every = decoder.adapters.columns  # the three adapters' 12 columns (of the bank's 16)
     assert every is not None and len(every) == 12
     lora.prepare(["c", None, "a"])  # two of the three: the columns built for all three are kept
-    _decode_both(model, decoder, lora, [4, 7, 5], steps=4)
+    decode([4, 7, 5], steps=4)
     assert decoder.adapters.columns == every
     lora.prepare(["c", "c"])  # one of three: still the three's columns, until it has been so a while
-    _decode_both(model, decoder, lora, [4, 7], steps=4)
+    decode([4, 7], steps=4)
     assert decoder.adapters.columns == every
     for _ in range(SHRINK_AFTER):
         decoder.adapters.prepare(lora.context, 2, fused=fused, decode=True)
     start, end = lora.view.spans["c"]
     assert decoder.adapters.columns == tuple(range(start, end))  # groups over its columns only
-    _decode_both(model, decoder, lora, [4, 7], steps=2)
+    decode([4, 7], steps=2)
     kept = decoder.adapters._groups[0]["o"]
     assert kept is not None and kept.block is not None and kept.block.plain is not None
     assert kept.block.plain.shape[1] == 4 < lora.view.width
     assert decoder.adapters.copy_bytes > 0  # the blocks at least (one adapter's A and B are views)
     assert (kept.a is None) == fused  # fused: the base product computes every resident A
     lora.prepare([None, None])  # the base alone, with the resident adapters' A rows in its products
-    _decode_both(model, decoder, lora, [4, 7], steps=2)
+    decode([4, 7], steps=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_expand_adds_each_rows_own_adapter(dtype: torch.dtype) -> None:
+    """The kernel against the masked products it replaces, on a group of three parts with rows of
+    three adapters and one of none (unchanged, bit for bit), at widths off its 32-column blocks."""
+    expand = LoraExpand.load(dtype)
+    assert expand is not None, "the native kernel did not build (is cc installed?)"
+    g = torch.Generator().manual_seed(0)
+    width, parts = 16, [("q", 40), ("k", 24), ("v", 70)]
+    out = sum(w for _, w in parts)
+    weights = {}
+    for name, w in parts:
+        b = _zero_b(w, width, dtype)
+        b.copy_(torch.randn(w, width, generator=g))
+        weights[name] = (torch.zeros(width, 8, dtype=dtype), b)
+    view = BankView({"a": (0, 4), "b": (4, 12), "c": (12, 16)}, weights, width)
+    mask = torch.zeros(5, width, dtype=dtype)
+    for row, (start, end) in enumerate([(0, 4), (0, 0), (4, 12), (12, 16), (0, 4)]):
+        mask[row, start:end] = 1
+    full = torch.randn(5, out + len(parts) * width, generator=g).to(dtype)
+    want = full[:, :out].float().clone()
+    start = 0
+    for j, (name, w) in enumerate(parts):
+        h = full[:, out + j * width : out + (j + 1) * width].float() * mask.float()
+        want[:, start : start + w] += h @ weights[name][1].float().T
+        start += w
+    got = full.clone()
+    expand.prepare(view, mask, 5)
+    assert expand.add(got, out, parts, 0, "qkv")
+    assert torch.equal(got[1], full[1]) and torch.equal(got[:, out:], full[:, out:])  # no adapter; A outputs
+    ulp = 2**-7 if dtype == torch.bfloat16 else 1e-6  # one rounding of the sum in bf16
+    torch.testing.assert_close(got[:, :out].float(), want, rtol=ulp, atol=ulp)
+    assert not expand.add(got, out, [("absent", 8)], 0, "o")  # no adapted module in the group
+    same = torch.zeros(1, width, dtype=dtype)
+    same[0, 4:12] = 1  # every row one adapter (a prefill's span): one mask row for all
+    expand.prepare(view, same, 5)
+    again = full.clone()
+    expand.add(again, out, parts, 0, "qkv")
+    torch.testing.assert_close(again[2], got[2], rtol=0, atol=0)
 
 
 def test_fused_matrices_follow_the_resident_adapters(tiny_chat_dir: Path) -> None:

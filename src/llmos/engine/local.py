@@ -441,6 +441,7 @@ class LocalEngine:
             tenant_rows_when_shared=self.settings.tenant_rows_when_shared,
             name=record.name,
             decode_int8=self.settings.decode_weights == "int8",
+            native_kernels=self.settings.native_kernels,
         )
 
     # -- crash and restart -----------------------------------------------------------------

@@ -95,6 +95,7 @@ class CausalRunner:
         tenant_rows_when_shared: int = 0,
         name: str = "model",
         decode_int8: bool = False,
+        native_kernels: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -109,7 +110,7 @@ class CausalRunner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.lora = LoraBank(model, adapter_budget_bytes)
         # Decode steps run the lean step where the architecture has one, else the model's forward.
-        self.decoder = LeanDecoder.build(model, int8=decode_int8)
+        self.decoder = LeanDecoder.build(model, int8=decode_int8, native=native_kernels)
         self.virtual = VirtualPrefixes(adapter_budget_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         width = kv_width(model.config.to_dict()) * next(model.parameters()).element_size()

@@ -32,6 +32,7 @@ from transformers.activations import ACT2FN
 from llmos.engine.torch_backend.fused_weights import Generation, GenerationBuilder, build_generation
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.lora_bank import EMPTY_VIEW, BankView
+from llmos.engine.torch_backend.lora_expand import LoraExpand
 from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, Layout, LoraGroups
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
@@ -102,7 +103,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LeanDecoder:
     """``decoder(tokens, positions, attention, cache) -> (B, vocab) float32 logits``."""
 
-    def __init__(self, model: Any, *, int8: bool) -> None:
+    def __init__(self, model: Any, *, int8: bool, native: bool = True) -> None:
+        """``native``: add mixed adapters' products by the native kernel where it builds."""
         config = model.config
         self.model = model
         self.heads = config.num_attention_heads
@@ -146,7 +148,8 @@ class LeanDecoder:
             }
             for layer in inner.layers
         ] + [{OUTPUT_GROUP: named(model.lm_head)}]
-        self.adapters = LoraGroups(self.layout)
+        dtype = next(model.parameters()).dtype
+        self.adapters = LoraGroups(self.layout, LoraExpand.load(dtype) if native else None)
         self.weights: Generation = build_generation(self._base, self.layout, EMPTY_VIEW)
         # Only packed matrices are fused in the background: unpacked (float32, or a build without
         # oneDNN) a generation would be a second copy of every weight.
@@ -165,7 +168,7 @@ class LeanDecoder:
         self._publish(self._generation(view))
 
     @classmethod
-    def build(cls, model: Any, *, int8: bool) -> LeanDecoder | None:
+    def build(cls, model: Any, *, int8: bool, native: bool = True) -> LeanDecoder | None:
         """A decoder for ``model``, or None when its architecture is not one this step reproduces
         exactly (the engine then decodes with the model's own forward)."""
         config = model.config
@@ -176,7 +179,7 @@ class LeanDecoder:
         if getattr(config, "pretraining_tp", 1) != 1:
             return None
         dtype = next(model.parameters()).dtype
-        return cls(model, int8=int8 and int8_supported(dtype))
+        return cls(model, int8=int8 and int8_supported(dtype), native=native)
 
     @property
     def int8_bytes(self) -> int:

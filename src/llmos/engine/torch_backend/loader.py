@@ -44,6 +44,7 @@ def load_runner(
     tenant_rows_when_shared: int,
     name: str,
     decode_int8: bool = False,
+    native_kernels: bool = True,
 ) -> CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -65,6 +66,7 @@ def load_runner(
                 tenant_rows_when_shared=tenant_rows_when_shared,
                 name=name,
                 decode_int8=decode_int8,
+                native_kernels=native_kernels,
             )
         if task in TASK_HEADS:
             import transformers

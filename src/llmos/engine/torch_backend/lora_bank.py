@@ -33,7 +33,7 @@ class BankView:
     """The adapters resident at one moment: their column ranges and the stacked weights."""
 
     spans: dict[str, tuple[int, int]]
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_all (R, in), B_all (out, R))
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_all (R, in), B_all (out, R), by column)
     width: int
     serials: dict[str, int] = field(default_factory=dict)
     """Which load of the bank wrote each adapter's columns (copies of them are of that load)."""
@@ -252,10 +252,7 @@ def _with_adapter(view: BankView, adapter: LoraWeights, serial: int) -> BankView
         weights = {m: _widened(a, b, width) for m, (a, b) in weights.items()}
     for module, (a, b) in adapter.modules.items():
         if module not in weights:
-            weights[module] = (
-                torch.zeros((width, a.shape[1]), dtype=a.dtype),
-                torch.zeros((b.shape[0], width), dtype=b.dtype),
-            )
+            weights[module] = (torch.zeros((width, a.shape[1]), dtype=a.dtype), _zero_b(b.shape[0], width, b.dtype))
         a_all, b_all = weights[module]
         a_all[start : start + a.shape[0]] = a
         b_all[:, start : start + b.shape[1]] = b
@@ -275,7 +272,13 @@ def _free_columns(view: BankView, rank: int) -> int | None:
 
 def _widened(a: torch.Tensor, b: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     a_new = torch.zeros((width, a.shape[1]), dtype=a.dtype)
-    b_new = torch.zeros((b.shape[0], width), dtype=b.dtype)
+    b_new = _zero_b(b.shape[0], width, b.dtype)
     a_new[: a.shape[0]] = a
     b_new[:, : b.shape[1]] = b
     return a_new, b_new
+
+
+def _zero_b(out: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """An (out, width) ``B_all`` stored column by column: each adapter's columns lie together
+    (the decode kernel reads a row's own adapter's as one block, see lora_expand)."""
+    return torch.zeros((width, out), dtype=dtype).T

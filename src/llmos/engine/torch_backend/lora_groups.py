@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from llmos.engine.torch_backend.lora_bank import BankView, LoraContext
+from llmos.engine.torch_backend.lora_expand import MAX_ROWS, LoraExpand
 from llmos.engine.torch_backend.packed import Matrix
 
 BUILT_KEPT = 2
@@ -65,10 +66,13 @@ class _Built:
 class LoraGroups:
     """``apply(y, x, layer, group)`` adds the current rows' adapters to a fused base output ``y``."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, expand: LoraExpand | None = None) -> None:
         """``layout[layer][group]``: the group's module names (as the bank names them) with their
-        output widths, in the order their columns appear in the fused output."""
+        output widths, in the order their columns appear in the fused output. ``expand``: the
+        native kernel for fused decode steps (None: the torch path for every pass)."""
         self.layout = layout
+        self.expand = expand
+        self._expanding = False  # this pass adds the B products by the kernel
         self._view: BankView | None = None
         self._groups: list[dict[str, _Group | None]] = []
         # Groups built over ``_view`` for the column sets used lately, by (columns, fused, decode):
@@ -115,6 +119,11 @@ class LoraGroups:
             self._view = view
             self._built.clear()
             self._decode = ()
+        self._expanding = decode and fused and self.expand is not None and rows <= MAX_ROWS
+        if self._expanding:
+            assert self.expand is not None
+            self.expand.prepare(view, mask, rows)
+            return
         used = frozenset((mask != 0).any(0).nonzero().flatten().tolist())
         if not used:  # every row's adapter went away since it was admitted: any column will do
             used = frozenset({0})
@@ -179,6 +188,10 @@ class LoraGroups:
         """The group's base output plus its adapters, from ``full``: a fused product whose first
         ``out`` columns are the base output and the rest every resident adapter's ``A`` output
         (see fused_weights)."""
+        if self._expanding:
+            assert self.expand is not None
+            self.expand.add(full.view(-1, full.shape[-1]), out, self.layout[layer][group], layer, group)
+            return full[..., :out]
         found = self._groups[layer].get(group)
         if found is None:
             return full[..., :out]

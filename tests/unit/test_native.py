@@ -1,0 +1,52 @@
+"""The native kernels build once per source, compiler and CPU into the kernel cache, and where they
+cannot be built the engine says so and keeps its PyTorch path."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmos.engine.torch_backend import native
+from llmos.engine.torch_backend.lora_expand import LoraExpand
+
+
+def test_a_kernel_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMOS_KERNEL_DIR", str(tmp_path / "kernels"))
+    library = native._build_and_load("lora_expand")
+    assert library is not None and hasattr(library, "lora_expand_bf16")
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("lora_expand-") and built[0].suffix == ".so"
+
+    def no_compiling(*args: object) -> None:
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(native, "_compile", no_compiling)
+    assert native._build_and_load("lora_expand") is not None  # the cached build, loaded
+    assert list((tmp_path / "kernels").iterdir()) == built  # no partial files left behind
+
+
+def test_without_a_working_compiler_the_torch_path_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("LLMOS_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(native.tempfile, "tempdir", None)  # TMPDIR read again
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native._build_and_load("lora_expand") is None
+    assert "could not be built" in caplog.text and "PyTorch path" in caplog.text
+    assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))  # nothing half-written kept
+
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native._build_and_load("lora_expand") is None
+    assert "no C compiler" in caplog.text
+
+
+def test_the_kernel_is_offered_only_for_the_dtypes_it_has() -> None:
+    assert LoraExpand.load(torch.float16) is None
+    assert LoraExpand.load(torch.bfloat16) is not None, "the native kernel did not build (is cc installed?)"
