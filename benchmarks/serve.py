@@ -198,8 +198,10 @@ def run_naive(model_dir: Path, chats: list[list[dict[str, str]]], max_tokens: in
     }
 
 
-def make_adapters(home: Path, count: int, rank: int, targets: list[str]) -> list[str]:
-    """``count`` LoRA adapters of the base registered in ``home`` (made once, reused by later runs)."""
+def make_adapters(home: Path, count: int, rank: int, targets: list[str]) -> tuple[list[str], str]:
+    """``count`` LoRA adapters of the base registered in ``home`` (made once, reused by later runs),
+    and the id of the base they adapt (a later pull of the model is another version: the base
+    rows must run on the adapters' own, or two copies of the model are resident)."""
     from llmos.config import Settings
     from llmos.errors import ModelNotFoundError
     from llmos.platform import Platform
@@ -234,9 +236,11 @@ def make_adapters(home: Path, count: int, rank: int, targets: list[str]) -> list
                 peft_model.save_pretrained(scratch / name)
                 platform.registry.pull(f"file:{scratch / name}", name=name, lineage=Lineage(parent_id=base.id))
             shutil.rmtree(scratch, ignore_errors=True)
+        parents = {platform.registry.get(name).parent_id for name in names}
     finally:
         platform.close()
-    return names
+    assert len(parents) == 1 and None not in parents, f"the adapters adapt different bases: {parents}"
+    return names, str(parents.pop())
 
 
 def original_gguf(home: Path) -> Path:
@@ -322,11 +326,11 @@ def run_adapters(
     model on the very same prompts (outputs and their lengths vary with the prompts, so the ratio
     compares like with like), ``repeats`` times in turn. Prefix caching is off on this server so
     the same prompts can be sent again without being served from the cache."""
-    names = make_adapters(home, max(counts), 8, targets)
+    names, base = make_adapters(home, max(counts), 8, targets)
     proc, url = start_server(home, {"LLMOS_PREFIX_CACHE_MB": "0"})
     rows: dict[str, dict[str, Any]] = {}
     try:
-        stream_chat(url, MODEL, chats[WARM_UP], 4)  # load the model before timing
+        stream_chat(url, base, chats[WARM_UP], 4)  # load the model before timing
         offset = ADAPTER_OFFSET
         for n in counts:
             batch = chats[offset : offset + max(2 * clients, n)]  # two waves of clients
@@ -334,7 +338,7 @@ def run_adapters(
             for run in range(1, repeats + 1):
                 suffix = f", {clients} clients" + (f", run {run}" if repeats > 1 else "")
                 base_key = f"llmos, same prompts as {n} adapter(s){suffix}"
-                rows[base_key] = drive(url, proc.pid, lambda _: MODEL, batch, clients, max_tokens)
+                rows[base_key] = drive(url, proc.pid, lambda _: base, batch, clients, max_tokens)
                 load_s = 0.0
                 if run == 1:  # load them first: steady-state serving is measured, loading reported apart
                     t0 = time.perf_counter()
