@@ -1,6 +1,7 @@
 """Only compute threads run torch on several cores: helper threads use one, encoder forward passes
 all run on the one shared compute thread, and a chat model's engine thread uses the configured
-count (see llmos.engine.threads for why a second OpenMP team slows every decode step)."""
+count; compute threads end when idle (see llmos.engine.threads for why a second OpenMP team
+slows every decode step)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,50 @@ def test_the_engine_thread_uses_the_compute_thread_count(tiny_chat_dir: Path) ->
         assert done.wait(60)
     runner.close()
     assert counts and set(counts) == {threads.compute_threads()}
+
+
+def test_the_encoders_compute_thread_ends_when_idle_and_work_starts_another() -> None:
+    """An idle compute thread would keep its OpenMP team alive and slow the chat models' steps."""
+    compute = threads._ComputeThread(idle_exit_s=0.05)
+    first, count = compute.run(lambda: (threading.current_thread(), torch.get_num_threads()))
+    assert count == threads.compute_threads() and compute.threads_started == 1
+    assert compute.run(lambda: threading.current_thread()) is first  # busy: the same thread
+    first.join(timeout=5)
+    assert not first.is_alive()
+    second = compute.run(lambda: threading.current_thread())
+    assert second is not first and compute.threads_started == 2
+    try:
+        compute.run(lambda: 1 // 0)
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("the work's exception reaches its caller")
+
+
+def test_an_idle_engine_thread_ends_and_the_next_request_starts_another(tiny_chat_dir: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr("llmos.engine.torch_backend.causal.IDLE_EXIT_S", 0.05)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    runner = CausalRunner(model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128)
+
+    def generate(request_id: str) -> list[int]:
+        tokens: list[int] = []
+        done = threading.Event()
+
+        def sink(delta: GenerationDelta) -> None:
+            tokens.extend(delta.token_ids)
+            if delta.finish_reason is not None:
+                done.set()
+
+        greedy = SamplingParams(max_tokens=4, temperature=0.0)
+        runner.submit(GenerationRequest(request_id, "m", [5, 6, 7], greedy), sink)
+        assert done.wait(60)
+        return tokens
+
+    first = generate("a")
+    thread = runner._thread
+    assert thread is not None
+    thread.join(timeout=5)
+    assert not thread.is_alive() and runner._thread is None  # ended idle
+    assert generate("b") == first and runner.threads_started == 2  # a new thread, the same answer
+    runner.close()
+    assert runner._thread is None or not runner._thread.is_alive()

@@ -23,7 +23,7 @@ from llmos.engine.admission import cache_exceeded
 from llmos.engine.choices import Streamer, abort_delta, batch_sampling, eos_ids, error_delta
 from llmos.engine.detokenize import IncrementalText
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
-from llmos.engine.threads import enter_compute_thread
+from llmos.engine.threads import IDLE_EXIT_S, enter_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
 from llmos.engine.torch_backend.kv_cache import cache_argument, truncate
@@ -130,7 +130,17 @@ class CausalRunner:
         self.crashed: BaseException | None = None
         """Why the engine thread died, if it did; its requests are then failed by whoever watches it."""
         self.on_crash: Callable[[BaseException], None] | None = None
-        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        # The engine thread ends after IDLE_EXIT_S with nothing to do and the next request starts
+        # another: an idle thread's OpenMP team would slow every other compute thread's (threads.py).
+        self._thread_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.threads_started = 0
+        self._start_thread()
+
+    def _start_thread(self) -> None:
+        """Start the engine thread (``_thread_lock`` held, or before anyone else can submit)."""
+        self.threads_started += 1
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
 
     @property
@@ -158,6 +168,9 @@ class CausalRunner:
         """Queue a request; ``adapter`` (acquired from ``self.lora`` by the caller) applies to its
         rows, ``virtual`` tokens go before its prompt. Call ``check_fits`` first."""
         self._queue.put(request.tenant, _Pending(request, sink, adapter, virtual, self._reservation(request, virtual)))
+        with self._thread_lock:
+            if self._thread is None and not self._closing:  # it ended idle: this request starts one
+                self._start_thread()
 
     def _reservation(self, request: GenerationRequest, virtual: VirtualTokens | None) -> int:
         lead = virtual.length if virtual else 0
@@ -178,9 +191,26 @@ class CausalRunner:
         return self._active > 0 or not self._queue.empty() or bool(self._prefilling) or self.share.parked is not None
 
     def close(self) -> None:
-        self._queue.put(_CLOSE, None)
-        self._thread.join(timeout=30)
+        with self._thread_lock:
+            thread = self._thread
+            if thread is None:  # ended idle: nothing runs, nothing will
+                self._closing = True
+        if thread is not None:
+            self._queue.put(_CLOSE, None)
+            thread.join(timeout=30)
+        if thread is None or not thread.is_alive():
+            self._abort_queued()
         self._stop_fuser()
+
+    def _abort_queued(self) -> None:
+        """End the requests still queued at close (none was admitted, so each gets its abort)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except Empty:
+                return
+            if item is not None:
+                self._fail_abort(item)
 
     def _stop_fuser(self) -> None:
         """Stop the lean step's helper thread, which holds the model (so that it can be freed)."""
@@ -216,7 +246,10 @@ class CausalRunner:
             held = self.share.held(state)
             for prefilling in self._prefilling:
                 held[prefilling.pending.request.tenant] += prefilling.pending.request.params.n
-            for pending in self._collect(block=idle, running=state, held=held):
+            collected = self._collect(block=idle, running=state, held=held)
+            if idle and not collected and not self._closing and self._end_if_idle():
+                return
+            for pending in collected:
                 job = self._start_prefill(pending)
                 if job is not None:
                     self._prefilling.append(job)
@@ -247,6 +280,15 @@ class CausalRunner:
         for job in self._prefilling:
             self._fail_abort(job.pending)
 
+    def _end_if_idle(self) -> bool:
+        """Whether this thread ends now: nothing is queued (a request queued after this check
+        starts a new thread, see ``submit``)."""
+        with self._thread_lock:
+            if not self._queue.empty():
+                return False
+            self._thread = None
+            return True
+
     def _collect(self, *, block: bool, running: BatchState[_Row] | None, held: Counter[str]) -> list[_Pending]:
         """Requests to admit now: when idle, wait for one and then ``batch_wait`` for company;
         when busy, take only what is already waiting and fits: in rows, in the cache budget and
@@ -261,8 +303,8 @@ class CausalRunner:
         deadline = time.monotonic() + self.batch_wait_s
         while len(reserved) < self.max_batch_size:
             try:
-                if block and not taken:
-                    item = self._queue.get(timeout=None, skip=full)
+                if block and not taken:  # idle: wait for work, ending the thread if none comes
+                    item = self._queue.get(timeout=IDLE_EXIT_S, skip=full)
                 elif block:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()), skip=full)
                 else:
