@@ -32,13 +32,14 @@ def test_without_a_working_compiler_the_torch_path_is_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("LLMOS_KERNEL_DIR", str(tmp_path / "kernels"))
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    monkeypatch.setattr(native.tempfile, "tempdir", None)  # TMPDIR read again
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
     with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert native._build_and_load("lora_expand") is None
     assert "could not be built" in caplog.text and "PyTorch path" in caplog.text
     assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))  # nothing half-written kept
+    assert not list((tmp_path / "tmp").iterdir())  # nor the private directory it tried
 
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     caplog.clear()
@@ -50,3 +51,19 @@ def test_without_a_working_compiler_the_torch_path_is_kept(
 def test_the_kernel_is_offered_only_for_the_dtypes_it_has() -> None:
     assert LoraExpand.load(torch.float16) is None
     assert LoraExpand.load(torch.bfloat16) is not None, "the native kernel did not build (is cc installed?)"
+
+
+def test_a_kernel_is_never_loaded_from_a_directory_others_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could have put a library there under the expected name
+    monkeypatch.setenv("LLMOS_KERNEL_DIR", str(shared))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert native._build_and_load("lora_expand") is not None
+    assert not list(shared.iterdir())  # built in a private directory instead
+    private = [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("llmos-kernels-")]
+    assert len(private) == 1 and private[0].stat().st_mode & 0o077 == 0
+    assert [p.suffix for p in private[0].iterdir()] == [".so"]

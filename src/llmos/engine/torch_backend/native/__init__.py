@@ -1,7 +1,8 @@
 """Small C kernels the engine compiles on first use, for this machine's CPU.
 
 A kernel is one C file beside this module, built with the system's C compiler into a shared
-library under the kernel cache (``LLMOS_KERNEL_DIR``, else ``~/.cache/llmos/kernels``) and loaded
+library under the kernel cache (``LLMOS_KERNEL_DIR``, else ``~/.cache/llmos/kernels``; only if
+this user alone may write there, else a fresh private temporary directory) and loaded
 with ctypes: a plain C library needs neither Python's headers nor torch's, builds in well under a
 second, and is chosen for the CPU it runs on (vector width). The file's name carries a hash of the
 source, the compiler and its flags, so an upgrade or another machine's CPU gets its own build;
@@ -79,18 +80,35 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
         return None
     flags = ["-O3", "-std=c11", "-shared", "-fPIC", *cpu_flags()]
     digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    for directory in (cache_dir(), Path(tempfile.gettempdir()) / "llmos-kernels"):
-        library = directory / f"{name}-{digest}.so"
+    for directory in (cache_dir(), None):
+        fresh = None
         try:
+            # A library is loaded only from a directory no one else may write to (a shared one
+            # would let another user plant code under the predictable name); failing that, from
+            # a fresh private directory, built anew each process.
+            if directory is None or not _private(directory):
+                directory = fresh = Path(tempfile.mkdtemp(prefix="llmos-kernels-"))
+            library = directory / f"{name}-{digest}.so"
             if not library.exists():
-                directory.mkdir(parents=True, exist_ok=True)
                 _compile(compiler, flags, source, library)
             return ctypes.CDLL(str(library))
         except (OSError, subprocess.SubprocessError) as exc:
             reason = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
             log.warning("the %s kernel could not be built in %s (%s)", name, directory, str(reason).strip()[:500])
+            if fresh is not None:
+                shutil.rmtree(fresh, ignore_errors=True)
     log.warning("the %s kernel is not used: its PyTorch path is", name)
     return None
+
+
+def _private(directory: Path) -> bool:
+    """Whether ``directory`` exists (created if need be) owned by this user, writable by no one else."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        status = directory.stat()
+    except OSError:
+        return False
+    return status.st_uid == os.getuid() and not status.st_mode & 0o022
 
 
 def _compile(compiler: str, flags: list[str], source: Path, library: Path) -> None:
