@@ -110,5 +110,10 @@ def test_an_idle_engine_thread_ends_and_the_next_request_starts_another(tiny_cha
     thread.join(timeout=5)
     assert not thread.is_alive() and runner._thread is None  # ended idle
     assert generate("b") == first and runner.threads_started == 2  # a new thread, the same answer
-    runner.close()
-    assert runner._thread is None or not runner._thread.is_alive()
+    thread = runner._thread
+    assert thread is not None
+    thread.join(timeout=5)
+    runner.close()  # after it ended idle: nothing to stop, and no thread starts again
+    ended: list[GenerationDelta] = []
+    runner.submit(GenerationRequest("late", "m", [5, 6, 7], SamplingParams(max_tokens=4)), ended.append)
+    assert [d.finish_reason for d in ended] == ["abort"] and runner._thread is None

@@ -167,10 +167,15 @@ class CausalRunner:
     ) -> None:
         """Queue a request; ``adapter`` (acquired from ``self.lora`` by the caller) applies to its
         rows, ``virtual`` tokens go before its prompt. Call ``check_fits`` first."""
-        self._queue.put(request.tenant, _Pending(request, sink, adapter, virtual, self._reservation(request, virtual)))
+        pending = _Pending(request, sink, adapter, virtual, self._reservation(request, virtual))
         with self._thread_lock:
-            if self._thread is None and not self._closing:  # it ended idle: this request starts one
-                self._start_thread()
+            closed = self._closing
+            if not closed:
+                self._queue.put(request.tenant, pending)
+                if self._thread is None:  # it ended idle: this request starts one
+                    self._start_thread()
+        if closed:
+            self._fail_abort(pending)
 
     def _reservation(self, request: GenerationRequest, virtual: VirtualTokens | None) -> int:
         lead = virtual.length if virtual else 0
@@ -191,12 +196,11 @@ class CausalRunner:
         return self._active > 0 or not self._queue.empty() or bool(self._prefilling) or self.share.parked is not None
 
     def close(self) -> None:
-        with self._thread_lock:
+        with self._thread_lock:  # no request starts a thread from now on
+            self._closing = True
             thread = self._thread
-            if thread is None:  # ended idle: nothing runs, nothing will
-                self._closing = True
+        self._queue.put(_CLOSE, None)  # wakes a loop waiting for work
         if thread is not None:
-            self._queue.put(_CLOSE, None)
             thread.join(timeout=30)
         if thread is None or not thread.is_alive():
             self._abort_queued()
