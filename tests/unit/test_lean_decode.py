@@ -246,6 +246,24 @@ def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_chat_dir: Path
     decode([4, 7], steps=2)
 
 
+def test_the_kernel_step_with_adapters_on_some_projections_only(tiny_chat_dir: Path) -> None:
+    """Adapters of q and v only: the other groups' products have no A rows, and a fused step
+    that adds q/k/v's by the kernel leaves them as the base computes them."""
+    model = _model(tiny_chat_dir, torch.float32)
+    decoder = _lean(model, native=True)
+    lora = LoraBank(model, 1 << 20)
+    for i, name in enumerate(("a", "b")):
+        lora.acquire(
+            name,
+            lambda shapes, name=name, i=i: _random_adapter(
+                {n: s for n, s in shapes.items() if n.endswith(("q_proj", "v_proj"))}, name, 4, seed=i
+            ),
+        )
+    decoder.refresh(lora.view)
+    lora.prepare(["a", None, "b"])
+    _decode_both(model, decoder, lora, [4, 7, 5], steps=3, float32_tolerance=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_expand_adds_each_rows_own_adapter(dtype: torch.dtype) -> None:
     """The kernel against the masked products it replaces, on a group of three parts with rows of

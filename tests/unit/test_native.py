@@ -63,7 +63,26 @@ def test_a_kernel_is_never_loaded_from_a_directory_others_may_write(
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
     assert native._build_and_load("lora_expand") is not None
-    assert not list(shared.iterdir())  # built in a private directory instead
-    private = [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("llmos-kernels-")]
-    assert len(private) == 1 and private[0].stat().st_mode & 0o077 == 0
-    assert [p.suffix for p in private[0].iterdir()] == [".so"]
+    assert not list(shared.iterdir())  # built in a private directory instead, removed once loaded
+    assert not list((tmp_path / "tmp").iterdir())
+    made: list[Path] = []
+    mkdtemp = native.tempfile.mkdtemp
+
+    def recording(**kwargs: str) -> str:
+        made.append(Path(mkdtemp(**kwargs)))
+        return str(made[-1])
+
+    monkeypatch.setattr(native.tempfile, "mkdtemp", recording)
+    monkeypatch.setattr(native, "_compile", lambda *args: (_ for _ in ()).throw(OSError("stop here")))
+    assert native._build_and_load("lora_expand") is None
+    assert made and all(not p.exists() for p in made)
+
+
+def test_an_unexpected_failure_falls_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("LLMOS_KERNEL_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(native.Path, "home", staticmethod(no_home))
+    assert native._build_and_load("lora_expand") is None

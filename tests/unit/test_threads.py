@@ -117,3 +117,24 @@ def test_an_idle_engine_thread_ends_and_the_next_request_starts_another(tiny_cha
     ended: list[GenerationDelta] = []
     runner.submit(GenerationRequest("late", "m", [5, 6, 7], SamplingParams(max_tokens=4)), ended.append)
     assert [d.finish_reason for d in ended] == ["abort"] and runner._thread is None
+
+
+def test_a_compute_thread_that_cannot_start_fails_its_call_and_the_next_call_starts_one(monkeypatch: Any) -> None:
+    compute = threads._ComputeThread(idle_exit_s=0.05)
+    start = threading.Thread.start
+    attempts: list[int] = []
+
+    def start_failing_once(self: threading.Thread) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_failing_once)
+    try:
+        compute.run(lambda: 1)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the failed start reaches the caller")
+    assert compute.run(lambda: 2) == 2 and compute.threads_started == 1  # nothing stranded

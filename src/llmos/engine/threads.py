@@ -94,9 +94,13 @@ class _ComputeThread:
             if self._serving:
                 self._more.notify()
             else:
+                try:
+                    threading.Thread(target=self._serve, name="engine-compute", daemon=True).start()
+                except BaseException:
+                    self._work.pop()  # not queued after all: the next call tries to start one again
+                    raise
                 self._serving = True
                 self.threads_started += 1
-                threading.Thread(target=self._serve, name="engine-compute", daemon=True).start()
         return cast(T, future.result())
 
     def _serve(self) -> None:

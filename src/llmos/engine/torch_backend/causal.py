@@ -138,10 +138,12 @@ class CausalRunner:
         self._start_thread()
 
     def _start_thread(self) -> None:
-        """Start the engine thread (``_thread_lock`` held, or before anyone else can submit)."""
+        """Start the engine thread (``_thread_lock`` held, or before anyone else can submit). If
+        it cannot start, the error reaches the caller and the next ``submit`` tries again."""
+        thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+        thread.start()
+        self._thread = thread
         self.threads_started += 1
-        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
-        self._thread.start()
 
     @property
     def adapter_copy_bytes(self) -> int:
@@ -226,8 +228,8 @@ class CausalRunner:
         """The engine thread. A failed step fails its rows and the loop goes on; anything that
         escapes the loop itself kills the thread, and ``on_crash`` is told so it can fail what
         was in flight and start a fresh runner."""
-        enter_compute_thread()
         try:
+            enter_compute_thread()
             self._loop()
         except BaseException as exc:
             log.critical("the engine loop of %s crashed", self.name, exc_info=exc)

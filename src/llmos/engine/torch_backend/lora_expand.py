@@ -81,9 +81,9 @@ class LoraExpand:
             return False
         rows = full.numel() // full.shape[-1]
         first, count = self._rows
-        assert full.dtype == self.dtype and full.stride(-1) == 1 and rows == first.shape[0]
+        assert full.dtype == self.dtype and full.is_contiguous() and rows == first.shape[0]
         hoff, ostart, owidth, bt = call.addresses
-        data, width = full.data_ptr(), full.shape[-1]
+        data, width = full.data_ptr(), full.stride(0)
         self._entry(rows, call.parts, data, width, hoff, ostart, owidth, bt, first.data_ptr(), count.data_ptr())
         return True
 
@@ -97,6 +97,7 @@ def _call(view: BankView, out: int, layout: list[tuple[str, int]]) -> _Call | No
     for name, width in layout:
         ab = view.weights.get(name)
         if ab is not None:
+            assert ab[1].dtype == view.dtype, "one dtype for the bank's matrices"
             # The bank stores B column by column, so B.T is (columns, out) as it lies in memory.
             bt = ab[1].T if ab[1].T.is_contiguous() else ab[1].T.contiguous()
             offsets.append(out + len(matrices) * view.width)

@@ -118,8 +118,12 @@ class LoraGroups:
         if self._view is not view:  # adapters loaded or dropped: every copy is stale
             self._view = view
             self._built.clear()
+            self._groups = []
+            self.copy_bytes = 0
             self._decode = ()
-        self._expanding = decode and fused and self.expand is not None and rows <= MAX_ROWS
+        self._expanding = (
+            decode and fused and self.expand is not None and rows <= MAX_ROWS and view.dtype == self.expand.dtype
+        )
         if self._expanding:
             assert self.expand is not None
             self.expand.prepare(view, mask, rows)
@@ -177,6 +181,8 @@ class LoraGroups:
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> torch.Tensor:
         """``y`` plus the adapters of the group's product of ``x``."""
+        if self._expanding:  # a fused pass: a group without A rows in its product has no adapter
+            return y
         found = self._groups[layer].get(group)
         if found is None:
             return y

@@ -73,6 +73,14 @@ def _compiler() -> str | None:
 
 
 def _build_and_load(name: str) -> ctypes.CDLL | None:
+    try:
+        return _build_and_load_unguarded(name)
+    except Exception:  # a kernel is an optimisation: never the reason a model fails to load
+        log.warning("the %s kernel is not used (unexpected failure): its PyTorch path is", name, exc_info=True)
+        return None
+
+
+def _build_and_load_unguarded(name: str) -> ctypes.CDLL | None:
     source = SOURCES / f"{name}.c"
     compiler = _compiler()
     if compiler is None:
@@ -95,7 +103,8 @@ def _build_and_load(name: str) -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError) as exc:
             reason = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
             log.warning("the %s kernel could not be built in %s (%s)", name, directory, str(reason).strip()[:500])
-            if fresh is not None:
+        finally:
+            if fresh is not None:  # a loaded library stays mapped: its file is not needed
                 shutil.rmtree(fresh, ignore_errors=True)
     log.warning("the %s kernel is not used: its PyTorch path is", name)
     return None
