@@ -68,6 +68,15 @@ class FairQueue(Generic[T]):
     def get_nowait(self, *, skip: Collection[str] = ()) -> T:
         return self.get(timeout=0, skip=skip)
 
+    def drain(self) -> list[T]:
+        """Everything queued, in tenant round-robin order, leaving the queue empty."""
+        drained = []
+        while True:
+            try:
+                drained.append(self.get_nowait())
+            except Empty:
+                return drained
+
     def empty(self) -> bool:
         with self._cond:
             return self._size == 0

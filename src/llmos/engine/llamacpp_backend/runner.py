@@ -239,11 +239,7 @@ class LlamaCppRunner:
                 row.pending.sink(abort_delta(row.index))
         for job in self._prefilling:
             self._end(job.pending, abort_delta)
-        while True:  # requests queued behind the close get their end too
-            try:
-                item = self._queue.get_nowait()
-            except Empty:
-                break
+        for item in self._queue.drain():  # requests queued behind the close get their end too
             if item is not None:
                 self._end(item, abort_delta)
 

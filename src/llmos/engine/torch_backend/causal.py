@@ -210,11 +210,7 @@ class CausalRunner:
 
     def _abort_queued(self) -> None:
         """End the requests still queued at close (none was admitted, so each gets its abort)."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except Empty:
-                return
+        for item in self._queue.drain():
             if item is not None:
                 self._fail_abort(item)
 

@@ -79,7 +79,7 @@ class LoraExpand:
             call = self._calls[key] = _call(self._view, out, layout)
         if call is None:
             return False
-        rows = full.numel() // full.shape[-1]
+        rows = full.shape[0]
         first, count = self._rows
         assert full.dtype == self.dtype and full.is_contiguous() and rows == first.shape[0]
         hoff, ostart, owidth, bt = call.addresses
@@ -99,7 +99,7 @@ def _call(view: BankView, out: int, layout: list[tuple[str, int]]) -> _Call | No
         if ab is not None:
             assert ab[1].dtype == view.dtype, "one dtype for the bank's matrices"
             # The bank stores B column by column, so B.T is (columns, out) as it lies in memory.
-            bt = ab[1].T if ab[1].T.is_contiguous() else ab[1].T.contiguous()
+            bt = ab[1].T.contiguous()
             offsets.append(out + len(matrices) * view.width)
             starts.append(start)
             widths.append(width)
