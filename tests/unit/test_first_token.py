@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
 from llmos.engine.torch_backend import causal, prefill
@@ -75,9 +75,27 @@ def test_first_tokens_stream_right_after_each_prefill(tiny_chat_dir: Path, monke
         _generate(runner, [(p, SamplingParams(max_tokens=6, temperature=0.0)) for p in PROMPTS], events)
     finally:
         runner.close()
-    assert [e for e in events if e[1] == "r0"][:2] == [("prefilled", "r0"), ("first token", "r0")]
-    assert events.index(("first token", "r0")) < events.index(("prefilled", "r1"))
-    assert events.index(("first token", "r1")) < events.index(("prefilled", "r3"))
+    prefilled = [rid for kind, rid in events if kind == "prefilled"]
+    assert prefilled == ["r2", "r0", "r3", "r1"]  # fewest prompt tokens first (prefill_order)
+    for rid in prefilled:  # each first token streams before the next prompt's prefill ends
+        assert events[events.index(("prefilled", rid)) + 1] == ("first token", rid)
+
+
+def _job(tokens: int, admitted: int) -> prefill.Prefill:
+    return prefill.Prefill(pending=None, prompt=[0] * tokens, lead=0, cache=DynamicCache(), done=0, admitted=admitted)
+
+
+def test_prefill_order_is_shortest_first_and_no_prompt_starves() -> None:
+    long, first, second = _job(300, 0), _job(40, 0), _job(40, 0)
+    assert prefill.prefill_order([long, first, second], 100) == [first, second, long]  # ties: arrival order
+    # Later arrivals overtake a long prompt only while it has waited fewer passes than its
+    # remaining tokens fill: at a 100-token budget, 300 tokens are overtaken by prompts admitted
+    # in the next two passes, not by later ones.
+    assert prefill.prefill_order([long, _job(10, 2)], 100)[0] is not long
+    assert prefill.prefill_order([long, _job(10, 3)], 100)[0] is long
+    long.done = 250  # a chunk done: what remains counts
+    assert prefill.prefill_order([long, _job(10, 0)], 100)[0] is not long
+    assert prefill.prefill_order([long, _job(60, 0)], 100)[0] is long
 
 
 def test_a_burst_generates_what_each_request_generates_alone(runner: CausalRunner) -> None:

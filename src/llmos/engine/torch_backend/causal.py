@@ -29,7 +29,7 @@ from llmos.engine.torch_backend.kv_budget import KvBudget
 from llmos.engine.torch_backend.kv_cache import cache_argument, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
-from llmos.engine.torch_backend.prefill import Prefill, run_packed
+from llmos.engine.torch_backend.prefill import Prefill, prefill_order, run_packed
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
 from llmos.engine.torch_backend.tenant_share import TenantShare
 from llmos.engine.torch_backend.virtual_tokens import (
@@ -126,6 +126,7 @@ class CausalRunner:
         self._prefilling: deque[Prefill] = deque()
         self.tokens_generated = 0  # every token computed, including for requests later aborted
         self.prefills = 0
+        self._prefill_passes = 0  # _advance_prefills calls that computed anything (prefill_order's clock)
         self.peak_rows = 0  # the most rows ever decoded in one step
         self.crashed: BaseException | None = None
         """Why the engine thread died, if it did; its requests are then failed by whoever watches it."""
@@ -238,9 +239,9 @@ class CausalRunner:
         """Admit waiting requests between decode steps, prefill at most ``prefill_budget`` prompt
         tokens, then advance every running row by one token.
 
-        Prompts are prefilled one request at a time (no padding wasted on uneven lengths), in
-        chunks: admitting a crowd, or one very long prompt, delays the running rows by one bounded
-        pause per step, not by every newcomer's whole prompt at once.
+        Prompts are prefilled in chunks, fewest remaining tokens first (``prefill_order``):
+        admitting a crowd, or one very long prompt, delays the running rows by one bounded pause
+        per step, not by every newcomer's whole prompt at once.
         """
         state: BatchState[_Row] | None = None
         while not self._closing:
@@ -364,7 +365,9 @@ class CausalRunner:
             lead = pending.virtual.length if pending.virtual else 0
             hit = self.prefix_cache.lookup(pending.scope, prompt, lead=lead)
             start, states = hit if hit is not None else (0, self._virtual_states(pending.virtual))
-            return Prefill.start(pending, self.model.config, prompt, lead, start, states)
+            job = Prefill.start(pending, self.model.config, prompt, lead, start, states)
+            job.admitted = self._prefill_passes
+            return job
         except Exception as exc:
             log.exception("prefill failed on %s", self.name)
             self._fail([pending], exc)
@@ -372,12 +375,12 @@ class CausalRunner:
 
     @torch.inference_mode()
     def _advance_prefills(self) -> list[BatchState[_Row]]:
-        """Run up to ``prefill_budget`` prompt tokens of the jobs in order; the finished ones
+        """Run up to ``prefill_budget`` prompt tokens of the jobs in ``prefill_order``; the finished ones
         become batches of their rows, and stream their first tokens at once. A failure fails only
         the request at fault: a packed pass that fails is rolled back and its prompts are run
         again one by one."""
         budget, planned = self.prefill_budget, []
-        for job in list(self._prefilling):
+        for job in prefill_order(self._prefilling, self.prefill_budget):
             if budget <= 0:
                 break
             if self._take_abort(job.pending.request.request_id, job.pending):
@@ -389,6 +392,7 @@ class CausalRunner:
         # With the lean layers every chunk runs in one packed pass, each token with its prompt's
         # adapter; without them, one pass a prompt through the model's forward.
         passes = [planned] if self.decoder is not None and planned else [[p] for p in planned]
+        self._prefill_passes += bool(planned)
         finished = []
         while passes:
             group = passes.pop(0)

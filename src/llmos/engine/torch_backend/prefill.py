@@ -8,6 +8,7 @@ live in the job's own cache; the last chunk's logits choose the first token.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class Prefill:
     cache: DynamicCache
     done: int  # prompt tokens whose states are in ``cache`` (cached prefix included)
     logits: torch.Tensor | None = None  # (1, vocab) after the last chunk
+    admitted: int = 0  # the runner's prefill pass count when the job was admitted (``prefill_order``)
 
     @classmethod
     def start(cls, pending: Any, config: Any, prompt: list[int], lead: int, start: int, states: States) -> Prefill:
@@ -53,6 +55,20 @@ class Prefill:
         )
         self.done = end
         self.logits = out.logits[:, -1, :].float()
+
+
+def prefill_order(jobs: Iterable[Prefill], budget: int) -> list[Prefill]:
+    """The order in which waiting prompts get prefill tokens: fewest remaining first, each pass
+    a job waits counting as ``budget`` tokens fewer.
+
+    A crowd of requests arriving together (a burst of clients) gets its first tokens far sooner
+    on median this way than first come, first served: each pass's ``budget`` tokens finish as
+    many prompts as they can instead of one long prompt's chunk delaying the short ones behind
+    it (16 requests of 20-70 tokens at a 256-token budget: 8 first tokens after the first pass
+    instead of 5). The ageing bounds the wait: a job of ``n`` remaining tokens is overtaken by
+    later arrivals for at most ``n / budget`` passes, so no prompt starves behind a stream of
+    shorter ones. Ties keep arrival order."""
+    return sorted(jobs, key=lambda job: job.remaining + budget * job.admitted)
 
 
 def run_packed(decoder: Any, planned: list[tuple[Prefill, int]], lora: Any = None) -> None:
