@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from llmos.engine.torch_backend import lean_decode
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import SDPA_MAX_POSITIONS, LeanDecoder
@@ -331,6 +332,37 @@ def test_fused_matrices_follow_the_resident_adapters(tiny_chat_dir: Path) -> Non
     assert fused.covers(lora.view)  # only dropped: b's columns are never selected
     lora.acquire("b", load["b"])
     assert lora.view.spans["b"] == fused.spans["b"] and not fused.covers(lora.view)
+    decoder.fuser.close()
+
+
+def test_idle_adapters_give_the_plain_matrices_back(tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused ``A`` rows slow base rows too: after ``UNFUSE_AFTER_STEPS`` decode steps without an
+    adapter the plain matrices are built again, and the next adapter step asks for fused ones."""
+    monkeypatch.setattr(lean_decode, "UNFUSE_AFTER_STEPS", 3)
+    model = _model(tiny_chat_dir, torch.bfloat16)
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None and decoder.fuser is not None
+    lora = LoraBank(model, 1 << 20)
+    lora.acquire("a", lambda shapes: _random_adapter(shapes, "a", 4, seed=1, dtype=torch.bfloat16))
+    decoder.fuser.want(lora.view)
+    assert decoder.fuser.wait() and decoder.weights.covers(lora.view)
+    (cache, _), attention, positions = _padded_batch(model, [4], seed=0)
+    tokens = torch.tensor([5])
+
+    def step(adapter: str | None) -> None:
+        nonlocal attention, positions
+        attention = torch.cat([attention, torch.ones((1, 1), dtype=torch.long)], 1)
+        lora.prepare([adapter])
+        decoder(tokens, positions, attention, cache, lora.context)
+        positions = positions + 1
+
+    for _ in range(2):
+        step(None)
+    assert decoder.fuser.wait() and decoder.weights.width  # not yet: two steps
+    step(None)
+    assert decoder.fuser.wait() and decoder.weights.width == 0  # the plain matrices, published
+    step("a")  # the adapter's step runs apart and asks for the fused matrices again
+    assert decoder.fuser.wait() and decoder.weights.covers(lora.view)
     decoder.fuser.close()
 
 

@@ -47,6 +47,12 @@ SDPA_MAX_POSITIONS = 128
 # rank-8 adapters (256 columns): fused 103-143 tokens/s in four runs against 87-104 in six unfused
 # (before the kernel, in process, fused was the slower: 61 against 58 ms a step).
 FUSE_MAX_COLUMNS = 256
+# Fused A rows slow every product, base rows' too (32 resident adapters: the base's 16-client
+# throughput fell by about a quarter), so after this many decode steps in a row without an
+# adapter (half a minute of base-only traffic or more) the plain matrices are built again; the
+# next adapter request asks for the fused ones (until they are published it computes its A
+# products apart). A rebuild takes 0.1-0.2 s of one core on the builder's thread (SmolLM2, 32 adapters).
+UNFUSE_AFTER_STEPS = 1024
 
 
 @dataclass
@@ -158,6 +164,7 @@ class LeanDecoder:
         self.can_fuse = all(m.packed is not None for layer in self.weights.layers for m in layer.values())
         # None: no background builds (tests choose the path with ``refresh``).
         self.fuser: GenerationBuilder | None = GenerationBuilder(self._generation, self._publish)
+        self._plain_steps = 0  # decode steps in a row without adapters over fused products
 
     def _generation(self, view: BankView) -> Generation:
         return build_generation(self._base, self.layout, view)
@@ -221,8 +228,15 @@ class LeanDecoder:
         weights = self.weights
         adapters = lora is not None and lora.active
         fused = False
-        if not adapters and weights.width and self.fuser is not None and lora is not None and not lora.view.spans:
-            self.fuser.want(EMPTY_VIEW)  # every adapter gone: no more A rows in the products
+        if adapters:
+            self._plain_steps = 0
+        elif decode and weights.width:
+            self._plain_steps += 1
+        if not adapters and weights.width and self.fuser is not None and lora is not None:
+            if not lora.view.spans:
+                self.fuser.want(EMPTY_VIEW)  # every adapter gone: no more A rows in the products
+            elif self._plain_steps >= UNFUSE_AFTER_STEPS:
+                self.fuser.want(EMPTY_VIEW)  # adapters resident but idle: plain products again
         if adapters:
             view = lora.view
             fused = weights.covers(view)
