@@ -4,6 +4,7 @@ are prefilled, and what it generates does not depend on that (same tokens, same 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,36 @@ def test_first_tokens_stream_right_after_each_prefill(tiny_chat_dir: Path, monke
     assert prefilled == ["r2", "r0", "r3", "r1"]  # fewest prompt tokens first (prefill_order)
     for rid in prefilled:  # each first token streams before the next prompt's prefill ends
         assert events[events.index(("prefilled", rid)) + 1] == ("first token", rid)
+
+
+def test_an_idle_loop_waits_batch_wait_for_company(tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request arriving at an idle engine waits ``batch_wait`` for others from its arrival on
+    (not from when the loop began waiting), so requests arriving together share a pass."""
+    passes: list[list[str]] = []
+    packed = causal.run_packed
+
+    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]], lora: object = None) -> None:
+        passes.append([job.pending.request.request_id for job, _ in planned])
+        packed(decoder, planned, lora)
+
+    monkeypatch.setattr(causal, "run_packed", recording)
+    runner = _runner(tiny_chat_dir)  # batch_wait 0.5 s
+    try:
+        time.sleep(0.7)  # the loop is idle, waiting for work (longer than the batch wait)
+        done = threading.Semaphore(0)
+
+        def sink(delta: GenerationDelta) -> None:
+            if delta.finish_reason is not None:
+                done.release()
+
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        runner.submit(GenerationRequest("first", "m", PROMPTS[0], params), sink)
+        time.sleep(0.1)  # within the batch wait of the first's arrival
+        runner.submit(GenerationRequest("second", "m", PROMPTS[1], params), sink)
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        runner.close()
+    assert passes[0] == ["first", "second"]
 
 
 def _job(tokens: int, admitted: int) -> prefill.Prefill:

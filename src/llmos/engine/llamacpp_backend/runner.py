@@ -248,11 +248,12 @@ class LlamaCppRunner:
         waiting and fits: in rows and in cache cells (every running choice's reservation)."""
         rows = (len(self._batch.rows) if self._batch else 0) + sum(len(j.seqs) for j in self._prefilling)
         taken: list[_Pending] = []
-        deadline = time.monotonic() + self.batch_wait_s
+        deadline = time.monotonic()
         while rows < self.max_batch_size:
             try:
                 if block and not taken:
                     item = self._queue.get(timeout=None)
+                    deadline = time.monotonic() + self.batch_wait_s  # company is waited for from now
                 elif block:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 else:

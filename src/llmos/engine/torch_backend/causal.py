@@ -303,11 +303,12 @@ class CausalRunner:
         caps = self.share.caps(held, self._queue.waiting())
         full = {t for t, rows in held.items() if rows >= caps.get(t, self.max_batch_size)}
         taken: list[_Pending] = []
-        deadline = time.monotonic() + self.batch_wait_s
+        deadline = time.monotonic()
         while len(reserved) < self.max_batch_size:
             try:
                 if block and not taken:  # idle: wait for work, ending the thread if none comes
                     item = self._queue.get(timeout=IDLE_EXIT_S, skip=full)
+                    deadline = time.monotonic() + self.batch_wait_s  # company is waited for from now
                 elif block:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()), skip=full)
                 else:
