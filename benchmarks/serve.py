@@ -33,6 +33,7 @@ clients only (64 would take many minutes and show nothing new).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -118,8 +119,12 @@ def stream_chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    own = client is None
-    http = httpx.Client(timeout=900) if client is None else client
+    with contextlib.ExitStack() as owned:
+        http = client if client is not None else owned.enter_context(httpx.Client(timeout=900))
+        return _timed_stream(http, url, body)
+
+
+def _timed_stream(http: httpx.Client, url: str, body: dict[str, Any]) -> Stream:
     t0 = time.perf_counter()
     first: float | None = None
     chunks, usage, finished = 0, None, False
@@ -142,8 +147,6 @@ def stream_chat(
     except httpx.HTTPError:
         finished = False
     total = time.perf_counter() - t0
-    if own:
-        http.close()
     return Stream(first if first is not None else total, total, usage if usage is not None else chunks, finished)
 
 

@@ -232,11 +232,10 @@ class LeanDecoder:
             self._plain_steps = 0
         elif decode and weights.width:
             self._plain_steps += 1
-        if not adapters and weights.width and self.fuser is not None and lora is not None:
-            if not lora.view.spans:
-                self.fuser.want(EMPTY_VIEW)  # every adapter gone: no more A rows in the products
-            elif self._plain_steps >= UNFUSE_AFTER_STEPS:
-                self.fuser.want(EMPTY_VIEW)  # adapters resident but idle: plain products again
+        # Every adapter gone, or the resident ones idle for a while: no more A rows in the products.
+        idle = lora is not None and (not lora.view.spans or self._plain_steps >= UNFUSE_AFTER_STEPS)
+        if not adapters and weights.width and self.fuser is not None and idle:
+            self.fuser.want(EMPTY_VIEW)
         if adapters:
             view = lora.view
             fused = weights.covers(view)
