@@ -66,8 +66,16 @@ def test_one_subject_over_its_limit_refuses_without_counting_the_others() -> Non
 
 def test_other_tenants_are_unaffected() -> None:
     limiter = RateLimiter(Clock())
-    limiter.admit({"tenant:a": Limits(requests_per_minute=1)})
-    limiter.admit({"tenant:b": Limits(requests_per_minute=1)})
+    limiter.admit({"tenant:a": Limits(requests_per_minute=1, max_concurrent_requests=1)})
+    with pytest.raises(RateLimitError):
+        limiter.admit({"tenant:a": Limits(requests_per_minute=1, max_concurrent_requests=1)})
+    # tenant a is at both of its limits; tenant b's window is its own
+    lease = limiter.admit({"tenant:b": Limits(requests_per_minute=1, max_concurrent_requests=1)})
+    assert limiter.concurrent("tenant:b") == 1
+    assert limiter.concurrent("tenant:a") == 1
+    lease.release()
+    assert limiter.concurrent("tenant:b") == 0
+    assert limiter.concurrent("tenant:a") == 1
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 
 from llmos.config import Settings
 from llmos.platform import Platform
+from llmos.registry.db import MIGRATIONS_DIR, make_engine
+from llmos.registry.tables import Base
 from tests.postgres import postgres_server
 
 
@@ -33,6 +38,41 @@ def test_registry_and_keys_on_postgres(pg_url: str, tmp_path: Path, tiny_chat_di
         platform.close()
 
 
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def _schema(pg_url: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The revisions Alembic recorded and every table's columns, read from the server itself."""
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            revisions = [row[0] for row in conn.execute(text("SELECT version_num FROM alembic_version"))]
+        inspector = inspect(engine)
+        columns = {
+            table: sorted(c["name"] for c in inspector.get_columns(table)) for table in inspector.get_table_names()
+        }
+    finally:
+        engine.dispose()
+    return revisions, columns
+
+
 def test_migrations_are_idempotent_on_postgres(pg_url: str, tmp_path: Path) -> None:
-    for _ in range(2):
-        Platform.open(Settings(home=tmp_path / "home", database_url=pg_url)).close()
+    script = ScriptDirectory.from_config(_alembic_config())
+    first = Platform.open(Settings(home=tmp_path / "home", database_url=pg_url))
+    try:
+        _, key = first.keys.create("kept", scopes=("inference",))
+    finally:
+        first.close()
+    revisions, columns = _schema(pg_url)
+    assert revisions == [script.get_current_head()]
+    assert set(Base.metadata.tables) <= set(columns)
+
+    second = Platform.open(Settings(home=tmp_path / "home", database_url=pg_url))
+    try:
+        assert second.keys.verify(key).name == "kept"  # migrating again kept the rows
+    finally:
+        second.close()
+    assert _schema(pg_url) == (revisions, columns)  # and changed nothing in the schema
