@@ -2,58 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
 from llmos.api import create_app
-from llmos.engine import EmbeddingResult, FinishReason, GenerationDelta, GenerationRequest, ModelInfo
+from llmos.engine import FinishReason, GenerationDelta
+from llmos.errors import ServiceUnavailableError
 from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
+from tests.fake_engine import FakeEngine
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BODY = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
-class FailingEngine:
-    """Streams one token, then reports a failed generation."""
-
-    def __init__(self) -> None:
-        self.aborted: list[str] = []
-
-    async def model_info(self, model: str) -> ModelInfo:
-        return ModelInfo(name=model, task="chat", context_length=128, has_chat_template=True)
-
-    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
-        return [1, 2, 3]
-
-    async def encode_text(self, model: str, text: str) -> list[int]:
-        return [1, 2, 3]
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
-        yield GenerationDelta(index=0, text="Hel", token_ids=(5,))
-        yield GenerationDelta(index=0, text="", finish_reason=FinishReason.ERROR, error="boom in sampling")
-
-    async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
-        raise NotImplementedError
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    def check_capacity(self) -> None:
-        return None
-
-    async def check_health(self) -> None:
-        raise RuntimeError("engine down")
-
-    async def shutdown(self) -> None:
-        return None
+def failing_engine() -> FakeEngine:
+    """Streams one token, then reports a failed generation; its health check fails."""
+    return FakeEngine(
+        deltas=(
+            GenerationDelta(index=0, text="Hel", token_ids=(5,)),
+            GenerationDelta(index=0, text="", finish_reason=FinishReason.ERROR, error="boom in sampling"),
+        ),
+        health_error=RuntimeError("engine down"),
+    )
 
 
 @pytest.fixture
 def http(loaded_platform: Platform) -> Iterator[TestClient]:
-    with TestClient(create_app(platform=loaded_platform, engine=FailingEngine())) as client:
+    with TestClient(create_app(platform=loaded_platform, engine=failing_engine())) as client:
         yield client
 
 
@@ -78,29 +56,11 @@ def test_ready_reports_an_unhealthy_engine(http: TestClient) -> None:
     assert http.get("/health").status_code == 200
 
 
-class FullEngine(FailingEngine):
-    """At capacity: every request must be refused before the engine is asked for anything else."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked: list[str] = []
-
-    def check_capacity(self) -> None:
-        from llmos.errors import ServiceUnavailableError
-
-        raise ServiceUnavailableError("the server is at capacity; retry shortly", retry_after=1.0)
-
-    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
-        self.asked.append("encode_chat")
-        return [1]
-
-    async def model_info(self, model: str) -> ModelInfo:
-        self.asked.append("model_info")
-        return await super().model_info(model)
-
-
 def test_a_full_engine_refuses_before_any_work(loaded_platform: Platform) -> None:
-    engine = FullEngine()
+    # At capacity: every request must be refused before the engine is asked for anything else.
+    engine = FakeEngine(
+        capacity_error=ServiceUnavailableError("the server is at capacity; retry shortly", retry_after=1.0)
+    )
     with TestClient(create_app(platform=loaded_platform, engine=engine)) as client:
         for path, body in (
             ("/v1/chat/completions", BODY),
@@ -111,4 +71,17 @@ def test_a_full_engine_refuses_before_any_work(loaded_platform: Platform) -> Non
             assert resp.status_code == 503, path
             assert resp.headers["retry-after"] == "1"
             assert resp.json()["error"]["code"] == "overloaded"
-    assert engine.asked == []  # no tokenising, no model lookup: the refusal costs nothing
+    assert engine.calls == []  # no tokenising, no model lookup: the refusal costs nothing
+
+
+def test_a_healthy_engine_serves_and_receives_the_request(loaded_platform: Platform) -> None:
+    engine = FakeEngine()
+    with TestClient(create_app(platform=loaded_platform, engine=engine)) as client:
+        resp = client.post("/v1/chat/completions", headers=AUTH, json={**BODY, "max_tokens": 7, "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == "Hello"
+        assert client.get("/ready").status_code == 200
+    (request,) = engine.requests
+    assert request.model == "tiny-chat" and request.params.max_tokens == 7 and request.params.greedy
+    assert list(request.prompt_token_ids) == [3]  # what encode_chat gave for the one message
+    assert engine.closed  # the app shut its engine down with it

@@ -1,0 +1,119 @@
+"""A deterministic engine for API tests: it implements ``EngineClient`` without any model.
+
+mypy checks this module (pyproject's ``[tool.mypy] files``), so when the protocol changes the
+fake must change with it; ``_conforms`` makes the check explicit. Tests choose what it answers
+(the deltas a generation streams, a health or capacity failure) and read what it was asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+
+from llmos.engine import (
+    ClassificationResult,
+    EmbeddingResult,
+    EngineClient,
+    Entity,
+    EntityResult,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+)
+from llmos.errors import ModelNotFoundError
+
+DEFAULT_MODELS = (
+    ModelInfo(name="tiny-chat", task="chat", context_length=128, has_chat_template=True, vocab_size=100),
+    ModelInfo(name="tiny-embed", task="embedding", context_length=128, has_chat_template=False, vocab_size=100),
+)
+EMBEDDING_SIZE = 4
+
+
+@dataclass
+class FakeEngine:
+    """Answers from its fields; every call is recorded in ``calls`` (method names, in order)."""
+
+    models: Sequence[ModelInfo] = DEFAULT_MODELS
+    deltas: Sequence[GenerationDelta] = (
+        GenerationDelta(index=0, text="Hello", token_ids=(5,)),
+        GenerationDelta(index=0, text="", finish_reason=FinishReason.STOP),
+    )
+    """What ``generate`` streams for every request, as it is."""
+    capacity_error: Exception | None = None
+    """Raised by ``check_capacity`` (e.g. ServiceUnavailableError) when set."""
+    health_error: Exception | None = None
+    """Raised by ``check_health`` when set."""
+    calls: list[str] = field(default_factory=list)
+    requests: list[GenerationRequest] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    closed: bool = False
+
+    def _info(self, model: str) -> ModelInfo:
+        for info in self.models:
+            if info.name == model:
+                return info
+        raise ModelNotFoundError(f"The model '{model}' does not exist.")
+
+    async def model_info(self, model: str) -> ModelInfo:
+        self.calls.append("model_info")
+        return self._info(model)
+
+    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
+        self.calls.append("encode_chat")
+        self._info(model)
+        return [1 + len(m.get("content", "")) % 50 for m in messages]
+
+    async def encode_text(self, model: str, text: str) -> list[int]:
+        self.calls.append("encode_text")
+        self._info(model)
+        return [1 + ord(c) % 50 for c in text] or [1]
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
+        self.calls.append("generate")
+        self.requests.append(request)
+        for delta in self.deltas:
+            yield delta
+
+    async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
+        self.calls.append("embed")
+        self._info(model)
+        vectors = [[float(len(item) + i) for i in range(EMBEDDING_SIZE)] for item in inputs]
+        return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(item) for item in inputs))
+
+    async def classify(self, model: str, inputs: list[str]) -> ClassificationResult:
+        self.calls.append("classify")
+        self._info(model)
+        return ClassificationResult(
+            labels=["positive", "negative"], scores=[[0.75, 0.25] for _ in inputs], prompt_tokens=len(inputs)
+        )
+
+    async def extract_entities(self, model: str, inputs: list[str]) -> EntityResult:
+        self.calls.append("extract_entities")
+        self._info(model)
+        found = [
+            [Entity(entity="word", text=text, start=0, end=len(text), score=1.0)] if text else [] for text in inputs
+        ]
+        return EntityResult(entities=found, prompt_tokens=len(inputs))
+
+    async def abort(self, request_id: str) -> None:
+        self.calls.append("abort")
+        self.aborted.append(request_id)
+
+    def check_capacity(self) -> None:
+        # Not recorded in ``calls``: the API asks it first on every request, and tests read
+        # ``calls`` to see what work was done after it.
+        if self.capacity_error is not None:
+            raise self.capacity_error
+
+    async def check_health(self) -> None:
+        self.calls.append("check_health")
+        if self.health_error is not None:
+            raise self.health_error
+
+    async def shutdown(self) -> None:
+        self.closed = True
+
+
+def _conforms(engine: FakeEngine) -> EngineClient:
+    return engine  # mypy fails here if FakeEngine no longer implements the protocol
