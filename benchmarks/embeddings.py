@@ -7,13 +7,12 @@ size, the peer calls ``SentenceTransformer.encode`` on that many texts at a time
 process; LLM OS gets one HTTP request per batch, one after another. A last row sends one text
 per request from ``--clients`` concurrent clients (what a busy application does), which the
 engine embeds together. Vectors are checked against the peer's (cosine). Prints a table and
-writes benchmarks/results/embeddings.json.
+writes a new benchmarks/results/embeddings-<date>-<commit>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import KEY, ROOT, PeakRss, start_server
+from benchmarks.harness import KEY, ROOT, PeakRss, start_server, write_result
 
 MODEL = "all-minilm-l6-v2"
 TEXTS = ROOT.parent / "shared" / "datasets" / "sst2" / "test.tsv"
@@ -85,7 +84,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "embeddings.json")
+    parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
     items = texts(args.texts)
 
@@ -136,11 +135,9 @@ def main() -> None:
             f"{r['ratio']:6.2f} {r['min_cosine']:8.5f}"
         )
     print(f"LLM OS server peak RSS: {rss.peak / 2**20:.0f} MB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"model": MODEL, "texts": len(items), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    result = {"model": MODEL, "texts": len(items), "rows": rows}
     result["llmos_peak_rss_mb"] = rss.peak / 2**20
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result("embeddings", result, args.out)
 
 
 if __name__ == "__main__":

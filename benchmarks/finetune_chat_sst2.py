@@ -7,7 +7,7 @@ turn, "positive" or "negative" as the assistant's answer); LoRA r 16 on every li
 Accuracy is measured on the full test split (1,821 sentences) the way the fine-tuning issue's
 reference did: compare the next-token logits of "positive" and "negative" after the chat
 template's generation prompt, for the base model (zero-shot) and for the fine-tuned adapter.
-Prints a table and writes the row ``sst2-smollm2-lora`` into benchmarks/results/finetune_quality.json.
+Prints a table and writes a new benchmarks/results/finetune_quality-sst2-smollm2-lora-<date>-<commit>.json.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.finetune_quality import ROOT, SHARED, _write
+from benchmarks.finetune_quality import ROOT, SHARED
+from benchmarks.harness import write_result
 
 MODEL = "smollm2-135m-instruct"
 TASK = "sst2-smollm2-lora"
@@ -141,7 +142,7 @@ def main() -> None:
         f"{TASK:18} {zero_shot:9.3f} {fine_tuned:9.3f} {REFERENCE['accuracy']:8.3f} {train_s:8.0f} "
         f"{row['train_tokens_per_s']:7.0f} {peak_mb:8.0f}"
     )
-    _write(TASK, row)
+    write_result(f"finetune_quality-{TASK}", row)
 
 
 if __name__ == "__main__":

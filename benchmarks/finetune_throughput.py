@@ -11,7 +11,7 @@ peak memory):
 - ``llmos``: the job trainer (``run_sft``); ``llmos-grouped`` with ``group_by_length``,
   ``llmos-packing`` with sequence packing.
 Training tokens/s counts real tokens only (no padding), the same way for every system. Prints
-a table and writes benchmarks/results/finetune_throughput.json.
+a table and writes a new benchmarks/results/finetune_throughput-<date>-<commit>.json.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.finetune_chat_sst2 import LABELS, MODEL, PROMPT, sentences
 from benchmarks.finetune_quality import ROOT, SHARED
+from benchmarks.harness import write_result
 
 SYSTEMS = ("peft-trainer", "llmos", "llmos-grouped", "llmos-packing")
 
@@ -163,10 +164,8 @@ def main() -> None:
             f"{row['system']:16} {row['train_seconds']:8.1f} {row['tokens']:8d} {row['tokens_per_s']:7.0f} "
             f"{row['ratio']:14.2f} {row['peak_rss_mb']:8.0f}"
         )
-    out = ROOT / "benchmarks" / "results" / "finetune_throughput.json"
     meta = {"model": MODEL, "train_sentences": args.train, "batch_size": args.batch_size, "lora_r": 16}
-    out.write_text(json.dumps({**meta, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result("finetune_throughput", {**meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# The packages whose versions a result depends on (those not installed are left out).
+PACKAGES = (
+    "llmos",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "tokenizers",
+    "fastapi",
+    "uvicorn",
+    "llama-cpp-python",
+    "sentence-transformers",
+    "numpy",
+)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 DATASET = ROOT.parent / "shared" / "datasets" / "sft_self_instruct" / "test.jsonl"
 MODEL = "smollm2-135m-instruct"
 KEY = "bench-admin-key-0123456789"
@@ -99,3 +119,66 @@ def start_server(home: Path, env: dict[str, str] | None = None) -> tuple[subproc
     url = f"http://127.0.0.1:{port}"
     settings = {"LLMOS_HOME": str(home), "LLMOS_ADMIN_KEY": KEY, "LLMOS_PORT": str(port), "HF_HUB_OFFLINE": "1"}
     return launch([sys.executable, "-m", "llmos", "serve"], url, env={**settings, **(env or {})}), url
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _cpu() -> dict[str, Any]:
+    model, flags = platform.processor(), set[str]()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "cores": usable, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def run_facts() -> dict[str, Any]:
+    """What a result depends on besides its own settings: the commit, package versions, CPU and date."""
+    versions = {}
+    for name in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return {
+        "commit": _git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "packages": versions,
+        "cpu": _cpu(),
+    }
+
+
+def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> Path:
+    """Write ``result`` with the run's facts (key ``run``) as JSON, and return where.
+
+    By default the file is ``benchmarks/results/<name>-<UTC date and time>-<commit>.json``. An
+    existing file is never replaced, since the docs cite result files: if ``out`` exists, the
+    result goes beside it under a name with the date, time and a number added.
+    """
+    facts = run_facts()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if out is None:
+        out = RESULTS / f"{name}-{stamp}-{facts['commit'][:8] or 'nocommit'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        path = out if attempt == 1 else out.with_name(f"{out.stem}-{stamp}-{attempt}{out.suffix}")
+        try:
+            with path.open("x", encoding="utf-8") as f:
+                json.dump({**result, "run": facts}, f, indent=2)
+        except FileExistsError:
+            continue
+        if path != out:
+            print(f"{out} exists and is kept (results are never overwritten)")
+        print(f"wrote {path}")
+        return path
+    raise SystemExit(f"could not find a free name beside {out}")

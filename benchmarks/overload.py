@@ -11,7 +11,7 @@ set-ups:
 
 Reports, per set-up: admitted requests and their success rate (target 100%), refusals by status,
 refusal latency p50/p99 (target under 100 ms) and whether every refusal carried Retry-After.
-Prints a table and writes benchmarks/results/overload.json. The model is copied from the
+Prints a table and writes a new benchmarks/results/overload-<date>-<commit>.json. The model is copied from the
 benchmark home (.cache/bench-home, filled by serve.py) when it is there, otherwise
 pulled from its catalog source.
 """
@@ -19,7 +19,6 @@ pulled from its catalog source.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -36,7 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: reuse the serving benchmark's helpers
 
-from benchmarks.harness import KEY, MODEL, percentile  # noqa: E402
+from benchmarks.harness import KEY, MODEL, percentile, write_result  # noqa: E402
 
 
 def prepare_home(home: Path, source_home: Path) -> None:
@@ -208,24 +207,16 @@ def main() -> None:
             f"{name:42} {r['fired']:6d} {r['admitted']:9d} {rate} {r['refused']:8d} {statuses:>14} {p50} {p99} "
             f"{retry:>12}"
         )
-    out = ROOT / "benchmarks" / "results" / "overload.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "model": MODEL,
-                "rated_concurrency": args.rated,
-                "fired_per_round": 2 * args.rated,
-                "rounds": args.rounds,
-                "max_tokens": args.max_tokens,
-                "date": time.strftime("%Y-%m-%d"),
-                "targets": {"admitted_success_rate": 1.0, "refusal_p99_ms": 100},
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    result = {
+        "model": MODEL,
+        "rated_concurrency": args.rated,
+        "fired_per_round": 2 * args.rated,
+        "rounds": args.rounds,
+        "max_tokens": args.max_tokens,
+        "targets": {"admitted_success_rate": 1.0, "refusal_p99_ms": 100},
+        "rows": rows,
+    }
+    write_result("overload", result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ row sent (LLM OS caches prompt prefixes), the same ones for every system at one 
 
 Each row reports output tokens/s (of completed requests only), time to first token p50/p99, time
 per output token p50, requests dropped or cut short, peak RSS and CPU use of the serving process.
-Prints a table and writes benchmarks/results/serve.json; ratios are against ``naive`` and
+Prints a table and writes a new benchmarks/results/serve-<date>-<commit>.json (with the commit,
+package versions and CPU; see ``harness.write_result``); ratios are against ``naive`` and
 ``transformers-cb`` measured in the same run. Systems that serialise requests are run at 1 and 16
 clients only (64 would take many minutes and show nothing new).
 """
@@ -64,6 +65,7 @@ from benchmarks.harness import (
     percentile,
     prompts,
     start_server,
+    write_result,
 )
 
 # Every row gets prompts no earlier row sent (LLM OS caches prompt prefixes: a prompt seen before
@@ -162,8 +164,8 @@ def drive(
 
     Each client keeps one connection pool for all its requests, made before the clock starts, as
     an application's ``openai`` client does: a new ``httpx`` client a request (an SSL context
-    loaded each time, even for plain HTTP) made 16 clients' requests reach a server 0.2 s after
-    they were timed from, for every system alike."""
+    loaded each time, even for plain HTTP) delays every request's arrival at the server after its
+    clock has started, for every system alike (by how much: docs/performance-history.md)."""
     pools: Queue[httpx.Client] = Queue()
     for _ in range(clients):
         pools.put(httpx.Client(timeout=900))
@@ -451,7 +453,7 @@ def main() -> None:
     parser.add_argument("--naive-requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
     chats = prompts(10_000)  # all of them: rows take disjoint slices (see row_prompts)
 
@@ -510,11 +512,9 @@ def main() -> None:
     add_ratios(rows)
     print()
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"model": MODEL, "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    result = {"model": MODEL, "max_tokens": args.max_tokens, "rows": rows}
     result["adapter_rank"], result["adapter_targets"] = 8, args.adapter_targets
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result("serve", result, args.out)
 
 
 if __name__ == "__main__":

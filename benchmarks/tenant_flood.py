@@ -7,7 +7,7 @@ the quiet tenant's request latency (p50/p99, non-streaming chat, greedy) alone, 
 flood tenant keeps `--flooders` requests in flight: on a server with the batch share turned off
 (`tenant_rows_when_shared = 0`), with the default share, and with the default share plus a
 `max_concurrent_requests` quota of 4 on the flood tenant. Prints a table and writes
-benchmarks/results/tenant_flood.json; the target is the quiet p99 within 1.5x of its alone value.
+benchmarks/results/tenant_flood-<date>-<commit>.json; the target is the quiet p99 within 1.5x of its alone value.
 
 The flood's clients run in a separate process at the lowest CPU priority (nice 19): on a real
 deployment they are other machines, while here they would otherwise take one of the server's two
@@ -30,7 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: reuse the serving benchmark's helpers
 
-from benchmarks.harness import KEY, MODEL, percentile, start_server  # noqa: E402
+from benchmarks.harness import KEY, MODEL, percentile, start_server, write_result  # noqa: E402
 
 
 def admin(url: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -157,9 +157,7 @@ def main() -> None:
             f"{name:38} {r['p50_s']:6.2f}s {r['p99_s']:6.2f}s {r['p99_ratio']:11.2f} {r['flood_served']:8d} "
             f"{r['flood_refused_429']:9d}"
         )
-    out = ROOT / "benchmarks" / "results" / "tenant_flood.json"
-    out.write_text(json.dumps({"model": MODEL, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result("tenant_flood", {"model": MODEL, "rows": rows})
 
 
 if __name__ == "__main__":
