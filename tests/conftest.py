@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from llmos.config import Settings
 from llmos.platform import Platform
+from tests.install_check import pytest_sessionfinish, pytest_terminal_summary  # noqa: F401  (hooks)
 from tests.tiny_models import build_tiny_chat_model, build_tiny_encoder
 
 ADMIN_KEY = "test-admin-key-0123456789"
