@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from llmos.engine import FinishReason, GenerationRequest, SamplingParams
 from llmos.engine.local import LocalEngine
+from llmos.engine.runner import GenerationRunner
 from llmos.platform import Platform
 
 
@@ -116,26 +117,25 @@ def test_n_choices_with_seed_are_reproducible_and_length_limited(engine: LocalEn
 def test_abandoned_stream_stops_generation(engine: LocalEngine) -> None:
     async def main() -> None:
         prompt = await engine.encode_text("tiny-chat", "Hello")
-        runner = engine.residency.acquire(engine.registry.get("tiny-chat").id)
-        engine.residency.release(engine.registry.get("tiny-chat").id)
-        steps = 0
-        forward = runner.model.forward
-
-        def counting(*args: object, **kwargs: object) -> object:
-            nonlocal steps
-            steps += 1
-            return forward(*args, **kwargs)
-
-        runner.model.forward = counting
+        model_id = engine.registry.get("tiny-chat").id
+        runner = engine.residency.acquire(model_id)
+        engine.residency.release(model_id)
+        assert isinstance(runner, GenerationRunner)
         # temperature 2 and no eos: generation would run the full 200 tokens.
         gen = engine.generate(
             GenerationRequest("gone", "tiny-chat", prompt, SamplingParams(max_tokens=200, temperature=2.0, seed=1))
         )
         await gen.__anext__()
         await gen.aclose()
-        await asyncio.sleep(0.3)
+        for _ in range(500):
+            if not runner.busy:
+                break
+            await asyncio.sleep(0.01)
         assert not runner.busy
-        assert steps < 20
+        generated = runner.tokens_generated  # every token computed, for whoever asked
+        assert generated < 100
+        await asyncio.sleep(0.2)
+        assert runner.tokens_generated == generated
         await engine.shutdown()
 
     asyncio.run(main())

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 import llmos.engine.local as local_module
 from llmos.engine import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
 from llmos.engine.local import LocalEngine
+from llmos.engine.scheduler import Scheduler
 from llmos.engine.torch_backend import CausalRunner
 from llmos.errors import ServiceUnavailableError
 from llmos.platform import Platform
@@ -33,16 +34,16 @@ class LoopFault:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.armed = threading.Event()
         self.fired = 0
-        original = CausalRunner._collect
+        original = Scheduler.admit
 
-        def collect(runner: CausalRunner, *, block: bool, **rest: Any) -> Any:
+        def admit(scheduler: Scheduler, *, block: bool, **rest: Any) -> Any:
             if not block and self.armed.is_set():  # not blocking: rows are running
                 self.armed.clear()
                 self.fired += 1
                 raise RuntimeError("injected fault in the engine loop")
-            return original(runner, block=block, **rest)
+            return original(scheduler, block=block, **rest)
 
-        monkeypatch.setattr(CausalRunner, "_collect", collect)
+        monkeypatch.setattr(Scheduler, "admit", admit)
 
 
 @pytest.fixture

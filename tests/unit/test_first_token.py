@@ -4,7 +4,6 @@ are prefilled, and what it generates does not depend on that (same tokens, same 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from llmos.engine.config import EngineConfig
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
 from llmos.engine.torch_backend import causal, prefill
 from llmos.engine.torch_backend.causal import CausalRunner
@@ -47,12 +47,11 @@ def _generate(
     return tokens
 
 
-def _runner(tiny_chat_dir: Path, **options: object) -> CausalRunner:
+def _runner(tiny_chat_dir: Path, prefill_chunk_tokens: int = 256) -> CausalRunner:
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
     # A long batch wait: every request submitted together is admitted together.
-    return CausalRunner(
-        model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128, batch_wait_s=0.5, **options
-    )
+    config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=prefill_chunk_tokens)
+    return CausalRunner(model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128, config=config)
 
 
 @pytest.fixture
@@ -71,7 +70,7 @@ def test_first_tokens_stream_right_after_each_prefill(tiny_chat_dir: Path, monke
         events.extend(("prefilled", job.pending.request.request_id) for job, _ in planned if job.remaining == 0)
 
     monkeypatch.setattr(causal, "run_packed", recording)
-    runner = _runner(tiny_chat_dir, prefill_budget=5)  # 4 + 6 + 3 + 5 prompt tokens: four passes
+    runner = _runner(tiny_chat_dir, prefill_chunk_tokens=5)  # 4 + 6 + 3 + 5 prompt tokens: four passes
     try:
         _generate(runner, [(p, SamplingParams(max_tokens=6, temperature=0.0)) for p in PROMPTS], events)
     finally:
@@ -80,36 +79,6 @@ def test_first_tokens_stream_right_after_each_prefill(tiny_chat_dir: Path, monke
     assert prefilled == ["r2", "r0", "r3", "r1"]  # fewest prompt tokens first (prefill_order)
     for rid in prefilled:  # each first token streams before the next prompt's prefill ends
         assert events[events.index(("prefilled", rid)) + 1] == ("first token", rid)
-
-
-def test_an_idle_loop_waits_batch_wait_for_company(tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A request arriving at an idle engine waits ``batch_wait`` for others from its arrival on
-    (not from when the loop began waiting), so requests arriving together share a pass."""
-    passes: list[list[str]] = []
-    packed = causal.run_packed
-
-    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]], lora: object = None) -> None:
-        passes.append([job.pending.request.request_id for job, _ in planned])
-        packed(decoder, planned, lora)
-
-    monkeypatch.setattr(causal, "run_packed", recording)
-    runner = _runner(tiny_chat_dir)  # batch_wait 0.5 s
-    try:
-        time.sleep(0.7)  # the loop is idle, waiting for work (longer than the batch wait)
-        done = threading.Semaphore(0)
-
-        def sink(delta: GenerationDelta) -> None:
-            if delta.finish_reason is not None:
-                done.release()
-
-        params = SamplingParams(max_tokens=2, temperature=0.0)
-        runner.submit(GenerationRequest("first", "m", PROMPTS[0], params), sink)
-        time.sleep(0.1)  # within the batch wait of the first's arrival
-        runner.submit(GenerationRequest("second", "m", PROMPTS[1], params), sink)
-        assert done.acquire(timeout=60) and done.acquire(timeout=60)
-    finally:
-        runner.close()
-    assert passes[0] == ["first", "second"]
 
 
 def _job(tokens: int, admitted: int) -> prefill.Prefill:

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python (installed by `make install`)")
 
 from llmos.engine.choices import eos_ids
+from llmos.engine.config import EngineConfig
 from llmos.engine.llamacpp_backend import LlamaCppRunner
 from llmos.engine.llamacpp_backend.library import DecodeError, LlamaCpp
 from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
@@ -47,9 +48,10 @@ def make_runner(tiny_gguf: Path, tokenizer: object) -> Iterator[object]:
     made: list[LlamaCppRunner] = []
 
     def make(**kwargs: object) -> LlamaCppRunner:
-        options: dict[str, object] = {"context_length": 256, "cache_tokens": 2048, "max_batch_size": 8}
+        options: dict[str, object] = {"llamacpp_cache_tokens": 2048, "max_batch_size": 8, "threads": 1}
         options.update(kwargs)
-        runner = LlamaCppRunner(tiny_gguf, tokenizer, eos_ids([], tokenizer), threads=1, **options)  # type: ignore[arg-type]
+        config = EngineConfig(**options)  # type: ignore[arg-type]
+        runner = LlamaCppRunner(tiny_gguf, tokenizer, eos_ids([], tokenizer), context_length=256, config=config)
         made.append(runner)
         return runner
 
@@ -162,8 +164,20 @@ def test_a_prompt_starts_from_the_prefix_its_tenant_left_in_the_cache(make_runne
     assert runner.prefill_tokens - computed == 43
 
 
+def test_no_prefix_is_shared_when_the_prefix_cache_is_off(make_runner) -> None:
+    runner = make_runner(prefix_cache_bytes=0)  # prefix_cache_mb = 0
+    system = list(range(100, 140))
+    submit(runner, [*system, 7, 8], rid="a").wait()
+    submit(runner, [*system, 9, 10, 11], rid="b").wait()
+    sinks = [submit(runner, [*system, 5 + i, 6 + i], rid=f"r{i}") for i in range(2)]  # arriving together
+    for sink in sinks:
+        sink.wait()
+    assert runner.prefix_hits == 0 and runner.prefix_tokens_reused == 0
+    assert runner.prefill_tokens == 42 + 43 + 2 * 42
+
+
 def test_prompts_arriving_together_compute_their_shared_prefix_once(make_runner, reference) -> None:
-    runner = make_runner(prefill_budget=64)
+    runner = make_runner(prefill_chunk_tokens=64)
     system = list(range(100, 180))  # 80 tokens: more than one chunk
     prompts = [[*system, 5 + i, 6 + i] for i in range(4)]
     sinks = [submit(runner, p, rid=f"r{i}") for i, p in enumerate(prompts)]
@@ -202,7 +216,7 @@ def test_abort_stops_a_request_and_frees_its_cells(make_runner) -> None:
 
 
 def test_a_request_that_cannot_fit_the_cache_is_refused_and_one_that_can_waits(make_runner) -> None:
-    runner = make_runner(cache_tokens=256)
+    runner = make_runner(llamacpp_cache_tokens=256)
     too_big = GenerationRequest("big", "tiny", PROMPTS[0], SamplingParams(max_tokens=100, n=3))
     with pytest.raises(InvalidRequestError) as refused:
         runner.check_fits(too_big)

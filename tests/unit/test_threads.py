@@ -86,7 +86,7 @@ def test_the_encoders_compute_thread_ends_when_idle_and_work_starts_another() ->
 
 
 def test_an_idle_engine_thread_ends_and_the_next_request_starts_another(tiny_chat_dir: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr("llmos.engine.torch_backend.causal.IDLE_EXIT_S", 0.05)
+    monkeypatch.setattr("llmos.engine.scheduler.IDLE_EXIT_S", 0.05)
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
     runner = CausalRunner(model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128)
 

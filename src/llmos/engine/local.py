@@ -21,6 +21,7 @@ from transformers import AutoConfig, GenerationConfig
 from llmos.config import Settings
 from llmos.engine import threads
 from llmos.engine.choices import eos_ids
+from llmos.engine.config import EngineConfig
 from llmos.engine.llamacpp_backend import LlamaCppRunner
 from llmos.engine.llamacpp_backend.library import KV_BYTES_PER_VALUE
 from llmos.engine.protocol import (
@@ -32,6 +33,7 @@ from llmos.engine.protocol import (
     GenerationRequest,
     ModelInfo,
 )
+from llmos.engine.runner import GenerationRunner
 from llmos.engine.torch_backend import CausalRunner, EncoderRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, TASK_HEADS, load_runner, load_tokenizer
@@ -45,8 +47,7 @@ from llmos.registry.adapters import ADAPTER_FORMATS, PREFIX_FORMAT, kv_width
 from llmos.registry.formats import read_json
 
 log = logging.getLogger(__name__)
-Generator = CausalRunner | LlamaCppRunner
-Runner = CausalRunner | LlamaCppRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner
+Runner = GenerationRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner
 R = TypeVar("R", bound=Runner)
 T = TypeVar("T")
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
@@ -72,6 +73,7 @@ class LocalEngine:
         self.registry = registry
         self.on_restart = on_restart
         self.settings = settings
+        self.config = EngineConfig.from_settings(settings)
         self.dtype = resolve_dtype(settings.dtype)
         threads.configure(settings.threads)
         self._helpers = threads.helper_pool()
@@ -195,17 +197,16 @@ class LocalEngine:
         deltas: asyncio.Queue[GenerationDelta] = asyncio.Queue()
         remaining = request.params.n
         adapter: str | None = None
+        virtual: VirtualTokens | None = None
         try:
-            if isinstance(runner, LlamaCppRunner):
-                runner.check_fits(request)
-            elif isinstance(runner, CausalRunner):
-                virtual = await self._virtual_tokens_of(record)
-                runner.check_fits(request, virtual)
-                if base is not record and virtual is None:  # LoRA: loaded beside its base, off the engine thread
-                    await self._off_loop(runner.lora.acquire, record.id, partial(self._load_adapter, record))
-                    adapter = record.id
-            else:
+            if not isinstance(runner, GenerationRunner):
                 raise InvalidRequestError(f"model {request.model} cannot generate text", param="model")
+            virtual = await self._virtual_tokens_of(record) if isinstance(runner, CausalRunner) else None
+            runner.check_fits(request, virtual)
+            if isinstance(runner, CausalRunner) and base is not record and virtual is None:
+                # LoRA: loaded beside its base, off the engine thread
+                await self._off_loop(runner.lora.acquire, record.id, partial(self._load_adapter, record))
+                adapter = record.id
 
             def deliver(delta: GenerationDelta) -> None:  # called on the engine thread
                 loop.call_soon_threadsafe(deltas.put_nowait, delta)
@@ -217,17 +218,14 @@ class LocalEngine:
                     )
                 self._inflight[request.request_id] = runner
                 self._sinks[request.request_id] = (deliver, request.params.n)
-            if isinstance(runner, LlamaCppRunner):
-                runner.submit(request, deliver)
-            else:
-                runner.submit(request, deliver, adapter, virtual)
+            runner.submit(request, deliver, adapter, virtual)
             while remaining > 0:
                 delta = await deltas.get()
                 if delta.finish_reason is not None:
                     remaining -= 1
                 yield delta
         finally:
-            if remaining > 0 and isinstance(runner, Generator):
+            if remaining > 0 and isinstance(runner, GenerationRunner):
                 runner.abort(request.request_id)  # client gone or consumer stopped early
             with self._crash_lock:
                 self._inflight.pop(request.request_id, None)
@@ -294,7 +292,7 @@ class LocalEngine:
 
     async def abort(self, request_id: str) -> None:
         runner = self._inflight.get(request_id)
-        if isinstance(runner, Generator):
+        if isinstance(runner, GenerationRunner):
             runner.abort(request_id)
 
     def stats(self) -> dict[str, Any]:
@@ -326,7 +324,7 @@ class LocalEngine:
                     prefix_cache_bytes=runner.prefix_cache.used_bytes,
                     kv_cache_bytes=runner.kv_bytes,
                     kv_cache_budget_bytes=runner.kv_budget.budget_bytes,
-                    rows_parked=runner.share.parks,
+                    rows_parked=runner.rows_parked,
                 )
             elif isinstance(runner, LlamaCppRunner):
                 entry.update(
@@ -407,11 +405,7 @@ class LocalEngine:
             tokenizer,
             eos_ids(configs, tokenizer),
             context_length=record.context_length or 2048,
-            cache_tokens=self.settings.llamacpp_cache_tokens,
-            max_batch_size=self.settings.max_batch_size,
-            batch_wait_s=self.settings.batch_wait_ms / 1000,
-            prefill_budget=self.settings.prefill_chunk_tokens,
-            threads=self.settings.threads,
+            config=self.config,
             name=record.name,
         )
 
@@ -420,10 +414,8 @@ class LocalEngine:
         model_dir: Path = self.registry.model_dir(record)
         gguf = None if model_id.endswith(TORCH_TWIN) else self._served_gguf(record)
         runner = self._load_llamacpp(record, gguf) if gguf is not None else self._load_torch(record, model_dir)
-        if isinstance(runner, Generator):
+        if isinstance(runner, GenerationRunner):  # its thread starts with its first request
             runner.on_crash = partial(self._on_crash, model_id, runner)
-            if runner.crashed is not None:  # died before it could be watched
-                raise ModelLoadError(f"the engine loop of {record.name} died at start: {runner.crashed!r}")
         return runner
 
     def _load_torch(self, record: ModelRecord, model_dir: Path) -> Runner:
@@ -432,20 +424,12 @@ class LocalEngine:
             record.task,
             dtype=self.dtype,
             context_length=record.context_length or 2048,
-            max_batch_size=self.settings.max_batch_size,
-            batch_wait_s=self.settings.batch_wait_ms / 1000,
-            prefill_budget=self.settings.prefill_chunk_tokens,
-            adapter_budget_bytes=self.settings.adapter_memory_mb << 20,
-            prefix_cache_bytes=self.settings.prefix_cache_mb << 20,
-            kv_cache_bytes=self.settings.kv_cache_mb << 20,
-            tenant_rows_when_shared=self.settings.tenant_rows_when_shared,
+            config=self.config,
             name=record.name,
-            decode_int8=self.settings.decode_weights == "int8",
-            native_kernels=self.settings.native_kernels,
         )
 
     # -- crash and restart -----------------------------------------------------------------
-    def _on_crash(self, model_id: str, runner: Generator, exc: BaseException) -> None:
+    def _on_crash(self, model_id: str, runner: GenerationRunner, exc: BaseException) -> None:
         """Called on the dying engine thread: fail every request it had, forget the runner, and
         load a fresh one in the background (until then /ready answers 503)."""
         reason = f"{type(exc).__name__}: {exc}"

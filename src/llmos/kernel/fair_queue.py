@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -59,6 +59,21 @@ class FairQueue(Generic[T]):
             self._queues.move_to_end(tenant, last=False)
             self._size += 1
             self._cond.notify()
+
+    def remove(self, unwanted: Callable[[T], bool]) -> list[T]:
+        """Take out every queued item for which ``unwanted`` is true (in tenant order)."""
+        removed: list[T] = []
+        with self._cond:
+            for tenant in list(self._queues):
+                items = self._queues[tenant]
+                kept = deque(item for item in items if not unwanted(item))
+                removed += [item for item in items if unwanted(item)]
+                if kept:
+                    self._queues[tenant] = kept
+                else:
+                    del self._queues[tenant]
+            self._size -= len(removed)
+        return removed
 
     def waiting(self) -> dict[str, int]:
         """How many items each tenant has queued."""

@@ -1,25 +1,25 @@
 """Continuous batching over llama.cpp for chat models kept as GGUF.
 
-One engine thread, one ``llama_decode`` call per iteration: every running row's next token plus
-a bounded chunk of the prompts being prefilled, each token tagged with its row's sequence, so a
-newcomer never stalls the running rows for more than one chunk and nobody waits for the
-slowest. Rows are llama.cpp sequences in one shared cache; a row that finishes leaves its
-cells behind as a cached prefix, and a new prompt starts from the longest prefix that a
-cached, running or prefilling sequence of its tenant holds: sharing is free in a unified cache.
+The shared engine loop (``engine.runner``) schedules; this backend makes one ``llama_decode``
+call per iteration: every running row's next token plus a bounded chunk of the prompts being
+prefilled, each token tagged with its row's sequence, so a newcomer never stalls the running rows
+for more than one chunk and nobody waits for the slowest. Rows are llama.cpp sequences in one
+shared cache; a row that finishes leaves its cells behind as a cached prefix, and a new prompt
+starts from the longest prefix that a cached, running or prefilling sequence of its tenant holds:
+sharing is free in a unified cache. Parked rows (over their tenant's share) keep their cells and
+are left out of the decode call.
 
-On this 2-core CPU llama.cpp's Q4_1 decode step costs a third of the torch backend's for one
-row (9-13 ms against 21-26) but grows about linearly with rows, where torch's barely does:
-this backend is the faster one for a few clients, the torch one for many (docs/performance.md).
+llama.cpp's step costs less than the torch backend's for one row but grows about linearly with
+rows, where torch's barely does: this backend is the faster one for a few clients, the torch one
+for many (docs/performance.md has the figures).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,52 +27,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmos.engine.admission import cache_exceeded
-from llmos.engine.choices import Streamer, abort_delta, batch_sampling, error_delta
-from llmos.engine.detokenize import IncrementalText
+from llmos.engine.choices import Streamer, batch_sampling, error_delta
+from llmos.engine.config import EngineConfig
 from llmos.engine.llamacpp_backend.library import DecodeError, LlamaCpp
-from llmos.engine.protocol import GenerationDelta, GenerationRequest
+from llmos.engine.protocol import GenerationRequest
+from llmos.engine.runner import GenerationRunner
 from llmos.engine.sampling import BatchSampling, concat_counts
+from llmos.engine.scheduler import Pending, Row
 from llmos.engine.threads import enter_helper_thread
 from llmos.errors import InvalidRequestError
-from llmos.kernel.fair_queue import Empty, FairQueue
 
 log = logging.getLogger(__name__)
-Sink = Callable[[GenerationDelta], None]
 CACHED_SEQUENCES = 8  # finished sequences kept as prefixes beside the running ones
 MIN_SHARED = 16  # a prompt sharing fewer tokens with one being prefilled does not wait for it
-_CLOSE = "\0close"
 
 
 @dataclass
-class _Pending:
-    request: GenerationRequest
-    sink: Sink
-    reserve: int
-    """Cache cells each of its choices may grow to: prompt plus ``max_tokens``, at most the context."""
-
-
-@dataclass
-class _Row:
+class SeqRow(Row):
     """One choice of a request: a sequence of the cache."""
 
-    pending: _Pending
-    index: int
-    text: IncrementalText
-    seq: int
-    tokens: list[int]
+    seq: int = -1
+    tokens: list[int] = field(default_factory=list)
     """What the sequence holds in the cache, position by position."""
-    generated: int = 0
-    finished: bool = False
-    held_ids: list[int] = field(default_factory=list)
-    chosen: int | None = None
     feed: int | None = None
     """The token it decodes next (chosen, streamed, not yet in the cache)."""
 
 
 @dataclass
 class _Prefill:
-    pending: _Pending
+    pending: Pending
     prompt: list[int]
     seqs: list[int]
     """One sequence per choice; the first one is prefilled, the others share it at the end."""
@@ -94,7 +77,7 @@ class _Cached:
 
 @dataclass
 class _Batch:
-    rows: list[_Row]
+    rows: list[SeqRow]
     sampling: BatchSampling
     counts: torch.Tensor | None
 
@@ -106,15 +89,29 @@ class _Batch:
         self.sampling = self.sampling.select(idx)
         self.counts = self.counts[idx] if self.counts is not None else None
 
+    def split_off(self, indices: list[int]) -> _Batch:
+        """Remove the rows at ``indices`` (in order) and return them as a batch of their own."""
+        idx = torch.tensor(indices, dtype=torch.long)
+        other = _Batch(
+            [self.rows[i] for i in indices],
+            self.sampling.select(idx),
+            self.counts[idx] if self.counts is not None else None,
+        )
+        gone = set(indices)
+        self.keep([i for i in range(len(self.rows)) if i not in gone])
+        return other
+
     def join(self, other: _Batch, vocab: int) -> None:
         self.counts = concat_counts(self.counts, len(self.rows), other.counts, len(other.rows), vocab)
         self.rows = self.rows + other.rows
         self.sampling = self.sampling.concat(other.sampling)
 
 
-class LlamaCppRunner:
-    """Serves one GGUF chat model; the same calls as the torch backend's ``CausalRunner``
-    (submit, check_fits, abort, close), without adapters (the engine runs those on torch)."""
+class LlamaCppRunner(GenerationRunner):
+    """Serves one GGUF chat model on the shared engine loop, without adapters (the engine runs
+    those on a torch runner of the same model)."""
+
+    cache_setting = "llamacpp_cache_tokens"
 
     def __init__(
         self,
@@ -123,57 +120,45 @@ class LlamaCppRunner:
         eos_ids: set[int],
         *,
         context_length: int,
-        cache_tokens: int,
-        max_batch_size: int = 32,
-        batch_wait_s: float = 0.005,
-        prefill_budget: int = 256,
-        threads: int = 0,
+        config: EngineConfig | None = None,
         name: str = "model",
     ) -> None:
-        self.name = name
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_s
-        self.prefill_budget = prefill_budget
+        config = config or EngineConfig()
+        self.prefill_budget = config.prefill_chunk_tokens
         self.llama = LlamaCpp(
             gguf,
-            n_ctx=cache_tokens,
-            n_seq_max=max_batch_size + CACHED_SEQUENCES,
-            n_batch=prefill_budget + max_batch_size,
-            threads=threads or os.cpu_count() or 1,
+            n_ctx=config.llamacpp_cache_tokens,
+            n_seq_max=config.max_batch_size + CACHED_SEQUENCES,
+            n_batch=config.prefill_chunk_tokens + config.max_batch_size,
+            threads=config.threads or os.cpu_count() or 1,
         )
+        super().__init__(name, config, min(config.max_batch_size, self.llama.n_seq_max - 1))
         self.context_length = min(context_length, self.llama.n_ctx)
-        self.max_batch_size = min(max_batch_size, self.llama.n_seq_max - 1)
+        # Prefix sharing follows the prefix cache setting (0 turns it off in every backend).
+        self.shares_prefixes = self.llama.shares_prefixes and config.prefix_cache_bytes > 0
         self.streamer = Streamer(tokenizer, eos_ids, self.context_length)
         self._free = deque(range(self.llama.n_seq_max))
         self._cached: deque[_Cached] = deque()  # oldest first
         self._batch: _Batch | None = None
-        self._prefilling: list[_Prefill] = []
-        self._queue: FairQueue[_Pending | None] = FairQueue()
-        self._aborted: set[str] = set()
-        self._abort_lock = threading.Lock()
-        self._closing = False
-        self.tokens_generated = 0
-        self.prefills = 0
-        self.prefill_tokens = 0  # prompt tokens computed (shared prefixes are not)
+        self._parked: _Batch | None = None
+        self._prefill_jobs: list[_Prefill] = []
         self.prefix_hits = 0
         self.prefix_tokens_reused = 0
-        self.peak_rows = 0
         self.cells_reserved = 0
-        self.crashed: BaseException | None = None
-        self.on_crash: Callable[[BaseException], None] | None = None
-        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
-        self._thread.start()
 
-    # -- called from other threads ---------------------------------------------------------
-    def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        """Queue a request (after ``check_fits``)."""
-        self._queue.put(request.tenant, _Pending(request, sink, self._reservation(request)))
-
-    def _reservation(self, request: GenerationRequest) -> int:
+    # -- the scheduler's questions ---------------------------------------------------------
+    def _reservation(self, request: GenerationRequest, virtual: Any = None) -> int:
         return min(self.context_length, len(request.prompt_token_ids) + request.params.max_tokens)
 
-    def check_fits(self, request: GenerationRequest) -> None:
-        """Refuse (400) a request that could not fit the cache even alone."""
+    def _fits(self, reserved: list[int]) -> bool:
+        return sum(reserved) <= self.llama.n_ctx
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.llama.n_ctx
+
+    def check_fits(self, request: GenerationRequest, virtual: Any = None) -> None:
+        """Refuse (400) a request that could not run even alone."""
         if not request.prompt_token_ids:
             raise InvalidRequestError("the prompt has no tokens", param="messages", code="empty_prompt")
         if request.params.n > self.max_batch_size:
@@ -188,17 +173,15 @@ class LlamaCppRunner:
                 param="messages",
                 code="context_length_exceeded",
             )
-        reserve = self._reservation(request)
-        if request.params.n * reserve > self.llama.n_ctx:
-            raise cache_exceeded(request.params.n, reserve, self.llama.n_ctx, self.name, "llamacpp_cache_tokens")
+        super().check_fits(request, virtual)
 
-    def abort(self, request_id: str) -> None:
-        with self._abort_lock:
-            self._aborted.add(request_id)
+    def _rows(self) -> Iterable[SeqRow]:
+        for batch in (self._batch, self._parked):
+            if batch is not None:
+                yield from batch.rows
 
-    @property
-    def busy(self) -> bool:
-        return self._batch is not None or bool(self._prefilling) or not self._queue.empty()
+    def _prefilling(self) -> Iterable[Pending]:
+        return [job.pending for job in self._prefill_jobs]
 
     @property
     def kv_bytes(self) -> int:
@@ -209,73 +192,44 @@ class LlamaCppRunner:
     def cache_bytes(self) -> int:
         return self.llama.n_ctx * self.llama.kv_bytes_per_token
 
-    def close(self) -> None:
-        self._queue.put(_CLOSE, None)
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self.llama.close()
-
-    # -- engine thread ---------------------------------------------------------------------
-    def _run(self) -> None:
+    def _enter_thread(self) -> None:
         enter_helper_thread()  # torch only samples here, on one core: llama.cpp has its own threads
-        try:
-            self._loop()
-        except BaseException as exc:
-            log.critical("the engine loop of %s crashed", self.name, exc_info=exc)
-            self.crashed = exc
-            if self.on_crash is not None:
-                self.on_crash(exc)
-            self.llama.close()  # native memory: nobody else would free it (this thread was its only user)
 
-    def _loop(self) -> None:
-        while not self._closing:
-            idle = self._batch is None and not self._prefilling
-            for pending in self._collect(block=idle):
-                self._prefilling.append(_Prefill(pending, list(pending.request.prompt_token_ids), self._seqs(pending)))
-            self._drop_aborted()
-            self._iterate()
-        for row in self._batch.rows if self._batch else []:
-            if not row.finished:
-                row.pending.sink(abort_delta(row.index))
-        for job in self._prefilling:
-            self._end(job.pending, abort_delta)
-        for item in self._queue.drain():  # requests queued behind the close get their end too
-            if item is not None:
-                self._end(item, abort_delta)
+    def _release(self) -> None:
+        self.llama.close()  # native memory: nobody else would free it (the engine thread was its only user)
 
-    def _collect(self, *, block: bool) -> list[_Pending]:
-        """When idle, wait for a request and ``batch_wait`` for company; when busy, take what is
-        waiting and fits: in rows and in cache cells (every running choice's reservation)."""
-        rows = (len(self._batch.rows) if self._batch else 0) + sum(len(j.seqs) for j in self._prefilling)
-        taken: list[_Pending] = []
-        deadline = time.monotonic()
-        while rows < self.max_batch_size:
-            try:
-                if block and not taken:
-                    item = self._queue.get(timeout=None)
-                    deadline = time.monotonic() + self.batch_wait_s  # company is waited for from now
-                elif block:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                else:
-                    item = self._queue.get_nowait()
-            except Empty:
-                break
-            if item is None:
-                self._closing = True
-                break
-            if self._take_abort(item.request.request_id):
-                self._end(item, abort_delta)
-                continue
-            n = item.request.params.n
-            if rows and (rows + n > self.max_batch_size or self.cells_reserved + n * item.reserve > self.llama.n_ctx):
-                self._queue.put_back(item.request.tenant, item)  # waits for rows to finish
-                break
-            taken.append(item)
-            rows += n
-            self.cells_reserved += n * item.reserve
-        return taken
+    # -- the engine thread -----------------------------------------------------------------
+    def _start(self, pending: Pending) -> None:
+        self.cells_reserved += pending.rows * pending.reserve
+        self._prefill_jobs.append(_Prefill(pending, list(pending.request.prompt_token_ids), self._seqs(pending)))
 
-    def _seqs(self, pending: _Pending) -> list[int]:
+    def _cancel_prefill(self, pending: Pending) -> None:
+        for job in [j for j in self._prefill_jobs if j.pending is pending]:
+            self._prefill_jobs.remove(job)
+            self._release_seqs(job.seqs, job.pending)
+
+    def _rebalance(self, caps: dict[str, int]) -> None:
+        self._retire_finished()
+        running = [r.tenant for r in self._batch.rows] if self._batch else []
+        parked = [r.tenant for r in self._parked.rows] if self._parked else []
+        park, resume = self.scheduler.shares(running, parked, caps)
+        back = self._parked.split_off(resume) if self._parked is not None and resume else None
+        if self._parked is not None and not self._parked.rows:
+            self._parked = None
+        if self._batch is not None and park:
+            self._parked = self._joined(self._parked, self._batch.split_off(park))
+            if not self._batch.rows:
+                self._batch = None
+        if back is not None:
+            self._batch = self._joined(self._batch, back)
+
+    def _joined(self, batch: _Batch | None, other: _Batch) -> _Batch:
+        if batch is None:
+            return other
+        batch.join(other, self.llama.n_vocab)
+        return batch
+
+    def _seqs(self, pending: Pending) -> list[int]:
         """Free sequence ids for its choices, forgetting the oldest cached prefixes if need be."""
         while len(self._free) < pending.request.params.n and self._cached:
             self._evict_cached()
@@ -286,9 +240,10 @@ class LlamaCppRunner:
         self.llama.forget(cached.seq)
         self._free.append(cached.seq)
 
-    def _iterate(self) -> None:
+    def _execute(self) -> None:
         """One decode call: every running row's next token, then up to ``prefill_budget`` prompt
         tokens; stream what it yields."""
+        self._retire_finished()
         rows = list(self._batch.rows) if self._batch else []
         chunks = self._plan_prefill()
         if not rows and not chunks:
@@ -324,7 +279,7 @@ class LlamaCppRunner:
             self._choose(self._batch, out[: len(rows)])
         finished = [job for job, _ in chunks if job.done == len(job.prompt)]
         for job, row_logits in zip(finished, out[len(rows) :], strict=True):
-            self._prefilling.remove(job)
+            self._prefill_jobs.remove(job)
             self._start_rows(job, row_logits)
         self._retire_finished()
 
@@ -333,12 +288,12 @@ class LlamaCppRunner:
         prompt first takes the longest prefix another sequence of its tenant holds; one that
         shares a longer prefix with a prompt prefilled before it waits for that one."""
         budget, planned = self.prefill_budget, list[tuple[_Prefill, int]]()
-        for job in list(self._prefilling):
+        for job in list(self._prefill_jobs):
             if budget <= 0:
                 break
             self._share_prefix(job)
             ahead = [j for j, _ in planned if j.pending.request.tenant == job.pending.request.tenant]
-            if any(_common(job.prompt, j.prompt) >= job.done + MIN_SHARED for j in ahead):
+            if self.shares_prefixes and any(_common(job.prompt, j.prompt) >= job.done + MIN_SHARED for j in ahead):
                 continue  # its prefix is being computed: shared next step instead of computed twice
             take = min(len(job.prompt) - job.done, budget)
             budget -= take
@@ -348,14 +303,13 @@ class LlamaCppRunner:
     def _share_prefix(self, job: _Prefill) -> None:
         """Start ``job`` from the longest prefix another sequence of its tenant holds. Looked for
         until it computes its own first chunk (each look compares its prompt with every sequence)."""
-        if job.computing or not self.llama.shares_prefixes:
+        if job.computing or not self.shares_prefixes:
             return
         tenant = job.pending.request.tenant
         sources: list[tuple[int, list[int]]] = [(c.seq, c.tokens) for c in self._cached if c.scope == tenant]
-        if self._batch is not None:
-            sources += [(r.seq, r.tokens) for r in self._batch.rows if r.pending.request.tenant == tenant]
+        sources += [(r.seq, r.tokens) for r in self._rows() if r.tenant == tenant and not r.finished]
         sources += [
-            (j.seqs[0], j.tokens) for j in self._prefilling if j is not job and j.pending.request.tenant == tenant
+            (j.seqs[0], j.tokens) for j in self._prefill_jobs if j is not job and j.pending.request.tenant == tenant
         ]
         best, seq = job.done, -1
         for src, tokens in sources:
@@ -371,7 +325,7 @@ class LlamaCppRunner:
         self.prefix_tokens_reused += best - job.done
         job.done = best
 
-    def _failed_decode(self, rows: list[_Row], chunks: list[tuple[_Prefill, int]], exc: DecodeError) -> None:
+    def _failed_decode(self, rows: list[SeqRow], chunks: list[tuple[_Prefill, int]], exc: DecodeError) -> None:
         """Out of room (the cache is as before the call): forget every cached prefix and try
         again next step; once none is left, the prompts of this step fail (the running rows'
         cells are reserved, so they are not at fault). Any other failure fails everything in the
@@ -388,17 +342,16 @@ class LlamaCppRunner:
                 row.tokens = []  # its cells may be half-written: forgotten, never a cached prefix
                 row.pending.sink(error_delta(row.index, exc))
         for job in victims:
-            self._prefilling.remove(job)
-            self._release(job.seqs, job.pending)
-            self._end(job.pending, lambda i: error_delta(i, exc))
+            self._prefill_jobs.remove(job)
+            self._release_seqs(job.seqs, job.pending)
+            job.pending.fail(exc)
         self._retire_finished()
 
     def _choose(self, batch: _Batch, logits: torch.Tensor) -> None:
         lengths = [len(r.tokens) + 1 for r in batch.rows]
         fresh = sum(1 for r in batch.rows if r.chosen is None)
         chosen = self.streamer.choose(batch.rows, logits, batch.sampling, batch.counts, lengths)
-        self.tokens_generated += fresh
-        self.peak_rows = max(self.peak_rows, len(batch.rows))
+        self._note_step(len(batch.rows), fresh)
         for row, token in zip(batch.rows, chosen.tolist(), strict=True):
             if not row.finished:
                 row.feed = token
@@ -410,7 +363,7 @@ class LlamaCppRunner:
         for seq in job.seqs[1:]:
             self.llama.share(job.seqs[0], seq, len(job.prompt))
         rows = [
-            _Row(job.pending, i, self.streamer.new_text(request), seq, list(job.prompt))
+            SeqRow(job.pending, i, self.streamer.new_text(request), seq=seq, tokens=list(job.prompt))
             for i, seq in enumerate(job.seqs)
         ]
         sampling = batch_sampling(rows)
@@ -424,23 +377,26 @@ class LlamaCppRunner:
             self._batch.join(fresh, logits.shape[-1])
 
     def _retire_finished(self) -> None:
-        """Rows that finished leave the batch; a request's last choice to finish returns its
-        cells, and its first choice's sequence stays as a cached prefix."""
-        batch = self._batch
-        if batch is None:
-            return
-        keep = [i for i, r in enumerate(batch.rows) if not r.finished]
-        gone = [r for r in batch.rows if r.finished]
-        batch.keep(keep)
-        for row in gone:
-            self._retire(row)
-        if not batch.rows:
+        """Rows that finished (running or parked) leave their batch; a request's last choice to
+        finish returns its cells, and its first choice's sequence stays as a cached prefix."""
+        for batch in (self._batch, self._parked):
+            if batch is None:
+                continue
+            gone = [r for r in batch.rows if r.finished]
+            if not gone:
+                continue
+            batch.keep([i for i, r in enumerate(batch.rows) if not r.finished])
+            for row in gone:
+                self._retire(row)
+        if self._batch is not None and not self._batch.rows:
             self._batch = None
+        if self._parked is not None and not self._parked.rows:
+            self._parked = None
 
-    def _retire(self, row: _Row) -> None:
+    def _retire(self, row: SeqRow) -> None:
         self.cells_reserved -= row.pending.reserve
         # One choice of a request is kept (its siblings share its prompt and would crowd others out).
-        if len(row.tokens) < MIN_SHARED or row.index > 0 or not self.llama.shares_prefixes:
+        if len(row.tokens) < MIN_SHARED or row.index > 0 or not self.shares_prefixes:
             self.llama.forget(row.seq)
             self._free.append(row.seq)
             return
@@ -448,41 +404,11 @@ class LlamaCppRunner:
         while len(self._cached) > CACHED_SEQUENCES or (self._cached and not self._free):
             self._evict_cached()
 
-    def _release(self, seqs: list[int], pending: _Pending) -> None:
+    def _release_seqs(self, seqs: list[int], pending: Pending) -> None:
         for seq in seqs:
             self.llama.forget(seq)
             self._free.append(seq)
         self.cells_reserved -= len(seqs) * pending.reserve
-
-    def _drop_aborted(self) -> None:
-        """Aborted rows and prompts stop here; a request still queued is dropped when taken."""
-        if not self._aborted:  # read without the lock: a new abort is seen next iteration
-            return
-        ids = {r.pending.request.request_id for r in self._batch.rows} if self._batch else set()
-        ids |= {j.pending.request.request_id for j in self._prefilling}
-        with self._abort_lock:
-            gone = self._aborted & ids
-            self._aborted -= gone
-        for row in self._batch.rows if self._batch else []:
-            if row.pending.request.request_id in gone and not row.finished:
-                row.finished = True
-                row.pending.sink(abort_delta(row.index))
-        for job in [j for j in self._prefilling if j.pending.request.request_id in gone]:
-            self._prefilling.remove(job)
-            self._release(job.seqs, job.pending)
-            self._end(job.pending, abort_delta)
-        self._retire_finished()
-
-    def _take_abort(self, request_id: str) -> bool:
-        with self._abort_lock:
-            hit = request_id in self._aborted
-            self._aborted.discard(request_id)
-        return hit
-
-    @staticmethod
-    def _end(pending: _Pending, delta: Callable[[int], GenerationDelta]) -> None:
-        for i in range(pending.request.params.n):
-            pending.sink(delta(i))
 
 
 def _common(a: list[int], b: list[int]) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from llmos.engine.config import EngineConfig
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.encoder import EncoderRunner, Pooling
@@ -35,16 +36,8 @@ def load_runner(
     *,
     dtype: torch.dtype,
     context_length: int,
-    max_batch_size: int,
-    batch_wait_s: float,
-    prefill_budget: int,
-    adapter_budget_bytes: int,
-    prefix_cache_bytes: int,
-    kv_cache_bytes: int,
-    tenant_rows_when_shared: int,
+    config: EngineConfig,
     name: str,
-    decode_int8: bool = False,
-    native_kernels: bool = True,
 ) -> CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -53,21 +46,7 @@ def load_runner(
         if task in CAUSAL_TASKS:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
             model.eval()
-            return CausalRunner(
-                model,
-                tokenizer,
-                context_length=context_length,
-                max_batch_size=max_batch_size,
-                batch_wait_s=batch_wait_s,
-                prefill_budget=prefill_budget,
-                adapter_budget_bytes=adapter_budget_bytes,
-                prefix_cache_bytes=prefix_cache_bytes,
-                kv_cache_bytes=kv_cache_bytes,
-                tenant_rows_when_shared=tenant_rows_when_shared,
-                name=name,
-                decode_int8=decode_int8,
-                native_kernels=native_kernels,
-            )
+            return CausalRunner(model, tokenizer, context_length=context_length, config=config, name=name)
         if task in TASK_HEADS:
             import transformers
 

@@ -1,0 +1,65 @@
+"""The engine's configuration: one typed object built from ``Settings`` and passed whole.
+
+Every runner, backend and the facade read their options from here, so a new option is added in
+one place instead of being threaded as a keyword through three layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmos.config import Settings
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    """Rows one decode step of a chat model advances at most."""
+    batch_wait_s: float = 0.005
+    """How long an idle engine loop waits, from a first request's arrival, for company."""
+    prefill_chunk_tokens: int = 256
+    """Prompt tokens prefilled per engine iteration, between decode steps."""
+    tenant_rows_when_shared: int = 0
+    """Rows each tenant may hold while a light tenant is active (0: no caps; ``kernel.fair_share``)."""
+    kv_cache_bytes: int = 4096 << 20
+    """The torch backend's key/value budget per chat model (admission reserves against it)."""
+    prefix_cache_bytes: int = 256 << 20
+    """Prompt states kept for reuse per chat model; 0 turns prefix sharing off in every backend."""
+    adapter_memory_bytes: int = 512 << 20
+    """The adapter bank of one chat model."""
+    decode_int8: bool = False
+    """Single-row decode steps read int8 copies of the weights."""
+    native_kernels: bool = True
+    """Build and use the C kernels (torch_backend/native) where a compiler is available."""
+    llamacpp_cache_tokens: int = 16384
+    """Cells of the llama.cpp backend's unified key/value cache, allocated at load."""
+    gguf_backend: str = "torch"
+    """Which backend serves chat models pulled from GGUF: ``torch`` or ``llama.cpp``."""
+    threads: int = 0
+    """Cores a compute thread uses (0: torch's default)."""
+    dtype: str = "auto"
+    """``auto`` (bf16 where the CPU computes it fast), ``bfloat16`` or ``float32``."""
+    memory_budget_bytes: int = 8192 << 20
+    """Resident models' estimated bytes; the least recently used idle one is evicted beyond it."""
+    max_pending_requests: int = 256
+    """Requests admitted into the engine at once; more get 503 with Retry-After."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineConfig:
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            tenant_rows_when_shared=settings.tenant_rows_when_shared,
+            kv_cache_bytes=settings.kv_cache_mb << 20,
+            prefix_cache_bytes=settings.prefix_cache_mb << 20,
+            adapter_memory_bytes=settings.adapter_memory_mb << 20,
+            decode_int8=settings.decode_weights == "int8",
+            native_kernels=settings.native_kernels,
+            llamacpp_cache_tokens=settings.llamacpp_cache_tokens,
+            gguf_backend=settings.gguf_backend,
+            threads=settings.threads,
+            dtype=settings.dtype,
+            memory_budget_bytes=settings.memory_budget_mb << 20,
+            max_pending_requests=settings.max_pending_requests,
+        )
