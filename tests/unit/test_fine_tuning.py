@@ -66,7 +66,11 @@ def test_fine_tune_then_chat_with_the_result(client: openai.OpenAI) -> None:
     assert any("valid_loss" in (e.data or {}) for e in metrics)  # type: ignore[operator]
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert len(checkpoints) == 2 and checkpoints[0].step_number > checkpoints[1].step_number
-    assert "valid_loss" in checkpoints[0].metrics.model_dump(exclude_none=True) or checkpoints[0].metrics
+    scored = {e.data["step"]: e.data["valid_loss"] for e in metrics if e.data and "valid_loss" in e.data}  # type: ignore[index,operator]
+    for checkpoint in checkpoints:  # each epoch's checkpoint carries that epoch's validation loss
+        recorded = checkpoint.metrics.model_dump(exclude_none=True)
+        assert recorded["step"] == checkpoint.step_number
+        assert recorded["valid_loss"] == pytest.approx(scored[checkpoint.step_number]) and recorded["valid_loss"] > 0
     model = client.models.retrieve(name)
     assert model.parent == "tiny-chat"  # type: ignore[attr-defined]
     assert model.format == "lora"  # type: ignore[attr-defined]  # an adapter served beside its base, not a copy
