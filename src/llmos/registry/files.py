@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import select
 
 from llmos.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
@@ -184,8 +185,10 @@ class FileStore:
     def delete(self, tenant: str, file_id: str) -> FileRecord:
         record = self.get(tenant, file_id)
         with self.db.session() as s:
-            row = s.get(FileRow, file_id)
-            if row is not None:
-                s.delete(row)
+            # One conditional DELETE decides: of concurrent deletes exactly one removes the row, the
+            # others find nothing (404), so one audit event is written.
+            gone = s.execute(sa_delete(FileRow).where(FileRow.id == file_id, FileRow.tenant == tenant))
+            if gone.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFoundError(f"No such File object: {file_id}", param="file_id")
         collect_unreferenced(self.db, self.store, [record.sha256])
         return record

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, select
 
 from llmos.errors import ArtifactError, ConflictError, InvalidRequestError, ModelNotFoundError
@@ -194,9 +195,10 @@ class ModelRegistry:
                 code="model_in_use",
             )
         with self.db.session() as s:
-            row = s.get(ModelRow, record.id)
-            if row is not None:
-                s.delete(row)
+            # One conditional DELETE decides: of concurrent deletes of a version exactly one removes it
+            # (its artifact rows go by the foreign key's cascade), the others find nothing (404).
+            if s.execute(sa_delete(ModelRow).where(ModelRow.id == record.id)).rowcount != 1:  # type: ignore[attr-defined]
+                raise ModelNotFoundError(f"The model '{ref}' does not exist", param="model")
         shutil.rmtree(self._models_dir / record.id, ignore_errors=True)
         collect_unreferenced(self.db, self.store, record.artifacts.values())
         return record

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, overload
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from llmos.errors import AuthenticationError, InvalidRequestError, NotFoundError
 from llmos.registry.db import Database
@@ -211,10 +211,17 @@ class KeyStore:
             return [ApiKeyInfo.from_row(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
 
     def revoke(self, key_id: str) -> ApiKeyInfo:
+        """Revoke an active key. One conditional UPDATE decides, so of concurrent revokes exactly one
+        succeeds; the others, like a revoke of a revoked key, find no active key (404)."""
         with self.db.session() as s:
-            row = s.get(ApiKeyRow, key_id)
-            if row is None:
-                raise NotFoundError(f"no API key {key_id!r}", param="key_id")
-            row.revoked_at = datetime.now(UTC)
+            revoked = s.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            )
+            if revoked.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFoundError(f"no active API key {key_id!r}", param="key_id")
             self._verified.clear()
+            row = s.get(ApiKeyRow, key_id, populate_existing=True)
+            assert row is not None
             return ApiKeyInfo.from_row(row)

@@ -47,7 +47,8 @@ async def delete_model(model: str, platform: PlatformDep, engine: EngineDep, req
     unload = getattr(engine, "unload", None)
     if unload is not None:
         await unload(record.id)
-    await asyncio.to_thread(platform.registry.delete, model)
+    # By id: a concurrent delete of the same reference must not go on to the next older version.
+    await asyncio.to_thread(platform.registry.delete, record.id)
     platform.audit.record(
         "model.delete",
         tenant=key.tenant,
