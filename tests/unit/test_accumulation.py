@@ -72,9 +72,9 @@ def test_a_shorter_group_follows_the_mean_loss_of_its_batches(
     grads: list[dict[str, torch.Tensor]] = []
     step = Optimization.step
 
-    def recording(self: Optimization, state: dict[str, Any]) -> None:
+    def recording(self: Optimization, number: int) -> None:
         grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
-        step(self, state)
+        step(self, number)
 
     monkeypatch.setattr(Optimization, "step", recording)
     spec = TrainingSpec(n_epochs=1, adapter="lora", lora_r=4, lora_dropout=0.0)

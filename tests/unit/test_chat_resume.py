@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmos.training.run import Hooks, TrainingResult, TrainingRun
-from llmos.training.sft import Stopped, run_sft
+from llmos.training.run import Hooks, Stopped, TrainingResult, TrainingRun
+from llmos.training.sft import run_sft
 from llmos.training.spec import TrainingSpec
 
 ROWS = [

@@ -19,8 +19,7 @@ from llmos.registry.tables import ModelRow
 from llmos.training.classify import run_classification
 from llmos.training.datasets import validate_dataset
 from llmos.training.ner import IGNORE, align_labels, entity_report, load_token_file, run_token_classification
-from llmos.training.run import Hooks, TrainingRun
-from llmos.training.sft import Stopped
+from llmos.training.run import Hooks, Stopped, TrainingRun
 from llmos.training.spec import TrainingSpec
 from tests.conftest import ADMIN_KEY
 from tests.unit.test_api_security import _tenant_key

@@ -91,13 +91,17 @@ def _padding(batches: list[list[Example]]) -> int:
 def test_length_grouped_batches_pad_less_and_keep_every_example_once() -> None:
     import random
 
-    from llmos.training.sft import _batches
+    from llmos.training.loop import shuffled_batches
 
     examples = [Example(input_ids=[1] * n, labels=[1] * n) for n in random.Random(0).choices(range(5, 200), k=300)]
-    plain = _batches(examples, 8, random.Random(1))
-    grouped = _batches(examples, 8, random.Random(1), by_length=True)
+
+    def length(e: Example) -> int:
+        return len(e.input_ids)
+
+    plain = shuffled_batches(examples, 8, random.Random(1))
+    grouped = shuffled_batches(examples, 8, random.Random(1), length)
     assert sorted(id(e) for b in grouped for e in b) == sorted(id(e) for e in examples)
     assert all(len(b) <= 8 for b in grouped)
     assert _padding(grouped) < 0.2 * _padding(plain)
-    assert grouped == _batches(examples, 8, random.Random(1), by_length=True)  # the same order on resume
+    assert grouped == shuffled_batches(examples, 8, random.Random(1), length)  # the same order on resume
     assert [len(b[0].input_ids) for b in grouped] != sorted(len(b[0].input_ids) for b in grouped)  # batches shuffled

@@ -17,6 +17,7 @@ from llmos.training.classify import run_classification
 from llmos.training.optim import Optimization
 from llmos.training.run import Hooks, TrainingRun
 from llmos.training.spec import TrainingSpec
+from llmos.training.state import TrainingState
 
 
 def test_adalora_prunes_its_rank_budget_while_training(tiny_chat_dir: Path) -> None:
@@ -25,14 +26,13 @@ def test_adalora_prunes_its_rank_budget_while_training(tiny_chat_dir: Path) -> N
     model = wrap_model(AutoModelForCausalLM.from_pretrained(tiny_chat_dir), spec, "CAUSAL_LM", total_steps=40)
     start = sum(p.numel() for n, p in model.named_parameters() if "lora_E" in n)  # r per adapted layer
     opt = Optimization(model, spec, 40, weight_decay=0.0)
-    state = {"step": 0}
     ids = torch.randint(0, 100, (2, 12))
-    for _ in range(40):
+    for number in range(1, 41):
         loss = model(input_ids=ids, labels=ids).loss
         penalty = regularization(model)
         assert penalty is not None and penalty.requires_grad
         (loss + penalty).backward()
-        opt.step(state)
+        opt.step(number)
     kept = model.peft_config["default"].rank_pattern  # the allocation PEFT saves with the adapter
     assert kept and sum(sum(mask) for mask in kept.values()) <= start // 2  # pruned to target_r = r / 2
     pruned = sum(int((p == 0).sum()) for n, p in model.named_parameters() if "lora_E" in n)
@@ -74,12 +74,13 @@ def _adalora(tiny_chat_dir: Path, total: int) -> tuple[Any, Optimization]:
     return model, Optimization(model, ADALORA, total, weight_decay=0.0)
 
 
-def _train_until(model: Any, opt: Optimization, state: dict[str, Any], until: int, ids: torch.Tensor) -> None:
-    while state["step"] < until:
+def _train_until(model: Any, opt: Optimization, state: TrainingState, until: int, ids: torch.Tensor) -> None:
+    while state.step < until:
         penalty = regularization(model)
         assert penalty is not None
         (model(input_ids=ids, labels=ids).loss + penalty).backward()
-        opt.step(state)
+        state.step += 1
+        opt.step(state.step)
 
 
 @pytest.mark.parametrize("stop", [20, 34])  # while ranks are re-allocated; after the final allocation (step 32)
@@ -88,14 +89,15 @@ def test_a_resumed_adalora_run_keeps_its_rank_allocation(tiny_chat_dir: Path, tm
     had, so it ends with the very ranks and weights of a run never stopped."""
     total, ids = 40, torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     model, opt = _adalora(tiny_chat_dir, total)
-    state: dict[str, Any] = {"epoch": 0, "step": 0}
+    state = TrainingState()
     _train_until(model, opt, state, stop, ids)
-    save_epoch(tmp_path, 1, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler, state=state)
+    save_epoch(tmp_path, 1, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler, state=state.to_json())
     _train_until(model, opt, state, total, ids)
 
     resumed, resumed_opt = _adalora(tiny_chat_dir, total)
-    resumed_state = resume_latest(tmp_path, resumed, resumed_opt.optimizer, resumed_opt.scheduler, lambda m: None)
-    assert resumed_state is not None and resumed_state["step"] == stop
+    saved = resume_latest(tmp_path, resumed, resumed_opt.optimizer, resumed_opt.scheduler, lambda m: None)
+    resumed_state = TrainingState.from_json(saved)
+    assert resumed_state.step == stop
     _train_until(resumed, resumed_opt, resumed_state, total, ids)
 
     pattern = model.peft_config["default"].rank_pattern

@@ -25,8 +25,7 @@ from llmos.engine.torch_backend.loader import load_runner
 from llmos.engine.torch_backend.prompted_encoder import WEIGHTS_FILE, PromptedEncoder, load_prompted
 from llmos.errors import ModelLoadError
 from llmos.training.classify import run_classification
-from llmos.training.run import Hooks, TrainingRun
-from llmos.training.sft import Stopped
+from llmos.training.run import Hooks, Stopped, TrainingRun
 from llmos.training.spec import TrainingSpec
 from tests.conftest import ADMIN_KEY
 from tests.unit.test_fine_tuning import wait_for

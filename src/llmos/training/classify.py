@@ -1,11 +1,11 @@
 """Sequence classification fine-tuning of an encoder (e.g. all-MiniLM-L6-v2): full, LoRA or IA3,
-evaluated with accuracy, macro-F1 and a per-class report; the loop is the one every encoder task shares."""
+evaluated with accuracy, macro-F1 and a per-class report; the loop is the shared one (see loop)."""
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ import torch
 from llmos.training.adapters import input_limit, wrap_model
 from llmos.training.augment import augment, embedding_synonyms
 from llmos.training.datasets import LABEL_COLUMNS, TEXT_COLUMNS, jsonl_objects, read_lines
-from llmos.training.encoder_loop import EncoderTask, StepOutput, train_encoder
+from llmos.training.encoder_task import EncoderData, EncoderTask, encoder_inputs, encoder_with_head, label_names
+from llmos.training.loop import Selection, StepOutput, fit
 from llmos.training.run import TrainingResult, TrainingRun
 
 
@@ -69,32 +70,44 @@ def _predict(model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_s
     return out
 
 
-def run_classification(run: TrainingRun) -> TrainingResult:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+class ClassificationTask(EncoderTask[LabelledText]):
+    selection = Selection(metric="valid_accuracy", higher_is_better=True, keep_best=True)
 
-    torch.manual_seed(run.seed)
-    tokenizer = AutoTokenizer.from_pretrained(run.base_dir)
-    train = load_classification_file(run.train_path)
-    valid = load_classification_file(run.valid_path) if run.valid_path else []
-    labels = sorted({x.label for x in train})
-    index = {name: i for i, name in enumerate(labels)}
-    unseen = sorted({x.label for x in valid} - set(labels))
-    if unseen:
-        raise ValueError(f"validation labels not in the training file: {unseen[:5]}")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        run.base_dir,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id=index,
-        dtype=torch.float32,
-        ignore_mismatched_sizes=True,  # a classifier base (other labels, or an NER head) brings a head of another shape
-    )
+    def __init__(self, run: TrainingRun, model: Any, data: EncoderData[LabelledText], labels: list[str]) -> None:
+        super().__init__(run, model, data)
+        self.labels, self.index = labels, {name: i for i, name in enumerate(labels)}
+        self.max_length = input_limit(model, run.spec)
+        self.description = f"sequence classification on {len(data.train)} examples, {len(labels)} labels"
+
+    def step(self, batch: list[LabelledText]) -> StepOutput:
+        enc = self.tokenizer(
+            [x.text for x in batch], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
+        return self.labelled_step(enc, torch.tensor([self.index[x.label] for x in batch]))
+
+    def evaluate(self) -> dict[str, Any] | None:
+        if not self.valid:
+            return None
+        predicted = _predict(self.model, self.tokenizer, [x.text for x in self.valid], self.max_length, 64)
+        report = classification_report([self.index[x.label] for x in self.valid], predicted, self.labels)
+        return {
+            "valid_accuracy": report["accuracy"],
+            "valid_macro_f1": report["macro_f1"],
+            "valid_report": report["per_class"],
+        }
+
+
+def run_classification(run: TrainingRun) -> TrainingResult:
+    from transformers import AutoModelForSequenceClassification
+
+    data = encoder_inputs(run, load_classification_file)
+    labels = label_names((x.label for x in data.train), (x.label for x in data.valid), "labels")
+    model = encoder_with_head(AutoModelForSequenceClassification, run.base_dir, labels)
     if run.spec.augmentation_probability:
-        words = {w.lower() for x in train for w in x.text.split()}
-        synonyms = embedding_synonyms(words, tokenizer, model.get_input_embeddings().weight.detach())
-        original = len(train)
+        words = {w.lower() for x in data.train for w in x.text.split()}
+        synonyms = embedding_synonyms(words, data.tokenizer, model.get_input_embeddings().weight.detach())
         train = augment(
-            train,
+            data.train,
             lambda x: x.text,
             lambda x, text: LabelledText(text, x.label),
             synonyms,
@@ -102,39 +115,9 @@ def run_classification(run: TrainingRun) -> TrainingResult:
             copies=run.spec.augmentation_copies,
             seed=run.seed,
         )
-        run.hooks.message(f"Augmented {original} training examples with {len(train) - original} EDA variants")
-    model = wrap_model(model, run.spec, "SEQ_CLS", run.spec.total_steps(len(train)))
-    max_length = input_limit(model, run.spec)
-
-    def step(batch: list[LabelledText]) -> StepOutput:
-        enc = tokenizer(
-            [x.text for x in batch],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
+        run.hooks.message(
+            f"Augmented {len(data.train)} training examples with {len(train) - len(data.train)} EDA variants"
         )
-        target = torch.tensor([index[x.label] for x in batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
-            logits = model(**enc).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), target)
-        correct = int((logits.argmax(-1) == target).sum())
-        return StepOutput(loss=loss, correct=correct, counted=len(batch), tokens=int(enc["attention_mask"].sum()))
-
-    def evaluate() -> dict[str, Any]:
-        predicted = _predict(model, tokenizer, [x.text for x in valid], max_length, 64)
-        report = classification_report([index[x.label] for x in valid], predicted, labels)
-        return {
-            "valid_accuracy": report["accuracy"],
-            "valid_macro_f1": report["macro_f1"],
-            "valid_report": report["per_class"],
-        }
-
-    task = EncoderTask(
-        description=f"sequence classification on {len(train)} examples, {len(labels)} labels",
-        train=train,
-        step=step,
-        evaluate=evaluate if valid else None,
-        select="valid_accuracy",
-    )
-    return train_encoder(model, tokenizer, task, run)
+        data = replace(data, train=train)
+    model = wrap_model(model, run.spec, "SEQ_CLS", run.spec.total_steps(len(data.train)))
+    return fit(ClassificationTask(run, model, data, labels), run)

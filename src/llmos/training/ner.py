@@ -1,7 +1,7 @@
 """Token classification (NER) fine-tuning of an encoder (e.g. all-MiniLM-L6-v2): full, LoRA or
 IA3. Each word's tag is learnt on its first sub-word (the others are ignored, -100), and the
 model is scored on whole entities (seqeval, CoNLL-2000 rules): precision, recall, F1 and a
-per-type report. The loop is the one every encoder task shares (see encoder_loop)."""
+per-type report. The loop is the shared one (see loop and encoder_task)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 
 from llmos.training.adapters import input_limit, wrap_model
 from llmos.training.datasets import conll_sentences, jsonl_objects, read_lines
-from llmos.training.encoder_loop import EncoderTask, StepOutput, train_encoder
+from llmos.training.encoder_task import IGNORE, EncoderData, EncoderTask, encoder_inputs, encoder_with_head, label_names
+from llmos.training.loop import Selection, StepOutput, fit
 from llmos.training.run import TrainingResult, TrainingRun
 
-IGNORE = -100
 OUTSIDE = "O"
 
 
@@ -115,43 +115,23 @@ class WordTagger:
         return out
 
 
-def run_token_classification(run: TrainingRun) -> TrainingResult:
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+class TokenClassificationTask(EncoderTask[TaggedSentence]):
+    selection = Selection(metric="valid_f1", higher_is_better=True, keep_best=True)
 
-    torch.manual_seed(run.seed)
-    tokenizer = AutoTokenizer.from_pretrained(run.base_dir)
-    train = load_token_file(run.train_path)
-    valid = load_token_file(run.valid_path) if run.valid_path else []
-    tags = sorted({t for s in train for t in s.tags})
-    unseen = sorted({t for s in valid for t in s.tags} - set(tags))
-    if unseen:
-        raise ValueError(f"validation tags not in the training file: {unseen[:5]}")
-    model = AutoModelForTokenClassification.from_pretrained(
-        run.base_dir,
-        num_labels=len(tags),
-        id2label=dict(enumerate(tags)),
-        label2id={t: i for i, t in enumerate(tags)},
-        dtype=torch.float32,
-        ignore_mismatched_sizes=True,  # a classifier base brings a head of another shape: start it afresh
-    )
-    model = wrap_model(model, run.spec, "TOKEN_CLS", run.spec.total_steps(len(train)))
-    tagger = WordTagger(model, tokenizer, tags, input_limit(model, run.spec))
+    def __init__(self, run: TrainingRun, tagger: WordTagger, data: EncoderData[TaggedSentence]) -> None:
+        super().__init__(run, tagger.model, data)
+        self.tagger = tagger
+        self.description = f"token classification on {len(data.train)} sentences, {len(tagger.tags)} tags"
 
-    def step(batch: list[TaggedSentence]) -> StepOutput:
-        enc, labels = tagger.encode(batch)
-        tokens = int(enc["attention_mask"].sum())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
-            logits = model(**enc).logits
-        counted = labels != IGNORE
-        if not counted.any():  # every word cut off or untokenizable: nothing to learn, and no NaN
-            return StepOutput(loss=logits.sum() * 0.0, correct=0, counted=0, tokens=tokens)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        correct = int(((logits.argmax(-1) == labels) & counted).sum())
-        return StepOutput(loss=loss, correct=correct, counted=int(counted.sum()), tokens=tokens)
+    def step(self, batch: list[TaggedSentence]) -> StepOutput:
+        enc, labels = self.tagger.encode(batch)
+        return self.labelled_step(enc, labels)
 
-    def evaluate() -> dict[str, Any]:
-        gold = [list(s.tags) for s in valid]
-        predicted = tagger.predict(valid)
+    def evaluate(self) -> dict[str, Any] | None:
+        if not self.valid:
+            return None
+        gold = [list(s.tags) for s in self.valid]
+        predicted = self.tagger.predict(self.valid)
         report = entity_report(gold, predicted)
         words = sum(len(g) for g in gold)
         right = sum(g == p for gs, ps in zip(gold, predicted, strict=True) for g, p in zip(gs, ps, strict=True))
@@ -163,11 +143,13 @@ def run_token_classification(run: TrainingRun) -> TrainingResult:
             "valid_report": report["per_type"],
         }
 
-    task = EncoderTask(
-        description=f"token classification on {len(train)} sentences, {len(tags)} tags",
-        train=train,
-        step=step,
-        evaluate=evaluate if valid else None,
-        select="valid_f1",
-    )
-    return train_encoder(model, tokenizer, task, run)
+
+def run_token_classification(run: TrainingRun) -> TrainingResult:
+    from transformers import AutoModelForTokenClassification
+
+    data = encoder_inputs(run, load_token_file)
+    tags = label_names((t for s in data.train for t in s.tags), (t for s in data.valid for t in s.tags), "tags")
+    model = encoder_with_head(AutoModelForTokenClassification, run.base_dir, tags)
+    model = wrap_model(model, run.spec, "TOKEN_CLS", run.spec.total_steps(len(data.train)))
+    tagger = WordTagger(model, data.tokenizer, tags, input_limit(model, run.spec))
+    return fit(TokenClassificationTask(run, tagger, data), run)

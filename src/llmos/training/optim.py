@@ -21,13 +21,12 @@ class Optimization:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=spec.learning_rate, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(spec, total_steps))
 
-    def step(self, state: dict[str, Any]) -> None:
-        """Apply the accumulated gradients and count the step in ``state``."""
+    def step(self, number: int) -> None:
+        """Apply the accumulated gradients as the run's optimizer step ``number`` (counted from 1)."""
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
         self.scheduler.step()
-        state["step"] += 1
-        after_step(self.model, int(state["step"]))
+        after_step(self.model, number)
         self.optimizer.zero_grad(set_to_none=True)
 
     @property

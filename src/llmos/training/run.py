@@ -1,4 +1,5 @@
-"""What every trainer takes and gives back: one run's inputs, the hooks it reports through, its result."""
+"""What every trainer takes and gives back: one run's inputs, the hooks it reports through, its
+result, and the exception that stops it when its job is cancelled or paused."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from llmos.training.spec import TrainingSpec
+
+
+class Stopped(Exception):
+    """Raised inside a training loop when the job is cancelled or paused; ``reason`` says which
+    (the control value the hooks reported)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass

@@ -33,8 +33,8 @@ from llmos.training.checkpoints import SERVABLE
 from llmos.training.classify import run_classification
 from llmos.training.metering import QUOTA_STOP, CpuMeter
 from llmos.training.ner import run_token_classification
-from llmos.training.run import Hooks, TrainingRun
-from llmos.training.sft import Stopped, run_sft
+from llmos.training.run import Hooks, Stopped, TrainingRun
+from llmos.training.sft import run_sft
 from llmos.training.spec import TrainingSpec
 
 log = logging.getLogger("llmos.worker")
