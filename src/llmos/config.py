@@ -70,8 +70,14 @@ class Settings(BaseSettings):
     native_kernels: bool = Field(
         default=True,
         description="Build the engine's small C kernels with the system's C compiler on first use (cached under "
-        "`LLMOS_KERNEL_DIR`, default `~/.cache/llmos/kernels`): decode steps mixing LoRA adapters add each row's "
+        "`kernel_dir`): decode steps mixing LoRA adapters add each row's "
         "own adapter in one call a layer group. Without a compiler, or false, the PyTorch path is used.",
+    )
+    kernel_dir: str = Field(
+        default="",
+        description="Directory the engine's C kernels are built into and cached in (empty: "
+        "`~/.cache/llmos/kernels`); used only if this user alone may write there, else a private temporary "
+        "directory.",
     )
     gguf_backend: Literal["torch", "llama.cpp"] = Field(
         default="torch",

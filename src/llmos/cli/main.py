@@ -46,6 +46,7 @@ def serve(
     import uvicorn
 
     from llmos.api import create_app
+    from llmos.engine.process import configure_process
 
     settings = settings_from(host=host, port=port, home=home)
     if pull_defaults:
@@ -64,6 +65,7 @@ def serve(
     # was installed before it; exiting 0 there tells supervisors the shutdown was clean.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     console.print(f"LLM OS {__version__} on http://{settings.host}:{settings.port} (docs at /docs)")
+    configure_process(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

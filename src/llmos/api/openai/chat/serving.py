@@ -49,7 +49,8 @@ class ChatService:
 
     async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
         await asyncio.to_thread(self.ctx.check_model, req.model)
-        info = await self.engine.model_info(req.model)
+        handle = await self.engine.resolve(req.model)
+        info = handle.info
         if info.task != "chat" or not info.has_chat_template:
             raise InvalidRequestError(
                 f"model {req.model} is a {info.task} model without a chat template; "
@@ -59,7 +60,7 @@ class ChatService:
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        prompt = await self.engine.encode_chat(req.model, messages)
+        prompt = await self.engine.encode_chat(handle, messages)
         params = build_sampling(
             req,
             max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -75,6 +76,7 @@ class ChatService:
             prompt_token_ids=prompt,
             params=params,
             tenant=self.ctx.tenant,
+            handle=handle,
         )
 
     async def complete(self, req: ChatCompletionRequest, gen: GenerationRequest) -> ChatCompletion:

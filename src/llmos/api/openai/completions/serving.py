@@ -45,7 +45,8 @@ class CompletionService:
 
     async def prepare(self, req: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
         await asyncio.to_thread(self.ctx.check_model, req.model)
-        info = await self.engine.model_info(req.model)
+        handle = await self.engine.resolve(req.model)
+        info = handle.info
         if info.task not in ("chat", "completion"):
             raise InvalidRequestError(
                 f"model {req.model} is a {info.task} model; it cannot complete text", param="model"
@@ -54,7 +55,7 @@ class CompletionService:
         out = []
         for i, prompt in enumerate(req.prompts()):
             if isinstance(prompt, str):
-                ids = await self.engine.encode_text(req.model, prompt)
+                ids = await self.engine.encode_text(handle, prompt)
                 echo_text = prompt
             else:
                 ids, echo_text = prompt, ""
@@ -77,6 +78,7 @@ class CompletionService:
                         prompt_token_ids=ids,
                         params=params,
                         tenant=self.ctx.tenant,
+                        handle=handle,
                     ),
                 )
             )
