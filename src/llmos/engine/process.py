@@ -15,7 +15,7 @@ from llmos.engine.torch_backend import native
 GIL_SWITCH_INTERVAL_S = 0.0002
 """The engine thread re-takes the GIL after each of the hundreds of torch operators of a forward
 pass; with Python's default 5 ms switch interval it waits behind the event loop's thread (a GIL
-convoy). docs/performance.md has the measurement."""
+convoy). docs/performance.md, design measurements, has the measurement."""
 
 
 def configure_process(settings: Settings) -> None:
