@@ -13,13 +13,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 
 def _default_home() -> Path:
@@ -49,9 +51,45 @@ class Settings(BaseSettings):
         description="Host header names the server answers. Empty: loopback names only when bound to loopback "
         "(DNS-rebinding protection), any name otherwise.",
     )
-    admin_key: str | None = Field(
+    admin_key: SecretStr | None = Field(
         default=None,
         description="Bootstrap admin API key used instead of generating one at first start (automation).",
+    )
+    secret_file: Path | None = Field(
+        default=None,
+        description="File holding the server secret API keys are hashed with (HMAC-SHA256); default "
+        "$LLMOS_HOME/secret, created owner-only at first start. Keep it out of database backups: with it, a copy "
+        "of the database can test guesses of keys.",
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection that has not sent a complete request head (line and headers) within this many "
+        "seconds of opening, or of its previous response, is closed.",
+    )
+    http_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request whose body stops arriving for this many seconds is answered 408 request_timeout.",
+    )
+    http_keep_alive_s: int = Field(
+        default=5, ge=1, description="An idle keep-alive connection is closed after this many seconds."
+    )
+    http_max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Connections (or requests in progress) beyond which new requests get 503; keep it under the "
+        "process's open-file limit (`ulimit -n`).",
+    )
+    http_max_header_bytes: int = Field(
+        default=16384,
+        ge=1024,
+        description="Largest request head (request line and headers); a larger one gets 400 and the connection closed.",
+    )
+    docs_enabled: bool = Field(
+        default=False,
+        description="Serve the interactive API docs at /docs and /redoc. They load their scripts from a public CDN, "
+        "so they are off by default; /openapi.json is always served.",
     )
     default_models: list[str] = Field(
         default=["smollm2-135m-instruct", "all-minilm-l6-v2"],
@@ -189,11 +227,22 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
+    @property
+    def secret_path(self) -> Path:
+        return (self.secret_file or self.home / "secret").expanduser()
+
     def as_public_dict(self) -> dict[str, Any]:
-        """Settings as shown to operators: secrets masked."""
+        """Settings as shown to operators: every ``SecretStr`` field (the convention for secrets) and
+        the database URL's password masked."""
         data = self.model_dump(mode="json")
-        if data.get("admin_key"):
-            data["admin_key"] = "***"
+        for name in type(self).model_fields:
+            if isinstance(getattr(self, name), SecretStr):
+                data[name] = "***"
+        if self.database_url:
+            try:
+                data["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+            except ArgumentError:  # not a URL SQLAlchemy reads: shown not at all rather than unmasked
+                data["database_url"] = "***"
         return data
 
 

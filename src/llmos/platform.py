@@ -14,6 +14,7 @@ from llmos.registry.files import FileStore
 from llmos.security import KeyStore
 from llmos.security.audit import AuditLog
 from llmos.security.limits import RateLimiter
+from llmos.security.private import read_or_create_secret, secure_home
 from llmos.security.quotas import TrainingQuota
 from llmos.security.tenants import TenantStore
 from llmos.security.usage import UsageLedger
@@ -40,7 +41,7 @@ class Platform:
 
     @classmethod
     def open(cls, settings: Settings) -> Platform:
-        settings.home.mkdir(parents=True, exist_ok=True)
+        secure_home(settings.home)  # owner-only, looser paths tightened with a warning
         db = Database(settings.db_url)
         registry = ModelRegistry(db, LocalArtifactStore(settings.store_dir), settings.home)
         files = FileStore(db, registry.store, {"fine-tune": check_training_file, "batch": validate_batch_file})
@@ -48,7 +49,7 @@ class Platform:
             settings=settings,
             db=db,
             registry=registry,
-            keys=KeyStore(db),
+            keys=KeyStore(db, read_or_create_secret(settings.secret_path)),
             tenants=TenantStore(db),
             audit=AuditLog(db),
             usage=UsageLedger(db),

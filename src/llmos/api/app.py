@@ -62,7 +62,8 @@ def create_app(
         owned = platform is None
         app.state.platform = platform or Platform.open(settings)
         app.state.engine = engine or app.state.platform.make_engine()
-        new_key = app.state.platform.keys.bootstrap_admin(settings.admin_key)
+        admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        new_key = app.state.platform.keys.bootstrap_admin(admin_key)
         if new_key:
             # Shown once: only its hash is stored.
             print(f"\n  Admin API key (shown once, store it now): {new_key}\n", flush=True)
@@ -86,6 +87,9 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         description="OpenAI-compatible API of LLM OS. Authenticate with `Authorization: Bearer <key>`.",
+        # FastAPI's docs pages load their scripts from a public CDN: only when an operator asks.
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
     )
     install_error_handlers(app)
     app.add_middleware(
@@ -93,6 +97,7 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         max_json_depth=settings.max_json_depth,
         max_upload_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.http_body_timeout_s,
     )
     allowed = allowed_hosts_for(settings.host, settings.allowed_hosts)
     if allowed is not None:

@@ -78,7 +78,7 @@ def pull_with_progress(platform: Platform, ref: str, name: str | None = None) ->
 def api_client(settings: Settings, api_key: str | None) -> Any:
     from openai import OpenAI
 
-    key = api_key or os.environ.get("LLMOS_API_KEY") or settings.admin_key
+    key = api_key or os.environ.get("LLMOS_API_KEY") or (settings.admin_key and settings.admin_key.get_secret_value())
     if not key:
         err_console.print("[red]error:[/red] no API key: pass --api-key or set LLMOS_API_KEY")
         raise typer.Exit(code=1)

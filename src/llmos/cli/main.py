@@ -15,6 +15,7 @@ from llmos.cli.keys import keys_app
 from llmos.cli.models import models_app, pull
 from llmos.cli.tuning import files_app, finetune_app, jobs_app
 from llmos.errors import LLMOSError, ModelNotFoundError
+from llmos.security.private import restrict_umask
 
 app = typer.Typer(
     name="llmos",
@@ -22,6 +23,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _private_files() -> None:
+    """LLM OS: a self-hosted operating system for language models."""
+    restrict_umask()  # whatever a command writes under LLMOS_HOME (and its workers) is the owner's alone
+
+
 app.command()(pull)
 app.command()(chat)
 app.command()(embed)
@@ -46,7 +55,7 @@ def serve(
     import uvicorn
 
     from llmos.api import create_app
-    from llmos.engine.process import configure_process
+    from llmos.api.server import server_config
 
     settings = settings_from(host=host, port=port, home=home)
     if pull_defaults:
@@ -64,15 +73,9 @@ def serve(
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that
     # was installed before it; exiting 0 there tells supervisors the shutdown was clean.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    console.print(f"LLM OS {__version__} on http://{settings.host}:{settings.port} (docs at /docs)")
-    configure_process(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    docs = "docs at /docs" if settings.docs_enabled else "schema at /openapi.json"
+    console.print(f"LLM OS {__version__} on http://{settings.host}:{settings.port} ({docs})")
+    uvicorn.Server(server_config(create_app(settings), settings)).run()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

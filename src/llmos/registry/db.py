@@ -12,7 +12,20 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from llmos.errors import InvalidRequestError
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+MAX_DB_INT = 2**63 - 1  # the widest integer a column holds (SQLite INTEGER, PostgreSQL BIGINT)
+
+
+def parse_db_int(text: str, *, param: str) -> int:
+    """``text`` as an integer a query may compare with a column: ASCII digits, at most ``MAX_DB_INT``
+    (a larger one makes the database driver raise, which would answer 500); else 400."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_DB_INT:
+        raise InvalidRequestError(f"'{text[:40]}' is not an integer from 0 to {MAX_DB_INT}", param=param)
+    return int(text)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -12,6 +12,30 @@ from typing import Any
 
 from llmos.errors import ArtifactError
 
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """True if brackets nest deeper than ``limit`` (strings and escapes skipped, linear time)."""
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
 # Formats that deserialise with pickle: never loaded, whatever their content.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib"})
 _SAFETENSORS_DTYPE_BYTES = {

@@ -26,7 +26,7 @@ from llmos.registry.adapters import (
 )
 from llmos.registry.catalog import CATALOG
 from llmos.registry.convert import gguf_to_safetensors
-from llmos.registry.db import Database
+from llmos.registry.db import Database, parse_db_int
 from llmos.registry.facts import ModelFacts, inspect_model_dir
 from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_checkpoint, parse_json, read_json
 from llmos.registry.gc import collect_unreferenced
@@ -138,9 +138,7 @@ class ModelRegistry:
         with self.db.session() as s:
             query = select(ModelRow).where(ModelRow.name == name, ModelRow.status == "ready")
             if version:
-                if not version.isdigit():
-                    raise ModelNotFoundError(f"The model '{ref}' does not exist", param="model")
-                query = query.where(ModelRow.version == int(version))
+                query = query.where(ModelRow.version == parse_db_int(version, param="model"))
             row = s.scalars(query.order_by(ModelRow.version.desc()).limit(1)).first()
             if row is None and not version:
                 row = s.get(ModelRow, ref)

@@ -1,8 +1,12 @@
-"""API keys: random, shown once, stored as a SHA-256 hash, compared in constant time.
+"""API keys: random, shown once, stored as a keyed hash, compared in constant time.
 
 A key reads ``sk-llmos-<id>-<secret>``: the id finds the row without scanning, the hash of
 the whole key is what is compared. Keys carry 256 bits of randomness, so a fast hash is
-enough (a slow password hash protects low-entropy secrets, which these are not).
+enough (a slow password hash protects low-entropy secrets, which these are not). The hash is
+HMAC-SHA256 with the server secret, kept outside the database (``LLMOS_HOME/secret`` or the
+``secret_file`` setting): a copy of the database alone cannot test guesses of a key, such as a
+configured admin key chosen by a person. Rows hashed before keys were keyed (plain SHA-256)
+still verify, and are re-stored keyed on their first use.
 """
 
 from __future__ import annotations
@@ -86,17 +90,22 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
-def _hash(key: str) -> str:
+def _unkeyed_hash(key: str) -> str:
+    """How keys were stored before they were keyed; only ever compared, to re-store them keyed."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 class KeyStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, secret: bytes) -> None:
         self.db = db
+        self._secret = secret
         # Verified keys by hash, for VERIFIED_TTL_S: a flood of requests (or of refusals) costs a
         # hash and a dict lookup each, not a database query. Changes made here clear it at once;
         # a key revoked through another server stops working within the TTL.
         self._verified: dict[str, tuple[float, ApiKeyInfo]] = {}
+
+    def _hash(self, key: str) -> str:
+        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
 
     def create(
         self,
@@ -124,7 +133,7 @@ class KeyStore:
                 id=key_id,
                 name=name[:128],
                 tenant=tenant,
-                key_hash=_hash(key),
+                key_hash=self._hash(key),
                 scopes=list(scopes),
                 expires_at=expires_at,
                 created_at=datetime.now(UTC),
@@ -149,13 +158,13 @@ class KeyStore:
                             id=_BOOTSTRAP_ID,
                             name="bootstrap admin",
                             tenant="default",
-                            key_hash=_hash(configured),
+                            key_hash=self._hash(configured),
                             scopes=["admin"],
                             created_at=datetime.now(UTC),
                         )
                     )
                 else:
-                    row.key_hash, row.revoked_at = _hash(configured), None
+                    row.key_hash, row.revoked_at = self._hash(configured), None
                     self._verified.clear()
                 return None
             has_admin = any(
@@ -167,7 +176,7 @@ class KeyStore:
         return key
 
     def verify(self, key: str) -> ApiKeyInfo:
-        digest = _hash(key)
+        digest = self._hash(key)
         hit = self._verified.get(digest)
         if hit is not None and time.monotonic() - hit[0] < VERIFIED_TTL_S:
             info = hit[1]
@@ -184,10 +193,14 @@ class KeyStore:
         key_id = match.group(1) if match else _BOOTSTRAP_ID
         with self.db.session() as s:
             row = s.get(ApiKeyRow, key_id)
+            keyed = self._hash(key)
             # Compare even when the row is missing so timing does not reveal which ids exist.
-            stored = row.key_hash if row is not None else _hash("missing")
-            if not hmac.compare_digest(stored, _hash(key)) or row is None:
+            stored = row.key_hash if row is not None else self._hash("missing")
+            unkeyed = not hmac.compare_digest(stored, keyed) and hmac.compare_digest(stored, _unkeyed_hash(key))
+            if row is None or not (unkeyed or hmac.compare_digest(stored, keyed)):
                 raise AuthenticationError("Incorrect API key provided.")
+            if unkeyed:
+                row.key_hash = keyed  # re-stored keyed: the database alone no longer tests guesses of it
             info = ApiKeyInfo.from_row(row)
             now = datetime.now(UTC)
             if info.revoked_at is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.errors import InvalidRequestError
+from llmos.registry.formats import json_depth_exceeds
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 # Column names accepted for tables, in order of preference (SST-2 says "sentence", Banking77 "category").
@@ -73,6 +74,9 @@ def _header_fields(line: str) -> set[str]:
     return {f.strip().strip('"').lower() for f in line.split(sep)}
 
 
+MAX_RECORD_DEPTH = 32  # as deep as a request body may nest by default (setting max_json_depth)
+
+
 def read_lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8-sig").splitlines()
@@ -85,6 +89,8 @@ def jsonl_objects(lines: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if json_depth_exceeds(line.encode(), MAX_RECORD_DEPTH):  # json.loads would recurse out of the stack
+            raise DatasetError(f"JSON nesting deeper than {MAX_RECORD_DEPTH} levels", line=number)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:

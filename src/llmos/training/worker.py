@@ -29,6 +29,7 @@ from llmos.kernel.jobs import Job, checkpoint_name, fine_tuned_name
 from llmos.platform import Platform
 from llmos.registry.service import Lineage, ModelRecord
 from llmos.registry.tables import JobCheckpointRow, JobRow
+from llmos.security.private import restrict_umask
 from llmos.training.checkpoints import SERVABLE
 from llmos.training.classify import run_classification
 from llmos.training.metering import QUOTA_STOP, CpuMeter
@@ -240,5 +241,6 @@ def run(job_id: str) -> int:
 
 
 if __name__ == "__main__":
+    restrict_umask()  # checkpoints, results and logs are the owner's alone
     logging.basicConfig(level=logging.INFO)
     sys.exit(run(sys.argv[1]))

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 
 from llmos.api.deps import PlatformDep, require
 from llmos.errors import InvalidRequestError
+from llmos.registry.db import parse_db_int
 from llmos.security import ApiKeyInfo
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -100,7 +101,7 @@ async def job_events(
     after: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict[str, Any]:
-    cursor = int(after.removeprefix("ftevent-")) if after and after.removeprefix("ftevent-").isdigit() else None
+    cursor = parse_db_int(after.removeprefix("ftevent-"), param="after") if after else None
     events = await asyncio.to_thread(platform.jobs.events, key.tenant, job_id, after=cursor, limit=limit)
     return {"object": "list", "data": events, "has_more": len(events) == limit}
 

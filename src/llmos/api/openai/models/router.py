@@ -30,7 +30,11 @@ def _newest_versions(records: list[ModelRecord]) -> list[ModelRecord]:
 async def list_models(platform: PlatformDep, key: InferenceKey) -> Any:
     records = await asyncio.to_thread(platform.registry.list, tenant=_visible_to(key))
     names = {r.id: r.name for r in records}
-    data = [ModelObject.from_record(r, parent_name=names.get(r.parent_id or "")) for r in _newest_versions(records)]
+    admin = "admin" in key.scopes
+    data = [
+        ModelObject.from_record(r, parent_name=names.get(r.parent_id or ""), server_paths=admin)
+        for r in _newest_versions(records)
+    ]
     return ModelList(data=data).model_dump()
 
 
@@ -38,7 +42,9 @@ async def list_models(platform: PlatformDep, key: InferenceKey) -> Any:
 async def retrieve_model(model: str, platform: PlatformDep, key: InferenceKey) -> Any:
     record = await asyncio.to_thread(platform.registry.get, model, tenant=_visible_to(key))
     parent = await asyncio.to_thread(platform.registry.get, record.parent_id) if record.parent_id else None
-    return ModelObject.from_record(record, parent_name=parent.name if parent else None, detail=True).model_dump()
+    return ModelObject.from_record(
+        record, parent_name=parent.name if parent else None, detail=True, server_paths="admin" in key.scopes
+    ).model_dump()
 
 
 @router.delete("/v1/models/{model:path}", response_model=ModelDeleted)

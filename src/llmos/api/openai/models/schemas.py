@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -33,7 +34,10 @@ class ModelObject(BaseModel):
     extra: dict[str, Any] | None = None
 
     @classmethod
-    def from_record(cls, r: ModelRecord, *, parent_name: str | None = None, detail: bool = False) -> ModelObject:
+    def from_record(
+        cls, r: ModelRecord, *, parent_name: str | None = None, detail: bool = False, server_paths: bool = False
+    ) -> ModelObject:
+        """``server_paths``: show ``file:`` sources whole (admins); tenants see only the last name."""
         created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
         return cls(
             id=r.name,
@@ -50,11 +54,17 @@ class ModelObject(BaseModel):
             size_bytes=r.size_bytes,
             context_length=r.context_length,
             license=r.license,
-            source=r.source,
+            source=r.source if server_paths else tenant_source(r.source),
             status=r.status,
             artifacts=r.artifacts if detail else None,
             extra=r.extra if detail else None,
         )
+
+
+def tenant_source(source: str) -> str:
+    """A ``file:`` source without the server's directories (``file:/srv/x/model.gguf`` -> ``file:model.gguf``)."""
+    scheme, _, spec = source.partition(":")
+    return f"file:{PurePosixPath(spec).name}" if scheme == "file" else source
 
 
 class ModelList(BaseModel):
