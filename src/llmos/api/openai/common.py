@@ -1,14 +1,22 @@
-"""Request pieces shared by chat and completions: sampling fields, their validation, usage."""
+"""What chat and completions share: sampling fields and their validation, usage metering, and
+the one path from engine deltas to a response (whole, or streamed as server-sent events)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Generic, Literal, TypeVar
 
+import anyio
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
+from llmos.api.context import RequestContext
+from llmos.api.sse import CLIENT_CLOSED_REQUEST, SSE_DONE, ClientDisconnected, sse_event, until_disconnect
 from llmos.config import Settings
 from llmos.engine.protocol import (
     EngineClient,
@@ -17,6 +25,7 @@ from llmos.engine.protocol import (
     GenerationRequest,
     ModelInfo,
     SamplingParams,
+    TokenLogprob,
 )
 from llmos.errors import ContextLengthExceededError, EngineError, InvalidRequestError
 
@@ -125,29 +134,168 @@ def build_sampling(
     )
 
 
-def finish_reason(reason: FinishReason | None) -> str | None:
+FinishReasonOut = Literal["stop", "length"]
+
+
+def finish_reason(reason: FinishReason | None) -> FinishReasonOut | None:
     """The OpenAI spelling; an aborted choice never reaches a client that is still listening."""
     if reason is None:
         return None
     return "length" if reason == FinishReason.LENGTH else "stop"
 
 
-async def engine_deltas(engine: EngineClient, gen: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-    """The engine's deltas for ``gen``; a failed generation raises EngineError. Closing this
-    iterator early (a client gone) closes the engine stream, which aborts the request."""
+@dataclass
+class UsageMeter:
+    """The tokens one HTTP request has used so far. It is charged to the tenant exactly once,
+    however the request ends: finished, failed, or abandoned by its client mid-generation."""
+
+    ctx: RequestContext
+    model: str
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+
+    def charge(self) -> None:
+        self.ctx.finish(self.model, self.prompt_tokens, self.completion_tokens)
+
+
+class Choice(BaseModel):
+    """What every choice carries, whole or streamed: its index and, on its last, why it ended."""
+
+    index: int
+    finish_reason: FinishReasonOut | None = None
+
+
+ChoiceT = TypeVar("ChoiceT", bound=Choice)
+
+
+class ResponseObject(BaseModel, Generic[ChoiceT]):
+    """The fields chat and text completions share, whole or streamed, as the ``openai`` package's
+    ``ChatCompletion``, ``ChatCompletionChunk`` and ``Completion`` define them; each adds its
+    ``object``, its choice type and its usage."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[ChoiceT]
+    system_fingerprint: str | None = FINGERPRINT
+
+
+class StreamChunk(ResponseObject[ChoiceT], Generic[ChoiceT]):
+    usage: Usage | None = None
+    """Only sent when the request asked for ``stream_options.include_usage``: null on every chunk
+    but the last, which has no choices."""
+
+
+@dataclass
+class CollectedChoice:
+    """One choice of a whole (non-streamed) response, gathered from its deltas."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReasonOut | None = None
+
+
+class GenerationService:
+    """What the chat and completions services share: the engine, the settings, the request's
+    context, and the one path from engine deltas to a response, whole or streamed. Either way
+    the request is charged for what it generated, however it ends."""
+
+    def __init__(self, engine: EngineClient, settings: Settings, ctx: RequestContext) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.ctx = ctx
+
+    async def collect(self, model: str, gens: Sequence[GenerationRequest]) -> tuple[list[list[CollectedChoice]], Usage]:
+        """Every choice of every request in ``gens`` (generated concurrently, in order) and their
+        usage, charged when this ends: also when it is cancelled because the client went away."""
+        meter = UsageMeter(self.ctx, model, sum(len(gen.prompt_token_ids) for gen in gens))
+        try:
+            results = await asyncio.gather(*(_collect_one(self.engine, gen, meter) for gen in gens))
+        finally:
+            meter.charge()
+        return list(results), meter.usage()
+
+    def stream_events(
+        self,
+        req: SamplingFields,
+        gen: GenerationRequest,
+        chunk_type: type[StreamChunk[ChoiceT]],
+        opening: Sequence[ChoiceT],
+        choices_of: Callable[[GenerationDelta], Sequence[ChoiceT]],
+    ) -> AsyncIterator[str]:
+        """``gen`` as server-sent events of ``chunk_type``, one choice each: the ``opening``
+        choices, then those ``choices_of`` makes of each delta, the usage chunk when asked for,
+        and ``[DONE]``; a failed generation ends with an error event instead."""
+        template = chunk_type(id=gen.request_id, created=now(), model=req.model, choices=[])
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        omit = None if include_usage else {"usage"}
+        meter = UsageMeter(self.ctx, req.model, len(gen.prompt_token_ids))
+
+        def event(choices: list[ChoiceT], usage: Usage | None = None) -> str:
+            chunk = template.model_copy(update={"choices": choices, "usage": usage})
+            return sse_event(chunk, exclude=omit)
+
+        async def events() -> AsyncIterator[str]:
+            for choice in opening:
+                yield event([choice])
+            try:
+                async for delta in engine_deltas(self.engine, gen, meter):
+                    for choice in choices_of(delta):
+                        yield event([choice])
+            except EngineError as exc:
+                yield sse_event(exc.to_dict())
+                return
+            finally:  # also when the client goes away: it pays for what was computed
+                meter.charge()
+            if include_usage:
+                yield event([], meter.usage())
+            yield SSE_DONE
+
+        return events()
+
+
+async def engine_deltas(
+    engine: EngineClient, gen: GenerationRequest, meter: UsageMeter
+) -> AsyncIterator[GenerationDelta]:
+    """The engine's deltas for ``gen``, their tokens counted on ``meter``; a failed generation
+    raises EngineError. Closing this iterator early (a client gone) closes the engine stream,
+    which aborts the request at the engine's next step."""
     generator = engine.generate(gen)
     try:
         async for delta in generator:
             if delta.finish_reason == FinishReason.ERROR:
                 raise EngineError(delta.error or "generation failed")
+            meter.completion_tokens += len(delta.token_ids)
             yield delta
     finally:
-        await generator.aclose()
+        with anyio.CancelScope(shield=True):  # a cancelled caller must still abort the engine request
+            await generator.aclose()
 
 
-def usage_chunk(base: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """The last streamed chunk when ``stream_options.include_usage`` is set: no choices, only usage."""
-    usage = Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-    )
-    return {**base, "choices": [], "usage": usage.model_dump()}
+async def _collect_one(engine: EngineClient, gen: GenerationRequest, meter: UsageMeter) -> list[CollectedChoice]:
+    choices = [CollectedChoice() for _ in range(gen.params.n)]
+    async for delta in engine_deltas(engine, gen, meter):
+        choice = choices[delta.index]
+        choice.text += delta.text
+        choice.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            choice.finish_reason = finish_reason(delta.finish_reason)
+    return choices
+
+
+async def respond_while_connected(request: Request, work: Awaitable[BaseModel]) -> Response:
+    """The JSON of ``work``'s result. Starlette does not cancel a plain handler whose client has
+    gone, so the disconnect is watched here: ``work`` is cancelled (aborting its generation and
+    charging what it used) and nobody is left to read the 499 answered instead."""
+    try:
+        result = await until_disconnect(request.receive, work)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return Response(result.model_dump_json(), media_type="application/json")
