@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmos.engine import (
     ClassificationResult,
@@ -19,6 +20,7 @@ from llmos.engine import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
+    ModelHandle,
     ModelInfo,
 )
 from llmos.errors import ModelNotFoundError
@@ -55,18 +57,16 @@ class FakeEngine:
                 return info
         raise ModelNotFoundError(f"The model '{model}' does not exist.")
 
-    async def model_info(self, model: str) -> ModelInfo:
-        self.calls.append("model_info")
-        return self._info(model)
+    async def resolve(self, model: str) -> ModelHandle:
+        self.calls.append("resolve")
+        return ModelHandle(name=model, info=self._info(model))
 
-    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
+    async def encode_chat(self, model: ModelHandle, messages: list[dict[str, str]]) -> list[int]:
         self.calls.append("encode_chat")
-        self._info(model)
         return [1 + len(m.get("content", "")) % 50 for m in messages]
 
-    async def encode_text(self, model: str, text: str) -> list[int]:
+    async def encode_text(self, model: ModelHandle, text: str) -> list[int]:
         self.calls.append("encode_text")
-        self._info(model)
         return [1 + ord(c) % 50 for c in text] or [1]
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
@@ -75,22 +75,19 @@ class FakeEngine:
         for delta in self.deltas:
             yield delta
 
-    async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
+    async def embed(self, model: ModelHandle, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
         self.calls.append("embed")
-        self._info(model)
         vectors = [[float(len(item) + i) for i in range(EMBEDDING_SIZE)] for item in inputs]
         return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(item) for item in inputs))
 
-    async def classify(self, model: str, inputs: list[str]) -> ClassificationResult:
+    async def classify(self, model: ModelHandle, inputs: list[str]) -> ClassificationResult:
         self.calls.append("classify")
-        self._info(model)
         return ClassificationResult(
             labels=["positive", "negative"], scores=[[0.75, 0.25] for _ in inputs], prompt_tokens=len(inputs)
         )
 
-    async def extract_entities(self, model: str, inputs: list[str]) -> EntityResult:
+    async def extract_entities(self, model: ModelHandle, inputs: list[str]) -> EntityResult:
         self.calls.append("extract_entities")
-        self._info(model)
         found = [
             [Entity(entity="word", text=text, start=0, end=len(text), score=1.0)] if text else [] for text in inputs
         ]
@@ -110,6 +107,12 @@ class FakeEngine:
         self.calls.append("check_health")
         if self.health_error is not None:
             raise self.health_error
+
+    def stats(self) -> dict[str, Any]:
+        return {"pending_requests": 0, "models": {}}
+
+    async def unload(self, model_id: str) -> None:
+        self.calls.append("unload")
 
     async def shutdown(self) -> None:
         self.closed = True

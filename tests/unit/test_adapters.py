@@ -74,7 +74,7 @@ def test_adapter_output_equals_the_merged_model(loaded_platform: Platform, adapt
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
 
     async def main() -> None:
-        prompt = await engine.encode_chat("ad-a", [{"role": "user", "content": "Hello there"}])
+        prompt = await engine.encode_chat(await engine.resolve("ad-a"), [{"role": "user", "content": "Hello there"}])
         got = await _greedy(engine, "ad-a", prompt, "r1")
         await engine.shutdown()
         model = merged_reference(tiny_chat_dir, adapters["ad-a"])
@@ -93,7 +93,10 @@ def test_mixed_adapters_share_one_batch_over_one_base(loaded_platform: Platform,
 
     async def main() -> None:
         models = ["tiny-chat", "ad-a", "ad-b", "ad-c", "ad-a"]
-        prompts = [await engine.encode_text("tiny-chat", t) for t in ("Hello", "The capital", "A quick", "Write", "Hi")]
+        prompts = [
+            await engine.encode_text(await engine.resolve("tiny-chat"), t)
+            for t in ("Hello", "The capital", "A quick", "Write", "Hi")
+        ]
         solo = [await _greedy(engine, m, p, f"solo{i}") for i, (m, p) in enumerate(zip(models, prompts, strict=True))]
         base_id = loaded_platform.registry.get("tiny-chat").id
         runner = engine.residency.acquire(base_id)
@@ -114,7 +117,7 @@ def test_mixed_adapters_share_one_batch_over_one_base(loaded_platform: Platform,
 
 def test_idle_adapters_are_evicted_least_recently_used(loaded_platform: Platform, adapters: dict) -> None:
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
-    base_id = engine._record("tiny-chat").id
+    base_id = engine.registry.get("tiny-chat").id
     runner = engine.residency.acquire(base_id)
     assert isinstance(runner, CausalRunner)
     one = loaded_platform.registry.get("ad-a")
@@ -208,7 +211,7 @@ def test_adapter_not_matching_its_base_fails_only_its_own_requests(
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
 
     async def main() -> None:
-        prompt = await engine.encode_text("tiny-chat", "Hello")
+        prompt = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
         with pytest.raises(Exception, match="shapes"):
             await _greedy(engine, "wrong", prompt, "bad")
         assert await _greedy(engine, "tiny-chat", prompt, "good")  # the base still serves

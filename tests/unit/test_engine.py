@@ -34,7 +34,9 @@ async def _run(
 
 def test_greedy_matches_transformers_generate(engine: LocalEngine, tiny_chat_dir: Path) -> None:
     async def main() -> None:
-        prompt = await engine.encode_chat("tiny-chat", [{"role": "user", "content": "Hello there"}])
+        prompt = await engine.encode_chat(
+            await engine.resolve("tiny-chat"), [{"role": "user", "content": "Hello there"}]
+        )
         tokens, reasons = await _run(engine, prompt, max_tokens=12, temperature=0.0)
         model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32)
         reference = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
@@ -48,7 +50,10 @@ def test_greedy_matches_transformers_generate(engine: LocalEngine, tiny_chat_dir
 
 def test_concurrent_requests_share_a_batch_and_match_solo_runs(engine: LocalEngine) -> None:
     async def main() -> None:
-        prompts = [await engine.encode_text("tiny-chat", t) for t in ("Hello", "The capital of France is", "A")]
+        prompts = [
+            await engine.encode_text(await engine.resolve("tiny-chat"), t)
+            for t in ("Hello", "The capital of France is", "A")
+        ]
         solo = [(await _run(engine, p, f"solo{i}", max_tokens=8, temperature=0.0))[0][0] for i, p in enumerate(prompts)]
         runner = engine.residency.acquire(engine.registry.get("tiny-chat").id)
         together = await asyncio.gather(
@@ -67,8 +72,10 @@ def test_a_request_joins_a_running_batch_and_leaves_before_it(engine: LocalEngin
     answers of both equal their solo answers (left padding and cache merging are exact)."""
 
     async def main() -> None:
-        long_prompt = await engine.encode_text("tiny-chat", "Write a short poem about the sea and the stars.")
-        short_prompt = await engine.encode_text("tiny-chat", "Hello")
+        long_prompt = await engine.encode_text(
+            await engine.resolve("tiny-chat"), "Write a short poem about the sea and the stars."
+        )
+        short_prompt = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
         solo_long = (await _run(engine, long_prompt, "solo-long", max_tokens=60, temperature=0.0))[0][0]
         solo_short = (await _run(engine, short_prompt, "solo-short", max_tokens=5, temperature=0.0))[0][0]
         order: list[str] = []
@@ -102,7 +109,7 @@ def test_a_request_joins_a_running_batch_and_leaves_before_it(engine: LocalEngin
 
 def test_n_choices_with_seed_are_reproducible_and_length_limited(engine: LocalEngine) -> None:
     async def main() -> None:
-        prompt = await engine.encode_text("tiny-chat", "Hello")
+        prompt = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
         a, _ = await _run(engine, prompt, "a", n=3, seed=11, temperature=1.0, max_tokens=5)
         b, _ = await _run(engine, prompt, "b", n=3, seed=11, temperature=1.0, max_tokens=5)
         assert a == b
@@ -116,7 +123,7 @@ def test_n_choices_with_seed_are_reproducible_and_length_limited(engine: LocalEn
 
 def test_abandoned_stream_stops_generation(engine: LocalEngine) -> None:
     async def main() -> None:
-        prompt = await engine.encode_text("tiny-chat", "Hello")
+        prompt = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
         model_id = engine.registry.get("tiny-chat").id
         runner = engine.residency.acquire(model_id)
         engine.residency.release(model_id)
@@ -143,11 +150,11 @@ def test_abandoned_stream_stops_generation(engine: LocalEngine) -> None:
 
 def test_embeddings_are_normalised_mean_pooled(engine: LocalEngine) -> None:
     async def main() -> None:
-        result = await engine.embed("tiny-embed", ["hello world", "the sea"])
+        result = await engine.embed(await engine.resolve("tiny-embed"), ["hello world", "the sea"])
         vectors = torch.tensor(result.vectors)
         assert vectors.shape == (2, 32)
         assert torch.allclose(vectors.norm(dim=-1), torch.ones(2), atol=1e-5)
-        single = await engine.embed("tiny-embed", ["hello world"])
+        single = await engine.embed(await engine.resolve("tiny-embed"), ["hello world"])
         assert torch.allclose(torch.tensor(single.vectors[0]), vectors[0], atol=1e-5)  # padding does not leak
         await engine.shutdown()
 
@@ -161,7 +168,7 @@ def test_concurrent_embedding_requests_share_one_forward_pass(engine: LocalEngin
     from llmos.engine.torch_backend import EncoderRunner
 
     texts = [["hello world"], ["the sea", "a quick brown fox jumps"], ["stars"], ["Paris is the capital of France"]]
-    model_id = engine._record("tiny-embed").id
+    model_id = engine.registry.get("tiny-embed").id
     with engine.residency.use(model_id) as runner:
         assert isinstance(runner, EncoderRunner)
         solo = [runner.embed(t).vectors for t in texts]
@@ -193,7 +200,7 @@ def test_full_engine_refuses_at_once_with_retry_after(loaded_platform: Platform)
     engine = LocalEngine(loaded_platform.registry, settings)
 
     async def main() -> None:
-        prompt = await engine.encode_text("tiny-chat", "Hello")
+        prompt = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
         first = engine.generate(
             GenerationRequest("one", "tiny-chat", prompt, SamplingParams(max_tokens=100, temperature=1.0, seed=1))
         )

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-import llmos.engine.local as local_module
+import llmos.engine.torch_backend.backend as torch_backend_module
 from llmos.engine import FinishReason, GenerationDelta, GenerationRequest, SamplingParams
 from llmos.engine.local import LocalEngine
 from llmos.engine.scheduler import Scheduler
@@ -64,7 +64,7 @@ def test_crash_fails_every_inflight_request_and_the_engine_restarts(
 ) -> None:
     gate = threading.Event()
     loads = 0
-    original_load = local_module.load_runner
+    original_load = torch_backend_module.load_runner
 
     def gated_load(*args: Any, **kwargs: Any) -> Any:
         nonlocal loads
@@ -73,13 +73,13 @@ def test_crash_fails_every_inflight_request_and_the_engine_restarts(
             gate.wait(60)
         return original_load(*args, **kwargs)
 
-    monkeypatch.setattr(local_module, "load_runner", gated_load)
+    monkeypatch.setattr(torch_backend_module, "load_runner", gated_load)
     restarts: list[tuple[str, str, bool]] = []
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings, on_restart=lambda *a: restarts.append(a))
     model_id = loaded_platform.registry.get("tiny-chat").id
 
     async def main() -> None:
-        prompt = await engine.encode_text("tiny-chat", "Hello")
+        prompt = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
         streams = [
             engine.generate(GenerationRequest(f"r{i}", "tiny-chat", prompt, SamplingParams(max_tokens=200, seed=i)))
             for i in range(3)

@@ -55,7 +55,9 @@ def test_a_flood_is_held_to_its_share_while_a_light_tenant_decodes(
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
 
     async def main() -> None:
-        prompts = [await engine.encode_text("tiny-chat", f"Request number {i} says") for i in range(10)]
+        prompts = [
+            await engine.encode_text(await engine.resolve("tiny-chat"), f"Request number {i} says") for i in range(10)
+        ]
         solo = [await _tokens(engine, f"solo{i}", p, "flood", 30) for i, p in enumerate(prompts)]
         steps.clear()
         flood = [asyncio.create_task(_tokens(engine, f"f{i}", p, "flood", 30)) for i, p in enumerate(prompts)]

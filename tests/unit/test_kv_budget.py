@@ -35,7 +35,10 @@ def test_requests_wait_for_room_in_the_cache_and_all_finish(loaded_platform: Pla
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
 
     async def main() -> None:
-        prompts = [await engine.encode_text("tiny-chat", t) for t in ("Hello", "The capital", "A quick", "Write me")]
+        prompts = [
+            await engine.encode_text(await engine.resolve("tiny-chat"), t)
+            for t in ("Hello", "The capital", "A quick", "Write me")
+        ]
         solo = [(await _run(engine, p, f"solo{i}", max_tokens=6, temperature=0.0))[0][0] for i, p in enumerate(prompts)]
         runner = _runner(engine)
         longest = max(len(p) for p in prompts) + 6
@@ -59,7 +62,7 @@ def test_a_request_that_can_never_fit_is_refused_before_it_is_queued(loaded_plat
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
 
     async def main() -> None:
-        prompt = await engine.encode_text("tiny-chat", "Hello")
+        prompt = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
         runner = _runner(engine)
         runner.kv_budget.budget_bytes = 50 * runner.kv_budget.bytes_per_token
         request = GenerationRequest("big", "tiny-chat", prompt, SamplingParams(max_tokens=30, n=2))
@@ -95,8 +98,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(loaded_platfo
     engine = LocalEngine(loaded_platform.registry, settings)
 
     async def main() -> None:
-        short = await engine.encode_text("tiny-chat", "Hello")
-        long = await engine.encode_text("tiny-chat", " ".join(["the quick brown fox"] * 40))
+        short = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
+        long = await engine.encode_text(await engine.resolve("tiny-chat"), " ".join(["the quick brown fox"] * 40))
         assert len(long) > 100
         unchunked = LocalEngine(loaded_platform.registry, loaded_platform.settings)
         expected, _ = await _run(unchunked, long, "ref", max_tokens=5, temperature=0.0)

@@ -260,7 +260,7 @@ def test_a_pulled_gguf_is_served_by_the_backend_the_settings_name(settings, tiny
     from tests.unit.test_adapters import make_lora
 
     async def answer_once(engine: LocalEngine, model: str = "tiny-gguf") -> list[int]:
-        prompt = await engine.encode_chat(model, [{"role": "user", "content": "Hello there"}])
+        prompt = await engine.encode_chat(await engine.resolve(model), [{"role": "user", "content": "Hello there"}])
         params = SamplingParams(max_tokens=8, temperature=0.0)
         tokens: list[int] = []
         async for delta in engine.generate(GenerationRequest(f"g-{model}", model, prompt, params)):

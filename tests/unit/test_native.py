@@ -14,7 +14,7 @@ from llmos.engine.torch_backend.lora_expand import LoraExpand
 
 
 def test_a_kernel_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLMOS_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(native, "_configured_dir", tmp_path / "kernels")
     library = native._build_and_load("lora_expand")
     assert library is not None and hasattr(library, "lora_expand_bf16")
     built = list((tmp_path / "kernels").iterdir())
@@ -31,7 +31,7 @@ def test_a_kernel_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: pyte
 def test_without_a_working_compiler_the_torch_path_is_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("LLMOS_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(native, "_configured_dir", tmp_path / "kernels")
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
@@ -59,7 +59,7 @@ def test_a_kernel_is_never_loaded_from_a_directory_others_may_write(
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)  # anyone could have put a library there under the expected name
-    monkeypatch.setenv("LLMOS_KERNEL_DIR", str(shared))
+    monkeypatch.setattr(native, "_configured_dir", shared)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
     assert native._build_and_load("lora_expand") is not None
@@ -82,7 +82,7 @@ def test_an_unexpected_failure_falls_back_too(monkeypatch: pytest.MonkeyPatch) -
     def no_home() -> Path:
         raise RuntimeError("Could not determine home directory.")
 
-    monkeypatch.delenv("LLMOS_KERNEL_DIR", raising=False)
+    monkeypatch.setattr(native, "_configured_dir", None)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setattr(native.Path, "home", staticmethod(no_home))
     assert native._build_and_load("lora_expand") is None

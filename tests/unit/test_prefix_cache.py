@@ -28,8 +28,8 @@ def test_a_shared_system_prompt_is_prefilled_once_per_tenant(loaded_platform: Pl
 
     async def main() -> None:
         chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in ("Hello", "Paris?")]
-        prompts = [await engine.encode_chat("tiny-chat", chat) for chat in chats]
-        base_id = engine._record("tiny-chat").id
+        prompts = [await engine.encode_chat(await engine.resolve("tiny-chat"), chat) for chat in chats]
+        base_id = engine.registry.get("tiny-chat").id
         runner = engine.residency.acquire(base_id)
         assert isinstance(runner, CausalRunner)
         first = await _greedy(engine, prompts[0], "a1", "acme")

@@ -86,7 +86,7 @@ def test_output_equals_peft(
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
 
     async def main() -> tuple[list[int], list[int], float, float]:
-        prompt = await engine.encode_chat(method, [{"role": "user", "content": "Hello there"}])
+        prompt = await engine.encode_chat(await engine.resolve(method), [{"role": "user", "content": "Hello there"}])
         got = await _greedy(engine, method, prompt, "r1", max_tokens=8)
         again = await _greedy(engine, method, prompt, "r2", max_tokens=8)  # from the cached states
         assert len(got) > 0 and got == again
@@ -120,7 +120,10 @@ def test_virtual_lora_and_base_rows_share_one_batch(
 
     async def main() -> None:
         models = ["prefix", "tiny-chat", "prompt", "lora", "prefix"]
-        prompts = [await engine.encode_text("tiny-chat", t) for t in ("Hello", "The capital", "A quick", "Hi", "Go")]
+        prompts = [
+            await engine.encode_text(await engine.resolve("tiny-chat"), t)
+            for t in ("Hello", "The capital", "A quick", "Hi", "Go")
+        ]
         solo = [await _greedy(engine, m, p, f"solo{i}") for i, (m, p) in enumerate(zip(models, prompts, strict=True))]
         runner = engine.residency.acquire(base.id)
         assert isinstance(runner, CausalRunner)
@@ -133,7 +136,7 @@ def test_virtual_lora_and_base_rows_share_one_batch(
         assert runner.peak_rows == len(models)
         assert engine.residency.resident() == [base.id]
         assert sorted(engine.stats()["models"][base.id]["adapters"]) == ["lora", "prefix", "prompt"]
-        info = await engine.model_info("prefix")
+        info = (await engine.resolve("prefix")).info
         assert info.context_length == (base.context_length or 2048) - 6  # the virtual tokens take positions
         await engine.shutdown()
 

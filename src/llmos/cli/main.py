@@ -56,6 +56,7 @@ def serve(
 
     from llmos.api import create_app
     from llmos.api.server import server_config
+    from llmos.engine.process import configure_process
 
     settings = settings_from(host=host, port=port, home=home)
     if pull_defaults:
@@ -75,6 +76,7 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_cleanly)
     docs = "docs at /docs" if settings.docs_enabled else "schema at /openapi.json"
     console.print(f"LLM OS {__version__} on http://{settings.host}:{settings.port} ({docs})")
+    configure_process(settings)
     uvicorn.Server(server_config(create_app(settings), settings)).run()
 
 

@@ -2,8 +2,9 @@
 
 glibc keeps what a process frees in its heaps (one arena per thread that allocated), so after a
 burst of large temporary tensors (the copies a rebuild of the lean step's matrices makes) the
-process's resident memory stays as high as the burst: eight adapter loads left SmolLM2's server
-430 MB larger, of which ``malloc_trim`` gave back 365 MB. Elsewhere (not glibc) this does nothing.
+process's resident memory stays as high as the burst, most of it free memory that
+``malloc_trim`` gives back (docs/performance.md, design measurements, has what eight adapter loads
+left behind). Elsewhere (not glibc) this does nothing.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class GenerationRequest:
     params: SamplingParams
     tenant: str = "default"
     """Requests are admitted round-robin across tenants, so a flood from one cannot starve another."""
+    handle: ModelHandle | None = field(default=None, compare=False, repr=False)
+    """``model`` as this request's ``EngineClient.resolve`` resolved it."""
 
 
 class FinishReason(enum.StrEnum):
@@ -120,32 +122,53 @@ class EntityResult:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class ModelHandle:
+    """A model reference resolved once per request; the request's later calls take it."""
+
+    name: str
+    """The reference as the client wrote it (a name, alias, ``name:version`` or id)."""
+    info: ModelInfo
+    ref: Any = field(default=None, compare=False, repr=False)
+    """The engine's own resolution (opaque to the API)."""
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """What the API may ask of an inference engine."""
 
-    async def model_info(self, model: str) -> ModelInfo:
-        """Facts the API validates requests against; raises ModelNotFoundError."""
+    async def resolve(self, model: str) -> ModelHandle:
+        """Resolve a model reference once per request (facts the API validates requests against
+        in ``handle.info``); raises ModelNotFoundError."""
         ...
 
-    async def encode_chat(self, model: str, messages: list[dict[str, str]]) -> list[int]:
+    async def encode_chat(self, model: ModelHandle, messages: list[dict[str, str]]) -> list[int]:
         """Prompt token ids for a chat, through the model's chat template."""
         ...
 
-    async def encode_text(self, model: str, text: str) -> list[int]: ...
+    async def encode_text(self, model: ModelHandle, text: str) -> list[int]: ...
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
-        """Stream deltas of every choice until each has a finish reason."""
+        """Stream deltas of every choice until each has a finish reason (``request.handle``
+        resolved by ``resolve``; without one the engine resolves ``request.model`` itself)."""
         ...
 
-    async def embed(self, model: str, inputs: list[str] | list[list[int]]) -> EmbeddingResult: ...
+    async def embed(self, model: ModelHandle, inputs: list[str] | list[list[int]]) -> EmbeddingResult: ...
 
-    async def classify(self, model: str, inputs: list[str]) -> ClassificationResult:
+    async def classify(self, model: ModelHandle, inputs: list[str]) -> ClassificationResult:
         """Label probabilities from a sequence-classification model."""
         ...
 
-    async def extract_entities(self, model: str, inputs: list[str]) -> EntityResult:
+    async def extract_entities(self, model: ModelHandle, inputs: list[str]) -> EntityResult:
         """Named entities (BIO spans with character offsets) from a token-classification model."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for operators: what is resident, running and computed."""
+        ...
+
+    async def unload(self, model_id: str) -> None:
+        """Forget a model deleted from the registry: its runner, adapters and tokenizer."""
         ...
 
     async def abort(self, request_id: str) -> None:

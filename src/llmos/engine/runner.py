@@ -124,6 +124,17 @@ class GenerationRunner(ABC):
     def rows_parked(self) -> int:
         return self.scheduler.parks
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for operators and tests (a backend adds its own)."""
+        return {
+            "busy": self.busy,
+            "tokens_generated": self.tokens_generated,
+            "prefills": self.prefills,
+            "peak_rows": self.peak_rows,
+            "prefill_tokens": self.prefill_tokens,
+            "rows_parked": self.rows_parked,
+        }
+
     def close(self) -> None:
         """Stop the thread for good: what runs or waits ends with its abort, later requests too."""
         with self._thread_lock:  # no request starts a thread from now on

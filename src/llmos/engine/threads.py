@@ -4,9 +4,9 @@ torch's CPU operators are parallelised with OpenMP (libgomp). Every thread that 
 multi-threaded operator gets its own team of worker threads, kept alive as long as that thread.
 Once a process holds more such workers than it has cores, libgomp stops letting idle workers
 spin before they sleep, so every operator of a decode step then waits for sleeping workers to
-wake: on the 2-core reference machine one SmolLM2 decode step took 17.6 ms on an engine thread
-alone and 31.9 ms once any other long-lived thread had run a single 2-thread matrix product
-(an asyncio helper thread that loaded a model, say).
+wake, nearly doubling the step's time, once any other long-lived thread has run a single
+2-thread matrix product (an asyncio helper thread that loaded a model, say; docs/performance.md,
+design measurements).
 
 So the engine keeps multi-threaded torch to its compute threads: each chat model's engine
 loop, and one shared thread for the encoder models' forward passes. Every other thread the
@@ -75,9 +75,9 @@ class _ComputeThread:
 
     It ends after ``IDLE_EXIT_S`` without work, and its OpenMP team with it: libgomp counts
     every team's threads, and while a process holds more than it has cores it stops letting idle
-    workers spin (above). On the reference machine one embeddings call left the chat model's
-    16-client throughput 28% lower for as long as this thread lived (136 -> 96-99 tokens/s, CPU
-    93% -> 62%). A new thread (and team) starts with the next piece of work."""
+    workers spin (above): one embeddings call left the chat model's throughput markedly lower, its
+    cores partly idle, for as long as this thread lived (docs/performance.md, design
+    measurements). A new thread (and team) starts with the next piece of work."""
 
     def __init__(self, idle_exit_s: float = IDLE_EXIT_S) -> None:
         self.idle_exit_s = idle_exit_s

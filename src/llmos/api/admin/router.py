@@ -29,8 +29,7 @@ def _audit(platform: Any, request: Request, key: ApiKeyInfo, action: str, target
 @router.get("/engine")
 async def engine_stats(engine: EngineDep, _key: AdminKey) -> dict[str, Any]:
     """Resident models, pending requests and token counters of the inference engine."""
-    stats = getattr(engine, "stats", None)
-    return stats() if stats is not None else {}
+    return engine.stats()
 
 
 @router.get("/settings")

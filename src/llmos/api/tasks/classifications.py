@@ -31,7 +31,7 @@ async def classify(
     """Classify each input; `label`/`score` is the most likely label, `scores` all of them, best first."""
     texts = text_inputs(body.input, settings)
     await asyncio.to_thread(ctx.check_model, body.model)
-    result = await engine.classify(body.model, texts)
+    result = await engine.classify(await engine.resolve(body.model), texts)
     data = []
     for i, row in enumerate(result.scores):
         ranked = sorted(zip(result.labels, row, strict=True), key=lambda pair: -pair[1])[: body.top_k]

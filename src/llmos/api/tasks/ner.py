@@ -28,7 +28,7 @@ async def ner(body: NerRequest, engine: EngineDep, settings: SettingsDep, ctx: N
     `input[start:end] == text`) and `score` (the mean probability of its words' tags)."""
     texts = text_inputs(body.input, settings)
     await asyncio.to_thread(ctx.check_model, body.model)
-    result = await engine.extract_entities(body.model, texts)
+    result = await engine.extract_entities(await engine.resolve(body.model), texts)
     data = [
         {"object": "ner", "index": i, "entities": [asdict(entity) for entity in entities]}
         for i, entities in enumerate(result.entities)

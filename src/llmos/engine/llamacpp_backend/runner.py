@@ -146,6 +146,15 @@ class LlamaCppRunner(GenerationRunner):
         self.prefix_tokens_reused = 0
         self.cells_reserved = 0
 
+    def stats(self) -> dict[str, Any]:
+        return super().stats() | {
+            "backend": "llama.cpp",
+            "prefix_cache_hits": self.prefix_hits,
+            "prefix_tokens_reused": self.prefix_tokens_reused,
+            "kv_cache_bytes": self.kv_bytes,
+            "kv_cache_budget_bytes": self.cache_bytes,
+        }
+
     # -- the scheduler's questions ---------------------------------------------------------
     def _reservation(self, request: GenerationRequest, virtual: Any = None) -> int:
         return min(self.context_length, len(request.prompt_token_ids) + request.params.max_tokens)

@@ -89,6 +89,20 @@ class CausalRunner(GenerationRunner):
         then adapted rows compute their ``A`` products apart, a little slower)."""
         return self.decoder is not None and self.decoder.fuser is not None and self.decoder.fuser.busy
 
+    def stats(self) -> dict[str, Any]:
+        return super().stats() | {
+            "adapters": self.lora.resident() + self.virtual.resident(),
+            "adapter_bytes": self.lora.used_bytes,
+            "adapter_copy_bytes": self.adapter_copy_bytes,
+            "adapters_fusing": self.adapters_fusing,
+            "adapter_loads": self.lora.loads,
+            "prefix_cache_hits": self.prefix_cache.hits,
+            "prefix_tokens_reused": self.prefix_cache.tokens_reused,
+            "prefix_cache_bytes": self.prefix_cache.used_bytes,
+            "kv_cache_bytes": self.kv_bytes,
+            "kv_cache_budget_bytes": self.kv_budget.budget_bytes,
+        }
+
     # -- the scheduler's questions ---------------------------------------------------------
     def _reservation(self, request: GenerationRequest, virtual: VirtualTokens | None) -> int:
         lead = virtual.length if virtual else 0

@@ -1,9 +1,9 @@
 """The lean step's weight matrices with every resident LoRA adapter's ``A`` rows appended.
 
-On this CPU a small bf16 product costs its call (20-50 us), not its arithmetic, so an adapted
-projection's ``x @ A.T`` is far cheaper as extra output columns of the base product it shares an
-input with than as a product of its own: for SmolLM2 with 8 adapters the four ``A`` products a
-layer took 6.8 ms of a 65 ms decode step, the same rows appended to the base matrices 1.9 ms.
+On a CPU a small bf16 product costs its call, not its arithmetic, so an adapted projection's
+``x @ A.T`` is far cheaper as extra output columns of the base product it shares an input with
+than as a product of its own: appended to the base matrices, the ``A`` rows cost a fraction of
+what the four ``A`` products a layer cost apart (docs/performance.md, design measurements).
 A ``Generation`` holds such matrices for one set of resident adapters (one ``BankView``'s
 columns): group ``g`` of layer ``i`` multiplies by ``[W_g; A_g]``, its first ``out`` columns the
 base output (bit for bit what the base matrix alone gives) and the rest every resident adapter's

@@ -3,11 +3,11 @@
 Decoding one row is bound by reading the weights, not by arithmetic: every step reads each
 matrix once whatever the number of rows. Reading an int8 copy (one scale per output row,
 symmetric) halves that traffic, and torch's ``_weight_int8pack_mm`` kernel runs it at the
-memory's speed. Against plain ``F.linear`` it was more than twice as fast up to four rows (the
-30 layers of SmolLM2-135M: 8.7 ms against 19.8 ms for one row), but most of that gap was
-oneDNN reordering the bf16 weight on every call; against the pre-packed bf16 copies the lean
-step now reads (see ``packed``) int8 is still ahead for one row (5.6 ms against 5.9 ms for the
-products of a step) and behind from two (7.2 against 6.1). ``INT8_MAX_ROWS`` is that crossover.
+memory's speed. Against plain ``F.linear`` it was more than twice as fast up to four rows, but
+most of that gap was oneDNN reordering the bf16 weight on every call; against the pre-packed
+bf16 copies the lean step now reads (see ``packed``) int8 is still slightly ahead for one row
+and behind from two (docs/performance.md, design measurements). ``INT8_MAX_ROWS`` is that
+crossover.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Key/value caches that grow in place.
 
 transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, copying a
-layer's whole cache every decode step: on SmolLM2 with 16 rows that copying was a quarter to a
-third of the step (measured with torch.profiler). ``GrowingLayer`` keeps the states in buffers
+layer's whole cache every decode step, a large share of a many-row step that grows with the
+cache (docs/performance.md, design measurements). ``GrowingLayer`` keeps the states in buffers
 with spare room along the sequence and writes each step's new position in place, copying only
 when the room runs out (then with half as much again to spare). Everything else (batch_state's
 merge, trim and split, the prefix cache) reads and assigns ``keys``/``values`` as before: an

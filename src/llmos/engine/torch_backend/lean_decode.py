@@ -2,10 +2,10 @@
 
 A decode step of a small model on a CPU is dominated by the cost of each operation, not its
 arithmetic: transformers' generic forward (mask builders, per-module hooks, separate q/k/v and
-gate/up products, rotary embedding of q and k apart) took 35 ms a step for SmolLM2-135M with
-one row, this one 27 ms, with the same weights and the same cache (and the same logits, bit for
-bit, for one row over a short cache in bf16; batches and long caches differ by rounding, see
-``_grouped_attention``). It computes what
+gate/up products, rotary embedding of q and k apart) takes about a third longer a step than
+this one, with the same weights and the same cache (docs/performance.md, design measurements)
+and the same logits (bit for bit for one row over a short cache in bf16; batches and long
+caches differ by rounding, see ``_grouped_attention``). It computes what
 ``LlamaForCausalLM`` computes for one new token per row, reads and writes the engine's own
 key/value cache, and applies the LoRA bank's adapters, so it is a drop-in replacement for the
 decode call. Prefill chunks run the same layers, several prompts (with their adapters) packed
@@ -38,20 +38,21 @@ from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, Layout, LoraGro
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
 # One row over at most this many cached positions attends through torch's SDPA (faster there, and
 # bit-equal to the model's forward); beyond, SDPA's cost grows with the length and the grouped
-# products win (one row over 300 positions: 169 us against 83 us a layer).
+# products win (docs/performance.md, design measurements).
 SDPA_MAX_POSITIONS = 128
 # Adapters' A rows are appended to the base matrices (fused_weights) while the resident adapters
 # have at most this many columns in all: every product then reads every resident adapter's A,
 # base rows included, and fused decode steps add the B products by the native kernel. Beyond, the
-# A rows cost more than the separate A products they save. SmolLM2, 16 clients over HTTP, 32
-# rank-8 adapters (256 columns): fused 103-143 tokens/s in four runs against 87-104 in six unfused
-# (before the kernel, in process, fused was the slower: 61 against 58 ms a step).
+# A rows cost more than the separate A products they save. At this limit (32 rank-8 adapters)
+# fused steps still serve more tokens/s than unfused ones, but only with the native kernel: without
+# it fused was the slower (docs/performance.md, design measurements).
 FUSE_MAX_COLUMNS = 256
-# Fused A rows slow every product, base rows' too (32 resident adapters: the base's 16-client
-# throughput fell by about a quarter), so after this many decode steps in a row without an
-# adapter (half a minute of base-only traffic or more) the plain matrices are built again; the
-# next adapter request asks for the fused ones (until they are published it computes its A
-# products apart). A rebuild takes 0.1-0.2 s of one core on the builder's thread (SmolLM2, 32 adapters).
+# Fused A rows slow every product, base rows' too (with many resident adapters, markedly), so
+# after this many decode steps in a row without an adapter (a sustained stretch of base-only
+# traffic, not a pause between adapter requests) the plain matrices are built again; the next
+# adapter request asks for the fused ones (until they are published it computes its A products
+# apart). A rebuild costs a fraction of a second of one core on the builder's thread, small
+# beside the stretch of traffic it waits for (docs/performance.md, design measurements).
 UNFUSE_AFTER_STEPS = 1024
 
 
@@ -85,9 +86,9 @@ def _grouped_attention(
 ) -> torch.Tensor:
     """Attention of one new token per row, written as two batched products per key/value head.
 
-    torch's CPU ``scaled_dot_product_attention`` is slow for many rows of one query each: for 16
-    rows over 300 cached positions (SmolLM2's 9 query and 3 key/value heads) it took 2.4 ms a
-    layer, this 0.23 ms; only for one row over a short cache is it the faster one (see
+    torch's CPU ``scaled_dot_product_attention`` is slow for many rows of one query each (about
+    ten times slower than this for 16 rows over a few hundred cached positions; docs/performance.md,
+    design measurements); only for one row over a short cache is it the faster one (see
     ``SDPA_MAX_POSITIONS``). The query heads sharing a key/value head are
     grouped instead of the keys and values being repeated. Returns (rows, 1, heads * head_dim).
     """
@@ -95,7 +96,7 @@ def _grouped_attention(
     kv_heads = keys.shape[1]
     grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # query head h reads key/value head h // group
     # keys @ q.T, not q @ keys.T: the cached keys are a slice of a growing buffer, and a transposed
-    # slice is copied whole before the product (16 rows over 300 positions: 583 -> 343 us a layer).
+    # slice is copied whole before the product, a copy of the layer's whole cache every step.
     scores = torch.matmul(keys, grouped.transpose(2, 3)).transpose(2, 3).float() * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -257,7 +258,7 @@ class LeanDecoder:
 
         The chunks are packed into one sequence (vLLM's varlen prefill): every weight product runs
         once over all their tokens, which on a CPU costs far less than one pass a prompt (a pass
-        reads every weight, about 30 ms here for SmolLM2, however few its tokens); only
+        reads every weight, however few its tokens); only
         attention runs per prompt, over its own cache. For one chunk it computes what the model's
         forward computes (bit for bit for a first chunk in bf16)."""
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim

@@ -3,9 +3,10 @@
 
 The torch path masks every row's ``A`` outputs to its adapter's columns and multiplies by a
 block-diagonal matrix of every adapter's ``B`` (two oneDNN calls a group, zeros included in what
-is read); a 16-row SmolLM2 step with 8 adapters took 50-56 ms against the base's 41-43, most of
-it reading. ``native/lora_expand.c`` adds each row's own adapter into the fused product's base
-columns in place, in one call a group that reads each used adapter's ``B`` once (47-49 ms).
+is read), and the step is memory-bound, so most of what adapters add to it is that reading.
+``native/lora_expand.c`` adds each row's own adapter into the fused product's base columns in
+place, in one call a group that reads each used adapter's ``B`` once, which takes back about
+half of that cost (docs/performance.md, design measurements).
 
 It runs on decode steps whose base products are fused (the ``A`` outputs come with them); a
 packed prefill (hundreds of rows) is arithmetic, where oneDNN's AMX products win.

@@ -1,6 +1,6 @@
 """The LoRA bank's matrices regrouped for the lean decode step.
 
-Small bf16 products on this CPU cost their call (20-50 us), not their arithmetic, so what counts
+Small bf16 products on a CPU cost their call, not their arithmetic, so what counts
 is how many there are. Projections that read the same input (q, k and v; gate and up) share one
 ``A`` product with their stacked ``A`` matrices, or none at all where the base product computes
 it (``fused_weights``); and each group's ``B`` matrices form one block-diagonal matrix whose
@@ -37,9 +37,9 @@ SHRINK_AFTER = 64
 """... for this many steps in a row."""
 BLOCK_MAX_COLUMNS = 64
 """A decode step's ``B`` products are one block-diagonal product per group up to this many
-columns. SmolLM2, 16 rows: with 8 rank-8 adapters (64 columns) a step took 50.6 ms against 55.8
-module by module; with 16 of them (128 columns) 67.1 against 68.1, no gain for twice the memory
-(the block's zeros: two thirds of q/k/v's, half of gate/up's). The decode batch's kept columns
+columns: at 64 (8 rank-8 adapters) the one product beats the products module by module; at 128
+it gains nothing for twice the memory (the block's zeros: two thirds of q/k/v's, half of
+gate/up's; docs/performance.md, design measurements). The decode batch's kept columns
 grow by a newcomer's up to this many too; beyond, each new set of adapters is copied anew, as few
 columns as the batch uses (reading 32 adapters' columns for 16 in use cost more than copying)."""
 

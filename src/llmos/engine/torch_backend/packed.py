@@ -2,8 +2,8 @@
 
 ``F.linear`` hands oneDNN a plain (out, in) matrix, and oneDNN reorders it into its blocked
 layout on every call: for a decode step's few rows that reorder costs as much as the product
-(on the 2-core reference CPU, SmolLM2's gate/up matrix for one row took 119 us through
-``F.linear`` and 51 us pre-packed; a 16-row decode step went from 57 to 40 ms). Packing once,
+(pre-packed, one row's product takes less than half the time, and a whole decode step about a
+third less; docs/performance.md, design measurements). Packing once,
 with ``torch.ops.mkldnn._reorder_linear_weight``, and multiplying with ``_linear_pointwise``
 gives the same result bit for bit (tested from 1 to 1,000 rows). The packed copy is an opaque
 oneDNN tensor beside the original (which the model's own forward still reads), so it costs the

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from llmos.api.openai.common import SamplingFields, StrictModel, Usage
+from llmos.api.openai.common import Choice, ResponseObject, SamplingFields, StreamChunk, StrictModel, Usage
 
 
 class TextPart(StrictModel):
@@ -59,22 +59,36 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(Choice):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(ResponseObject[ChatChoice]):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
     service_tier: str | None = None
 
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump()
+
+class ChoiceDelta(BaseModel):
+    """What a streamed chunk adds to one choice's message. Only the fields given are sent, as
+    OpenAI does: the opening delta names the role, later ones carry only content, the last none."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _given_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {name: value for name, value in handler(self).items() if name in self.model_fields_set}
+
+
+class ChunkChoice(Choice):
+    delta: ChoiceDelta
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(StreamChunk[ChunkChoice]):
+    """One server-sent event of a streamed chat completion (the ``openai`` package's ``ChatCompletionChunk``)."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from llmos.api.openai.common import SamplingFields, Usage
+from llmos.api.openai.common import Choice, ResponseObject, SamplingFields, StreamChunk, Usage
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -37,18 +37,18 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(ResponseObject[CompletionChoice]):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
     usage: Usage
-    system_fingerprint: str | None = None
+
+
+class CompletionChunk(StreamChunk[CompletionChoice]):
+    """One server-sent event of a streamed completion: OpenAI streams ``Completion`` objects
+    whose choices carry the new text and whose usage is null until the last."""
+
+    object: Literal["text_completion"] = "text_completion"

@@ -3,49 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 
-from llmos.api.context import RequestContext
-from llmos.api.openai.common import (
-    FINGERPRINT,
-    Usage,
-    build_sampling,
-    check_token_ids,
-    engine_deltas,
-    finish_reason,
-    new_id,
-    now,
-    usage_chunk,
-)
+from llmos.api.openai.common import GenerationService, build_sampling, check_token_ids, finish_reason, new_id, now
 from llmos.api.openai.completions.schemas import (
     Completion,
     CompletionChoice,
+    CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
 )
-from llmos.api.sse import SSE_DONE, sse_event
-from llmos.config import Settings
-from llmos.engine.protocol import EngineClient, GenerationRequest, TokenLogprob
-from llmos.errors import EngineError, InvalidRequestError
+from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
+from llmos.errors import InvalidRequestError
 
 
-@dataclass
-class _Choice:
-    text: str = ""
-    tokens: list[TokenLogprob] = field(default_factory=list)
-    reason: str | None = None
-
-
-class CompletionService:
-    def __init__(self, engine: EngineClient, settings: Settings, ctx: RequestContext) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.ctx = ctx
-
+class CompletionService(GenerationService):
     async def prepare(self, req: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
         await asyncio.to_thread(self.ctx.check_model, req.model)
-        info = await self.engine.model_info(req.model)
+        handle = await self.engine.resolve(req.model)
+        info = handle.info
         if info.task not in ("chat", "completion"):
             raise InvalidRequestError(
                 f"model {req.model} is a {info.task} model; it cannot complete text", param="model"
@@ -54,7 +30,7 @@ class CompletionService:
         out = []
         for i, prompt in enumerate(req.prompts()):
             if isinstance(prompt, str):
-                ids = await self.engine.encode_text(req.model, prompt)
+                ids = await self.engine.encode_text(handle, prompt)
                 echo_text = prompt
             else:
                 ids, echo_text = prompt, ""
@@ -77,97 +53,47 @@ class CompletionService:
                         prompt_token_ids=ids,
                         params=params,
                         tenant=self.ctx.tenant,
+                        handle=handle,
                     ),
                 )
             )
         return out
 
     async def complete(self, req: CompletionRequest, gens: list[tuple[str, GenerationRequest]]) -> Completion:
-        results = await asyncio.gather(*(self._collect(g) for _, g in gens))
-        choices: list[CompletionChoice] = []
-        completion_tokens = 0
-        for p, ((echo, gen), (per_choice, used)) in enumerate(zip(gens, results, strict=True)):
-            completion_tokens += used
-            for c, choice in enumerate(per_choice):
-                choices.append(
-                    CompletionChoice(
-                        index=p * gen.params.n + c,
-                        text=echo + choice.text,
-                        finish_reason=choice.reason,
-                        logprobs=_legacy_logprobs(choice.tokens, len(echo)) if gen.params.logprobs else None,
-                    )
-                )
-        prompt_tokens = sum(len(g.prompt_token_ids) for _, g in gens)
-        self.ctx.finish(req.model, prompt_tokens, completion_tokens)
+        results, usage = await self.collect(req.model, [gen for _, gen in gens])
+        choices = [
+            CompletionChoice(
+                index=p * gen.params.n + c,
+                text=echo + choice.text,
+                finish_reason=choice.finish_reason,
+                logprobs=_legacy_logprobs(choice.logprobs, len(echo)) if gen.params.logprobs else None,
+            )
+            for p, ((echo, gen), collected) in enumerate(zip(gens, results, strict=True))
+            for c, choice in enumerate(collected)
+        ]
         return Completion(
             id=gens[0][1].request_id.rsplit("-", 1)[0],
             created=now(),
             model=req.model,
             choices=choices,
-            system_fingerprint=FINGERPRINT,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=usage,
         )
 
-    async def _collect(self, gen: GenerationRequest) -> tuple[list[_Choice], int]:
-        choices = [_Choice() for _ in range(gen.params.n)]
-        used = 0
-        async for delta in engine_deltas(self.engine, gen):
-            choices[delta.index].text += delta.text
-            choices[delta.index].tokens.extend(delta.logprobs)
-            used += len(delta.token_ids)
-            if delta.finish_reason is not None:
-                choices[delta.index].reason = finish_reason(delta.finish_reason)
-        return choices, used
+    def stream(self, req: CompletionRequest, echo: str, gen: GenerationRequest) -> AsyncIterator[str]:
+        """One prompt's choices as server-sent events (the router refuses several prompts)."""
 
-    async def stream(self, req: CompletionRequest, gens: list[tuple[str, GenerationRequest]]) -> AsyncIterator[str]:
-        if len(gens) != 1:
-            raise InvalidRequestError("streaming supports one prompt per request", param="prompt")
-        echo, gen = gens[0]
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        base = {
-            "id": gen.request_id,
-            "object": "text_completion",
-            "created": now(),
-            "model": req.model,
-            "system_fingerprint": FINGERPRINT,
-        }
+        def choices_of(delta: GenerationDelta) -> list[CompletionChoice]:
+            logprobs = _legacy_logprobs(delta.logprobs, 0) if gen.params.logprobs and delta.logprobs else None
+            if not (delta.text or logprobs or delta.finish_reason):
+                return []
+            reason = finish_reason(delta.finish_reason)
+            return [CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=reason)]
 
-        def chunk(index: int, text: str, reason: str | None, lp: CompletionLogprobs | None = None) -> str:
-            payload = {
-                **base,
-                "choices": [
-                    {"index": index, "text": text, "logprobs": lp.model_dump() if lp else None, "finish_reason": reason}
-                ],
-            }
-            if include_usage:
-                payload["usage"] = None
-            return sse_event(payload)
-
-        if echo:
-            for i in range(gen.params.n):
-                yield chunk(i, echo, None)
-        used = 0
-        try:
-            async for delta in engine_deltas(self.engine, gen):
-                used += len(delta.token_ids)
-                lp = _legacy_logprobs(list(delta.logprobs), 0) if gen.params.logprobs and delta.logprobs else None
-                if delta.text or lp or delta.finish_reason:
-                    yield chunk(delta.index, delta.text, finish_reason(delta.finish_reason), lp)
-        except EngineError as exc:
-            yield sse_event(exc.to_dict())
-            return
-        finally:  # also when the client goes away: it pays for what was computed
-            self.ctx.finish(req.model, len(gen.prompt_token_ids), used)
-        if include_usage:
-            yield sse_event(usage_chunk(base, len(gen.prompt_token_ids), used))
-        yield SSE_DONE
+        opening = [CompletionChoice(index=i, text=echo, finish_reason=None) for i in range(gen.params.n) if echo]
+        return self.stream_events(req, gen, CompletionChunk, opening, choices_of)
 
 
-def _legacy_logprobs(tokens: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+def _legacy_logprobs(tokens: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
     offsets = []
     for t in tokens:
         offsets.append(offset)

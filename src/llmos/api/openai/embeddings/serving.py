@@ -43,13 +43,14 @@ async def create_embeddings(
     if any(isinstance(x, str) and not x for x in items):
         raise InvalidRequestError("input strings must not be empty", param="input")
     await asyncio.to_thread(ctx.check_model, req.model)
-    info = await engine.model_info(req.model)
+    handle = await engine.resolve(req.model)
+    info = handle.info
     if info.task != "embedding":
         raise InvalidRequestError(f"model {req.model} is a {info.task} model, not an embedding model", param="model")
     for item in items:
         if not isinstance(item, str):
             check_token_ids(item, info, param="input")
-    result = await engine.embed(req.model, items)
+    result = await engine.embed(handle, items)
     width = len(result.vectors[0]) if result.vectors else 0
     if req.dimensions is not None and req.dimensions > width:
         raise InvalidRequestError(f"dimensions must be at most {width} for {req.model}", param="dimensions")

@@ -1,7 +1,7 @@
 """Small C kernels the engine compiles on first use, for this machine's CPU.
 
 A kernel is one C file beside this module, built with the system's C compiler into a shared
-library under the kernel cache (``LLMOS_KERNEL_DIR``, else ``~/.cache/llmos/kernels``; only if
+library under the kernel cache (the ``kernel_dir`` setting, else ``~/.cache/llmos/kernels``; only if
 this user alone may write there, else a fresh private temporary directory) and loaded
 with ctypes: a plain C library needs neither Python's headers nor torch's, builds in well under a
 second, and is chosen for the CPU it runs on (vector width). The file's name carries a hash of the
@@ -41,10 +41,18 @@ def load(name: str) -> ctypes.CDLL | None:
         return _loaded[name]
 
 
+_configured_dir: Path | None = None
+
+
+def set_cache_dir(directory: str | Path | None) -> None:
+    """Where kernels are built and cached (the ``kernel_dir`` setting; None: the default)."""
+    global _configured_dir
+    _configured_dir = Path(directory) if directory else None
+
+
 def cache_dir() -> Path:
-    configured = os.environ.get("LLMOS_KERNEL_DIR")
-    if configured:
-        return Path(configured)
+    if _configured_dir is not None:
+        return _configured_dir
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "llmos" / "kernels"
 

@@ -1,0 +1,86 @@
+"""The registry of backends: each says which models it serves and what they cost in memory.
+
+A backend registers itself with ``register`` and a priority; the engine serves a model with the
+highest-priority backend whose ``serves`` says yes (so a specialised backend, such as llama.cpp
+for chat models kept as GGUF, is asked before the general torch backend). No if-chain over
+backend names lives anywhere else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from llmos.engine.runner import GenerationRunner
+from llmos.engine.torch_backend.classifier import ClassifierRunner
+from llmos.engine.torch_backend.encoder import EncoderRunner
+from llmos.engine.torch_backend.token_classifier import TokenClassifierRunner
+from llmos.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from llmos.engine.config import EngineConfig
+    from llmos.registry import ModelRecord, ModelRegistry
+
+Runner = GenerationRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner
+
+LOAD_OVERHEAD_BYTES = 64 << 20
+"""What a loaded model costs beyond its weights and caches: tokenizer, Python objects, buffers."""
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    priority: ClassVar[int] = 0
+    """Backends with a higher priority are asked first."""
+
+    def __init__(self, registry: ModelRegistry, config: EngineConfig, dtype: torch.dtype) -> None:
+        self.registry = registry
+        self.config = config
+        self.dtype = dtype
+
+    @abstractmethod
+    def serves(self, record: ModelRecord) -> bool:
+        """Whether this backend serves ``record`` under the current settings."""
+
+    @abstractmethod
+    def estimate_bytes(self, record: ModelRecord) -> int:
+        """Memory ``record`` takes once loaded by this backend (the residency budget's unit)."""
+
+    @abstractmethod
+    def load(self, record: ModelRecord) -> Runner:
+        """A runner serving ``record`` (raises ModelLoadError)."""
+
+    def context_length(self, record: ModelRecord) -> int:
+        """Positions a prompt and its answer may take on this backend."""
+        return record.context_length or 2048
+
+
+_REGISTERED: list[type[Backend]] = []
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend available to every engine."""
+    _REGISTERED.append(cls)
+    _REGISTERED.sort(key=lambda c: -c.priority)
+    return cls
+
+
+class Backends:
+    """One instance of every registered backend, for one engine."""
+
+    def __init__(self, registry: ModelRegistry, config: EngineConfig, dtype: torch.dtype) -> None:
+        # Importing the backends registers them.
+        import llmos.engine.llamacpp_backend.backend
+        import llmos.engine.torch_backend.backend  # noqa: F401
+
+        self.all = [cls(registry, config, dtype) for cls in _REGISTERED]
+
+    def for_model(self, record: ModelRecord) -> Backend:
+        for backend in self.all:
+            if backend.serves(record):
+                return backend
+        raise ModelLoadError(f"model {record.name} has task {record.task!r}, which no backend serves")
+
+    def named(self, name: str) -> Backend:
+        return next(b for b in self.all if b.name == name)
