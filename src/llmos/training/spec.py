@@ -11,6 +11,8 @@ from typing import Any
 from llmos.errors import InvalidRequestError
 
 ADAPTERS = ("lora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full")
+TARGETED = ("lora", "adalora")
+"""Methods that adapt the layers ``target_modules`` names (IA3 takes PEFT's per-architecture default)."""
 VIRTUAL_TOKEN_ADAPTERS = ("prefix_tuning", "prompt_tuning")
 """Methods that learn virtual tokens: served beside their base, for chat models only."""
 # Prefix and prompt tuning train a few thousand numbers and want far larger steps (PEFT's examples).
@@ -132,6 +134,11 @@ def parse_spec(
     ):
         raise InvalidRequestError(
             "target_modules must be 'all-linear' or a list of module names",
+            param="method.supervised.adapter.target_modules",
+        )
+    if target != "all-linear" and adapter not in TARGETED:
+        raise InvalidRequestError(
+            f"target_modules applies to {' and '.join(TARGETED)} only, not {adapter}",
             param="method.supervised.adapter.target_modules",
         )
     packing = _flag(supervised, "packing")

@@ -13,6 +13,7 @@ from llmos.api.deps import PlatformDep, require
 from llmos.errors import InvalidRequestError
 from llmos.registry.db import parse_db_int
 from llmos.security import ApiKeyInfo
+from llmos.training.preflight import check_job_body
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 TuneKey = Annotated[ApiKeyInfo, Depends(require("fine-tune"))]
@@ -48,6 +49,8 @@ async def create_job(
     if unknown:  # tenant, owner, paths... are never taken from a request
         raise InvalidRequestError(f"unknown fields {sorted(unknown)}", param=sorted(unknown)[0])
     await asyncio.to_thread(platform.training_quota.check_cpu, key.tenant, key.id)  # 429 once spent
+    # What would fail only once training has started (e.g. target_modules the model lacks) is refused now.
+    await asyncio.to_thread(check_job_body, platform.registry, platform.files, key.tenant, body)
     job = await asyncio.to_thread(
         platform.jobs.create, tenant=key.tenant, key_id=key.id, body=body, idempotency_key=idempotency_key
     )
