@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from llmos.api import create_app
 from llmos.config import Settings
@@ -121,3 +123,20 @@ def test_tenants_never_see_server_paths_in_model_sources(loaded_platform: Platfo
     assert seen["source"] == f"file:{tiny_chat_dir.name}"
     assert all(str(tiny_chat_dir.parent) not in m["source"] for m in listed)
     assert admin["source"] == f"file:{tiny_chat_dir}"
+
+
+SECRET_NAME = re.compile(r"(password|passwd|secret_key|access_key|api_key|admin_key|(^|_)token$)")
+
+
+def test_secret_settings_follow_the_secret_str_convention() -> None:
+    """Every setting named like a secret is typed SecretStr, so `llmos config` and
+    /v1/admin/settings mask it whatever module adds it."""
+    for name, field in Settings.model_fields.items():
+        if SECRET_NAME.search(name):
+            assert "SecretStr" in str(field.annotation), f"setting {name} looks secret but is not a SecretStr"
+
+    class WithWebhook(Settings):
+        webhook_token: SecretStr | None = None
+
+    shown = WithWebhook(webhook_token="hook-secret-1").as_public_dict()
+    assert shown["webhook_token"] == "***" and "hook-secret-1" not in str(shown)
