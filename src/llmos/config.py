@@ -184,6 +184,38 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1024, description="Largest file accepted by POST /v1/files; larger gets 413."
     )
+    storage_quota_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Bytes of files and models each tenant may keep (each file or model counted whole, even "
+        "when its content is shared); an upload beyond it gets 403 storage_quota_exceeded. A tenant's own "
+        "`storage_bytes` limit replaces it. None: unlimited.",
+    )
+    maintenance_interval_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="How often the server collects unreferenced blobs, writes the aggregated denied-request "
+        "audit rows and deletes audit and usage rows past their retention; 0 turns the periodic run off.",
+    )
+    blob_grace_s: float = Field(
+        default=86400.0,
+        ge=0,
+        description="The periodic collection removes an unreferenced blob (and a temporary file of an abandoned "
+        "write) only once it was last written or claimed longer ago than this; it must exceed the longest "
+        "model pull, which stores its files before it refers to them.",
+    )
+    audit_retention_days: int = Field(
+        default=365, ge=0, description="Audit rows older than this many days are deleted; 0 keeps them forever."
+    )
+    usage_retention_days: int = Field(
+        default=400, ge=0, description="Usage rows older than this many days are deleted; 0 keeps them forever."
+    )
+    denied_requests_per_minute: int = Field(
+        default=30,
+        ge=1,
+        description="Denied requests (missing, wrong, revoked or expired key, or a missing scope) answered per "
+        "client address and minute before further ones get 429 with Retry-After; none writes to the database.",
+    )
     max_json_depth: int = Field(
         default=32, ge=4, le=1000, description="Deepest JSON nesting accepted in a request body."
     )

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmos.config import Settings
+from llmos.errors import NotFoundError
 from llmos.kernel.jobs import JobStore
 from llmos.registry import LocalArtifactStore, ModelRegistry
 from llmos.registry.db import Database
 from llmos.registry.files import FileStore
 from llmos.security import KeyStore
 from llmos.security.audit import AuditLog
+from llmos.security.denied import DeniedRequests
 from llmos.security.limits import RateLimiter
 from llmos.security.private import read_or_create_secret, secure_home
 from llmos.security.quotas import TrainingQuota
@@ -44,14 +46,20 @@ class Platform:
         secure_home(settings.home)  # owner-only, looser paths tightened with a warning
         db = Database(settings.db_url)
         registry = ModelRegistry(db, LocalArtifactStore(settings.store_dir), settings.home)
-        files = FileStore(db, registry.store, {"fine-tune": check_training_file, "batch": validate_batch_file})
+        tenants = TenantStore(db)
+        files = FileStore(
+            db,
+            registry.store,
+            {"fine-tune": check_training_file, "batch": validate_batch_file},
+            quota=lambda tenant: storage_allowance(tenants, settings, tenant),
+        )
         return cls(
             settings=settings,
             db=db,
             registry=registry,
             keys=KeyStore(db, read_or_create_secret(settings.secret_path)),
-            tenants=TenantStore(db),
-            audit=AuditLog(db),
+            tenants=tenants,
+            audit=AuditLog(db, DeniedRequests(settings.denied_requests_per_minute)),
             usage=UsageLedger(db),
             limiter=RateLimiter(),
             files=files,
@@ -78,3 +86,13 @@ class Platform:
     def close(self) -> None:
         self._usage_writer.shutdown(wait=True)  # flush pending usage rows
         self.db.dispose()
+
+
+def storage_allowance(tenants: TenantStore, settings: Settings, tenant: str) -> int | None:
+    """Bytes of files and models ``tenant`` may keep: its own ``storage_bytes`` limit, else the
+    ``storage_quota_bytes`` setting (None: unlimited)."""
+    try:
+        own = tenants.get(tenant).limits.storage_bytes
+    except NotFoundError:
+        own = None
+    return own if own is not None else settings.storage_quota_bytes

@@ -27,6 +27,7 @@ from llmos.api.tasks.classifications import router as classifications_router
 from llmos.api.tasks.ner import router as ner_router
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
+from llmos.kernel.maintenance import MaintenanceLoop, run_maintenance
 from llmos.kernel.supervisor import JobSupervisor
 from llmos.platform import Platform
 
@@ -73,9 +74,17 @@ def create_app(
             supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings)
             supervisor.start()
         app.state.supervisor = supervisor
+        maintenance = None
+        if settings.maintenance_interval_s > 0:
+            p = app.state.platform
+            maintenance = MaintenanceLoop(lambda: run_maintenance(p), settings.maintenance_interval_s)
+            maintenance.start()
         try:
             yield
         finally:
+            if maintenance is not None:
+                await asyncio.to_thread(maintenance.stop)
+            app.state.platform.audit.flush_denied()  # what was tallied since the last run
             if supervisor is not None:
                 await asyncio.to_thread(supervisor.stop)
             await app.state.engine.shutdown()

@@ -52,14 +52,15 @@ def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
             if not key.allows(scope):
                 raise PermissionDeniedError(f"This API key lacks the '{scope}' scope.")
         except (AuthenticationError, PermissionDeniedError) as exc:
-            platform.audit.record(
-                "auth.denied",
-                outcome="denied",
+            # Counted in memory and audited aggregated: a denied request writes nothing to the
+            # database, and beyond the address's allowance it is answered 429 instead.
+            route = getattr(request.scope.get("route"), "path", None) or "?"
+            platform.audit.denied.note(
+                client=request.client.host if request.client else None,
+                route=f"{request.method} {route}",
+                code=exc.code,
                 tenant=key.tenant if key else None,
                 key_id=key.id if key else None,
-                target=f"{request.method} {request.url.path}",
-                client=request.client.host if request.client else None,
-                detail={"code": exc.code, "scope": scope},
             )
             raise
         request.state.api_key = key

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete as sa_delete
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from llmos.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from llmos.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError, PermissionDeniedError
 from llmos.registry.db import Database
 from llmos.registry.gc import collect_unreferenced
 from llmos.registry.idempotency import find_earlier, insert_once
 from llmos.registry.store import LocalArtifactStore
-from llmos.registry.tables import FileRow
+from llmos.registry.tables import FileRow, ModelRow
 
 Validator = Callable[[Path], dict[str, Any]]
 """Checks an uploaded file for one purpose; returns what it found or raises InvalidRequestError."""
@@ -90,14 +90,35 @@ def _limited(chunks: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
         yield chunk
 
 
+StorageQuota = Callable[[str], int | None]
+"""The bytes of files and models a tenant may keep (None: unlimited)."""
+
+
+def storage_used(db: Database, tenant: str) -> int:
+    """Bytes a tenant keeps: its files and its models, each counted whole even when its content is
+    shared with another tenant (so nothing about others' content shows in a tenant's figures)."""
+    with db.session() as s:
+        files = s.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.tenant == tenant))
+        models = s.scalar(select(func.coalesce(func.sum(ModelRow.size_bytes), 0)).where(ModelRow.owner == tenant))
+    return int(files or 0) + int(models or 0)
+
+
 class FileStore:
     """``validators`` maps each accepted purpose to its check (injected: the training layer knows
-    the formats it can learn from; the file system does not)."""
+    the formats it can learn from; the file system does not); ``quota`` gives each tenant's storage
+    allowance (injected: tenants and their limits belong to the security layer)."""
 
-    def __init__(self, db: Database, store: LocalArtifactStore, validators: dict[str, Validator]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store: LocalArtifactStore,
+        validators: dict[str, Validator],
+        quota: StorageQuota = lambda tenant: None,
+    ) -> None:
         self.db = db
         self.store = store
         self.validators = validators
+        self.quota = quota
 
     def create(
         self,
@@ -110,35 +131,64 @@ class FileStore:
         idempotency_key: str | None = None,
     ) -> tuple[FileRecord, bool]:
         """Store and validate an upload. Returns the file and whether it was created (False: the
-        idempotency key named an identical earlier upload)."""
+        idempotency key named an identical earlier upload).
+
+        The bytes are written to a private staging file while hashed, validated there line by line,
+        and only then placed under their digest together with the file's row; whatever fails on the
+        way (a conflict, the quota, a validator's crash) leaves no blob behind."""
         if purpose not in self.validators:
             raise InvalidRequestError(f"purpose must be one of {sorted(self.validators)}", param="purpose")
         if idempotency_key is not None and not (0 < len(idempotency_key) <= 255):
             raise InvalidRequestError("Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
         name = clean_filename(filename)
-        digest = self.store.put_chunks(_limited(chunks, max_bytes))
-        request_hash = hashlib.sha256(f"{purpose}\0{name}\0{digest}".encode()).hexdigest()
-        if idempotency_key is not None:
-            earlier = self._by_key(tenant, idempotency_key, request_hash)
-            if earlier is not None:
-                return earlier, False
-        status, details, summary = self._validate(purpose, self.store.local_path(digest))
-        row = FileRow(
-            id=f"file-{uuid.uuid4().hex[:24]}",
-            tenant=tenant,
-            purpose=purpose,
-            filename=name,
-            bytes=self.store.local_path(digest).stat().st_size,
-            sha256=digest,
-            status=status,
-            status_details=details,
-            summary=summary,
-            created_at=datetime.now(UTC),
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-        )
-        stored, created = insert_once(self.db, row)  # a concurrent twin may have won: answer with its file
-        return FileRecord.from_row(stored), created
+        staged = self.store.stage(_limited(chunks, max_bytes))
+        try:
+            request_hash = hashlib.sha256(f"{purpose}\0{name}\0{staged.digest}".encode()).hexdigest()
+            if idempotency_key is not None:
+                earlier = self._by_key(tenant, idempotency_key, request_hash)
+                if earlier is not None:
+                    return earlier, False
+            self._check_quota(tenant, staged.size)
+            status, details, summary = self._validate(purpose, staged.path)
+            row = FileRow(
+                id=f"file-{uuid.uuid4().hex[:24]}",
+                tenant=tenant,
+                purpose=purpose,
+                filename=name,
+                bytes=staged.size,
+                sha256=staged.digest,
+                status=status,
+                status_details=details,
+                summary=summary,
+                created_at=datetime.now(UTC),
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+            with self.store.exclusive():
+                self._check_quota(tenant, staged.size)  # again, now that no other upload can add to it
+                new_blob = self.store.place(staged)
+                try:
+                    stored, created = insert_once(self.db, row)  # a concurrent twin may have won: its file
+                except BaseException:
+                    if new_blob:
+                        self.store.delete(staged.digest)
+                    raise
+            return FileRecord.from_row(stored), created
+        finally:
+            staged.discard()
+
+    def _check_quota(self, tenant: str, adding: int) -> None:
+        allowed = self.quota(tenant)
+        if allowed is None:
+            return
+        used = storage_used(self.db, tenant)
+        if used + adding > allowed:
+            raise PermissionDeniedError(
+                f"storage quota exceeded: this tenant keeps {used} bytes of files and models, this upload adds "
+                f"{adding} and the quota is {allowed}. Delete files or models, or ask for a larger quota.",
+                param="file",
+                code="storage_quota_exceeded",
+            )
 
     def _by_key(self, tenant: str, key: str, request_hash: str) -> FileRecord | None:
         row = find_earlier(self.db, FileRow, tenant, key, request_hash)

@@ -7,14 +7,19 @@ a full disk or a corrupt download never leaves a partial blob under a real name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.errors import ArtifactError, InsufficientStorageError
@@ -24,6 +29,18 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 ProgressFn = Callable[[int], None]
 """Called with the number of bytes just processed."""
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """Bytes written and hashed but not yet stored under their name."""
+
+    path: Path
+    digest: str
+    size: int
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def check_digest(digest: str) -> str:
@@ -54,6 +71,26 @@ class ArtifactStore(ABC):
         """Store a byte stream and return its digest."""
 
     @abstractmethod
+    def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
+        """Write and hash a byte stream privately, not yet under its name."""
+
+    @abstractmethod
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Serialises placing blobs (with their references) against collecting them."""
+
+    @abstractmethod
+    def place(self, staged: StagedBlob) -> bool:
+        """Store a staged blob under its name; True if it was not there before."""
+
+    @abstractmethod
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        """(digest, time last placed or claimed) of every blob."""
+
+    @abstractmethod
+    def staged_files(self) -> Iterator[tuple[Path, float]]:
+        """(path, time) of every temporary file of a write."""
+
+    @abstractmethod
     def exists(self, digest: str) -> bool: ...
 
     @abstractmethod
@@ -71,6 +108,7 @@ class LocalArtifactStore(ArtifactStore):
         self._tmp = self.root / "tmp"
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # not re-entrant: a second flock in one process would wait forever
 
     def _blob_path(self, digest: str) -> Path:
         path = self._blobs / check_digest(digest)[:2] / digest
@@ -91,7 +129,23 @@ class LocalArtifactStore(ArtifactStore):
     def put_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> str:
         if expected_sha256 is not None:
             check_digest(expected_sha256)
+        staged = self.stage(chunks)
+        try:
+            if expected_sha256 is not None and staged.digest != expected_sha256:
+                raise ArtifactError(
+                    f"hash mismatch: expected sha256 {expected_sha256}, got {staged.digest}", code="hash_mismatch"
+                )
+            with self.exclusive():
+                self.place(staged)
+            return staged.digest
+        finally:
+            staged.discard()
+
+    def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
+        """Write a byte stream to a private temporary file inside the store, hashing it on the way;
+        nothing is visible under a blob name until ``place``. The caller discards it."""
         h = hashlib.sha256()
+        size = 0
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
         tmp = Path(tmp_name)
         try:
@@ -99,20 +153,9 @@ class LocalArtifactStore(ArtifactStore):
                 for chunk in chunks:
                     h.update(chunk)
                     out.write(chunk)
+                    size += len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            digest = h.hexdigest()
-            if expected_sha256 is not None and digest != expected_sha256:
-                raise ArtifactError(
-                    f"hash mismatch: expected sha256 {expected_sha256}, got {digest}", code="hash_mismatch"
-                )
-            final = self._blob_path(digest)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                tmp.unlink()
-            else:
-                os.replace(tmp, final)
-            return digest
         except BaseException as exc:
             tmp.unlink(missing_ok=True)  # never a partial blob, even when the disk is full
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -121,6 +164,44 @@ class LocalArtifactStore(ArtifactStore):
                     "Free disk space and retry."
                 ) from exc
             raise
+        return StagedBlob(path=tmp, digest=h.hexdigest(), size=size)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held while a blob is placed and its reference written, and while a collector decides a
+        blob is unreferenced and deletes it: the two never interleave, in this process or another."""
+        with self._lock:
+            fd = os.open(self._blobs, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing releases the flock
+
+    def place(self, staged: StagedBlob) -> bool:
+        """Move a staged blob under its name (call inside ``exclusive``); the staged file is consumed
+        or left for ``discard``. An existing blob of that name is kept and its time refreshed, so a
+        collector's grace period counts from this claim. Returns whether the blob is new."""
+        final = self._blob_path(staged.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            os.utime(final)
+            return False
+        os.replace(staged.path, final)
+        return True
+
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        """Every stored blob: its digest and when it was last placed or claimed (epoch seconds)."""
+        for path in self._blobs.glob("??/*"):
+            if _DIGEST.fullmatch(path.name) and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    yield path.name, path.stat().st_mtime
+
+    def staged_files(self) -> Iterator[tuple[Path, float]]:
+        """Temporary files of writes in progress (or abandoned by a crash), with their times."""
+        for path in self._tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                yield path, path.stat().st_mtime
 
     def exists(self, digest: str) -> bool:
         return self._blob_path(digest).is_file()

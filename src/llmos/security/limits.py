@@ -28,6 +28,7 @@ class Limits:
     max_concurrent_requests: int | None = None
     max_concurrent_jobs: int | None = None
     training_cpu_seconds: int | None = None
+    storage_bytes: int | None = None
 
     @classmethod
     def parse(cls, data: Mapping[str, Any] | None, *, param: str = "limits") -> Limits:

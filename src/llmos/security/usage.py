@@ -4,9 +4,9 @@ and the CPU-seconds of training workers (kind ``fine-tune``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from llmos.registry.db import Database
@@ -100,6 +100,12 @@ class UsageLedger:
             row.prompt_tokens += prompt_tokens
             row.completion_tokens += completion_tokens
             row.cpu_seconds = (row.cpu_seconds or 0.0) + cpu_seconds
+
+    def delete_older_than(self, days: int, *, now: datetime | None = None) -> int:
+        """Delete the rows of days more than ``days`` days before ``now`` (the retention); returns how many went."""
+        cutoff = ((now or datetime.now(UTC)) - timedelta(days=days)).strftime("%Y-%m-%d")
+        with self.db.session() as s:
+            return int(s.execute(delete(UsageRow).where(UsageRow.day < cutoff)).rowcount or 0)  # type: ignore[attr-defined]
 
     def query(self, *, tenant: str | None = None, since: str | None = None) -> list[UsageEntry]:
         with self.db.session() as s:

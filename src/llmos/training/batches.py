@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmos.training.datasets import DatasetError, jsonl_objects, read_lines
+from llmos.training.datasets import DatasetError, iter_lines, jsonl_objects
 
 BATCH_URLS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
@@ -13,7 +13,7 @@ BATCH_URLS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddin
 def validate_batch_file(path: Path) -> dict[str, Any]:
     """Check every line is ``{"custom_id", "method": "POST", "url", "body"}`` with unique ids; return the count."""
     seen: set[str] = set()
-    for number, record in jsonl_objects(read_lines(path)):
+    for number, record in jsonl_objects(iter_lines(path)):
         custom_id = record.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise DatasetError("must be a non-empty string", line=number, field="custom_id")

@@ -12,10 +12,9 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,9 @@ CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 TEXT_COLUMNS = frozenset({"text", "sentence"})
 LABEL_COLUMNS = frozenset({"label", "category"})
 MAX_ERRORS_SHOWN = 5
+MAX_LINE_BYTES = 16 * 1024 * 1024
+"""Longest line of a training or batch file: files are read a line at a time, so this bounds the
+memory a check needs whatever the file's size."""
 
 
 class DatasetError(InvalidRequestError):
@@ -55,18 +57,16 @@ class DatasetSummary:
 
 
 def validate_dataset(path: Path) -> DatasetSummary:
-    """Detect the format of a training file and check every record of it."""
-    lines = read_lines(path)
-    text = "\n".join(lines)
-    first = next((ln for ln in lines if ln.strip()), None)
+    """Detect the format of a training file and check every record of it, a line at a time."""
+    first = next((ln for ln in iter_lines(path) if ln.strip()), None)
     if first is None:
         raise DatasetError("the file is empty")
     if first.lstrip().startswith(("{", "[")):
-        return _validate_jsonl(lines)
+        return _validate_jsonl(iter_lines(path))
     header = _header_fields(first)
     if header & TEXT_COLUMNS and header & LABEL_COLUMNS:
-        return _validate_table(text, "\t" if "\t" in first else ",")
-    return _validate_conll(lines)
+        return _validate_table(iter_lines(path), "\t" if "\t" in first else ",")
+    return _validate_conll(iter_lines(path))
 
 
 def _header_fields(line: str) -> set[str]:
@@ -77,14 +77,27 @@ def _header_fields(line: str) -> set[str]:
 MAX_RECORD_DEPTH = 32  # as deep as a request body may nest by default (setting max_json_depth)
 
 
+def iter_lines(path: Path) -> Iterator[str]:
+    """The file's lines, decoded as UTF-8 (a leading BOM dropped) without their line ends, read one
+    at a time; a line longer than ``MAX_LINE_BYTES`` or not UTF-8 is a DatasetError."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DatasetError(f"longer than {MAX_LINE_BYTES} bytes", line=number)
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"not UTF-8 text (byte {offset + exc.start})") from exc
+            offset += len(raw)
+            yield line.rstrip("\r\n")
+
+
 def read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"not UTF-8 text (byte {exc.start})") from exc
+    return list(iter_lines(path))
 
 
-def jsonl_objects(lines: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def jsonl_objects(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for every non-blank line; anything else is a DatasetError."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -100,7 +113,7 @@ def jsonl_objects(lines: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, record
 
 
-def _validate_jsonl(lines: list[str]) -> DatasetSummary:
+def _validate_jsonl(lines: Iterable[str]) -> DatasetSummary:
     kind: str | None = None
     labels: Counter[str] = Counter()
     records = 0
@@ -174,8 +187,8 @@ def _check_tokens(record: dict[str, Any], line: int) -> list[str]:
     return tags
 
 
-def _validate_table(text: str, sep: str) -> DatasetSummary:
-    reader = csv.DictReader(io.StringIO(text), delimiter=sep)
+def _validate_table(lines: Iterable[str], sep: str) -> DatasetSummary:
+    reader = csv.DictReader((line + "\n" for line in lines), delimiter=sep)
     fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
     text_column = next(fields[c] for c in ("text", "sentence") if c in fields)
     label_column = next(fields[c] for c in ("label", "category") if c in fields)
@@ -193,7 +206,7 @@ def _validate_table(text: str, sep: str) -> DatasetSummary:
     )
 
 
-def conll_sentences(lines: list[str]) -> Iterator[tuple[int, list[str], list[str]]]:
+def conll_sentences(lines: Iterable[str]) -> Iterator[tuple[int, list[str], list[str]]]:
     """(1-based line of its first token, tokens, tags) for every sentence of a CoNLL file: one
     ``token<TAB>tag`` (or space-separated, tag last) line per token, a blank line between sentences."""
     start, tokens, tags = 0, list[str](), list[str]()
@@ -213,7 +226,7 @@ def conll_sentences(lines: list[str]) -> Iterator[tuple[int, list[str], list[str
         yield start, tokens, tags
 
 
-def _validate_conll(lines: list[str]) -> DatasetSummary:
+def _validate_conll(lines: Iterable[str]) -> DatasetSummary:
     labels: Counter[str] = Counter()
     sentences = 0
     for _, _, tags in conll_sentences(lines):
