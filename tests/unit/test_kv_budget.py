@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from llmos.engine import FinishReason, GenerationRequest, SamplingParams
@@ -42,7 +43,7 @@ def test_requests_wait_for_room_in_the_cache_and_all_finish(loaded_platform: Pla
         solo = [(await _run(engine, p, f"solo{i}", max_tokens=6, temperature=0.0))[0][0] for i, p in enumerate(prompts)]
         runner = _runner(engine)
         longest = max(len(p) for p in prompts) + 6
-        runner.kv_budget.budget_bytes = 2 * longest * runner.kv_budget.bytes_per_token  # two rows at most
+        runner.kv_budget.budget_bytes = runner.kv_budget.bytes_for([longest] * 2)  # two rows at most
         runner.peak_rows = 0
         together = await asyncio.gather(
             *[_run(engine, p, f"b{i}", max_tokens=6, temperature=0.0) for i, p in enumerate(prompts)]
@@ -64,7 +65,7 @@ def test_a_request_that_can_never_fit_is_refused_before_it_is_queued(loaded_plat
     async def main() -> None:
         prompt = await engine.encode_text(await engine.resolve("tiny-chat"), "Hello")
         runner = _runner(engine)
-        runner.kv_budget.budget_bytes = 50 * runner.kv_budget.bytes_per_token
+        runner.kv_budget.budget_bytes = runner.kv_budget.bytes_for([len(prompt) + 30])  # one row, not two
         request = GenerationRequest("big", "tiny-chat", prompt, SamplingParams(max_tokens=30, n=2))
         with pytest.raises(InvalidRequestError, match="key/value cache") as caught:
             async for _ in engine.generate(request):
@@ -84,7 +85,7 @@ def test_refusal_through_the_api_has_the_openai_shape(http: TestClient) -> None:
     assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 200  # loads the model
     engine = http.app.state.engine  # type: ignore[attr-defined]
     runner = _runner(engine)
-    runner.kv_budget.budget_bytes = 20 * runner.kv_budget.bytes_per_token
+    runner.kv_budget.budget_bytes = runner.kv_budget.bytes_for([20])
     response = http.post("/v1/chat/completions", json=body, headers=headers)
     assert response.status_code == 400
     error = response.json()["error"]
@@ -128,3 +129,26 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(loaded_platfo
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_each_row_counts_its_own_buffers_and_a_layer_in_copy() -> None:
+    # 3 tokens of per-row buffers (25 bytes rounded up), and one of 4 layers being copied at a time.
+    budget = KvBudget(budget_bytes=250, bytes_per_token=10, row_overhead_bytes=25, layers=4)
+    assert budget.tokens_for([7, 5]) == 2 * (7 + 3) * 1.25
+    assert budget.fits([7, 5]) and not budget.fits([7, 5, 1])
+    assert budget.bytes_for([7, 5]) == 250
+
+
+def test_a_growing_cache_keeps_no_room_past_its_limit() -> None:
+    from transformers import LlamaConfig
+
+    from llmos.engine.torch_backend.kv_cache import GrowingLayer, limit_growth, new_cache
+
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    cache = new_cache(config)
+    limit_growth(cache, 40)
+    layer = cache.layers[0]
+    assert isinstance(layer, GrowingLayer)
+    for _ in range(40):
+        layer.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    assert layer._keys.buffer is not None and layer._keys.buffer.shape[2] == 40  # unlimited: 39 + 32 spare

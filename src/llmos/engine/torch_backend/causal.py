@@ -24,7 +24,7 @@ from llmos.engine.scheduler import Pending, Row
 from llmos.engine.threads import enter_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
-from llmos.engine.torch_backend.kv_cache import cache_argument, truncate
+from llmos.engine.torch_backend.kv_cache import cache_argument, limit_growth, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.engine.torch_backend.prefill import Prefill, prefill_order, run_packed
@@ -40,6 +40,9 @@ from llmos.engine.torch_backend.virtual_tokens import (
 from llmos.registry.adapters import kv_width
 
 log = logging.getLogger(__name__)
+ROW_VOCAB_BUFFERS = 4
+"""Vocabulary-sized float32 buffers a decoding row holds: its logits, its token counts (with
+penalties) and the sampler's two working copies (scaled logits, probabilities)."""
 
 
 class CausalRunner(GenerationRunner):
@@ -68,7 +71,14 @@ class CausalRunner(GenerationRunner):
         self.virtual = VirtualPrefixes(config.adapter_memory_bytes)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         width = kv_width(model.config.to_dict()) * next(model.parameters()).element_size()
-        self.kv_budget = KvBudget(config.kv_cache_bytes, width)
+        # Per row beside its cache: float32 logits, token counts and the sampler's working copies.
+        vocab = model.config.vocab_size
+        self.kv_budget = KvBudget(
+            config.kv_cache_bytes,
+            width,
+            row_overhead_bytes=ROW_VOCAB_BUFFERS * vocab * 4,
+            layers=model.config.num_hidden_layers,
+        )
         self.kv_bytes = 0  # the running batch's key/value cache, as of the last step
         self.share = TenantShare(self.scheduler, model.config)
         self._state: BatchState[Row] | None = None
@@ -181,6 +191,7 @@ class CausalRunner(GenerationRunner):
             hit = self.prefix_cache.lookup(pending.scope, prompt, lead=lead)
             start, states = hit if hit is not None else (0, self._virtual_states(pending.virtual))
             job = Prefill.start(pending, self.model.config, prompt, lead, start, states)
+            limit_growth(job.cache, lead + len(prompt))  # a prompt's cache holds just the prompt
             job.admitted = self._prefill_passes
             return job
         except Exception as exc:
@@ -302,6 +313,7 @@ class CausalRunner(GenerationRunner):
             return None
         tokens = chosen[keep]
         state.select(keep)
+        limit_growth(state.cache, max(r.pending.reserve for r in state.rows))
         state.attention = torch.cat([state.attention, torch.ones((len(state), 1), dtype=state.attention.dtype)], 1)
         self.lora.prepare([r.pending.adapter for r in state.rows])
         if self.decoder is not None:

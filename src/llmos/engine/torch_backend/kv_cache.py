@@ -4,8 +4,9 @@ transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.
 layer's whole cache every decode step, a large share of a many-row step that grows with the
 cache (docs/performance.md, design measurements). ``GrowingLayer`` keeps the states in buffers
 with spare room along the sequence and writes each step's new position in place, copying only
-when the room runs out (then with half as much again to spare). Everything else (batch_state's
-merge, trim and split, the prefix cache) reads and assigns ``keys``/``values`` as before: an
+when the room runs out (then with half as much again to spare, but never past the ``limit``
+its batch's rows may grow to, so the spare room stays within the key/value budget). Everything
+else (batch_state's merge, trim and split, the prefix cache) reads and assigns ``keys``/``values`` as before: an
 assigned tensor becomes the buffer as it is, with no spare room, so a buffer that is shared with
 anyone else is never written into.
 """
@@ -28,6 +29,8 @@ class _Growing:
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
         self.length = 0
+        self.limit: int | None = None
+        """Positions the buffer never needs more than (its batch's longest reservation)."""
 
     def get(self) -> torch.Tensor | None:
         return None if self.buffer is None else self.buffer[:, :, : self.length]
@@ -40,9 +43,10 @@ class _Growing:
         end = self.length + states.shape[2]
         if self.buffer is None or end > self.buffer.shape[2]:
             batch, heads, _, dim = states.shape
-            grown = torch.empty(
-                (batch, heads, end + max(MIN_SPARE, end // 2), dim), dtype=states.dtype, device=states.device
-            )
+            size = end + max(MIN_SPARE, end // 2)
+            if self.limit is not None:
+                size = max(end, min(size, self.limit))
+            grown = torch.empty((batch, heads, size, dim), dtype=states.dtype, device=states.device)
             if self.buffer is not None and self.length:
                 grown[:, :, : self.length] = self.buffer[:, :, : self.length]
             self.buffer = grown
@@ -89,6 +93,13 @@ def new_cache(config: Any) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def limit_growth(cache: DynamicCache, positions: int) -> None:
+    """Let no layer of ``cache`` keep room for more than ``positions`` positions."""
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            layer._keys.limit = layer._values.limit = positions
 
 
 def truncate(cache: DynamicCache, length: int) -> bool:

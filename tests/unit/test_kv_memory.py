@@ -1,0 +1,96 @@
+"""The key/value budget bounds the memory a decode batch really takes, measured as the process's
+resident memory while the largest batch the settings allow runs to the end of its reservations."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from llmos.engine import heap
+from llmos.engine.config import EngineConfig
+from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
+from llmos.engine.torch_backend import CausalRunner
+from llmos.registry.adapters import kv_width
+
+ROWS = 16
+PROMPT = [5, 6, 7, 8, 9, 10]
+MAX_TOKENS = 250
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+def test_the_largest_batch_stays_within_the_key_value_budget(tiny_chat_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    # Wide key/value states (8 heads of 64 per layer), so the cache dwarfs everything else.
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    per_token = kv_width(config.to_dict()) * 4  # float32
+    reserve = len(PROMPT) + MAX_TOKENS
+    probe = CausalRunner(model, tokenizer, context_length=512, config=EngineConfig(kv_cache_bytes=per_token))
+    overhead, copies = probe.kv_budget.row_overhead_tokens, 1 + probe.kv_budget.copy_share
+    budget = int(ROWS * (reserve + overhead) * copies * per_token) + per_token  # exactly ROWS rows of this reservation
+    runner = CausalRunner(
+        model,
+        tokenizer,
+        context_length=512,
+        config=EngineConfig(max_batch_size=64, kv_cache_bytes=budget, prefix_cache_bytes=0, batch_wait_s=0.2),
+    )
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    assert runner.kv_budget.fits([reserve] * ROWS) and not runner.kv_budget.fits([reserve] * (ROWS + 1))
+
+    def run(ids: list[str], params: SamplingParams) -> None:
+        done = threading.Semaphore(0)
+
+        def sink(delta: GenerationDelta) -> None:
+            if delta.finish_reason is not None:
+                done.release()
+
+        for rid in ids:
+            runner.submit(GenerationRequest(rid, "m", PROMPT, params), sink)
+        for _ in ids:
+            assert done.acquire(timeout=120)
+
+    try:
+        run(["warm"], greedy)  # kernels, thread pools and the first buffers: not the batch's
+        heap.trim()
+        baseline = _rss()
+        peak = baseline
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, _rss())
+                stop.wait(0.002)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        run([f"r{i}" for i in range(ROWS)], greedy)
+        stop.set()
+        sampler.join()
+    finally:
+        runner.close()
+    assert runner.peak_rows == ROWS  # the largest batch the budget allows ran
+    grown = peak - baseline
+    print(f"budget {budget / 2**20:.1f} MiB, resident growth at peak {grown / 2**20:.1f} MiB")
+    assert grown <= budget * 1.05 + (4 << 20)  # the allocator's own slack
+    assert grown >= budget * 0.5  # the batch's cache was really measured
