@@ -78,8 +78,8 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(
         default=512,
         ge=1,
-        description="Connections (or requests in progress) beyond which new requests get 503; keep it under the "
-        "process's open-file limit (`ulimit -n`).",
+        description="Most open connections: one beyond it is answered 503 overloaded as it opens and closed; keep "
+        "it under the process's open-file limit (`ulimit -n`).",
     )
     http_max_header_bytes: int = Field(
         default=16384,

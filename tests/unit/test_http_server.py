@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -26,19 +27,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def server(platform: Platform) -> Iterator[Settings]:
+@contextmanager
+def running_server(platform: Platform, **overrides: object) -> Iterator[Settings]:
+    """`llmos serve`'s server on a free loopback port, in a thread, with short timeouts."""
+    limits = {
+        "http_header_timeout_s": 0.5,
+        "http_body_timeout_s": 0.5,
+        "http_keep_alive_s": 1,
+        "http_max_connections": 64,
+        "http_max_header_bytes": 4096,
+    }
     settings = platform.settings.model_copy(
-        update={
-            "host": "127.0.0.1",
-            "port": _free_port(),
-            "allowed_hosts": [],
-            "http_header_timeout_s": 0.5,
-            "http_body_timeout_s": 0.5,
-            "http_keep_alive_s": 1,
-            "http_max_connections": 64,
-            "http_max_header_bytes": 4096,
-        }
+        update={"host": "127.0.0.1", "port": _free_port(), "allowed_hosts": [], **limits, **overrides}
     )
     running = uvicorn.Server(server_config(create_app(settings, platform=platform), settings))
     thread = threading.Thread(target=running.run, daemon=True)
@@ -50,6 +50,12 @@ def server(platform: Platform) -> Iterator[Settings]:
     yield settings
     running.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.fixture
+def server(platform: Platform) -> Iterator[Settings]:
+    with running_server(platform) as settings:
+        yield settings
 
 
 def _connect(settings: Settings, first_bytes: bytes) -> socket.socket:
@@ -97,6 +103,21 @@ def test_an_oversized_request_head_is_refused(server: Settings) -> None:
     sock = _connect(server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 8192)
     assert _read_until_closed(sock).startswith(b"HTTP/1.1 400")
     sock.close()
+
+
+def test_connections_beyond_the_cap_are_refused_at_once(platform: Platform) -> None:
+    with running_server(platform, http_max_connections=3, http_header_timeout_s=30.0) as settings:
+        held = [_connect(settings, b"") for _ in range(3)]
+        time.sleep(0.2)  # the server has taken them
+        extra = _connect(settings, b"")
+        reply = _read_until_closed(extra)
+        assert reply.startswith(b"HTTP/1.1 503") and b'"code": "overloaded"' in reply, reply[:300]
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        with httpx.Client(base_url=f"http://{settings.host}:{settings.port}") as client:
+            assert client.get("/health", timeout=5).status_code == 200  # room again once they left
+        extra.close()
 
 
 def test_docs_pages_are_off_unless_enabled(platform: Platform) -> None:
