@@ -321,12 +321,12 @@ def test_a_cache_out_of_room_forgets_cached_prefixes_and_goes_on(make_runner, re
         return real(*args)
 
     monkeypatch.setattr(runner.llama, "decode", full_once)
-    prompt = [1, 2, 3, 4, 5, 6]
+    prompt = list(range(1, 21))  # long enough to be kept as a cached prefix in its turn
     sink = submit(runner, prompt, rid="after").wait()
     assert sink.finish() == FinishReason.LENGTH
     np.testing.assert_allclose(sink.logprobs(), teacher_forced(reference, prompt, sink.tokens()), atol=2e-3)
     assert calls["n"] > 1 and idle(runner).cells_reserved == 0
-    assert not runner._cached or runner._cached[0].tokens[:6] == prompt  # the old prefix was forgotten
+    assert [c.tokens[: len(prompt)] for c in runner._cached] == [prompt]  # the old prefix was forgotten
 
 
 def test_requests_it_cannot_run_are_refused_before_they_are_queued(make_runner) -> None:
