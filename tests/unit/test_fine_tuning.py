@@ -3,15 +3,19 @@ create, events, checkpoints, the result served at once; cancel, pause/resume, a 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from llmos.kernel.supervisor import JobSupervisor
 from llmos.platform import Platform
 from llmos.registry.tables import JobRow
 from tests.conftest import ADMIN_KEY
@@ -50,12 +54,33 @@ def wait_for(client: openai.OpenAI, job_id: str, states: set[str], timeout: floa
     raise AssertionError(f"job {job_id} stuck in {job.status}: {events}")
 
 
+def drive(
+    supervisor: JobSupervisor, client: openai.OpenAI, job_id: str, done: Callable[[], bool], timeout: float = 240
+) -> None:
+    """Tick the supervisor (no other runs) until ``done()``: each tick starts, stops or settles
+    what it can, so the job's status moves only where the test can see why."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            events = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=50).data]
+            raise AssertionError(f"job {job_id} stuck in {client.fine_tuning.jobs.retrieve(job_id).status}: {events}")
+        supervisor.tick()
+        time.sleep(0.1)
+
+
 def test_fine_tune_then_chat_with_the_result(client: openai.OpenAI) -> None:
     training = upload(client)
+    tags = {"team": "nlp", "ticket": "x" * 512}
     job = client.fine_tuning.jobs.create(
-        model="tiny-chat", training_file=training, validation_file=training, suffix="demo", seed=7, method=LORA
-    )  # type: ignore[arg-type]
-    assert job.status == "queued" and job.hyperparameters.n_epochs == 2
+        model="tiny-chat",
+        training_file=training,
+        validation_file=training,
+        suffix="demo",
+        seed=7,
+        method=LORA,  # type: ignore[arg-type]
+        metadata=tags,
+    )
+    assert job.status == "queued" and job.hyperparameters.n_epochs == 2 and job.metadata == tags
     done = wait_for(client, job.id, {"succeeded", "failed"})
     assert done.status == "succeeded", done.error  # type: ignore[attr-defined]
     name = done.fine_tuned_model  # type: ignore[attr-defined]
@@ -85,6 +110,27 @@ def test_fine_tune_then_chat_with_the_result(client: openai.OpenAI) -> None:
     assert earlier.model == first  # an intermediate checkpoint is servable too
     assert client.models.retrieve(first).extra["checkpoint_step"] == checkpoints[-1].step_number  # type: ignore[attr-defined]
     assert (done.trained_tokens or 0) > 0  # type: ignore[attr-defined]
+    assert done.metadata == tags  # type: ignore[attr-defined]
+
+    # The result file: every metrics report, a row per step, served by the files API.
+    (result_file,) = done.result_files  # type: ignore[attr-defined]
+    assert client.files.retrieve(result_file).purpose == "fine-tune-results"
+    table = {int(r["step"]): r for r in csv.DictReader(io.StringIO(client.files.content(result_file).text))}
+    assert sorted(table) == sorted({e.data["step"] for e in metrics})  # type: ignore[index]
+    for event in metrics:
+        row = table[event.data["step"]]  # type: ignore[index]
+        for name, value in event.data.items():  # type: ignore[union-attr]
+            if isinstance(value, float):
+                assert float(row[name]) == pytest.approx(value), name
+
+    # has_more is what the store found, not a guess from the page size.
+    page = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1)
+    assert [c.id for c in page.data] == [checkpoints[0].id] and page.has_more
+    rest = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1, after=page.data[0].id)
+    assert [c.id for c in rest.data] == [checkpoints[1].id] and not rest.has_more
+    assert len(events) < 100
+    assert not client.fine_tuning.jobs.list_events(job.id, limit=len(events)).has_more
+    assert client.fine_tuning.jobs.list_events(job.id, limit=len(events) - 1).has_more
 
 
 def test_bad_job_requests_are_refused_before_queueing(client: openai.OpenAI) -> None:
@@ -124,6 +170,11 @@ def test_bad_job_requests_are_refused_before_queueing(client: openai.OpenAI) -> 
             "method.supervised.adapter.num_virtual_tokens",
         ),
         ({"model": "tiny-chat", "training_file": training, "tenant": "someone-else"}, "tenant"),
+        ({"model": "tiny-chat", "training_file": training, "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"model": "tiny-chat", "training_file": training, "metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"model": "tiny-chat", "training_file": training, "metadata": ["team", "nlp"]}, "metadata"),
+        ({"model": "tiny-chat", "training_file": training, "metadata": {"team": 7}}, "metadata.team"),
+        ({"model": "tiny-chat", "training_file": training, "metadata": {"team": "x" * 513}}, "metadata.team"),
     ]
     for body, param in cases:
         with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as exc:
@@ -132,17 +183,28 @@ def test_bad_job_requests_are_refused_before_queueing(client: openai.OpenAI) -> 
     assert client.fine_tuning.jobs.list().data == []
 
 
-def test_cancel_stops_a_running_job(client: openai.OpenAI, loaded_platform: Platform) -> None:
+def test_cancel_stops_a_running_job(
+    quiet_client: openai.OpenAI, supervisor: JobSupervisor, loaded_platform: Platform
+) -> None:
+    client = quiet_client
     training = upload(client, ROWS * 20)
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}
     job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training, method=method)  # type: ignore[arg-type]
-    wait_for(client, job.id, {"running"})
-    time.sleep(2)
-    assert client.fine_tuning.jobs.cancel(job.id).status in ("running", "cancelled")
-    done = wait_for(client, job.id, {"cancelled", "failed", "succeeded"}, timeout=30)
-    assert done.status == "cancelled"  # type: ignore[attr-defined]
+    assert job.status == "queued"
+    supervisor.tick()  # claims it and starts its worker
+    assert supervisor.running == [job.id] and client.fine_tuning.jobs.retrieve(job.id).status == "running"
+
+    def training_steps() -> bool:
+        return any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=20).data)
+
+    drive(supervisor, client, job.id, training_steps)
+    assert client.fine_tuning.jobs.cancel(job.id).status == "running"  # asked; the supervisor carries it out
+    drive(supervisor, client, job.id, lambda: not supervisor.running, timeout=30)
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "cancelled" and done.finished_at is not None
     with loaded_platform.db.session() as s:
-        assert s.get(JobRow, job.id).worker_pid is None  # type: ignore[union-attr]
+        row = s.get(JobRow, job.id)
+        assert row is not None and row.worker_pid is None and row.control is None
 
 
 def test_killed_worker_resumes_from_its_checkpoint(client: openai.OpenAI, loaded_platform: Platform) -> None:

@@ -1,23 +1,19 @@
-"""Per-request accounting for inference routes: admission against the tenant's and the key's
-limits, then, when the request ends, tokens charged to the limiter and a usage row written."""
+"""Per-request admission against the tenant's and the key's limits (requests per minute,
+concurrent requests) for every tenant route, and for inference routes the accounting too: when
+the request ends, tokens charged to the limiter and a usage row written."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from llmos.api.deps import get_engine, get_platform, require
-from llmos.errors import PermissionDeniedError
 from llmos.platform import Platform
 from llmos.security import ApiKeyInfo
 from llmos.security.limits import Lease
-from llmos.security.tenants import Tenant
-
-_TENANT_TTL_S = 5.0
 
 
 @dataclass
@@ -52,28 +48,34 @@ class RequestContext:
         )
 
 
-class TenantCache:
-    """Tenants change rarely; a few seconds of staleness saves a query per request."""
-
-    def __init__(self, platform: Platform) -> None:
-        self._platform = platform
-        self._entries: dict[str, tuple[float, Tenant]] = {}
-
-    def get(self, tenant_id: str) -> Tenant:
-        hit = self._entries.get(tenant_id)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < _TENANT_TTL_S:
-            return hit[1]
-        tenant = self._platform.tenants.get(tenant_id)
-        self._entries[tenant_id] = (now, tenant)
-        return tenant
+def admit(request: Request, key: ApiKeyInfo, *, counts_tokens: bool = True) -> Lease:
+    """Admit one request of ``key`` against its tenant's and its own limits, or raise 429.
+    ``counts_tokens`` False: a request that generates no tokens (files, fine-tuning) is not
+    refused because the tenant spent its tokens per minute."""
+    platform = get_platform(request)
+    tenant = platform.tenants.current(key.tenant)
+    subjects = {f"tenant:{tenant.id}": tenant.limits, f"key:{key.id}": key.limits}
+    if not counts_tokens:
+        subjects = {subject: replace(limits, tokens_per_minute=None) for subject, limits in subjects.items()}
+    return platform.limiter.admit(subjects)
 
 
-def _tenant_cache(request: Request) -> TenantCache:
-    cache: TenantCache | None = getattr(request.app.state, "tenant_cache", None)
-    if cache is None:
-        cache = request.app.state.tenant_cache = TenantCache(get_platform(request))
-    return cache
+def limited(scope: str) -> Callable[..., Iterator[ApiKeyInfo]]:
+    """Dependency: an authenticated key with ``scope``, admitted against its limits for as long
+    as the request runs (files and fine-tuning routes)."""
+
+    # A default, not an ``Annotated`` hint: FastAPI evaluates string annotations in the module's
+    # globals, where ``scope`` does not exist.
+    authenticated = Depends(require(scope))
+
+    def dependency(request: Request, key: ApiKeyInfo = authenticated) -> Iterator[ApiKeyInfo]:
+        lease = admit(request, key, counts_tokens=False)
+        try:
+            yield key
+        finally:
+            lease.release()
+
+    return dependency
 
 
 def admitted(kind: str) -> Callable[..., Iterator[RequestContext]]:
@@ -83,12 +85,8 @@ def admitted(kind: str) -> Callable[..., Iterator[RequestContext]]:
         request: Request, key: Annotated[ApiKeyInfo, Depends(require("inference"))]
     ) -> Iterator[RequestContext]:
         get_engine(request).check_capacity()  # a full engine refuses before anything else is done
-        platform = get_platform(request)
-        tenant = _tenant_cache(request).get(key.tenant)
-        if tenant.disabled:
-            raise PermissionDeniedError(f"tenant {tenant.id} is disabled", code="tenant_disabled")
-        lease = platform.limiter.admit({f"tenant:{tenant.id}": tenant.limits, f"key:{key.id}": key.limits})
-        ctx = RequestContext(key=key, kind=kind, lease=lease, platform=platform)
+        lease = admit(request, key)
+        ctx = RequestContext(key=key, kind=kind, lease=lease, platform=get_platform(request))
         try:
             yield ctx
         finally:

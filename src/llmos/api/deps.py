@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
-from llmos.errors import AuthenticationError, PermissionDeniedError
+from llmos.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from llmos.platform import Platform
 from llmos.security import ApiKeyInfo
 
@@ -34,8 +34,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
-    """A dependency that authenticates the bearer key (header only, never the query string)
-    and checks it grants ``scope``; the scope is recorded on the route for the route-table audit."""
+    """A dependency that authenticates the bearer key (header only, never the query string),
+    refuses it while its tenant is disabled, and checks it grants ``scope``; the scope is
+    recorded on the route for the route-table audit."""
 
     def dependency(request: Request) -> ApiKeyInfo:
         platform = get_platform(request)
@@ -49,6 +50,7 @@ def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
                     code="missing_api_key",
                 )
             key = platform.keys.verify(token.strip())
+            _check_tenant(platform, key.tenant)
             if not key.allows(scope):
                 raise PermissionDeniedError(f"This API key lacks the '{scope}' scope.")
         except (AuthenticationError, PermissionDeniedError) as exc:
@@ -68,6 +70,16 @@ def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
 
     dependency.required_scope = scope  # type: ignore[attr-defined]
     return dependency
+
+
+def _check_tenant(platform: Platform, tenant_id: str) -> None:
+    """403 ``tenant_disabled`` for every key of a disabled tenant (or of one that no longer exists)."""
+    try:
+        disabled = platform.tenants.current(tenant_id).disabled
+    except NotFoundError:
+        disabled = True
+    if disabled:
+        raise PermissionDeniedError(f"tenant {tenant_id} is disabled", code="tenant_disabled")
 
 
 InferenceKey = Annotated[ApiKeyInfo, Depends(require("inference"))]

@@ -13,11 +13,11 @@ from rich.table import Table
 
 from llmos.cli.client_cmds import HostOpt, KeyOpt, PortOpt
 from llmos.cli.common import api_client, console, err_console, settings_from
+from llmos.kernel.job_status import TERMINAL, JobStatus
 
 files_app = typer.Typer(help="Upload and list files (training data, batch input).", no_args_is_help=True)
 finetune_app = typer.Typer(help="Start fine-tuning jobs.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Follow and control fine-tuning jobs.", no_args_is_help=True)
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _client(api_key: str | None, host: str | None, port: int | None) -> Any:
@@ -143,7 +143,7 @@ def _follow(client: Any, job_id: str) -> None:
             if job.status in TERMINAL:
                 break
             time.sleep(1.0)
-    if job.status == "succeeded":
+    if job.status == JobStatus.SUCCEEDED:
         console.print(f"[green]succeeded[/green]: {job.fine_tuned_model}")
     else:
         console.print(f"[red]{job.status}[/red]: {job.error}")

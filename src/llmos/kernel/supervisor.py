@@ -1,7 +1,9 @@
 """The job supervisor: starts queued jobs in worker processes, watches their heartbeats and
-exits, carries out cancel and pause, and requeues jobs whose worker died (they resume from
-their last complete checkpoint). State lives in the database, so a restarted server picks
-up where the last one stopped."""
+exits, carries out cancel and pause, and settles jobs whose worker died (they resume from
+their last complete checkpoint). State lives in the database and changes only through the
+job store, so a restarted server picks up where the last one stopped, and several servers can
+share one database: each settles only jobs whose worker has fallen silent (a worker dies with
+its server), never those another live server runs."""
 
 from __future__ import annotations
 
@@ -12,28 +14,29 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
-
 from llmos.config import Settings
+from llmos.errors import NotFoundError
+from llmos.kernel.job_status import StopRequest
 from llmos.kernel.jobs import JobStore
-from llmos.registry.tables import JobRow
 from llmos.security.quotas import TrainingQuota
 
 log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(seconds=30)
+"""A worker silent this long is gone: its supervisor kills it, another settles its job."""
 
 
 @dataclass
 class _Worker:
     job_id: str
+    attempt: int
     process: subprocess.Popen[bytes]
 
 
 def spawn_worker(job_id: str, settings: Settings) -> subprocess.Popen[bytes]:
-    log_dir = settings.home / "jobs" / job_id
+    log_dir = job_dir(settings, job_id)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LLMOS_HOME": str(settings.home)}
     if settings.database_url:
@@ -53,18 +56,18 @@ class JobSupervisor:
         quota: TrainingQuota,
         settings: Settings,
         spawn: Callable[[str, Settings], subprocess.Popen[bytes]] = spawn_worker,
+        stale_after: timedelta = STALE_AFTER,
     ) -> None:
         self.jobs = jobs
-        self.db = jobs.db
         self.quota = quota
         self.settings = settings
+        self.stale_after = stale_after
         self._spawn = spawn
         self._workers: dict[str, _Worker] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-supervisor", daemon=True)
 
     def start(self) -> None:
-        self._requeue_orphans()
         self._thread.start()
 
     def stop(self) -> None:
@@ -79,19 +82,28 @@ class JobSupervisor:
                 worker.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 worker.process.kill()
-            self._requeue(worker.job_id, "Server shutting down; the job will resume from its last checkpoint")
+            self.jobs.settle_stopped(
+                worker.job_id,
+                "Server shutting down; the job will resume from its last checkpoint",
+                attempt=worker.attempt,
+            )
         self._workers.clear()
 
     def _run(self) -> None:
+        self._tick_logged()  # at once: a restarted server resumes its jobs without waiting
         while not self._stop.wait(0.5):
-            try:
-                self.tick()
-            except Exception:  # the supervisor must outlive any single bad tick
-                log.exception("job supervisor tick failed")
+            self._tick_logged()
+
+    def _tick_logged(self) -> None:
+        try:
+            self.tick()
+        except Exception:  # the supervisor must outlive any single bad tick
+            log.exception("job supervisor tick failed")
 
     def tick(self) -> None:
         self._reap()
         self._enforce_control_and_heartbeats()
+        self._settle_orphans()
         self._start_queued()
 
     # -- steps -----------------------------------------------------------------------------
@@ -101,111 +113,72 @@ class JobSupervisor:
             if code is None:
                 continue
             del self._workers[job_id]
-            with self.db.session() as s:
-                row = s.get(JobRow, job_id)
-                if row is None or row.status != "running":
-                    continue  # the worker finished the job itself (succeeded / failed)
-                if row.control == "cancel":
-                    row.status, row.control, row.finished_at = "cancelled", None, datetime.now(UTC)
-                    message = "Job cancelled"
-                elif row.control == "pause":
-                    row.status, row.control = "paused", None
-                    message = "Job paused; resume continues from the last checkpoint"
-                elif row.attempts >= self.settings.job_max_attempts:
-                    row.status, row.finished_at = "failed", datetime.now(UTC)
-                    row.error = {
-                        "code": "worker_crashed",
-                        "param": None,
-                        "message": f"the training worker died {row.attempts} times (last exit {code})",
-                    }
-                    message = "Job failed: the training worker kept dying"
-                else:
-                    row.status = "queued"
-                    message = f"Worker exited unexpectedly ({code}); resuming from the last checkpoint"
-                row.worker_pid = None
-            self.jobs.add_event(job_id, message, level="warn" if "unexpectedly" in message else "info")
+            self.jobs.settle_stopped(  # nothing to do if the worker finished the job itself
+                job_id,
+                f"Worker exited unexpectedly ({code}); resuming from the last checkpoint",
+                attempt=worker.attempt,
+                exit_code=code,
+                max_attempts=self.settings.job_max_attempts,
+            )
 
     def _enforce_control_and_heartbeats(self) -> None:
-        now = datetime.now(UTC)
-        with self.db.session() as s:
-            rows = {
-                r.id: (r.control, r.heartbeat_at)
-                for r in s.scalars(select(JobRow).where(JobRow.id.in_(list(self._workers))))
-            }
-        for job_id, (control, beat) in rows.items():
+        if not self._workers:
+            return
+        now = self.jobs.clock()
+        for job_id, (control, beat) in self.jobs.watch(list(self._workers)).items():
             worker = self._workers[job_id]
-            beat = beat.replace(tzinfo=UTC) if beat is not None and beat.tzinfo is None else beat
-            if control in ("cancel", "pause"):
+            if control in (StopRequest.CANCEL, StopRequest.PAUSE):
                 worker.process.terminate()  # a stop at the next step is fine too; reaped next tick
-            elif beat is not None and now - beat > STALE_AFTER:
+            elif beat is not None and now - beat > self.stale_after:
                 log.warning("job %s: no heartbeat for %s; killing its worker", job_id, now - beat)
                 worker.process.kill()
+
+    def _settle_orphans(self) -> None:
+        """Running jobs whose worker fell silent, and that no worker of ours runs: their server
+        stopped (this one before a restart, or another on the same database)."""
+        for job_id in self.jobs.silent(self.stale_after):
+            if job_id not in self._workers:
+                self.jobs.settle_stopped(
+                    job_id, "Its worker stopped answering; the job resumes from its last checkpoint"
+                )
 
     def _start_queued(self) -> None:
         free = self.settings.max_concurrent_jobs - len(self._workers)
         if free <= 0:
             return
-        with self.db.session() as s:
-            queued = list(
-                s.scalars(
-                    select(JobRow).where(JobRow.status == "queued").order_by(JobRow.priority.desc(), JobRow.created_at)
-                )
-            )
-            running = list(s.execute(select(JobRow.tenant, JobRow.key_id).where(JobRow.status == "running")))
+        queued = self.jobs.queued()
+        if not queued:
+            return
         # Running jobs per tenant, and per key within it (None counts the tenant's total).
         per_tenant: dict[str, dict[str | None, int]] = {}
-        for tenant, key_id in running:
+        for tenant, key_id in self.jobs.running_owners():
             _count(per_tenant.setdefault(tenant, {}), key_id)
         # Fair share: among equal priorities, the tenant with the fewest running jobs goes first.
-        queued.sort(key=lambda r: (-r.priority, per_tenant.get(r.tenant, {}).get(None, 0), r.created_at))
-        for row in queued:
+        queued.sort(key=lambda j: (-j.priority, per_tenant.get(j.tenant, {}).get(None, 0), j.created_at))
+        disabled: dict[str, bool] = {}
+        for job in queued:
             if free <= 0:
                 break
-            if not self.quota.job_slot_free(row.tenant, row.key_id, per_tenant.get(row.tenant, {})):
+            if disabled.setdefault(job.tenant, self._tenant_disabled(job.tenant)):
+                continue  # waits until the tenant is enabled again
+            if not self.quota.job_slot_free(job.tenant, job.key_id, per_tenant.get(job.tenant, {})):
                 continue
-            if self.quota.cpu_error(row.tenant, row.key_id) is not None:
+            if self.quota.cpu_error(job.tenant, job.key_id) is not None:
                 continue  # waits in the queue until the training CPU window resets
-            if not self._claim(row.id):
-                continue
-            process = self._spawn(row.id, self.settings)
-            self._workers[row.id] = _Worker(row.id, process)
-            with self.db.session() as s:
-                claimed = s.get(JobRow, row.id)
-                if claimed is not None:
-                    claimed.worker_pid = process.pid
-            self.jobs.add_event(row.id, f"Fine-tuning job started (attempt {row.attempts + 1})")
-            _count(per_tenant.setdefault(row.tenant, {}), row.key_id)
+            attempt = self.jobs.claim(job.id)
+            if attempt is None:
+                continue  # another supervisor took it
+            process = self._spawn(job.id, self.settings)
+            self._workers[job.id] = _Worker(job.id, attempt, process)
+            self.jobs.attach_worker(job.id, attempt, process.pid)
+            _count(per_tenant.setdefault(job.tenant, {}), job.key_id)
             free -= 1
 
-    def _claim(self, job_id: str) -> bool:
-        """queued -> running, atomically: two supervisors can never both start a job."""
-        with self.db.session() as s:
-            result = s.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status == "queued")
-                .values(status="running", attempts=JobRow.attempts + 1, heartbeat_at=datetime.now(UTC), control=None)
-            )
-            return bool(getattr(result, "rowcount", 0))
-
-    def _requeue(self, job_id: str, message: str) -> None:
-        with self.db.session() as s:
-            row = s.get(JobRow, job_id)
-            if row is None or row.status != "running":
-                return
-            row.status, row.worker_pid = "queued", None
-            if row.control == "cancel":
-                row.status, row.finished_at = "cancelled", datetime.now(UTC)
-            elif row.control == "pause":
-                row.status = "paused"
-            row.control = None
-        self.jobs.add_event(job_id, message)
-
-    def _requeue_orphans(self) -> None:
-        """At start-up, jobs left 'running' by a previous server have no worker: resume them."""
-        with self.db.session() as s:
-            orphans = list(s.scalars(select(JobRow.id).where(JobRow.status == "running")))
-        for job_id in orphans:
-            self._requeue(job_id, "Server restarted; the job resumes from its last checkpoint")
+    def _tenant_disabled(self, tenant: str) -> bool:
+        try:
+            return self.quota.tenants.get(tenant).disabled
+        except NotFoundError:
+            return True  # a job of no tenant starts for no one
 
     @property
     def running(self) -> list[str]:

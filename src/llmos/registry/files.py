@@ -24,6 +24,8 @@ from llmos.registry.tables import FileRow, ModelRow
 Validator = Callable[[Path], dict[str, Any]]
 """Checks an uploaded file for one purpose; returns what it found or raises InvalidRequestError."""
 
+GENERATED_PURPOSES = frozenset({"fine-tune-results"})
+"""Purposes of files the platform writes for a tenant; never accepted as uploads."""
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\]")
 
@@ -129,6 +131,7 @@ class FileStore:
         chunks: Iterable[bytes],
         max_bytes: int,
         idempotency_key: str | None = None,
+        generated: bool = False,
     ) -> tuple[FileRecord, bool]:
         """Store and validate an upload. Returns the file and whether it was created (False: the
         idempotency key named an identical earlier upload).
@@ -136,7 +139,7 @@ class FileStore:
         The bytes are written to a private staging file while hashed, validated there line by line,
         and only then placed under their digest together with the file's row; whatever fails on the
         way (a conflict, the quota, a validator's crash) leaves no blob behind."""
-        if purpose not in self.validators:
+        if purpose not in self.validators and not (generated and purpose in GENERATED_PURPOSES):
             raise InvalidRequestError(f"purpose must be one of {sorted(self.validators)}", param="purpose")
         if idempotency_key is not None and not (0 < len(idempotency_key) <= 255):
             raise InvalidRequestError("Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
@@ -149,7 +152,8 @@ class FileStore:
                 if earlier is not None:
                     return earlier, False
             self._check_quota(tenant, staged.size)
-            status, details, summary = self._validate(purpose, staged.path)
+            # What the platform writes itself (``generated``: a job's results) needs no validation.
+            status, details, summary = ("processed", None, {}) if generated else self._validate(purpose, staged.path)
             row = FileRow(
                 id=f"file-{uuid.uuid4().hex[:24]}",
                 tenant=tenant,

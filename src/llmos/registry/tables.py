@@ -166,6 +166,10 @@ class JobRow(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     """CPU time its workers used, all attempts together."""
+    job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    """The caller's key/value pairs, as OpenAI keeps them (``metadata`` is taken in SQLAlchemy classes)."""
+    result_files: Mapped[list[str] | None] = mapped_column(JSON)
+    """File ids of what the job produced (its metrics file)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))

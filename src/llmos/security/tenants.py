@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +19,9 @@ from llmos.security.limits import Limits
 
 _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SYSTEM_OWNER = "system"  # owner of shared base models; not a tenant anyone can be
+CACHE_TTL_S = 2.0
+"""How long ``TenantStore.current`` trusts what it read: a change made through another process
+(another server on the database, the CLI) takes effect within this; through this one, at once."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,11 @@ def check_tenant_id(tenant_id: str) -> str:
 
 
 class TenantStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
+        self._clock = clock
+        self._cache: dict[str, tuple[float, Tenant]] = {}
+        self._lock = threading.Lock()
 
     def create(self, tenant_id: str, *, name: str | None = None, limits: Limits | None = None) -> Tenant:
         check_tenant_id(tenant_id)
@@ -82,6 +91,19 @@ class TenantStore:
                 raise NotFoundError(f"no tenant {tenant_id!r}", param="tenant")
             return Tenant.from_row(row)
 
+    def current(self, tenant_id: str) -> Tenant:
+        """``get``, remembered for ``CACHE_TTL_S``: every request asks whether its tenant is
+        enabled and what its limits are, and tenants change rarely."""
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get(tenant_id)
+        if hit is not None and now - hit[0] < CACHE_TTL_S:
+            return hit[1]
+        tenant = self.get(tenant_id)
+        with self._lock:
+            self._cache[tenant_id] = (now, tenant)
+        return tenant
+
     def list(self) -> list[Tenant]:
         with self.db.session() as s:
             return [Tenant.from_row(r) for r in s.scalars(select(TenantRow).order_by(TenantRow.id))]
@@ -100,4 +122,7 @@ class TenantStore:
             if disabled is not None:
                 row.disabled_at = datetime.now(UTC) if disabled else None
             s.flush()
-            return Tenant.from_row(row)
+            tenant = Tenant.from_row(row)
+        with self._lock:
+            self._cache.pop(tenant_id, None)
+        return tenant

@@ -6,10 +6,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from llmos.registry.db import Database
-from llmos.registry.tables import JobRow
 from llmos.security.quotas import TrainingQuota
+
+if TYPE_CHECKING:
+    from llmos.kernel.jobs import JobStore
 
 QUOTA_STOP = "quota_exceeded"
 """The control reason a worker stops with when its tenant's training CPU quota is spent."""
@@ -21,12 +23,12 @@ class CpuMeter:
 
     def __init__(
         self,
-        db: Database,
+        jobs: JobStore,
         quota: TrainingQuota,
         job_id: str,
         clock: Callable[[], float] = time.process_time,
     ) -> None:
-        self.db, self.quota, self.job_id = db, quota, job_id
+        self.jobs, self.quota, self.job_id = jobs, quota, job_id
         self._clock = clock
         self._charged = 0.0
         self._lock = threading.Lock()
@@ -38,14 +40,13 @@ class CpuMeter:
         with self._lock:
             used = self._clock()
             seconds, self._charged = max(0.0, used - self._charged), used
-            with self.db.session() as s:
-                row = s.get(JobRow, self.job_id)
-                if row is None:
-                    return None
-                row.cpu_seconds = (row.cpu_seconds or 0.0) + seconds
-                tenant, model, key_id = row.tenant, row.model, row.key_id
+            job = self.jobs.charge_cpu(self.job_id, seconds)
+            if job is None:
+                return None
             if seconds:
-                self.quota.usage.charge_training_cpu(tenant=tenant, model=model, seconds=seconds, key_id=key_id)
-            error = self.quota.cpu_error(tenant, key_id)
+                self.quota.usage.charge_training_cpu(
+                    tenant=job.tenant, model=job.model, seconds=seconds, key_id=job.key_id
+                )
+            error = self.quota.cpu_error(job.tenant, job.key_id)
             self.over_quota = error.message if error is not None else None
             return self.over_quota

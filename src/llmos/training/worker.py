@@ -1,8 +1,9 @@
 """A training worker process: `python -m llmos.training.worker JOB_ID`.
 
-Started and watched by the kernel's job supervisor. It writes heartbeats, events, metrics and
-checkpoints to the database, stops at the next step when asked to cancel or pause, dies with
-its supervisor (so a job never runs twice), and registers the fine-tuned model at the end.
+Started and watched by the kernel's job supervisor. It reports heartbeats, events, metrics,
+checkpoints and its result through the job store, stops at the next step when asked to cancel
+or pause, dies with its supervisor (so a job never runs twice), and registers the fine-tuned
+model at the end.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import os
 import signal
 import sys
 import threading
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ import torch
 from llmos.config import Settings
 from llmos.errors import LLMOSError
 from llmos.kernel.devices import detect_cpu
+from llmos.kernel.job_status import StopRequest
 from llmos.kernel.jobs import Job, checkpoint_name, fine_tuned_name
 from llmos.platform import Platform
 from llmos.registry.service import Lineage, ModelRecord
-from llmos.registry.tables import JobCheckpointRow, JobRow
 from llmos.security.private import restrict_umask
 from llmos.training.checkpoints import SERVABLE
 from llmos.training.classify import run_classification
@@ -58,19 +57,17 @@ def _die_with_parent() -> None:
 class Heartbeat(threading.Thread):
     """Every few seconds: prove we are alive, and read what the supervisor asks of us."""
 
-    def __init__(self, platform: Platform, job_id: str, parent: int) -> None:
+    def __init__(self, platform: Platform, job: Job, parent: int) -> None:
         super().__init__(daemon=True, name="heartbeat")
-        self.platform, self.job_id, self.parent = platform, job_id, parent
+        self.platform, self.job, self.parent = platform, job, parent
         self.control: str | None = None
         self._stop = threading.Event()
-        self.meter = CpuMeter(platform.db, platform.training_quota, job_id)
+        self.meter = CpuMeter(platform.jobs, platform.training_quota, job.id)
 
     def beat(self) -> None:
-        with self.platform.db.session() as s:
-            row = s.get(JobRow, self.job_id)
-            if row is not None:
-                row.heartbeat_at = datetime.now(UTC)
-                self.control = row.control
+        self.control = self.platform.jobs.heartbeat(self.job.id, self.job.attempts)
+        if self.control == StopRequest.LOST:
+            return  # not ours any more: its CPU time from now on is no one's to charge
         if self.meter.charge() is not None and self.control is None:
             self.control = QUOTA_STOP  # the training loop stops at its next step
 
@@ -92,29 +89,13 @@ class Heartbeat(threading.Thread):
 
 
 def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat, base: ModelRecord) -> Hooks:
-    def metrics(data: dict[str, Any]) -> None:
-        parts = [f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float)]
-        platform.jobs.add_event(job.id, f"Step {data.get('step')}: " + ", ".join(parts), type="metrics", data=data)
-
     def checkpoint(step: int, epoch: int, data: dict[str, Any], path: Path) -> None:
-        with platform.db.session() as s:
-            s.add(
-                JobCheckpointRow(
-                    id=f"ftckpt-{uuid.uuid4().hex[:24]}",
-                    job_id=job.id,
-                    step=step,
-                    epoch=epoch,
-                    metrics=data,
-                    path=str(path),
-                    created_at=datetime.now(UTC),
-                )
-            )
-        platform.jobs.add_event(job.id, f"Checkpoint saved at step {step} (epoch {epoch})", data=data)
+        platform.jobs.add_checkpoint(job.id, step=step, epoch=epoch, metrics=data, path=path)
         if (path / SERVABLE).is_dir():
             _register_checkpoint(platform, job, base, step, data, path / SERVABLE)
 
     return Hooks(
-        metrics=metrics,
+        metrics=lambda data: platform.jobs.record_metrics(job.id, data),
         message=lambda m: platform.jobs.add_event(job.id, m),
         checkpoint=checkpoint,
         control=lambda: heartbeat.control,
@@ -163,14 +144,6 @@ def _failure(exc: Exception) -> tuple[str, str]:
     return "training_failed", f"{type(exc).__name__}: {exc}"
 
 
-def _finish(platform: Platform, job_id: str, **fields: Any) -> None:
-    with platform.db.session() as s:
-        row = s.get(JobRow, job_id)
-        if row is not None:
-            for key, value in fields.items():
-                setattr(row, key, value)
-
-
 def run(job_id: str) -> int:
     _die_with_parent()
     parent = os.getppid()
@@ -178,8 +151,8 @@ def run(job_id: str) -> int:
     if settings.training_threads:
         torch.set_num_threads(settings.training_threads)
     platform = Platform.open(settings)
-    job = platform.jobs.get(None, job_id)
-    heartbeat = Heartbeat(platform, job_id, parent)
+    job = platform.jobs.get(None, job_id)  # claimed by the supervisor: ``attempts`` is this run's
+    heartbeat = Heartbeat(platform, job, parent)
     heartbeat.beat()
     heartbeat.start()
     work_dir = settings.home / "jobs" / job_id
@@ -207,35 +180,18 @@ def run(job_id: str) -> int:
                 f"{heartbeat.meter.over_quota or 'Training CPU quota exceeded.'} The job was stopped; its last "
                 "checkpoint is kept, resume it once the quota resets."
             )
-            error = {"code": QUOTA_STOP, "message": message[:1000], "param": None}
-            _finish(platform, job_id, status="failed", finished_at=datetime.now(UTC), error=error)
-            platform.jobs.add_event(job_id, f"Job failed: {message}"[:2000], level="error")
+            platform.jobs.fail(job_id, job.attempts, QUOTA_STOP, message)
             return 1
-        platform.jobs.add_event(job_id, f"Training stopped: {stopped.reason}")
+        if stopped.reason != StopRequest.LOST:
+            platform.jobs.add_event(job_id, f"Training stopped: {stopped.reason}")
         return EXIT_STOPPED
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        code, message = _failure(exc)
-        _finish(
-            platform,
-            job_id,
-            status="failed",
-            finished_at=datetime.now(UTC),
-            error={"code": code, "message": message[:1000], "param": None},
-        )
-        platform.jobs.add_event(job_id, f"Job failed: {message}"[:2000], level="error")
+        platform.jobs.fail(job_id, job.attempts, *_failure(exc))
         return 1
     finally:
         heartbeat.stop()
-    _finish(
-        platform,
-        job_id,
-        status="succeeded",
-        fine_tuned_model=name,
-        trained_tokens=result.trained_tokens,
-        finished_at=datetime.now(UTC),
-    )
-    platform.jobs.add_event(job_id, "The job has successfully completed", data={"fine_tuned_model": name})
+    platform.jobs.succeed(job_id, job.attempts, fine_tuned_model=name, trained_tokens=result.trained_tokens)
     platform.close()
     return 0
 

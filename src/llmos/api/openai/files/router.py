@@ -9,12 +9,13 @@ from typing import Annotated, Any, BinaryIO, Literal
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
-from llmos.api.deps import PlatformDep, require
+from llmos.api.context import limited
+from llmos.api.deps import PlatformDep
 from llmos.registry.store import CHUNK
 from llmos.security import ApiKeyInfo
 
 router = APIRouter(tags=["files"])
-FilesKey = Annotated[ApiKeyInfo, Depends(require("files"))]
+FilesKey = Annotated[ApiKeyInfo, Depends(limited("files"))]  # its limits apply as to inference
 
 
 def _chunks(stream: BinaryIO) -> Iterator[bytes]:

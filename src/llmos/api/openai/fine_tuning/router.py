@@ -9,14 +9,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 
-from llmos.api.deps import PlatformDep, require
+from llmos.api.context import limited
+from llmos.api.deps import PlatformDep
 from llmos.errors import InvalidRequestError
 from llmos.registry.db import parse_db_int
 from llmos.security import ApiKeyInfo
 from llmos.training.preflight import check_job_body
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-TuneKey = Annotated[ApiKeyInfo, Depends(require("fine-tune"))]
+TuneKey = Annotated[ApiKeyInfo, Depends(limited("fine-tune"))]  # its limits apply as to inference
 _FIELDS = {
     "model",
     "training_file",
@@ -105,17 +106,23 @@ async def job_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict[str, Any]:
     cursor = parse_db_int(after.removeprefix("ftevent-"), param="after") if after else None
-    events = await asyncio.to_thread(platform.jobs.events, key.tenant, job_id, after=cursor, limit=limit)
-    return {"object": "list", "data": events, "has_more": len(events) == limit}
+    events, has_more = await asyncio.to_thread(platform.jobs.events, key.tenant, job_id, after=cursor, limit=limit)
+    return {"object": "list", "data": events, "has_more": has_more}
 
 
 @router.get("/{job_id}/checkpoints")
-async def job_checkpoints(job_id: str, platform: PlatformDep, key: TuneKey) -> dict[str, Any]:
-    data = await asyncio.to_thread(platform.jobs.checkpoints, key.tenant, job_id)
+async def job_checkpoints(
+    job_id: str,
+    platform: PlatformDep,
+    key: TuneKey,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict[str, Any]:
+    data, has_more = await asyncio.to_thread(platform.jobs.checkpoints, key.tenant, job_id, after=after, limit=limit)
     return {
         "object": "list",
         "data": data,
-        "has_more": False,
+        "has_more": has_more,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
     }
