@@ -3,8 +3,15 @@ limit holds for every body whatever its content type and for every line of an up
 
 from __future__ import annotations
 
-from fastapi.testclient import TestClient
+from typing import Any
 
+import pytest
+from fastapi.testclient import TestClient
+from jinja2 import TemplateError
+
+from llmos.engine.models import Resolution, encode_chat
+from llmos.engine.protocol import ModelHandle
+from llmos.errors import InvalidRequestError
 from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
 
@@ -58,3 +65,28 @@ def test_a_deeply_nested_line_of_an_upload_is_reported_by_line(http: TestClient)
     record = response.json()
     assert record["status"] == "error"
     assert "line 2" in record["status_details"] and "nesting" in record["status_details"]
+
+
+class _Tokenizer:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def apply_chat_template(self, *args: object, **kwargs: object) -> list[int]:
+        raise self.error
+
+
+def _handle(error: Exception) -> ModelHandle:
+    placeholder: Any = object()
+    resolved = Resolution(placeholder, placeholder, "m", placeholder, _Tokenizer(error), None)
+    return ModelHandle(name="m", info=placeholder, ref=resolved)
+
+
+def test_chat_template_failures_never_echo_internals() -> None:
+    internal = TypeError("can only concatenate str (not 'NoneType') at /srv/models/m/tokenizer_config.json")
+    with pytest.raises(InvalidRequestError) as refused:
+        encode_chat(_handle(internal), [{"role": "user", "content": "hi"}])
+    assert "/srv" not in refused.value.message and "NoneType" not in refused.value.message
+    # The template's own raise_exception() speaks to users: its message is kept.
+    with pytest.raises(InvalidRequestError) as refused:
+        encode_chat(_handle(TemplateError("Conversation roles must alternate")), [{"role": "user", "content": "hi"}])
+    assert "roles must alternate" in refused.value.message
