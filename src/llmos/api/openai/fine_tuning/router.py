@@ -83,8 +83,11 @@ async def retrieve_job(job_id: str, platform: PlatformDep, key: TuneKey) -> dict
 
 
 @router.post("/{job_id}/cancel")
-async def cancel_job(job_id: str, platform: PlatformDep, key: TuneKey) -> dict[str, Any]:
-    return (await asyncio.to_thread(platform.jobs.cancel, key.tenant, job_id)).public()
+async def cancel_job(job_id: str, request: Request, platform: PlatformDep, key: TuneKey) -> dict[str, Any]:
+    job = await asyncio.to_thread(platform.jobs.cancel, key.tenant, job_id)  # of concurrent cancels, one wins
+    client = request.client.host if request.client else None
+    platform.audit.record("job.cancel", tenant=key.tenant, key_id=key.id, target=job.id, client=client)
+    return job.public()
 
 
 @router.post("/{job_id}/pause")
