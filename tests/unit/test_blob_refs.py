@@ -159,3 +159,20 @@ def test_claiming_an_existing_blob_restarts_its_grace_period(platform: Platform)
     store.put_chunks([b"pulled earlier"])  # a writer about to refer to it claims it again
     assert collect_garbage(platform.db, store, grace_s=3600, now=1_000_000 + 7200).blobs == 0
     assert store.exists(digest)
+
+
+def test_a_failed_pull_keeps_a_blob_an_upload_claimed_meanwhile(
+    platform: Platform, tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = (tiny_chat_dir / "config.json").read_bytes()
+    uploaded: list[Any] = []
+
+    def upload_then_fail(*args: Any, **kwargs: Any) -> Any:
+        uploaded.append(upload(platform.files, "acme", config))  # identical to a file the pull just stored
+        raise RuntimeError("the pull fails before it records the model")
+
+    monkeypatch.setattr(platform.registry, "_insert", upload_then_fail)
+    with pytest.raises(RuntimeError):
+        platform.registry.pull(f"file:{tiny_chat_dir}", name="chat")
+    assert platform.files.content_path("acme", uploaded[0].id).read_bytes() == config
+    assert len(blobs(platform)) == 1  # the pull's other blobs went

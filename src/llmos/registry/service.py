@@ -296,8 +296,8 @@ class ModelRegistry:
                 artifacts[path.relative_to(model_dir).as_posix()] = (digest, path.stat().st_size)
             return self._insert(name, source, fmt, facts, params, total, license, extra, artifacts, lineage)
         except BaseException:
-            for digest in added:
-                self.store.delete(digest)
+            # Only those nothing refers to: an upload of identical content may have claimed one since.
+            collect_unreferenced(self.db, self.store, added)
             raise
 
     def _adapter_facts(self, model_dir: Path, lineage: Lineage) -> tuple[ModelFacts, str, Lineage]:
