@@ -38,6 +38,7 @@ def _run(tiny_chat_dir: Path, tmp: Path, control: Callable[[], str | None] = lam
     )
 
 
+@pytest.mark.slow
 def test_a_resumed_chat_run_ends_with_the_weights_of_an_unstopped_one(tiny_chat_dir: Path, tmp_path: Path) -> None:
     straight = _run(tiny_chat_dir, tmp_path / "a")
     calls = iter(range(1000))

@@ -41,6 +41,7 @@ async def _tokens(engine: LocalEngine, rid: str, prompt: list[int], tenant: str,
     return out
 
 
+@pytest.mark.slow
 def test_a_flood_is_held_to_its_share_while_a_light_tenant_decodes(
     loaded_platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:

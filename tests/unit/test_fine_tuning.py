@@ -68,6 +68,7 @@ def drive(
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_fine_tune_then_chat_with_the_result(client: openai.OpenAI) -> None:
     training = upload(client)
     tags = {"team": "nlp", "ticket": "x" * 512}
@@ -183,6 +184,7 @@ def test_bad_job_requests_are_refused_before_queueing(client: openai.OpenAI) -> 
     assert client.fine_tuning.jobs.list().data == []
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_running_job(
     quiet_client: openai.OpenAI, supervisor: JobSupervisor, loaded_platform: Platform
 ) -> None:
@@ -207,6 +209,7 @@ def test_cancel_stops_a_running_job(
         assert row is not None and row.worker_pid is None and row.control is None
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_checkpoint(client: openai.OpenAI, loaded_platform: Platform) -> None:
     training = upload(client, ROWS * 4)
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8, "batch_size": 2}}}
@@ -228,6 +231,7 @@ def test_killed_worker_resumes_from_its_checkpoint(client: openai.OpenAI, loaded
         assert s.get(JobRow, job.id).attempts == 2  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_pause_and_resume(client: openai.OpenAI) -> None:
     training = upload(client, ROWS * 10)
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8, "batch_size": 2}}}
@@ -240,6 +244,7 @@ def test_pause_and_resume(client: openai.OpenAI) -> None:
     assert done.status == "succeeded"  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_classifier_fine_tune_then_classify(client: openai.OpenAI, http: TestClient) -> None:
     rows = [
         {"text": "hello how are you today", "label": "greeting"},
@@ -292,6 +297,7 @@ def test_classifier_fine_tune_then_classify(client: openai.OpenAI, http: TestCli
     assert chat_model.status_code == 400
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "fmt"), [("adalora", "safetensors"), ("prefix_tuning", "prefix"), ("prompt_tuning", "prefix")]
 )

@@ -31,6 +31,7 @@ def app(loaded_platform: Platform) -> Iterator[FastAPI]:
         yield application
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("examples", ["fixed", "drawn"])
 def test_no_server_errors(app: FastAPI, examples: str) -> None:
     drawn = examples == "drawn"

@@ -15,6 +15,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux") or heap._malloc_trim() is None, reason="glibc only")
 def test_trim_gives_freed_heap_memory_back() -> None:
     # 256 MB in blocks small enough for the heap (not mmap), one kept after them: freeing the rest

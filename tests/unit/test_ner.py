@@ -147,6 +147,7 @@ def test_peft_methods_train_a_token_classifier(tiny_encoder_dir: Path, tmp_path:
     assert not any("lora" in n or "ia3" in n for n, _ in model.named_parameters())  # merged into plain weights
 
 
+@pytest.mark.slow
 def test_seeded_runs_match_and_a_stopped_run_resumes_to_the_same_weights(
     tiny_encoder_dir: Path, tmp_path: Path
 ) -> None:
@@ -191,6 +192,7 @@ def test_a_task_head_of_another_shape_is_started_afresh(tiny_encoder_dir: Path, 
 
 
 # -- a job through the supervisor and worker, then POST /v1/ner ------------------------------
+@pytest.mark.slow
 def test_ner_fine_tune_then_extract_entities(client: openai.OpenAI, http: TestClient) -> None:
     training = client.files.create(file=("ner.jsonl", _jsonl(ROWS * 8)), purpose="fine-tune")
     assert training.format == "token-classification"  # type: ignore[attr-defined]

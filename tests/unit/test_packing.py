@@ -65,6 +65,7 @@ def test_a_packed_batch_computes_what_the_conversations_compute_alone(tiny_chat_
     assert abs(mixed.item() - alone.item()) > 1e-4
 
 
+@pytest.mark.slow
 def test_a_packed_job_trains_and_bad_settings_are_refused(client: openai.OpenAI) -> None:
     training = upload(client)
     for supervised, param in (

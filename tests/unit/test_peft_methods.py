@@ -20,6 +20,7 @@ from llmos.training.spec import TrainingSpec
 from llmos.training.state import TrainingState
 
 
+@pytest.mark.slow
 def test_adalora_prunes_its_rank_budget_while_training(tiny_chat_dir: Path) -> None:
     torch.manual_seed(0)
     spec = TrainingSpec(adapter="adalora", lora_r=4, batch_size=2, n_epochs=1)
@@ -83,6 +84,7 @@ def _train_until(model: Any, opt: Optimization, state: TrainingState, until: int
         opt.step(state.step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [20, 34])  # while ranks are re-allocated; after the final allocation (step 32)
 def test_a_resumed_adalora_run_keeps_its_rank_allocation(tiny_chat_dir: Path, tmp_path: Path, stop: int) -> None:
     """Resumed from a checkpoint, AdaLoRA goes on with the importance scores and rank pattern it

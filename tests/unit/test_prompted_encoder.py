@@ -178,6 +178,7 @@ def test_a_classifier_trains_and_is_saved_beside_its_unchanged_base(
     assert not torch.allclose(torch.tensor(served.scores), without)  # the virtual tokens are really applied
 
 
+@pytest.mark.slow
 def test_a_stopped_prefix_run_resumes_to_the_same_virtual_tokens(tiny_encoder_dir: Path, tmp_path: Path) -> None:
     spec = TrainingSpec(n_epochs=2, batch_size=4, adapter="prefix_tuning", num_virtual_tokens=3)
     straight, _ = _run(tiny_encoder_dir, tmp_path / "a", spec)
@@ -202,6 +203,7 @@ def test_virtual_tokens_of_the_wrong_shape_are_refused_at_load(tmp_path: Path) -
         _classifier(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "task"), [("prefix_tuning", "classifications"), ("prompt_tuning", "ner")])
 def test_a_virtual_token_job_on_an_encoder_is_served_by_its_task_endpoint(
     client: openai.OpenAI, http: TestClient, method: str, task: str

@@ -84,6 +84,7 @@ def test_fgm_adds_the_perturbed_batchs_gradient(tiny_chat_dir: Path) -> None:
     fgm.remove()
 
 
+@pytest.mark.slow
 def test_switches_are_validated_and_a_robust_classifier_trains(client: openai.OpenAI) -> None:
     chat = upload(client)
     rows = [{"text": "hello how are you today", "label": "greeting"}, {"text": "paris is in france", "label": "fact"}]

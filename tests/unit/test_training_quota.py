@@ -103,6 +103,7 @@ def test_concurrent_job_limits_of_a_key_and_its_tenant(loaded_platform: Platform
     assert p.training_quota.job_slot_free("default", other.id, {})
 
 
+@pytest.mark.slow
 def test_quota_refuses_new_jobs_stops_a_running_one_and_it_resumes_after_reset(
     quiet_http: TestClient, quiet_client: openai.OpenAI, supervisor: JobSupervisor, loaded_platform: Platform
 ) -> None:
@@ -154,6 +155,7 @@ def _checkpoint_rows(platform: Platform, job_id: str) -> list:
         return list(s.query(JobCheckpointRow).filter_by(job_id=job_id))
 
 
+@pytest.mark.slow
 def test_disk_full_at_a_checkpoint_fails_the_job_clearly_and_it_resumes(
     loaded_platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
