@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
+import pytest
 from fastapi.testclient import TestClient
 
 from llmos.api import create_app
@@ -104,6 +105,7 @@ async def post_streamed(app: Any, path: str, headers: dict[str, str], chunks: It
     return status, bytes(body)
 
 
+@pytest.mark.slow  # about 12 s here: a 16 MB multipart body parsed under tracemalloc
 def test_http_upload_never_holds_the_body_in_memory(platform: Platform) -> None:
     boundary = "llmosboundary"
     headers = {
