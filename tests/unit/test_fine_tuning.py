@@ -232,16 +232,23 @@ def test_killed_worker_resumes_from_its_checkpoint(client: openai.OpenAI, loaded
 
 
 @pytest.mark.slow
-def test_pause_and_resume(client: openai.OpenAI) -> None:
+def test_pause_and_resume(quiet_client: openai.OpenAI, supervisor: JobSupervisor) -> None:
+    client = quiet_client
     training = upload(client, ROWS * 10)
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8, "batch_size": 2}}}
     job = client.fine_tuning.jobs.create(model="tiny-chat", training_file=training, method=method)  # type: ignore[arg-type]
-    wait_for(client, job.id, {"running"})
-    client.fine_tuning.jobs.pause(job.id)
-    wait_for(client, job.id, {"paused"}, timeout=30)
-    client.fine_tuning.jobs.resume(job.id)
-    done = wait_for(client, job.id, {"succeeded", "failed"})
-    assert done.status == "succeeded"  # type: ignore[attr-defined]
+    supervisor.tick()
+    assert client.fine_tuning.jobs.pause(job.id).status == "running"  # asked; the supervisor carries it out
+    drive(supervisor, client, job.id, lambda: not supervisor.running, timeout=30)
+    paused = client.fine_tuning.jobs.retrieve(job.id)
+    assert paused.status == "paused" and paused.finished_at is None
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    supervisor.tick()
+    assert supervisor.running == [job.id]
+    drive(supervisor, client, job.id, lambda: not supervisor.running)
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.trained_tokens and len(done.result_files) == 1
 
 
 @pytest.mark.slow
