@@ -176,7 +176,7 @@ class JobSupervisor:
 
     def _tenant_disabled(self, tenant: str) -> bool:
         try:
-            return self.quota.tenants.get(tenant).disabled
+            return self.quota.tenants.current(tenant).disabled
         except NotFoundError:
             return True  # a job of no tenant starts for no one
 
