@@ -132,3 +132,20 @@ def test_a_malformed_or_older_state_is_read_safely() -> None:
             TrainingState.from_json(bad)
     older_chat = {"epoch": 2, "step": 6, "trained_tokens": 50, "best_valid_loss": 0.4, "bad_epochs": 1}
     assert TrainingState.from_json(older_chat).best == EpochScore(0, 0.4, {})
+
+
+def test_a_task_may_supply_its_own_batches(tmp_path: Path) -> None:
+    """Pre-training, say, cuts its own batches: the loop trains on exactly those, in that order."""
+    seen: list[list[int]] = []
+
+    class InOrder(ToyTask):
+        def epoch_batches(self, rng: Any, size: int, by_length: bool) -> list[list[Pair]]:
+            return [self.train[k : k + 5] for k in range(0, len(self.train), 5)]
+
+        def step(self, batch: list[Pair]) -> StepOutput:
+            seen.append([next(i for i, x in enumerate(self.train) if x is example) for example in batch])
+            return super().step(batch)
+
+    result, _ = _fit(InOrder(), tmp_path, TrainingSpec(**{**SPEC.as_dict(), "n_epochs": 1, "batch_size": 5}))
+    assert seen == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+    assert result.metrics["step"] == 2  # four batches, a step every two

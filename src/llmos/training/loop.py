@@ -3,9 +3,9 @@ shuffled batches, gradient accumulation, metrics windows, validation, an atomic 
 epoch, early stopping, and the result.
 
 A task (chat SFT, sequence or token classification; pre-training and DPO plug in the same way)
-supplies only what differs, as a ``TrainingTask``: its model and examples, the loss of one
-batch, its validation metrics and how they rank epochs, and how its model is saved. The loop
-knows nothing of chat, encoders or tokenizers.
+supplies only what differs, as a ``TrainingTask``: its model, examples and batches, the loss of
+one batch, its validation metrics and how they rank epochs, and how its model is saved. The
+loop knows nothing of chat, encoders or tokenizers.
 """
 
 from __future__ import annotations
@@ -71,6 +71,13 @@ class TrainingTask(ABC, Generic[E]):
     length: Callable[[E], int] | None = None
     """An example's length, for ``group_by_length`` batching; None: the task does not group."""
 
+    def epoch_batches(self, rng: random.Random, size: int, by_length: bool) -> list[list[E]]:
+        """One epoch's batches in training order, drawn with ``rng`` (seeded by the epoch, so a
+        resumed run draws the same): ``train`` shuffled, grouped by ``length`` with ``by_length``.
+        A task with another notion of batches overrides this, keeping about ``len(train) / size``
+        of them (the schedule is built for ``TrainingSpec.total_steps(len(train))``)."""
+        return shuffled_batches(self.train, size, rng, self.length if by_length else None)
+
     @abstractmethod
     def step(self, batch: list[E]) -> StepOutput:
         """The forward pass and loss of one batch (the loop backpropagates)."""
@@ -132,8 +139,7 @@ def fit(task: TrainingTask[E], run: TrainingRun) -> TrainingResult:
         # a checkpoint ends with the very weights of one that was never stopped.
         torch.manual_seed(run.seed * 1000 + epoch)
         rng = random.Random(run.seed * 1000 + epoch)  # noqa: S311 -- data order, not secrets; the same on resume
-        grouping = task.length if spec.group_by_length else None
-        batches = shuffled_batches(task.train, spec.batch_size, rng, grouping)
+        batches = task.epoch_batches(rng, spec.batch_size, spec.group_by_length)
         accumulation = Accumulation(len(batches), spec.gradient_accumulation_steps)
         window = _Window(task.accuracy_name)
         for b, batch in enumerate(batches):
