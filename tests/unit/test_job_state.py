@@ -101,6 +101,10 @@ def test_a_worker_of_an_older_attempt_changes_nothing(loaded_platform: Platform)
     assert p.jobs.heartbeat(job_id, first) == StopRequest.LOST
     with pytest.raises(IllegalTransition):
         p.jobs.fail(job_id, first, "training_failed", "the old worker's last words")
+    p.jobs.record_metrics(job_id, {"step": 1, "train_loss": 0.5})
+    with pytest.raises(IllegalTransition):
+        p.jobs.succeed(job_id, first, fine_tuned_model="ft:old", trained_tokens=1)
+    assert p.files.list("default", purpose="fine-tune-results")[0] == []  # no result file for the lost run
     assert not p.jobs.settle_stopped(job_id, "the old supervisor reaps", attempt=first)
     assert status(p, job_id) is JobStatus.RUNNING and p.jobs.heartbeat(job_id, second) is None
 

@@ -285,6 +285,8 @@ class JobStore(JobQueries):
     def succeed(self, job_id: str, attempt: int, *, fine_tuned_model: str, trained_tokens: int) -> Job:
         """running -> succeeded, with the registered model and the metrics file as its result."""
         job = self.get(None, job_id)
+        if job.status is not JobStatus.RUNNING or job.attempts != attempt:  # no result file for a lost run
+            raise IllegalTransition(job_id, job.status, JobStatus.SUCCEEDED)
         results = self._metrics_file(job)
         with self.db.session() as s:
             values = {"fine_tuned_model": fine_tuned_model, "trained_tokens": trained_tokens, "result_files": results}
