@@ -21,6 +21,7 @@ from transformers import (
     DynamicCache,
 )
 
+from llmos.engine.config import EngineConfig
 from llmos.engine.torch_backend.loader import load_runner
 from llmos.engine.torch_backend.prompted_encoder import WEIGHTS_FILE, PromptedEncoder, load_prompted
 from llmos.errors import ModelLoadError
@@ -132,13 +133,7 @@ def _classifier(model_dir: Path) -> Any:
         "sequence-classification",
         dtype=torch.float32,
         context_length=512,
-        max_batch_size=4,
-        batch_wait_s=0,
-        prefill_budget=64,
-        adapter_budget_bytes=0,
-        prefix_cache_bytes=0,
-        kv_cache_bytes=0,
-        tenant_rows_when_shared=0,
+        config=EngineConfig(),
         name="t",
     )
 
