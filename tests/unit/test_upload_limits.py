@@ -149,3 +149,23 @@ def test_storage_quota_is_a_403_in_openai_shape_per_tenant(platform: Platform) -
         assert set(error) == {"message", "type", "param", "code"}
         assert post(ADMIN).status_code == 200  # the default tenant has no quota
         assert len(http.get("/v1/files", headers=acme).json()["data"]) == 2
+
+
+def test_a_fine_tuning_job_is_refused_when_its_model_could_not_be_stored(loaded_platform: Platform) -> None:
+    with TestClient(create_app(platform=loaded_platform)) as http:
+        assert http.post("/v1/admin/tenants", headers=ADMIN, json={"id": "acme"}).status_code == 201
+        scopes = ["files", "fine-tune"]
+        key = http.post("/v1/admin/keys", headers=ADMIN, json={"name": "k", "tenant": "acme", "scopes": scopes})
+        acme = {"Authorization": f"Bearer {key.json()['key']}"}
+        quota = {"limits": {"storage_bytes": len(LINE_BYTES)}}
+        assert http.patch("/v1/admin/tenants/acme", headers=ADMIN, json=quota).status_code == 200
+        upload = {"purpose": "fine-tune"}, {"file": ("t.jsonl", LINE_BYTES)}
+        training = http.post("/v1/files", headers=acme, data=upload[0], files=upload[1]).json()["id"]
+        job = {"model": "tiny-chat", "training_file": training}
+        refused = http.post("/v1/fine_tuning/jobs", headers=acme, json=job)  # the quota is full: no room for a model
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "storage_quota_exceeded"
+        assert http.get("/v1/fine_tuning/jobs", headers=acme).json()["data"] == []  # nothing queued
+        more = {"limits": {"storage_bytes": 2 * len(LINE_BYTES)}}
+        assert http.patch("/v1/admin/tenants/acme", headers=ADMIN, json=more).status_code == 200
+        loaded_platform.files.require_room("acme")  # room again: no refusal

@@ -194,6 +194,22 @@ class FileStore:
                 code="storage_quota_exceeded",
             )
 
+    def require_room(self, tenant: str, param: str = "model") -> None:
+        """403 ``storage_quota_exceeded`` when ``tenant`` has no storage left for what a job would
+        write (a fine-tuned model): refused before the job is queued, not after it has trained."""
+        allowed = self.quota(tenant)
+        if allowed is None:
+            return
+        used = storage_used(self.db, tenant)
+        if used >= allowed:
+            raise PermissionDeniedError(
+                f"storage quota exceeded: this tenant keeps {used} bytes of files and models and the quota is "
+                f"{allowed}, so a fine-tuned model could not be stored. Delete files or models, or ask for a "
+                "larger quota.",
+                param=param,
+                code="storage_quota_exceeded",
+            )
+
     def _by_key(self, tenant: str, key: str, request_hash: str) -> FileRecord | None:
         row = find_earlier(self.db, FileRow, tenant, key, request_hash)
         return FileRecord.from_row(row) if row is not None else None

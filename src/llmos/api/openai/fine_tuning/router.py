@@ -50,6 +50,7 @@ async def create_job(
     if unknown:  # tenant, owner, paths... are never taken from a request
         raise InvalidRequestError(f"unknown fields {sorted(unknown)}", param=sorted(unknown)[0])
     await asyncio.to_thread(platform.training_quota.check_cpu, key.tenant, key.id)  # 429 once spent
+    await asyncio.to_thread(platform.files.require_room, key.tenant)  # 403 when its model could not be stored
     # What would fail only once training has started (e.g. target_modules the model lacks) is refused now.
     await asyncio.to_thread(check_job_body, platform.registry, platform.files, key.tenant, body)
     job = await asyncio.to_thread(
