@@ -27,34 +27,3 @@ def test_trim_gives_freed_heap_memory_back() -> None:
     heap.trim()
     assert before - _rss_mb() > 128  # most of the 256 MB given back
     assert keep.sum() > 0
-
-
-_LARGE_BLOCK_PROBE = """
-import torch
-from llmos.engine import heap
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-if {fixed}:
-    assert heap.map_large_blocks()
-big = torch.empty(16 << 20, dtype=torch.uint8).fill_(1)
-del big  # glibc's default raises its mmap threshold to this block's size
-keep = torch.empty(1 << 10, dtype=torch.uint8).fill_(1)
-before = rss()
-blocks = [torch.empty(8 << 20, dtype=torch.uint8).fill_(1) for _ in range(4)]
-keep2 = torch.empty(1 << 20, dtype=torch.uint8).fill_(1)  # after them: the heap cannot shrink past it
-del blocks
-print((rss() - before) >> 20)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or heap._libc() is None, reason="glibc only")
-def test_large_blocks_go_back_to_the_system_when_freed() -> None:
-    import subprocess
-
-    def retained(fixed: bool) -> int:
-        code = _LARGE_BLOCK_PROBE.format(fixed=fixed)
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        return int(done.stdout.strip())
-
-    assert retained(False) >= 24  # glibc's default: 32 MB of freed blocks stay resident
-    assert retained(True) <= 2  # mapped apart, each went back as it was freed

@@ -30,9 +30,7 @@ def _rss() -> int:
 
 
 def measure(tiny_chat_dir: Path) -> dict[str, int]:
-    """Run in a fresh process, set up as ``llmos serve`` sets up its own (``heap.map_large_blocks``):
-    another test's leftovers in the heap would be measured too."""
-    heap.map_large_blocks()
+    """Run in a fresh process: another test's leftovers in the heap would be measured too."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
     # Wide key/value states (8 heads of 64 per layer), so the cache dwarfs everything else.
     config = LlamaConfig(

@@ -300,3 +300,17 @@ def test_shares_park_the_latest_rows_over_a_cap_and_resume_the_earliest() -> Non
     park, resume = scheduler.shares(["a", "b"], ["a", "b", "a"], {"a": 3, "b": 1})
     assert park == [] and resume == [0, 2]
     assert scheduler.parks == 1
+
+
+def test_a_loop_that_ends_idle_gives_freed_memory_back(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmos.engine import heap
+
+    monkeypatch.setattr("llmos.engine.scheduler.IDLE_EXIT_S", 0.05)
+    trims: list[bool] = []
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(True))
+    runner = make()
+    submit(runner, "r").wait()
+    thread = runner._thread
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive() and trims == [True]

@@ -14,9 +14,6 @@ import ctypes.util
 import functools
 from collections.abc import Callable
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
-MMAP_THRESHOLD_BYTES = 128 << 10
-
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
@@ -32,18 +29,6 @@ def _libc() -> ctypes.CDLL | None:
 def _malloc_trim() -> Callable[[int], int] | None:
     libc = _libc()
     return getattr(libc, "malloc_trim", None) if libc is not None else None
-
-
-def map_large_blocks() -> bool:
-    """Serve every block of ``MMAP_THRESHOLD_BYTES`` or more from a mapping of its own, returned to
-    the system the moment it is freed. glibc starts there too, but raises the threshold (up to
-    32 MB) each time such a block is freed, after which a decode batch's tensors come from its
-    heaps, where freed memory stays resident: a serving process then grew by gigabytes over a few
-    bursts of requests and kept it (docs/performance.md, memory). Fixing the threshold keeps the
-    process's memory what its batches use. False where this is not glibc."""
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
-    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
 
 
 def trim() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from llmos.config import Settings
-from llmos.engine import heap, threads
+from llmos.engine import threads
 from llmos.engine.torch_backend import native
 
 GIL_SWITCH_INTERVAL_S = 0.0002
@@ -19,7 +19,6 @@ convoy). docs/performance.md, design measurements, has the measurement."""
 
 
 def configure_process(settings: Settings) -> None:
-    heap.map_large_blocks()
     threads.configure(settings.threads)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     native.set_cache_dir(settings.kernel_dir or None)

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from llmos.engine import heap
 from llmos.engine.admission import cache_exceeded
 from llmos.engine.choices import abort_delta, error_delta
 from llmos.engine.config import EngineConfig
@@ -197,7 +198,9 @@ class GenerationRunner(ABC):
                 return False
             self._thread = None
             self._working = False
-            return True
+        # What a burst's batches freed stays in glibc's heaps, resident, until given back.
+        heap.trim()
+        return True
 
     def _has_work(self) -> bool:
         return any(True for _ in self._rows()) or any(True for _ in self._prefilling())
