@@ -50,9 +50,7 @@ async def retrieve_model(model: str, platform: PlatformDep, key: InferenceKey) -
 @router.delete("/v1/models/{model:path}", response_model=ModelDeleted)
 async def delete_model(model: str, platform: PlatformDep, engine: EngineDep, request: Request, key: AdminKey) -> Any:
     record = await asyncio.to_thread(platform.registry.get, model)
-    unload = getattr(engine, "unload", None)
-    if unload is not None:
-        await unload(record.id)
+    await engine.unload(record.id)
     # By id: a concurrent delete of the same reference must not go on to the next older version.
     await asyncio.to_thread(platform.registry.delete, record.id)
     platform.audit.record(
