@@ -251,8 +251,7 @@ class LlamaCppRunner(GenerationRunner):
 
     def _execute(self) -> None:
         """One decode call: every running row's next token, then up to ``prefill_budget`` prompt
-        tokens; stream what it yields."""
-        self._retire_finished()
+        tokens; stream what it yields (rows that finished are retired by ``_rebalance`` just before)."""
         rows = list(self._batch.rows) if self._batch else []
         chunks = self._plan_prefill()
         if not rows and not chunks:
