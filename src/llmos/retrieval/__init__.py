@@ -1,0 +1,1 @@
+"""Retrieval: vector stores of tenants' documents (chunked, embedded, indexed) and their search."""

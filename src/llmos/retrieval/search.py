@@ -1,0 +1,113 @@
+"""Search of vector stores: nearest chunks by embedding, optionally fused with BM25 by weighted
+reciprocal-rank fusion (OpenAI's ``ranking_options.hybrid_search``), filtered by file
+attributes, cut at ``score_threshold``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llmos.registry.vector_tables import VectorChunkRow, VectorStoreFileRow
+from llmos.retrieval.filters import matches
+from llmos.retrieval.index import as_matrix
+from llmos.retrieval.stores import VectorStores
+
+RRF_K = 60
+"""The usual constant of reciprocal-rank fusion (Cormack et al., 2009)."""
+MIN_CANDIDATES = 50
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    embedding_weight: float = 1.0
+    text_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    vector_store_id: str
+    file_id: str
+    filename: str
+    attributes: dict[str, Any]
+    text: str
+    score: float
+
+    def public(self) -> dict[str, Any]:
+        """OpenAI's search result (one chunk as the result's content)."""
+        return {
+            "file_id": self.file_id,
+            "filename": self.filename,
+            "score": self.score,
+            "attributes": self.attributes,
+            "content": [{"type": "text", "text": self.text}],
+        }
+
+
+def search_store(
+    stores: VectorStores,
+    store_id: str,
+    query_vector: list[float],
+    query_text: str,
+    *,
+    max_results: int,
+    flt: Mapping[str, Any] | None = None,
+    score_threshold: float = 0.0,
+    hybrid: Hybrid | None = None,
+) -> list[SearchHit]:
+    files = {
+        f.file_id: f
+        for f in stores.files_of(store_id)
+        if f.status == "completed" and (flt is None or matches(flt, f.attributes or {}))
+    }
+    if not files:
+        return []
+    query = as_matrix([query_vector])[0]
+    depth = max(MIN_CANDIDATES, 4 * max_results)
+    indexes = stores.indexes(store_id)
+    if flt is None:
+        similar = indexes.vectors.search(query, depth)
+    else:  # exact over the files that pass: an HNSW walk would miss matches behind filtered ones
+        similar = _exact(stores.embeddings(store_id, list(files)), query, depth)
+    keyword_ids = indexes.keywords.search(query_text, depth * 4) if hybrid is not None else []
+    chunks = stores.chunks({k for k, _ in similar} | set(keyword_ids))
+    chunks = {k: c for k, c in chunks.items() if c.file_id in files}
+    keyword_ids = [k for k in keyword_ids if k in chunks][:depth]
+    similarity = {k: s for k, s in similar if k in chunks}
+    scores = similarity if hybrid is None else _fused(list(similarity), keyword_ids, hybrid)
+    hits = [_hit(store_id, chunks[k], files[chunks[k].file_id], s) for k, s in scores.items() if s >= score_threshold]
+    hits.sort(key=lambda h: -h.score)
+    return hits[:max_results]
+
+
+def _exact(candidates: dict[int, bytes], query: np.ndarray, depth: int) -> list[tuple[int, float]]:
+    if not candidates:
+        return []
+    keys = list(candidates)
+    scores = as_matrix(list(candidates.values())) @ query
+    best = np.argsort(-scores)[:depth]
+    return [(keys[i], float(scores[i])) for i in best]
+
+
+def _fused(by_vector: list[int], by_keyword: list[int], hybrid: Hybrid) -> dict[int, float]:
+    """Weighted reciprocal-rank fusion, scaled so that a chunk first in both lists scores 1."""
+    total = hybrid.embedding_weight + hybrid.text_weight
+    scale = (RRF_K + 1) / total if total > 0 else 0.0
+    fused: dict[int, float] = {}
+    for weight, ranking in ((hybrid.embedding_weight, by_vector), (hybrid.text_weight, by_keyword)):
+        for rank, key in enumerate(ranking, start=1):
+            fused[key] = fused.get(key, 0.0) + weight / (RRF_K + rank) * scale
+    return fused
+
+
+def _hit(store_id: str, chunk: VectorChunkRow, file: VectorStoreFileRow, score: float) -> SearchHit:
+    return SearchHit(
+        vector_store_id=store_id,
+        file_id=file.file_id,
+        filename=file.filename,
+        attributes=dict(file.attributes or {}),
+        text=chunk.text,
+        score=round(score, 6),
+    )
