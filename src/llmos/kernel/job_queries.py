@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llmos.errors import NotFoundError
@@ -107,6 +107,29 @@ class JobQueries:
                 JobRow.id.in_(job_ids), JobRow.status == JobStatus.RUNNING
             )
             return {job_id: (control, _aware(beat)) for job_id, control, beat in s.execute(q)}
+
+    # -- what the metrics read ------------------------------------------------------------
+    def status_counts(self) -> dict[str, int]:
+        """How many jobs are in each status (statuses without jobs left out)."""
+        with self.db.session() as s:
+            q = select(JobRow.status, func.count()).group_by(JobRow.status)
+            return {status: count for status, count in s.execute(q)}
+
+    def running_metrics(self) -> dict[str, dict[str, Any]]:
+        """Each running job's latest training report (its newest ``metrics`` event's data), as its
+        worker process wrote it; a running job without a report yet maps to ``{}``."""
+        with self.db.session() as s:
+            running = list(s.scalars(select(JobRow.id).where(JobRow.status == JobStatus.RUNNING)))
+            latest = (
+                select(JobEventRow.job_id, func.max(JobEventRow.id))
+                .where(JobEventRow.job_id.in_(running), JobEventRow.type == "metrics")
+                .group_by(JobEventRow.job_id)
+            )
+            newest = [event_id for _, event_id in s.execute(latest)]
+            reports: dict[str, dict[str, Any]] = {job_id: {} for job_id in running}
+            for row in s.scalars(select(JobEventRow).where(JobEventRow.id.in_(newest))):
+                reports[row.job_id] = dict(row.data or {})
+            return reports
 
     def silent(self, older_than: timedelta) -> list[str]:
         """Running jobs whose worker has not written a heartbeat for ``older_than``: their worker

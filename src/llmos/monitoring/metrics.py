@@ -1,10 +1,12 @@
 """Every metric of LLM OS: names, labels, units and buckets in one place.
 
 Names follow vLLM's (``vllm:`` becomes ``llmos_``) and its bucket choices, so its dashboards and
-alert rules translate directly. Label values are bounded: ``model_name`` is the served model
-(an adapter's requests count under its base; adapters get a label only while resident, in
-``llmos_lora_adapter_resident``), capped by ``MODEL_NAMES``; ``tenant`` is an administered tenant;
-``code`` and ``finished_reason`` come from fixed sets in the source; never a request id.
+alert rules translate directly. Label values are bounded: on request series ``model_name`` is the
+registered name a request resolved to (a model or an adapter, never the alias the client wrote),
+capped by ``MODEL_NAMES``; on gauges it is a resident model, its series removed on eviction
+(adapters get a label only while resident, in ``llmos_lora_adapter_resident``); ``tenant`` is an
+administered tenant; ``code`` and ``finished_reason`` come from fixed sets in the source; never a
+request id.
 
 Everything lives in prometheus_client's default ``REGISTRY`` with its process collector, so
 ``/metrics`` and the alert evaluator read the same numbers.
@@ -161,6 +163,20 @@ TRAINING_TOKENS_PER_SECOND = Gauge(
 TRAINING_LOSS = Gauge("llmos_training_loss", "Latest training loss of each running job.", ["job_id"])
 TRAINING_ACCURACY = Gauge(
     "llmos_training_accuracy", "Latest token or label accuracy of each running job (0 to 1).", ["job_id"]
+)
+
+# -- model outputs (api/tasks/classifications.py; read by the model-output alert rules) --------
+CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+CLASSIFICATION_LABELS = Counter(
+    "llmos_classification_labels",
+    "Inputs classified, by the label returned first (a model's own label set bounds it).",
+    ["model_name", "label"],
+)
+CLASSIFICATION_CONFIDENCE = Histogram(
+    "llmos_classification_confidence",
+    "Score of the label returned first for each classified input (0 to 1).",
+    ["model_name"],
+    buckets=CONFIDENCE_BUCKETS,
 )
 
 __all__ = ["REGISTRY"]

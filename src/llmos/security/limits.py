@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from llmos.errors import InvalidRequestError, RateLimitError
+from llmos.monitoring import metrics
 
 WINDOW_S = 60.0
 
@@ -93,7 +94,12 @@ class RateLimiter:
             for subject, limits in subjects.items():
                 window = self._windows.setdefault(subject, _Window())
                 window.expire(now)
-                self._check(subject, limits, window, now)
+                try:
+                    self._check(subject, limits, window, now)
+                except RateLimitError as exc:
+                    tenant = next((s.removeprefix("tenant:") for s in subjects if s.startswith("tenant:")), "")
+                    metrics.QUOTA_REJECTIONS.labels(tenant, exc.code or "rate_limit").inc()
+                    raise
             for subject in subjects:
                 window = self._windows[subject]
                 window.requests.append(now)

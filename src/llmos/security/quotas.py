@@ -15,6 +15,7 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 
 from llmos.errors import NotFoundError, RateLimitError
+from llmos.monitoring import metrics
 from llmos.security.keys import KeyStore
 from llmos.security.limits import Limits
 from llmos.security.tenants import TenantStore
@@ -63,6 +64,7 @@ class TrainingQuota:
         """Raise 429 ``quota_exceeded`` if the tenant or the key has spent today's training CPU."""
         error = self.cpu_error(tenant, key_id)
         if error is not None:
+            metrics.QUOTA_REJECTIONS.labels(tenant, error.code or "quota_exceeded").inc()
             raise error
 
     def job_slot_free(self, tenant: str, key_id: str | None, running: dict[str | None, int]) -> bool:
