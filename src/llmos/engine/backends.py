@@ -33,6 +33,8 @@ class Backend(ABC):
     name: ClassVar[str]
     priority: ClassVar[int] = 0
     """Backends with a higher priority are asked first."""
+    scores_prompts: ClassVar[bool] = False
+    """Whether its causal models return prompt logprobs (``SamplingParams.prompt_logprobs``)."""
 
     def __init__(self, registry: ModelRegistry, config: EngineConfig, dtype: torch.dtype) -> None:
         self.registry = registry

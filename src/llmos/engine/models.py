@@ -89,6 +89,7 @@ class ModelResolver:
             context_length=backend.context_length(base) - (virtual.length if virtual else 0),
             has_chat_template=record.task in CAUSAL_TASKS and bool(getattr(tokenizer, "chat_template", None)),
             vocab_size=len(tokenizer),
+            scores_prompts=backend.scores_prompts,
         )
         return ModelHandle(name=model, info=info, ref=Resolution(record, base, key, backend, tokenizer, virtual))
 

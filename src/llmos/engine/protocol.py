@@ -24,6 +24,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    """Score the prompt: each prompt token's logprob and this many most likely alternatives
+    (None: not asked). With ``max_tokens`` 0 the request only scores, generating nothing."""
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +68,20 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token as the model scores it given the tokens before it (the first token of a
+    prompt has nothing before it: its ``logprob`` and ``rank`` are None)."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    rank: int | None
+    """1 for the most likely token of the vocabulary."""
+    top: tuple[tuple[int, str, float], ...] = ()
+    """The ``prompt_logprobs`` most likely tokens at this position: id, text, logprob."""
+
+
+@dataclass(frozen=True)
 class GenerationDelta:
     """New output for one choice of a request; ``finish_reason`` is set on its last delta."""
 
@@ -74,6 +91,8 @@ class GenerationDelta:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     error: str | None = None
+    prompt_logprobs: tuple[PromptLogprob, ...] = ()
+    """The scored prompt, on each choice's first delta when the request asked for it."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,8 @@ class ModelInfo:
     has_chat_template: bool
     vocab_size: int = 0
     """Token ids a prompt may use are below this (0: unknown)."""
+    scores_prompts: bool = False
+    """Whether its backend returns prompt logprobs (``SamplingParams.prompt_logprobs``)."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from llmos.engine.protocol import (
     GenerationDelta,
     GenerationRequest,
     ModelInfo,
+    PromptLogprob,
     SamplingParams,
     TokenLogprob,
 )
@@ -200,6 +201,8 @@ class CollectedChoice:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReasonOut | None = None
+    prompt_logprobs: tuple[PromptLogprob, ...] = ()
+    """The scored prompt, when the request asked for it."""
 
 
 class GenerationService:
@@ -285,6 +288,7 @@ async def _collect_one(engine: EngineClient, gen: GenerationRequest, meter: Usag
         choice = choices[delta.index]
         choice.text += delta.text
         choice.logprobs.extend(delta.logprobs)
+        choice.prompt_logprobs = delta.prompt_logprobs or choice.prompt_logprobs
         if delta.finish_reason is not None:
             choice.finish_reason = finish_reason(delta.finish_reason)
     return choices

@@ -14,6 +14,7 @@ _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 @register
 class TorchBackend(Backend):
     name = "torch"
+    scores_prompts = True
 
     def serves(self, record: ModelRecord) -> bool:
         return record.task in CAUSAL_TASKS or record.task in TASK_HEADS or record.task == "embedding"

@@ -18,7 +18,7 @@ import torch
 
 from llmos.engine.choices import Streamer, batch_sampling, eos_ids
 from llmos.engine.config import EngineConfig
-from llmos.engine.protocol import GenerationRequest
+from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest
 from llmos.engine.runner import GenerationRunner
 from llmos.engine.scheduler import Pending, Row
 from llmos.engine.threads import enter_compute_thread
@@ -29,6 +29,7 @@ from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.engine.torch_backend.prefill import Prefill, prefill_order, run_packed
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
+from llmos.engine.torch_backend.prompt_scores import PromptScores
 from llmos.engine.torch_backend.tenant_share import TenantShare
 from llmos.engine.torch_backend.virtual_tokens import (
     States,
@@ -188,9 +189,15 @@ class CausalRunner(GenerationRunner):
         try:
             prompt = list(pending.request.prompt_token_ids)
             lead = pending.virtual.length if pending.virtual else 0
-            hit = self.prefix_cache.lookup(pending.scope, prompt, lead=lead)
-            start, states = hit if hit is not None else (0, self._virtual_states(pending.virtual))
-            job = Prefill.start(pending, self.model.config, prompt, lead, start, states)
+            k = pending.request.params.prompt_logprobs
+            if k is None:
+                hit = self.prefix_cache.lookup(pending.scope, prompt, lead=lead)
+                start, states = hit if hit is not None else (0, self._virtual_states(pending.virtual))
+                job = Prefill.start(pending, self.model.config, prompt, lead, start, states)
+            else:  # a scored prompt: every position's logits are scored as its chunks run
+                scored = self.prefix_cache.lookup_scored(pending.scope, prompt, k, lead=lead)
+                start, states, scores = scored or (0, self._virtual_states(pending.virtual), PromptScores(k))
+                job = Prefill.start(pending, self.model.config, prompt, lead, start, states, scores)
             limit_growth(job.cache, lead + len(prompt))  # a prompt's cache holds just the prompt
             job.admitted = self._prefill_passes
             return job
@@ -247,6 +254,8 @@ class CausalRunner(GenerationRunner):
                 if job.remaining == 0:
                     self._prefill_jobs.remove(job)
                     try:
+                        if self._report_scores(job):
+                            continue
                         fresh = self._to_batch(job)
                         self._first_tokens(fresh)
                     except Exception as exc:
@@ -256,10 +265,25 @@ class CausalRunner(GenerationRunner):
                     finished.append(fresh)
         return finished
 
+    def _report_scores(self, job: Prefill) -> bool:
+        """Send a scored prompt's logprobs to each of its choices; True when that ends the
+        request (``max_tokens`` 0: it only scores, and its rows never join the batch)."""
+        if job.scores is None:
+            return False
+        pending = job.pending
+        scored = job.scores.entries(job.prompt, self.streamer.decode)
+        only = pending.request.params.max_tokens == 0
+        if only:
+            self.prefix_cache.store(pending.scope, job.prompt, job.cache, row=0, lead=job.lead, scores=job.scores)
+        finish = FinishReason.LENGTH if only else None
+        for i in range(pending.request.params.n):
+            pending.sink(GenerationDelta(index=i, text="", prompt_logprobs=scored, finish_reason=finish))
+        return only
+
     def _to_batch(self, job: Prefill) -> BatchState[Row]:
         pending, request = job.pending, job.pending.request
         rows = [Row(pending, i, self.streamer.new_text(request)) for i in range(request.params.n)]
-        self.prefix_cache.store(pending.scope, job.prompt, job.cache, row=0, lead=job.lead)
+        self.prefix_cache.store(pending.scope, job.prompt, job.cache, row=0, lead=job.lead, scores=job.scores)
         if len(rows) > 1:
             job.cache.batch_repeat_interleave(len(rows))
         assert job.logits is not None

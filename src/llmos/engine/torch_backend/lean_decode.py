@@ -249,12 +249,15 @@ class LeanDecoder:
         return weights, adapters, fused
 
     @torch.inference_mode()
-    def prefill(self, chunks: Sequence[tuple[list[int], int, Any]], lora: Any = None) -> torch.Tensor:
+    def prefill(
+        self, chunks: Sequence[tuple[list[int], int, Any]], lora: Any = None, every: Sequence[bool] = ()
+    ) -> torch.Tensor:
         """The next chunk of each of several prompts: ``(tokens, start, cache)``, the tokens at
         positions ``start``... after the states in ``cache`` (earlier chunks, a cached prefix,
         virtual tokens), which it extends; ``lora``: the bank's context prepared with one entry
         per token (each token its prompt's adapter, or none). Returns each chunk's last
-        position's logits, (chunks, vocab).
+        position's logits, (chunks, vocab), or every position's for the chunks that ``every``
+        marks (prompts being scored), in chunk order.
 
         The chunks are packed into one sequence (vLLM's varlen prefill): every weight product runs
         once over all their tokens, which on a CPU costs far less than one pass a prompt (a pass
@@ -291,7 +294,11 @@ class LeanDecoder:
 
         ids = torch.tensor([[t for chunk, _, _ in chunks for t in chunk]])
         positions = torch.cat([torch.arange(start, start + len(chunk)) for chunk, start, _ in chunks])[None]
-        last = [first + count - 1 for first, count in spans]
+        last = [
+            position
+            for i, (first, count) in enumerate(spans)
+            for position in (range(first, first + count) if i < len(every) and every[i] else [first + count - 1])
+        ]
         weights, adapters, fused = self._prepare(lora, offset, last, decode=False)
         return self._forward(ids, positions, attend, weights, adapters, fused, last, None)[0]
 

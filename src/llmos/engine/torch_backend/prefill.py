@@ -3,7 +3,9 @@
 A long prompt computed in one go would pause every running stream for its whole length; run in
 chunks of at most ``prefill_chunk_tokens`` per engine iteration, it delays them by one bounded
 chunk per step instead (vLLM's chunked prefill). The key/value states of the chunks done so far
-live in the job's own cache; the last chunk's logits choose the first token.
+live in the job's own cache; the last chunk's logits choose the first token. A request that
+scores its prompt keeps every position's logits of each chunk just long enough to score them
+(``prompt_scores``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from llmos.engine.torch_backend.kv_cache import cache_argument, new_cache
+from llmos.engine.torch_backend.prompt_scores import PromptScores
 from llmos.engine.torch_backend.virtual_tokens import States
 
 
@@ -28,14 +31,25 @@ class Prefill:
     done: int  # prompt tokens whose states are in ``cache`` (cached prefix included)
     logits: torch.Tensor | None = None  # (1, vocab) after the last chunk
     admitted: int = 0  # the runner's prefill pass count when the job was admitted (``prefill_order``)
+    scores: PromptScores | None = None  # the prompt's tokens scored so far, when the request asks
 
     @classmethod
-    def start(cls, pending: Any, config: Any, prompt: list[int], lead: int, start: int, states: States) -> Prefill:
-        """A job whose first ``start`` prompt tokens (and ``lead`` virtual ones) have the given states."""
+    def start(
+        cls,
+        pending: Any,
+        config: Any,
+        prompt: list[int],
+        lead: int,
+        start: int,
+        states: States,
+        scores: PromptScores | None = None,
+    ) -> Prefill:
+        """A job whose first ``start`` prompt tokens (and ``lead`` virtual ones) have the given
+        states (and, when it scores its prompt, the scores of the tokens up to ``start``)."""
         cache = new_cache(config)
         for layer, (keys, values) in enumerate(states):
             cache.update(keys, values, layer)
-        return cls(pending, prompt, lead, cache, start)
+        return cls(pending, prompt, lead, cache, start, scores=scores)
 
     @property
     def remaining(self) -> int:
@@ -50,11 +64,20 @@ class Prefill:
             attention_mask=torch.ones((1, self.lead + end), dtype=torch.long),
             position_ids=torch.arange(self.lead + self.done, self.lead + end)[None],
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if self.scores is not None else 1,  # 0: every position's
             **{cache_argument(model): self.cache},
         )
+        self.took(out.logits[0], end)
+
+    def took(self, logits: torch.Tensor, end: int) -> None:
+        """The chunk up to prompt position ``end`` has run: ``logits`` are its positions' (every
+        one when scoring, else its last)."""
+        if self.scores is not None:
+            # Position i predicts prompt token i + 1; the prompt's last position predicts none of it.
+            targets = self.prompt[self.done + 1 : end + 1]
+            self.scores.add(logits[: len(targets)], targets)
         self.done = end
-        self.logits = out.logits[:, -1, :].float()
+        self.logits = logits[-1:].float()
 
 
 def prefill_order(jobs: Iterable[Prefill], budget: int) -> list[Prefill]:
@@ -73,12 +96,16 @@ def prefill_order(jobs: Iterable[Prefill], budget: int) -> list[Prefill]:
 
 def run_packed(decoder: Any, planned: list[tuple[Prefill, int]], lora: Any = None) -> None:
     """The next chunk of each job, ``(job, tokens)``, in one pass of ``decoder.prefill`` (the
-    lean layers, several prompts packed together; ``lora`` prepared with one entry per token)."""
+    lean layers, several prompts packed together; ``lora`` prepared with one entry per token);
+    a job scoring its prompt gets every position's logits, the others their chunk's last."""
     chunks = []
     for job, tokens in planned:
         end = min(len(job.prompt), job.done + tokens)
         chunks.append((job.prompt[job.done : end], job.lead + job.done, job.cache))
-    logits = decoder.prefill(chunks, lora)
-    for i, (job, _) in enumerate(planned):
-        job.done += len(chunks[i][0])
-        job.logits = logits[i : i + 1]
+    every = [job.scores is not None for job, _ in planned]
+    logits = decoder.prefill(chunks, lora, every=every)
+    row = 0
+    for (job, _), (chunk, _, _), scored in zip(planned, chunks, every, strict=True):
+        rows = len(chunk) if scored else 1
+        job.took(logits[row : row + rows], job.done + len(chunk))
+        row += rows

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from llmos.api.openai.common import Choice, ResponseObject, SamplingFields, StreamChunk, Usage
+from llmos.api.openai.scoring import PromptLogprobsOut
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -20,7 +21,10 @@ class CompletionRequest(SamplingFields):
     )
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    """0 (with ``echo``) scores the prompt without generating."""
+    prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
+    """vLLM's extra: every prompt token's logprob and this many most likely tokens."""
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str):
@@ -33,13 +37,15 @@ class CompletionRequest(SamplingFields):
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
 class CompletionChoice(Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobsOut | None = None
+    """vLLM's extra, when the request asked for ``prompt_logprobs``."""
 
 
 class Completion(ResponseObject[CompletionChoice]):

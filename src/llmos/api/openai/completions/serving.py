@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
-from llmos.api.openai.common import GenerationService, build_sampling, check_token_ids, finish_reason, new_id, now
+from llmos.api.openai.common import (
+    CollectedChoice,
+    GenerationService,
+    build_sampling,
+    check_token_ids,
+    finish_reason,
+    new_id,
+    now,
+)
 from llmos.api.openai.completions.schemas import (
     Completion,
     CompletionChoice,
@@ -13,7 +22,8 @@ from llmos.api.openai.completions.schemas import (
     CompletionLogprobs,
     CompletionRequest,
 )
-from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
+from llmos.api.openai.scoring import check_prompt_scoring, legacy_entries, vllm_prompt_logprobs
+from llmos.engine.protocol import GenerationDelta, GenerationRequest, ModelInfo, PromptLogprob, TokenLogprob
 from llmos.errors import InvalidRequestError
 
 
@@ -26,6 +36,7 @@ class CompletionService(GenerationService):
             raise InvalidRequestError(
                 f"model {req.model} is a {info.task} model; it cannot complete text", param="model"
             )
+        scoring = self._prompt_scoring(req, info)
         base_id = new_id("cmpl")
         out = []
         for i, prompt in enumerate(req.prompts()):
@@ -44,6 +55,7 @@ class CompletionService(GenerationService):
                 logprobs=req.logprobs is not None,
                 top_logprobs=req.logprobs or 0,
             )
+            params = dataclasses.replace(params, prompt_logprobs=scoring)
             out.append(
                 (
                     echo_text if req.echo else "",
@@ -59,15 +71,28 @@ class CompletionService(GenerationService):
             )
         return out
 
+    def _prompt_scoring(self, req: CompletionRequest, info: ModelInfo) -> int | None:
+        """The alternatives each prompt token is scored with (None: the prompt is not scored),
+        checked before any work is queued."""
+        if req.max_tokens == 0 and not req.echo:
+            raise InvalidRequestError(
+                "max_tokens 0 only scores the echoed prompt: set echo to true", param="max_tokens"
+            )
+        echo_k = req.logprobs if req.echo else None
+        if req.stream and (echo_k is not None or req.prompt_logprobs is not None):
+            param = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
+            raise InvalidRequestError("prompt logprobs are not streamed: set stream to false", param=param)
+        check_prompt_scoring(
+            req.prompt_logprobs, param="prompt_logprobs", info=info, model=req.model, settings=self.settings
+        )
+        check_prompt_scoring(echo_k, param="echo", info=info, model=req.model, settings=self.settings)
+        asked = [k for k in (echo_k, req.prompt_logprobs) if k is not None]
+        return max(asked) if asked else None
+
     async def complete(self, req: CompletionRequest, gens: list[tuple[str, GenerationRequest]]) -> Completion:
         results, usage = await self.collect(req.model, [gen for _, gen in gens])
         choices = [
-            CompletionChoice(
-                index=p * gen.params.n + c,
-                text=echo + choice.text,
-                finish_reason=choice.finish_reason,
-                logprobs=_legacy_logprobs(choice.logprobs, len(echo)) if gen.params.logprobs else None,
-            )
+            self._choice(req, p * gen.params.n + c, echo, gen, choice)
             for p, ((echo, gen), collected) in enumerate(zip(gens, results, strict=True))
             for c, choice in enumerate(collected)
         ]
@@ -79,11 +104,36 @@ class CompletionService(GenerationService):
             usage=usage,
         )
 
+    @staticmethod
+    def _choice(
+        req: CompletionRequest, index: int, echo: str, gen: GenerationRequest, choice: CollectedChoice
+    ) -> CompletionChoice:
+        scored = choice.prompt_logprobs
+        if req.echo and scored and not echo:  # a prompt of token ids echoes as their text
+            echo = "".join(p.token for p in scored)
+        legacy = None
+        if gen.params.logprobs:
+            prompt = scored if req.echo else ()
+            legacy = _legacy_logprobs(choice.logprobs, len(echo), prompt=prompt, k=req.logprobs or 0)
+        return CompletionChoice(
+            index=index,
+            text=echo + choice.text,
+            finish_reason=choice.finish_reason,
+            logprobs=legacy,
+            prompt_logprobs=vllm_prompt_logprobs(scored, req.prompt_logprobs)
+            if req.prompt_logprobs is not None
+            else None,
+        )
+
     def stream(self, req: CompletionRequest, echo: str, gen: GenerationRequest) -> AsyncIterator[str]:
         """One prompt's choices as server-sent events (the router refuses several prompts)."""
 
         def choices_of(delta: GenerationDelta) -> list[CompletionChoice]:
-            logprobs = _legacy_logprobs(delta.logprobs, 0) if gen.params.logprobs and delta.logprobs else None
+            logprobs = (
+                _legacy_logprobs(delta.logprobs, 0, k=req.logprobs or 0)
+                if gen.params.logprobs and delta.logprobs
+                else None
+            )
             if not (delta.text or logprobs or delta.finish_reason):
                 return []
             reason = finish_reason(delta.finish_reason)
@@ -93,14 +143,8 @@ class CompletionService(GenerationService):
         return self.stream_events(req, gen, CompletionChunk, opening, choices_of)
 
 
-def _legacy_logprobs(tokens: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs:
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t.token)
-    return CompletionLogprobs(
-        tokens=[t.token for t in tokens],
-        token_logprobs=[t.logprob for t in tokens],
-        top_logprobs=[{x.token: x.logprob for x in t.top_logprobs} for t in tokens],
-        text_offset=offsets,
-    )
+def _legacy_logprobs(
+    tokens: Sequence[TokenLogprob], offset: int, *, prompt: Sequence[PromptLogprob] = (), k: int
+) -> CompletionLogprobs:
+    listed, logprobs, tops, offsets = legacy_entries(prompt, tokens, k, offset)
+    return CompletionLogprobs(tokens=listed, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)
