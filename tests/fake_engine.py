@@ -111,6 +111,9 @@ class FakeEngine:
     def stats(self) -> dict[str, Any]:
         return {"pending_requests": 0, "models": {}}
 
+    async def load(self, model: ModelHandle, *, pin: bool) -> None:
+        self.calls.append("load+pin" if pin else "load")
+
     async def unload(self, model_id: str) -> None:
         self.calls.append("unload")
 

@@ -17,6 +17,7 @@ from llmos.api.admin.router import router as admin_router
 from llmos.api.errors import install_error_handlers
 from llmos.api.hosts import HostCheckMiddleware, allowed_hosts_for
 from llmos.api.limits import BodyLimitMiddleware
+from llmos.api.model_management.router import router as model_management_router
 from llmos.api.openai.chat.router import router as chat_router
 from llmos.api.openai.completions.router import router as completions_router
 from llmos.api.openai.embeddings.router import router as embeddings_router
@@ -30,6 +31,7 @@ from llmos.engine.protocol import EngineClient
 from llmos.kernel.maintenance import MaintenanceLoop, run_maintenance
 from llmos.kernel.supervisor import JobSupervisor
 from llmos.platform import Platform
+from llmos.registry.pulls import PullOperations
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ def create_app(
             supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings)
             supervisor.start()
         app.state.supervisor = supervisor
+        app.state.pulls = PullOperations(app.state.platform.registry)
         maintenance = None
         if settings.maintenance_interval_s > 0:
             p = app.state.platform
@@ -82,6 +85,7 @@ def create_app(
         try:
             yield
         finally:
+            await asyncio.to_thread(app.state.pulls.close)
             if maintenance is not None:
                 await asyncio.to_thread(maintenance.stop)
             app.state.platform.audit.flush_denied()  # what was tallied since the last run
@@ -116,6 +120,7 @@ def create_app(
         admin_router,
         usage.router,
         models_router,
+        model_management_router,
         chat_router,
         completions_router,
         embeddings_router,

@@ -65,6 +65,7 @@ class LocalEngine:
         )
         self.crashes = CrashWatch(self.residency, on_restart)
         self._pending = 0
+        self._pinned: set[str] = set()  # residency keys held by load(pin=True)
 
     @property
     def restarts(self) -> int:
@@ -177,9 +178,14 @@ class LocalEngine:
     def stats(self) -> dict[str, Any]:
         names = self.models.names
         models = {}
-        for key in self.residency.resident():
+        sizes = self.residency.resident_bytes()
+        for key in sizes:
             runner = self.residency.peek(key)
-            entry: dict[str, Any] = {"name": names.get(key.removesuffix(TORCH_TWIN), key)}
+            entry: dict[str, Any] = {
+                "name": names.get(key.removesuffix(TORCH_TWIN), key),
+                "memory_bytes": sizes[key],
+                "pinned": key in self._pinned,
+            }
             if key.endswith(TORCH_TWIN):
                 entry["serves"] = "adapters"  # the torch runner beside a model llama.cpp serves
             if isinstance(runner, GenerationRunner):
@@ -203,7 +209,19 @@ class LocalEngine:
             raise ServiceUnavailableError(f"the engine is restarting after a crash: {', '.join(names)}")
         await self._off_loop(self.registry.list)
 
+    async def load(self, model: ModelHandle, *, pin: bool) -> None:
+        key = resolution(model).key
+        await self._off_loop(self.residency.acquire, key)
+        if not pin or key in self._pinned:
+            self.residency.release(key)  # resident, and evictable once idle like any other
+        else:
+            self._pinned.add(key)  # the acquire's use is held until unload
+
     async def unload(self, model_id: str) -> None:
+        for key in (model_id, model_id + TORCH_TWIN):
+            if key in self._pinned:
+                self._pinned.discard(key)
+                self.residency.release(key)
         await self._off_loop(self.residency.evict, model_id)
         await self._off_loop(self.residency.evict, model_id + TORCH_TWIN)
         for key in self.residency.resident():

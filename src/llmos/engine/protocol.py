@@ -188,8 +188,14 @@ class EngineClient(Protocol):
         """Counters for operators: what is resident, running and computed."""
         ...
 
+    async def load(self, model: ModelHandle, *, pin: bool) -> None:
+        """Make the runner that serves ``model`` resident now; with ``pin`` it is not evicted
+        until ``unload``."""
+        ...
+
     async def unload(self, model_id: str) -> None:
-        """Forget a model deleted from the registry: its runner, adapters and tokenizer."""
+        """Unpin a model and forget it: its runner (unless requests are using it), adapters and
+        tokenizer (also when it was deleted from the registry)."""
         ...
 
     async def abort(self, request_id: str) -> None:

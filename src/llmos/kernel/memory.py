@@ -56,6 +56,11 @@ class ModelResidency(Generic[T]):
         with self._lock:
             return list(self._slots)
 
+    def resident_bytes(self) -> dict[str, int]:
+        """Each resident key's size as counted against the budget."""
+        with self._lock:
+            return {key: slot.size for key, slot in self._slots.items()}
+
     @contextmanager
     def use(self, key: str) -> Iterator[T]:
         """Hold ``key`` resident (loading it if needed) for the duration of the block."""

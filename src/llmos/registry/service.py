@@ -6,15 +6,14 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, select
 
-from llmos.errors import ArtifactError, ConflictError, InvalidRequestError, ModelNotFoundError
+from llmos.errors import ArtifactError, ConflictError, ModelNotFoundError
 from llmos.registry.adapters import (
     ADAPTER_FORMATS,
     PREFIX_FORMAT,
@@ -30,81 +29,13 @@ from llmos.registry.db import Database, parse_db_int
 from llmos.registry.facts import ModelFacts, inspect_model_dir
 from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_checkpoint, parse_json, read_json
 from llmos.registry.gc import collect_unreferenced
+from llmos.registry.records import SHARED_OWNER, Lineage, ModelRecord, validate_name
 from llmos.registry.sources import Progress, get_source
 from llmos.registry.store import LocalArtifactStore, sha256_file
 from llmos.registry.tables import ArtifactRow, ModelRow
 
-SHARED_OWNER = "system"  # base models: readable by every tenant, changed only by admins
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")  # ':' for ft:<base>:<tenant>:<suffix>:<id>
 # Files a served model needs besides its weights; everything else in a source is left behind.
 _KEEP_SUFFIXES = {".json", ".txt", ".model", ".jinja", ".safetensors"}
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    """A registered model version, detached from the database session."""
-
-    id: str
-    name: str
-    version: int
-    family: str | None
-    architecture: str | None
-    task: str
-    format: str
-    parameter_count: int | None
-    size_bytes: int
-    context_length: int | None
-    license: str | None
-    source: str
-    status: str
-    owner: str
-    parent_id: str | None
-    base_id: str | None
-    created_at: datetime
-    extra: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_row(cls, row: ModelRow) -> ModelRecord:
-        return cls(
-            id=row.id,
-            name=row.name,
-            version=row.version,
-            family=row.family,
-            architecture=row.architecture,
-            task=row.task,
-            format=row.format,
-            parameter_count=row.parameter_count,
-            size_bytes=row.size_bytes,
-            context_length=row.context_length,
-            license=row.license,
-            source=row.source,
-            status=row.status,
-            owner=row.owner,
-            parent_id=row.parent_id,
-            base_id=row.base_id,
-            created_at=row.created_at,
-            extra=dict(row.extra or {}),
-            artifacts={a.path: a.sha256 for a in row.artifacts},
-        )
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Who owns a new version and where it comes from (fine-tuned models name their base)."""
-
-    owner: str = SHARED_OWNER
-    parent_id: str | None = None
-    base_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def validate_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise InvalidRequestError(
-            f"invalid model name {name!r}: use letters, digits, '.', '_', ':' or '-' (at most 256)", param="name"
-        )
-    return name
 
 
 class ModelRegistry:
@@ -170,7 +101,7 @@ class ModelRegistry:
         try:
             fetched = source.fetch(spec, staging / "fetched", self._cache, progress)
             model_dir, fmt, extra = self._prepare(fetched, staging / "prepared", progress)
-            return self._register(
+            record = self._register(
                 model_name,
                 source_uri,
                 model_dir,
@@ -182,6 +113,24 @@ class ModelRegistry:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if entry is not None and record.description is None:
+            record = self.describe(record.id, description=entry.description)
+        return record
+
+    def describe(
+        self, model_id: str, *, description: str | None = None, tags: tuple[str, ...] | None = None
+    ) -> ModelRecord:
+        """Set a version's description and/or tags (None leaves a field as it is)."""
+        with self.db.session() as s:
+            row = s.get(ModelRow, model_id)
+            if row is None:
+                raise ModelNotFoundError(f"The model '{model_id}' does not exist", param="model")
+            if description is not None:
+                row.description = description
+            if tags is not None:
+                row.tags = list(tags)
+            s.flush()
+            return ModelRecord.from_row(row)
 
     def delete(self, ref: str) -> ModelRecord:
         record = self.get(ref)
@@ -351,6 +300,13 @@ class ModelRegistry:
             latest = s.scalars(
                 select(ModelRow).where(ModelRow.name == name).order_by(ModelRow.version.desc()).limit(1)
             ).first()
+            if latest is not None and latest.owner != lineage.owner:
+                # A name belongs to one owner: otherwise a tenant's pull would hide a shared model.
+                raise ConflictError(
+                    f"the name {name!r} is taken by another owner; pull under another name",
+                    param="name",
+                    code="model_name_taken",
+                )
             if latest is not None and {a.path: a.sha256 for a in latest.artifacts} == {
                 k: v[0] for k, v in artifacts.items()
             }:

@@ -39,6 +39,8 @@ class ModelRow(Base):
     base_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    description: Mapped[str | None] = mapped_column(String(2000))
+    tags: Mapped[list[str] | None] = mapped_column(JSON)
 
     artifacts: Mapped[list[ArtifactRow]] = relationship(
         back_populates="model", cascade="all, delete-orphan", lazy="selectin"

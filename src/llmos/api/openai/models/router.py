@@ -5,7 +5,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from llmos.api.deps import AdminKey, EngineDep, InferenceKey, PlatformDep
+from llmos.api.deps import EngineDep, InferenceKey, PlatformDep
+from llmos.api.model_management.router import ModelsKey, changeable
 from llmos.api.openai.models.schemas import ModelDeleted, ModelList, ModelObject
 from llmos.registry import ModelRecord
 from llmos.security import ApiKeyInfo
@@ -48,8 +49,9 @@ async def retrieve_model(model: str, platform: PlatformDep, key: InferenceKey) -
 
 
 @router.delete("/v1/models/{model:path}", response_model=ModelDeleted)
-async def delete_model(model: str, platform: PlatformDep, engine: EngineDep, request: Request, key: AdminKey) -> Any:
-    record = await asyncio.to_thread(platform.registry.get, model)
+async def delete_model(model: str, platform: PlatformDep, engine: EngineDep, request: Request, key: ModelsKey) -> Any:
+    """Delete a version (a tenant: its own models only) and the artifacts no other model uses."""
+    record = await changeable(platform, model, key)
     await engine.unload(record.id)
     # By id: a concurrent delete of the same reference must not go on to the next older version.
     await asyncio.to_thread(platform.registry.delete, record.id)

@@ -30,6 +30,8 @@ class ModelObject(BaseModel):
     license: str | None
     source: str
     status: str
+    description: str | None = None
+    tags: list[str] = []
     artifacts: dict[str, str] | None = None
     extra: dict[str, Any] | None = None
 
@@ -56,6 +58,8 @@ class ModelObject(BaseModel):
             license=r.license,
             source=r.source if server_paths else tenant_source(r.source),
             status=r.status,
+            description=r.description,
+            tags=list(r.tags),
             artifacts=r.artifacts if detail else None,
             extra=r.extra if detail else None,
         )
