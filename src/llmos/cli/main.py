@@ -13,6 +13,7 @@ from llmos.cli.client_cmds import chat, embed
 from llmos.cli.common import console, fail, open_platform, pull_with_progress, settings_from
 from llmos.cli.keys import keys_app
 from llmos.cli.models import models_app, pull
+from llmos.cli.top import top
 from llmos.cli.tuning import files_app, finetune_app, jobs_app
 from llmos.errors import LLMOSError, ModelNotFoundError
 from llmos.security.private import restrict_umask
@@ -34,6 +35,7 @@ def _private_files() -> None:
 app.command()(pull)
 app.command()(chat)
 app.command()(embed)
+app.command()(top)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")

@@ -30,7 +30,17 @@ class GenerationMetrics:
     """What one ``GenerationRequest`` adds to the metrics: ``observe`` each delta, ``close`` once
     however it ends (finished, failed, or its client gone: the unfinished choices count as aborted)."""
 
-    __slots__ = ("first_seen", "generated", "last", "model", "prompt_tokens", "started", "tenant", "unfinished")
+    __slots__ = (
+        "first_seen",
+        "generated",
+        "inter_token",
+        "last",
+        "model",
+        "prompt_tokens",
+        "started",
+        "tenant",
+        "unfinished",
+    )
 
     def __init__(self, request: GenerationRequest) -> None:
         self.model = model_label(request)
@@ -42,6 +52,7 @@ class GenerationMetrics:
         """When each choice's latest delta with tokens arrived."""
         self.unfinished = request.params.n
         self.first_seen = False
+        self.inter_token = metrics.INTER_TOKEN_LATENCY.labels(self.model)  # looked up once, observed per delta
 
     def observe(self, delta: GenerationDelta) -> None:
         if delta.token_ids:
@@ -51,7 +62,7 @@ class GenerationMetrics:
                 metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(now - self.started)
             previous = self.last.get(delta.index)
             if previous is not None:
-                metrics.INTER_TOKEN_LATENCY.labels(self.model).observe(now - previous)
+                self.inter_token.observe(now - previous)
             self.last[delta.index] = now
             self.generated += len(delta.token_ids)
         if delta.finish_reason is not None:
