@@ -22,6 +22,7 @@ from llmos.engine import (
     GenerationRequest,
     ModelHandle,
     ModelInfo,
+    PairScores,
 )
 from llmos.errors import ModelNotFoundError
 
@@ -85,6 +86,15 @@ class FakeEngine:
         return ClassificationResult(
             labels=["positive", "negative"], scores=[[0.75, 0.25] for _ in inputs], prompt_tokens=len(inputs)
         )
+
+    async def score_pairs(self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str) -> PairScores:
+        """The share of a document's words that are in its query."""
+        self.calls.append("score_pairs")
+        scores = []
+        for query, document in pairs:
+            words = document.lower().split()
+            scores.append(sum(w in query.lower().split() for w in words) / max(1, len(words)))
+        return PairScores(scores=scores, prompt_tokens=len(pairs))
 
     async def extract_entities(self, model: ModelHandle, inputs: list[str]) -> EntityResult:
         self.calls.append("extract_entities")

@@ -26,6 +26,7 @@ from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
 from llmos.api.openai.models.router import router as models_router
 from llmos.api.tasks.classifications import router as classifications_router
 from llmos.api.tasks.ner import router as ner_router
+from llmos.api.tasks.rerank import router as rerank_router
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
 from llmos.kernel.maintenance import MaintenanceLoop, run_maintenance
@@ -128,6 +129,7 @@ def create_app(
         fine_tuning_router,
         classifications_router,
         ner_router,
+        rerank_router,
     ):
         app.include_router(router)
     return app

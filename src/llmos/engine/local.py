@@ -29,7 +29,9 @@ from llmos.engine.protocol import (
     GenerationDelta,
     GenerationRequest,
     ModelHandle,
+    PairScores,
 )
+from llmos.engine.relevance import relevance_by_answer
 from llmos.engine.runner import GenerationRunner
 from llmos.engine.torch_backend import CausalRunner, EncoderRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
@@ -142,6 +144,20 @@ class LocalEngine:
     async def classify(self, model: ModelHandle, inputs: list[str]) -> ClassificationResult:
         return await self._on_runner(
             model, "sequence-classification", "a classifier", ClassifierRunner, lambda r: r.classify(inputs)
+        )
+
+    async def score_pairs(self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str) -> PairScores:
+        task = resolution(model).record.task
+        if task == "sequence-classification":
+            return await self._on_runner(
+                model, task, "a cross-encoder", ClassifierRunner, lambda r: r.score_pairs(pairs)
+            )
+        if model.info.task in ("chat", "completion") and model.info.scores_prompts:
+            return await relevance_by_answer(self, model, pairs, tenant=tenant)
+        raise InvalidRequestError(
+            f"model {model.name} is a {task} model: scoring needs a cross-encoder (sequence-classification) "
+            "or a chat or completion model whose backend scores prompts",
+            param="model",
         )
 
     async def extract_entities(self, model: ModelHandle, inputs: list[str]) -> EntityResult:

@@ -123,6 +123,13 @@ class ClassificationResult:
 
 
 @dataclass(frozen=True)
+class PairScores:
+    scores: list[float]
+    """How relevant each (query, document) pair's document is to its query, in [0, 1], in order."""
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class Entity:
     """A named entity found in an input: its type, its text and where it stands."""
 
@@ -182,6 +189,12 @@ class EngineClient(Protocol):
 
     async def extract_entities(self, model: ModelHandle, inputs: list[str]) -> EntityResult:
         """Named entities (BIO spans with character offsets) from a token-classification model."""
+        ...
+
+    async def score_pairs(self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str) -> PairScores:
+        """Relevance of each (query, document) pair: a cross-encoder's (sequence-classification
+        model) or a causal model's yes to ``engine.relevance``'s prompt; 400 naming ``model`` for
+        a model that can do neither."""
         ...
 
     def stats(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from llmos.engine.protocol import ClassificationResult
+from llmos.engine.protocol import ClassificationResult, PairScores
 from llmos.engine.threads import encoder_compute
 from llmos.errors import ContextLengthExceededError
 
@@ -46,6 +46,34 @@ class ClassifierRunner(HeadRunner):
                 batch = self.tokenizer(texts[k : k + self.micro_batch], padding=True, return_tensors="pt")
                 scores.extend(self.probabilities(batch).tolist())
         return ClassificationResult(labels=self.labels, scores=scores, prompt_tokens=prompt_tokens)
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> PairScores:
+        """A cross-encoder's relevance of each (query, document) pair, read together as one input:
+        the sigmoid of a one-label head's logit (as sentence-transformers' ``CrossEncoder``), else
+        the probability of label 1 (the relevant class of a two-label head)."""
+        prompt_tokens = 0
+        for i, (query, document) in enumerate(pairs):
+            n = len(self.tokenizer(query, document)["input_ids"])
+            if n > self.max_length:
+                raise ContextLengthExceededError(
+                    f"pair {i} has {n} tokens; this model accepts at most {self.max_length}", param="documents"
+                )
+            prompt_tokens += n
+        scores: list[float] = []
+        with self._lock:
+            for k in range(0, len(pairs), self.micro_batch):
+                part = pairs[k : k + self.micro_batch]
+                batch = self.tokenizer([q for q, _ in part], [d for _, d in part], padding=True, return_tensors="pt")
+                scores.extend(self.relevance(batch).tolist())
+        return PairScores(scores=scores, prompt_tokens=prompt_tokens)
+
+    def relevance(self, batch: Any) -> torch.Tensor:
+        @torch.inference_mode()
+        def forward() -> torch.Tensor:
+            logits = self.model(**batch).logits.float()
+            return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=-1)[:, 1]
+
+        return encoder_compute.run(forward)
 
 
 def count_tokens(tokenizer: Any, texts: list[str], max_length: int) -> int:

@@ -1,0 +1,128 @@
+"""/v1/score and /v1/rerank: a cross-encoder's relevance, or a causal model's yes to the relevance
+prompt, equal to the same weights run by transformers; bad input refused before any work."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from llmos.engine.relevance import ANSWERS, RELEVANCE_PROMPT
+from llmos.platform import Platform
+from tests.unit.test_api import assert_error, auth
+
+QUERY = "What is the capital of France?"
+DOCUMENTS = ["The capital of France is Paris.", "A quick brown fox jumps over the lazy dog.", "Hello, how are you?"]
+
+
+def build_cross_encoder(encoder_dir: Path, root: Path) -> Path:
+    """A one-label sequence-classification head on the tiny encoder (a cross-encoder's shape)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (encoder_dir / name).exists():
+            shutil.copy(encoder_dir / name, root / name)
+    config = BertConfig.from_pretrained(encoder_dir)
+    config.num_labels = 1
+    config.id2label, config.label2id = {0: "relevant"}, {"relevant": 0}
+    config.architectures = ["BertForSequenceClassification"]
+    torch.manual_seed(11)
+    BertForSequenceClassification(config).save_pretrained(root, safe_serialization=True)
+    return root
+
+
+@pytest.fixture
+def cross_encoder(loaded_platform: Platform, tiny_encoder_dir: Path, tmp_path: Path) -> Path:
+    directory = build_cross_encoder(tiny_encoder_dir, tmp_path / "ce")
+    loaded_platform.registry.pull(f"file:{directory}", name="tiny-ce")
+    return directory
+
+
+def cross_reference(directory: Path, query: str, documents: list[str]) -> list[float]:
+    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    with torch.no_grad():
+        logits = model(**tok([query] * len(documents), documents, padding=True, return_tensors="pt")).logits
+    return torch.sigmoid(logits[:, 0]).tolist()
+
+
+def causal_reference(directory: Path, query: str, document: str) -> float:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    text = RELEVANCE_PROMPT.format(query=query, document=document)
+    prompt = tok(text)["input_ids"]
+    answer_logprobs = []
+    for answer in ANSWERS:
+        full = tok(text + answer)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), dim=-1)
+        answer_logprobs.append(sum(float(lp[i - 1, full[i]]) for i in range(len(prompt), len(full))))
+    yes, no = answer_logprobs
+    return 1 / (1 + math.exp(no - yes))
+
+
+def post(http: TestClient, path: str, body: dict) -> dict:
+    resp = http.post(path, headers=auth(), json=body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_rerank_with_a_cross_encoder_orders_by_its_scores(http: TestClient, cross_encoder: Path) -> None:
+    expected = cross_reference(cross_encoder, QUERY, DOCUMENTS)
+    out = post(http, "/v1/rerank", {"model": "tiny-ce", "query": QUERY, "documents": DOCUMENTS, "top_n": 2})
+    results = out["results"]
+    order = sorted(range(len(DOCUMENTS)), key=lambda i: -expected[i])[:2]
+    assert [r["index"] for r in results] == order
+    for r in results:
+        assert r["relevance_score"] == pytest.approx(expected[r["index"]], abs=1e-5)
+        assert r["document"] == {"text": DOCUMENTS[r["index"]]}
+    assert out["usage"]["total_tokens"] > 0
+    bare = post(
+        http,
+        "/v1/rerank",
+        {"model": "tiny-ce", "query": QUERY, "documents": [{"text": d} for d in DOCUMENTS], "return_documents": False},
+    )
+    assert len(bare["results"]) == 3 and all("document" not in r for r in bare["results"])
+
+
+def test_score_has_vllms_shape(http: TestClient, cross_encoder: Path) -> None:
+    expected = cross_reference(cross_encoder, QUERY, DOCUMENTS)
+    out = post(http, "/v1/score", {"model": "tiny-ce", "text_1": QUERY, "text_2": DOCUMENTS})
+    assert out["object"] == "list"
+    assert [d["index"] for d in out["data"]] == [0, 1, 2] and {d["object"] for d in out["data"]} == {"score"}
+    assert [d["score"] for d in out["data"]] == pytest.approx(expected, abs=1e-5)
+    paired = post(http, "/v1/score", {"model": "tiny-ce", "text_1": [QUERY] * 3, "text_2": DOCUMENTS})
+    assert [d["score"] for d in paired["data"]] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_causal_model_reranks_by_its_yes_to_the_relevance_prompt(http: TestClient, tiny_chat_dir: Path) -> None:
+    out = post(http, "/v1/rerank", {"model": "tiny-chat", "query": QUERY, "documents": DOCUMENTS})
+    for r in out["results"]:
+        expected = causal_reference(tiny_chat_dir, QUERY, DOCUMENTS[r["index"]])
+        assert r["relevance_score"] == pytest.approx(expected, abs=1e-4)
+    scores = [r["relevance_score"] for r in out["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/rerank", {"query": QUERY, "documents": []}, "documents"),
+        ("/v1/rerank", {"query": QUERY, "documents": ["x"] * 2049}, "documents"),
+        ("/v1/rerank", {"query": QUERY, "documents": [""]}, "documents"),
+        ("/v1/rerank", {"query": QUERY, "documents": DOCUMENTS, "top_n": 0}, "top_n"),
+        ("/v1/rerank", {"query": QUERY, "documents": DOCUMENTS, "model": "tiny-embed"}, "model"),
+        ("/v1/rerank", {"query": QUERY, "documents": ["Paris " * 300]}, "documents"),
+        ("/v1/score", {"text_1": [QUERY, QUERY], "text_2": DOCUMENTS}, "text_1"),
+        ("/v1/score", {"text_1": QUERY, "text_2": []}, "text_2"),
+    ],
+)
+def test_bad_scoring_input_is_refused_naming_the_field(http: TestClient, path: str, body: dict, param: str) -> None:
+    assert_error(http.post(path, headers=auth(), json={"model": "tiny-chat", **body}), 400, param=param)
+    assert post(http, "/v1/rerank", {"model": "tiny-chat", "query": QUERY, "documents": ["Paris"]})["results"]
