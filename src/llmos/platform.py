@@ -10,7 +10,9 @@ from llmos.config import Settings
 from llmos.errors import NotFoundError
 from llmos.kernel.jobs import JobStore
 from llmos.registry import LocalArtifactStore, ModelRegistry
+from llmos.registry.completions import CompletionStore
 from llmos.registry.db import Database
+from llmos.registry.feedback import FeedbackStore
 from llmos.registry.files import FileStore
 from llmos.security import KeyStore
 from llmos.security.audit import AuditLog
@@ -39,6 +41,8 @@ class Platform:
     limiter: RateLimiter
     files: FileStore
     jobs: JobStore
+    completions: CompletionStore
+    feedback: FeedbackStore
     _usage_writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "usage-writer"))
 
     @classmethod
@@ -47,6 +51,7 @@ class Platform:
         db = Database(settings.db_url)
         registry = ModelRegistry(db, LocalArtifactStore(settings.store_dir), settings.home)
         tenants = TenantStore(db)
+        completions = CompletionStore(db)
         files = FileStore(
             db,
             registry.store,
@@ -64,6 +69,8 @@ class Platform:
             limiter=RateLimiter(),
             files=files,
             jobs=JobStore(db, files, registry),
+            completions=completions,
+            feedback=FeedbackStore(db, completions),
         )
 
     @property

@@ -22,6 +22,25 @@ def test_chat_jsonl(tmp_path: Path) -> None:
     assert (summary.format, summary.encoding, summary.records) == ("chat", "jsonl", 3)
 
 
+def test_openai_dpo_lines_are_preference_data(tmp_path: Path) -> None:
+    row = {
+        "input": {"messages": [{"role": "user", "content": "hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "hello"}],
+        "non_preferred_output": [{"role": "assistant", "content": "go away"}],
+    }
+    summary = validate_dataset(write(tmp_path, "p.jsonl", "\n".join(json.dumps(row) for _ in range(2))))
+    assert (summary.format, summary.records) == ("preference", 2)
+    for broken, field in (
+        ({**row, "input": "hi"}, "input"),
+        ({**row, "non_preferred_output": []}, "non_preferred_output"),
+        ({**row, "preferred_output": [{"role": "user", "content": "x"}]}, "preferred_output"),
+        ({**row, "input": {"messages": [{"role": "user", "content": 1}]}}, "input.messages[0].content"),
+    ):
+        with pytest.raises(DatasetError) as exc:
+            validate_dataset(write(tmp_path, "bad.jsonl", json.dumps(row) + "\n" + json.dumps(broken)))
+        assert (exc.value.line, exc.value.field) == (2, field)
+
+
 def test_real_datasets_are_recognised(tmp_path: Path) -> None:
     sst2 = validate_dataset(SHARED / "sst2" / "dev.tsv")
     assert sst2.format == "classification" and sst2.encoding == "tsv" and sst2.records == 872

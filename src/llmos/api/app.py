@@ -15,10 +15,12 @@ from llmos import __version__
 from llmos.api import health, usage
 from llmos.api.admin.router import router as admin_router
 from llmos.api.errors import install_error_handlers
+from llmos.api.feedback import router as feedback_router
 from llmos.api.hosts import HostCheckMiddleware, allowed_hosts_for
 from llmos.api.limits import BodyLimitMiddleware
 from llmos.api.model_management.router import router as model_management_router
 from llmos.api.openai.chat.router import router as chat_router
+from llmos.api.openai.chat.stored import router as stored_completions_router
 from llmos.api.openai.completions.router import router as completions_router
 from llmos.api.openai.embeddings.router import router as embeddings_router
 from llmos.api.openai.files.router import router as files_router
@@ -123,6 +125,8 @@ def create_app(
         models_router,
         model_management_router,
         chat_router,
+        stored_completions_router,
+        feedback_router,
         completions_router,
         embeddings_router,
         files_router,

@@ -10,6 +10,7 @@ from typing import Any
 
 from llmos.errors import InvalidRequestError, NotFoundError
 from llmos.registry.files import FileRecord, FileStore
+from llmos.registry.metadata import check_metadata
 from llmos.registry.service import ModelRecord, ModelRegistry
 from llmos.training.spec import TrainingSpec, parse_spec
 
@@ -25,10 +26,6 @@ TRAINABLE = {
     "sequence-classification": _ENCODER,
     "token-classification": _ENCODER,
 }
-# OpenAI's limits on a job's metadata.
-METADATA_PAIRS = 16
-METADATA_KEY_CHARS = 64
-METADATA_VALUE_CHARS = 512
 
 
 @dataclass(frozen=True)
@@ -100,27 +97,6 @@ def check_job_request(registry: ModelRegistry, files: FileStore, tenant: str, bo
         priority=priority,
         metadata=check_metadata(body.get("metadata")),
     )
-
-
-def check_metadata(metadata: Any) -> dict[str, str] | None:
-    """OpenAI's metadata: at most 16 string pairs, keys up to 64 characters, values up to 512."""
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise InvalidRequestError("metadata must be an object of string keys and values", param="metadata")
-    if len(metadata) > METADATA_PAIRS:
-        raise InvalidRequestError(f"metadata holds at most {METADATA_PAIRS} pairs", param="metadata")
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not 0 < len(key) <= METADATA_KEY_CHARS:
-            raise InvalidRequestError(
-                f"metadata keys must be strings of 1 to {METADATA_KEY_CHARS} characters", param="metadata"
-            )
-        if not isinstance(value, str) or len(value) > METADATA_VALUE_CHARS:
-            raise InvalidRequestError(
-                f"metadata value of {key!r} must be a string of at most {METADATA_VALUE_CHARS} characters",
-                param=f"metadata.{key}",
-            )
-    return dict(metadata)
 
 
 def _training_file(

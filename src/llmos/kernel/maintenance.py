@@ -1,6 +1,6 @@
 """Periodic maintenance of a running server: unreferenced blobs and abandoned temporary files are
-collected, denied requests tallied in memory reach the audit log, and audit and usage rows past
-their retention are deleted. One function does a run (tests call it with their own clock); a
+collected, denied requests tallied in memory reach the audit log, and audit and usage rows and
+stored completions past their retention are deleted. One function does a run (tests call it with their own clock); a
 thread repeats it every ``maintenance_interval_s``."""
 
 from __future__ import annotations
@@ -31,12 +31,17 @@ def run_maintenance(platform: Platform, *, now: float | None = None) -> dict[str
         "denied_tallies": platform.audit.flush_denied(),
         "audit_rows": 0,
         "usage_rows": 0,
+        "stored_completions": 0,
     }
     wall = datetime.fromtimestamp(now, UTC)
     if settings.audit_retention_days:
         done["audit_rows"] = platform.audit.delete_older_than(settings.audit_retention_days, now=wall)
     if settings.usage_retention_days:
         done["usage_rows"] = platform.usage.delete_older_than(settings.usage_retention_days, now=wall)
+    if settings.completion_retention_days:
+        done["stored_completions"] = platform.completions.delete_older_than(
+            settings.completion_retention_days, now=wall
+        )
     return done
 
 

@@ -132,9 +132,11 @@ class FileStore:
         max_bytes: int,
         idempotency_key: str | None = None,
         generated: bool = False,
+        lineage: dict[str, Any] | None = None,
     ) -> tuple[FileRecord, bool]:
         """Store and validate an upload. Returns the file and whether it was created (False: the
-        idempotency key named an identical earlier upload).
+        idempotency key named an identical earlier upload). ``lineage`` (a file the platform built:
+        where its lines came from) is kept in its summary.
 
         The bytes are written to a private staging file while hashed, validated there line by line,
         and only then placed under their digest together with the file's row; whatever fails on the
@@ -154,6 +156,8 @@ class FileStore:
             self._check_quota(tenant, staged.size)
             # What the platform writes itself (``generated``: a job's results) needs no validation.
             status, details, summary = ("processed", None, {}) if generated else self._validate(purpose, staged.path)
+            if lineage is not None:
+                summary = {**summary, "lineage": lineage}
             row = FileRow(
                 id=f"file-{uuid.uuid4().hex[:24]}",
                 tenant=tenant,

@@ -200,3 +200,42 @@ class JobCheckpointRow(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     path: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StoredCompletionRow(Base):
+    """A chat completion stored at its caller's request (``store: true``): what was asked and answered."""
+
+    __tablename__ = "stored_completions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(512), index=True)
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    """The request's messages, as the model saw them."""
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """The request's sampling fields that were set."""
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The chat.completion object answered (a streamed one as its chunks add up)."""
+    completion_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class FeedbackRow(Base):
+    """A judgement of one stored completion's choice: a rating, a corrected answer, tags, a comment."""
+
+    __tablename__ = "completion_feedback"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    completion_id: Mapped[str] = mapped_column(ForeignKey("stored_completions.id", ondelete="CASCADE"), index=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    choice_index: Mapped[int] = mapped_column(Integer, default=0)
+    rating: Mapped[str | None] = mapped_column(String(8))
+    """``up``, ``down`` or ``1`` .. ``5``, as given."""
+    score: Mapped[float | None] = mapped_column(Float)
+    """The rating on one scale, 0 (worst) to 1 (best)."""
+    correction: Mapped[str | None] = mapped_column(String(32768))
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    comment: Mapped[str | None] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

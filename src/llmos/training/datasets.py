@@ -7,6 +7,8 @@
   `sentence`) and `label` (or `category`) |
 | token-classification | JSONL or CoNLL | `{"tokens": [...], "tags": [...]}` of equal length /
   `token<TAB>tag` lines, a blank line between sentences |
+| preference | JSONL | OpenAI's DPO line: `{"input": {"messages": [...]}, "preferred_output": [{"role":
+  "assistant", "content": "..."}], "non_preferred_output": [...]}` |
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class DatasetError(InvalidRequestError):
 
 @dataclass(frozen=True)
 class DatasetSummary:
-    format: str  # chat | classification | token-classification
+    format: str  # chat | preference | classification | token-classification
     encoding: str  # jsonl | csv | tsv | conll
     records: int
     labels: dict[str, int] = field(default_factory=dict)
@@ -125,6 +127,8 @@ def _validate_jsonl(lines: Iterable[str]) -> DatasetSummary:
             raise DatasetError(f"a {record_kind} record in a {kind} file", line=number)
         if kind == "chat":
             _check_chat(record, number)
+        elif kind == "preference":
+            _check_preference(record, number)
         elif kind == "classification":
             _check_text(record.get("text"), number, "text")
             labels[_label(record.get("label"), number)] += 1
@@ -139,12 +143,15 @@ def _validate_jsonl(lines: Iterable[str]) -> DatasetSummary:
 def _jsonl_kind(record: dict[str, Any], line: int) -> str:
     if "messages" in record:
         return "chat"
+    if "input" in record or "preferred_output" in record:
+        return "preference"
     if "text" in record or "label" in record:
         return "classification"
     if "tokens" in record or "tags" in record:
         return "token-classification"
     raise DatasetError(
-        "expected 'messages' (chat), 'text' + 'label' (classification) or 'tokens' + 'tags' (token classification)",
+        "expected 'messages' (chat), 'input' + 'preferred_output' + 'non_preferred_output' (preference), "
+        "'text' + 'label' (classification) or 'tokens' + 'tags' (token classification)",
         line=line,
     )
 
@@ -161,19 +168,34 @@ def _label(value: Any, line: int) -> str:
 
 
 def _check_chat(record: dict[str, Any], line: int) -> None:
-    messages = record.get("messages")
+    messages = _check_messages(record.get("messages"), line, "messages")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DatasetError("needs at least one non-empty assistant message to learn from", line=line, field="messages")
+
+
+def _check_preference(record: dict[str, Any], line: int) -> None:
+    prompt = record.get("input")
+    if not isinstance(prompt, dict):
+        raise DatasetError("must be an object with 'messages'", line=line, field="input")
+    _check_messages(prompt.get("messages"), line, "input.messages")
+    for name in ("preferred_output", "non_preferred_output"):
+        output = _check_messages(record.get(name), line, name)
+        if any(m["role"] != "assistant" for m in output):
+            raise DatasetError("must hold assistant messages only", line=line, field=name)
+
+
+def _check_messages(messages: Any, line: int, name: str) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
-        raise DatasetError("must be a non-empty list", line=line, field="messages")
+        raise DatasetError("must be a non-empty list", line=line, field=name)
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{name}[{i}]"
         if not isinstance(message, dict):
             raise DatasetError("must be an object", line=line, field=where)
         if message.get("role") not in CHAT_ROLES:
             raise DatasetError(f"role must be one of {sorted(CHAT_ROLES)}", line=line, field=f"{where}.role")
         if not isinstance(message.get("content"), str):
             raise DatasetError("must be a string", line=line, field=f"{where}.content")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise DatasetError("needs at least one non-empty assistant message to learn from", line=line, field="messages")
+    return messages
 
 
 def _check_tokens(record: dict[str, Any], line: int) -> list[str]:

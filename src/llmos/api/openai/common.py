@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Generic, Literal, TypeVar
 
@@ -232,7 +232,7 @@ class GenerationService:
         chunk_type: type[StreamChunk[ChoiceT]],
         opening: Sequence[ChoiceT],
         choices_of: Callable[[GenerationDelta], Sequence[ChoiceT]],
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """``gen`` as server-sent events of ``chunk_type``, one choice each: the ``opening``
         choices, then those ``choices_of`` makes of each delta, the usage chunk when asked for,
         and ``[DONE]``; a failed generation ends with an error event instead."""
@@ -245,7 +245,7 @@ class GenerationService:
             chunk = template.model_copy(update={"choices": choices, "usage": usage})
             return sse_event(chunk, exclude=omit)
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncGenerator[str, None]:
             for choice in opening:
                 yield event([choice])
             try:

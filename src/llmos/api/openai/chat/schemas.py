@@ -36,6 +36,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    store: bool | None = False
+    """Keep the request and its answer as a stored completion of the caller's tenant."""
+    metadata: dict[str, Any] | None = None
+    """Up to 16 string pairs kept with a stored completion (checked with the job metadata's rules)."""
 
 
 class TopLogprobOut(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from llmos.api.openai.chat.schemas import (
     AssistantMessage,
@@ -17,9 +17,19 @@ from llmos.api.openai.chat.schemas import (
     TokenLogprobOut,
     TopLogprobOut,
 )
-from llmos.api.openai.common import GenerationService, build_sampling, finish_reason, new_id, now
+from llmos.api.openai.common import (
+    CollectedChoice,
+    GenerationService,
+    Usage,
+    build_sampling,
+    finish_reason,
+    new_id,
+    now,
+)
+from llmos.api.sse import SSE_DONE
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
 from llmos.errors import InvalidRequestError
+from llmos.registry.metadata import check_metadata
 
 
 def logprob_out(lp: TokenLogprob) -> TokenLogprobOut:
@@ -44,6 +54,7 @@ class ChatService(GenerationService):
             )
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        check_metadata(req.metadata)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         prompt = await self.engine.encode_chat(handle, messages)
         params = build_sampling(
@@ -75,16 +86,21 @@ class ChatService(GenerationService):
             )
             for i, choice in enumerate(collected)
         ]
-        return ChatCompletion(
-            id=gen.request_id,
-            created=now(),
-            model=req.model,
-            choices=choices,
-            usage=usage,
-        )
+        response = ChatCompletion(id=gen.request_id, created=now(), model=req.model, choices=choices, usage=usage)
+        if req.store:
+            await self._store(req, response)
+        return response
 
     def stream(self, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
+        streamed = [CollectedChoice() for _ in range(gen.params.n)]
+        completion_tokens = 0
+
         def choices_of(delta: GenerationDelta) -> list[ChunkChoice]:
+            nonlocal completion_tokens
+            streamed[delta.index].text += delta.text
+            if delta.finish_reason is not None:
+                streamed[delta.index].finish_reason = finish_reason(delta.finish_reason)
+            completion_tokens += len(delta.token_ids)
             out = []
             logprobs = _logprobs(delta.logprobs) if gen.params.logprobs and delta.logprobs else None
             if delta.text or logprobs:
@@ -101,7 +117,53 @@ class ChatService(GenerationService):
             ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content="", refusal=None))
             for i in range(gen.params.n)
         ]
-        return self.stream_events(req, gen, ChatCompletionChunk, opening, choices_of)
+        events = self.stream_events(req, gen, ChatCompletionChunk, opening, choices_of)
+        if not req.store:
+            return events
+
+        def whole() -> ChatCompletion:
+            prompt_tokens = len(gen.prompt_token_ids)
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            choices = [
+                ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+                for i, c in enumerate(streamed)
+            ]
+            return ChatCompletion(id=gen.request_id, created=now(), model=req.model, choices=choices, usage=usage)
+
+        return self._stored_when_done(req, events, whole)
+
+    async def _stored_when_done(
+        self, req: ChatCompletionRequest, events: AsyncGenerator[str, None], whole: Callable[[], ChatCompletion]
+    ) -> AsyncIterator[str]:
+        """``events``, the completion they add up to stored before the closing ``[DONE]`` (so a
+        client that saw it can retrieve it); a stream that failed or was left is not stored."""
+        try:
+            async for event in events:
+                if event == SSE_DONE:
+                    await self._store(req, whole())
+                yield event
+        finally:
+            await events.aclose()
+
+    async def _store(self, req: ChatCompletionRequest, response: ChatCompletion) -> None:
+        fields = {"temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "seed", "stop", "user"}
+        fields |= {"presence_penalty", "frequency_penalty"}
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+        await asyncio.to_thread(
+            self.ctx.platform.completions.save,
+            completion_id=response.id,
+            tenant=self.ctx.tenant,
+            key_id=self.ctx.key.id,
+            model=req.model,
+            messages=messages,
+            request=req.model_dump(include=fields, exclude_none=True),
+            response=response.model_dump(mode="json"),
+            metadata=check_metadata(req.metadata),
+        )
 
 
 def _logprobs(tokens: Sequence[TokenLogprob]) -> ChoiceLogprobs:
