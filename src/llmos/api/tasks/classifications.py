@@ -12,6 +12,7 @@ from llmos.api.context import RequestContext, admitted
 from llmos.api.deps import EngineDep, SettingsDep
 from llmos.api.openai.common import StrictModel
 from llmos.api.tasks.common import ModelField, TextInput, listing, text_inputs
+from llmos.monitoring import metrics
 
 router = APIRouter(tags=["tasks"])
 ClassifyContext = Annotated[RequestContext, Depends(admitted("classification"))]
@@ -31,7 +32,9 @@ async def classify(
     """Classify each input; `label`/`score` is the most likely label, `scores` all of them, best first."""
     texts = text_inputs(body.input, settings)
     await asyncio.to_thread(ctx.check_model, body.model)
-    result = await engine.classify(await engine.resolve(body.model), texts)
+    handle = await engine.resolve(body.model)
+    result = await engine.classify(handle, texts)
+    model_name = metrics.MODEL_NAMES(handle.info.name)
     data = []
     for i, row in enumerate(result.scores):
         ranked = sorted(zip(result.labels, row, strict=True), key=lambda pair: -pair[1])[: body.top_k]
@@ -44,5 +47,8 @@ async def classify(
                 "scores": [{"label": label, "score": score} for label, score in ranked],
             }
         )
+        if settings.metrics_enabled:  # the feed of the model-output alert rules
+            metrics.CLASSIFICATION_LABELS.labels(model_name, ranked[0][0]).inc()
+            metrics.CLASSIFICATION_CONFIDENCE.labels(model_name).observe(ranked[0][1])
     ctx.finish(body.model, result.prompt_tokens, 0)
     return listing(body.model, data, result.prompt_tokens)
