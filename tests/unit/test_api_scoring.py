@@ -10,6 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmos.config import Settings
 from tests.unit.test_api import assert_error, auth
 
 TEXT = "The capital of France is Paris. Hello, how are you today?"
@@ -103,3 +104,26 @@ def test_bad_scoring_requests_get_400_naming_the_field(http: TestClient, change:
     body = {"model": "tiny-chat", "prompt": TEXT, **change}
     assert_error(http.post("/v1/completions", headers=auth(), json=body), 400, param=param)
     assert complete(http, prompt="Hello", max_tokens=1)["choices"]  # the server is still up
+
+
+def test_a_model_llama_cpp_serves_refuses_prompt_scoring(
+    settings: Settings, tiny_chat_dir: Path, tmp_path: Path
+) -> None:
+    """llama.cpp's runner keeps no prompt logits: its models refuse scoring with a 400 naming the field."""
+    pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python")
+    from llmos.api import create_app
+    from llmos.platform import Platform
+    from tests.tiny_models import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tiny_chat_dir, tmp_path / "tiny-chat.F32.gguf")
+    platform = Platform.open(settings.model_copy(update={"gguf_backend": "llama.cpp"}))
+    try:
+        platform.registry.pull(f"file:{gguf}", name="tiny-gguf")
+        with TestClient(create_app(platform=platform)) as http:
+            body = {"model": "tiny-gguf", "prompt": TEXT, "echo": True, "logprobs": 1, "max_tokens": 0}
+            assert_error(http.post("/v1/completions", headers=auth(), json=body), 400, param="echo")
+            body = {"model": "tiny-gguf", "prompt": TEXT, "prompt_logprobs": 1, "max_tokens": 1}
+            assert_error(http.post("/v1/completions", headers=auth(), json=body), 400, param="prompt_logprobs")
+            assert http.get("/v1/models", headers=auth()).status_code == 200  # the server is still up
+    finally:
+        platform.close()

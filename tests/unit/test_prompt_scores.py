@@ -25,6 +25,8 @@ TEXTS = [
     "Hello, how are you today? Language models predict the next token.",
 ]
 K = 3
+BF16_TOLERANCE = 0.02
+"""Prompt logprobs of bf16 weights against a transformers bf16 forward (ADR 0013)."""
 
 
 def reference(model: Any, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +152,27 @@ def test_an_adapter_scores_with_its_own_weights_beside_the_base(
         assert_matches(adapted, merged_reference(tiny_chat_dir, directory), prompt)
         assert_matches(own, plain, prompt)
         assert [s.logprob for s in adapted[1:]] != [s.logprob for s in own[1:]]
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_bf16_prompt_logprobs_equal_a_bf16_forward_within_the_adrs_tolerance(
+    loaded_platform: Platform, tiny_chat_dir: Path
+) -> None:
+    """bf16 weights: within ``BF16_TOLERANCE`` of transformers' bf16 forward (ADR 0013), two prompts
+    packed into one pass."""
+    engine = LocalEngine(loaded_platform.registry, loaded_platform.settings.model_copy(update={"dtype": "bfloat16"}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.bfloat16).eval()
+
+    async def main() -> None:
+        handle = await engine.resolve("tiny-chat")
+        prompts = [await engine.encode_text(handle, t) for t in TEXTS]
+        results = await asyncio.gather(*(score(engine, "tiny-chat", p, f"s{i}") for i, p in enumerate(prompts)))
+        for prompt, (scored, *_) in zip(prompts, results, strict=True):
+            expected, _ = reference(model, prompt)
+            got = torch.tensor([s.logprob for s in scored[1:]])
+            assert torch.allclose(got, expected, atol=BF16_TOLERANCE), (got - expected).abs().max()
         await engine.shutdown()
 
     asyncio.run(main())
