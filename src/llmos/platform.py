@@ -14,6 +14,9 @@ from llmos.registry.completions import CompletionStore
 from llmos.registry.db import Database
 from llmos.registry.feedback import FeedbackStore
 from llmos.registry.files import FileStore
+from llmos.registry.responses import ResponseStore
+from llmos.retrieval.documents import DOCUMENT_PURPOSES
+from llmos.retrieval.stores import VectorStores
 from llmos.security import KeyStore
 from llmos.security.audit import AuditLog
 from llmos.security.denied import DeniedRequests
@@ -43,6 +46,8 @@ class Platform:
     jobs: JobStore
     completions: CompletionStore
     feedback: FeedbackStore
+    vector_stores: VectorStores
+    responses: ResponseStore
     _usage_writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "usage-writer"))
 
     @classmethod
@@ -55,7 +60,7 @@ class Platform:
         files = FileStore(
             db,
             registry.store,
-            {"fine-tune": check_training_file, "batch": validate_batch_file},
+            {"fine-tune": check_training_file, "batch": validate_batch_file, **DOCUMENT_PURPOSES},
             quota=lambda tenant: storage_allowance(tenants, settings, tenant),
         )
         return cls(
@@ -71,6 +76,8 @@ class Platform:
             jobs=JobStore(db, files, registry),
             completions=completions,
             feedback=FeedbackStore(db, completions),
+            vector_stores=VectorStores(db, settings.home / "vector_stores"),
+            responses=ResponseStore(db),
         )
 
     @property
@@ -92,6 +99,7 @@ class Platform:
 
     def close(self) -> None:
         self._usage_writer.shutdown(wait=True)  # flush pending usage rows
+        self.vector_stores.close()
         self.db.dispose()
 
 

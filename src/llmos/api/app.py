@@ -26,6 +26,9 @@ from llmos.api.openai.embeddings.router import router as embeddings_router
 from llmos.api.openai.files.router import router as files_router
 from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
 from llmos.api.openai.models.router import router as models_router
+from llmos.api.openai.responses.router import router as responses_router
+from llmos.api.openai.vector_stores.router import router as vector_stores_router
+from llmos.api.openai.vector_stores.serving import resume_ingestion
 from llmos.api.tasks.classifications import router as classifications_router
 from llmos.api.tasks.ner import router as ner_router
 from llmos.api.tasks.rerank import router as rerank_router
@@ -85,9 +88,11 @@ def create_app(
             p = app.state.platform
             maintenance = MaintenanceLoop(lambda: run_maintenance(p), settings.maintenance_interval_s)
             maintenance.start()
+        app.state.ingestion = resume_ingestion(app.state.platform, app.state.engine)
         try:
             yield
         finally:
+            await app.state.ingestion.close()
             await asyncio.to_thread(app.state.pulls.close)
             if maintenance is not None:
                 await asyncio.to_thread(maintenance.stop)
@@ -134,6 +139,8 @@ def create_app(
         classifications_router,
         ner_router,
         rerank_router,
+        vector_stores_router,
+        responses_router,
     ):
         app.include_router(router)
     return app

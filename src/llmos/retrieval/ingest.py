@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 Embed = Callable[[str, list[str]], Awaitable[list[list[float]]]]
 """Vectors of texts by an embedding model (the engine's embedding path, charged to the tenant)."""
 EMBED_BATCH = 32
+FILES_AT_ONCE = 4
+"""Files processed at once: a batch of hundreds must not fill the engine's queue, where
+clients' requests would be refused."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Ingestion:
         self.stores = stores
         self.files = files
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(FILES_AT_ONCE)
 
     def submit(self, job: FileJob, embed: Embed) -> None:
         task = asyncio.get_running_loop().create_task(self.process(job, embed))
@@ -46,6 +50,10 @@ class Ingestion:
         task.add_done_callback(self._tasks.discard)
 
     async def process(self, job: FileJob, embed: Embed) -> None:
+        async with self._slots:
+            await self._process(job, embed)
+
+    async def _process(self, job: FileJob, embed: Embed) -> None:
         try:
             path = await asyncio.to_thread(self.files.content_path, job.tenant, job.file_id)
             text = await asyncio.to_thread(document_text, path, job.filename)

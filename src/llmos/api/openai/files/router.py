@@ -91,6 +91,7 @@ async def file_content(file_id: str, platform: PlatformDep, key: FilesKey) -> Fi
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, request: Request, platform: PlatformDep, key: FilesKey) -> dict[str, Any]:
     record = await asyncio.to_thread(platform.files.delete, key.tenant, file_id)
+    await asyncio.to_thread(platform.vector_stores.forget_file, key.tenant, record.id)  # its chunks go too
     platform.audit.record(
         "file.delete",
         tenant=key.tenant,
