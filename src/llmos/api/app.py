@@ -14,6 +14,8 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from llmos import __version__
 from llmos.api import health, usage
 from llmos.api.admin.router import router as admin_router
+from llmos.api.console.pages import console_mount
+from llmos.api.console.sessions import ConsoleSessions
 from llmos.api.errors import install_error_handlers
 from llmos.api.feedback import router as feedback_router
 from llmos.api.hosts import HostCheckMiddleware, allowed_hosts_for
@@ -83,6 +85,11 @@ def create_app(
             supervisor.start()
         app.state.supervisor = supervisor
         app.state.pulls = PullOperations(app.state.platform.registry)
+        app.state.console_sessions = (
+            ConsoleSessions(app.state.platform.keys.derived_secret("console-session"), settings.console_session_ttl_s)
+            if settings.console_enabled
+            else None
+        )
         maintenance = None
         if settings.maintenance_interval_s > 0:
             p = app.state.platform
@@ -143,4 +150,6 @@ def create_app(
         responses_router,
     ):
         app.include_router(router)
+    if settings.console_enabled:
+        app.router.routes.append(console_mount())
     return app

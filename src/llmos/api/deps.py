@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from llmos.api.console.sessions import CSRF_HEADER, SESSION_COOKIE, ConsoleSessions
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
 from llmos.errors import AuthenticationError, NotFoundError, PermissionDeniedError
@@ -44,12 +45,15 @@ def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
         scheme, _, token = header.partition(" ")
         key = None
         try:
-            if scheme.lower() != "bearer" or not token.strip():
+            if not header and _console_session(request) is not None:
+                key = _session_key(request)
+            elif scheme.lower() != "bearer" or not token.strip():
                 raise AuthenticationError(
                     "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
                     code="missing_api_key",
                 )
-            key = platform.keys.verify(token.strip())
+            else:
+                key = platform.keys.verify(token.strip())
             _check_tenant(platform, key.tenant)
             if not key.allows(scope):
                 raise PermissionDeniedError(f"This API key lacks the '{scope}' scope.")
@@ -70,6 +74,23 @@ def require(scope: str) -> Callable[[Request], ApiKeyInfo]:
 
     dependency.required_scope = scope  # type: ignore[attr-defined]
     return dependency
+
+
+def _console_session(request: Request) -> str | None:
+    """The console's session cookie, when the console is on and the request carries one."""
+    if getattr(request.app.state, "console_sessions", None) is None:
+        return None
+    return request.cookies.get(SESSION_COOKIE)
+
+
+def _session_key(request: Request) -> ApiKeyInfo:
+    """The key a console session signed in with, checked again as if it were presented now
+    (revoked or expired since: 401), with the CSRF token for state-changing requests."""
+    sessions: ConsoleSessions = request.app.state.console_sessions
+    session = sessions.authenticate(
+        request.cookies.get(SESSION_COOKIE, ""), request.method, request.headers.get(CSRF_HEADER)
+    )
+    return get_platform(request).keys.current(session.key_id)
 
 
 def _check_tenant(platform: Platform, tenant_id: str) -> None:

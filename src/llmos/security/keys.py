@@ -104,6 +104,11 @@ class KeyStore:
         # a key revoked through another server stops working within the TTL.
         self._verified: dict[str, tuple[float, ApiKeyInfo]] = {}
 
+    def derived_secret(self, purpose: str) -> bytes:
+        """A key for another use of the server secret (e.g. signing console sessions), so that
+        nothing signed for one purpose is valid for another."""
+        return hmac.new(self._secret, f"llmos:{purpose}".encode(), hashlib.sha256).digest()
+
     def _hash(self, key: str) -> str:
         return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
 
@@ -211,6 +216,20 @@ class KeyStore:
             if last is None or (now - last).total_seconds() > 60:  # one write a minute, not per request
                 row.last_used_at = now
             return info
+
+    def current(self, key_id: str) -> ApiKeyInfo:
+        """The key with this id if it may still be used (a console session signed in with it): 401
+        once it is revoked, expired or gone."""
+        with self.db.session() as s:
+            row = s.get(ApiKeyRow, key_id)
+            info = ApiKeyInfo.from_row(row) if row is not None else None
+        if info is None:
+            raise AuthenticationError("This API key no longer exists.")
+        if info.revoked_at is not None:
+            raise AuthenticationError("This API key has been revoked.", code="revoked_api_key")
+        if info.expires_at is not None and info.expires_at <= datetime.now(UTC):
+            raise AuthenticationError("This API key has expired.", code="expired_api_key")
+        return info
 
     def get(self, key_id: str) -> ApiKeyInfo:
         with self.db.session() as s:

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from llmos.api.deps import EngineDep, InferenceKey, PlatformDep
 from llmos.api.model_management.router import ModelsKey, changeable
@@ -28,14 +28,16 @@ def _newest_versions(records: list[ModelRecord]) -> list[ModelRecord]:
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(platform: PlatformDep, key: InferenceKey) -> Any:
+async def list_models(
+    platform: PlatformDep,
+    key: InferenceKey,
+    versions: Annotated[bool, Query(description="Every ready version, not only the newest of each name.")] = False,
+) -> Any:
     records = await asyncio.to_thread(platform.registry.list, tenant=_visible_to(key))
     names = {r.id: r.name for r in records}
     admin = "admin" in key.scopes
-    data = [
-        ModelObject.from_record(r, parent_name=names.get(r.parent_id or ""), server_paths=admin)
-        for r in _newest_versions(records)
-    ]
+    shown = [r for r in records if r.status == "ready"] if versions else _newest_versions(records)
+    data = [ModelObject.from_record(r, parent_name=names.get(r.parent_id or ""), server_paths=admin) for r in shown]
     return ModelList(data=data).model_dump()
 
 

@@ -1,0 +1,1 @@
+"""The web console at /ui (docs/console.md)."""

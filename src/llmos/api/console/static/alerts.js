@@ -1,0 +1,39 @@
+// Alerts: every rule's state, the rules (with a test-fire button) and the history of changes.
+"use strict";
+(() => {
+  const { api, el, table, replace, notice, failed, when, every } = LLMOS;
+
+  async function refresh() {
+    let states;
+    try {
+      states = await api("GET", "/v1/admin/alerts");
+    } catch (error) {
+      if (error.status === 404) return replace("states", el("p", { class: "muted" }, "Alerting is not available on this server."));
+      throw error;
+    }
+    replace("states", table([
+      { title: "rule", cell: (s) => s.rule },
+      { title: "severity", cell: (s) => s.severity },
+      { title: "state", cell: (s) => el("span", { "data-state": s.state }, s.state) },
+      { title: "alerts", cell: (s) => (s.alerts || []).map((a) => `${JSON.stringify(a.labels)} = ${a.value ?? "-"}`).join("; ") || "-" },
+    ], states.data, "No rule."));
+    const rules = await api("GET", "/v1/admin/alerts/rules");
+    replace("rules", table([
+      { title: "name", cell: (r) => r.name },
+      { title: "condition", cell: (r) => JSON.stringify(r.condition || r.expr || {}) },
+      { title: "for", cell: (r) => r.for ?? r.for_s ?? "-" },
+      { title: "severity", cell: (r) => r.severity },
+      { title: "", cell: (r) => el("button", { type: "button", class: "secondary", onclick: async () => {
+        try { await api("POST", `/v1/admin/alerts/rules/${encodeURIComponent(r.name)}/test`); notice(`test notification of ${r.name} sent`, "ok"); } catch (error) { failed(error); }
+      } }, "Test-fire") },
+    ], rules.data, "No rule."));
+    const history = await api("GET", "/v1/admin/alerts/history?limit=50");
+    replace("history", table([
+      { title: "at", cell: (h) => when(h.at) },
+      { title: "rule", cell: (h) => h.rule },
+      { title: "change", cell: (h) => `${h.previous ?? h.from_state ?? "?"} → ${h.state ?? h.to_state ?? "?"}` },
+      { title: "labels", cell: (h) => JSON.stringify(h.labels || {}) },
+    ], history.data, "No change yet."));
+  }
+  every(5000, refresh);
+})();

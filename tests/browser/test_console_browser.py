@@ -1,0 +1,226 @@
+"""The web console in a real browser: Playwright driving Debian's chromium (never `playwright
+install`) against the server on loopback with the tiny test models. Sign-in, models and a pull
+followed live, streamed chat, a fine-tuning job's loss curve growing, a tenant that sees only
+its own jobs, wrong keys, ended sessions and CSRF-less requests. A screenshot of every page is
+written under the pytest temporary directory (``console-screenshots``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from llmos.api import create_app
+from llmos.api.console.pages import PAGES
+from llmos.api.server import server_config
+from llmos.config import Settings
+from llmos.platform import Platform
+from tests.conftest import ADMIN_KEY
+from tests.unit.test_http_server import _free_port
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium")
+pytestmark = [
+    pytest.mark.slow,  # about a minute; tests/unit/test_console.py covers sessions and CSRF fast
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"),
+]
+WAIT_MS = 60_000
+ROWS = [
+    {"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": "Paris is in France."}]}
+    for i in range(12)
+]
+
+
+@dataclass
+class Console:
+    url: str
+    app: Any
+    platform: Platform
+    tiny_chat_dir: Path
+    acme_key: str
+    other_job: str
+    shots: Path
+
+
+def _api(url: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
+    resp = httpx.request(method, f"{url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30, **kwargs)
+    assert resp.status_code < 300, resp.text
+    return resp.json()
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path) -> Iterator[Console]:
+    home = tmp_path_factory.mktemp("console") / "home"
+    settings = Settings(
+        home=home,
+        admin_key=ADMIN_KEY,
+        dtype="float32",
+        batch_wait_ms=20,
+        host="127.0.0.1",
+        port=_free_port(),
+        allowed_hosts=[],
+    )
+    platform = Platform.open(settings)
+    platform.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
+    for tenant in ("acme", "other"):
+        platform.tenants.create(tenant)
+    _, acme_key = platform.keys.create("acme-console", tenant="acme", scopes=("inference", "files", "fine-tune"))
+    _, other_key = platform.keys.create("other-api", tenant="other", scopes=("inference", "files", "fine-tune"))
+    app = create_app(settings, platform=platform)
+    server = uvicorn.Server(server_config(app, settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{settings.port}"
+    # Another tenant's job, which acme's key must never see.
+    data = "\n".join(json.dumps(r) for r in ROWS).encode()
+    file_id = _api(
+        url, other_key, "POST", "/v1/files", files={"file": ("t.jsonl", data)}, data={"purpose": "fine-tune"}
+    )
+    body = {"model": "tiny-chat", "training_file": file_id["id"], "suffix": "secret"}
+    other_job = _api(url, other_key, "POST", "/v1/fine_tuning/jobs", json=body)["id"]
+    _api(url, other_key, "POST", f"/v1/fine_tuning/jobs/{other_job}/cancel")
+    shots = tmp_path_factory.mktemp("console-screenshots")
+    yield Console(url, app, platform, tiny_chat_dir, acme_key, other_job, shots)
+    server.should_exit = True
+    thread.join(timeout=30)
+    platform.close()
+
+
+@pytest.fixture(scope="module")
+def browser(console: Console) -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+def _signed_in(browser: Any, console: Console, key: str = ADMIN_KEY) -> Any:
+    page = browser.new_context().new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(f"{console.url}/ui/")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/ui/overview")
+    return page
+
+
+def test_a_wrong_key_is_refused_and_the_right_one_signs_in(browser: Any, console: Console) -> None:
+    page = browser.new_page()
+    page.goto(f"{console.url}/ui/")
+    page.get_by_label("API key").fill("sk-llmos-000000000000-notarealkeynotarealkey")
+    page.get_by_role("button", name="Sign in").click()
+    sync_api.expect(page.locator("#login-error")).to_contain_text("Incorrect API key")
+    page.screenshot(path=str(console.shots / "login-refused.png"))
+    page.close()
+    page = _signed_in(browser, console)
+    sync_api.expect(page.locator("#health-state")).to_have_text("Ready")
+    sync_api.expect(page.locator("#resident")).to_contain_text("in use")
+
+
+def test_every_page_renders_and_is_captured(browser: Any, console: Console) -> None:
+    page = _signed_in(browser, console)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    for entry in PAGES:
+        page.goto(f"{console.url}/ui/{entry.slug}")
+        sync_api.expect(page.locator("h1")).to_have_text(entry.title)
+        page.wait_for_load_state("networkidle")
+        page.screenshot(path=str(console.shots / f"{entry.slug}.png"), full_page=True)
+    assert errors == []
+    assert len(list(console.shots.glob("*.png"))) >= len(PAGES)
+
+
+def test_models_are_listed_and_a_pull_is_followed_to_its_end(browser: Any, console: Console) -> None:
+    page = _signed_in(browser, console)
+    page.goto(f"{console.url}/ui/models")
+    sync_api.expect(page.locator('#model-tree [data-model="tiny-chat"]')).to_be_visible()
+    page.get_by_label("Catalog name or source URI").fill(f"file:{console.tiny_chat_dir}")
+    page.get_by_label("Register as (optional)").fill("tiny-pulled")
+    page.get_by_role("button", name="Pull", exact=True).click()
+    pull = page.locator("#pulls .pull").first
+    sync_api.expect(pull).to_have_attribute("data-status", "succeeded")
+    sync_api.expect(pull).to_contain_text("registered tiny-pulled@1")
+    sync_api.expect(page.locator('#model-tree [data-model="tiny-pulled"]')).to_be_visible()
+    page.screenshot(path=str(console.shots / "models-pulled.png"), full_page=True)
+
+
+def test_chat_in_the_playground_streams_text(browser: Any, console: Console) -> None:
+    page = _signed_in(browser, console)
+    page.goto(f"{console.url}/ui/playground")
+    sync_api.expect(page.get_by_label("Model or adapter")).to_have_value("tiny-chat")
+    page.get_by_label("Max tokens").fill("12")
+    page.get_by_label("Message", exact=True).fill("Hello there")
+    page.get_by_role("button", name="Send").click()
+    answer = page.locator("#out-a")
+    sync_api.expect(answer).to_have_attribute("data-state", "done")
+    assert answer.inner_text().strip(), "no streamed text"
+    page.screenshot(path=str(console.shots / "playground-chat.png"), full_page=True)
+
+
+def test_a_fine_tuning_job_shows_its_loss_curve_growing(browser: Any, console: Console, tmp_path: Path) -> None:
+    page = _signed_in(browser, console, console.acme_key)
+    page.goto(f"{console.url}/ui/files")
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in ROWS))
+    page.get_by_label("File", exact=True).set_input_files(str(train))
+    page.get_by_role("button", name="Upload").click()
+    sync_api.expect(page.locator("#upload-status")).to_contain_text("Uploaded train.jsonl")
+    page.goto(f"{console.url}/ui/fine-tuning")
+    sync_api.expect(page.get_by_label("Training file")).to_contain_text("train.jsonl")
+    page.get_by_label("Epochs").fill("2")
+    page.get_by_label("Batch size").fill("3")
+    page.get_by_label("Rank r").fill("4")
+    page.get_by_role("button", name="Create job").click()
+    sync_api.expect(page.locator("#job-detail")).to_be_visible()
+    line = page.locator('#loss-chart polyline[data-series="train loss"]')
+    sync_api.expect(line).to_have_count(1, timeout=120_000)
+    first = int(line.get_attribute("data-points") or 0)
+    page.wait_for_function(
+        "n => Number(document.querySelector('#loss-chart polyline[data-series=\"train loss\"]')"
+        "?.getAttribute('data-points')) > n",
+        arg=first,
+        timeout=120_000,
+    )
+    page.screenshot(path=str(console.shots / "fine-tuning-loss.png"), full_page=True)
+    # acme's key sees its own job, never the other tenant's, nor the admin pages.
+    jobs = page.locator("#jobs").inner_text()
+    assert console.other_job not in jobs
+    assert page.locator('nav a[href="/ui/admin"]').count() == 0
+    page.get_by_role("button", name="Cancel").click()
+    sync_api.expect(page.locator("#job-status")).to_have_attribute("data-status", "cancelled")
+
+
+def test_an_ended_session_goes_back_to_sign_in(browser: Any, console: Console) -> None:
+    page = _signed_in(browser, console)
+    console.app.state.console_sessions._sessions.clear()  # as a restart or the session's end would
+    page.goto(f"{console.url}/ui/models")
+    page.wait_for_url("**/ui/login?ended=1")
+    sync_api.expect(page.locator("main")).to_contain_text("Your session has ended")
+
+
+def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(browser: Any, console: Console) -> None:
+    page = _signed_in(browser, console)
+    before = [t.id for t in console.platform.tenants.list()]
+    answer = page.evaluate(
+        """async () => {
+            const resp = await fetch('/v1/admin/tenants', {method: 'POST', credentials: 'same-origin',
+                headers: {'Content-Type': 'application/json'}, body: JSON.stringify({id: 'forged'})});
+            return [resp.status, await resp.json()];
+        }"""
+    )
+    assert answer[0] == 403
+    assert answer[1]["error"]["code"] == "csrf_failed"
+    assert [t.id for t in console.platform.tenants.list()] == before
