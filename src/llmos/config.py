@@ -46,6 +46,19 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the metadata database; default SQLite at $LLMOS_HOME/llmos.db. "
         "PostgreSQL works too (postgresql+psycopg://...).",
     )
+    artifact_store: str = Field(
+        default="",
+        description="Where models, adapters and files are stored: empty for $LLMOS_HOME/store, or an "
+        "S3-compatible bucket `s3://bucket/prefix` (needs `llmos[s3]`; credentials from boto3's usual chain).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Endpoint of an S3-compatible service (MinIO, Ceph, moto); default AWS's."
+    )
+    s3_cache_mb: int = Field(
+        default=10240,
+        ge=16,
+        description="Local copies of blobs read from `artifact_store`, least recently used evicted.",
+    )
     host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `llmos serve` listens on.")
     allowed_hosts: list[str] = Field(

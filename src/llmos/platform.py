@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 from llmos.config import Settings
 from llmos.errors import NotFoundError
 from llmos.kernel.jobs import JobStore
-from llmos.registry import LocalArtifactStore, ModelRegistry
+from llmos.registry import ModelRegistry
 from llmos.registry.completions import CompletionStore
 from llmos.registry.db import Database
 from llmos.registry.feedback import FeedbackStore
 from llmos.registry.files import FileStore
+from llmos.registry.object_store import open_artifact_store
 from llmos.registry.responses import ResponseStore
 from llmos.retrieval.documents import DOCUMENT_PURPOSES
 from llmos.retrieval.stores import VectorStores
@@ -54,7 +55,13 @@ class Platform:
     def open(cls, settings: Settings) -> Platform:
         secure_home(settings.home)  # owner-only, looser paths tightened with a warning
         db = Database(settings.db_url)
-        registry = ModelRegistry(db, LocalArtifactStore(settings.store_dir), settings.home)
+        store = open_artifact_store(
+            settings.artifact_store,
+            local_root=settings.store_dir,
+            cache_bytes=settings.s3_cache_mb << 20,
+            endpoint_url=settings.s3_endpoint_url,
+        )
+        registry = ModelRegistry(db, store, settings.home)
         tenants = TenantStore(db)
         completions = CompletionStore(db)
         files = FileStore(

@@ -18,7 +18,7 @@ from llmos.errors import InvalidRequestError, NotFoundError, PayloadTooLargeErro
 from llmos.registry.db import Database
 from llmos.registry.gc import collect_unreferenced
 from llmos.registry.idempotency import find_earlier, insert_once
-from llmos.registry.store import LocalArtifactStore
+from llmos.registry.store import ArtifactStore
 from llmos.registry.tables import FileRow, ModelRow
 
 Validator = Callable[[Path], dict[str, Any]]
@@ -113,7 +113,7 @@ class FileStore:
     def __init__(
         self,
         db: Database,
-        store: LocalArtifactStore,
+        store: ArtifactStore,
         validators: dict[str, Validator],
         quota: StorageQuota = lambda tenant: None,
     ) -> None:

@@ -31,7 +31,7 @@ from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_chec
 from llmos.registry.gc import collect_unreferenced
 from llmos.registry.records import SHARED_OWNER, Lineage, ModelRecord, validate_name
 from llmos.registry.sources import Progress, get_source
-from llmos.registry.store import LocalArtifactStore, sha256_file
+from llmos.registry.store import ArtifactStore, sha256_file
 from llmos.registry.tables import ArtifactRow, ModelRow
 
 # Files a served model needs besides its weights; everything else in a source is left behind.
@@ -39,7 +39,7 @@ _KEEP_SUFFIXES = {".json", ".txt", ".model", ".jinja", ".safetensors"}
 
 
 class ModelRegistry:
-    def __init__(self, db: Database, store: LocalArtifactStore, home: Path) -> None:
+    def __init__(self, db: Database, store: ArtifactStore, home: Path) -> None:
         self.db = db
         self.store = store
         self.home = home

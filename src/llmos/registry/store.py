@@ -60,35 +60,27 @@ def sha256_file(path: Path, progress: ProgressFn | None = None) -> str:
 
 
 class ArtifactStore(ABC):
-    """Where model and dataset bytes live; chosen by URI scheme (local directory by default)."""
+    """Where model and dataset bytes live; chosen by URI (a local directory by default, or an
+    S3-compatible bucket: ``registry.object_store``). Every write is staged in a private local
+    file, hashed on the way, and only then placed under its name; where blobs then live is the
+    subclass's business."""
 
-    @abstractmethod
-    def put_file(self, src: Path, *, expected_sha256: str | None = None, progress: ProgressFn | None = None) -> str:
-        """Copy ``src`` into the store and return its digest."""
-
-    @abstractmethod
-    def put_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> str:
-        """Store a byte stream and return its digest."""
-
-    @abstractmethod
-    def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
-        """Write and hash a byte stream privately, not yet under its name."""
-
-    @abstractmethod
-    def exclusive(self) -> contextlib.AbstractContextManager[None]:
-        """Serialises placing blobs (with their references) against collecting them."""
+    def __init__(self, staging: Path, lock: Path) -> None:
+        self._tmp = staging
+        self._lock_dir = lock
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # not re-entrant: a second flock in one process would wait forever
 
     @abstractmethod
     def place(self, staged: StagedBlob) -> bool:
-        """Store a staged blob under its name; True if it was not there before."""
+        """Store a staged blob under its name (call inside ``exclusive``); the staged file is
+        consumed or left for ``discard``. An existing blob of that name is kept and its time
+        refreshed, so a collector's grace period counts from this claim. True if it is new."""
 
     @abstractmethod
     def blobs(self) -> Iterator[tuple[str, float]]:
-        """(digest, time last placed or claimed) of every blob."""
-
-    @abstractmethod
-    def staged_files(self) -> Iterator[tuple[Path, float]]:
-        """(path, time) of every temporary file of a write."""
+        """(digest, time last placed or claimed, epoch seconds) of every blob."""
 
     @abstractmethod
     def exists(self, digest: str) -> bool: ...
@@ -100,23 +92,9 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete(self, digest: str) -> None: ...
 
-
-class LocalArtifactStore(ArtifactStore):
-    def __init__(self, root: Path) -> None:
-        self.root = root.resolve()
-        self._blobs = self.root / "sha256"
-        self._tmp = self.root / "tmp"
-        self._blobs.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # not re-entrant: a second flock in one process would wait forever
-
-    def _blob_path(self, digest: str) -> Path:
-        path = self._blobs / check_digest(digest)[:2] / digest
-        if path.is_symlink():
-            raise ArtifactError(f"blob {digest} is a symbolic link; refusing it", code="unsafe_artifact")
-        return path
-
     def put_file(self, src: Path, *, expected_sha256: str | None = None, progress: ProgressFn | None = None) -> str:
+        """Copy ``src`` into the store and return its digest."""
+
         def chunks() -> Iterable[bytes]:
             with src.open("rb") as f:
                 while chunk := f.read(CHUNK):
@@ -127,6 +105,7 @@ class LocalArtifactStore(ArtifactStore):
         return self.put_chunks(chunks(), expected_sha256=expected_sha256)
 
     def put_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> str:
+        """Store a byte stream and return its digest."""
         if expected_sha256 is not None:
             check_digest(expected_sha256)
         staged = self.stage(chunks)
@@ -142,8 +121,8 @@ class LocalArtifactStore(ArtifactStore):
             staged.discard()
 
     def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
-        """Write a byte stream to a private temporary file inside the store, hashing it on the way;
-        nothing is visible under a blob name until ``place``. The caller discards it."""
+        """Write a byte stream to a private temporary file, hashing it on the way; nothing is
+        visible under a blob name until ``place``. The caller discards it."""
         h = hashlib.sha256()
         size = 0
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="blob-")
@@ -169,51 +148,21 @@ class LocalArtifactStore(ArtifactStore):
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Held while a blob is placed and its reference written, and while a collector decides a
-        blob is unreferenced and deletes it: the two never interleave, in this process or another."""
+        blob is unreferenced and deletes it: the two never interleave, in this process or another
+        on this machine."""
         with self._lock:
-            fd = os.open(self._blobs, os.O_RDONLY)
+            fd = os.open(self._lock_dir, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
                 os.close(fd)  # closing releases the flock
 
-    def place(self, staged: StagedBlob) -> bool:
-        """Move a staged blob under its name (call inside ``exclusive``); the staged file is consumed
-        or left for ``discard``. An existing blob of that name is kept and its time refreshed, so a
-        collector's grace period counts from this claim. Returns whether the blob is new."""
-        final = self._blob_path(staged.digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            os.utime(final)
-            return False
-        os.replace(staged.path, final)
-        return True
-
-    def blobs(self) -> Iterator[tuple[str, float]]:
-        """Every stored blob: its digest and when it was last placed or claimed (epoch seconds)."""
-        for path in self._blobs.glob("??/*"):
-            if _DIGEST.fullmatch(path.name) and not path.is_symlink():
-                with contextlib.suppress(FileNotFoundError):
-                    yield path.name, path.stat().st_mtime
-
     def staged_files(self) -> Iterator[tuple[Path, float]]:
         """Temporary files of writes in progress (or abandoned by a crash), with their times."""
         for path in self._tmp.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 yield path, path.stat().st_mtime
-
-    def exists(self, digest: str) -> bool:
-        return self._blob_path(digest).is_file()
-
-    def local_path(self, digest: str) -> Path:
-        path = self._blob_path(digest)
-        if not path.is_file():
-            raise ArtifactError(f"blob {digest} is missing from the store", code="artifact_missing")
-        return path
-
-    def delete(self, digest: str) -> None:
-        self._blob_path(digest).unlink(missing_ok=True)
 
     def materialize(self, files: dict[str, str], target: Path) -> Path:
         """Lay out blobs as a model directory (``relative path -> digest``) using hard links.
@@ -233,6 +182,48 @@ class LocalArtifactStore(ArtifactStore):
             except OSError:
                 shutil.copyfile(src, dest)
         return target
+
+
+class LocalArtifactStore(ArtifactStore):
+    """Blobs as files under ``root/sha256/<first two hex digits>/<digest>``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._blobs = self.root / "sha256"
+        super().__init__(staging=self.root / "tmp", lock=self._blobs)
+
+    def _blob_path(self, digest: str) -> Path:
+        path = self._blobs / check_digest(digest)[:2] / digest
+        if path.is_symlink():
+            raise ArtifactError(f"blob {digest} is a symbolic link; refusing it", code="unsafe_artifact")
+        return path
+
+    def place(self, staged: StagedBlob) -> bool:
+        final = self._blob_path(staged.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            os.utime(final)
+            return False
+        os.replace(staged.path, final)
+        return True
+
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        for path in self._blobs.glob("??/*"):
+            if _DIGEST.fullmatch(path.name) and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    yield path.name, path.stat().st_mtime
+
+    def exists(self, digest: str) -> bool:
+        return self._blob_path(digest).is_file()
+
+    def local_path(self, digest: str) -> Path:
+        path = self._blob_path(digest)
+        if not path.is_file():
+            raise ArtifactError(f"blob {digest} is missing from the store", code="artifact_missing")
+        return path
+
+    def delete(self, digest: str) -> None:
+        self._blob_path(digest).unlink(missing_ok=True)
 
 
 def safe_join(root: Path, rel: str) -> Path:
