@@ -3,10 +3,12 @@ own, sampled at times the test chooses."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from llmos.monitoring.alerts.catalog import MetricCatalog
 from llmos.monitoring.alerts.functions import evaluate
@@ -64,15 +66,29 @@ def test_rate_and_increase_per_group(scene: Scene) -> None:
 
 
 def test_a_counter_reset_counts_from_zero() -> None:
-    scene = Scene()
-    scene.window.sample(0, set())
-    scene.window._snapshots.clear()  # build the samples by hand: 5, 9, then 3 after a restart
-    from llmos.monitoring.alerts.window import Snapshot
+    values = iter([5.0, 9.0, 3.0, 4.0])  # the process restarted between 9 and 3
 
-    key = ("t_requests_total", (("model_name", "a"), ("status", "200")))
-    for at, value in ((0, 5.0), (10, 9.0), (20, 3.0)):
-        scene.window._snapshots.append(Snapshot(at, {key: value}))
-    assert scene.value({"kind": "increase", "metric": "t_requests_total", "window": 20}, [], 20) == {(): 7}
+    class Restarting:
+        def collect(self) -> Iterator[CounterMetricFamily]:
+            family = CounterMetricFamily("t_restarts", "", labels=["model_name"])
+            family.add_metric(["a"], next(values))
+            yield family
+
+    registry = CollectorRegistry()
+    registry.register(Restarting())  # type: ignore[arg-type]
+    window = MetricWindow(3600, registry.collect)
+    for at in (0, 10, 20, 30):
+        window.sample(at, {"t_restarts"})
+    catalog = MetricCatalog(lambda: [CounterMetricFamily("t_restarts", "")])
+    catalog.refresh()
+    rule = parse_rule(
+        {"name": "r", "condition": {"kind": "increase", "metric": "t_restarts", "window": 30}, "threshold": 0}
+    )
+    assert evaluate(rule.condition, [], window, catalog, 30) == {(): 4 + 3 + 1}
+    rule = parse_rule(
+        {"name": "r", "condition": {"kind": "increase", "metric": "t_restarts", "window": 10}, "threshold": 0}
+    )
+    assert evaluate(rule.condition, [], window, catalog, 20) == {(): 3}  # from 9 to 3: counted from 0
 
 
 def test_ratio_average_and_quantile(scene: Scene) -> None:

@@ -202,6 +202,48 @@ class JobCheckpointRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class BatchRow(Base):
+    """A batch of requests (OpenAI's Batches API): durable, so a restarted server resumes it."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    """The API key that created it: its lines run with that key's scopes."""
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    input_sha256: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    total: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    batch_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    """The server running it; another takes it over once ``heartbeat_at`` is stale."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    stamps: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    """When it entered each state (``in_progress_at``, ``completed_at``...), in Unix seconds."""
+
+
+class BatchRequestRow(Base):
+    """One answered line of a batch, recorded once: its primary key is the line, so a line answered
+    again after a restart is not written twice."""
+
+    __tablename__ = "batch_requests"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    request_id: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class StoredCompletionRow(Base):
     """A chat completion stored at its caller's request (``store: true``): what was asked and answered."""
 
@@ -239,3 +281,43 @@ class FeedbackRow(Base):
     tags: Mapped[list[str]] = mapped_column(JSON, default=list)
     comment: Mapped[str | None] = mapped_column(String(2048))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class AlertRuleRow(Base):
+    """An alert rule written through the API (rules from files are read at start-up, not stored)."""
+
+    __tablename__ = "alert_rules"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The rule as ``monitoring/alerts/rules.py`` reads it."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AlertEventRow(Base):
+    """One change of an alert's state (pending, firing, resolved, inactive), appended, never updated."""
+
+    __tablename__ = "alert_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rule: Mapped[str] = mapped_column(String(128), index=True)
+    fingerprint: Mapped[str] = mapped_column(String(16), index=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON)
+    previous: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    value: Mapped[float | None] = mapped_column(Float)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ModelAliasRow(Base):
+    """``name@alias``: a movable name for one model version (``production``, ``staging``, ...)."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    """Whose line ``name`` is: the only tenant (besides admins) that may move its aliases."""
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -69,40 +69,39 @@ def _group(labels: Labels, by: Sequence[str]) -> Labels:
 
 
 def _series(snapshots: list[Snapshot], name: str, selector: Selector) -> set[Labels]:
-    return {labels for s in snapshots for (n, labels) in s.values if n == name and _matches(labels, selector)}
+    every: set[Labels] = set().union(*(s.series(name) for s in snapshots))
+    return {labels for labels in every if _matches(labels, selector)}
 
 
 def _increase(
     snapshots: list[Snapshot], name: str, selector: Selector, by: Sequence[str], *, counter: bool = True
 ) -> GroupValues:
-    """Growth of each group's series across the snapshots. A counter that went down was reset
-    (counted from 0 again); a counter series missing from the first snapshots was created
-    since, at 0. A gauge's is its last value less its first (``delta``)."""
+    """Growth of each group's series from the first snapshot to the last: for a counter the
+    difference of its reset-adjusted values (``window.py``), a series missing from the first
+    snapshot created since, at 0; for a gauge its last value less its first (``delta``)."""
     out: GroupValues = defaultdict(float)
+    if counter:
+        first, last = snapshots[0].series(name), snapshots[-1].series(name)
+        for labels in first.keys() | last.keys():
+            if not _matches(labels, selector):
+                continue
+            start = first.get(labels, 0.0)
+            out[_group(labels, by)] += last.get(labels, start) - start
+        return dict(out)
     for labels in _series(snapshots, name, selector):
-        key = (name, labels)
-        points = [s.values.get(key) for s in snapshots]
-        if counter:
-            grown, previous = 0.0, 0.0 if points[0] is None else points[0]
-            for value in points[1:]:
-                if value is None:
-                    continue
-                grown += value - previous if value >= previous else value
-                previous = value
-        else:
-            present = [p for p in points if p is not None]
-            grown = present[-1] - present[0]
-        out[_group(labels, by)] += grown
+        present = [v for s in snapshots if (v := s.series(name).get(labels)) is not None]
+        out[_group(labels, by)] += present[-1] - present[0]
     return dict(out)
 
 
 def _average(snapshots: list[Snapshot], name: str, selector: Selector, by: Sequence[str]) -> GroupValues:
     sums: dict[Labels, list[float]] = defaultdict(list)
+    groups = {labels: _group(labels, by) for labels in _series(snapshots, name, selector)}
     for snapshot in snapshots:
         at_once: dict[Labels, float] = defaultdict(float)
-        for (n, labels), value in snapshot.values.items():
-            if n == name and _matches(labels, selector):
-                at_once[_group(labels, by)] += value
+        for labels, value in snapshot.series(name).items():
+            if labels in groups:
+                at_once[groups[labels]] += value
         for group, value in at_once.items():
             sums[group].append(value)
     return {g: sum(v) / len(v) for g, v in sums.items()}
