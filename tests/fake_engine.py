@@ -11,6 +11,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import llguidance
+
 from llmos.engine import (
     ClassificationResult,
     EmbeddingResult,
@@ -24,7 +26,9 @@ from llmos.engine import (
     ModelInfo,
     PairScores,
 )
-from llmos.errors import ModelNotFoundError
+from llmos.engine.grammar import CompiledGrammar, grammar_source
+from llmos.engine.protocol import GrammarSpec
+from llmos.errors import InvalidRequestError, ModelNotFoundError
 
 DEFAULT_MODELS = (
     ModelInfo(name="tiny-chat", task="chat", context_length=128, has_chat_template=True, vocab_size=100),
@@ -62,9 +66,19 @@ class FakeEngine:
         self.calls.append("resolve")
         return ModelHandle(name=model, info=self._info(model))
 
-    async def encode_chat(self, model: ModelHandle, messages: list[dict[str, str]]) -> list[int]:
+    async def encode_chat(
+        self, model: ModelHandle, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         self.calls.append("encode_chat")
         return [1 + len(m.get("content", "")) % 50 for m in messages]
+
+    async def compile_grammar(self, model: ModelHandle, spec: GrammarSpec, *, param: str) -> CompiledGrammar:
+        """Checks the grammar as the engine would, without a tokenizer (nothing is constrained)."""
+        self.calls.append("compile_grammar")
+        error = llguidance.LLMatcher.validate_grammar(grammar_source(spec))
+        if error:
+            raise InvalidRequestError(f"invalid {param}: {error}", param=param)
+        return CompiledGrammar(spec, None, 0)
 
     async def encode_text(self, model: ModelHandle, text: str) -> list[int]:
         self.calls.append("encode_text")

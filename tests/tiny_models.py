@@ -34,7 +34,7 @@ def _bpe_tokenizer(special: list[str]) -> object:
     return tok
 
 
-def build_tiny_chat_model(root: Path, *, seed: int = 0) -> Path:
+def build_tiny_chat_model(root: Path, *, seed: int = 0, context: int = 256) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -56,7 +56,7 @@ def build_tiny_chat_model(root: Path, *, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

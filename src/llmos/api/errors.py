@@ -61,6 +61,8 @@ def install_error_handlers(app: FastAPI) -> None:
         param = _param_from_loc(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":
             message, param = "We could not parse the JSON body of your request.", None
+        elif first.get("type") == "extra_forbidden":
+            message = f"'{param}' is not supported by this server (docs/api.md, Request fields)"
         else:
             message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from llmos.engine.detokenize import IncrementalText
+from llmos.engine.grammar import RowMatcher, advance, mask_logits
 from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob, TopLogprob
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
 
@@ -30,6 +31,7 @@ class StreamedRow(Protocol):
     finished: bool
     held_ids: list[int]
     chosen: int | None
+    grammar: RowMatcher | None
 
 
 class Streamer:
@@ -94,7 +96,7 @@ class Streamer:
         if counts is not None:
             logits = apply_penalties(logits, counts, sampling.presence, sampling.frequency)
         early = {i: r.chosen for i, r in enumerate(rows) if r.chosen is not None}
-        chosen = select_tokens(logits, sampling, early)
+        chosen = select_tokens(self._constrained(rows, logits, early), sampling, early)
         asks = [r.pending.request.params for r in rows]
         want_k = max((params.top_logprobs for params in asks if params.logprobs), default=-1)
         lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
@@ -104,6 +106,23 @@ class Streamer:
                 counted[i] = 0  # counted when it was chosen
             counts.scatter_add_(1, chosen[:, None], counted[:, None])
         return chosen, lp
+
+    @staticmethod
+    def _constrained(rows: Sequence[StreamedRow], logits: torch.Tensor, early: dict[int, int]) -> torch.Tensor:
+        """``logits`` with each constrained row's forbidden tokens masked (logprobs are still
+        reported from the model's own distribution)."""
+        constrained, matchers = [], []
+        for i, row in enumerate(rows):
+            grammar = row.pending.request.grammar
+            if grammar is None or i in early or row.finished:
+                continue
+            if row.grammar is None:
+                row.grammar = grammar.matcher()
+            constrained.append(i)
+            matchers.append(row.grammar)
+        if not constrained:
+            return logits
+        return mask_logits(logits, constrained, matchers)
 
     @staticmethod
     def _fail(row: StreamedRow, exc: Exception) -> None:
@@ -116,6 +135,7 @@ class Streamer:
         params = row.pending.request.params
         row.generated += 1
         finish: FinishReason | None = None
+        complete = row.grammar is not None and advance(row.grammar, token)
         if token in self.eos_ids:
             finish = FinishReason.STOP
             text = row.text.flush()
@@ -123,6 +143,9 @@ class Streamer:
             text = row.text.push(token)
             if row.text.stopped:
                 finish = FinishReason.STOP
+            elif complete:  # nothing but the end may follow: the row ends without spending a step on it
+                finish = FinishReason.STOP
+                text += row.text.flush()
             elif row.generated >= params.max_tokens or total_len >= self.context_length:
                 finish = FinishReason.LENGTH
                 text += row.text.flush()

@@ -43,6 +43,12 @@ class EngineConfig:
     """Resident models' estimated bytes; the least recently used idle one is evicted beyond it."""
     max_pending_requests: int = 256
     """Requests admitted into the engine at once; more get 503 with Retry-After."""
+    grammar_compile_budget: int = 1_000_000
+    """Work a structured-output grammar may take to compile (llguidance's lexer fuel)."""
+    grammar_cache_entries: int = 256
+    """Compiled grammars kept per model tokenizer."""
+    metrics: bool = True
+    """Observe the engine's own metrics (queue time); ``metrics_enabled``."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
@@ -62,4 +68,7 @@ class EngineConfig:
             dtype=settings.dtype,
             memory_budget_bytes=settings.memory_budget_mb << 20,
             max_pending_requests=settings.max_pending_requests,
+            grammar_compile_budget=settings.grammar_compile_budget,
+            grammar_cache_entries=settings.grammar_cache_entries,
+            metrics=settings.metrics_enabled,
         )

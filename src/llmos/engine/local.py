@@ -21,6 +21,7 @@ from llmos.engine import threads
 from llmos.engine.backends import Backends, Runner
 from llmos.engine.config import EngineConfig
 from llmos.engine.crash import CrashWatch, RestartHook
+from llmos.engine.grammar import CompiledGrammar
 from llmos.engine.models import TORCH_TWIN, ModelResolver, Resolution, encode_chat, encode_text, resolution
 from llmos.engine.protocol import (
     ClassificationResult,
@@ -28,6 +29,7 @@ from llmos.engine.protocol import (
     EntityResult,
     GenerationDelta,
     GenerationRequest,
+    GrammarSpec,
     ModelHandle,
     PairScores,
 )
@@ -82,8 +84,19 @@ class LocalEngine:
     async def resolve(self, model: str) -> ModelHandle:
         return await self._off_loop(self.models.resolve, model)
 
-    async def encode_chat(self, model: ModelHandle, messages: list[dict[str, str]]) -> list[int]:
-        return await self._off_loop(encode_chat, model, messages)
+    async def encode_chat(
+        self, model: ModelHandle, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return await self._off_loop(encode_chat, model, messages, tools)
+
+    async def compile_grammar(self, model: ModelHandle, spec: GrammarSpec, *, param: str) -> CompiledGrammar:
+        def compiled() -> CompiledGrammar:
+            compiler = self.models.grammars(
+                model, budget=self.config.grammar_compile_budget, capacity=self.config.grammar_cache_entries
+            )
+            return compiler.compile(spec, param=param)
+
+        return await self._off_loop(compiled)
 
     async def encode_text(self, model: ModelHandle, text: str) -> list[int]:
         return await self._off_loop(encode_text, model, text)

@@ -18,8 +18,10 @@ from jinja2 import TemplateError
 from transformers import AutoConfig
 
 from llmos.engine.backends import Backend, Backends
+from llmos.engine.grammar import GrammarCompiler
 from llmos.engine.llamacpp_backend.backend import LlamaCppBackend
 from llmos.engine.protocol import ModelHandle, ModelInfo
+from llmos.engine.tool_prompt import chat_with_tools
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, load_tokenizer
 from llmos.engine.torch_backend.virtual_tokens import VirtualTokens, load_virtual_tokens
 from llmos.errors import InvalidRequestError, ModelLoadError
@@ -66,6 +68,7 @@ class ModelResolver:
         self._lock = threading.Lock()
         self._tokenizers: dict[str, Any] = {}
         self._virtual: dict[str, VirtualTokens] = {}  # prefix/prompt-tuning adapters, by model id (small)
+        self._grammars: dict[str, GrammarCompiler] = {}  # by model id, beside its tokenizer
         self._served: dict[str, tuple[ModelRecord, Backend]] = {}  # residency key -> what loads there
         self.names: dict[str, str] = {}  # model id -> name, for stats
 
@@ -110,6 +113,7 @@ class ModelResolver:
     def forget(self, model_id: str) -> None:
         with self._lock:
             self._tokenizers.pop(model_id, None)
+            self._grammars.pop(model_id, None)
             self._virtual.pop(model_id, None)
 
     def _serving_base(self, record: ModelRecord) -> ModelRecord:
@@ -128,6 +132,18 @@ class ModelResolver:
             tok = self._tokenizers[record.id] = load_tokenizer(directory)
         return tok
 
+    def grammars(self, model: ModelHandle, *, budget: int, capacity: int) -> GrammarCompiler:
+        """The grammar compiler (and cache) of ``model``'s tokenizer, built on first use (about a
+        second: the tokenizer's vocabulary is indexed)."""
+        served = resolution(model)
+        with self._lock:
+            compiler = self._grammars.get(served.record.id)
+        if compiler is None:
+            compiler = GrammarCompiler(served.tokenizer, budget=budget, capacity=capacity)
+            with self._lock:
+                compiler = self._grammars.setdefault(served.record.id, compiler)
+        return compiler
+
     def _virtual_tokens(self, record: ModelRecord, base: ModelRecord) -> VirtualTokens | None:
         """The virtual tokens of a prefix- or prompt-tuning adapter, read once (a few hundred KB)."""
         if record.format != PREFIX_FORMAT:
@@ -140,10 +156,13 @@ class ModelResolver:
         return tokens
 
 
-def encode_chat(model: ModelHandle, messages: list[dict[str, str]]) -> list[int]:
+def encode_chat(
+    model: ModelHandle, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     tok = resolution(model).tokenizer
+    messages, template_tools = chat_with_tools(tok, messages, tools)
     try:
-        encoded = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        encoded = tok.apply_chat_template(messages, tools=template_tools, add_generation_prompt=True, tokenize=True)
     except Exception as exc:
         if type(exc) is TemplateError:  # the template's own raise_exception(): a message written for users
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc

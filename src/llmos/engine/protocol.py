@@ -9,7 +9,10 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from llmos.engine.grammar import CompiledGrammar
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,15 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """What a constrained request's output must match: a JSON Schema (its canonical JSON text),
+    a regular expression or a Lark grammar (``engine.grammar`` compiles it)."""
+
+    kind: Literal["json_schema", "regex", "lark"]
+    source: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     model: str
@@ -43,6 +55,8 @@ class GenerationRequest:
     """Requests are admitted round-robin across tenants, so a flood from one cannot starve another."""
     handle: ModelHandle | None = field(default=None, compare=False, repr=False)
     """``model`` as this request's ``EngineClient.resolve`` resolved it."""
+    grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
+    """The grammar every choice's output follows, from ``EngineClient.compile_grammar``."""
 
 
 class FinishReason(enum.StrEnum):
@@ -170,8 +184,16 @@ class EngineClient(Protocol):
         in ``handle.info``); raises ModelNotFoundError."""
         ...
 
-    async def encode_chat(self, model: ModelHandle, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt token ids for a chat, through the model's chat template."""
+    async def encode_chat(
+        self, model: ModelHandle, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Prompt token ids for a chat, through the model's chat template (``tools``: the
+        request's function tools, which the template renders, or a fallback prompt)."""
+        ...
+
+    async def compile_grammar(self, model: ModelHandle, spec: GrammarSpec, *, param: str) -> CompiledGrammar:
+        """``spec`` compiled for the model's tokenizer (cached); raises InvalidRequestError naming
+        ``param`` when it is invalid or over the compile budget."""
         ...
 
     async def encode_text(self, model: ModelHandle, text: str) -> list[int]: ...

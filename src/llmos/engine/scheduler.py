@@ -29,6 +29,7 @@ from typing import Any
 
 from llmos.engine.choices import abort_delta, error_delta
 from llmos.engine.detokenize import IncrementalText
+from llmos.engine.grammar import RowMatcher
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
 from llmos.engine.threads import IDLE_EXIT_S
 from llmos.kernel.fair_queue import Empty, FairQueue
@@ -92,6 +93,8 @@ class Row:
     """Tokens whose text is held back (a partial character or a possible stop sequence)."""
     chosen: int | None = None
     """Its next token when already chosen and streamed: the first, right after its prefill."""
+    grammar: RowMatcher | None = None
+    """Where it stands in its request's grammar (made at its first token), if constrained."""
 
     @property
     def tenant(self) -> str:

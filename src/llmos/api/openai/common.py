@@ -8,11 +8,11 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import anyio
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from llmos.api.context import RequestContext
@@ -39,11 +39,27 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class StreamOptions(StrictModel):
+class OpenAIRequest(StrictModel):
+    """OpenAI request bodies: every field is honoured or refused (400 naming it), none dropped.
+    A null field the server does not know asks for nothing and is accepted: clients echo back
+    assistant messages with ``refusal: null`` or ``audio: null``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unknown_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = {f.alias or name for name, f in cls.model_fields.items()} | set(cls.model_fields)
+            return {k: v for k, v in data.items() if v is not None or k in known}
+        return data
+
+
+class StreamOptions(OpenAIRequest):
     include_usage: bool = False
 
 
-class SamplingFields(StrictModel):
+class SamplingFields(OpenAIRequest):
     model: Annotated[str, Field(min_length=1, max_length=512)]
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -135,7 +151,7 @@ def build_sampling(
     )
 
 
-FinishReasonOut = Literal["stop", "length"]
+FinishReasonOut = Literal["stop", "length", "tool_calls"]
 
 
 def finish_reason(reason: FinishReason | None) -> FinishReasonOut | None:

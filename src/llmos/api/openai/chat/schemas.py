@@ -6,24 +6,41 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from llmos.api.openai.common import Choice, ResponseObject, SamplingFields, StreamChunk, StrictModel, Usage
+from llmos.api.openai.chat.tools import MAX_TOOLS, Tool, ToolCallIn, ToolChoice
+from llmos.api.openai.common import Choice, OpenAIRequest, ResponseObject, SamplingFields, StreamChunk, Usage
+from llmos.api.openai.structured import StructuredFields
 
 
-class TextPart(StrictModel):
+class TextPart(OpenAIRequest):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(StrictModel):
+class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    """An assistant message's calls, echoed back by the client."""
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """A tool message's answer to that call."""
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content'")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
         return self
+
+    def rendered(self) -> dict[str, Any]:
+        """The message as the chat template takes it."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -31,8 +48,11 @@ class ChatMessage(StrictModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, StructuredFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -57,10 +77,22 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(Choice):
@@ -74,17 +106,38 @@ class ChatCompletion(ResponseObject[ChatChoice]):
     service_tier: str | None = None
 
 
-class ChoiceDelta(BaseModel):
-    """What a streamed chunk adds to one choice's message. Only the fields given are sent, as
-    OpenAI does: the opening delta names the role, later ones carry only content, the last none."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    refusal: str | None = None
+class GivenFieldsOnly(BaseModel):
+    """Streamed deltas send only the fields given, as OpenAI does (the ``openai`` client joins
+    deltas field by field, and a null would overwrite what an earlier one gave)."""
 
     @model_serializer(mode="wrap")
     def _given_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {name: value for name, value in handler(self).items() if name in self.model_fields_set}
+
+
+class FunctionDelta(GivenFieldsOnly):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(GivenFieldsOnly):
+    """A streamed call: its first delta carries ``id``, ``type`` and the name, later ones more of
+    the arguments, all under the call's ``index``."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
+class ChoiceDelta(GivenFieldsOnly):
+    """What a streamed chunk adds to one choice's message: the opening delta names the role,
+    later ones carry only content (or tool calls), the last none."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(Choice):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from llmos.api.openai.chat.schemas import (
@@ -14,8 +15,21 @@ from llmos.api.openai.chat.schemas import (
     ChoiceDelta,
     ChoiceLogprobs,
     ChunkChoice,
+    FunctionCallOut,
+    FunctionDelta,
     TokenLogprobOut,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprobOut,
+)
+from llmos.api.openai.chat.tools import (
+    HeldCalls,
+    ToolCall,
+    check_tool_messages,
+    check_tools,
+    forced_grammar,
+    parse_tool_calls,
+    tools_in_play,
 )
 from llmos.api.openai.common import (
     CollectedChoice,
@@ -26,6 +40,7 @@ from llmos.api.openai.common import (
     new_id,
     now,
 )
+from llmos.api.openai.structured import requested_grammar
 from llmos.api.sse import SSE_DONE
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
 from llmos.errors import InvalidRequestError
@@ -55,8 +70,19 @@ class ChatService(GenerationService):
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         check_metadata(req.metadata)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        prompt = await self.engine.encode_chat(handle, messages)
+        check_tools(req.tools, req.tool_choice)
+        check_tool_messages(req.messages)
+        tools = tools_in_play(req.tools, req.tool_choice)
+        asked = requested_grammar(req)
+        forced = forced_grammar(tools, req.tool_choice or "auto", req.parallel_tool_calls is not False)
+        if asked is not None and forced is not None:
+            raise InvalidRequestError("a forced tool call cannot also follow response_format", param=asked[1])
+        spec, param = (forced, "tools") if forced is not None else asked or (None, "")
+        grammar = await self.engine.compile_grammar(handle, spec, param=param) if spec is not None else None
+        messages = [m.rendered() for m in req.messages]
+        prompt = await self.engine.encode_chat(
+            handle, messages, [t.model_dump(exclude_none=True) for t in tools] or None
+        )
         params = build_sampling(
             req,
             max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -73,6 +99,7 @@ class ChatService(GenerationService):
             params=params,
             tenant=self.ctx.tenant,
             handle=handle,
+            grammar=grammar,
         )
 
     async def complete(self, req: ChatCompletionRequest, gen: GenerationRequest) -> ChatCompletion:
@@ -80,8 +107,8 @@ class ChatService(GenerationService):
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=choice.text),
-                finish_reason=choice.finish_reason,
+                message=_message(choice.text, calls := _calls(req, choice.text)),
+                finish_reason="tool_calls" if calls else choice.finish_reason,
                 logprobs=_logprobs(choice.logprobs) if gen.params.logprobs else None,
             )
             for i, choice in enumerate(collected)
@@ -117,7 +144,10 @@ class ChatService(GenerationService):
             ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content="", refusal=None))
             for i in range(gen.params.n)
         ]
-        events = self.stream_events(req, gen, ChatCompletionChunk, opening, choices_of)
+        tools = tools_in_play(req.tools, req.tool_choice)
+        held = [HeldCalls(tools) for _ in range(gen.params.n)]
+        chunks = _holding_calls(choices_of, held) if tools else choices_of
+        events = self.stream_events(req, gen, ChatCompletionChunk, opening, chunks)
         if not req.store:
             return events
 
@@ -164,6 +194,45 @@ class ChatService(GenerationService):
             response=response.model_dump(mode="json"),
             metadata=check_metadata(req.metadata),
         )
+
+
+def _calls(req: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
+    tools = tools_in_play(req.tools, req.tool_choice)
+    return parse_tool_calls(text, tools) if tools else None
+
+
+def _message(text: str, calls: list[ToolCall] | None) -> AssistantMessage:
+    if not calls:
+        return AssistantMessage(content=text)
+    out = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
+    return AssistantMessage(content=None, tool_calls=out)
+
+
+def _holding_calls(
+    choices_of: Callable[[GenerationDelta], list[ChunkChoice]], held: list[HeldCalls]
+) -> Callable[[GenerationDelta], list[ChunkChoice]]:
+    """``choices_of`` with text that may be a tool call held back (``HeldCalls``), and a call sent,
+    when its choice ends, as the ``openai`` client assembles it: a delta naming it (with its id),
+    then its arguments, then the finish reason ``tool_calls``."""
+
+    def holding(delta: GenerationDelta) -> list[ChunkChoice]:
+        hold = held[delta.index]
+        text = hold.push(delta.text)
+        if delta.finish_reason is None:
+            return choices_of(dataclasses.replace(delta, text=text)) if text or not hold.held else []
+        rest, calls = hold.finish()
+        if not calls:
+            return choices_of(dataclasses.replace(delta, text=text + rest))
+        out = []
+        for j, call in enumerate(calls):
+            named = ToolCallDelta(
+                index=j, id=call.id, type="function", function=FunctionDelta(name=call.name, arguments="")
+            )
+            given = ToolCallDelta(index=j, function=FunctionDelta(arguments=call.arguments))
+            out += [ChunkChoice(index=delta.index, delta=ChoiceDelta(tool_calls=[d])) for d in (named, given)]
+        return [*out, ChunkChoice(index=delta.index, delta=ChoiceDelta(), finish_reason="tool_calls")]
+
+    return holding
 
 
 def _logprobs(tokens: Sequence[TokenLogprob]) -> ChoiceLogprobs:

@@ -8,11 +8,12 @@ from pydantic import BaseModel, Field
 
 from llmos.api.openai.common import Choice, ResponseObject, SamplingFields, StreamChunk, Usage
 from llmos.api.openai.scoring import PromptLogprobsOut
+from llmos.api.openai.structured import StructuredFields
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, StructuredFields):
     prompt: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[str], Field(min_length=1, max_length=64)]

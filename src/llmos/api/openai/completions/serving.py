@@ -23,6 +23,7 @@ from llmos.api.openai.completions.schemas import (
     CompletionRequest,
 )
 from llmos.api.openai.scoring import check_prompt_scoring, legacy_entries, vllm_prompt_logprobs
+from llmos.api.openai.structured import requested_grammar
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, ModelInfo, PromptLogprob, TokenLogprob
 from llmos.errors import InvalidRequestError
 
@@ -37,6 +38,8 @@ class CompletionService(GenerationService):
                 f"model {req.model} is a {info.task} model; it cannot complete text", param="model"
             )
         scoring = self._prompt_scoring(req, info)
+        asked = requested_grammar(req)
+        grammar = await self.engine.compile_grammar(handle, asked[0], param=asked[1]) if asked else None
         base_id = new_id("cmpl")
         out = []
         for i, prompt in enumerate(req.prompts()):
@@ -66,6 +69,7 @@ class CompletionService(GenerationService):
                         params=params,
                         tenant=self.ctx.tenant,
                         handle=handle,
+                        grammar=grammar,
                     ),
                 )
             )

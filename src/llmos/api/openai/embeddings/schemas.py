@@ -6,12 +6,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from llmos.api.openai.common import StrictModel
+from llmos.api.openai.common import OpenAIRequest
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-class EmbeddingRequest(StrictModel):
+class EmbeddingRequest(OpenAIRequest):
     model: Annotated[str, Field(min_length=1, max_length=512)]
     input: str | list[str] | TokenIds | list[TokenIds]
     encoding_format: Literal["float", "base64"] = "float"
