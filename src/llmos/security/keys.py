@@ -27,7 +27,7 @@ from llmos.registry.db import Database
 from llmos.registry.tables import ApiKeyRow, TenantRow
 from llmos.security.limits import Limits
 
-SCOPES = ("inference", "files", "fine-tune", "models", "admin")
+SCOPES = ("inference", "files", "fine-tune", "models", "metrics", "admin")
 _KEY = re.compile(r"^sk-llmos-([0-9a-f]{12})-[A-Za-z0-9_-]{20,128}$")
 _BOOTSTRAP_ID = "000000000000"
 VERIFIED_TTL_S = 2.0

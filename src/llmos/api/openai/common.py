@@ -29,6 +29,8 @@ from llmos.engine.protocol import (
     TokenLogprob,
 )
 from llmos.errors import ContextLengthExceededError, EngineError, InvalidRequestError
+from llmos.monitoring.http import count_error
+from llmos.monitoring.requests import GenerationMetrics
 
 FINGERPRINT = "fp_llmos"
 
@@ -236,7 +238,9 @@ class GenerationService:
         usage, charged when this ends: also when it is cancelled because the client went away."""
         meter = UsageMeter(self.ctx, model, sum(len(gen.prompt_token_ids) for gen in gens))
         try:
-            results = await asyncio.gather(*(_collect_one(self.engine, gen, meter) for gen in gens))
+            results = await asyncio.gather(
+                *(_collect_one(self.engine, gen, meter, observe=self.settings.metrics_enabled) for gen in gens)
+            )
         finally:
             meter.charge()
         return list(results), meter.usage()
@@ -265,10 +269,12 @@ class GenerationService:
             for choice in opening:
                 yield event([choice])
             try:
-                async for delta in engine_deltas(self.engine, gen, meter):
+                async for delta in engine_deltas(self.engine, gen, meter, observe=self.settings.metrics_enabled):
                     for choice in choices_of(delta):
                         yield event([choice])
             except EngineError as exc:
+                if self.settings.metrics_enabled:  # its response began 200: the HTTP middleware cannot see it
+                    count_error(exc.code)
                 yield sse_event(exc.to_dict())
                 return
             finally:  # also when the client goes away: it pays for what was computed
@@ -281,26 +287,33 @@ class GenerationService:
 
 
 async def engine_deltas(
-    engine: EngineClient, gen: GenerationRequest, meter: UsageMeter
+    engine: EngineClient, gen: GenerationRequest, meter: UsageMeter, *, observe: bool
 ) -> AsyncIterator[GenerationDelta]:
-    """The engine's deltas for ``gen``, their tokens counted on ``meter``; a failed generation
-    raises EngineError. Closing this iterator early (a client gone) closes the engine stream,
-    which aborts the request at the engine's next step."""
+    """The engine's deltas for ``gen``, their tokens counted on ``meter`` (and, if ``observe``,
+    in the request metrics); a failed generation raises EngineError. Closing this iterator early
+    (a client gone) closes the engine stream, which aborts the request at the engine's next step."""
     generator = engine.generate(gen)
+    observed = GenerationMetrics(gen) if observe else None
     try:
         async for delta in generator:
+            if observed is not None:
+                observed.observe(delta)
             if delta.finish_reason == FinishReason.ERROR:
                 raise EngineError(delta.error or "generation failed")
             meter.completion_tokens += len(delta.token_ids)
             yield delta
     finally:
+        if observed is not None:
+            observed.close()
         with anyio.CancelScope(shield=True):  # a cancelled caller must still abort the engine request
             await generator.aclose()
 
 
-async def _collect_one(engine: EngineClient, gen: GenerationRequest, meter: UsageMeter) -> list[CollectedChoice]:
+async def _collect_one(
+    engine: EngineClient, gen: GenerationRequest, meter: UsageMeter, *, observe: bool
+) -> list[CollectedChoice]:
     choices = [CollectedChoice() for _ in range(gen.params.n)]
-    async for delta in engine_deltas(engine, gen, meter):
+    async for delta in engine_deltas(engine, gen, meter, observe=observe):
         choice = choices[delta.index]
         choice.text += delta.text
         choice.logprobs.extend(delta.logprobs)
