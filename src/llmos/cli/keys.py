@@ -18,7 +18,9 @@ HomeOpt = Annotated[str | None, typer.Option("--home", help="Data directory (LLM
 @keys_app.command("create")
 def create(
     name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
-    scopes: Annotated[str, typer.Option(help="Comma-separated: inference, files, fine-tune, admin.")] = "inference",
+    scopes: Annotated[
+        str, typer.Option(help="Comma-separated: inference, files, fine-tune, models, metrics, admin.")
+    ] = "inference",
     tenant: Annotated[str, typer.Option(help="Tenant the key acts for.")] = "default",
     expires_days: Annotated[int | None, typer.Option(help="Days until the key expires.")] = None,
     home: HomeOpt = None,
