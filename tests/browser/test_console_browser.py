@@ -58,7 +58,7 @@ def _api(url: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path) -> Iterator[Console]:
+def console(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path, tiny_encoder_dir: Path) -> Iterator[Console]:
     home = tmp_path_factory.mktemp("console") / "home"
     settings = Settings(
         home=home,
@@ -71,6 +71,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path) -> It
     )
     platform = Platform.open(settings)
     platform.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
+    platform.registry.pull(f"file:{tiny_encoder_dir}", name="tiny-embed")
     for tenant in ("acme", "other"):
         platform.tenants.create(tenant)
     _, acme_key = platform.keys.create("acme-console", tenant="acme", scopes=("inference", "files", "fine-tune"))
@@ -124,8 +125,12 @@ def test_a_wrong_key_is_refused_and_the_right_one_signs_in(browser: Any, console
     page.get_by_role("button", name="Sign in").click()
     sync_api.expect(page.locator("#login-error")).to_contain_text("Incorrect API key")
     page.screenshot(path=str(console.shots / "login-refused.png"))
-    page.close()
-    page = _signed_in(browser, console)
+    # The keyboard alone signs in: the key field has focus, Enter submits.
+    page.keyboard.type(ADMIN_KEY)
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/ui/overview")
+    page.keyboard.press("Tab")
+    sync_api.expect(page.locator(".skip")).to_be_focused()
     sync_api.expect(page.locator("#health-state")).to_have_text("Ready")
     sync_api.expect(page.locator("#resident")).to_contain_text("in use")
 
@@ -161,12 +166,18 @@ def test_chat_in_the_playground_streams_text(browser: Any, console: Console) -> 
     page = _signed_in(browser, console)
     page.goto(f"{console.url}/ui/playground")
     sync_api.expect(page.get_by_label("Model or adapter")).to_have_value("tiny-chat")
+    page.get_by_label("Compare with (optional)").select_option("tiny-chat")
     page.get_by_label("Max tokens").fill("12")
     page.get_by_label("Message", exact=True).fill("Hello there")
     page.get_by_role("button", name="Send").click()
-    answer = page.locator("#out-a")
-    sync_api.expect(answer).to_have_attribute("data-state", "done")
-    assert answer.inner_text().strip(), "no streamed text"
+    for pane in ("#out-a", "#out-b"):
+        answer = page.locator(pane)
+        sync_api.expect(answer).to_have_attribute("data-state", "done")
+        assert answer.inner_text().strip(), f"no streamed text in {pane}"
+    page.get_by_label("First text").fill("a cat")
+    page.get_by_label("Second text").fill("a kitten")
+    page.get_by_role("button", name="Compare").click()
+    sync_api.expect(page.locator("#embed-out")).to_contain_text("Cosine similarity: ")
     page.screenshot(path=str(console.shots / "playground-chat.png"), full_page=True)
 
 
@@ -201,6 +212,19 @@ def test_a_fine_tuning_job_shows_its_loss_curve_growing(browser: Any, console: C
     assert page.locator('nav a[href="/ui/admin"]').count() == 0
     page.get_by_role("button", name="Cancel").click()
     sync_api.expect(page.locator("#job-status")).to_have_attribute("data-status", "cancelled")
+
+
+def test_an_invalid_upload_shows_the_apis_error(browser: Any, console: Console, tmp_path: Path) -> None:
+    page = _signed_in(browser, console, console.acme_key)
+    page.goto(f"{console.url}/ui/files")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    page.get_by_label("File", exact=True).set_input_files(str(bad))
+    page.get_by_role("button", name="Upload").click()
+    status = page.locator("#upload-status")
+    sync_api.expect(status).to_have_class("error")
+    sync_api.expect(status).to_contain_text("line")
+    page.screenshot(path=str(console.shots / "files-refused.png"), full_page=True)
 
 
 def test_an_ended_session_goes_back_to_sign_in(browser: Any, console: Console) -> None:
