@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from llmos import __version__
 from llmos.api import health, usage
 from llmos.api.admin.router import router as admin_router
+from llmos.api.aliases import router as aliases_router
 from llmos.api.console.pages import console_mount
 from llmos.api.console.sessions import ConsoleSessions
 from llmos.api.errors import install_error_handlers
@@ -136,6 +137,7 @@ def create_app(
         usage.router,
         models_router,
         model_management_router,
+        aliases_router,
         chat_router,
         stored_completions_router,
         feedback_router,

@@ -8,7 +8,7 @@ import tempfile
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, select
@@ -23,6 +23,7 @@ from llmos.registry.adapters import (
     is_adapter_dir,
     read_adapter_config,
 )
+from llmos.registry.aliases import ModelAliases
 from llmos.registry.catalog import CATALOG
 from llmos.registry.convert import gguf_to_safetensors
 from llmos.registry.db import Database, parse_db_int
@@ -46,6 +47,7 @@ class ModelRegistry:
         self._cache = home / "cache"
         self._tmp = home / "tmp"
         self._models_dir = home / "models"
+        self.aliases = ModelAliases(db)
 
     # -- queries ---------------------------------------------------------------------------
     def list(self, *, tenant: str | None = None) -> list[ModelRecord]:
@@ -65,7 +67,11 @@ class ModelRegistry:
         return record
 
     def _resolve(self, ref: str) -> ModelRecord:
+        """The one place a model reference becomes a version: ``name``, ``name@N``, ``name@alias``, an id."""
         name, _, version = ref.partition("@")
+        if version and not version.isdigit():
+            target = self.aliases.target(name, version)
+            return self._resolve(target) if target is not None else self._missing(ref)
         with self.db.session() as s:
             query = select(ModelRow).where(ModelRow.name == name, ModelRow.status == "ready")
             if version:
@@ -74,8 +80,12 @@ class ModelRegistry:
             if row is None and not version:
                 row = s.get(ModelRow, ref)
             if row is None:
-                raise ModelNotFoundError(f"The model '{ref}' does not exist", param="model")
+                self._missing(ref)
             return ModelRecord.from_row(row)
+
+    @staticmethod
+    def _missing(ref: str) -> NoReturn:
+        raise ModelNotFoundError(f"The model '{ref}' does not exist", param="model")
 
     def model_dir(self, record: ModelRecord) -> Path:
         """A local directory holding the model's files (hard links into the store)."""

@@ -32,12 +32,20 @@ class ModelObject(BaseModel):
     status: str
     description: str | None = None
     tags: list[str] = []
+    aliases: list[str] = []
+    """``name@alias`` references that name this version."""
     artifacts: dict[str, str] | None = None
     extra: dict[str, Any] | None = None
 
     @classmethod
     def from_record(
-        cls, r: ModelRecord, *, parent_name: str | None = None, detail: bool = False, server_paths: bool = False
+        cls,
+        r: ModelRecord,
+        *,
+        parent_name: str | None = None,
+        detail: bool = False,
+        server_paths: bool = False,
+        aliases: list[str] | None = None,
     ) -> ModelObject:
         """``server_paths``: show ``file:`` sources whole (admins); tenants see only the last name."""
         created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
@@ -60,6 +68,7 @@ class ModelObject(BaseModel):
             status=r.status,
             description=r.description,
             tags=list(r.tags),
+            aliases=aliases or [],
             artifacts=r.artifacts if detail else None,
             extra=r.extra if detail else None,
         )
