@@ -21,7 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from llmos.api.console.sessions import SESSION_COOKIE, ConsoleSessions, Session
-from llmos.errors import AuthenticationError, LLMOSError, NotFoundError, PermissionDeniedError
+from llmos.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from llmos.platform import Platform
 from llmos.security import ApiKeyInfo
 
@@ -131,8 +131,7 @@ async def login(request: Request) -> Response:
             tenant=None,
             key_id=None,
         )
-        status = exc.status_code if isinstance(exc, LLMOSError) else 401
-        return _render(request, "login.html", status, csrf_token=token, error=exc.message)
+        return _render(request, "login.html", exc.status_code, csrf_token=token, error=exc.message)
     _, cookie = _sessions(request).create(key.id)
     platform.audit.record(
         "console.sign_in",
