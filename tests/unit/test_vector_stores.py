@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from llmos.platform import Platform
-from llmos.registry.vector_tables import VectorChunkRow
+from llmos.registry.vector_tables import VectorChunkRow, VectorStoreRow
 from llmos.retrieval.chunking import StaticChunking
 from llmos.retrieval.documents import DocumentError, document_text
 
@@ -271,7 +272,7 @@ def test_another_tenants_stores_do_not_exist(
     assert client.vector_stores.retrieve(store_id).file_counts.completed == 3
 
 
-def test_expiry_and_updates(client: openai.OpenAI) -> None:
+def test_expiry_and_updates(client: openai.OpenAI, loaded_platform: Platform) -> None:
     vs = client.vector_stores.create(
         name="old",
         metadata={"team": "support"},
@@ -279,6 +280,12 @@ def test_expiry_and_updates(client: openai.OpenAI) -> None:
         extra_body={"embedding_model": "tiny-embed"},
     )
     assert vs.expires_after.days == 2 and vs.expires_at == vs.last_active_at + 2 * 86400  # type: ignore[union-attr]
+    with loaded_platform.db.session() as s:  # three days without activity
+        s.get(VectorStoreRow, vs.id).last_active_at = datetime.now(UTC) - timedelta(days=3)  # type: ignore[union-attr]
+    assert client.vector_stores.retrieve(vs.id).status == "expired"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.vector_stores.search(vs.id, query="anything")
+    assert exc.value.body["code"] == "expired"  # type: ignore[index]
     updated = client.vector_stores.update(vs.id, name="new", expires_after=None)  # type: ignore[arg-type]
     assert updated.name == "new" and updated.expires_at is None and updated.metadata == {"team": "support"}
     with pytest.raises(openai.BadRequestError):

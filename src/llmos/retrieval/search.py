@@ -66,12 +66,12 @@ def search_store(
         return []
     query = as_matrix([query_vector])[0]
     depth = max(MIN_CANDIDATES, 4 * max_results)
-    indexes = stores.indexes(store_id)
-    if flt is None:
-        similar = indexes.vectors.search(query, depth)
-    else:  # exact over the files that pass: an HNSW walk would miss matches behind filtered ones
-        similar = _exact(stores.embeddings(store_id, list(files)), query, depth)
-    keyword_ids = indexes.keywords.search(query_text, depth * 4) if hybrid is not None else []
+    # Filtered: exact over the files that pass (an HNSW walk would miss matches behind filtered ones).
+    exact = _exact(stores.embeddings(store_id, list(files)), query, depth) if flt is not None else None
+    similar, keyword_ids = stores.nearest(
+        store_id, None if exact is not None else query, depth, query_text if hybrid is not None else None, depth * 4
+    )
+    similar = exact if exact is not None else similar
     chunks = stores.chunks({k for k, _ in similar} | set(keyword_ids))
     chunks = {k: c for k, c in chunks.items() if c.file_id in files}
     keyword_ids = [k for k in keyword_ids if k in chunks][:depth]

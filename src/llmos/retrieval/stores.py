@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
@@ -263,9 +264,17 @@ class VectorStores:
 
     # -- indexes
 
-    def indexes(self, store_id: str) -> StoreIndexes:
+    def nearest(
+        self, store_id: str, vector: np.ndarray | None, count: int, text: str | None, text_count: int
+    ) -> tuple[list[tuple[int, float]], list[int]]:
+        """The chunks nearest ``vector`` (with their cosine similarity) and those best matching
+        ``text`` by BM25, each skipped when None. Under the store's lock: an index is never read
+        while a write changes it."""
         with self._lock(store_id):
-            return self._open(store_id)
+            indexes = self._open(store_id)
+            similar = indexes.vectors.search(vector, count) if vector is not None else []
+            keywords = indexes.keywords.search(text, text_count) if text is not None else []
+        return similar, keywords
 
     def chunks(self, ids: Iterable[int]) -> dict[int, VectorChunkRow]:
         with self.db.session() as s:

@@ -128,7 +128,8 @@ class Retrieval:
         stores = self.platform.vector_stores
         rows = [await asyncio.to_thread(stores.usable, self.tenant, store_id) for store_id in store_ids]
         if filters is not None:
-            known = {k for row in rows for f in stores.files_of(row.id) for k in (f.attributes or {})}
+            files = [f for row in rows for f in await asyncio.to_thread(stores.files_of, row.id)]
+            known = {k for f in files for k in (f.attributes or {})}
             check_filter(filters, known)
         embed = self.embedder()
         best: dict[tuple[str, str], SearchHit] = {}
