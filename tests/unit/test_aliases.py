@@ -131,3 +131,24 @@ def test_aliases_stay_inside_their_tenant(
     shown = http.get("/v1/models/acme-bot", headers=acme).json()
     assert shown["aliases"] == ["acme-bot@production"] and shown["id"] == own.name
     assert http.get("/v1/models/tiny-chat", headers=bob).json()["aliases"] == []  # acme's line is not shown
+
+
+def test_a_fine_tuning_job_takes_an_alias_as_its_base_and_a_feedback_export_as_its_data(
+    quiet_http: TestClient, quiet_client: openai.OpenAI, loaded_platform: Platform
+) -> None:
+    code, _ = set_alias(quiet_http, ADMIN, model="tiny-chat", alias="production", target="tiny-chat@1")
+    assert code == 200
+    answer = quiet_client.chat.completions.create(
+        model="tiny-chat@production",
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=2,
+        store=True,
+    )
+    given = quiet_http.post(
+        f"/v1/chat/completions/{answer.id}/feedback", json={"correction": "Hello to you."}, headers=ADMIN
+    )
+    assert given.status_code == 200
+    exported = quiet_http.post("/v1/feedback/exports", json={"format": "sft"}, headers=ADMIN).json()
+    job = quiet_client.fine_tuning.jobs.create(model="tiny-chat@production", training_file=exported["id"])
+    assert job.status == "queued"
+    assert loaded_platform.jobs.get("default", job.id).base_model_id == loaded_platform.registry.get("tiny-chat@1").id
