@@ -280,6 +280,14 @@ def test_expiry_and_updates(client: openai.OpenAI, loaded_platform: Platform) ->
         extra_body={"embedding_model": "tiny-embed"},
     )
     assert vs.expires_after.days == 2 and vs.expires_at == vs.last_active_at + 2 * 86400  # type: ignore[union-attr]
+
+    def idle(delta: timedelta) -> None:
+        with loaded_platform.db.session() as s:
+            s.get(VectorStoreRow, vs.id).last_active_at = datetime.now(UTC) - delta  # type: ignore[union-attr]
+
+    idle(timedelta(hours=1))  # a search keeps the store active
+    client.vector_stores.search(vs.id, query="anything")
+    assert client.vector_stores.retrieve(vs.id).last_active_at >= time.time() - 60  # type: ignore[operator]
     with loaded_platform.db.session() as s:  # three days without activity
         s.get(VectorStoreRow, vs.id).last_active_at = datetime.now(UTC) - timedelta(days=3)  # type: ignore[union-attr]
     assert client.vector_stores.retrieve(vs.id).status == "expired"

@@ -7,7 +7,7 @@ import re
 import threading
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from llmos.retrieval.filters import Attributes
 from llmos.retrieval.index import StoreIndexes, as_matrix, rebuilt
 
 _STORE_ID = re.compile(r"^vs_[0-9a-f]{24}$")
+ACTIVITY_RESOLUTION = timedelta(minutes=1)
 
 
 class VectorStores:
@@ -102,11 +103,15 @@ class VectorStores:
                 indexes = StoreIndexes(self.directory / store_id)
             indexes.destroy()
 
-    def touch(self, store_id: str) -> None:
+    def touch(self, row: VectorStoreRow) -> None:
+        """Mark the store active (a search); written at most once a minute, so that concurrent
+        searches do not queue for the database's write lock over a figure kept in days."""
+        now = datetime.now(UTC)
+        last = row.last_active_at if row.last_active_at.tzinfo else row.last_active_at.replace(tzinfo=UTC)
+        if now - last < ACTIVITY_RESOLUTION:
+            return
         with self.db.session() as s:
-            s.execute(
-                update(VectorStoreRow).where(VectorStoreRow.id == store_id).values(last_active_at=datetime.now(UTC))
-            )
+            s.execute(update(VectorStoreRow).where(VectorStoreRow.id == row.id).values(last_active_at=now))
 
     # -- files
 

@@ -151,5 +151,5 @@ class Retrieval:
                     key = (hit.file_id, hit.text)
                     if key not in best or best[key].score < hit.score:
                         best[key] = hit
-            await asyncio.to_thread(stores.touch, row.id)
+            await asyncio.to_thread(stores.touch, row)
         return sorted(best.values(), key=lambda h: -h.score)[:max_results]
