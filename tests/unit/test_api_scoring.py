@@ -106,6 +106,24 @@ def test_bad_scoring_requests_get_400_naming_the_field(http: TestClient, change:
     assert complete(http, prompt="Hello", max_tokens=1)["choices"]  # the server is still up
 
 
+def test_chat_prompt_logprobs_score_the_templated_prompt(http: TestClient, tiny_chat_dir: Path) -> None:
+    messages = [{"role": "user", "content": "Hello, how are you today?"}]
+    tok = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    full = reference(tiny_chat_dir, prompt)
+    body = {"model": "tiny-chat", "messages": messages, "max_tokens": 1, "prompt_logprobs": 1}
+    resp = http.post("/v1/chat/completions", headers=auth(), json=body)
+    assert resp.status_code == 200, resp.text
+    scored = resp.json()["prompt_logprobs"]
+    assert len(scored) == len(prompt) and scored[0] is None
+    got = [entry[str(token)]["logprob"] for entry, token in zip(scored[1:], prompt[1:], strict=True)]
+    expected = full[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(got), expected, atol=1e-3)
+    body |= {"stream": True}
+    assert_error(http.post("/v1/chat/completions", headers=auth(), json=body), 400, param="prompt_logprobs")
+
+
 def test_a_model_llama_cpp_serves_refuses_prompt_scoring(
     settings: Settings, tiny_chat_dir: Path, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_seri
 
 from llmos.api.openai.chat.tools import MAX_TOOLS, Tool, ToolCallIn, ToolChoice
 from llmos.api.openai.common import Choice, OpenAIRequest, ResponseObject, SamplingFields, StreamChunk, Usage
+from llmos.api.openai.scoring import PromptLogprobsOut
 from llmos.api.openai.structured import StructuredFields
 
 
@@ -56,6 +57,8 @@ class ChatCompletionRequest(SamplingFields, StructuredFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
+    """vLLM's extra: every prompt token's logprob and this many most likely tokens."""
     store: bool | None = False
     """Keep the request and its answer as a stored completion of the caller's tenant."""
     metadata: dict[str, Any] | None = None
@@ -103,6 +106,8 @@ class ChatChoice(Choice):
 class ChatCompletion(ResponseObject[ChatChoice]):
     object: Literal["chat.completion"] = "chat.completion"
     usage: Usage
+    prompt_logprobs: PromptLogprobsOut | None = None
+    """vLLM's extra, when the request asked for ``prompt_logprobs``."""
     service_tier: str | None = None
 
 

@@ -40,6 +40,7 @@ from llmos.api.openai.common import (
     new_id,
     now,
 )
+from llmos.api.openai.scoring import check_prompt_scoring, vllm_prompt_logprobs
 from llmos.api.openai.structured import requested_grammar
 from llmos.api.sse import SSE_DONE
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, TokenLogprob
@@ -92,6 +93,15 @@ class ChatService(GenerationService):
             logprobs=bool(req.logprobs),
             top_logprobs=req.top_logprobs or 0,
         )
+        if req.prompt_logprobs is not None:
+            if req.stream:
+                raise InvalidRequestError(
+                    "prompt logprobs are not streamed: set stream to false", param="prompt_logprobs"
+                )
+            check_prompt_scoring(
+                req.prompt_logprobs, param="prompt_logprobs", info=info, model=req.model, settings=self.settings
+            )
+            params = dataclasses.replace(params, prompt_logprobs=req.prompt_logprobs)
         return GenerationRequest(
             request_id=new_id("chatcmpl"),
             model=req.model,
@@ -114,6 +124,8 @@ class ChatService(GenerationService):
             for i, choice in enumerate(collected)
         ]
         response = ChatCompletion(id=gen.request_id, created=now(), model=req.model, choices=choices, usage=usage)
+        if req.prompt_logprobs is not None:
+            response.prompt_logprobs = vllm_prompt_logprobs(collected[0].prompt_logprobs, req.prompt_logprobs)
         if req.store:
             await self._store(req, response)
         return response
