@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         ge=16,
         description="Local copies of blobs read from `artifact_store`, least recently used evicted.",
     )
+    limits_store: Literal["memory", "database"] = Field(
+        default="memory",
+        description="Where rate, token and concurrency limits are counted: this process's memory, or the "
+        "database (shared by every API server on it, and kept across restarts).",
+    )
     host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `llmos serve` listens on.")
     allowed_hosts: list[str] = Field(

@@ -21,9 +21,10 @@ from llmos.retrieval.stores import VectorStores
 from llmos.security import KeyStore
 from llmos.security.audit import AuditLog
 from llmos.security.denied import DeniedRequests
-from llmos.security.limits import RateLimiter
+from llmos.security.limits import Limiter, RateLimiter
 from llmos.security.private import read_or_create_secret, secure_home
 from llmos.security.quotas import TrainingQuota
+from llmos.security.shared_limits import DatabaseRateLimiter
 from llmos.security.tenants import TenantStore
 from llmos.security.usage import UsageLedger
 from llmos.training.batches import validate_batch_file
@@ -42,7 +43,7 @@ class Platform:
     tenants: TenantStore
     audit: AuditLog
     usage: UsageLedger
-    limiter: RateLimiter
+    limiter: Limiter
     files: FileStore
     jobs: JobStore
     completions: CompletionStore
@@ -78,7 +79,7 @@ class Platform:
             tenants=tenants,
             audit=AuditLog(db, DeniedRequests(settings.denied_requests_per_minute)),
             usage=UsageLedger(db),
-            limiter=RateLimiter(),
+            limiter=RateLimiter() if settings.limits_store == "memory" else DatabaseRateLimiter(db),
             files=files,
             jobs=JobStore(db, files, registry),
             completions=completions,

@@ -76,3 +76,32 @@ def test_migrations_are_idempotent_on_postgres(pg_url: str, tmp_path: Path) -> N
     finally:
         second.close()
     assert _schema(pg_url) == (revisions, columns)  # and changed nothing in the schema
+
+
+def test_two_servers_share_rate_limits_on_postgres(pg_url: str) -> None:
+    """Admissions racing on two connections pools (two servers) lock their subject's row: the
+    limit holds exactly, however the threads interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmos.errors import RateLimitError
+    from llmos.registry.db import Database
+    from llmos.security.limits import Limits
+    from llmos.security.shared_limits import DatabaseRateLimiter
+
+    databases = [Database(pg_url), Database(pg_url, run_migrations=False)]
+    servers = [DatabaseRateLimiter(db) for db in databases]
+    limits = {"tenant:race": Limits(requests_per_minute=12, max_concurrent_requests=50)}
+
+    def attempt(i: int) -> bool:
+        try:
+            servers[i % 2].admit(limits).release(tokens=1)
+        except RateLimitError:
+            return False
+        return True
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            assert sum(pool.map(attempt, range(60))) == 12
+    finally:
+        for db in databases:
+            db.dispose()

@@ -321,16 +321,3 @@ class ModelAliasRow(Base):
     owner: Mapped[str] = mapped_column(String(64))
     """Whose line ``name`` is: the only tenant (besides admins) that may move its aliases."""
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class ModelAliasRow(Base):
-    """``name@alias``: a movable name for one model version (``production``, ``staging``, ...)."""
-
-    __tablename__ = "model_aliases"
-
-    name: Mapped[str] = mapped_column(String(256), primary_key=True)
-    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
-    owner: Mapped[str] = mapped_column(String(64))
-    """Whose line ``name`` is: the only tenant (besides admins) that may move its aliases."""
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
