@@ -74,6 +74,8 @@ def fallback(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> lis
         elif m["role"] == "tool":
             content = f"Result of call {m.get('tool_call_id', '')}: {content}"
         out.append({"role": m["role"], "content": content})
+    if not tools:  # a conversation with earlier calls, but none to make now (``tool_choice: none``)
+        return out
     if out and out[0]["role"] == "system":
         out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{instructions}"}
     else:
