@@ -108,6 +108,7 @@ class Platform:
     def close(self) -> None:
         self._usage_writer.shutdown(wait=True)  # flush pending usage rows
         self.vector_stores.close()
+        self.limiter.close()  # the shared limits' queued releases
         self.db.dispose()
 
 

@@ -117,6 +117,7 @@ def test_servers_on_one_database_share_limits_and_a_restart_keeps_them(db: Datab
     limits = {"tenant:a": Limits(requests_per_minute=3, max_concurrent_requests=2, tokens_per_minute=50)}
     held = first.admit(limits)
     second.admit(limits).release(tokens=60)
+    assert second.concurrent("tenant:a") == 1  # its own release is written; the first's request holds
     with pytest.raises(RateLimitError) as exc:  # the other server's tokens count here
         first.admit(limits)
     assert exc.value.code == "tokens_limit_exceeded"
@@ -128,6 +129,7 @@ def test_servers_on_one_database_share_limits_and_a_restart_keeps_them(db: Datab
         second.admit(limits)
     assert exc.value.code == "concurrency_limit_exceeded"
     held.release()
+    assert first.concurrent("tenant:a") == 1  # its release is written; the restarted server's request holds
     second.admit(limits)
 
 

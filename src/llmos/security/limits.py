@@ -122,6 +122,8 @@ class Limiter(Protocol):
 
     def concurrent(self, subject: str) -> int: ...
 
+    def close(self) -> None: ...
+
 
 class Lease:
     """An admitted request: release it once, charging the tokens it used."""
@@ -183,3 +185,6 @@ class RateLimiter:
         with self._lock:
             window = self._windows.get(subject)
             return window.concurrent if window else 0
+
+    def close(self) -> None:
+        """Nothing is pending: every release is applied when it is made."""

@@ -12,9 +12,12 @@ having to notice.
 
 from __future__ import annotations
 
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,6 +26,8 @@ from sqlalchemy.orm import Session
 from llmos.registry.db import Database
 from llmos.registry.limit_tables import RateEventRow, RateLeaseRow, RateSubjectRow
 from llmos.security.limits import WINDOW_S, Lease, Limits, Room, check_room
+
+log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 600.0
 """How long a request in flight holds a concurrency slot at most (a crashed server's slots free then)."""
@@ -33,9 +38,23 @@ class DatabaseRateLimiter:
         self._db = db
         self._clock = clock
         self._lease_ttl_s = lease_ttl_s
+        # A request ends on the event loop's thread; its release (a database write) is queued to
+        # this one thread instead of blocking the loop. Admissions and counts through this limiter
+        # wait for the queue first, so a server never misses its own releases.
+        self._releases = ThreadPoolExecutor(1, "limits-release")
+        self._last_release: Future[None] | None = None
+        self._queue_lock = threading.Lock()
+
+    def _settle(self) -> None:
+        """Wait until this limiter's queued releases are written."""
+        with self._queue_lock:
+            last = self._last_release
+        if last is not None:
+            last.exception()  # waits; a failed release was logged where it failed
 
     def admit(self, subjects: Mapping[str, Limits]) -> Lease:
         """Admit one request for every subject or raise 429; nothing is recorded when refused."""
+        self._settle()
         now = self._clock()
         ticket = secrets.token_hex(8)
         with self._db.session() as s:
@@ -81,15 +100,28 @@ class DatabaseRateLimiter:
 
     def _release(self, subjects: list[str], tokens: int, ticket: str | None) -> None:
         now = self._clock()
-        with self._db.session() as s:
-            if ticket is not None:
-                leases = [f"{ticket}-{i}" for i in range(len(subjects))]
-                s.execute(delete(RateLeaseRow).where(RateLeaseRow.id.in_(leases)))
-            if tokens:
-                for subject in subjects:
-                    s.add(RateEventRow(subject=subject, at=now, requests=0, tokens=tokens))
+        with self._queue_lock:
+            self._last_release = self._releases.submit(self._write_release, subjects, tokens, ticket, now)
+
+    def _write_release(self, subjects: list[str], tokens: int, ticket: str | None, now: float) -> None:
+        try:
+            with self._db.session() as s:
+                if ticket is not None:
+                    leases = [f"{ticket}-{i}" for i in range(len(subjects))]
+                    s.execute(delete(RateLeaseRow).where(RateLeaseRow.id.in_(leases)))
+                if tokens:
+                    for subject in subjects:
+                        s.add(RateEventRow(subject=subject, at=now, requests=0, tokens=tokens))
+        except Exception:  # the lease then lapses after its TTL; serving goes on
+            log.exception("could not record the end of a request in the shared limits")
+            raise
+
+    def close(self) -> None:
+        """Write the queued releases and stop the writer thread."""
+        self._releases.shutdown(wait=True)
 
     def concurrent(self, subject: str) -> int:
+        self._settle()
         now = self._clock()
         with self._db.session() as s:
             return self._room(s, subject, now).concurrent
