@@ -107,7 +107,10 @@ def test_completions_with_echo_and_logprobs(client: openai.OpenAI) -> None:
     )
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].text.startswith("Hello")
-    assert r.choices[0].logprobs is not None and len(r.choices[0].logprobs.tokens or []) <= 3
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs is not None
+    assert lp.token_logprobs[0] is None  # the echoed prompt's first token: nothing comes before it
+    assert "".join(lp.tokens) == r.choices[0].text  # the prompt's tokens, then the generated ones
 
 
 def test_embeddings_float_base64_and_dimensions(client: openai.OpenAI, http: TestClient) -> None:

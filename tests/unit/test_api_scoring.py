@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,19 @@ def test_echo_covers_the_prompt_then_the_generated_tokens(http: TestClient) -> N
     assert all(v is not None for v in lp["token_logprobs"][1:])
 
 
+def test_a_streamed_echo_opens_with_the_scored_prompt(http: TestClient) -> None:
+    body = {"model": "tiny-chat", "prompt": TEXT, "echo": True, "logprobs": 1, "max_tokens": 2, "temperature": 0}
+    with http.stream("POST", "/v1/completions", headers=auth(), json=body | {"stream": True}) as resp:
+        assert resp.status_code == 200
+        lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    choices = [json.loads(line)["choices"][0] for line in lines]
+    whole = complete(http, **body)["choices"][0]
+    assert choices[0]["text"] == TEXT  # the echo, with the prompt's logprobs
+    prompt_tokens = len(choices[0]["logprobs"]["tokens"])
+    assert choices[0]["logprobs"]["token_logprobs"] == whole["logprobs"]["token_logprobs"][:prompt_tokens]
+    assert "".join(c["text"] for c in choices) == whole["text"]
+
+
 def test_token_id_prompts_lists_and_n_are_each_scored(http: TestClient, tiny_chat_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_chat_dir)
     prompts = [tok(t)["input_ids"] for t in ("Hello there", "A quick brown fox")]
@@ -94,7 +108,6 @@ def test_vllm_prompt_logprobs_have_vllms_shape(http: TestClient, tiny_chat_dir: 
         ({"echo": True, "logprobs": 6, "max_tokens": 0}, "logprobs"),
         ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
-        ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         ({"echo": True, "logprobs": 1, "max_tokens": 0, "prompt": "Hello world " * 400}, "messages"),
         ({"echo": True, "logprobs": 1, "max_tokens": 0, "model": "tiny-embed"}, "model"),

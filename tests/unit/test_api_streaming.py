@@ -73,7 +73,10 @@ def test_completion_chunks_echo_then_add_up_to_the_whole_answer(http: TestClient
         assert chunk["object"] == "text_completion" and chunk["usage"] is None
         assert set(chunk["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
     choices = [chunk["choices"][0] for chunk in streamed]
-    assert [(c["index"], c["text"], c["logprobs"]) for c in choices[:2]] == [(0, "The sea", None), (1, "The sea", None)]
+    # Each choice opens with the echo and the prompt's logprobs (the first token's null).
+    assert [(c["index"], c["text"]) for c in choices[:2]] == [(0, "The sea"), (1, "The sea")]
+    assert all(c["logprobs"]["tokens"] == ["The", " sea"] for c in choices[:2])
+    assert all(c["logprobs"]["token_logprobs"][0] is None for c in choices[:2])
     with_logprobs = [c["logprobs"] for c in choices[2:] if c["logprobs"] is not None]
     assert with_logprobs and all(
         set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"} for lp in with_logprobs

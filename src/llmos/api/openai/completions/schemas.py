@@ -42,9 +42,12 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(Choice):
+class CompletionStreamChoice(Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
+
+
+class CompletionChoice(CompletionStreamChoice):
     prompt_logprobs: PromptLogprobsOut | None = None
     """vLLM's extra, when the request asked for ``prompt_logprobs``."""
 
@@ -54,7 +57,7 @@ class Completion(ResponseObject[CompletionChoice]):
     usage: Usage
 
 
-class CompletionChunk(StreamChunk[CompletionChoice]):
+class CompletionChunk(StreamChunk[CompletionStreamChoice]):
     """One server-sent event of a streamed completion: OpenAI streams ``Completion`` objects
     whose choices carry the new text and whose usage is null until the last."""
 

@@ -21,6 +21,7 @@ from llmos.api.openai.completions.schemas import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
+    CompletionStreamChoice,
 )
 from llmos.api.openai.scoring import check_prompt_scoring, legacy_entries, vllm_prompt_logprobs
 from llmos.api.openai.structured import requested_grammar
@@ -83,9 +84,8 @@ class CompletionService(GenerationService):
                 "max_tokens 0 only scores the echoed prompt: set echo to true", param="max_tokens"
             )
         echo_k = req.logprobs if req.echo else None
-        if req.stream and (echo_k is not None or req.prompt_logprobs is not None):
-            param = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
-            raise InvalidRequestError("prompt logprobs are not streamed: set stream to false", param=param)
+        if req.stream and req.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs are not streamed: set stream to false", param="prompt_logprobs")
         check_prompt_scoring(
             req.prompt_logprobs, param="prompt_logprobs", info=info, model=req.model, settings=self.settings
         )
@@ -132,18 +132,27 @@ class CompletionService(GenerationService):
     def stream(self, req: CompletionRequest, echo: str, gen: GenerationRequest) -> AsyncIterator[str]:
         """One prompt's choices as server-sent events (the router refuses several prompts)."""
 
-        def choices_of(delta: GenerationDelta) -> list[CompletionChoice]:
+        scored = gen.params.prompt_logprobs is not None  # the echo opens each choice with its logprobs
+
+        def choices_of(delta: GenerationDelta) -> list[CompletionStreamChoice]:
+            out = []
+            if scored and delta.prompt_logprobs:
+                text = echo or "".join(p.token for p in delta.prompt_logprobs)
+                prompt = _legacy_logprobs((), 0, prompt=delta.prompt_logprobs, k=req.logprobs or 0)
+                out.append(CompletionStreamChoice(index=delta.index, text=text, logprobs=prompt))
             logprobs = (
                 _legacy_logprobs(delta.logprobs, 0, k=req.logprobs or 0)
                 if gen.params.logprobs and delta.logprobs
                 else None
             )
-            if not (delta.text or logprobs or delta.finish_reason):
-                return []
-            reason = finish_reason(delta.finish_reason)
-            return [CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=reason)]
+            if delta.text or logprobs or delta.finish_reason:
+                reason = finish_reason(delta.finish_reason)
+                out.append(
+                    CompletionStreamChoice(index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=reason)
+                )
+            return out
 
-        opening = [CompletionChoice(index=i, text=echo, finish_reason=None) for i in range(gen.params.n) if echo]
+        opening = [] if scored else [CompletionStreamChoice(index=i, text=echo) for i in range(gen.params.n) if echo]
         return self.stream_events(req, gen, CompletionChunk, opening, choices_of)
 
 
