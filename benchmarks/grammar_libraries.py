@@ -5,7 +5,7 @@
 For xgrammar and llguidance: the time to compile a 30-field JSON schema, cold (a fresh
 compiler or matcher) and cached (the same schema again), and the time to compute the token
 masks of a batch of 16 rows per decode step, each row walking its own valid JSON document
-token by token. Prints a table and writes benchmarks/results/grammar_libraries.json.
+token by token. Prints a table and writes a new benchmarks/results/grammar_libraries-<date>-<commit>.json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import ROOT
+from benchmarks.harness import write_result
 
 BATCH = 16
 
@@ -133,8 +133,7 @@ def main() -> None:
             f"{name:<12} {r['compile_cold_s'] * 1000:>11.1f}ms {r['compile_cached_s'] * 1000:>13.2f}ms "
             f"{r['mask_step_ms_p50']:>22.2f}ms"
         )
-    out = ROOT / "benchmarks" / "results" / "grammar_libraries.json"
-    out.write_text(json.dumps({"batch": BATCH, "fields": 30, "results": results}, indent=2) + "\n")
+    print(write_result("grammar_libraries", {"batch": BATCH, "fields": 30, "results": results}))
 
 
 if __name__ == "__main__":

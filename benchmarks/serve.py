@@ -20,6 +20,10 @@ row sent (LLM OS caches prompt prefixes), the same ones for every system at one 
   (kept by the pull) through LLM OS's llama.cpp backend (needs llama-cpp-python, as above);
 - ``llmos-no-metrics``: ``llmos serve`` with ``LLMOS_METRICS_ENABLED=false`` (against ``llmos``:
   what recording the Prometheus metrics costs);
+- ``structured``: 16 clients on one ``llmos serve``, unconstrained, then half of them with a
+  ``json_schema`` response format, then unconstrained again (the two bracket any drift), and
+  what a 30-field schema's grammar adds to a one-token request: the first constrained request
+  (the tokenizer indexed too), a new schema (cold), the same schema again (cached);
 - ``adapters``: the same server with 1, 8 and 32 distinct LoRA adapters (rank 8, every linear
   layer, random weights of a fine-tune's scale) spread round-robin over the requests, each row
   after the base model on the same prompts (its ``x no-ad`` ratio is against that run), twice in
@@ -92,6 +96,7 @@ ALL_SYSTEMS = (
     "llmos-int8",
     "llmos-llamacpp",
     "llmos-no-metrics",
+    "structured",
 )
 # LLM OS servers with other settings: the label of their rows and the settings.
 SERVER_VARIANTS = {
@@ -113,7 +118,12 @@ class Stream:
 
 
 def stream_chat(
-    url: str, model: str, chat: list[dict[str, str]], max_tokens: int, client: httpx.Client | None = None
+    url: str,
+    model: str,
+    chat: list[dict[str, str]],
+    max_tokens: int,
+    client: httpx.Client | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Stream:
     """One streamed chat request; tokens from the usage chunk where the server sends one, else
     one per content chunk. ``completed``: the stream ended with a finish reason. ``client``: the
@@ -125,6 +135,7 @@ def stream_chat(
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     with contextlib.ExitStack() as owned:
         http = client if client is not None else owned.enter_context(httpx.Client(timeout=900))
@@ -164,8 +175,10 @@ def drive(
     chats: list[list[dict[str, str]]],
     clients: int,
     max_tokens: int,
+    extra_for: Callable[[int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``len(chats)`` requests from ``clients`` concurrent clients; measures the server process.
+    """``len(chats)`` requests from ``clients`` concurrent clients (request ``i`` with the body
+    fields ``extra_for(i)``); measures the server process.
 
     Each client keeps one connection pool for all its requests, made before the clock starts, as
     an application's ``openai`` client does: a new ``httpx`` client a request (an SSL context
@@ -178,7 +191,7 @@ def drive(
     def one(i: int) -> Stream:
         client = pools.get()  # never waits: at most ``clients`` requests run at once
         try:
-            return stream_chat(url, model_for(i), chats[i], max_tokens, client)
+            return stream_chat(url, model_for(i), chats[i], max_tokens, client, extra_for(i) if extra_for else None)
         finally:
             pools.put(client)
 
@@ -349,6 +362,71 @@ def run_llmos(
     return rows
 
 
+STRUCTURED_OFFSET = 208  # after the adapter rows' prompts: 3 rows of 16 (free, half constrained, free)
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}, "confidence": {"enum": ["low", "medium", "high"]}},
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+
+
+def _timed_post(url: str, body: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=600)
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def run_structured(
+    home: Path, chats: list[list[dict[str, str]]], clients: int, max_tokens: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Throughput with half the clients asking for a ``json_schema`` response format, between two
+    unconstrained rows on the same server; and what a 30-field schema's grammar adds to a
+    one-token request: the first ever (the tokenizer indexed too), a new schema, the same again."""
+    from benchmarks.grammar_libraries import thirty_field_schema
+
+    proc, url = start_server(home, None)
+    rows: dict[str, dict[str, Any]] = {}
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}}}
+    try:
+        stream_chat(url, MODEL, chats[WARM_UP], 4)  # load the model before timing
+        one = {"model": MODEL, "messages": chats[WARM_UP], "max_tokens": 1}
+
+        def schema_body(schema: dict[str, Any]) -> dict[str, Any]:
+            return {**one, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+
+        plain = min(_timed_post(url, one) for _ in range(3))
+        first = _timed_post(url, schema_body({"type": "object", "properties": {"x": {"type": "integer"}}}))
+        # Each cold schema is new (its fields renamed); the cached one is the last of them again.
+        schemas = [{**thirty_field_schema(), "title": f"variant {k}"} for k in range(3)]
+        cold = min(_timed_post(url, schema_body(schema)) for schema in schemas)
+        cached = min(_timed_post(url, schema_body(schemas[-1])) for _ in range(3))
+        compile_s = {
+            "first_ever_s": first - plain,
+            "cold_30_fields_s": cold - plain,
+            "cached_30_fields_s": cached - plain,
+        }
+        print(f"  grammar: {compile_s}")
+        for n, (label, extra) in enumerate(
+            [
+                ("unconstrained", None),
+                ("half json_schema", lambda i: fmt if i % 2 == 0 else {}),
+                ("unconstrained again", None),
+            ]
+        ):
+            start = STRUCTURED_OFFSET + n * clients
+            key = f"llmos {label}, {clients} client(s)"
+            rows[key] = drive(
+                url, proc.pid, lambda _: MODEL, chats[start : start + clients], clients, max_tokens, extra
+            )
+            print(f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, TTFT p50 {rows[key]['ttft_p50_s']:.3f} s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return rows, compile_s
+
+
 def run_adapters(
     home: Path,
     chats: list[list[dict[str, str]]],
@@ -514,10 +592,18 @@ def main() -> None:
             print(f"{label} ...")
             rows.update(run_llmos(args.home, chats, args.clients, args.max_tokens, label=label, env=env))
 
+    structured_compile = None
+    if "structured" in args.systems:
+        print("llmos with structured outputs ...")
+        structured_rows, structured_compile = run_structured(args.home, chats, 16, args.max_tokens)
+        rows.update(structured_rows)
+
     add_ratios(rows)
     print()
     print_table(rows)
     result = {"model": MODEL, "max_tokens": args.max_tokens, "rows": rows}
+    if structured_compile is not None:
+        result["grammar_compile"] = structured_compile
     result["adapter_rank"], result["adapter_targets"] = 8, args.adapter_targets
     write_result("serve", result, args.out)
 
