@@ -12,8 +12,7 @@ from typing import Any
 
 from llmos.kernel.job_status import JobStatus
 from llmos.registry.tables import JobRow
-
-_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+from llmos.training.spec import HYPERPARAMETERS
 
 
 def timestamp(value: datetime | None) -> int | None:
@@ -81,7 +80,8 @@ class Job:
     def public(self) -> dict[str, Any]:
         """OpenAI's fine_tuning.job object (plus `training_file_sha256`, `priority`, `cpu_seconds`)."""
         spec = self.method.get("resolved", {})
-        hyperparameters = {k: spec.get(k) for k in _HYPERPARAMETERS}
+        method = spec.get("method", "supervised")
+        hyperparameters = {k: spec.get(k) for k in HYPERPARAMETERS[method]}
         return {
             "id": self.id,
             "object": "fine_tuning.job",
@@ -103,10 +103,10 @@ class Job:
             "user_provided_suffix": self.suffix,
             "hyperparameters": hyperparameters,
             "method": {
-                "type": "supervised",
-                "supervised": {
+                "type": method,
+                method: {
                     "hyperparameters": hyperparameters,
-                    **{k: v for k, v in spec.items() if k not in _HYPERPARAMETERS},
+                    **{k: v for k, v in spec.items() if k not in (*HYPERPARAMETERS["dpo"], "method")},
                 },
             },
             "training_file_sha256": self.training_sha256,

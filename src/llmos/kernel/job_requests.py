@@ -17,7 +17,7 @@ from llmos.training.spec import TrainingSpec, parse_spec
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 # Base model task -> {training-file format -> what a job on it learns}. Causal models learn chat;
 # an encoder learns whatever head its training file's detected format calls for.
-_CAUSAL = {"chat": "chat"}
+_CAUSAL = {"chat": "chat", "preference": "dpo"}
 _ENCODER = {"classification": "sequence-classification", "token-classification": "token-classification"}
 TRAINABLE = {
     "chat": _CAUSAL,
@@ -73,15 +73,22 @@ def check_job_request(registry: ModelRegistry, files: FileStore, tenant: str, bo
     spec = parse_spec(
         body.get("method"), body.get("hyperparameters"), training_records=int(training.summary.get("records", 0))
     )
+    if (task == "dpo") != (spec.method == "dpo"):
+        raise InvalidRequestError(
+            f"training_file {training.id} is a {training.summary['format']} file; method.type 'dpo' trains "
+            "on preference lines and preference lines train with method.type 'dpo'",
+            param="training_file" if spec.method == "dpo" else "method.type",
+            code="invalid_training_file" if spec.method == "dpo" else "unsupported_method",
+        )
     if spec.augmentation_probability and task != "sequence-classification":
         raise InvalidRequestError(
             "augmentation applies to classification fine-tuning only",
-            param="method.supervised.augmentation",
+            param=f"{spec.section}.augmentation",
             code="unsupported_method",
         )
     if spec.packing and task != "chat":
         raise InvalidRequestError(
-            "packing applies to chat fine-tuning only", param="method.supervised.packing", code="unsupported_method"
+            "packing applies to chat fine-tuning only", param=f"{spec.section}.packing", code="unsupported_method"
         )
     priority = body.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or not -10 <= priority <= 10:

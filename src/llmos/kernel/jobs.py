@@ -87,7 +87,7 @@ class JobStore(JobQueries):
             validation_sha256=request.validation.sha256 if request.validation else None,
             suffix=request.suffix,
             seed=request.seed,
-            method={"type": "supervised", "task": request.task, "resolved": request.spec.as_dict()},
+            method={"type": request.spec.method, "task": request.task, "resolved": request.spec.as_dict()},
             status=JobStatus.QUEUED,  # files are validated before the job exists
             priority=request.priority,
             attempts=0,

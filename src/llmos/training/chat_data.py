@@ -53,15 +53,16 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], max_len: int) ->
     return Example(ids, labels)
 
 
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI's messages as chat templates take them (a ``developer`` message is a system one)."""
+    return [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+
+
 def load_chat_file(path: Path, tokenizer: Any, max_len: int) -> list[Example]:
     examples = []
     for line in path.read_text(encoding="utf-8-sig").splitlines():
         if line.strip():
-            messages = json.loads(line)["messages"]
-            msgs = [
-                {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages
-            ]
-            example = encode_chat(tokenizer, msgs, max_len)
+            example = encode_chat(tokenizer, template_messages(json.loads(line)["messages"]), max_len)
             if example is not None:
                 examples.append(example)
     return examples

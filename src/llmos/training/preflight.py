@@ -19,14 +19,18 @@ from llmos.kernel.jobs import TRAINABLE
 from llmos.registry.files import FileStore
 from llmos.registry.service import ModelRegistry
 from llmos.training.adapters import ENCODER_TASK_TYPES, HEAD_MODULES, SERVED_AS_ADAPTERS, wrap_model
-from llmos.training.spec import ADAPTER, TARGETED, VIRTUAL_TOKEN_ADAPTERS, TrainingSpec, parse_spec
+from llmos.training.spec import TARGETED, VIRTUAL_TOKEN_ADAPTERS, TrainingSpec, parse_spec
 
 log = logging.getLogger(__name__)
-PEFT_TASK_TYPES = {"chat": "CAUSAL_LM", "sequence-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS"}
+PEFT_TASK_TYPES = {
+    "chat": "CAUSAL_LM",
+    "dpo": "CAUSAL_LM",
+    "sequence-classification": "SEQ_CLS",
+    "token-classification": "TOKEN_CLS",
+}
 """A job's task (see kernel.jobs.TRAINABLE) -> the PEFT task type its trainer wraps the model for."""
 MIN_INPUT_TOKENS = 16
 """Input positions an encoder must keep beside its prompt-tuning virtual tokens (the smallest max_seq_length)."""
-_TARGETS = f"{ADAPTER}.target_modules"
 
 
 def check_job_body(registry: ModelRegistry, files: FileStore, tenant: str, body: dict[str, Any]) -> None:
@@ -74,21 +78,28 @@ def check_against_model(spec: TrainingSpec, task: str, model_dir: Path, *, name:
     model = _skeleton(task, model_dir)
     if spec.adapter in TARGETED and isinstance(spec.target_modules, list):
         # A chat LoRA is served as an adapter, which the engine applies to linear layers only.
-        linear_only = task == "chat" and spec.adapter in SERVED_AS_ADAPTERS
-        check_target_modules(model, spec.target_modules, task, name, linear_only=linear_only)
+        linear_only = PEFT_TASK_TYPES[task] == "CAUSAL_LM" and spec.adapter in SERVED_AS_ADAPTERS
+        check_target_modules(
+            model,
+            spec.target_modules,
+            task,
+            name,
+            linear_only=linear_only,
+            param=f"{spec.section}.adapter.target_modules",
+        )
     if spec.adapter == "prompt_tuning" and PEFT_TASK_TYPES[task] in ENCODER_TASK_TYPES:
         positions = getattr(model.config, "max_position_embeddings", None)
         if isinstance(positions, int) and spec.num_virtual_tokens > positions - MIN_INPUT_TOKENS:
             raise InvalidRequestError(
                 f"num_virtual_tokens must be at most {positions - MIN_INPUT_TOKENS} for {name}: its "
                 f"{positions} input positions hold the virtual tokens and the text",
-                param=f"{ADAPTER}.num_virtual_tokens",
+                param=f"{spec.section}.adapter.num_virtual_tokens",
             )
     _try_wrapping(model, spec, task, name, examples)
 
 
 def check_target_modules(
-    model: torch.nn.Module, targets: list[str], task: str, name: str, *, linear_only: bool
+    model: torch.nn.Module, targets: list[str], task: str, name: str, *, linear_only: bool, param: str
 ) -> None:
     """Each name in ``targets`` must be the last part of the name of one of the model's layers
     (PEFT's matching), not its task head (which trains whole), and with ``linear_only`` a linear
@@ -101,7 +112,7 @@ def check_target_modules(
     if heads:
         raise InvalidRequestError(
             f"target_modules {heads}: the task head is trained whole, an adapter does not wrap it",
-            param=_TARGETS,
+            param=param,
             code="invalid_target_modules",
         )
     missing = [t for t in targets if t not in layers or (linear_only and True not in layers[t])]
@@ -110,7 +121,7 @@ def check_target_modules(
         raise InvalidRequestError(
             f"target_modules {missing} are not {'linear ' if linear_only else ''}layers of {name}; "
             f"its linear layers are {linear}",
-            param=_TARGETS,
+            param=param,
             code="invalid_target_modules",
         )
 
@@ -125,13 +136,13 @@ def _check_tokenizer(task: str, model_dir: Path, name: str) -> None:
         raise InvalidRequestError(
             f"{name} has no tokenizer that loads; it cannot be fine-tuned", param="model", code="unsupported_model"
         ) from exc
-    if task == "chat" and not tokenizer.chat_template:
+    if task in ("chat", "dpo") and not tokenizer.chat_template:
         raise InvalidRequestError(
             f"{name} has no chat template: chat fine-tuning formats conversations with it",
             param="model",
             code="unsupported_model",
         )
-    if task == "chat" and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+    if task in ("chat", "dpo") and tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise InvalidRequestError(
             f"{name}'s tokenizer has neither a padding nor an end-of-sequence token to pad batches with",
             param="model",
@@ -157,6 +168,7 @@ def _skeleton(task: str, model_dir: Path) -> Any:
 
     auto = {
         "chat": AutoModelForCausalLM,
+        "dpo": AutoModelForCausalLM,
         "sequence-classification": AutoModelForSequenceClassification,
         "token-classification": AutoModelForTokenClassification,
     }[task]
@@ -189,6 +201,6 @@ def _try_wrapping(model: Any, spec: TrainingSpec, task: str, name: str, examples
         raise InvalidRequestError(
             f"{spec.adapter} cannot be applied to {name}"
             + (f" on the modules {spec.target_modules}" if targeted else f" ({type(model).__name__})"),
-            param=_TARGETS if targeted else f"{ADAPTER}.type",
+            param=f"{spec.section}.adapter." + ("target_modules" if targeted else "type"),
             code="unsupported_method",
         ) from exc

@@ -11,12 +11,12 @@ import torch
 
 from llmos.training.adapters import save_for_serving, wrap_model
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
-from llmos.training.loop import Selection, StepOutput, TrainingTask, fit
+from llmos.training.loop import E, Selection, StepOutput, TrainingTask, fit
 from llmos.training.packing import pack
 from llmos.training.run import TrainingResult, TrainingRun
 
 
-def _collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Token ids, labels and the model's masking inputs: a padding mask, or for packed rows the
     position ids that keep their conversations apart (padding then forms a segment of its own)."""
     width = max(len(e.input_ids) for e in batch)
@@ -37,7 +37,7 @@ def _collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _loss_and_accuracy(model: Any, batch: list[Example], pad_id: int, autocast: bool) -> tuple[torch.Tensor, int, int]:
-    ids, labels, masking = _collate(batch, pad_id)
+    ids, labels, masking = collate(batch, pad_id)
     # Logits only where a label follows (the assistant's tokens): the output layer is a fifth of
     # SmolLM2's weights, and most positions of a chat example are the prompt.
     keep = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
@@ -77,7 +77,22 @@ def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, 
     return {"valid_loss": total_loss / max(1, counted), "valid_mean_token_accuracy": correct / max(1, counted)}
 
 
-class ChatTask(TrainingTask[Example]):
+class CausalLMTask(TrainingTask[E]):
+    """A task that trains a chat model (SFT, DPO): saved as the engine serves it, with its tokenizer."""
+
+    run: TrainingRun
+    tokenizer: Any
+
+    def save_checkpoint_model(self, directory: Path) -> None:
+        if save_for_serving(self.model, self.run.spec, directory, final=False):
+            self.tokenizer.save_pretrained(directory)
+
+    def save_result(self, directory: Path) -> None:
+        save_for_serving(self.model, self.run.spec, directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+class ChatTask(CausalLMTask[Example]):
     """Chat SFT as a task of the shared loop: validation loss ranks epochs, and the last epoch is
     the result (as OpenAI's fine-tuning keeps it)."""
 
@@ -88,7 +103,7 @@ class ChatTask(TrainingTask[Example]):
         self, run: TrainingRun, model: Any, tokenizer: Any, train: list[Example], valid: list[Example]
     ) -> None:
         self.run, self.model, self.tokenizer, self.train, self.valid = run, model, tokenizer, train, valid
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
         self.description = f"chat on {len(train)} examples"
 
     @staticmethod
@@ -104,17 +119,9 @@ class ChatTask(TrainingTask[Example]):
             return None
         return evaluate(self.model, self.valid, self.run.spec.batch_size, self.pad_id, self.run.bf16)
 
-    def save_checkpoint_model(self, directory: Path) -> None:
-        if save_for_serving(self.model, self.run.spec, directory, final=False):
-            self.tokenizer.save_pretrained(directory)
-
-    def save_result(self, directory: Path) -> None:
-        save_for_serving(self.model, self.run.spec, directory)
-        self.tokenizer.save_pretrained(directory)
-
 
 def run_sft(run: TrainingRun) -> TrainingResult:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(run.seed)
     tokenizer = AutoTokenizer.from_pretrained(run.base_dir)
@@ -126,12 +133,23 @@ def run_sft(run: TrainingRun) -> TrainingResult:
         packed = pack(train, run.spec.max_seq_length)
         run.hooks.message(f"Packed {len(train)} conversations into {len(packed)} rows")
         train = packed
+    return fit(ChatTask(run, load_causal_model(run, len(train)), tokenizer, train, valid), run)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def load_causal_model(run: TrainingRun, examples: int) -> Any:
+    """The base model from ``run.base_dir``, wrapped by the run's method for ``examples`` training examples."""
+    from transformers import AutoModelForCausalLM
+
     # With an adapter on a bf16-fast CPU the frozen base is kept in bf16: autocast would otherwise
     # cast every fp32 weight to bf16 again in each forward and backward. What trains stays fp32.
     frozen_bf16 = run.bf16 and run.spec.adapter != "full"
     base = AutoModelForCausalLM.from_pretrained(run.base_dir, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
-    model = wrap_model(base, run.spec, "CAUSAL_LM", run.spec.total_steps(len(train)))
+    model = wrap_model(base, run.spec, "CAUSAL_LM", run.spec.total_steps(examples))
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return fit(ChatTask(run, model, tokenizer, train, valid), run)
+    return model

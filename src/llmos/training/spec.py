@@ -1,5 +1,5 @@
-"""What a fine-tuning job asks for: OpenAI's `method` (type `supervised`, `hyperparameters`), plus
-LLM OS's own settings under `method.supervised` (adapter, sequence length, schedule...).
+"""What a fine-tuning job asks for: OpenAI's `method` (type `supervised` or `dpo`, `hyperparameters`),
+plus LLM OS's own settings beside them under `method.<type>` (adapter, sequence length, schedule...).
 Everything is validated before a job is queued, and "auto" is resolved once, at creation."""
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ VIRTUAL_TOKEN_ADAPTERS = ("prefix_tuning", "prompt_tuning")
 # Prefix and prompt tuning train a few thousand numbers and want far larger steps (PEFT's examples).
 BASE_LR = {"lora": 2e-4, "adalora": 5e-4, "ia3": 3e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "full": 2e-5}
 SCHEDULES = ("linear", "cosine", "constant")
+METHODS = ("supervised", "dpo")
+HYPERPARAMETERS: dict[str, tuple[str, ...]] = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier")}
+HYPERPARAMETERS["dpo"] = (*HYPERPARAMETERS["supervised"], "beta")
+"""OpenAI's hyperparameters of each method (the rest of a method's settings are LLM OS's)."""
+DPO_BETA = 0.1
+"""DPO's default beta (the DPO paper's and TRL's)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,15 @@ class TrainingSpec:
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
     early_stopping_patience: int | None = None
+    method: str = "supervised"
+    """OpenAI's method.type: ``supervised`` or ``dpo``."""
+    beta: float | None = None
+    """DPO: how far the policy may move from the reference (None for supervised jobs)."""
+
+    @property
+    def section(self) -> str:
+        """Where the request holds this method's settings, for errors: ``method.supervised``..."""
+        return f"method.{self.method}"
 
     @property
     def learning_rate(self) -> float:
@@ -56,10 +71,6 @@ class TrainingSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-SUPERVISED = "method.supervised"
-ADAPTER = f"{SUPERVISED}.adapter"
 
 
 def _number(value: Any, param: str, kind: type, low: float, high: float, auto: Any) -> Any:
@@ -77,21 +88,21 @@ def _number(value: Any, param: str, kind: type, low: float, high: float, auto: A
     return kind(value)
 
 
-def _flag(supervised: dict[str, Any], name: str) -> bool:
-    """A true/false switch under ``method.supervised`` (absent: false)."""
+def _flag(supervised: dict[str, Any], name: str, section: str) -> bool:
+    """A true/false switch under ``section`` (absent: false)."""
     value = supervised.get(name, False)
     if not isinstance(value, bool):
-        raise InvalidRequestError(f"{name} must be true or false", param=f"{SUPERVISED}.{name}")
+        raise InvalidRequestError(f"{name} must be true or false", param=f"{section}.{name}")
     return value
 
 
-def _hyperparameters(supervised: dict[str, Any], legacy: Any) -> dict[str, tuple[Any, str]]:
-    """OpenAI's hyperparameters, each with the path it came from (for errors): ``method.supervised``'s
-    win over the deprecated top-level ``hyperparameters``."""
+def _hyperparameters(supervised: dict[str, Any], legacy: Any, section: str) -> dict[str, tuple[Any, str]]:
+    """OpenAI's hyperparameters, each with the path it came from (for errors): ``section``'s (e.g.
+    ``method.supervised``) win over the deprecated top-level ``hyperparameters``."""
     found: dict[str, tuple[Any, str]] = {}
     for where, given in (
         ("hyperparameters", legacy),
-        (f"{SUPERVISED}.hyperparameters", supervised.get("hyperparameters")),
+        (f"{section}.hyperparameters", supervised.get("hyperparameters")),
     ):
         if given is None:
             continue
@@ -105,28 +116,29 @@ def parse_spec(
     method: dict[str, Any] | None, legacy_hyperparameters: dict[str, Any] | None, *, training_records: int
 ) -> TrainingSpec:
     method = method or {"type": "supervised"}
-    if not isinstance(method, dict) or method.get("type", "supervised") != "supervised":
-        raise InvalidRequestError("only method.type 'supervised' is supported", param="method.type")
-    supervised = method.get("supervised") or {}
+    kind = method.get("type", "supervised") if isinstance(method, dict) else None
+    if kind not in METHODS:
+        raise InvalidRequestError("method.type must be 'supervised' or 'dpo'", param="method.type")
+    section = f"method.{kind}"
+    other = next((m for m in METHODS if m != kind and m in method), None)
+    if other is not None:
+        raise InvalidRequestError(f"method.{other} does not apply to method.type '{kind}'", param=f"method.{other}")
+    supervised = method.get(kind) or {}
     if not isinstance(supervised, dict):
-        raise InvalidRequestError("method.supervised must be an object", param="method.supervised")
-    hp = _hyperparameters(supervised, legacy_hyperparameters)
-    unknown = set(hp) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+        raise InvalidRequestError(f"{section} must be an object", param=section)
+    hp = _hyperparameters(supervised, legacy_hyperparameters, section)
+    unknown = set(hp) - set(HYPERPARAMETERS[kind])
     if unknown:
         raise InvalidRequestError(f"unknown hyperparameters {sorted(unknown)}", param=hp[min(unknown)][1])
     adapter_cfg = supervised.get("adapter") or {}
     if not isinstance(adapter_cfg, dict):
-        raise InvalidRequestError("method.supervised.adapter must be an object", param="method.supervised.adapter")
+        raise InvalidRequestError(f"{section}.adapter must be an object", param=f"{section}.adapter")
     adapter = adapter_cfg.get("type", "lora")
     if adapter not in ADAPTERS:
-        raise InvalidRequestError(
-            f"adapter type must be one of {list(ADAPTERS)}", param="method.supervised.adapter.type"
-        )
+        raise InvalidRequestError(f"adapter type must be one of {list(ADAPTERS)}", param=f"{section}.adapter.type")
     schedule = supervised.get("lr_scheduler", "linear")
     if schedule not in SCHEDULES:
-        raise InvalidRequestError(
-            f"lr_scheduler must be one of {list(SCHEDULES)}", param="method.supervised.lr_scheduler"
-        )
+        raise InvalidRequestError(f"lr_scheduler must be one of {list(SCHEDULES)}", param=f"{section}.lr_scheduler")
     target = adapter_cfg.get("target_modules", "all-linear")
     if not (
         target == "all-linear"
@@ -134,23 +146,23 @@ def parse_spec(
     ):
         raise InvalidRequestError(
             "target_modules must be 'all-linear' or a list of module names",
-            param="method.supervised.adapter.target_modules",
+            param=f"{section}.adapter.target_modules",
         )
     if target != "all-linear" and adapter not in TARGETED:
         raise InvalidRequestError(
             f"target_modules applies to {' and '.join(TARGETED)} only, not {adapter}",
-            param="method.supervised.adapter.target_modules",
+            param=f"{section}.adapter.target_modules",
         )
-    packing = _flag(supervised, "packing")
+    packing = _flag(supervised, "packing", section)
     if packing and adapter in VIRTUAL_TOKEN_ADAPTERS:
         raise InvalidRequestError(
             f"packing cannot be combined with {adapter}: its virtual tokens go before each row, not each conversation",
-            param="method.supervised.packing",
+            param=f"{section}.packing",
         )
-    group_by_length = _flag(supervised, "group_by_length")
-    fgm_epsilon = _switch(supervised, "adversarial", "fgm", "epsilon", 1.0, 1e-6, 100.0)
+    group_by_length = _flag(supervised, "group_by_length", section)
+    fgm_epsilon = _switch(supervised, section, "adversarial", "fgm", "epsilon", 1.0, 1e-6, 100.0)
     augmentation = supervised.get("augmentation")
-    probability = _switch(supervised, "augmentation", "eda", "probability", 0.1, 0.01, 0.5, extra={"copies"})
+    probability = _switch(supervised, section, "augmentation", "eda", "probability", 0.1, 0.01, 0.5, extra={"copies"})
     copies = augmentation.get("copies") if isinstance(augmentation, dict) else None
     patience = supervised.get("early_stopping_patience")
 
@@ -163,32 +175,35 @@ def parse_spec(
         batch_size=hyperparameter("batch_size", int, 1, 256, max(1, min(8, training_records))),
         learning_rate_multiplier=hyperparameter("learning_rate_multiplier", float, 1e-3, 100.0, 1.0),
         adapter=adapter,
-        lora_r=_number(adapter_cfg.get("r"), f"{ADAPTER}.r", int, 1, 256, 16),
-        lora_alpha=_number(adapter_cfg.get("alpha"), f"{ADAPTER}.alpha", int, 1, 1024, 32),
-        lora_dropout=_number(adapter_cfg.get("dropout"), f"{ADAPTER}.dropout", float, 0.0, 0.9, 0.05),
+        lora_r=_number(adapter_cfg.get("r"), f"{section}.adapter.r", int, 1, 256, 16),
+        lora_alpha=_number(adapter_cfg.get("alpha"), f"{section}.adapter.alpha", int, 1, 1024, 32),
+        lora_dropout=_number(adapter_cfg.get("dropout"), f"{section}.adapter.dropout", float, 0.0, 0.9, 0.05),
         target_modules=target,
         num_virtual_tokens=_number(
-            adapter_cfg.get("num_virtual_tokens"), f"{ADAPTER}.num_virtual_tokens", int, 1, 512, 20
+            adapter_cfg.get("num_virtual_tokens"), f"{section}.adapter.num_virtual_tokens", int, 1, 512, 20
         ),
-        max_seq_length=_number(supervised.get("max_seq_length"), f"{SUPERVISED}.max_seq_length", int, 16, 32768, 512),
+        max_seq_length=_number(supervised.get("max_seq_length"), f"{section}.max_seq_length", int, 16, 32768, 512),
         packing=packing,
         group_by_length=group_by_length,
         fgm_epsilon=fgm_epsilon,
         augmentation_probability=probability,
-        augmentation_copies=_number(copies, f"{SUPERVISED}.augmentation.copies", int, 1, 8, 1),
+        augmentation_copies=_number(copies, f"{section}.augmentation.copies", int, 1, 8, 1),
         gradient_accumulation_steps=_number(
-            supervised.get("gradient_accumulation_steps"), f"{SUPERVISED}.gradient_accumulation_steps", int, 1, 256, 1
+            supervised.get("gradient_accumulation_steps"), f"{section}.gradient_accumulation_steps", int, 1, 256, 1
         ),
-        warmup_ratio=_number(supervised.get("warmup_ratio"), f"{SUPERVISED}.warmup_ratio", float, 0.0, 0.5, 0.0),
+        warmup_ratio=_number(supervised.get("warmup_ratio"), f"{section}.warmup_ratio", float, 0.0, 0.5, 0.0),
         lr_scheduler=schedule,
         early_stopping_patience=None
         if patience is None
-        else _number(patience, f"{SUPERVISED}.early_stopping_patience", int, 1, 50, None),
+        else _number(patience, f"{section}.early_stopping_patience", int, 1, 50, None),
+        method=kind,
+        beta=hyperparameter("beta", float, 1e-3, 10.0, DPO_BETA) if kind == "dpo" else None,
     )
 
 
 def _switch(
     supervised: dict[str, Any],
+    section: str,
     name: str,
     kind: str,
     knob: str,
@@ -204,11 +219,11 @@ def _switch(
         return None
     if not isinstance(value, dict) or value.get("type") != kind or set(value) - {"type", knob, *extra}:
         raise InvalidRequestError(
-            f"{name} must be an object {{'type': '{kind}', '{knob}': number}}", param=f"method.supervised.{name}"
+            f"{name} must be an object {{'type': '{kind}', '{knob}': number}}", param=f"{section}.{name}"
         )
     number = value.get(knob, default)
     if isinstance(number, bool) or not isinstance(number, int | float) or not low <= number <= high:
         raise InvalidRequestError(
-            f"{name}.{knob} must be a number from {low} to {high}", param=f"method.supervised.{name}.{knob}"
+            f"{name}.{knob} must be a number from {low} to {high}", param=f"{section}.{name}.{knob}"
         )
     return float(number)

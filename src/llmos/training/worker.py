@@ -31,6 +31,7 @@ from llmos.registry.service import Lineage, ModelRecord
 from llmos.security.private import restrict_umask
 from llmos.training.checkpoints import SERVABLE
 from llmos.training.classify import run_classification
+from llmos.training.dpo import run_dpo
 from llmos.training.metering import QUOTA_STOP, CpuMeter
 from llmos.training.ner import run_token_classification
 from llmos.training.run import Hooks, Stopped, TrainingRun
@@ -43,6 +44,7 @@ EXIT_STOPPED = 3
 # A job's task (chosen from its base model and training file, see kernel.jobs.TRAINABLE) -> its trainer.
 TRAINERS = {
     "chat": run_sft,
+    "dpo": run_dpo,
     "sequence-classification": run_classification,
     "token-classification": run_token_classification,
 }
