@@ -151,7 +151,8 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(platform: Platform) -> 
 
 
 def test_batch_files_are_checked(client: openai.OpenAI) -> None:
-    line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": body}
     assert client.files.create(file=("b.jsonl", jsonl(line)), purpose="batch").status == "processed"
     dup = client.files.create(file=("b.jsonl", jsonl(line, line)), purpose="batch")
     assert dup.status == "error" and "duplicate custom_id" in (dup.status_details or "")

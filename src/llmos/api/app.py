@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
@@ -22,6 +23,9 @@ from llmos.api.feedback import router as feedback_router
 from llmos.api.hosts import HostCheckMiddleware, allowed_hosts_for
 from llmos.api.limits import BodyLimitMiddleware
 from llmos.api.model_management.router import router as model_management_router
+from llmos.api.openai.batches.lines import check_body
+from llmos.api.openai.batches.router import router as batches_router
+from llmos.api.openai.batches.runner import BatchRunner
 from llmos.api.openai.chat.router import router as chat_router
 from llmos.api.openai.chat.stored import router as stored_completions_router
 from llmos.api.openai.completions.router import router as completions_router
@@ -41,6 +45,7 @@ from llmos.kernel.maintenance import MaintenanceLoop, run_maintenance
 from llmos.kernel.supervisor import JobSupervisor
 from llmos.platform import Platform
 from llmos.registry.pulls import PullOperations
+from llmos.training.batches import validate_batch_file
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,13 @@ def create_app(
             supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings)
             supervisor.start()
         app.state.supervisor = supervisor
+        # Batch files' lines are checked by the endpoints' own request schemas.
+        app.state.platform.files.validators["batch"] = partial(validate_batch_file, check_body=check_body)
+        batches = None
+        if settings.batch_concurrency > 0:
+            batches = BatchRunner(app.state.platform, app.state.engine)
+            batches.start()
+        app.state.batches = batches
         app.state.pulls = PullOperations(app.state.platform.registry)
         app.state.console_sessions = (
             ConsoleSessions(app.state.platform.keys.derived_secret("console-session"), settings.console_session_ttl_s)
@@ -105,6 +117,8 @@ def create_app(
             if maintenance is not None:
                 await asyncio.to_thread(maintenance.stop)
             app.state.platform.audit.flush_denied()  # what was tallied since the last run
+            if batches is not None:
+                await batches.stop()
             if supervisor is not None:
                 await asyncio.to_thread(supervisor.stop)
             await app.state.engine.shutdown()
@@ -145,6 +159,7 @@ def create_app(
         embeddings_router,
         files_router,
         fine_tuning_router,
+        batches_router,
         classifications_router,
         ner_router,
         rerank_router,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmos.errors import InsufficientStorageError, LLMOSError, RateLimitError, ServiceUnavailableError
+from llmos.errors import (
+    InsufficientStorageError,
+    InvalidRequestError,
+    LLMOSError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,20 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(clean) or None
 
 
+def invalid_body(errors: Sequence[Any]) -> InvalidRequestError:
+    """The 400 for a body its schema refused (pydantic's ``errors()``), naming the first bad field:
+    for a request's body, and for a batch's line, which is checked by the same schemas."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        message, param = "We could not parse the JSON body of your request.", None
+    elif first.get("type") == "extra_forbidden":
+        message = f"'{param}' is not supported by this server (docs/api.md, Request fields)"
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
+    return InvalidRequestError(message, param=param, code="invalid_value")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LLMOSError)
     async def _platform_error(_: Request, exc: LLMOSError) -> JSONResponse:
@@ -57,15 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = _param_from_loc(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            message, param = "We could not parse the JSON body of your request.", None
-        elif first.get("type") == "extra_forbidden":
-            message = f"'{param}' is not supported by this server (docs/api.md, Request fields)"
-        else:
-            message = f"Invalid value for '{param}': {first.get('msg')}" if param else str(first.get("msg"))
-        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400)
+        return error_response(invalid_body(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

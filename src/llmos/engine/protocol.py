@@ -55,6 +55,9 @@ class GenerationRequest:
     """Requests are admitted round-robin across tenants, so a flood from one cannot starve another."""
     handle: ModelHandle | None = field(default=None, compare=False, repr=False)
     """``model`` as this request's ``EngineClient.resolve`` resolved it."""
+    background: bool = False
+    """Work nobody waits on (a batch's lines): it takes only rows interactive requests leave free
+    and is parked when they need them (``engine.scheduler``)."""
     grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
     """The grammar every choice's output follows, from ``EngineClient.compile_grammar``."""
 

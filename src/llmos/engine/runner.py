@@ -206,9 +206,9 @@ class GenerationRunner(ABC):
         return any(True for _ in self._rows()) or any(True for _ in self._prefilling())
 
     def _held(self) -> Counter[str]:
-        held = Counter(row.tenant for row in self._rows())
+        held = Counter(row.share for row in self._rows())
         for pending in self._prefilling():
-            held[pending.tenant] += pending.rows
+            held[pending.share] += pending.rows
         return held
 
     def _reserved(self) -> list[int]:

@@ -16,13 +16,18 @@ The contract a backend relies on:
 - An aborted request is never admitted: it is ended with its abort where it is taken.
 - ``shares`` parks the latest admitted rows of a tenant over its cap and resumes parked rows,
   earliest first, as soon as the caps and the batch's rows allow.
+- Background requests (a batch's lines) share one line, ``BACKGROUND``, whose cap is the rows
+  that interactive requests have not needed lately (their peak demand over ``recent_s``) less a
+  quarter of the batch kept free: they fill spare rows and are parked when interactive demand
+  grows; a client that keeps sending never finds its row taken, and a new one finds rows free
+  (parked rows still hold their place in the batch, so a row taken would be lost until it ends).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +45,8 @@ RECENT_S = 2.0
 """A tenant seen this recently still counts as active, so the gap between one client's sequential
 requests does not let a flood back into the whole batch."""
 _CLOSE = "\0close"  # the queue "tenant" of the sentinel that wakes the loop at close; never a real tenant
+BACKGROUND = "\0background"
+"""The share every background request counts against (never a real tenant's name)."""
 
 
 @dataclass
@@ -58,6 +65,11 @@ class Pending:
     @property
     def tenant(self) -> str:
         return self.request.tenant
+
+    @property
+    def share(self) -> str:
+        """Whose rows it counts against: its tenant's, or the background's."""
+        return BACKGROUND if self.request.background else self.request.tenant
 
     @property
     def rows(self) -> int:
@@ -100,6 +112,10 @@ class Row:
     def tenant(self) -> str:
         return self.pending.request.tenant
 
+    @property
+    def share(self) -> str:
+        return self.pending.share
+
     def end(self, delta: GenerationDelta) -> None:
         """Finish this row with ``delta`` (unless it has finished already)."""
         if not self.finished:
@@ -118,11 +134,13 @@ class Scheduler:
         self._aborted: set[str] = set()
         self._abort_lock = threading.Lock()
         self._seen: dict[str, float] = {}
+        self._interactive_peaks: deque[tuple[float, int]] = deque()
+        """(time, interactive rows wanted) with falling rows: its head is the peak over ``recent_s``."""
         self.parks = 0  # rows ever parked
 
     # -- called from other threads ---------------------------------------------------------
     def put(self, pending: Pending) -> None:
-        self.queue.put(pending.request.tenant, pending)
+        self.queue.put(pending.share, pending)
 
     def wake(self) -> None:
         """Wake a loop waiting for work (at close)."""
@@ -157,11 +175,13 @@ class Scheduler:
         return hit
 
     def caps(self, held: Counter[str]) -> dict[str, int]:
-        """Row limits for every active tenant: ``held`` rows (running, parked, prefilling) plus its
-        queued requests; one seen lately without work counts as a light tenant."""
+        """Row limits for every active share: ``held`` rows (running, parked, prefilling) plus its
+        queued requests; a tenant seen lately without work counts as a light tenant. Background
+        work gets what interactive work has not needed lately."""
         now = time.monotonic()
         demand = Counter(held)
         demand.update(self.queue.waiting())
+        background = demand.pop(BACKGROUND, 0)
         for tenant, rows in demand.items():
             if rows > 0:
                 self._seen[tenant] = now
@@ -170,7 +190,22 @@ class Scheduler:
                 del self._seen[tenant]
             elif demand[tenant] <= 0:
                 demand[tenant] = 1
-        return row_caps(dict(demand), self.max_rows, self.light_rows)
+        caps = row_caps(dict(demand), self.max_rows, self.light_rows)
+        if background > 0:
+            wanted = sum(min(rows, self.max_rows) for rows in demand.values() if rows > 0)
+            caps[BACKGROUND] = max(0, self.max_rows - self.max_rows // 4 - self._interactive_peak(now, wanted))
+        return caps
+
+    def _interactive_peak(self, now: float, wanted: int) -> int:
+        """The most rows interactive work wanted over the last ``recent_s`` (``wanted`` now): the
+        moment between a client's answer and its next request leaves its row free, not spare."""
+        peaks = self._interactive_peaks
+        while peaks and peaks[-1][1] <= wanted:
+            peaks.pop()
+        peaks.append((now, wanted))
+        while now - peaks[0][0] > self.recent_s:
+            peaks.popleft()
+        return peaks[0][1]
 
     def admit(
         self, *, block: bool, held: Counter[str], reserved: list[int], fits: Callable[[list[int]], bool]
@@ -200,7 +235,7 @@ class Scheduler:
             if self._take_abort(item.request.request_id):
                 item.end(abort_delta)
                 continue
-            tenant, n = item.tenant, item.rows
+            tenant, n = item.share, item.rows
             wanted = reserved + [item.reserve] * n
             if reserved and (len(wanted) > self.max_rows or not fits(wanted)):
                 self.queue.put_back(tenant, item)  # waits for rows to finish

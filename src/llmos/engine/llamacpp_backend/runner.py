@@ -219,8 +219,8 @@ class LlamaCppRunner(GenerationRunner):
 
     def _rebalance(self, caps: dict[str, int]) -> None:
         self._retire_finished()
-        running = [r.tenant for r in self._batch.rows] if self._batch else []
-        parked = [r.tenant for r in self._parked.rows] if self._parked else []
+        running = [r.share for r in self._batch.rows] if self._batch else []
+        parked = [r.share for r in self._parked.rows] if self._parked else []
         park, resume = self.scheduler.shares(running, parked, caps)
         back = self._parked.split_off(resume) if self._parked is not None and resume else None
         if self._parked is not None and not self._parked.rows:

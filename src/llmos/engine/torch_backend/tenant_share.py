@@ -27,8 +27,8 @@ class TenantShare:
 
     def rebalance(self, state: BatchState[Row] | None, caps: dict[str, int]) -> BatchState[Row] | None:
         """Park and resume rows as the scheduler decides for ``caps``; returns the batch to decode."""
-        running = [r.tenant for r in state.rows] if state else []
-        parked = [r.tenant for r in self.parked.rows] if self.parked else []
+        running = [r.share for r in state.rows] if state else []
+        parked = [r.share for r in self.parked.rows] if self.parked else []
         park, resume = self.scheduler.shares(running, parked, caps)
         back = self.parked.split_off(resume, self.config) if self.parked is not None and resume else None
         if self.parked is not None and not self.parked.rows:
