@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from llmos.api import create_app
 from llmos.platform import Platform
 from llmos.registry.vector_tables import VectorChunkRow, VectorStoreRow
 from llmos.retrieval.chunking import StaticChunking
@@ -317,3 +318,21 @@ def test_unreadable_documents(tmp_path: Path) -> None:
     path.write_bytes(b"   \n")
     with pytest.raises(DocumentError):
         document_text(path, "empty.md")
+
+
+def test_files_left_in_progress_are_processed_when_the_server_starts(loaded_platform: Platform) -> None:
+    record, _ = loaded_platform.files.create(
+        tenant="default", purpose="assistants", filename="notes.txt", chunks=[b"Left behind."], max_bytes=1 << 20
+    )
+    vs = loaded_platform.vector_stores.create(
+        "default", name="", description=None, embedding_model="tiny-embed", metadata=None, expires_after_days=None
+    )
+    # Attached as a server does, which then stopped before processing it.
+    loaded_platform.vector_stores.attach("default", vs.id, [(record.id, "notes.txt", None, StaticChunking())])
+    with TestClient(create_app(platform=loaded_platform)):
+        deadline = time.monotonic() + 60
+        while loaded_platform.vector_stores.file("default", vs.id, record.id).status == "in_progress":
+            assert time.monotonic() < deadline, "not resumed"
+            time.sleep(0.05)
+    assert loaded_platform.vector_stores.file("default", vs.id, record.id).status == "completed"
+    assert loaded_platform.vector_stores.file_chunks(vs.id, record.id) == ["Left behind."]
