@@ -110,6 +110,28 @@ def test_a_causal_model_reranks_by_its_yes_to_the_relevance_prompt(http: TestCli
     assert scores == sorted(scores, reverse=True)
 
 
+def test_a_long_rerank_on_a_causal_model_stays_within_the_engines_pending_room(loaded_platform: Platform) -> None:
+    """40 documents are 80 scoring requests; the engine takes 4 pending at most: the pairs go in
+    a few at a time instead of the rerank failing with 503."""
+    import asyncio
+
+    from llmos.engine.local import LocalEngine
+
+    engine = LocalEngine(
+        loaded_platform.registry, loaded_platform.settings.model_copy(update={"max_pending_requests": 4})
+    )
+
+    async def main() -> list[float]:
+        handle = await engine.resolve("tiny-chat")
+        try:
+            return (await engine.score_pairs(handle, [(QUERY, f"Paris {i}") for i in range(40)], tenant="t")).scores
+        finally:
+            await engine.shutdown()
+
+    scores = asyncio.run(main())
+    assert len(scores) == 40 and all(0 < s < 1 for s in scores)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [

@@ -33,7 +33,7 @@ from llmos.engine.protocol import (
     ModelHandle,
     PairScores,
 )
-from llmos.engine.relevance import relevance_by_answer
+from llmos.engine.relevance import IN_FLIGHT, relevance_by_answer
 from llmos.engine.runner import GenerationRunner
 from llmos.engine.torch_backend import CausalRunner, EncoderRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
@@ -166,7 +166,9 @@ class LocalEngine:
                 model, task, "a cross-encoder", ClassifierRunner, lambda r: r.score_pairs(pairs)
             )
         if model.info.task in ("chat", "completion") and model.info.scores_prompts:
-            return await relevance_by_answer(self, model, pairs, tenant=tenant)
+            # Half the engine's pending room at most: other clients' requests still get in.
+            in_flight = max(1, min(IN_FLIGHT, self.config.max_pending_requests // 2))
+            return await relevance_by_answer(self, model, pairs, tenant=tenant, in_flight=in_flight)
         raise InvalidRequestError(
             f"model {model.name} is a {task} model: scoring needs a cross-encoder (sequence-classification) "
             "or a chat or completion model whose backend scores prompts",

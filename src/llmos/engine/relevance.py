@@ -3,8 +3,10 @@ yes answer to a fixed relevance prompt, from its scored prompt (``SamplingParams
 
 Every pair is scored twice, ending in `` yes`` and in `` no``, and the relevance is
 ``P(yes) / (P(yes) + P(no))``: a model's raw ``P(yes)`` also reflects how likely it finds any
-answer there, which the ratio cancels. All the pairs' requests go to the engine at once, so
-they are admitted by its scheduler and prefilled together in packed passes, as one scoring job.
+answer there, which the ratio cancels. The pairs' requests go to the engine together (up to
+``in_flight`` at a time, so a long list neither fills the engine's pending limit nor starves other
+clients), admitted by its scheduler and prefilled together in packed passes, as one scoring job;
+if one fails, the others are cancelled.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ RELEVANCE_PROMPT = (
     "Answer:"
 )
 ANSWERS = (" yes", " no")
+IN_FLIGHT = 32
+"""Scoring requests of one call waiting in the engine at once, at most."""
 
 
 async def relevance_by_answer(
-    engine: EngineClient, model: ModelHandle, pairs: Sequence[tuple[str, str]], *, tenant: str
+    engine: EngineClient, model: ModelHandle, pairs: Sequence[tuple[str, str]], *, tenant: str, in_flight: int
 ) -> PairScores:
     """``P(yes) / (P(yes) + P(no))`` of every pair under ``RELEVANCE_PROMPT``."""
     # (prompt, prompt with the answer) token ids: the answer's tokens are those after the prompt's.
@@ -49,15 +53,20 @@ async def relevance_by_answer(
     base = uuid.uuid4().hex[:16]
     params = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0)
 
+    slots = asyncio.Semaphore(in_flight)
+
     async def answer_logprob(i: int, prompt: list[int], full: list[int]) -> float:
         request = GenerationRequest(f"rel-{base}-{i}", model.name, full, params, tenant=tenant, handle=model)
         scored: tuple[Any, ...] = ()
-        async for delta in engine.generate(request):
-            if delta.error is not None:
-                raise EngineError(delta.error)
-            scored = delta.prompt_logprobs or scored
+        async with slots:
+            async for delta in engine.generate(request):
+                if delta.error is not None:
+                    raise EngineError(delta.error)
+                scored = delta.prompt_logprobs or scored
         return sum(s.logprob or 0.0 for s in scored[len(prompt) :])
 
-    logprobs = await asyncio.gather(*(answer_logprob(i, p, f) for i, (p, f) in enumerate(encoded)))
+    async with asyncio.TaskGroup() as group:  # one failure cancels the rest
+        tasks = [group.create_task(answer_logprob(i, p, f)) for i, (p, f) in enumerate(encoded)]
+    logprobs = [task.result() for task in tasks]
     scores = [1 / (1 + math.exp(min(no - yes, 700.0))) for yes, no in zip(logprobs[::2], logprobs[1::2], strict=True)]
     return PairScores(scores=scores, prompt_tokens=sum(len(full) for _, full in encoded))
