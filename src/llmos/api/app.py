@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 
 from llmos import __version__
 from llmos.api import health, usage
+from llmos.api.admin.alerts import router as alerts_router
 from llmos.api.admin.router import router as admin_router
 from llmos.api.aliases import router as aliases_router
 from llmos.api.console.pages import console_mount
@@ -22,6 +23,7 @@ from llmos.api.errors import install_error_handlers
 from llmos.api.feedback import router as feedback_router
 from llmos.api.hosts import HostCheckMiddleware, allowed_hosts_for
 from llmos.api.limits import BodyLimitMiddleware
+from llmos.api.metrics import router as metrics_router
 from llmos.api.model_management.router import router as model_management_router
 from llmos.api.openai.batches.lines import check_body
 from llmos.api.openai.batches.router import router as batches_router
@@ -43,6 +45,9 @@ from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
 from llmos.kernel.maintenance import MaintenanceLoop, run_maintenance
 from llmos.kernel.supervisor import JobSupervisor
+from llmos.monitoring.alerts.service import AlertService
+from llmos.monitoring.http import HttpMetricsMiddleware
+from llmos.monitoring.sampler import MetricsSampler
 from llmos.platform import Platform
 from llmos.registry.pulls import PullOperations
 from llmos.training.batches import validate_batch_file
@@ -108,11 +113,22 @@ def create_app(
             p = app.state.platform
             maintenance = MaintenanceLoop(lambda: run_maintenance(p), settings.maintenance_interval_s)
             maintenance.start()
+        sampler = None
+        if settings.metrics_enabled:
+            p = app.state.platform
+            sampler = MetricsSampler(app.state.engine.stats, p.jobs, settings.metrics_sample_interval_s)
+            sampler.start()
+        app.state.metrics_sampler = sampler
+        app.state.alerts = AlertService(settings, app.state.platform.db)
+        app.state.alerts.start()
         app.state.ingestion = resume_ingestion(app.state.platform, app.state.engine)
         try:
             yield
         finally:
             await app.state.ingestion.close()
+            await asyncio.to_thread(app.state.alerts.stop)
+            if sampler is not None:
+                await asyncio.to_thread(sampler.stop)
             await asyncio.to_thread(app.state.pulls.close)
             if maintenance is not None:
                 await asyncio.to_thread(maintenance.stop)
@@ -145,9 +161,13 @@ def create_app(
     allowed = allowed_hosts_for(settings.host, settings.allowed_hosts)
     if allowed is not None:
         app.add_middleware(HostCheckMiddleware, allowed=allowed)
+    if settings.metrics_enabled:  # outermost: it also counts what the edge checks refuse
+        app.add_middleware(HttpMetricsMiddleware)
     for router in (
         health.router,
+        metrics_router,
         admin_router,
+        alerts_router,
         usage.router,
         models_router,
         model_management_router,
