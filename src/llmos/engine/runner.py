@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from llmos.engine.choices import abort_delta, error_delta
 from llmos.engine.config import EngineConfig
 from llmos.engine.protocol import GenerationRequest
 from llmos.engine.scheduler import Pending, Row, Scheduler, Sink
+from llmos.monitoring import metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,11 @@ class GenerationRunner(ABC):
         self.prefills = 0
         self.prefill_tokens = 0  # prompt tokens computed (those reused from a cached prefix are not)
         self.peak_rows = 0  # the most rows ever decoded in one step
+        # What the loop holds now, as of its latest iteration (read by other threads for metrics).
+        self.requests_running = 0
+        self.reserved_tokens = 0
+        self.batch_size = 0  # rows the latest decode step advanced
+        self._queue_time = metrics.REQUEST_QUEUE_TIME.labels(metrics.MODEL_NAMES(name)) if config.metrics else None
         self.crashed: BaseException | None = None
         """Why the engine thread died, if it did; its requests are then failed by whoever watches it."""
         self.on_crash: Callable[[BaseException], None] | None = None
@@ -134,6 +141,10 @@ class GenerationRunner(ABC):
             "peak_rows": self.peak_rows,
             "prefill_tokens": self.prefill_tokens,
             "rows_parked": self.rows_parked,
+            "requests_running": self.requests_running,
+            "requests_waiting": len(self.scheduler.queue),
+            "batch_size": self.batch_size,
+            "kv_cache_usage": min(1.0, self.reserved_tokens / max(1, self.budget_tokens)),
         }
 
     def close(self) -> None:
@@ -176,10 +187,14 @@ class GenerationRunner(ABC):
         scheduler = self.scheduler
         while not scheduler.closing:
             idle = not self._has_work()
-            admitted = scheduler.admit(block=idle, held=self._held(), reserved=self._reserved(), fits=self._fits)
+            reserved = self._reserved()
+            if idle:  # what it held has finished: say so before waiting for more
+                self.requests_running = self.reserved_tokens = self.batch_size = 0
+            admitted = scheduler.admit(block=idle, held=self._held(), reserved=reserved, fits=self._fits)
             if idle and not admitted and not scheduler.closing and self._end_if_idle():
                 return
             self._working = True
+            self._note_admitted(admitted, reserved)
             for pending in admitted:
                 self._start(pending)
             gone = scheduler.take_aborted(self._request_ids)
@@ -248,3 +263,14 @@ class GenerationRunner(ABC):
         """Count a step that chose ``fresh`` new tokens over ``rows`` rows."""
         self.tokens_generated += fresh
         self.peak_rows = max(self.peak_rows, rows)
+        self.batch_size = rows
+
+    def _note_admitted(self, admitted: list[Pending], reserved: list[int]) -> None:
+        """What this iteration holds (``reserved`` includes the ``admitted``), and how long the
+        admitted requests waited in the queue."""
+        self.reserved_tokens = sum(reserved)
+        self.requests_running = len(set(self._request_ids())) + len(admitted)
+        if self._queue_time is not None:
+            now = time.monotonic()
+            for pending in admitted:
+                self._queue_time.observe(now - pending.queued_at)

@@ -61,6 +61,8 @@ class Pending:
     """The LoRA adapter applied to its rows (torch backend)."""
     virtual: Any = None
     """The prefix- or prompt-tuning adapter whose states go before its prompt (torch backend)."""
+    queued_at: float = field(default_factory=time.monotonic)
+    """When it was queued (its queue time is observed at admission)."""
 
     @property
     def tenant(self) -> str:
