@@ -227,12 +227,12 @@ def test_indexes_are_rebuilt_and_deletes_remove_chunks(
 ) -> None:
     store_id, ids = store
     directory = loaded_platform.settings.home / "vector_stores" / store_id
-    for name in ("vectors.usearch", "keywords.sqlite"):
+    for name in ("vectors.faiss", "keywords.sqlite"):
         (directory / name).unlink()
     text = DOCS["shipping.md"]
     assert _search(client, store_id, text)[0].file_id == ids["shipping.md"]
-    assert (directory / "vectors.usearch").exists() and (directory / "keywords.sqlite").exists()
-    (directory / "vectors.usearch").write_bytes(b"damaged")
+    assert (directory / "vectors.faiss").exists() and (directory / "keywords.sqlite").exists()
+    (directory / "vectors.faiss").write_bytes(b"damaged")
     loaded_platform.vector_stores.close()  # as after a restart: the damaged file is read again
     assert _search(client, store_id, text)[0].file_id == ids["shipping.md"]
 

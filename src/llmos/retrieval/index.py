@@ -1,5 +1,5 @@
-"""A vector store's two indexes under ``$LLMOS_HOME/vector_stores/<id>/``: an HNSW index of its
-chunks' embeddings (usearch, ADR 0015) and a BM25 keyword index (SQLite FTS5). Both are caches
+"""A vector store's two indexes under ``$LLMOS_HOME/vector_stores/<id>/``: an exact index of its
+chunks' embeddings (FAISS, ADR 0015) and a BM25 keyword index (SQLite FTS5). Both are caches
 of the chunks in the database: missing, unreadable or out of step with it, they are rebuilt."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import shutil
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import faiss
 import numpy as np
-from usearch.index import Index
 
 log = logging.getLogger(__name__)
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -31,44 +32,47 @@ def as_matrix(vectors: Sequence[Sequence[float]] | Sequence[bytes]) -> np.ndarra
 
 
 class VectorIndex:
-    """Cosine HNSW index keyed by chunk id, saved after every change."""
+    """Exact inner-product index of unit vectors (cosine similarity) keyed by chunk id, saved
+    after every change (FAISS ``IndexFlatIP`` in an ``IndexIDMap2``: it removes ids, which FAISS's
+    HNSW cannot; ADR 0015)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.index: Index | None = None
+        self.index: Any = None
         if path.exists():
             try:
-                self.index = Index.restore(str(path))
+                self.index = faiss.read_index(str(path))
             except Exception:  # a damaged file is only a cache: rebuilt by the caller
                 log.warning("vector index %s unreadable; it will be rebuilt", path)
                 self.index = None
 
     def __len__(self) -> int:
-        return 0 if self.index is None else len(self.index)
+        return 0 if self.index is None else int(self.index.ntotal)
 
     def add(self, keys: Sequence[int], matrix: np.ndarray) -> None:
         if not keys:
             return
         if self.index is None:
-            self.index = Index(ndim=matrix.shape[1], metric="cos", dtype="f32")
-        self.index.add(np.asarray(keys, dtype=np.uint64), matrix)
+            self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(matrix.shape[1]))
+        self.index.add_with_ids(np.ascontiguousarray(matrix, dtype=np.float32), np.asarray(keys, dtype=np.int64))
 
     def remove(self, keys: Sequence[int]) -> None:
         if self.index is not None and keys:
-            self.index.remove(np.asarray(keys, dtype=np.uint64))
+            self.index.remove_ids(np.asarray(keys, dtype=np.int64))
 
     def search(self, query: np.ndarray, count: int) -> list[tuple[int, float]]:
         """The ``count`` nearest chunks: (chunk id, cosine similarity), best first."""
-        if self.index is None or len(self.index) == 0:
+        if self.index is None or self.index.ntotal == 0:
             return []
-        found = self.index.search(query, min(count, len(self.index)))
-        return [(int(k), 1.0 - float(d)) for k, d in zip(found.keys, found.distances, strict=True)]
+        rows = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
+        scores, ids = self.index.search(rows, min(count, int(self.index.ntotal)))
+        return [(int(k), float(d)) for k, d in zip(ids[0], scores[0], strict=True) if k >= 0]
 
     def save(self) -> None:
         if self.index is None:
             return
         staged = self.path.with_suffix(".tmp")
-        self.index.save(str(staged))
+        faiss.write_index(self.index, str(staged))
         staged.replace(self.path)  # a crash leaves the old file or the new one, never half of one
 
 
@@ -112,7 +116,7 @@ class StoreIndexes:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.vectors = VectorIndex(directory / "vectors.usearch")
+        self.vectors = VectorIndex(directory / "vectors.faiss")
         try:
             self.keywords = KeywordIndex(directory / "keywords.sqlite")
         except sqlite3.DatabaseError:
