@@ -19,6 +19,10 @@ _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 """Starting with a letter: ``name@3`` is a version number, never an alias."""
 
 
+def is_alias(text: str) -> bool:
+    return _ALIAS.fullmatch(text) is not None
+
+
 def check_alias(alias: str) -> str:
     if not _ALIAS.fullmatch(alias):
         raise InvalidRequestError(

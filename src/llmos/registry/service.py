@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, select
 
-from llmos.errors import ArtifactError, ConflictError, ModelNotFoundError
+from llmos.errors import ArtifactError, ConflictError, InvalidRequestError, ModelNotFoundError
 from llmos.registry.adapters import (
     ADAPTER_FORMATS,
     PREFIX_FORMAT,
@@ -23,7 +23,7 @@ from llmos.registry.adapters import (
     is_adapter_dir,
     read_adapter_config,
 )
-from llmos.registry.aliases import ModelAliases
+from llmos.registry.aliases import ModelAliases, is_alias
 from llmos.registry.catalog import CATALOG
 from llmos.registry.convert import gguf_to_safetensors
 from llmos.registry.db import Database, parse_db_int
@@ -70,6 +70,10 @@ class ModelRegistry:
         """The one place a model reference becomes a version: ``name``, ``name@N``, ``name@alias``, an id."""
         name, _, version = ref.partition("@")
         if version and not version.isdigit():
+            if not is_alias(version):
+                raise InvalidRequestError(
+                    f"'{ref[:120]}': after '@' comes a version number or an alias (a letter first)", param="model"
+                )
             target = self.aliases.target(name, version)
             return self._resolve(target) if target is not None else self._missing(ref)
         with self.db.session() as s:
