@@ -51,7 +51,10 @@ def _schema(i: int) -> dict[str, Any]:
         "$defs": {
             "place": {
                 "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 20}, "zip": {"type": "integer", "minimum": 0}},
+                "properties": {
+                    "city": {"type": "string", "maxLength": 20},
+                    "zip": {"type": "integer", "minimum": 0, "maximum": 99999},
+                },
                 "required": ["city", "zip"],
                 "additionalProperties": False,
             }
