@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from llmos.api.context import limited
 from llmos.api.deps import PlatformDep
-from llmos.errors import InvalidRequestError
+from llmos.api.openai.chat.stored import json_object
 from llmos.kernel.batches import Batch, BatchStore
 from llmos.platform import Platform
 from llmos.security import ApiKeyInfo
@@ -32,15 +31,7 @@ def _public(store: BatchStore, batches: list[Batch]) -> list[dict[str, Any]]:
 @router.post("")
 async def create_batch(request: Request, platform: PlatformDep, key: BatchKey) -> dict[str, Any]:
     """Check the input file against the endpoint and limits, then queue the batch (`validating`)."""
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError("We could not parse the JSON body of your request.") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    unknown = set(body) - _FIELDS
-    if unknown:
-        raise InvalidRequestError(f"unknown fields {sorted(unknown)}", param=sorted(unknown)[0])
+    body = await json_object(request, _FIELDS)  # tenant, owner, paths... are never taken from a request
     store = _store(platform)
     batch = await asyncio.to_thread(store.create, tenant=key.tenant, key_id=key.id, body=body)
     platform.audit.record(

@@ -4,14 +4,13 @@ events and checkpoints, isolated per tenant."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 
 from llmos.api.context import limited
 from llmos.api.deps import PlatformDep
-from llmos.errors import InvalidRequestError
+from llmos.api.openai.chat.stored import json_object
 from llmos.registry.db import parse_db_int
 from llmos.security import ApiKeyInfo
 from llmos.training.preflight import check_job_body
@@ -40,15 +39,7 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> dict[str, Any]:
     """Validate the files, model and method, then queue the job (see docs/fine-tuning.md)."""
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError("We could not parse the JSON body of your request.") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    unknown = set(body) - _FIELDS
-    if unknown:  # tenant, owner, paths... are never taken from a request
-        raise InvalidRequestError(f"unknown fields {sorted(unknown)}", param=sorted(unknown)[0])
+    body = await json_object(request, _FIELDS)  # tenant, owner, paths... are never taken from a request
     await asyncio.to_thread(platform.training_quota.check_cpu, key.tenant, key.id)  # 429 once spent
     await asyncio.to_thread(platform.files.require_room, key.tenant)  # 403 when its model could not be stored
     # What would fail only once training has started (e.g. target_modules the model lacks) is refused now.
