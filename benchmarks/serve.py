@@ -2,6 +2,8 @@
 
     python benchmarks/serve.py                                   # every system (about 20 minutes)
     python benchmarks/serve.py --systems naive llmos adapters    # just ours
+    python benchmarks/serve.py --systems llmos llmos-no-metrics --clients 16 --waves 6 --server-repeats 2
+                                                                 # what metrics cost, alternating runs
 
 Model: smollm2-135m-instruct. Prompts: ../shared/datasets/sft_self_instruct/test.jsonl, as chat,
 greedy, a fixed ``max_tokens``, streamed over HTTP on loopback; each row sends prompts no earlier
@@ -80,10 +82,15 @@ WARM_UP = -1  # the last prompt of the file, never in a timed row
 ADAPTER_OFFSET = 112  # after the 16 + 16 + 16 + 64 prompts of the 1/4/16/64-client rows; 3 x 32 follow
 
 
+WAVES = 1
+"""Requests a client sends in a row (``--waves``): one wave of 16 is quick but noisy."""
+
+
 def row_prompts(chats: list[list[dict[str, str]]], clients: int) -> list[list[dict[str, str]]]:
-    """The prompts of the row at ``clients`` (16, or ``clients`` when more)."""
-    start = {1: 0, 4: 16, 16: 32, 64: 48}.get(clients, 0)
-    return chats[start : start + max(16, clients)]
+    """The prompts of the row at ``clients`` (16, or ``clients`` when more, times ``WAVES``); rows
+    on other servers (adapters, structured) may reuse them, as each server has its own cache."""
+    start = {1: 0, 4: 16, 16: 32, 64: 48}.get(clients, 0) * WAVES
+    return chats[start : start + max(16, clients) * WAVES]
 
 
 ALL_SYSTEMS = (
@@ -534,10 +541,16 @@ def main() -> None:
         "--adapter-targets", nargs="+", default=["all-linear"], help="layers the adapters adapt, e.g. q_proj v_proj"
     )
     parser.add_argument("--naive-requests", type=int, default=16)
+    parser.add_argument("--waves", type=int, default=1, help="requests per client in each llmos and peer row")
+    parser.add_argument(
+        "--server-repeats", type=int, default=1, help="runs of llmos and its variants, in alternating order"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
+    global WAVES
+    WAVES = args.waves
     chats = prompts(10_000)  # all of them: rows take disjoint slices (see row_prompts)
 
     from llmos.config import Settings
@@ -571,9 +584,14 @@ def main() -> None:
             clients = [c for c in args.clients if c in (1, 16)] if system in SERIALISING else args.clients
             gguf = original_gguf(args.home) if system == "llamacpp" else Path()
             rows.update(run_peer(system, model_dir, gguf, chats, clients, args.max_tokens))
-    if "llmos" in args.systems:
-        print("llmos ...")
-        rows.update(run_llmos(args.home, chats, args.clients, args.max_tokens))
+    servers = [("llmos", "llmos", None)] if "llmos" in args.systems else []
+    servers += [(system, label, env) for system, (label, env) in SERVER_VARIANTS.items() if system in args.systems]
+    for repeat in range(args.server_repeats):
+        # Alternate the order, so a drift of the machine over the run falls on every system alike.
+        for _system, label, env in servers if repeat % 2 == 0 else servers[::-1]:
+            name = f"{label} (run {repeat + 1})" if args.server_repeats > 1 else label
+            print(f"{name} ...")
+            rows.update(run_llmos(args.home, chats, args.clients, args.max_tokens, label=name, env=env))
     if "adapters" in args.systems:
         print("llmos with adapters ...")
         rows.update(
@@ -587,11 +605,6 @@ def main() -> None:
                 args.adapter_repeats,
             )
         )
-    for system, (label, env) in SERVER_VARIANTS.items():
-        if system in args.systems:
-            print(f"{label} ...")
-            rows.update(run_llmos(args.home, chats, args.clients, args.max_tokens, label=label, env=env))
-
     structured_compile = None
     if "structured" in args.systems:
         print("llmos with structured outputs ...")
