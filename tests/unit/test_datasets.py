@@ -54,9 +54,22 @@ def test_real_datasets_are_recognised(tmp_path: Path) -> None:
     assert instruct.format == "chat" and instruct.records == 175
 
 
+def test_pairs_of_texts_are_classification_data(tmp_path: Path) -> None:
+    rows = [{"text": "capital of France?", "text_pair": "Paris is the capital.", "label": 1}] * 2
+    summary = validate_dataset(write(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows)))
+    assert (summary.format, summary.pairs, summary.as_dict()["pairs"]) == ("classification", True, True)
+    table = validate_dataset(write(tmp_path, "p.tsv", "text\ttext_pair\tlabel\nq\tpassage\t1\n"))
+    assert table.pairs and table.encoding == "tsv"
+    assert "pairs" not in validate_dataset(write(tmp_path, "t.tsv", "text\tlabel\nq\t1\n")).as_dict()
+
+
 @pytest.mark.parametrize(
     ("text", "line", "field"),
     [
+        ('{"text": "q", "text_pair": "p", "label": 1}\n{"text": "q", "label": 0}', 2, "text_pair"),
+        ('{"text": "q", "label": 1}\n{"text": "q", "text_pair": "p", "label": 0}', 2, "text_pair"),
+        ('{"text": "q", "text_pair": " ", "label": 1}', 1, "text_pair"),
+        ("text,text_pair,label\nq,,1\n", 2, "text_pair"),
         ('{"messages": [{"role": "user", "content": "hi"}]}', 1, "messages"),  # nothing to learn from
         (
             '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n{bad json',

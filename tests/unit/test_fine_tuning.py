@@ -305,6 +305,37 @@ def test_classifier_fine_tune_then_classify(client: openai.OpenAI, http: TestCli
 
 
 @pytest.mark.slow
+def test_cross_encoder_fine_tune_then_rerank(client: openai.OpenAI, http: TestClient) -> None:
+    """Pairs of texts (query, passage) train a cross-encoder, which /v1/rerank then serves: its
+    relevance is the probability of label 1, read from both texts together."""
+    queries = {"where is paris": "paris is the capital of france", "how are you": "i am fine thank you"}
+    rows = [{"text": q, "text_pair": p, "label": int(queries[q] == p)} for q in queries for p in queries.values()] * 8
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    training = client.files.create(file=("pairs.jsonl", data), purpose="fine-tune").id
+    method = {
+        "type": "supervised",
+        "supervised": {
+            "hyperparameters": {"n_epochs": 15, "batch_size": 4, "learning_rate_multiplier": 100},
+            "adapter": {"type": "full"},
+            "lr_scheduler": "constant",
+        },
+    }
+    job = client.fine_tuning.jobs.create(model="tiny-embed", training_file=training, method=method)  # type: ignore[arg-type]
+    done = wait_for(client, job.id, {"succeeded", "failed"})
+    assert done.status == "succeeded", done.error  # type: ignore[attr-defined]
+    name = done.fine_tuned_model  # type: ignore[attr-defined]
+    for query, passage in queries.items():
+        resp = http.post(
+            "/v1/rerank",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            json={"model": name, "query": query, "documents": list(queries.values())},
+        )
+        assert resp.status_code == 200, resp.text
+        best = resp.json()["results"][0]
+        assert list(queries.values())[best["index"]] == passage, resp.json()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "fmt"), [("adalora", "safetensors"), ("prefix_tuning", "prefix"), ("prompt_tuning", "prefix")]
 )

@@ -103,6 +103,9 @@ def test_files_and_virtual_tokens_that_would_fail_in_training_are_refused(client
         },
     )
     assert too_many["param"] == "method.supervised.adapter.num_virtual_tokens"  # the tiny encoder has 128 positions
+    pairs = _upload(client, [{**row, "text_pair": "a passage"} for row in LABELLED])
+    unpaired = _refused(client, {"model": "tiny-embed", "training_file": pairs, "validation_file": labelled})
+    assert unpaired["param"] == "validation_file" and "text_pair" in unpaired["message"]
     assert client.fine_tuning.jobs.list().data == []
 
 

@@ -23,19 +23,25 @@ from llmos.training.run import TrainingResult, TrainingRun
 class LabelledText:
     text: str
     label: str
+    text_pair: str | None = None
+    """The second text of a pair read together with ``text`` (a cross-encoder's passage)."""
 
 
 def load_classification_file(path: Path) -> list[LabelledText]:
     lines = read_lines(path)
     first = next(line for line in lines if line.strip())
     if first.lstrip().startswith("{"):
-        return [LabelledText(str(r["text"]), str(r["label"])) for _, r in jsonl_objects(lines)]
+        return [
+            LabelledText(str(r["text"]), str(r["label"]), str(r["text_pair"]) if "text_pair" in r else None)
+            for _, r in jsonl_objects(lines)
+        ]
     sep = "\t" if "\t" in first else ","
     reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=sep)
     fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
     text = next(fields[c] for c in ("text", "sentence") if c in fields and c in TEXT_COLUMNS)
     label = next(fields[c] for c in ("label", "category") if c in fields and c in LABEL_COLUMNS)
-    return [LabelledText(row[text], str(row[label]).strip()) for row in reader]
+    pair = fields.get("text_pair")
+    return [LabelledText(row[text], str(row[label]).strip(), row[pair] if pair else None) for row in reader]
 
 
 def classification_report(gold: list[int], predicted: list[int], labels: list[str]) -> dict[str, Any]:
@@ -57,15 +63,20 @@ def classification_report(gold: list[int], predicted: list[int], labels: list[st
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / max(1, len(f1s)), "per_class": per_class}
 
 
+def encode(tokenizer: Any, batch: list[LabelledText], max_length: int) -> Any:
+    """A batch's texts (or pairs of texts, read together), tokenised and padded."""
+    pairs = [x.text_pair for x in batch] if batch and batch[0].text_pair is not None else None
+    return tokenizer(
+        [x.text for x in batch], pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
+
+
 @torch.no_grad()
-def _predict(model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_size: int) -> list[int]:
+def _predict(model: Any, tokenizer: Any, examples: list[LabelledText], max_len: int, batch_size: int) -> list[int]:
     model.eval()
     out: list[int] = []
-    for k in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[k : k + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt"
-        )
-        out.extend(model(**enc).logits.argmax(-1).tolist())
+    for k in range(0, len(examples), batch_size):
+        out.extend(model(**encode(tokenizer, examples[k : k + batch_size], max_len)).logits.argmax(-1).tolist())
     model.train()
     return out
 
@@ -80,15 +91,13 @@ class ClassificationTask(EncoderTask[LabelledText]):
         self.description = f"sequence classification on {len(data.train)} examples, {len(labels)} labels"
 
     def step(self, batch: list[LabelledText]) -> StepOutput:
-        enc = self.tokenizer(
-            [x.text for x in batch], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
-        )
+        enc = encode(self.tokenizer, batch, self.max_length)
         return self.labelled_step(enc, torch.tensor([self.index[x.label] for x in batch]))
 
     def evaluate(self) -> dict[str, Any] | None:
         if not self.valid:
             return None
-        predicted = _predict(self.model, self.tokenizer, [x.text for x in self.valid], self.max_length, 64)
+        predicted = _predict(self.model, self.tokenizer, self.valid, self.max_length, 64)
         report = classification_report([self.index[x.label] for x in self.valid], predicted, self.labels)
         return {
             "valid_accuracy": report["accuracy"],
@@ -109,7 +118,7 @@ def run_classification(run: TrainingRun) -> TrainingResult:
         train = augment(
             data.train,
             lambda x: x.text,
-            lambda x, text: LabelledText(text, x.label),
+            lambda x, text: replace(x, text=text),
             synonyms,
             probability=run.spec.augmentation_probability,
             copies=run.spec.augmentation_copies,

@@ -4,7 +4,8 @@
 |---|---|---|
 | chat | JSONL | `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}` with an assistant turn |
 | classification | JSONL or CSV/TSV with a header | `{"text": "...", "label": "..."}` / columns `text` (or
-  `sentence`) and `label` (or `category`) |
+  `sentence`) and `label` (or `category`); a file of pairs (a cross-encoder's: query and passage, read
+  together) adds `text_pair` to every line or a `text_pair` column |
 | token-classification | JSONL or CoNLL | `{"tokens": [...], "tags": [...]}` of equal length /
   `token<TAB>tag` lines, a blank line between sentences |
 | preference | JSONL | OpenAI's DPO line: `{"input": {"messages": [...]}, "preferred_output": [{"role":
@@ -53,9 +54,12 @@ class DatasetSummary:
     records: int
     labels: dict[str, int] = field(default_factory=dict)
     """Label (or tag) counts for classification formats."""
+    pairs: bool = False
+    """Classification records are pairs of texts (``text_pair``)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "encoding": self.encoding, "records": self.records, "labels": self.labels}
+        summary = {"format": self.format, "encoding": self.encoding, "records": self.records, "labels": self.labels}
+        return summary | ({"pairs": True} if self.pairs else {})
 
 
 def validate_dataset(path: Path) -> DatasetSummary:
@@ -119,6 +123,7 @@ def _validate_jsonl(lines: Iterable[str]) -> DatasetSummary:
     kind: str | None = None
     labels: Counter[str] = Counter()
     records = 0
+    paired: bool | None = None
     for number, record in jsonl_objects(lines):
         record_kind = _jsonl_kind(record, number)
         if kind is None:
@@ -131,13 +136,14 @@ def _validate_jsonl(lines: Iterable[str]) -> DatasetSummary:
             _check_preference(record, number)
         elif kind == "classification":
             _check_text(record.get("text"), number, "text")
+            paired = _check_pair(record, number, paired)
             labels[_label(record.get("label"), number)] += 1
         else:
             for tag in _check_tokens(record, number):
                 labels[tag] += 1
         records += 1
     assert kind is not None
-    return DatasetSummary(format=kind, encoding="jsonl", records=records, labels=dict(labels))
+    return DatasetSummary(format=kind, encoding="jsonl", records=records, labels=dict(labels), pairs=bool(paired))
 
 
 def _jsonl_kind(record: dict[str, Any], line: int) -> str:
@@ -159,6 +165,16 @@ def _jsonl_kind(record: dict[str, Any], line: int) -> str:
 def _check_text(value: Any, line: int, name: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise DatasetError("must be a non-empty string", line=line, field=name)
+
+
+def _check_pair(record: dict[str, Any], line: int, paired: bool | None) -> bool:
+    """Whether the line has a ``text_pair``: every line of a file has one, or none has."""
+    has = "text_pair" in record
+    if has:
+        _check_text(record["text_pair"], line, "text_pair")
+    if paired is not None and has != paired:
+        raise DatasetError("every line of a file of pairs has a 'text_pair', or none has", line=line, field="text_pair")
+    return has
 
 
 def _label(value: Any, line: int) -> str:
@@ -214,17 +230,21 @@ def _validate_table(lines: Iterable[str], sep: str) -> DatasetSummary:
     fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
     text_column = next(fields[c] for c in ("text", "sentence") if c in fields)
     label_column = next(fields[c] for c in ("label", "category") if c in fields)
+    pair_column = fields.get("text_pair")
     labels: Counter[str] = Counter()
     records = 0
     for row in reader:
         number = reader.line_num
         _check_text(row.get(text_column), number, "text")
+        if pair_column is not None:
+            _check_text(row.get(pair_column), number, "text_pair")
         labels[_label(row.get(label_column), number)] += 1
         records += 1
     if records == 0:
         raise DatasetError("the table has a header but no rows")
+    encoding = "tsv" if sep == "\t" else "csv"
     return DatasetSummary(
-        format="classification", encoding="tsv" if sep == "\t" else "csv", records=records, labels=dict(labels)
+        format="classification", encoding=encoding, records=records, labels=dict(labels), pairs=pair_column is not None
     )
 
 

@@ -56,6 +56,12 @@ def check_job_body(registry: ModelRegistry, files: FileStore, tenant: str, body:
         return
     if validation is not None:
         check_labels(training.summary.get("labels", {}), validation.summary.get("labels", {}))
+        if bool(training.summary.get("pairs")) != bool(validation.summary.get("pairs")):
+            raise InvalidRequestError(
+                "validation_file must hold pairs of texts (text_pair) exactly when the training file does",
+                param="validation_file",
+                code="invalid_validation_file",
+            )
     model_dir = registry.model_dir(base)  # hard links into the store: nothing copied
     if (model_dir / "config.json").is_file():  # an adapter model has no architecture of its own to build
         check_against_model(spec, task, model_dir, name=base.name, examples=records)
