@@ -220,6 +220,12 @@ class Settings(BaseSettings):
         min_length=1,
         description="Embedding model of a vector store created without `embedding_model`.",
     )
+    vector_store_rerank_model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Model that reranks vector store searches whose `ranking_options.ranker` is not `none` "
+        "and that name no `rerank_model` of their own; none: searches rank by similarity alone.",
+    )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1024, description="Largest file accepted by POST /v1/files; larger gets 413."

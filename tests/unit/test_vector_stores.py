@@ -19,6 +19,7 @@ from llmos.platform import Platform
 from llmos.registry.vector_tables import VectorChunkRow, VectorStoreRow
 from llmos.retrieval.chunking import StaticChunking
 from llmos.retrieval.documents import DocumentError, document_text
+from tests.unit.test_rerank import build_cross_encoder, cross_reference
 
 DOCS = {
     "returns.txt": "Returns are accepted within thirty days of delivery when the item is unused.",
@@ -151,6 +152,44 @@ def test_search_ranks_filters_and_thresholds(client: openai.OpenAI, store: tuple
         ranking_options={"hybrid_search": {"embedding_weight": 0.1, "text_weight": 1}},
     )
     assert hybrid[0].file_id == ids["warranty.html"] and "var x" not in hybrid[0].content[0].text
+
+
+def test_search_reranked_by_a_cross_encoder(
+    client: openai.OpenAI,
+    store: tuple[str, dict[str, str]],
+    loaded_platform: Platform,
+    tiny_encoder_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Reranking goes through /v1/rerank's scoring path: each hit's score is the cross-encoder's
+    relevance of (query, chunk) as transformers computes it, and the hits are ordered by it."""
+    store_id, _ = store
+    directory = build_cross_encoder(tiny_encoder_dir, tmp_path / "ce")
+    loaded_platform.registry.pull(f"file:{directory}", name="tiny-ce")
+    query = "how long does shipping take"
+    plain = _search(client, store_id, query)
+    ranked = _search(client, store_id, query, extra_body={"ranking_options": {"rerank_model": "tiny-ce"}})
+    texts = [h.content[0].text for h in plain]
+    expected = dict(zip(texts, cross_reference(directory, query, texts), strict=True))
+    assert sorted(h.content[0].text for h in ranked) == sorted(texts)
+    assert [h.score for h in ranked] == sorted((h.score for h in ranked), reverse=True)
+    for hit in ranked:
+        assert hit.score == pytest.approx(expected[hit.content[0].text], abs=1e-4)
+    assert [h.score for h in plain] != [h.score for h in ranked]
+    cut = _search(
+        client,
+        store_id,
+        query,
+        extra_body={"ranking_options": {"rerank_model": "tiny-ce", "score_threshold": ranked[1].score}},
+    )
+    assert [h.content[0].text for h in cut] == [h.content[0].text for h in ranked[:2]]
+    refused: list[tuple[dict[str, Any], type[openai.APIStatusError]]] = [
+        ({"ranker": "none", "rerank_model": "tiny-ce"}, openai.BadRequestError),
+        ({"rerank_model": "no-such-model"}, openai.NotFoundError),
+    ]
+    for options, error in refused:
+        with pytest.raises(error):
+            _search(client, store_id, query, extra_body={"ranking_options": options})
 
 
 def test_bad_search_and_chunking_input_is_refused(client: openai.OpenAI, store: tuple[str, dict[str, str]]) -> None:

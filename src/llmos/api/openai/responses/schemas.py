@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from llmos.api.openai.common import StrictModel
-from llmos.api.openai.vector_stores.schemas import HybridSearch, Metadata
+from llmos.api.openai.vector_stores.schemas import Metadata, RankingOptions
 
 Text = Annotated[str, Field(max_length=1_000_000)]
 
@@ -38,10 +38,8 @@ class InputMessage(Body):
         return "".join(part.text for part in self.content)
 
 
-class FileSearchRanking(Body):
-    ranker: Literal["auto", "default-2024-11-15"] | None = None
-    score_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    hybrid_search: HybridSearch | None = None
+FileSearchRanking = RankingOptions
+"""As a vector store search's (``ranker`` ``none`` too, and the ``rerank_model`` extra)."""
 
 
 class FileSearchTool(Body):

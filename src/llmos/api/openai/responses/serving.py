@@ -18,7 +18,7 @@ from llmos.api.sse import sse_event
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient, GenerationRequest
 from llmos.errors import ContextLengthExceededError, EngineError, InvalidRequestError
-from llmos.retrieval.search import Hybrid, SearchHit
+from llmos.retrieval.search import SearchHit
 
 DEFAULT_SEARCH_RESULTS = 5
 SOURCES_PROMPT = (
@@ -122,15 +122,12 @@ class ResponsesService(GenerationService):
         return prepared
 
     async def _search(self, tool: FileSearchTool, query: str) -> list[SearchHit]:
-        ranking = tool.ranking_options
-        hybrid = ranking.hybrid_search if ranking else None
-        return await self.retrieval.search(
+        return await self.retrieval.search_ranked(
             tool.vector_store_ids,
             [query],
             max_results=tool.max_num_results or DEFAULT_SEARCH_RESULTS,
             filters=tool.filters,
-            score_threshold=(ranking.score_threshold or 0.0) if ranking else 0.0,
-            hybrid=Hybrid(hybrid.embedding_weight, hybrid.text_weight) if hybrid else None,
+            ranking=tool.ranking_options,
         )
 
     async def complete(self, req: CreateResponse, prepared: Prepared) -> dict[str, Any]:

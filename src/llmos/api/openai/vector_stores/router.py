@@ -16,7 +16,6 @@ from llmos.errors import InvalidRequestError
 from llmos.retrieval import records
 from llmos.retrieval.chunking import StaticChunking
 from llmos.retrieval.filters import check_attributes
-from llmos.retrieval.search import Hybrid
 from llmos.security import ApiKeyInfo
 
 router = APIRouter(tags=["vector_stores"])
@@ -214,15 +213,12 @@ async def search_vector_store(
 ) -> dict[str, Any]:
     if body.rewrite_query:
         raise InvalidRequestError("rewrite_query is not supported", param="rewrite_query")
-    ranking = body.ranking_options
-    hybrid = ranking.hybrid_search if ranking else None
-    hits = await Retrieval(request, key).search(
+    hits = await Retrieval(request, key).search_ranked(
         [vector_store_id],
         body.queries(),
         max_results=body.max_num_results,
         filters=body.filters,
-        score_threshold=(ranking.score_threshold or 0.0) if ranking else 0.0,
-        hybrid=Hybrid(hybrid.embedding_weight, hybrid.text_weight) if hybrid else None,
+        ranking=body.ranking_options,
     )
     return {
         "object": "vector_store.search_results.page",

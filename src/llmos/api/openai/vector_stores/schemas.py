@@ -74,6 +74,8 @@ class RankingOptions(Body):
     ranker: Literal["none", "auto", "default-2024-11-15"] | None = None
     score_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     hybrid_search: HybridSearch | None = None
+    rerank_model: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    """An extra: the model that reranks the candidates (default: the ``vector_store_rerank_model`` setting)."""
 
 
 class SearchRequest(Body):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
 
 from llmos.api.deps import get_engine, get_platform
+from llmos.api.openai.vector_stores.schemas import RankingOptions
 from llmos.engine.protocol import EngineClient
 from llmos.errors import InvalidRequestError
 from llmos.platform import Platform
@@ -26,6 +28,8 @@ FileSpec = tuple[str, dict[str, Any] | None, dict[str, Any] | None]
 
 RESUMED_KEY = "-"
 """The key charged for embedding files whose processing a restart resumed."""
+RERANK_DEPTH = 20
+"""Candidates a reranked search takes from similarity search (or ``max_num_results`` when more)."""
 
 
 def engine_embedder(engine: EngineClient, platform: Platform, tenant: str, key_id: str) -> Embed:
@@ -114,6 +118,66 @@ class Retrieval:
             self.ingestion.submit(job, embed)
         return [row.file_id for row in rows]
 
+    async def check_filters(self, rows: Sequence[VectorStoreRow], filters: dict[str, Any] | None) -> None:
+        """400 naming ``filters`` unless well formed over keys some file of the stores has."""
+        if filters is not None:
+            stores = self.platform.vector_stores
+            files = [f for row in rows for f in await asyncio.to_thread(stores.files_of, row.id)]
+            check_filter(filters, {k for f in files for k in (f.attributes or {})})
+
+    async def search_ranked(
+        self,
+        store_ids: Sequence[str],
+        queries: Sequence[str],
+        *,
+        max_results: int,
+        filters: dict[str, Any] | None,
+        ranking: RankingOptions | None,
+    ) -> list[SearchHit]:
+        """A search as a request's ``ranking_options`` ask: hybrid or not, reranked unless the
+        ranker is ``none`` or no rerank model is named (by the request or the settings), cut at
+        ``score_threshold`` (the reranker's score when reranked)."""
+        ranking = ranking or RankingOptions()
+        hybrid = ranking.hybrid_search
+        reranker = ranking.rerank_model or self.platform.settings.vector_store_rerank_model
+        if ranking.ranker == "none":
+            if ranking.rerank_model:
+                raise InvalidRequestError("rerank_model needs a ranker other than none", param="ranking_options")
+            reranker = None
+        threshold = ranking.score_threshold or 0.0
+        hits = await self.search(
+            store_ids,
+            queries,
+            max_results=max(max_results, RERANK_DEPTH) if reranker else max_results,
+            filters=filters,
+            score_threshold=0.0 if reranker else threshold,
+            hybrid=Hybrid(hybrid.embedding_weight, hybrid.text_weight) if hybrid else None,
+        )
+        if reranker and hits:
+            hits = [h for h in await self.rerank(reranker, queries, hits) if h.score >= threshold]
+        return hits[:max_results]
+
+    async def rerank(self, model: str, queries: Sequence[str], hits: list[SearchHit]) -> list[SearchHit]:
+        """``hits`` scored by ``model``'s relevance to the best matching query, best first:
+        the engine's one scoring path (as ``/v1/rerank``), charged to the caller as ``score``."""
+        tenant = None if "admin" in self.key.scopes else self.tenant
+        await asyncio.to_thread(self.platform.registry.get, model, tenant=tenant)  # 404 for another's model
+        handle = await self.engine.resolve(model)
+        pairs = [(query, hit.text) for query in queries for hit in hits]
+        result = await self.engine.score_pairs(handle, pairs, tenant=self.tenant)
+        self.platform.record_usage(
+            tenant=self.tenant,
+            key_id=self.key.id,
+            model=model,
+            kind="score",
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=0,
+        )
+        n = len(hits)
+        best = [max(result.scores[q * n + i] for q in range(len(queries))) for i in range(n)]
+        scored = [replace(hit, score=round(score, 6)) for hit, score in zip(hits, best, strict=True)]
+        return sorted(scored, key=lambda h: -h.score)
+
     async def search(
         self,
         store_ids: Sequence[str],
@@ -127,10 +191,7 @@ class Retrieval:
         """The best chunks of every store for any of ``queries``, best first."""
         stores = self.platform.vector_stores
         rows = [await asyncio.to_thread(stores.usable, self.tenant, store_id) for store_id in store_ids]
-        if filters is not None:
-            files = [f for row in rows for f in await asyncio.to_thread(stores.files_of, row.id)]
-            known = {k for f in files for k in (f.attributes or {})}
-            check_filter(filters, known)
+        await self.check_filters(rows, filters)
         embed = self.embedder()
         best: dict[tuple[str, str], SearchHit] = {}
         for row in rows:
