@@ -301,6 +301,18 @@ class Settings(BaseSettings):
         description="Lines of batches (/v1/batches) this server sends to the engine at once, at background "
         "priority (0: this server runs no batches).",
     )
+    eval_concurrency: int = Field(
+        default=4,
+        ge=0,
+        le=1024,
+        description="Items of eval runs (/v1/evals) this server answers and grades at once, their requests at "
+        "background priority (0: this server runs no eval runs).",
+    )
+    eval_embedding_model: str = Field(
+        default="all-minilm-l6-v2",
+        min_length=1,
+        description="Embedding model of the `cosine` text-similarity grader of evals.",
+    )
     training_threads: int = Field(default=0, ge=0, description="CPU threads per training worker; 0 uses all cores.")
     job_max_attempts: int = Field(
         default=3, ge=1, le=20, description="Times a job's worker may die before the job is failed."

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmos.config import Settings
 from llmos.errors import NotFoundError
+from llmos.evals.data import EVALS_PURPOSE, validate_eval_file
 from llmos.kernel.jobs import JobStore
 from llmos.registry import ModelRegistry
 from llmos.registry.completions import CompletionStore
@@ -68,7 +69,12 @@ class Platform:
         files = FileStore(
             db,
             registry.store,
-            {"fine-tune": check_training_file, "batch": validate_batch_file, **DOCUMENT_PURPOSES},
+            {
+                "fine-tune": check_training_file,
+                "batch": validate_batch_file,
+                EVALS_PURPOSE: validate_eval_file,
+                **DOCUMENT_PURPOSES,
+            },
             quota=lambda tenant: storage_allowance(tenants, settings, tenant),
         )
         return cls(

@@ -32,6 +32,8 @@ from llmos.api.openai.chat.router import router as chat_router
 from llmos.api.openai.chat.stored import router as stored_completions_router
 from llmos.api.openai.completions.router import router as completions_router
 from llmos.api.openai.embeddings.router import router as embeddings_router
+from llmos.api.openai.evals.router import router as evals_router
+from llmos.api.openai.evals.runner import EvalRunner
 from llmos.api.openai.files.router import router as files_router
 from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
 from llmos.api.openai.models.router import router as models_router
@@ -102,6 +104,11 @@ def create_app(
             batches = BatchRunner(app.state.platform, app.state.engine)
             batches.start()
         app.state.batches = batches
+        eval_runner = None
+        if settings.eval_concurrency > 0:
+            eval_runner = EvalRunner(app.state.platform, app.state.engine)
+            eval_runner.start()
+        app.state.eval_runner = eval_runner
         app.state.pulls = PullOperations(app.state.platform.registry)
         app.state.console_sessions = (
             ConsoleSessions(app.state.platform.keys.derived_secret("console-session"), settings.console_session_ttl_s)
@@ -135,6 +142,8 @@ def create_app(
             app.state.platform.audit.flush_denied()  # what was tallied since the last run
             if batches is not None:
                 await batches.stop()
+            if eval_runner is not None:
+                await eval_runner.stop()
             if supervisor is not None:
                 await asyncio.to_thread(supervisor.stop)
             await app.state.engine.shutdown()
@@ -180,6 +189,7 @@ def create_app(
         files_router,
         fine_tuning_router,
         batches_router,
+        evals_router,
         classifications_router,
         ner_router,
         rerank_router,
