@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from llmos.engine.detokenize import IncrementalText
-from llmos.engine.grammar import RowMatcher, advance, mask_logits
+from llmos.engine.grammar import MaskPrefetch, RowMatcher, advance, mask_logits
 from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob, TopLogprob
 from llmos.engine.sampling import BatchSampling, apply_penalties, select_tokens, token_logprobs
 
@@ -42,6 +42,7 @@ class Streamer:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.context_length = context_length
+        self.masks = MaskPrefetch()
 
     def new_text(self, request: GenerationRequest) -> IncrementalText:
         return IncrementalText(self.decode, request.params.stop)
@@ -57,7 +58,9 @@ class Streamer:
         """Choose each row's next token from ``logits`` (B, V) and stream it; ``lengths`` are the
         rows' sequence lengths once it is added. A row whose token was chosen already keeps it
         (and is not streamed twice); finished rows are not streamed. A row whose choosing or
-        streaming raises fails alone: it gets its error delta and is finished, the others go on."""
+        streaming raises fails alone: it gets its error delta and is finished, the others go on.
+        The constrained rows' next masks are then computed while the caller runs its forward pass."""
+        self.masks.wait()
         try:
             chosen, lp = self._tokens(rows, logits, sampling, counts)
             steps: list[tuple[Any, int] | None] = [(lp, i) for i in range(len(rows))]
@@ -86,6 +89,7 @@ class Streamer:
                 except Exception as exc:
                     log.exception("streaming a token failed")
                     self._fail(row, exc)
+        self.masks.start([row.grammar for row in rows if row.grammar is not None and not row.finished])
         return chosen
 
     def _tokens(

@@ -4,14 +4,18 @@ row's token mask applied inside the batched sampler (ADR 0012: llguidance).
 A request's grammar is compiled when the API prepares it (``EngineClient.compile_grammar``),
 so a grammar that is invalid or over the compile budget is refused before any work is queued;
 the engine thread only copies the compiled matcher for each of the request's rows and asks it,
-each step, which tokens may come next.
+each step, which tokens may come next. Those masks are computed by llguidance's thread pool
+while the step's forward pass runs (``MaskPrefetch``), and joined before the tokens are chosen.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,34 +25,55 @@ import llguidance.torch
 import torch
 
 from llmos.engine.protocol import GrammarSpec
+from llmos.engine.threads import enter_helper_thread
 from llmos.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
+log = logging.getLogger(__name__)
 JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 """Compact JSON: a small model left free to add whitespace may spend its tokens on it."""
 
 
 def grammar_source(spec: GrammarSpec) -> str:
-    """llguidance's grammar text for ``spec``."""
+    """llguidance's grammar text for ``spec``: a Lark grammar with ``parts`` becomes a list of
+    grammars, the Lark one first, each part under its name."""
+    if spec.kind == "lark" and not spec.parts:
+        return spec.source
+    first = {"lark_grammar": spec.source} if spec.kind == "lark" else _one_grammar(spec)
+    grammars = [{**first, "name": "start"}]
+    grammars += [{**_one_grammar(part), "name": name} for name, part in spec.parts]
+    return json.dumps({"grammars": grammars})
+
+
+def _one_grammar(spec: GrammarSpec) -> dict[str, Any]:
     match spec.kind:
         case "json_schema":
-            return str(llguidance.LLMatcher.grammar_from_json_schema(spec.source, defaults=JSON_OPTIONS))
+            text = llguidance.LLMatcher.grammar_from_json_schema(spec.source, defaults=JSON_OPTIONS)
         case "regex":
-            return str(llguidance.LLMatcher.grammar_from_regex(spec.source))
+            text = llguidance.LLMatcher.grammar_from_regex(spec.source)
         case "lark":
-            return spec.source
-    raise ValueError(f"unknown grammar kind {spec.kind!r}")
+            if spec.parts:
+                raise ValueError("a grammar part cannot have parts of its own")
+            return {"lark_grammar": spec.source}
+        case _:
+            raise ValueError(f"unknown grammar kind {spec.kind!r}")
+    (one,) = json.loads(text)["grammars"]
+    return dict(one)
 
 
-@dataclass(frozen=True)
 class RowMatcher:
-    """Where one row stands in its grammar."""
+    """Where one row stands in its grammar, and the mask of its next token once computed."""
 
-    state: Any  # llguidance.LLMatcher
-    vocab_size: int
-    """Its tokenizer's vocabulary (the model's logits may be wider: padding ids)."""
+    __slots__ = ("mask", "state", "vocab_size")
+
+    def __init__(self, state: Any, vocab_size: int) -> None:
+        self.state = state  # llguidance.LLMatcher
+        self.vocab_size = vocab_size
+        """Its tokenizer's vocabulary (the model's logits may be wider: padding ids)."""
+        self.mask: torch.Tensor | None = None
+        """The next token's mask (int32 words, a bit per token), None until computed after each token."""
 
 
 @dataclass(frozen=True)
@@ -102,16 +127,68 @@ class GrammarCompiler:
 
 
 _BITS = torch.arange(32, dtype=torch.int32)
+_executor: Any = None  # llguidance.LLExecutor, made on first use
+_prefetcher: ThreadPoolExecutor | None = None
+_start_lock = threading.Lock()
+
+
+def _shared() -> tuple[Any, ThreadPoolExecutor]:
+    """llguidance's thread pool (Rust threads: no OpenMP team), and the one Python thread that
+    waits on it so that the engine thread need not (torch on one core there, engine.threads)."""
+    global _executor, _prefetcher
+    with _start_lock:
+        if _executor is None or _prefetcher is None:
+            _executor = llguidance.LLExecutor()
+            _prefetcher = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks", initializer=enter_helper_thread)
+        return _executor, _prefetcher
+
+
+def fill_masks(matchers: Sequence[RowMatcher]) -> None:
+    """Compute the next-token mask of each matcher that has none, a batch at a time in
+    llguidance's thread pool (which computes without holding the GIL)."""
+    todo = [m for m in matchers if m.mask is None]
+    executor, _ = _shared()
+    for vocab in {m.vocab_size for m in todo}:
+        group = [m for m in todo if m.vocab_size == vocab]
+        words = llguidance.torch.allocate_token_bitmask(len(group), vocab)
+        llguidance.torch.fill_next_token_bitmask_par(executor, [(m.state, i) for i, m in enumerate(group)], words)
+        for i, m in enumerate(group):
+            m.mask = words[i]
+
+
+class MaskPrefetch:
+    """The masks of a step's constrained rows, computed while the engine thread runs the step's
+    forward pass: ``start`` once the rows' tokens are chosen, ``wait`` before any matcher reads
+    or takes a token (so a matcher is never used by two threads at once)."""
+
+    def __init__(self) -> None:
+        self._pending: Future[None] | None = None
+
+    def start(self, matchers: Sequence[RowMatcher]) -> None:
+        self.wait()
+        todo = [m for m in matchers if m.mask is None and not m.state.is_stopped()]
+        if todo:
+            self._pending = _shared()[1].submit(fill_masks, todo)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception:  # the masks left uncomputed are computed when needed, where a row fails alone
+            log.exception("computing grammar masks ahead of the step failed")
 
 
 def allowed_tokens(matchers: Sequence[RowMatcher], vocab: int) -> torch.Tensor:
     """(len(matchers), vocab) booleans: the tokens each matcher accepts next (ids past its
-    tokenizer's vocabulary, padding rows of the model's embedding, never)."""
+    tokenizer's vocabulary, padding rows of the model's embedding, never); masks not prefetched
+    are computed now."""
+    fill_masks(matchers)
     allowed = torch.zeros(len(matchers), vocab, dtype=torch.bool)
     for row, matcher in enumerate(matchers):
-        words = llguidance.torch.allocate_token_bitmask(1, matcher.vocab_size)
-        llguidance.torch.fill_next_token_bitmask(matcher.state, words, 0)
-        bits = ((words[0, :, None] >> _BITS) & 1).reshape(-1).bool()
+        assert matcher.mask is not None
+        bits = ((matcher.mask[:, None] >> _BITS) & 1).reshape(-1).bool()
         width = min(vocab, matcher.vocab_size)
         allowed[row, :width] = bits[:width]
     return allowed
@@ -130,6 +207,7 @@ def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Ro
 def advance(matcher: RowMatcher, token: int) -> bool:
     """Feed the chosen ``token`` to a row's matcher; True when the grammar is complete (the row
     ends). A token the grammar refuses raises (masks make that a bug, not a user error)."""
+    matcher.mask = None
     if not matcher.state.consume_token(token):
         raise RuntimeError(f"the grammar refused token {token}: {matcher.state.get_error()}")
     return bool(matcher.state.is_stopped())

@@ -43,6 +43,9 @@ class GrammarSpec:
 
     kind: Literal["json_schema", "regex", "lark"]
     source: str
+    parts: tuple[tuple[str, GrammarSpec], ...] = ()
+    """Named grammars a Lark grammar refers to as ``@name`` (a tool call or a response format's
+    answer)."""
 
 
 @dataclass(frozen=True)

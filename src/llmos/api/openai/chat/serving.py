@@ -27,8 +27,8 @@ from llmos.api.openai.chat.tools import (
     ToolCall,
     check_tool_messages,
     check_tools,
-    forced_grammar,
     parse_tool_calls,
+    tools_grammar,
     tools_in_play,
 )
 from llmos.api.openai.common import (
@@ -75,10 +75,14 @@ class ChatService(GenerationService):
         check_tool_messages(req.messages)
         tools = tools_in_play(req.tools, req.tool_choice)
         asked = requested_grammar(req)
-        forced = forced_grammar(tools, req.tool_choice or "auto", req.parallel_tool_calls is not False)
-        if asked is not None and forced is not None:
+        choice = req.tool_choice or "auto"
+        if asked is not None and tools and choice != "auto":
             raise InvalidRequestError("a forced tool call cannot also follow response_format", param=asked[1])
-        spec, param = (forced, "tools") if forced is not None else asked or (None, "")
+        if asked is not None and tools:  # compiled alone first, so that its errors name its own field
+            await self.engine.compile_grammar(handle, asked[0], param=asked[1])
+        answer = asked[0] if asked is not None else None
+        with_tools = tools_grammar(tools, choice, req.parallel_tool_calls is not False, answer)
+        spec, param = (with_tools, "tools") if with_tools is not None else asked or (None, "")
         grammar = await self.engine.compile_grammar(handle, spec, param=param) if spec is not None else None
         messages = [m.rendered() for m in req.messages]
         prompt = await self.engine.encode_chat(

@@ -5,7 +5,9 @@ the function's parameters.
 The model answers a call as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
 (``engine.tool_prompt`` asks it to). When ``tool_choice`` forces a call (``required`` or a named
 function) the output is constrained to exactly that, so it always parses and validates; under
-``auto`` an answer whose calls do not validate is returned as text, never as a broken call.
+``auto`` with a ``strict`` tool or a response format, the model may answer or call, and a call,
+once begun, is constrained the same way. Otherwise an answer whose calls do not validate is
+returned as text, never as a broken call.
 """
 
 from __future__ import annotations
@@ -115,11 +117,38 @@ def check_tool_messages(messages: list[Any]) -> None:
                 )
 
 
-def forced_grammar(tools: list[Tool], choice: ToolChoice, parallel: bool) -> GrammarSpec | None:
-    """The grammar of the answer when ``choice`` forces a call (None when it does not): one call
-    (or, with ``parallel``, one or more) of the named or any tool, arguments per its schema."""
-    if choice in ("none", "auto"):
+_OPEN = re.escape(TOOL_CALL_OPEN)
+_CLOSE = re.escape(TOOL_CALL_CLOSE).replace("/", r"\/")  # a Lark regex ends at an unescaped '/'
+# Up to four blanks before a call and a newline inside its tags: what Hermes-style models write,
+# bounded so that a constrained row cannot spend its tokens on blanks.
+_CALL_RULES = "".join(
+    line + "\n"
+    for line in (
+        "call: CALL_OPEN body CALL_CLOSE",
+        rf"CALL_OPEN: /[ \t\r\n]{{0,4}}{_OPEN}\n?/",
+        rf"CALL_CLOSE: /\n?{_CLOSE}/",
+    )
+)
+# Any text but one that opens a call: a call, once begun, follows the call rule.
+_FREE_TEXT = rf"TEXT: /(?s:.*)/ & ~/[ \t\r\n]*{_OPEN}(?s:.*)/" + "\n"
+
+
+def tools_grammar(
+    tools: list[Tool], choice: ToolChoice, parallel: bool, answer: GrammarSpec | None
+) -> GrammarSpec | None:
+    """The grammar of the answer, or None when nothing constrains it.
+
+    When ``choice`` forces a call (``required`` or a named function): one call (or, with
+    ``parallel``, one or more) of the named or any tool. Under ``auto``, when a tool is
+    ``strict`` or the answer itself is constrained (``answer``: the response format's grammar):
+    either an answer (``answer``'s, or any text that does not open a call) or calls. Either way a
+    call's arguments follow its function's parameters, so a call, once begun, always validates.
+    """
+    if choice == "none" or not tools:
         return None
+    forced = choice != "auto"
+    if not forced and answer is None and not any(t.function.strict for t in tools):
+        return None  # free text; calls are validated after generation (parse_tool_calls)
     chosen = [t for t in tools if not isinstance(choice, NamedToolChoice) or t.function.name == choice.function.name]
     bodies = [
         {
@@ -132,13 +161,16 @@ def forced_grammar(tools: list[Tool], choice: ToolChoice, parallel: bool) -> Gra
     ]
     body: dict[str, Any] = dict(bodies[0]) if len(bodies) == 1 else {"anyOf": bodies}
     body["x-guidance"] = JSON_OPTIONS  # compact, as for response formats
-    start = "call+" if parallel and not isinstance(choice, NamedToolChoice) else "call"
-    lark = (
-        f"start: {start}\n"
-        f"call: {json.dumps(TOOL_CALL_OPEN)} body {json.dumps(TOOL_CALL_CLOSE)}\n"
-        f"body: %json {json.dumps(body, sort_keys=True)}\n"
-    )
-    return GrammarSpec("lark", lark)
+    calls = "call+" if parallel and not isinstance(choice, NamedToolChoice) else "call"
+    if forced:
+        start, rest = calls, ""
+    elif answer is None:
+        start, rest = f"TEXT | {calls}", _FREE_TEXT
+    else:
+        start, rest = f"@answer | {calls}", ""
+    lark = f"start: {start}\n{_CALL_RULES}{rest}body: %json {json.dumps(body, sort_keys=True)}\n"
+    parts = (("answer", answer),) if answer is not None and not forced else ()
+    return GrammarSpec("lark", lark, parts)
 
 
 def parse_tool_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
