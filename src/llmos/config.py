@@ -226,6 +226,15 @@ class Settings(BaseSettings):
         description="Model that reranks vector store searches whose `ranking_options.ranker` is not `none` "
         "and that name no `rerank_model` of their own; none: searches rank by similarity alone.",
     )
+    moderation_model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Classification model of `/v1/moderations` when neither the request nor the tenant's policy "
+        "names one.",
+    )
+    moderation_threshold: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="Category score at which moderation flags it, unless a policy says."
+    )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1024, description="Largest file accepted by POST /v1/files; larger gets 413."

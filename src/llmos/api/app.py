@@ -37,6 +37,7 @@ from llmos.api.openai.evals.runner import EvalRunner
 from llmos.api.openai.files.router import router as files_router
 from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
 from llmos.api.openai.models.router import router as models_router
+from llmos.api.openai.moderations.router import router as moderations_router
 from llmos.api.openai.responses.router import router as responses_router
 from llmos.api.openai.vector_stores.router import router as vector_stores_router
 from llmos.api.openai.vector_stores.serving import resume_ingestion
@@ -193,6 +194,7 @@ def create_app(
         classifications_router,
         ner_router,
         rerank_router,
+        moderations_router,
         vector_stores_router,
         responses_router,
     ):

@@ -178,5 +178,11 @@ CLASSIFICATION_CONFIDENCE = Histogram(
     ["model_name"],
     buckets=CONFIDENCE_BUCKETS,
 )
+MODERATION_BLOCKED = Counter(
+    "llmos_moderation_blocked",
+    "Chat completions refused by their tenant's moderation policy, by stage (input, output) and the "
+    "first category flagged (OpenAI's 13 bound it).",
+    ["stage", "category"],
+)
 
 __all__ = ["REGISTRY"]

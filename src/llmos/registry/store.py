@@ -179,6 +179,8 @@ class ArtifactStore(ABC):
             src = self.local_path(digest)
             try:
                 os.link(src, dest)
+            except FileExistsError:  # another request laid out the same model at the same moment
+                continue
             except OSError:
                 shutil.copyfile(src, dest)
         return target

@@ -1,7 +1,7 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from llmos.registry import limit_tables, vector_tables  # noqa: F401  (their tables join Base.metadata)
+from llmos.registry import limit_tables, moderation, vector_tables  # noqa: F401  (their tables join Base.metadata)
 from llmos.registry.tables import Base
 
 config = context.config

@@ -19,6 +19,7 @@ from llmos.api.openai.completions.schemas import CompletionRequest
 from llmos.api.openai.completions.serving import CompletionService
 from llmos.api.openai.embeddings.schemas import EmbeddingRequest
 from llmos.api.openai.embeddings.serving import create_embeddings
+from llmos.api.openai.moderations.serving import chat_moderator, guard_chat
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
 from llmos.errors import InvalidRequestError
@@ -54,6 +55,9 @@ Handler = Callable[[Any, EngineClient, Settings, RequestContext], Awaitable[Base
 async def _chat(req: ChatCompletionRequest, engine: EngineClient, settings: Settings, ctx: RequestContext) -> BaseModel:
     service = ChatService(engine, settings, ctx)
     gen = await service.prepare(req)
+    moderator = await chat_moderator(engine, settings, ctx)  # a tenant's policy binds its batches too
+    if moderator is not None:
+        await guard_chat(moderator, req, service)
     return await service.complete(req, dataclasses.replace(gen, background=True))
 
 

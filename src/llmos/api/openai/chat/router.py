@@ -9,6 +9,7 @@ from llmos.api.deps import EngineDep, SettingsDep
 from llmos.api.openai.chat.schemas import ChatCompletion, ChatCompletionRequest
 from llmos.api.openai.chat.serving import ChatService
 from llmos.api.openai.common import respond_while_connected
+from llmos.api.openai.moderations.serving import chat_moderator, guard_chat
 from llmos.api.sse import EventStreamResponse
 
 router = APIRouter(tags=["chat"])
@@ -22,6 +23,9 @@ async def create_chat_completion(
 ) -> Any:
     service = ChatService(engine, settings, ctx)
     gen = await service.prepare(body)
+    moderator = await chat_moderator(engine, settings, ctx)
+    if moderator is not None:
+        await guard_chat(moderator, body, service)
     if body.stream:
         ctx.handed_off = True
         return EventStreamResponse(service.stream(body, gen))

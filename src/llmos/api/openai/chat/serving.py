@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
 from llmos.api.openai.chat.schemas import (
     AssistantMessage,
@@ -58,6 +58,10 @@ def logprob_out(lp: TokenLogprob) -> TokenLogprobOut:
 
 
 class ChatService(GenerationService):
+    output_check: Callable[[list[str]], Awaitable[None]] | None = None
+    """Called with the answers before they are stored or returned; it raises to refuse them
+    (a tenant's moderation policy, moderations/serving.py)."""
+
     async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
         await asyncio.to_thread(self.ctx.check_model, req.model)
         handle = await self.engine.resolve(req.model)
@@ -127,6 +131,8 @@ class ChatService(GenerationService):
             )
             for i, choice in enumerate(collected)
         ]
+        if self.output_check is not None:
+            await self.output_check([choice.text for choice in collected])
         response = ChatCompletion(id=gen.request_id, created=now(), model=req.model, choices=choices, usage=usage)
         if req.prompt_logprobs is not None:
             response.prompt_logprobs = vllm_prompt_logprobs(collected[0].prompt_logprobs, req.prompt_logprobs)
