@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -163,7 +163,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Resident model memory budget; the least recently used idle model is evicted beyond it.",
     )
-    max_batch_size: int = Field(default=32, ge=1, le=1024, description="Most sequences decoded together in one batch.")
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Most sequences the llama.cpp backend decodes together (its sequence slots, allocated at load); "
+        "the torch backend admits rows by `kv_cache_mb` and `step_token_budget` instead.",
+    )
     batch_wait_ms: float = Field(
         default=5.0, ge=0, le=1000, description="How long the engine waits for more requests before starting a batch."
     )
@@ -182,9 +188,11 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(
         default=4096,
         ge=1,
-        description="Key/value cache memory of each chat model's decode batch. A request is admitted while every "
-        "running row could still grow to its prompt plus max_tokens within it, else it waits; one that could "
-        "never fit is refused (400 kv_cache_exceeded).",
+        description="Key/value cache memory of each chat model's decode batch on the torch backend. A request is "
+        "admitted while the rows held and its prompt fit within it with room to grow, else it waits; when the rows "
+        "outgrow it, the youngest request gives its cache back and is prefilled again later (preempted, never "
+        "failed); one that could never fit alone is refused (400 kv_cache_exceeded). A model whose budget cannot "
+        "hold one prefill chunk fails to load, naming this setting.",
     )
     tenant_rows_when_shared: int = Field(
         default=4,
@@ -198,8 +206,17 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(
         default=256,
         ge=1,
-        description="Prompt tokens prefilled between two decode steps; bounds the pause running streams see "
-        "when new requests arrive.",
+        description="Most prompt tokens prefilled between two decode steps (one packed pass); bounds the pause "
+        "running streams see when new requests arrive. Less than `step_token_budget`.",
+    )
+    step_token_budget: int = Field(
+        default=320,
+        ge=2,
+        le=65536,
+        description="Tokens one engine step of a chat model computes on the torch backend: one for each row it "
+        "decodes, then chunks of waiting prompts with what is left (at most `prefill_chunk_tokens`); so at most one "
+        "fewer rows are decoded at once (a step always keeps a token for the prompts). Must exceed "
+        "`prefill_chunk_tokens`, so that a step holds a whole chunk and a decoding row.",
     )
     max_n: int = Field(default=8, ge=1, le=128, description="Largest `n` (choices per request) accepted.")
     max_tokens_cap: int = Field(default=4096, ge=1, description="Largest `max_tokens` accepted, whatever the context.")
@@ -374,6 +391,15 @@ class Settings(BaseSettings):
     alert_email_from: str | None = Field(default=None, description="Sender of alert e-mails (default llmos@host).")
     alert_email_to: list[str] = Field(default_factory=list, description="Recipients of alert e-mails.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Server log level.")
+
+    @model_validator(mode="after")
+    def _step_holds_a_chunk(self) -> Settings:
+        if self.step_token_budget <= self.prefill_chunk_tokens:
+            raise ValueError(
+                f"step_token_budget ({self.step_token_budget}) must exceed prefill_chunk_tokens "
+                f"({self.prefill_chunk_tokens}): a step holds one prompt chunk and at least one decoding row"
+            )
+        return self
 
     @field_validator("home", mode="after")
     @classmethod

@@ -135,7 +135,7 @@ def test_a_request_submitted_after_close_ends_at_once(make: Make) -> None:
 
 
 def test_close_ends_what_runs_and_what_waits(make: Make) -> None:
-    runner = slowed(make(max_batch_size=1))
+    runner = slowed(make(max_batch_size=1, step_token_budget=2))  # one row in both backends
     running = submit(runner, "running", max_tokens=200)
     assert running.first.wait(30)
     queued = submit(runner, "queued")
@@ -145,7 +145,7 @@ def test_close_ends_what_runs_and_what_waits(make: Make) -> None:
 
 
 def test_abort_while_queued_and_while_running(make: Make) -> None:
-    runner = slowed(make(max_batch_size=1))
+    runner = slowed(make(max_batch_size=1, step_token_budget=2))  # one row in both backends
     running = submit(runner, "running", max_tokens=200)
     assert running.first.wait(30)
     queued = submit(runner, "queued")

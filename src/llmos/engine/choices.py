@@ -32,6 +32,7 @@ class StreamedRow(Protocol):
     held_ids: list[int]
     chosen: int | None
     grammar: RowMatcher | None
+    output_ids: list[int]
 
 
 class Streamer:
@@ -138,6 +139,7 @@ class Streamer:
         """Stream ``token`` for ``row`` (``lp``: the step's logprobs, ``i``: the row's index in them)."""
         params = row.pending.request.params
         row.generated += 1
+        row.output_ids.append(token)
         finish: FinishReason | None = None
         complete = row.grammar is not None and advance(row.grammar, token)
         if token in self.eos_ids:

@@ -14,11 +14,13 @@ from llmos.config import Settings
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 32
-    """Rows one decode step of a chat model advances at most."""
+    """Sequences the llama.cpp backend decodes together at most (its slots)."""
+    step_token_budget: int = 320
+    """Tokens one torch engine step computes: a token per decoding row, then prompt chunks."""
     batch_wait_s: float = 0.005
     """How long an idle engine loop waits, from a first request's arrival, for company."""
     prefill_chunk_tokens: int = 256
-    """Prompt tokens prefilled per engine iteration, between decode steps."""
+    """Most prompt tokens prefilled per engine iteration (one pass), between decode steps."""
     tenant_rows_when_shared: int = 0
     """Rows each tenant may hold while a light tenant is active (0: no caps; ``kernel.fair_share``)."""
     kv_cache_bytes: int = 4096 << 20
@@ -54,6 +56,7 @@ class EngineConfig:
     def from_settings(cls, settings: Settings) -> EngineConfig:
         return cls(
             max_batch_size=settings.max_batch_size,
+            step_token_budget=settings.step_token_budget,
             batch_wait_s=settings.batch_wait_ms / 1000,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             tenant_rows_when_shared=settings.tenant_rows_when_shared,

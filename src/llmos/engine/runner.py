@@ -190,7 +190,9 @@ class GenerationRunner(ABC):
             reserved = self._reserved()
             if idle:  # what it held has finished: say so before waiting for more
                 self.requests_running = self.reserved_tokens = self.batch_size = 0
-            admitted = scheduler.admit(block=idle, held=self._held(), reserved=reserved, fits=self._fits)
+            admitted = scheduler.admit(
+                block=idle, held=self._held(), reserved=reserved, fits=self._fits, size=self._admission_size
+            )
             if idle and not admitted and not scheduler.closing and self._end_if_idle():
                 return
             self._working = True
@@ -226,7 +228,12 @@ class GenerationRunner(ABC):
             held[pending.share] += pending.rows
         return held
 
+    def _admission_size(self, pending: Pending) -> int:
+        """Cache tokens each row of ``pending`` is admitted for: by default its reservation."""
+        return pending.reserve
+
     def _reserved(self) -> list[int]:
+        """Cache tokens every held row is counted for at admission: by default its reservation."""
         reserved = [row.pending.reserve for row in self._rows()]
         for pending in self._prefilling():
             reserved += [pending.reserve] * pending.rows
@@ -273,4 +280,5 @@ class GenerationRunner(ABC):
         if self._queue_time is not None:
             now = time.monotonic()
             for pending in admitted:
-                self._queue_time.observe(now - pending.queued_at)
+                if pending.resume is None:  # a preempted row was observed when its request came in
+                    self._queue_time.observe(now - pending.queued_at)

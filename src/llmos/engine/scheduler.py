@@ -10,7 +10,8 @@ prefill and step.
 
 The contract a backend relies on:
 - ``admit`` returns requests in tenant round-robin order; each fits with every row already held
-  (``fits`` of all reservations) unless nothing is held (a request that fits alone always runs);
+  (``fits`` of what every held row takes and what the newcomer's rows take, ``size``: by default
+  their reservations) unless nothing is held (a request that fits alone always runs);
   a tenant at its cap is passed over, not blocked behind; the first request that does not fit
   stops admission (it waits, first in its tenant's line, for rows to finish).
 - An aborted request is never admitted: it is ended with its abort where it is taken.
@@ -21,6 +22,9 @@ The contract a backend relies on:
   quarter of the batch kept free: they fill spare rows and are parked when interactive demand
   grows; a client that keeps sending never finds its row taken, and a new one finds rows free
   (parked rows still hold their place in the batch, so a row taken would be lost until it ends).
+- A preempted row (its cache given back when the budget ran out, ``Resume``) is queued again first
+  in its share's line, with the arrival time of its request, and is admitted like any request;
+  it ends like the row it is (its own choice index), whether aborted, failed or closed.
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ class Pending:
     virtual: Any = None
     """The prefix- or prompt-tuning adapter whose states go before its prompt (torch backend)."""
     queued_at: float = field(default_factory=time.monotonic)
-    """When it was queued (its queue time is observed at admission)."""
+    """When it was queued (its queue time is observed at admission); a preempted row keeps its request's."""
+    resume: Resume | None = None
+    """The preempted row this continues (a one-row request whose prompt goes on with its output)."""
 
     @property
     def tenant(self) -> str:
@@ -75,7 +81,13 @@ class Pending:
 
     @property
     def rows(self) -> int:
-        return self.request.params.n
+        return 1 if self.resume is not None else self.request.params.n
+
+    @property
+    def prompt(self) -> list[int]:
+        """The tokens to prefill: its prompt, and a preempted row's output so far after it."""
+        prompt = list(self.request.prompt_token_ids)
+        return prompt + self.resume.row.output_ids if self.resume is not None else prompt
 
     @property
     def scope(self) -> str:
@@ -84,7 +96,10 @@ class Pending:
         return f"{self.request.tenant}\0{adapter}"
 
     def end(self, delta: Callable[[int], GenerationDelta]) -> None:
-        """End every choice with ``delta(index)`` (its abort or its error)."""
+        """End every choice with ``delta(index)`` (its abort or its error); a preempted row ends alone."""
+        if self.resume is not None:
+            self.resume.row.end(delta(self.resume.row.index))
+            return
         for i in range(self.request.params.n):
             self.sink(delta(i))
 
@@ -109,6 +124,8 @@ class Row:
     """Its next token when already chosen and streamed: the first, right after its prefill."""
     grammar: RowMatcher | None = None
     """Where it stands in its request's grammar (made at its first token), if constrained."""
+    output_ids: list[int] = field(default_factory=list)
+    """Every token streamed so far (what a preempted row's prompt goes on with when it is prefilled again)."""
 
     @property
     def tenant(self) -> str:
@@ -123,6 +140,16 @@ class Row:
         if not self.finished:
             self.finished = True
             self.pending.sink(delta)
+
+
+@dataclass
+class Resume:
+    """A row preempted mid-generation: its stream's state (text, logprobs, grammar, output) and
+    what the backend keeps of it while its cache is recomputed (``saved``: the torch backend's
+    sampling row, whose seeded generator stands where it stopped, and its token counts)."""
+
+    row: Row
+    saved: Any = None
 
 
 class Scheduler:
@@ -160,21 +187,26 @@ class Scheduler:
             return set()
         with self._abort_lock:
             aborted = set(self._aborted)
-        for pending in self.queue.remove(lambda p: p is not None and p.request.request_id in aborted):
+        queued = self.queue.remove(lambda p: p is not None and p.request.request_id in aborted)
+        for pending in queued:
             assert pending is not None
-            self._take_abort(pending.request.request_id)
             pending.end(abort_delta)  # still queued: it ends now, not when rows free up for it
-        live = set(ids())
+        # A request may be queued and held at once (some of its rows preempted): both parts end.
+        # On this thread every unfinished request is queued or held, so the rest have finished.
         with self._abort_lock:
-            gone = self._aborted & live
-            self._aborted -= gone
-        return gone
+            self._aborted -= aborted
+        return aborted & set(ids())
 
     def _take_abort(self, request_id: str) -> bool:
+        """Whether ``request_id`` was aborted; if so, its other parts still queued (preempted rows)
+        end too (``take_aborted`` ends the parts held, and forgets the abort)."""
         with self._abort_lock:
-            hit = request_id in self._aborted
-            self._aborted.discard(request_id)
-        return hit
+            if request_id not in self._aborted:
+                return False
+        for pending in self.queue.remove(lambda p: p is not None and p.request.request_id == request_id):
+            assert pending is not None
+            pending.end(abort_delta)
+        return True
 
     def caps(self, held: Counter[str]) -> dict[str, int]:
         """Row limits for every active share: ``held`` rows (running, parked, prefilling) plus its
@@ -210,12 +242,19 @@ class Scheduler:
         return peaks[0][1]
 
     def admit(
-        self, *, block: bool, held: Counter[str], reserved: list[int], fits: Callable[[list[int]], bool]
+        self,
+        *,
+        block: bool,
+        held: Counter[str],
+        reserved: list[int],
+        fits: Callable[[list[int]], bool],
+        size: Callable[[Pending], int] = lambda pending: pending.reserve,
     ) -> list[Pending]:
         """Requests to start now. ``block`` (the runner is idle): wait up to ``IDLE_EXIT_S`` for one,
         then ``batch_wait`` from its arrival for company; otherwise take only what is already
-        waiting. ``held`` counts each tenant's rows and ``reserved`` lists every held row's
-        reservation; both are updated with what is admitted."""
+        waiting. ``held`` counts each tenant's rows and ``reserved`` lists what every held row
+        takes of the cache (``size`` of each of a newcomer's rows); both are updated with what is
+        admitted."""
         caps = self.caps(held)
         full = {t for t, rows in held.items() if rows >= caps.get(t, self.max_rows)}
         taken: list[Pending] = []
@@ -238,7 +277,7 @@ class Scheduler:
                 item.end(abort_delta)
                 continue
             tenant, n = item.share, item.rows
-            wanted = reserved + [item.reserve] * n
+            wanted = reserved + [size(item)] * n
             if reserved and (len(wanted) > self.max_rows or not fits(wanted)):
                 self.queue.put_back(tenant, item)  # waits for rows to finish
                 break

@@ -1,10 +1,12 @@
 """Continuous batching for causal language models on the torch backend.
 
-The engine loop (``engine.runner``) admits waiting requests between decode steps; this runner
-prefills their prompts in chunks (their key/value states then merged into the running batch)
-and advances every running row by one token a step. Rows keep their own sampling parameters,
-stop sequences and stream, and leave the batch the step they finish or their client goes away,
-so nobody waits for the slowest request and no token is computed for a departed client.
+The engine loop (``engine.runner``) admits waiting requests between decode steps, by what the
+rows take of the key/value budget now; this runner prefills their prompts in chunks (their
+key/value states then merged into the running batch) and advances every running row by one
+token a step, within ``step_token_budget`` tokens a step, the decoding rows first. Rows keep
+their own sampling parameters, stop sequences and stream, and leave the batch the step they
+finish or their client goes away, so nobody waits for the slowest request and no token is
+computed for a departed client; rows that outgrow the budget are preempted (``preemption``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from llmos.engine.torch_backend.kv_budget import KvBudget
 from llmos.engine.torch_backend.kv_cache import cache_argument, limit_growth, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
+from llmos.engine.torch_backend.preemption import ADMISSION_HEADROOM, Preemption, held_rows, held_sizes
 from llmos.engine.torch_backend.prefill import Prefill, prefill_order, run_packed
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
 from llmos.engine.torch_backend.prompt_scores import PromptScores
@@ -38,6 +41,7 @@ from llmos.engine.torch_backend.virtual_tokens import (
     prefix_states,
     prompt_states,
 )
+from llmos.errors import ModelLoadError
 from llmos.registry.adapters import kv_width
 
 log = logging.getLogger(__name__)
@@ -57,11 +61,13 @@ class CausalRunner(GenerationRunner):
         name: str = "model",
     ) -> None:
         config = config or EngineConfig()
-        super().__init__(name, config, config.max_batch_size)
+        # Every decoding row takes a token of a step, and a step keeps one for the prompts: the budget bounds the rows.
+        super().__init__(name, config, max(1, config.step_token_budget - 1))
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.prefill_budget = config.prefill_chunk_tokens
+        self.step_budget = config.step_token_budget
         self.eos_ids = eos_ids((getattr(model, "generation_config", None), model.config), tokenizer)
         self.streamer = Streamer(tokenizer, self.eos_ids, context_length)
         self.cache_name = cache_argument(model)
@@ -80,8 +86,16 @@ class CausalRunner(GenerationRunner):
             row_overhead_bytes=ROW_VOCAB_BUFFERS * vocab * 4,
             layers=model.config.num_hidden_layers,
         )
+        chunk = min(self.prefill_budget, context_length)
+        if not self.kv_budget.fits([chunk]):
+            need = self.kv_budget.bytes_for([chunk])
+            raise ModelLoadError(
+                f"kv_cache_mb ({config.kv_cache_bytes / 2**20:g} MiB) cannot hold one prefill chunk of {name} "
+                f"({chunk} tokens, prefill_chunk_tokens); set kv_cache_mb to at least {-(-need >> 20)}"
+            )
         self.kv_bytes = 0  # the running batch's key/value cache, as of the last step
         self.share = TenantShare(self.scheduler, model.config)
+        self.preemption = Preemption(self.kv_budget, self.scheduler)
         self._state: BatchState[Row] | None = None
         self._prefill_jobs: deque[Prefill] = deque()
         self._prefill_passes = 0  # _advance_prefills calls that computed anything (prefill_order's clock)
@@ -112,6 +126,7 @@ class CausalRunner(GenerationRunner):
             "prefix_cache_bytes": self.prefix_cache.used_bytes,
             "kv_cache_bytes": self.kv_bytes,
             "kv_cache_budget_bytes": self.kv_budget.budget_bytes,
+            "preemptions": self.preemption.count,
         }
 
     # -- the scheduler's questions ---------------------------------------------------------
@@ -121,6 +136,15 @@ class CausalRunner(GenerationRunner):
 
     def _fits(self, reserved: list[int]) -> bool:
         return self.kv_budget.fits(reserved)
+
+    def _admission_size(self, pending: Pending) -> int:
+        lead = pending.virtual.length if pending.virtual else 0
+        return min(pending.reserve, lead + len(pending.prompt) + ADMISSION_HEADROOM)
+
+    def _reserved(self) -> list[int]:
+        """What every held row takes now, with room to grow, at most its reservation (``preemption``)."""
+        held = held_rows(self._state, self.share.parked, self._prefill_jobs)
+        return [min(pending.reserve, size + ADMISSION_HEADROOM) for pending, size in held]
 
     @property
     def budget_tokens(self) -> int:
@@ -156,12 +180,17 @@ class CausalRunner(GenerationRunner):
         self._state = self.share.rebalance(self._state, caps)
 
     def _execute(self) -> None:
-        """Prefill at most ``prefill_budget`` prompt tokens, then advance every running row by one token.
+        """Make room in the key/value budget (preempting the youngest), prefill what the step's
+        token budget leaves after its decoding rows, then advance every running row by one token.
 
         Prompts are prefilled in chunks, fewest remaining tokens first (``prefill_order``):
         admitting a crowd, or one very long prompt, delays the running rows by one bounded pause
         per step, not by every newcomer's whole prompt at once.
         """
+        self.preemption.make_room(self._state, self.share.parked, self._prefill_jobs)
+        if self._state is not None and not self._state.rows:
+            self._state = None
+        self.share.drop_finished()  # parked rows preempted, all of them
         for fresh in self._advance_prefills():
             if self._state is None:
                 self._state = fresh
@@ -187,9 +216,9 @@ class CausalRunner(GenerationRunner):
         """A prefill job for a newly admitted request (its ``n`` choices share it), starting after
         the longest prefix whose states are cached for its tenant and adapter."""
         try:
-            prompt = list(pending.request.prompt_token_ids)
+            prompt = pending.prompt
             lead = pending.virtual.length if pending.virtual else 0
-            k = pending.request.params.prompt_logprobs
+            k = pending.request.params.prompt_logprobs if pending.resume is None else None  # scored once
             if k is None:
                 hit = self.prefix_cache.lookup(pending.scope, prompt, lead=lead)
                 start, states = hit if hit is not None else (0, self._virtual_states(pending.virtual))
@@ -212,12 +241,17 @@ class CausalRunner(GenerationRunner):
         become batches of their rows, and stream their first tokens at once. A failure fails only
         the request at fault: a packed pass that fails is rolled back and its prompts are run
         again one by one."""
-        budget, planned = self.prefill_budget, []
+        decoding = sum(not row.finished for row in self._state.rows) if self._state is not None else 0
+        budget, planned = min(self.prefill_budget, self.step_budget - decoding), []
         for job in prefill_order(self._prefill_jobs, self.prefill_budget):
             if budget <= 0:
                 break
             take = min(job.remaining, budget)
-            budget -= take
+            if take == job.remaining and take + job.pending.rows > budget:
+                take = budget - job.pending.rows  # its rows would decode in this step too: a token short
+            if take <= 0:
+                continue
+            budget -= take + (job.pending.rows if take == job.remaining else 0)
             planned.append((job, take))
         # With the lean layers every chunk runs in one packed pass, each token with its prompt's
         # adapter; without them, one pass a prompt through the model's forward.
@@ -282,14 +316,25 @@ class CausalRunner(GenerationRunner):
 
     def _to_batch(self, job: Prefill) -> BatchState[Row]:
         pending, request = job.pending, job.pending.request
+        assert job.logits is not None
+        self.prefills += 1
+        if pending.resume is not None:  # a preempted row goes on as it stood (its output is now prompt)
+            sampling, counts = pending.resume.saved
+            return BatchState(
+                rows=[pending.resume.row],
+                cache=job.cache,
+                attention=torch.ones((1, job.lead + len(job.prompt)), dtype=torch.long),
+                next_pos=torch.full((1,), job.lead + len(job.prompt)),
+                logits=job.logits,
+                sampling=sampling,
+                counts=counts,
+            )
         rows = [Row(pending, i, self.streamer.new_text(request)) for i in range(request.params.n)]
         self.prefix_cache.store(pending.scope, job.prompt, job.cache, row=0, lead=job.lead, scores=job.scores)
         if len(rows) > 1:
             job.cache.batch_repeat_interleave(len(rows))
-        assert job.logits is not None
         sampling = batch_sampling(rows)
         logits = job.logits.expand(len(rows), -1).contiguous()
-        self.prefills += 1
         return BatchState(
             rows=rows,
             cache=job.cache,
@@ -337,7 +382,9 @@ class CausalRunner(GenerationRunner):
             return None
         tokens = chosen[keep]
         state.select(keep)
-        limit_growth(state.cache, max(r.pending.reserve for r in state.rows))
+        # No buffer grows ahead past what the budget allows every held row (``make_room`` saw to one more).
+        held = len(held_sizes(state, self.share.parked, self._prefill_jobs))
+        limit_growth(state.cache, min(max(r.pending.reserve for r in state.rows), self.kv_budget.widest(held)))
         state.attention = torch.cat([state.attention, torch.ones((len(state), 1), dtype=state.attention.dtype)], 1)
         self.lora.prepare([r.pending.adapter for r in state.rows])
         if self.decoder is not None:

@@ -8,9 +8,11 @@ holds buffers of its own beside the cache (its next-token logits, the penalties'
 the sampler's working copies), counted as ``row_overhead_bytes``. And while a layer's keys and
 values are copied (the cache grows, rows join or leave, attention reads them contiguous) the old
 and the new tensors both exist: one layer's share, ``1 / layers`` of the cache, more at that
-moment. So a batch never takes more than ``rows x (longest reservation + overhead) x (1 + 1 /
-layers)``, and a request is admitted only while that bound stays within the budget; otherwise it
-waits for rows to finish, and one that could never fit is refused before it is queued.
+moment. So a batch takes at most ``rows x (longest row + overhead) x (1 + 1 / layers)``. The
+runner admits a request while that bound, over what every held row takes now (and a little room
+to grow), stays within the budget; otherwise it waits for rows to finish, and one that could
+never fit even alone (at its reservation) is refused before it is queued. Rows that outgrow the
+budget later are preempted (``preemption``), and no buffer grows ahead past ``widest``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class KvBudget:
         if not rows:
             return 0.0
         return len(rows) * (max(rows) + self.row_overhead_tokens) * (1 + self.copy_share)
+
+    def widest(self, rows: int) -> int:
+        """The most positions ``rows`` rows may each hold within the budget (how far a batch's
+        buffers may grow ahead)."""
+        return int(self.budget_tokens / ((1 + self.copy_share) * max(1, rows))) - self.row_overhead_tokens
 
     def bytes_for(self, reservations: Iterable[int]) -> int:
         """The smallest budget in bytes that holds rows with these reservations."""
