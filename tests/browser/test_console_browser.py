@@ -1,8 +1,9 @@
 """The web console in a real browser: Playwright driving Debian's chromium (never `playwright
 install`) against the server on loopback with the tiny test models. Sign-in, models and a pull
-followed live, streamed chat, a fine-tuning job's loss curve growing, a tenant that sees only
-its own jobs, wrong keys, ended sessions and CSRF-less requests. A screenshot of every page is
-written under the pytest temporary directory (``console-screenshots``)."""
+followed live, streamed chat, classification and entities marked in the text, a fine-tuning
+job's loss curve growing, a tenant that sees only its own jobs, an alert firing, wrong keys,
+ended sessions and CSRF-less requests. A screenshot of every page is written under the pytest
+temporary directory (``console-screenshots``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from llmos.api.server import server_config
 from llmos.config import Settings
 from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
+from tests.unit.test_alert_outputs import build_tiny_classifier
 from tests.unit.test_http_server import _free_port
+from tests.unit.test_ner import _fixed_tagger
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium")
@@ -69,10 +72,14 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path, tiny_
         host="127.0.0.1",
         port=_free_port(),
         allowed_hosts=[],
+        alert_evaluation_interval_s=1.0,  # an alert fires within seconds of its rule
     )
     platform = Platform.open(settings)
     platform.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
     platform.registry.pull(f"file:{tiny_encoder_dir}", name="tiny-embed")
+    models = tmp_path_factory.mktemp("console-models")
+    platform.registry.pull(f"file:{build_tiny_classifier(tiny_encoder_dir, models / 'cls')}", name="tiny-sentiment")
+    platform.registry.pull(f"file:{_fixed_tagger(tiny_encoder_dir, models / 'ner', 'B-MISC')}", name="tiny-tagger")
     for tenant in ("acme", "other"):
         platform.tenants.create(tenant)
     _, acme_key = platform.keys.create("acme-console", tenant="acme", scopes=("inference", "files", "fine-tune"))
@@ -182,6 +189,60 @@ def test_chat_in_the_playground_streams_text(browser: Any, console: Console) -> 
     page.screenshot(path=str(console.shots / "playground-chat.png"), full_page=True)
 
 
+def test_classification_and_entities_are_marked_in_the_text(browser: Any, console: Console) -> None:
+    page = _signed_in(browser, console)
+    page.goto(f"{console.url}/ui/playground")
+    text = "stocks fall sharply in Paris"
+    # The tagger marks every word as one MISC entity; the classifier's label is the API's own.
+    page.get_by_label("Classifier or NER model").select_option("tiny-tagger")
+    page.get_by_label("Text", exact=True).fill(text)
+    page.get_by_role("button", name="Run").click()
+    marks = page.locator("#classify-out mark.entity")
+    sync_api.expect(marks).to_have_count(len(text.split()))
+    assert [m.get_attribute("data-entity") for m in marks.all()] == ["MISC"] * len(text.split())
+    assert [m.evaluate("m => m.firstChild.textContent") for m in marks.all()] == text.split()
+    assert page.locator("#classify-out").evaluate("o => o.textContent.replace(/MISC/g, '')") == text
+    page.screenshot(path=str(console.shots / "playground-entities.png"), full_page=True)
+    expected = _api(
+        console.url, ADMIN_KEY, "POST", "/v1/classifications", json={"model": "tiny-sentiment", "input": text}
+    )
+    page.get_by_label("Classifier or NER model").select_option("tiny-sentiment")
+    page.get_by_role("button", name="Run").click()
+    label = page.locator("#classify-out mark.label")
+    sync_api.expect(label).to_have_attribute("data-label", expected["data"][0]["label"])
+    assert label.evaluate("m => m.firstChild.textContent") == text
+    sync_api.expect(page.locator("#classify-out .bar")).to_have_count(2)
+    page.screenshot(path=str(console.shots / "playground-classification.png"), full_page=True)
+
+
+def test_an_alert_fires_on_the_alerts_page_and_the_overview(browser: Any, console: Console) -> None:
+    """A rule over the server's own request rate (the pages' polling feeds it) fires within
+    seconds; the alerts page shows its state and history, the overview lists it as firing."""
+    rule = {
+        "name": "ConsoleTraffic",
+        "condition": {"kind": "rate", "metric": "llmos_http_requests_total", "window": "5s"},
+        "op": ">",
+        "threshold": 0,
+        "severity": "warning",
+        "annotations": {"summary": "{{ $value }} requests per second"},
+    }
+    _api(console.url, ADMIN_KEY, "POST", "/v1/admin/alerts/rules", json=rule)
+    try:
+        page = _signed_in(browser, console)
+        page.goto(f"{console.url}/ui/alerts")
+        state = page.locator("#states tr", has_text="ConsoleTraffic").locator("[data-state]")
+        sync_api.expect(state).to_have_attribute("data-state", "firing")
+        sync_api.expect(page.locator("#history tr", has_text="ConsoleTraffic").first).to_contain_text("firing")
+        page.screenshot(path=str(console.shots / "alerts-firing.png"), full_page=True)
+        page.goto(f"{console.url}/ui/overview")
+        firing = page.locator("#alerts tr", has_text="ConsoleTraffic")
+        sync_api.expect(firing).to_contain_text("firing")
+        sync_api.expect(firing).to_contain_text("warning")
+        page.screenshot(path=str(console.shots / "overview-alert.png"), full_page=True)
+    finally:
+        _api(console.url, ADMIN_KEY, "DELETE", "/v1/admin/alerts/rules/ConsoleTraffic")
+
+
 def test_a_fine_tuning_job_shows_its_loss_curve_growing(browser: Any, console: Console, tmp_path: Path) -> None:
     page = _signed_in(browser, console, console.acme_key)
     page.goto(f"{console.url}/ui/files")
@@ -208,6 +269,8 @@ def test_a_fine_tuning_job_shows_its_loss_curve_growing(browser: Any, console: C
     )
     page.screenshot(path=str(console.shots / "fine-tuning-loss.png"), full_page=True)
     # acme's key sees its own job, never the other tenant's, nor the admin pages.
+    own = page.evaluate("window.location.hash.slice(1)")
+    sync_api.expect(page.locator("#jobs")).to_contain_text(own)  # the list is there, so an absence means something
     jobs = page.locator("#jobs").inner_text()
     assert console.other_job not in jobs
     assert page.locator('nav a[href="/ui/admin"]').count() == 0

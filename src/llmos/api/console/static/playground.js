@@ -67,15 +67,18 @@
         let at = 0;
         for (const e of entities) {
           parts.push(f.text.slice(at, e.start));
-          parts.push(el("mark", { class: "entity", title: `${e.entity} ${e.score.toFixed(2)}` }, f.text.slice(e.start, e.end), el("small", {}, e.entity)));
+          parts.push(el("mark", { class: "entity", "data-entity": e.entity, title: `${e.entity} ${e.score.toFixed(2)}` }, f.text.slice(e.start, e.end), el("small", {}, e.entity)));
           at = e.end;
         }
         parts.push(f.text.slice(at));
         replace(out, parts);
       } else {
         const result = await api("POST", "/v1/classifications", { model: f.model, input: f.text });
-        const scores = result.data[0].scores;
-        replace(out, scores.map((s) => el("div", {}, el("span", { class: "bar", style: null, "data-width": s.score }), ` ${s.label} ${(s.score * 100).toFixed(1)}%`)));
+        const top = result.data[0];
+        const scores = top.scores;
+        // The text marked with its most likely label, then every label's score as a bar.
+        const marked = el("p", {}, el("mark", { class: "label", "data-label": top.label, title: `${top.label} ${top.score.toFixed(2)}` }, f.text, el("small", {}, top.label)));
+        replace(out, marked, scores.map((s) => el("div", {}, el("span", { class: "bar", style: null, "data-width": s.score }), ` ${s.label} ${(s.score * 100).toFixed(1)}%`)));
         out.querySelectorAll(".bar").forEach((bar) => { bar.style.width = `${Math.round(Number(bar.dataset.width) * 200)}px`; });
       }
     } catch (error) { failed(error); }
