@@ -11,6 +11,7 @@ from llmos import __version__
 from llmos.cli.admin import audit, tenants_app, usage
 from llmos.cli.client_cmds import chat, embed
 from llmos.cli.common import console, fail, open_platform, pull_with_progress, settings_from
+from llmos.cli.evals import eval_app
 from llmos.cli.keys import keys_app
 from llmos.cli.models import models_app, pull
 from llmos.cli.top import top
@@ -42,6 +43,7 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(files_app, name="files")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(eval_app, name="eval")
 app.command()(usage)
 app.command()(audit)
 
