@@ -305,6 +305,19 @@ class Settings(BaseSettings):
         description="Chat completions stored with `store: true` (and the feedback given on them) are deleted this "
         "many days after they were stored; 0 keeps them until their tenant deletes them.",
     )
+    promotion_margin: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="How much higher a candidate's mean eval score (0 to 1) must be than the alias's current "
+        "model's for `POST /v1/model_aliases/{ref}/promote` to move the alias (the difference's 95% paired "
+        "bootstrap interval must also lie above zero).",
+    )
+    promotion_gated_aliases: list[str] = Field(
+        default=["production"],
+        description="Aliases that, once set, move only by an eval-gated promotion (`.../promote`); setting one "
+        "with `POST /v1/model_aliases` is refused with 400 naming `eval`. Canaries and rollbacks stay allowed.",
+    )
     denied_requests_per_minute: int = Field(
         default=30,
         ge=1,
@@ -340,6 +353,12 @@ class Settings(BaseSettings):
         description="Embedding model of the `cosine` text-similarity grader of evals.",
     )
     training_threads: int = Field(default=0, ge=0, description="CPU threads per training worker; 0 uses all cores.")
+    pretrain_memory_mb: int = Field(
+        default=4096,
+        ge=16,
+        description="Memory a pre-training job may use (weights, gradients, optimizer state, activations, the "
+        "tokenised corpus, as estimated from its shapes); a larger job is refused with 400 exceeds_memory_budget.",
+    )
     job_max_attempts: int = Field(
         default=3, ge=1, le=20, description="Times a job's worker may die before the job is failed."
     )

@@ -37,40 +37,40 @@ def test_an_alias_names_a_version_everywhere_and_moves_with_an_audit_trail(
     http: TestClient, client: openai.OpenAI, loaded_platform: Platform, tiny_chat_dir: Path, tmp_path: Path
 ) -> None:
     first = loaded_platform.registry.get("tiny-chat@1")
-    code, made = set_alias(http, ADMIN, model="tiny-chat", alias="production", target="tiny-chat@1")
-    assert code == 200 and made["id"] == "tiny-chat@production" and made["target"]["root"] == "tiny-chat@1"
+    code, made = set_alias(http, ADMIN, model="tiny-chat", alias="staging", target="tiny-chat@1")
+    assert code == 200 and made["id"] == "tiny-chat@staging" and made["target"]["root"] == "tiny-chat@1"
     changed = shutil.copytree(tiny_chat_dir, tmp_path / "v2")
     (changed / "notes.txt").write_text("the second version")  # other content: a new version, not the same one
     second = loaded_platform.registry.pull(f"file:{changed}", name="tiny-chat")
     assert second.version == 2
 
     # chat, completions and the model object all take the alias; the plain name is the newest version
-    r = client.chat.completions.create(model="tiny-chat@production", messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
-    assert r.choices[0].message.content is not None
-    client.completions.create(model="tiny-chat@production", prompt="Hi", max_tokens=2)
-    assert client.models.retrieve("tiny-chat@production").version == 1  # type: ignore[attr-defined]
+    r = client.chat.completions.create(model="tiny-chat@staging", messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+    assert r.choices[0].message.content is not None and r.model == "tiny-chat@1"  # the version that answered
+    client.completions.create(model="tiny-chat@staging", prompt="Hi", max_tokens=2)
+    assert client.models.retrieve("tiny-chat@staging").version == 1  # type: ignore[attr-defined]
     assert client.models.retrieve("tiny-chat").version == 2  # type: ignore[attr-defined]
-    assert client.models.retrieve("tiny-chat@1").aliases == ["tiny-chat@production"]  # type: ignore[attr-defined]
+    assert client.models.retrieve("tiny-chat@1").aliases == ["tiny-chat@staging"]  # type: ignore[attr-defined]
     code, _ = set_alias(http, ADMIN, model="tiny-embed", alias="stable", target="tiny-embed")
     assert code == 200
     assert len(client.embeddings.create(model="tiny-embed@stable", input="hi").data) == 1
 
-    code, moved = set_alias(http, ADMIN, model="tiny-chat", alias="production", target="tiny-chat@2")
+    code, moved = set_alias(http, ADMIN, model="tiny-chat", alias="staging", target="tiny-chat@2")
     assert code == 200 and moved["target"]["root"] == "tiny-chat@2"
-    assert client.models.retrieve("tiny-chat@production").version == 2  # type: ignore[attr-defined]
+    assert client.models.retrieve("tiny-chat@staging").version == 2  # type: ignore[attr-defined]
     listed = http.get("/v1/model_aliases", params={"model": "tiny-chat"}, headers=ADMIN).json()["data"]
-    assert [(a["id"], a["target"]["root"]) for a in listed] == [("tiny-chat@production", "tiny-chat@2")]
+    assert [(a["id"], a["target"]["root"]) for a in listed] == [("tiny-chat@staging", "tiny-chat@2")]
 
     trail = [(e.action, e.target, e.detail) for e in loaded_platform.audit.query(action="model.alias.set")]
-    assert trail[::-1][0] == ("model.alias.set", "tiny-chat@production", {"from": None, "to": first.id})
-    assert ("model.alias.set", "tiny-chat@production", {"from": first.id, "to": second.id}) in trail
+    assert trail[::-1][0] == ("model.alias.set", "tiny-chat@staging", {"from": None, "to": first.id})
+    assert ("model.alias.set", "tiny-chat@staging", {"from": first.id, "to": second.id}) in trail
 
-    r2 = http.delete("/v1/model_aliases/tiny-chat@production", headers=ADMIN)
+    r2 = http.delete("/v1/model_aliases/tiny-chat@staging", headers=ADMIN)
     assert r2.status_code == 200 and r2.json()["deleted"] is True
     assert loaded_platform.audit.query(action="model.alias.delete")[0].detail == {"from": second.id}
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="tiny-chat@production", messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
-    assert http.delete("/v1/model_aliases/tiny-chat@production", headers=ADMIN).status_code == 404
+        client.chat.completions.create(model="tiny-chat@staging", messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+    assert http.delete("/v1/model_aliases/tiny-chat@staging", headers=ADMIN).status_code == 404
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,14 @@ class RequestContext:
         """404 unless the model is a shared base model or the caller's tenant's own (admins see all)."""
         self.platform.registry.get(model, tenant=None if "admin" in self.key.scopes else self.key.tenant)
 
+    def route_model(self, model: str, user: str | None = None) -> str:
+        """The model reference this request goes on with: ``model`` checked as by ``check_model``,
+        then for ``name@alias`` the version the alias sends this end user to (``user``, else the
+        tenant: ``ModelAliases.route``) as ``name@N``, so the response, its usage and its metrics
+        name the version that answered."""
+        self.check_model(model)
+        return self.platform.registry.aliases.route(model, tenant=self.tenant, user=user)
+
     def finish(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Charge what the request used; safe to call more than once (only the first counts)."""
         if self.lease.released:

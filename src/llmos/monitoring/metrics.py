@@ -3,8 +3,10 @@
 Names follow vLLM's (``vllm:`` becomes ``llmos_``) and its bucket choices, so its dashboards and
 alert rules translate directly. Label values are bounded: on request series ``model_name`` is the
 registered name a request resolved to (a model or an adapter, never the alias the client wrote),
-capped by ``MODEL_NAMES``; on gauges it is a resident model, its series removed on eviction
-(adapters get a label only while resident, in ``llmos_lora_adapter_resident``); ``tenant`` is an
+or ``name@N`` when the request named that version, as every request an alias routes does (so a
+canary's versions have series of their own), capped by ``MODEL_NAMES``; on gauges it is a resident
+model, its series removed on eviction (adapters get a label only while resident, in
+``llmos_lora_adapter_resident``); ``tenant`` is an
 administered tenant; ``code`` and ``finished_reason`` come from fixed sets in the source; never a
 request id.
 

@@ -19,11 +19,19 @@ _COUNTED_REASONS = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReas
 
 
 def model_label(request: GenerationRequest) -> str:
-    """The bounded ``model_name`` of a request: the registered name it resolved to (never the
-    alias or version the client wrote), ``unknown`` while unresolved."""
+    """The bounded ``model_name`` of a request (``served_model_label``), ``unknown`` while unresolved."""
     if request.handle is None:
         return metrics.UNKNOWN_MODEL
-    return metrics.MODEL_NAMES(request.handle.info.name)
+    return served_model_label(request.model, request.handle.info.name)
+
+
+def served_model_label(ref: str, name: str) -> str:
+    """The ``model_name`` of a request for ``ref`` that resolved to a model called ``name``: the
+    version ``name@N`` when ``ref`` names one, as every request an alias routes does
+    (``ModelAliases.route``), so a canary's versions have series of their own; else the registered
+    name (never an alias or an id as written). Capped by ``MODEL_NAMES``."""
+    named, _, version = ref.rpartition("@")
+    return metrics.MODEL_NAMES(ref if named == name and version.isdigit() else name)
 
 
 class GenerationMetrics:

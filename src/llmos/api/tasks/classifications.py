@@ -13,6 +13,7 @@ from llmos.api.deps import EngineDep, SettingsDep
 from llmos.api.openai.common import StrictModel
 from llmos.api.tasks.common import ModelField, TextInput, listing, text_inputs
 from llmos.monitoring import metrics
+from llmos.monitoring.requests import served_model_label
 
 router = APIRouter(tags=["tasks"])
 ClassifyContext = Annotated[RequestContext, Depends(admitted("classification"))]
@@ -31,10 +32,10 @@ async def classify(
 ) -> dict[str, Any]:
     """Classify each input; `label`/`score` is the most likely label, `scores` all of them, best first."""
     texts = text_inputs(body.input, settings)
-    await asyncio.to_thread(ctx.check_model, body.model)
+    body.model = await asyncio.to_thread(ctx.route_model, body.model)
     handle = await engine.resolve(body.model)
     result = await engine.classify(handle, texts)
-    model_name = metrics.MODEL_NAMES(handle.info.name)
+    model_name = served_model_label(body.model, handle.info.name)
     data = []
     for i, row in enumerate(result.scores):
         ranked = sorted(zip(result.labels, row, strict=True), key=lambda pair: -pair[1])[: body.top_k]

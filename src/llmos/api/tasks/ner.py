@@ -27,7 +27,7 @@ async def ner(body: NerRequest, engine: EngineDep, settings: SettingsDep, ctx: N
     """The entities of each input: `entity` (its type), `text`, `start`/`end` (character offsets,
     `input[start:end] == text`) and `score` (the mean probability of its words' tags)."""
     texts = text_inputs(body.input, settings)
-    await asyncio.to_thread(ctx.check_model, body.model)
+    body.model = await asyncio.to_thread(ctx.route_model, body.model)
     result = await engine.extract_entities(await engine.resolve(body.model), texts)
     data = [
         {"object": "ner", "index": i, "entities": [asdict(entity) for entity in entities]}

@@ -64,7 +64,7 @@ def _check_count(count: int, settings: Settings, param: str) -> None:
 
 
 async def _score(engine: EngineClient, ctx: RequestContext, model: str, pairs: list[tuple[str, str]]) -> PairScores:
-    await asyncio.to_thread(ctx.check_model, model)
+    model = await asyncio.to_thread(ctx.route_model, model)
     handle = await engine.resolve(model)
     result = await engine.score_pairs(handle, pairs, tenant=ctx.tenant)
     ctx.finish(model, result.prompt_tokens, 0)

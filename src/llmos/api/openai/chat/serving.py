@@ -63,7 +63,7 @@ class ChatService(GenerationService):
     (a tenant's moderation policy, moderations/serving.py)."""
 
     async def prepare(self, req: ChatCompletionRequest) -> GenerationRequest:
-        await asyncio.to_thread(self.ctx.check_model, req.model)
+        req.model = await asyncio.to_thread(self.ctx.route_model, req.model, req.user)
         handle = await self.engine.resolve(req.model)
         info = handle.info
         if info.task != "chat" or not info.has_chat_template:

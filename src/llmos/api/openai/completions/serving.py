@@ -31,7 +31,7 @@ from llmos.errors import InvalidRequestError
 
 class CompletionService(GenerationService):
     async def prepare(self, req: CompletionRequest) -> list[tuple[str, GenerationRequest]]:
-        await asyncio.to_thread(self.ctx.check_model, req.model)
+        req.model = await asyncio.to_thread(self.ctx.route_model, req.model, req.user)
         handle = await self.engine.resolve(req.model)
         info = handle.info
         if info.task not in ("chat", "completion"):

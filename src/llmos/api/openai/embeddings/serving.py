@@ -42,7 +42,7 @@ async def create_embeddings(
         raise InvalidRequestError(f"at most {settings.max_embedding_inputs} inputs per request", param="input")
     if any(isinstance(x, str) and not x for x in items):
         raise InvalidRequestError("input strings must not be empty", param="input")
-    await asyncio.to_thread(ctx.check_model, req.model)
+    req.model = await asyncio.to_thread(ctx.route_model, req.model, req.user)
     handle = await engine.resolve(req.model)
     info = handle.info
     if info.task != "embedding":

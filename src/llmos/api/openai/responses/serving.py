@@ -54,7 +54,7 @@ class ResponsesService(GenerationService):
         self.retrieval = retrieval
 
     async def prepare(self, req: CreateResponse) -> Prepared:
-        await asyncio.to_thread(self.ctx.check_model, req.model)
+        req.model = await asyncio.to_thread(self.ctx.route_model, req.model, req.user)
         handle = await self.engine.resolve(req.model)
         info = handle.info
         if info.task != "chat" or not info.has_chat_template:
