@@ -4,7 +4,7 @@ attributes, cut at ``score_threshold``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,18 +56,21 @@ def search_store(
     flt: Mapping[str, Any] | None = None,
     score_threshold: float = 0.0,
     hybrid: Hybrid | None = None,
+    exclude: Collection[str] = (),
 ) -> list[SearchHit]:
+    """The best chunks, of completed files passing ``flt`` and not in ``exclude`` (file ids)."""
     files = {
         f.file_id: f
         for f in stores.files_of(store_id)
-        if f.status == "completed" and (flt is None or matches(flt, f.attributes or {}))
+        if f.status == "completed" and f.file_id not in exclude and (flt is None or matches(flt, f.attributes or {}))
     }
     if not files:
         return []
     query = as_matrix([query_vector])[0]
     depth = max(MIN_CANDIDATES, 4 * max_results)
     # Filtered: exact over the files that pass (an HNSW walk would miss matches behind filtered ones).
-    exact = _exact(stores.embeddings(store_id, list(files)), query, depth) if flt is not None else None
+    narrowed = flt is not None or bool(exclude)
+    exact = _exact(stores.embeddings(store_id, list(files)), query, depth) if narrowed else None
     similar, keyword_ids = stores.nearest(
         store_id, None if exact is not None else query, depth, query_text if hybrid is not None else None, depth * 4
     )
