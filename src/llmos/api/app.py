@@ -24,7 +24,6 @@ from llmos.api.feedback import router as feedback_router
 from llmos.api.hosts import HostCheckMiddleware, allowed_hosts_for
 from llmos.api.limits import BodyLimitMiddleware
 from llmos.api.metrics import router as metrics_router
-from llmos.api.model_management.exports import router as exports_router
 from llmos.api.model_management.router import router as model_management_router
 from llmos.api.openai.batches.lines import check_body
 from llmos.api.openai.batches.router import router as batches_router
@@ -37,8 +36,6 @@ from llmos.api.openai.evals.router import router as evals_router
 from llmos.api.openai.evals.runner import EvalRunner
 from llmos.api.openai.files.router import router as files_router
 from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
-from llmos.api.openai.fine_tuning.searches import open_searches
-from llmos.api.openai.fine_tuning.searches import router as searches_router
 from llmos.api.openai.models.router import router as models_router
 from llmos.api.openai.moderations.router import router as moderations_router
 from llmos.api.openai.responses.router import router as responses_router
@@ -50,7 +47,6 @@ from llmos.api.tasks.ner import router as ner_router
 from llmos.api.tasks.rerank import router as rerank_router
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
-from llmos.export import ExportOperations
 from llmos.kernel.maintenance import MaintenanceLoop, run_maintenance
 from llmos.kernel.supervisor import JobSupervisor
 from llmos.monitoring.alerts.service import AlertService
@@ -103,8 +99,6 @@ def create_app(
             supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings)
             supervisor.start()
         app.state.supervisor = supervisor
-        # Searches' trials are jobs: the runner drives them where a supervisor runs jobs.
-        app.state.searches, search_runner = open_searches(app.state.platform, run=supervisor is not None)
         # Batch files' lines are checked by the endpoints' own request schemas.
         app.state.platform.files.validators["batch"] = partial(validate_batch_file, check_body=check_body)
         batches = None
@@ -118,7 +112,6 @@ def create_app(
             eval_runner.start()
         app.state.eval_runner = eval_runner
         app.state.pulls = PullOperations(app.state.platform.registry)
-        app.state.exports = ExportOperations(app.state.platform.registry, app.state.platform.files)
         app.state.console_sessions = (
             ConsoleSessions(app.state.platform.keys.derived_secret("console-session"), settings.console_session_ttl_s)
             if settings.console_enabled
@@ -146,7 +139,6 @@ def create_app(
             if sampler is not None:
                 await asyncio.to_thread(sampler.stop)
             await asyncio.to_thread(app.state.pulls.close)
-            await asyncio.to_thread(app.state.exports.close)
             if maintenance is not None:
                 await asyncio.to_thread(maintenance.stop)
             app.state.platform.audit.flush_denied()  # what was tallied since the last run
@@ -154,10 +146,6 @@ def create_app(
                 await batches.stop()
             if eval_runner is not None:
                 await eval_runner.stop()
-            if search_runner is not None:
-                await asyncio.to_thread(search_runner.stop)
-            if app.state.searches is not None:
-                app.state.searches.close()
             if supervisor is not None:
                 await asyncio.to_thread(supervisor.stop)
             await app.state.engine.shutdown()
@@ -194,7 +182,6 @@ def create_app(
         usage.router,
         models_router,
         model_management_router,
-        exports_router,
         aliases_router,
         chat_router,
         stored_completions_router,
@@ -203,7 +190,6 @@ def create_app(
         embeddings_router,
         files_router,
         fine_tuning_router,
-        searches_router,
         batches_router,
         evals_router,
         classifications_router,
