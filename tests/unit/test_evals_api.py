@@ -429,3 +429,25 @@ def test_another_tenants_evals_do_not_exist(http: TestClient, loaded_platform: P
             call()
     assert finished(alice, evaluation.id, run.id).status == "completed"
     assert alice.evals.retrieve(evaluation.id).name == "capitals"
+
+
+def test_cosine_similarity_embeds_through_the_evals_embedding_model(loaded_platform: Platform) -> None:
+    settings = loaded_platform.settings.model_copy(update={"eval_embedding_model": "tiny-embed"})
+    with TestClient(create_app(platform=dataclasses.replace(loaded_platform, settings=settings))) as http:
+        client = client_for(http, ADMIN_KEY)
+        cosine = {**NEAR, "name": "cosine", "evaluation_metric": "cosine", "pass_threshold": 0.999}
+        evaluation = custom_eval(client, cosine)
+        same = {"item": {"question": "q", "answer": "a red apple"}, "sample": {"output_text": "a red apple"}}
+        other = {
+            "item": {"question": "q", "answer": "a red apple"},
+            "sample": {"output_text": "quantum chromodynamics"},
+        }
+        run = client.evals.runs.create(
+            evaluation.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": [same, other]}}
+        )
+        run = finished(client, evaluation.id, run.id)
+        assert run.status == "completed"
+        assert [(u.model_name, u.invocation_count) for u in run.per_model_usage] == [("tiny-embed", 2)]
+        first, second = client.evals.runs.output_items.list(run.id, eval_id=evaluation.id)
+        assert first.results[0].score == pytest.approx(1.0, abs=1e-5) and first.status == "pass"
+        assert second.results[0].score < 0.999 and second.status == "fail"
