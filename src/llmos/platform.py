@@ -29,6 +29,7 @@ from llmos.security.shared_limits import DatabaseRateLimiter
 from llmos.security.tenants import TenantStore
 from llmos.security.usage import UsageLedger
 from llmos.training.batches import validate_batch_file
+from llmos.training.corpus import CORPUS_PURPOSE, validate_corpus
 from llmos.training.datasets import check_training_file
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class Platform:
                 "fine-tune": check_training_file,
                 "batch": validate_batch_file,
                 EVALS_PURPOSE: validate_eval_file,
+                CORPUS_PURPOSE: validate_corpus,
                 **DOCUMENT_PURPOSES,
             },
             quota=lambda tenant: storage_allowance(tenants, settings, tenant),
@@ -87,7 +89,7 @@ class Platform:
             usage=UsageLedger(db),
             limiter=RateLimiter() if settings.limits_store == "memory" else DatabaseRateLimiter(db),
             files=files,
-            jobs=JobStore(db, files, registry),
+            jobs=JobStore(db, files, registry, pretrain_memory_mb=settings.pretrain_memory_mb),
             completions=completions,
             feedback=FeedbackStore(db, completions),
             vector_stores=VectorStores(db, settings.home / "vector_stores"),

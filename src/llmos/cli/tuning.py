@@ -20,11 +20,11 @@ finetune_app = typer.Typer(help="Start fine-tuning jobs.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Follow and control fine-tuning jobs.", no_args_is_help=True)
 
 
-def _client(api_key: str | None, host: str | None, port: int | None) -> Any:
+def client_for(api_key: str | None, host: str | None, port: int | None) -> Any:
     return api_client(settings_from(host=host, port=port), api_key)
 
 
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     import openai
 
     try:
@@ -34,18 +34,26 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise typer.Exit(code=1) from exc
 
 
+def file_id(client: Any, value: str, purpose: str = "fine-tune") -> str:
+    """``value`` if it is a file id; else the id of the local file ``value`` uploaded for ``purpose``."""
+    if value.startswith("file-") and not Path(value).exists():
+        return value
+    with Path(value).open("rb") as f:
+        return str(call(client.files.create, file=f, purpose=purpose).id)
+
+
 @files_app.command("upload")
 def upload(
     path: Path,
-    purpose: Annotated[str, typer.Option(help="fine-tune or batch.")] = "fine-tune",
+    purpose: Annotated[str, typer.Option(help="fine-tune, batch or pretrain (a raw text corpus).")] = "fine-tune",
     api_key: KeyOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
 ) -> None:
     """Upload a file; prints its id, status and what validation found."""
-    client = _client(api_key, host, port)
+    client = client_for(api_key, host, port)
     with path.open("rb") as f:
-        created = _call(client.files.create, file=f, purpose=purpose)
+        created = call(client.files.create, file=f, purpose=purpose)
     console.print_json(json.dumps(created.model_dump()))
 
 
@@ -53,7 +61,7 @@ def upload(
 def list_files(api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
     """Your tenant's files."""
     table = Table("id", "filename", "purpose", "bytes", "status", "format", "records")
-    for f in _call(_client(api_key, host, port).files.list).data:
+    for f in call(client_for(api_key, host, port).files.list).data:
         extra = f.model_dump()
         table.add_row(
             f.id,
@@ -84,35 +92,45 @@ def create(
     port: PortOpt = None,
 ) -> None:
     """Create a supervised fine-tuning job (uploading local files first)."""
-    client = _client(api_key, host, port)
-
-    def file_id(value: str) -> str:
-        if value.startswith("file-") and not Path(value).exists():
-            return value
-        with Path(value).open("rb") as f:
-            return str(_call(client.files.create, file=f, purpose="fine-tune").id)
-
+    client = client_for(api_key, host, port)
     hyper = {
         k: v
         for k, v in {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": lr_multiplier}.items()
         if v is not None
     }
     method = {"type": "supervised", "supervised": {"hyperparameters": hyper, "adapter": {"type": adapter}}}
-    body: dict[str, Any] = {"model": model, "training_file": file_id(training_file), "method": method}
+    body: dict[str, Any] = {"model": model, "training_file": file_id(client, training_file), "method": method}
     if validation_file:
-        body["validation_file"] = file_id(validation_file)
+        body["validation_file"] = file_id(client, validation_file)
     if suffix:
         body["suffix"] = suffix
     if seed is not None:
         body["seed"] = seed
-    job = _call(client.post, "/fine_tuning/jobs", body=body, cast_to=dict)
+    job = call(client.post, "/fine_tuning/jobs", body=body, cast_to=dict)
     console.print(f"created job [bold]{job['id']}[/bold] ({job['status']})")
     if follow:
-        _follow(client, job["id"])
+        follow_progress(client, job["id"])
 
 
-def _follow(client: Any, job_id: str) -> None:
+LOSS_CURVE_POINTS = 48
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def loss_curve(losses: list[float], width: int = LOSS_CURVE_POINTS) -> str:
+    """The last ``width`` training losses as a one-line chart, lowest to highest over their own range."""
+    shown = losses[-width:]
+    if not shown:
+        return ""
+    low, high = min(shown), max(shown)
+    span = (high - low) or 1.0
+    bars = "".join(_BARS[round((v - low) / span * (len(_BARS) - 1))] for v in shown)
+    return f"{bars} {high:.3f}..{low:.3f}"
+
+
+def follow_progress(client: Any, job_id: str) -> None:
+    """Events and a progress bar until the job ends, with the training loss drawn as it falls."""
     seen: set[str] = set()
+    losses: list[float] = []
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -123,8 +141,8 @@ def _follow(client: Any, job_id: str) -> None:
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(job_id, total=None, metrics="")
         while True:
-            job = _call(client.fine_tuning.jobs.retrieve, job_id)
-            events = list(reversed(_call(client.fine_tuning.jobs.list_events, job_id, limit=100).data))
+            job = call(client.fine_tuning.jobs.retrieve, job_id)
+            events = list(reversed(call(client.fine_tuning.jobs.list_events, job_id, limit=100).data))
             for e in events:
                 if e.id in seen:
                     continue
@@ -134,6 +152,9 @@ def _follow(client: Any, job_id: str) -> None:
                     shown = ", ".join(
                         f"{k}={data[k]:.3f}" for k in ("train_loss", "train_mean_token_accuracy") if k in data
                     )
+                    if isinstance(data.get("train_loss"), int | float):
+                        losses.append(float(data["train_loss"]))
+                        shown = f"{shown}  {loss_curve(losses)}"
                     bar.update(task, total=data["total_steps"], completed=data["step"], metrics=shown)
                 elif e.type == "metrics":
                     bar.console.print(f"  validation: {json.dumps(data)}")
@@ -154,7 +175,7 @@ def _follow(client: Any, job_id: str) -> None:
 def list_jobs(api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
     """Your tenant's jobs, newest first."""
     table = Table("id", "model", "status", "fine_tuned_model", "trained tokens")
-    for j in _call(_client(api_key, host, port).fine_tuning.jobs.list).data:
+    for j in call(client_for(api_key, host, port).fine_tuning.jobs.list).data:
         table.add_row(j.id, j.model, j.status, j.fine_tuned_model or "-", str(j.trained_tokens or "-"))
     console.print(table)
 
@@ -162,9 +183,9 @@ def list_jobs(api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None
 @jobs_app.command("show")
 def show(job_id: str, api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
     """A job as JSON, with its checkpoints and their metrics."""
-    client = _client(api_key, host, port)
-    job = _call(client.fine_tuning.jobs.retrieve, job_id).model_dump()
-    job["checkpoints"] = [c.model_dump() for c in _call(client.fine_tuning.jobs.checkpoints.list, job_id).data]
+    client = client_for(api_key, host, port)
+    job = call(client.fine_tuning.jobs.retrieve, job_id).model_dump()
+    job["checkpoints"] = [c.model_dump() for c in call(client.fine_tuning.jobs.checkpoints.list, job_id).data]
     console.print_json(json.dumps(job, default=str))
 
 
@@ -177,17 +198,17 @@ def events(
     port: PortOpt = None,
 ) -> None:
     """A job's events, oldest first."""
-    client = _client(api_key, host, port)
+    client = client_for(api_key, host, port)
     if follow:
-        _follow(client, job_id)
+        follow_progress(client, job_id)
         return
-    for e in reversed(_call(client.fine_tuning.jobs.list_events, job_id, limit=1000).data):
+    for e in reversed(call(client.fine_tuning.jobs.list_events, job_id, limit=1000).data):
         console.print(f"{time.strftime('%H:%M:%S', time.gmtime(e.created_at))} {e.type:8} {e.message}")
 
 
 def _control(action: str) -> Any:
     def command(job_id: str, api_key: KeyOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
-        job = _call(getattr(_client(api_key, host, port).fine_tuning.jobs, action), job_id)
+        job = call(getattr(client_for(api_key, host, port).fine_tuning.jobs, action), job_id)
         console.print(f"{job.id}: {job.status}")
 
     command.__doc__ = f"{action.capitalize()} a job."

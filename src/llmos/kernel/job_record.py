@@ -107,6 +107,7 @@ class Job:
                 method: {
                     "hyperparameters": hyperparameters,
                     **{k: v for k, v in spec.items() if k not in (*HYPERPARAMETERS["dpo"], "method")},
+                    **self.method.get("pretrain", {}),  # architecture, tokenizer, corpus of a pre-training job
                 },
             },
             "training_file_sha256": self.training_sha256,
@@ -116,8 +117,10 @@ class Job:
 
 
 def fine_tuned_name(job: Job, base_name: str) -> str:
-    """The model a job registers: ``ft:<base>:<tenant>:<suffix>:<id>``, as OpenAI names them."""
-    return f"ft:{base_name}:{job.tenant}:{job.suffix or 'model'}:{job.id.removeprefix('ftjob-')[:8]}"
+    """The model a job registers: ``ft:<base>:<tenant>:<suffix>:<id>``, as OpenAI names them; a
+    pre-training job's ``pt:<architecture>:...``, since it has no base it was tuned from."""
+    kind = "pt" if job.method.get("type") == "pretrain" else "ft"
+    return f"{kind}:{base_name}:{job.tenant}:{job.suffix or 'model'}:{job.id.removeprefix('ftjob-')[:8]}"
 
 
 def checkpoint_name(result_name: str, step: int) -> str:

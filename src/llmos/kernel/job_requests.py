@@ -3,17 +3,24 @@ before anything is queued: every problem is a 400 naming its ``param``."""
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from llmos.config import Settings
 from llmos.errors import InvalidRequestError, NotFoundError
 from llmos.registry.files import FileRecord, FileStore
 from llmos.registry.metadata import check_metadata
 from llmos.registry.service import ModelRecord, ModelRegistry
+from llmos.training.corpus import CORPUS_PURPOSE
+from llmos.training.model_presets import estimate_memory
+from llmos.training.pretrain_spec import SECTION, PretrainSpec, is_pretrain, parse_pretrain
 from llmos.training.spec import TrainingSpec, parse_spec
 
+PRETRAIN_MEMORY_MB: int = Settings.model_fields["pretrain_memory_mb"].default
+"""The budget a caller that names none checks pre-training jobs against: the setting's default."""
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 # Base model task -> {training-file format -> what a job on it learns}. Causal models learn chat;
 # an encoder learns whatever head its training file's detected format calls for.
@@ -32,7 +39,8 @@ TRAINABLE = {
 class JobRequest:
     """A checked request: what the job store queues."""
 
-    base: ModelRecord
+    base: ModelRecord | None
+    """The model trained on; None for pre-training, which builds a new one."""
     training: FileRecord
     validation: FileRecord | None
     task: str
@@ -41,9 +49,24 @@ class JobRequest:
     seed: int
     priority: int
     metadata: dict[str, str] | None
+    pretrain: PretrainSpec | None = None
+
+    @property
+    def model(self) -> str:
+        """What the job's ``model`` field says: the base's name, or the architecture pre-training builds."""
+        return self.base.name if self.base is not None else self.pretrain.model if self.pretrain else ""
 
 
-def check_job_request(registry: ModelRegistry, files: FileStore, tenant: str, body: dict[str, Any]) -> JobRequest:
+def check_job_request(
+    registry: ModelRegistry,
+    files: FileStore,
+    tenant: str,
+    body: dict[str, Any],
+    *,
+    pretrain_memory_mb: int = PRETRAIN_MEMORY_MB,
+) -> JobRequest:
+    if is_pretrain(body.get("method")):
+        return check_pretrain_request(registry, files, tenant, body, memory_mb=pretrain_memory_mb)
     base = registry.get(str(body.get("model", "")), tenant=tenant)
     learns = TRAINABLE.get(base.task)
     if learns is None:
@@ -62,14 +85,7 @@ def check_job_request(registry: ModelRegistry, files: FileStore, tenant: str, bo
         if body.get("validation_file")
         else None
     )
-    suffix = body.get("suffix")
-    if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX.fullmatch(suffix)):
-        raise InvalidRequestError("suffix must be 1-40 lowercase letters, digits or '-'", param="suffix")
-    seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise InvalidRequestError("seed must be an integer from 0 to 2147483647", param="seed")
+    suffix, seed = check_suffix(body.get("suffix")), check_seed(body.get("seed"))
     spec = parse_spec(
         body.get("method"), body.get("hyperparameters"), training_records=int(training.summary.get("records", 0))
     )
@@ -90,9 +106,6 @@ def check_job_request(registry: ModelRegistry, files: FileStore, tenant: str, bo
         raise InvalidRequestError(
             "packing applies to chat fine-tuning only", param=f"{spec.section}.packing", code="unsupported_method"
         )
-    priority = body.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -10 <= priority <= 10:
-        raise InvalidRequestError("priority must be an integer from -10 to 10", param="priority")
     return JobRequest(
         base=base,
         training=training,
@@ -101,29 +114,37 @@ def check_job_request(registry: ModelRegistry, files: FileStore, tenant: str, bo
         spec=spec,
         suffix=suffix,
         seed=seed,
-        priority=priority,
+        priority=check_priority(body.get("priority", 0)),
         metadata=check_metadata(body.get("metadata")),
     )
+
+
+def check_suffix(suffix: Any) -> str | None:
+    if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX.fullmatch(suffix)):
+        raise InvalidRequestError("suffix must be 1-40 lowercase letters, digits or '-'", param="suffix")
+    return suffix
+
+
+def check_seed(seed: Any) -> int:
+    """The job's seed (a random one when none is given)."""
+    if seed is None:
+        return secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise InvalidRequestError("seed must be an integer from 0 to 2147483647", param="seed")
+    return seed
+
+
+def check_priority(priority: Any) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -10 <= priority <= 10:
+        raise InvalidRequestError("priority must be an integer from -10 to 10", param="priority")
+    return priority
 
 
 def _training_file(
     files: FileStore, tenant: str, file_id: Any, param: str, base_task: str, learns: dict[str, str]
 ) -> FileRecord:
     """The tenant's processed fine-tune file, in one of the formats of ``learns``."""
-    if not isinstance(file_id, str):
-        raise InvalidRequestError(f"{param} must be a file id", param=param)
-    try:
-        record = files.get(tenant, file_id)
-    except NotFoundError as exc:
-        raise InvalidRequestError(
-            f"invalid {param}: no such file {file_id[:80]}", param=param, code="invalid_file"
-        ) from exc
-    if record.purpose != "fine-tune":
-        raise InvalidRequestError(f"{param} {file_id} has purpose {record.purpose}, not fine-tune", param=param)
-    if record.status != "processed":
-        raise InvalidRequestError(
-            f"{param} {file_id} is invalid: {record.status_details}", param=param, code="invalid_training_file"
-        )
+    record = _processed_file(files, tenant, file_id, param, "fine-tune")
     if record.summary.get("format") not in learns:
         raise InvalidRequestError(
             f"{param} {file_id} is a {record.summary.get('format')} file; fine-tuning a {base_task} model "
@@ -132,3 +153,104 @@ def _training_file(
             code="invalid_training_file",
         )
     return record
+
+
+def _processed_file(files: FileStore, tenant: str, file_id: Any, param: str, purpose: str) -> FileRecord:
+    """The tenant's file ``file_id`` of ``purpose``, valid at upload."""
+    if not isinstance(file_id, str):
+        raise InvalidRequestError(f"{param} must be a file id", param=param)
+    try:
+        record = files.get(tenant, file_id)
+    except NotFoundError as exc:
+        raise InvalidRequestError(
+            f"invalid {param}: no such file {file_id[:80]}", param=param, code="invalid_file"
+        ) from exc
+    if record.purpose != purpose:
+        raise InvalidRequestError(f"{param} {file_id} has purpose {record.purpose}, not {purpose}", param=param)
+    if record.status != "processed":
+        raise InvalidRequestError(
+            f"{param} {file_id} is invalid: {record.status_details}", param=param, code="invalid_training_file"
+        )
+    return record
+
+
+def check_pretrain_request(
+    registry: ModelRegistry, files: FileStore, tenant: str, body: dict[str, Any], *, memory_mb: int
+) -> JobRequest:
+    """A pre-training job: its corpus files (purpose ``pretrain``), architecture and tokenizer, and a
+    run whose estimated peak memory fits ``memory_mb`` (else 400 naming what to shrink)."""
+    spec, pretrain = parse_pretrain(
+        body["method"],
+        body.get("hyperparameters"),
+        model=body.get("model"),
+        has_validation_file=bool(body.get("validation_file")),
+    )
+    training = _processed_file(files, tenant, body.get("training_file"), "training_file", CORPUS_PURPOSE)
+    more = [
+        _processed_file(files, tenant, f, f"{SECTION}.training_files[{i}]", CORPUS_PURPOSE)
+        for i, f in enumerate(pretrain.training_files)
+    ]
+    validation_id = body.get("validation_file")
+    validation = (
+        _processed_file(files, tenant, validation_id, "validation_file", CORPUS_PURPOSE) if validation_id else None
+    )
+    vocab, source_id = pretrain.vocab_size or 0, None
+    if pretrain.tokenizer == "model":
+        source_id, vocab = _tokenizer_source(registry, tenant, str(pretrain.tokenizer_model))
+    corpus = [training, *more, *([validation] if validation else [])]
+    memory = estimate_memory(
+        pretrain.dims,
+        vocab,
+        batch_size=spec.batch_size,
+        context=spec.max_seq_length,
+        corpus_bytes=sum(f.bytes for f in corpus),
+    )
+    budget = memory_mb * 1024 * 1024
+    if memory.total > budget:
+        param = (
+            "training_file"
+            if memory.corpus * 2 > memory.total
+            else f"{SECTION}.tokenizer"
+            if memory.vocabulary * 2 > memory.total
+            else f"{SECTION}.architecture"
+        )
+        raise InvalidRequestError(
+            f"this run would need about {memory.total // 2**20} MiB (model and optimizer {memory.model // 2**20}, "
+            f"activations {memory.activations // 2**20}, corpus {memory.corpus // 2**20}; the vocabulary's share "
+            f"{memory.vocabulary // 2**20}) and pre-training may use {memory_mb} MiB (pretrain_memory_mb): "
+            "choose a smaller model, vocabulary, batch_size, max_seq_length or corpus",
+            param=param,
+            code="exceeds_memory_budget",
+        )
+    return JobRequest(
+        base=None,
+        training=training,
+        validation=validation,
+        task="pretrain",
+        spec=spec,
+        suffix=check_suffix(body.get("suffix")),
+        seed=check_seed(body.get("seed")),
+        priority=check_priority(body.get("priority", 0)),
+        metadata=check_metadata(body.get("metadata")),
+        pretrain=replace(
+            pretrain,
+            tokenizer_model_id=source_id,
+            corpus_sha256=tuple(f.sha256 for f in [training, *more]),
+        ),
+    )
+
+
+def _tokenizer_source(registry: ModelRegistry, tenant: str, name: str) -> tuple[str, int]:
+    """The id and vocabulary size of the causal model whose tokenizer a pre-training job reuses."""
+    param = f"{SECTION}.tokenizer.model"
+    try:
+        source = registry.get(name, tenant=tenant)
+    except NotFoundError as exc:
+        raise InvalidRequestError(f"no such model {name[:80]}", param=param, code="model_not_found") from exc
+    config = registry.model_dir(source) / "config.json"
+    vocab = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
+    if source.task not in ("chat", "completion") or not isinstance(vocab, int) or vocab < 1:
+        raise InvalidRequestError(
+            f"model {source.name} is a {source.task} model without a causal tokenizer to reuse", param=param
+        )
+    return source.id, vocab

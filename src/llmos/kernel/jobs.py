@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from llmos.errors import ConflictError, InvalidRequestError, LLMOSError, NotFoundError
 from llmos.kernel.job_queries import JobQueries
 from llmos.kernel.job_record import Job, checkpoint_name, fine_tuned_name, metrics_csv
-from llmos.kernel.job_requests import TRAINABLE, check_job_request
+from llmos.kernel.job_requests import PRETRAIN_MEMORY_MB, TRAINABLE, check_job_request
 from llmos.kernel.job_status import (
     RESUMABLE_ERRORS,
     TERMINAL,
@@ -59,10 +59,13 @@ class JobStore(JobQueries):
         files: FileStore,
         registry: ModelRegistry,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        *,
+        pretrain_memory_mb: int = PRETRAIN_MEMORY_MB,
     ) -> None:
         super().__init__(db, clock)
         self.files = files
         self.registry = registry
+        self.pretrain_memory_mb = pretrain_memory_mb
 
     # -- creation --------------------------------------------------------------------------
     def create(
@@ -74,20 +77,23 @@ class JobStore(JobQueries):
             earlier = find_earlier(self.db, JobRow, tenant, idempotency_key, request_hash)
             if earlier is not None:
                 return Job.from_row(earlier)
-        request = check_job_request(self.registry, self.files, tenant, body)
+        request = check_job_request(self.registry, self.files, tenant, body, pretrain_memory_mb=self.pretrain_memory_mb)
+        method = {"type": request.spec.method, "task": request.task, "resolved": request.spec.as_dict()}
+        if request.pretrain is not None:
+            method["pretrain"] = request.pretrain.as_dict()
         row = JobRow(
             id=f"ftjob-{uuid.uuid4().hex[:24]}",
             tenant=tenant,
             key_id=key_id,
-            model=request.base.name,
-            base_model_id=request.base.id,
+            model=request.model,
+            base_model_id=request.base.id if request.base is not None else "",  # pre-training has none
             training_file=request.training.id,
             validation_file=request.validation.id if request.validation else None,
             training_sha256=request.training.sha256,
             validation_sha256=request.validation.sha256 if request.validation else None,
             suffix=request.suffix,
             seed=request.seed,
-            method={"type": request.spec.method, "task": request.task, "resolved": request.spec.as_dict()},
+            method=method,
             status=JobStatus.QUEUED,  # files are validated before the job exists
             priority=request.priority,
             attempts=0,

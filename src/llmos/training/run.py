@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmos.training.pretrain_spec import PretrainSpec
 from llmos.training.spec import TrainingSpec
 
 
@@ -40,6 +41,17 @@ class TrainingRun:
     hooks: Hooks
     bf16: bool
     """Autocast to bfloat16 (CPUs with AMX / AVX-512 BF16)."""
+    pretrain: PretrainInputs | None = None
+    """What only pre-training takes (its ``base_dir`` is unused: it builds a new model)."""
+
+
+@dataclass(frozen=True)
+class PretrainInputs:
+    spec: PretrainSpec
+    more_training_paths: tuple[Path, ...] = ()
+    """The corpus files besides ``train_path``, in the job's order."""
+    tokenizer_dir: Path | None = None
+    """The registered model whose tokenizer is reused; None: a BPE is trained on the corpus."""
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,12 @@ SCHEDULES = ("linear", "cosine", "constant")
 METHODS = ("supervised", "dpo")
 HYPERPARAMETERS: dict[str, tuple[str, ...]] = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier")}
 HYPERPARAMETERS["dpo"] = (*HYPERPARAMETERS["supervised"], "beta")
+HYPERPARAMETERS["pretrain"] = HYPERPARAMETERS["supervised"]
 """OpenAI's hyperparameters of each method (the rest of a method's settings are LLM OS's)."""
 DPO_BETA = 0.1
 """DPO's default beta (the DPO paper's and TRL's)."""
+PRETRAIN_LR = 1e-3
+"""Pre-training's base learning rate: every weight starts random, so steps far larger than a fine-tune's."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,12 @@ class TrainingSpec:
     augmentation_copies: int = 1
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.0
+    weight_decay: float | None = None
+    """AdamW's weight decay; None: the task's own (0.01 for encoders, 0 for causal models)."""
     lr_scheduler: str = "linear"
     early_stopping_patience: int | None = None
     method: str = "supervised"
-    """OpenAI's method.type: ``supervised`` or ``dpo``."""
+    """OpenAI's method.type: ``supervised``, ``dpo`` or ``pretrain`` (see pretrain_spec)."""
     beta: float | None = None
     """DPO: how far the policy may move from the reference (None for supervised jobs)."""
 
@@ -62,7 +67,8 @@ class TrainingSpec:
 
     @property
     def learning_rate(self) -> float:
-        return BASE_LR[self.adapter] * self.learning_rate_multiplier
+        base = PRETRAIN_LR if self.method == "pretrain" else BASE_LR[self.adapter]
+        return base * self.learning_rate_multiplier
 
     def total_steps(self, examples: int) -> int:
         """Optimizer steps of the whole run on ``examples`` training examples."""
@@ -118,7 +124,7 @@ def parse_spec(
     method = method or {"type": "supervised"}
     kind = method.get("type", "supervised") if isinstance(method, dict) else None
     if kind not in METHODS:
-        raise InvalidRequestError("method.type must be 'supervised' or 'dpo'", param="method.type")
+        raise InvalidRequestError("method.type must be 'supervised', 'dpo' or 'pretrain'", param="method.type")
     section = f"method.{kind}"
     other = next((m for m in METHODS if m != kind and m in method), None)
     if other is not None:
@@ -192,6 +198,7 @@ def parse_spec(
             supervised.get("gradient_accumulation_steps"), f"{section}.gradient_accumulation_steps", int, 1, 256, 1
         ),
         warmup_ratio=_number(supervised.get("warmup_ratio"), f"{section}.warmup_ratio", float, 0.0, 0.5, 0.0),
+        weight_decay=_number(supervised.get("weight_decay"), f"{section}.weight_decay", float, 0.0, 1.0, None),
         lr_scheduler=schedule,
         early_stopping_patience=None
         if patience is None

@@ -34,7 +34,9 @@ from llmos.training.classify import run_classification
 from llmos.training.dpo import run_dpo
 from llmos.training.metering import QUOTA_STOP, CpuMeter
 from llmos.training.ner import run_token_classification
-from llmos.training.run import Hooks, Stopped, TrainingRun
+from llmos.training.pretrain import run_pretrain
+from llmos.training.pretrain_spec import PretrainSpec
+from llmos.training.run import Hooks, PretrainInputs, Stopped, TrainingRun
 from llmos.training.sft import run_sft
 from llmos.training.spec import TrainingSpec
 
@@ -47,6 +49,7 @@ TRAINERS = {
     "dpo": run_dpo,
     "sequence-classification": run_classification,
     "token-classification": run_token_classification,
+    "pretrain": run_pretrain,
 }
 
 
@@ -90,7 +93,7 @@ class Heartbeat(threading.Thread):
             log.exception("could not charge the job's last CPU time")
 
 
-def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat, base: ModelRecord) -> Hooks:
+def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat, base: ModelRecord | None) -> Hooks:
     def checkpoint(step: int, epoch: int, data: dict[str, Any], path: Path) -> None:
         platform.jobs.add_checkpoint(job.id, step=step, epoch=epoch, metrics=data, path=path)
         if (path / SERVABLE).is_dir():
@@ -104,11 +107,15 @@ def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat, base: ModelRecord
     )
 
 
-def _lineage(job: Job, base: ModelRecord, **extra: Any) -> Lineage:
+def _lineage(job: Job, base: ModelRecord | None, **extra: Any) -> Lineage:
+    """Where a job's model comes from: its base, or for pre-training, its corpus and recipe."""
+    pretrain = job.method.get("pretrain")
+    if pretrain is not None:
+        extra = {"corpus_sha256": pretrain["corpus_sha256"], "pretrain": pretrain, **extra}
     return Lineage(
         owner=job.tenant,
-        parent_id=base.id,
-        base_id=base.base_id or base.id,
+        parent_id=base.id if base is not None else None,
+        base_id=(base.base_id or base.id) if base is not None else None,
         extra={
             "job_id": job.id,
             "training_file": job.training_file,
@@ -122,10 +129,10 @@ def _lineage(job: Job, base: ModelRecord, **extra: Any) -> Lineage:
 
 
 def _register_checkpoint(
-    platform: Platform, job: Job, base: ModelRecord, step: int, metrics: dict[str, Any], directory: Path
+    platform: Platform, job: Job, base: ModelRecord | None, step: int, metrics: dict[str, Any], directory: Path
 ) -> None:
     """Make a checkpoint servable as ``<fine-tuned model>:ckpt-step-N``; training goes on if it cannot be."""
-    name = checkpoint_name(fine_tuned_name(job, base.name), step)
+    name = checkpoint_name(fine_tuned_name(job, base.name if base is not None else job.model), step)
     try:
         platform.registry.pull(
             f"file:{directory}", name=name, lineage=_lineage(job, base, checkpoint_step=step, metrics=metrics)
@@ -135,6 +142,19 @@ def _register_checkpoint(
         platform.jobs.add_event(job.id, f"Checkpoint {step} is not servable: {exc}"[:1000], level="warn")
         return
     platform.jobs.add_event(job.id, f"Checkpoint model {name} is ready to serve", data={"model": name})
+
+
+def _pretrain_inputs(platform: Platform, job: Job) -> PretrainInputs | None:
+    """A pre-training job's corpus files besides its training file, and the model lending its tokenizer."""
+    if "pretrain" not in job.method:
+        return None
+    spec = PretrainSpec.from_json(job.method["pretrain"])
+    source = platform.registry.get(spec.tokenizer_model_id) if spec.tokenizer_model_id else None
+    return PretrainInputs(
+        spec=spec,
+        more_training_paths=tuple(platform.registry.store.local_path(sha) for sha in spec.corpus_sha256[1:]),
+        tokenizer_dir=platform.registry.model_dir(source) if source is not None else None,
+    )
 
 
 def _failure(exc: Exception) -> tuple[str, str]:
@@ -160,9 +180,9 @@ def run(job_id: str) -> int:
     work_dir = settings.home / "jobs" / job_id
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        base = platform.registry.get(job.base_model_id)
+        base = platform.registry.get(job.base_model_id) if job.base_model_id else None  # pre-training: none
         run = TrainingRun(
-            base_dir=platform.registry.model_dir(base),
+            base_dir=platform.registry.model_dir(base) if base is not None else work_dir,
             train_path=platform.registry.store.local_path(job.training_sha256),
             valid_path=platform.registry.store.local_path(job.validation_sha256) if job.validation_sha256 else None,
             spec=TrainingSpec(**job.method["resolved"]),
@@ -170,9 +190,10 @@ def run(job_id: str) -> int:
             work_dir=work_dir,
             hooks=_hooks(platform, job, heartbeat, base),
             bf16=detect_cpu().bf16_fast,
+            pretrain=_pretrain_inputs(platform, job),
         )
         result = TRAINERS[job.method.get("task", "chat")](run)
-        name = fine_tuned_name(job, base.name)
+        name = fine_tuned_name(job, base.name if base is not None else job.model)
         platform.registry.pull(
             f"file:{result.model_dir}", name=name, lineage=_lineage(job, base, metrics=result.metrics)
         )

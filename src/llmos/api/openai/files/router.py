@@ -29,7 +29,7 @@ async def upload_file(
     platform: PlatformDep,
     key: FilesKey,
     file: Annotated[UploadFile, File(description="The file; JSONL, CSV/TSV or CoNLL for fine-tuning.")],
-    purpose: Annotated[str, Form(description="`fine-tune` or `batch`.")],
+    purpose: Annotated[str, Form(description="`fine-tune`, `batch`, `pretrain` (text), `assistants`, `user_data`.")],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Any:
     """Store a file content-addressed and validate it for its purpose (see `status`, `status_details`)."""
