@@ -301,6 +301,12 @@ class RunStore:
             row = s.get(EvalRunRow, run_id)
             return None if row is None else Run.from_row(row)
 
+    def status(self, run_id: str) -> RunStatus | None:
+        """A run's status alone (None: deleted), read before each item without its items' JSON."""
+        with self.db.session() as s:
+            value = s.scalar(select(EvalRunRow.status).where(EvalRunRow.id == run_id))
+            return None if value is None else RunStatus(value)
+
     def graded(self, run_id: str) -> set[int]:
         with self.db.session() as s:
             q = select(EvalOutputItemRow.item_index).where(EvalOutputItemRow.run_id == run_id)

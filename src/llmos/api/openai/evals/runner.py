@@ -146,8 +146,7 @@ class EvalRunner:
                 if index in done:
                     continue
                 await self._slots.acquire()
-                current = await asyncio.to_thread(self.runs.load, run.id)
-                if current is None or current.status is not RunStatus.IN_PROGRESS:
+                if await asyncio.to_thread(self.runs.status, run.id) is not RunStatus.IN_PROGRESS:
                     self._slots.release()  # cancelled (by this server or another) or deleted
                     return
                 task = asyncio.create_task(self._grade(run, evaluation, key, index))
