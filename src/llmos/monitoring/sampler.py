@@ -43,6 +43,9 @@ class Point:
     requests_waiting: float
     kv_cache_usage_max: float
     running_jobs: float
+    classification_label_shares: dict[str, dict[str, float]]
+    """Per classification model, each label's share of the inputs it classified since the
+    previous point (a model that classified nothing is left out): the sentiment monitor's chart."""
 
 
 class _ModelTotals:
@@ -109,6 +112,7 @@ class MetricsSampler:
         """Each runner's cumulative (queried, reused) prompt tokens at the previous sample."""
         self._history: deque[Point] = deque(maxlen=max(2, int(HISTORY_S / interval_s)))
         self._previous: tuple[float, dict[str, float]] | None = None
+        self._previous_labels: dict[tuple[str, str], float] = {}
 
     # -- the thread --------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,6 +215,8 @@ class MetricsSampler:
             "ttft_count": _total(metrics.TIME_TO_FIRST_TOKEN, "_count"),
             "e2e_sum": _total(metrics.E2E_REQUEST_LATENCY, "_sum"),
         }
+        labels, previous_labels = _label_counts(), self._previous_labels
+        self._previous_labels = labels
         previous = self._previous
         self._previous = (now, totals)
         if previous is None:
@@ -234,11 +240,32 @@ class MetricsSampler:
                     for s in family.samples
                     if s.labels.get("status") == JobStatus.RUNNING.value
                 ),
+                classification_label_shares=_shares(labels, previous_labels),
             )
         )
 
     def history(self) -> list[dict[str, Any]]:
         return [asdict(point) for point in list(self._history)]
+
+
+def _label_counts() -> dict[tuple[str, str], float]:
+    """Inputs classified so far, by (model, label)."""
+    return {
+        (s.labels["model_name"], s.labels["label"]): s.value
+        for family in metrics.CLASSIFICATION_LABELS.collect()
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+
+
+def _shares(now: dict[tuple[str, str], float], before: dict[tuple[str, str], float]) -> dict[str, dict[str, float]]:
+    grown: dict[str, dict[str, float]] = {}
+    for (model, label), value in now.items():
+        if (added := value - before.get((model, label), 0.0)) > 0:
+            grown.setdefault(model, {})[label] = added
+    return {
+        model: {k: round(v / sum(counts.values()), 4) for k, v in counts.items()} for model, counts in grown.items()
+    }
 
 
 def _mean(total: float, count: float) -> float | None:

@@ -35,5 +35,31 @@
       { title: "labels", cell: (h) => JSON.stringify(h.labels || {}) },
     ], history.data, "No change yet."));
   }
+  // Each classifier's label shares over the last hour (what the model-output drift rules compare).
+  async function labelShares() {
+    let history;
+    try {
+      history = await api("GET", "/v1/admin/metrics/history");
+    } catch (error) {
+      return replace("label-shares", el("p", { class: "muted" }, "Metrics are not available on this server."));
+    }
+    const points = history.data || [];
+    const models = [...new Set(points.flatMap((p) => Object.keys(p.classification_label_shares || {})))].sort();
+    if (!models.length) return replace("label-shares", el("p", { class: "muted" }, "No classification in the last hour."));
+    const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    const charts = models.map((model) => {
+      const box = el("div", { class: "label-share-chart", "data-model": model });
+      const shares = points.map((p) => [p.time, (p.classification_label_shares || {})[model]]);
+      const labels = [...new Set(shares.flatMap(([, s]) => Object.keys(s || {})))].sort();
+      LLMOSCharts.line(box, labels.map((label) => ({
+        name: label,
+        points: shares.map(([t, s]) => [t, s ? s[label] ?? 0 : NaN]),
+      })), { title: `${model}: share of each label`, xFormat: clock });
+      return el("figure", {}, el("figcaption", {}, model), box);
+    });
+    replace("label-shares", ...charts);
+  }
+
   every(5000, refresh);
+  every(5000, labelShares);
 })();
