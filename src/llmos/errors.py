@@ -89,6 +89,14 @@ class ServiceUnavailableError(LLMOSError):
         self.retry_after = retry_after
 
 
+class NotInstalledError(LLMOSError):
+    """A feature whose optional dependencies are not installed (501; the message names the extra)."""
+
+    status_code = 501
+    error_type = "server_error"
+    default_code = "not_installed"
+
+
 class InsufficientStorageError(LLMOSError):
     """The disk is full (ENOSPC). Whatever was being written is removed, the last good state kept (507)."""
 

@@ -36,6 +36,8 @@ from llmos.api.openai.evals.router import router as evals_router
 from llmos.api.openai.evals.runner import EvalRunner
 from llmos.api.openai.files.router import router as files_router
 from llmos.api.openai.fine_tuning.router import router as fine_tuning_router
+from llmos.api.openai.fine_tuning.searches import open_searches
+from llmos.api.openai.fine_tuning.searches import router as searches_router
 from llmos.api.openai.models.router import router as models_router
 from llmos.api.openai.moderations.router import router as moderations_router
 from llmos.api.openai.responses.router import router as responses_router
@@ -99,6 +101,8 @@ def create_app(
             supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings)
             supervisor.start()
         app.state.supervisor = supervisor
+        # Searches' trials are jobs: the runner drives them where a supervisor runs jobs.
+        app.state.searches, search_runner = open_searches(app.state.platform, run=supervisor is not None)
         # Batch files' lines are checked by the endpoints' own request schemas.
         app.state.platform.files.validators["batch"] = partial(validate_batch_file, check_body=check_body)
         batches = None
@@ -146,6 +150,10 @@ def create_app(
                 await batches.stop()
             if eval_runner is not None:
                 await eval_runner.stop()
+            if search_runner is not None:
+                await asyncio.to_thread(search_runner.stop)
+            if app.state.searches is not None:
+                app.state.searches.close()
             if supervisor is not None:
                 await asyncio.to_thread(supervisor.stop)
             await app.state.engine.shutdown()
@@ -190,6 +198,7 @@ def create_app(
         embeddings_router,
         files_router,
         fine_tuning_router,
+        searches_router,
         batches_router,
         evals_router,
         classifications_router,

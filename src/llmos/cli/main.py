@@ -14,6 +14,7 @@ from llmos.cli.common import console, fail, open_platform, pull_with_progress, s
 from llmos.cli.evals import eval_app
 from llmos.cli.keys import keys_app
 from llmos.cli.models import models_app, pull
+from llmos.cli.search import search_app
 from llmos.cli.top import top
 from llmos.cli.tuning import files_app, finetune_app, jobs_app
 from llmos.errors import LLMOSError, ModelNotFoundError
@@ -43,6 +44,7 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(files_app, name="files")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(search_app, name="search")
 app.add_typer(eval_app, name="eval")
 app.command()(usage)
 app.command()(audit)

@@ -131,6 +131,17 @@ class JobQueries:
                 reports[row.job_id] = dict(row.data or {})
             return reports
 
+    def validation_values(self, job_id: str, metric: str) -> list[tuple[int, float]]:
+        """Each ``(epoch, value)`` of ``metric`` the job's validation reports gave, oldest first
+        (what a search reports to its trial as intermediate values)."""
+        with self.db.session() as s:
+            q = select(JobEventRow.data).where(JobEventRow.job_id == job_id, JobEventRow.type == "metrics")
+            return [
+                (data["epoch"], float(data[metric]))
+                for data in s.scalars(q.order_by(JobEventRow.id))
+                if data and isinstance(data.get(metric), int | float) and isinstance(data.get("epoch"), int)
+            ]
+
     def silent(self, older_than: timedelta) -> list[str]:
         """Running jobs whose worker has not written a heartbeat for ``older_than``: their worker
         is gone (it dies with the server that started it), wherever that server ran."""

@@ -321,3 +321,34 @@ class ModelAliasRow(Base):
     owner: Mapped[str] = mapped_column(String(64))
     """Whose line ``name`` is: the only tenant (besides admins) that may move its aliases."""
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SearchRow(Base):
+    """A hyperparameter search: its checked request and its outcome. Its trials are ordinary
+    fine-tuning jobs; its study (trials, parameters, intermediate values) is in Optuna's own
+    tables in the same database, named by ``id`` (docs/adr/0024-hyperparameter-search.md)."""
+
+    __tablename__ = "hyperparameter_searches"
+    __table_args__ = (UniqueConstraint("tenant", "idempotency_key", name="uq_searches_tenant_idempotency"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    """The API key that created it: its trials are created in its name, under its quotas."""
+    model: Mapped[str] = mapped_column(String(256))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The checked request: the trials' job body, search space, sampler, pruner, objective, budget."""
+    status: Mapped[str] = mapped_column(String(24), index=True)
+    owner: Mapped[str | None] = mapped_column(String(64))
+    """The server whose search runner drives it; another takes it over once its heartbeat is stale."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    best: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The best trial: number, value, parameters, job."""
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(256))
+    result_files: Mapped[list[str] | None] = mapped_column(JSON)
+    search_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))

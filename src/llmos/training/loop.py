@@ -123,7 +123,8 @@ def fit(task: TrainingTask[E], run: TrainingRun) -> TrainingResult:
     complete checkpoint in ``run.work_dir``; save the result there (``result``)."""
     spec, hooks, model = run.spec, run.hooks, task.model
     total_steps = spec.total_steps(len(task.train))
-    opt = Optimization(model, spec, total_steps, weight_decay=task.weight_decay)
+    weight_decay = task.weight_decay if spec.weight_decay is None else spec.weight_decay
+    opt = Optimization(model, spec, total_steps, weight_decay=weight_decay)
     fgm = FGM(model, spec.fgm_epsilon) if spec.fgm_epsilon else None
     saved = resume_latest(run.work_dir, model, opt.optimizer, opt.scheduler, hooks.message)
     state = TrainingState() if saved is None else TrainingState.from_json(saved)
