@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	# llama-cpp-python builds from source (about 9 minutes on 2 cores; pip caches the wheel); a native
 	# build (the default) crashes at the first completion on this platform's CPUs.
 	rm -f $(LLAMA_MISSING)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,gguf]" || { \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,gguf,export]" || { \
 	  echo "llama-cpp-python did not build on $$(date -u +%FT%TZ) (pip's output is above it in the install log)" > $(LLAMA_MISSING); \
 	  echo "WARNING: llama-cpp-python did not build: the llama.cpp backend is missing and make test will fail until it builds"; \
-	  $(BIN)/pip install --quiet -e ".[dev]"; }
+	  $(BIN)/pip install --quiet -e ".[dev,export]"; }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -24,6 +24,7 @@ from llmos.api.feedback import router as feedback_router
 from llmos.api.hosts import HostCheckMiddleware, allowed_hosts_for
 from llmos.api.limits import BodyLimitMiddleware
 from llmos.api.metrics import router as metrics_router
+from llmos.api.model_management.exports import router as exports_router
 from llmos.api.model_management.router import router as model_management_router
 from llmos.api.openai.batches.lines import check_body
 from llmos.api.openai.batches.router import router as batches_router
@@ -49,6 +50,7 @@ from llmos.api.tasks.ner import router as ner_router
 from llmos.api.tasks.rerank import router as rerank_router
 from llmos.config import Settings
 from llmos.engine.protocol import EngineClient
+from llmos.export import ExportOperations
 from llmos.kernel.maintenance import MaintenanceLoop, run_maintenance
 from llmos.kernel.supervisor import JobSupervisor
 from llmos.monitoring.alerts.service import AlertService
@@ -116,6 +118,7 @@ def create_app(
             eval_runner.start()
         app.state.eval_runner = eval_runner
         app.state.pulls = PullOperations(app.state.platform.registry)
+        app.state.exports = ExportOperations(app.state.platform.registry, app.state.platform.files)
         app.state.console_sessions = (
             ConsoleSessions(app.state.platform.keys.derived_secret("console-session"), settings.console_session_ttl_s)
             if settings.console_enabled
@@ -143,6 +146,7 @@ def create_app(
             if sampler is not None:
                 await asyncio.to_thread(sampler.stop)
             await asyncio.to_thread(app.state.pulls.close)
+            await asyncio.to_thread(app.state.exports.close)
             if maintenance is not None:
                 await asyncio.to_thread(maintenance.stop)
             app.state.platform.audit.flush_denied()  # what was tallied since the last run
@@ -190,6 +194,7 @@ def create_app(
         usage.router,
         models_router,
         model_management_router,
+        exports_router,
         aliases_router,
         chat_router,
         stored_completions_router,

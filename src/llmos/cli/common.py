@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -61,6 +62,11 @@ class RichPullProgress(PullProgress):
 
 
 def pull_with_progress(platform: Platform, ref: str, name: str | None = None) -> Any:
+    return run_with_progress(lambda reporter: platform.registry.pull(ref, name=name, progress=reporter))
+
+
+def run_with_progress(work: Callable[[PullProgress], Any]) -> Any:
+    """Run registry work that reports progress (a pull, an export), its stages drawn as bars."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -70,9 +76,9 @@ def pull_with_progress(platform: Platform, ref: str, name: str | None = None) ->
     )
     with Progress(*columns, console=console, transient=False) as bar:
         reporter = RichPullProgress(bar)
-        record = platform.registry.pull(ref, name=name, progress=reporter)
+        result = work(reporter)
         reporter.finish()
-    return record
+    return result
 
 
 def api_client(settings: Settings, api_key: str | None) -> Any:

@@ -13,7 +13,7 @@ from llmos.cli.client_cmds import chat, embed
 from llmos.cli.common import console, fail, open_platform, pull_with_progress, settings_from
 from llmos.cli.evals import eval_app
 from llmos.cli.keys import keys_app
-from llmos.cli.models import models_app, pull
+from llmos.cli.models import export, models_app, pull
 from llmos.cli.search import search_app
 from llmos.cli.top import top
 from llmos.cli.tuning import files_app, finetune_app, jobs_app
@@ -35,6 +35,7 @@ def _private_files() -> None:
 
 
 app.command()(pull)
+app.command()(export)
 app.command()(chat)
 app.command()(embed)
 app.command()(top)

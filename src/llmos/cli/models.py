@@ -1,16 +1,20 @@
-"""`llmos pull` and `llmos models list|show|rm`."""
+"""`llmos pull`, `llmos export` and `llmos models list|show|rm`."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from llmos.cli.common import console, fail, human_size, open_platform, pull_with_progress
+from llmos.cli.common import console, fail, human_size, open_platform, pull_with_progress, run_with_progress
 from llmos.errors import LLMOSError
+from llmos.export import FORMATS as EXPORT_FORMATS
+from llmos.export import ExportOperations
 from llmos.registry import CATALOG
 
 models_app = typer.Typer(help="List, inspect and remove registered models.", no_args_is_help=True)
@@ -76,3 +80,30 @@ def remove(model: Annotated[str, typer.Argument(help="name, name@version or id")
     except LLMOSError as exc:
         raise fail(exc) from exc
     console.print(f"[green]deleted[/green] {record.name} version {record.version}")
+
+
+def export(
+    model: Annotated[str, typer.Argument(help="name, name@version or id")],
+    format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(EXPORT_FORMATS)}.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also copy the export to this path.")] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant whose file the export becomes.")] = "default",
+    home: HomeOpt = None,
+) -> None:
+    """Export a model for another runtime (merged Hugging Face directory, GGUF, ONNX), verified
+    against the model before it is kept as a file (purpose model-export)."""
+    platform = open_platform(home=home)
+    try:
+        op, work = ExportOperations(platform.registry, platform.files).plan(
+            model, format, tenant=tenant, visible_to=None
+        )
+        result = run_with_progress(work)
+    except LLMOSError as exc:
+        raise fail(exc) from exc
+    file = platform.files.get(tenant, result["file_id"])
+    console.print(
+        f"[green]exported[/green] {op.ref} as {op.format}: {file.id} ({file.filename}, {human_size(file.bytes)})"
+    )
+    console.print_json(json.dumps(result["verification"]))
+    if output is not None:
+        shutil.copyfile(platform.files.content_path(tenant, file.id), output)
+        console.print(f"written to {output}")

@@ -24,7 +24,7 @@ from llmos.registry.tables import FileRow, ModelRow
 Validator = Callable[[Path], dict[str, Any]]
 """Checks an uploaded file for one purpose; returns what it found or raises InvalidRequestError."""
 
-GENERATED_PURPOSES = frozenset({"fine-tune-results", "batch_output"})
+GENERATED_PURPOSES = frozenset({"fine-tune-results", "batch_output", "model-export"})
 """Purposes of files the platform writes for a tenant; never accepted as uploads."""
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\]")

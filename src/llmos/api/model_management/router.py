@@ -20,6 +20,7 @@ from llmos.api.sse import EventStreamResponse, sse_event
 from llmos.errors import InvalidRequestError, PermissionDeniedError
 from llmos.platform import Platform
 from llmos.registry import ModelRecord
+from llmos.registry.operations import Operation
 from llmos.registry.pulls import PullOperations
 from llmos.registry.records import SHARED_OWNER, Lineage
 from llmos.security import ApiKeyInfo
@@ -92,7 +93,11 @@ async def get_pull(pull_id: str, pulls: PullsDep, key: ModelsKey) -> dict[str, A
 @router.get("/v1/model_pulls/{pull_id}/events")
 async def follow_pull(pull_id: str, pulls: PullsDep, key: ModelsKey) -> EventStreamResponse:
     """Server-sent events: the operation's state at each change, until it finishes."""
-    op = pulls.get(pull_id, tenant=_tenant_of(key))
+    return follow_operation(pulls.get(pull_id, tenant=_tenant_of(key)))
+
+
+def follow_operation(op: Operation) -> EventStreamResponse:
+    """Server-sent events of an operation (a pull, an export): its state at each change, until it finishes."""
 
     async def events() -> AsyncIterator[str]:
         seen = -1

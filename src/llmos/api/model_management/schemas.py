@@ -29,3 +29,11 @@ class ModelLoad(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pin: bool = Field(default=True, description="Keep it resident until unloaded (not evicted when idle).")
+
+
+class ExportCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field(
+        min_length=1, max_length=32, description="An export format: GET /v1/model_export_formats lists them."
+    )

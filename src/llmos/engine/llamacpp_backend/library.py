@@ -139,6 +139,17 @@ class LlamaCpp:
         view = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
         return view.copy()
 
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """``text`` as the GGUF file's own vocabulary splits it (special tokens' text stays text)."""
+        lib, data = self._lib, text.encode()
+        vocab = lib.llama_model_get_vocab(self._model)
+        room = len(data) + 8  # a byte-level vocabulary never needs more than a token a byte, plus BOS/EOS
+        tokens = (lib.llama_token * room)()
+        n = int(lib.llama_tokenize(vocab, data, len(data), tokens, room, add_special, False))
+        if n < 0:
+            raise ValueError(f"llama.cpp needs {-n} tokens for this text, more than {room}")
+        return list(tokens[:n])
+
     def forget(self, seq: int) -> None:
         """Drop every position of sequence ``seq`` (cells shared with others stay theirs)."""
         self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)

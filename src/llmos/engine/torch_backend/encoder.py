@@ -124,13 +124,19 @@ class EncoderRunner:
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch])
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-        if self.pooling.mode == "cls":
-            pooled = hidden[:, 0]
-        elif self.pooling.mode == "max":
-            pooled = hidden.masked_fill(~mask.bool()[..., None], float("-inf")).amax(dim=1)
-        else:
-            weights = mask[..., None].to(hidden.dtype)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        if self.pooling.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-        return pooled
+        return pool(hidden, mask, self.pooling)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Sentence vectors from token states (padding masked out), as ``pooling`` says; the one
+    pooling the engine serves and the ONNX export (``llmos.export``) traces."""
+    if pooling.mode == "cls":
+        pooled = hidden[:, 0]
+    elif pooling.mode == "max":
+        pooled = hidden.masked_fill(~mask.bool()[..., None], float("-inf")).amax(dim=1)
+    else:
+        weights = mask[..., None].to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    if pooling.normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+    return pooled
