@@ -14,6 +14,7 @@ from llmos.cli.common import console, fail, open_platform, pull_with_progress, s
 from llmos.cli.evals import eval_app
 from llmos.cli.keys import keys_app
 from llmos.cli.models import export, models_app, pull
+from llmos.cli.pretrain import pretrain
 from llmos.cli.search import search_app
 from llmos.cli.top import top
 from llmos.cli.tuning import files_app, finetune_app, jobs_app
@@ -39,6 +40,7 @@ app.command()(export)
 app.command()(chat)
 app.command()(embed)
 app.command()(top)
+app.command()(pretrain)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")
