@@ -137,7 +137,13 @@ def _run(
         n_epochs=epochs, batch_size=8, adapter="full", max_seq_length=32, warmup_ratio=0.1, lr_scheduler="cosine"
     )
     spec = TrainingSpec(
-        **{**spec.as_dict(), "method": "pretrain", "gradient_accumulation_steps": 2, "learning_rate_multiplier": 5.0}
+        **{
+            **spec.as_dict(),
+            "method": "pretrain",
+            "gradient_accumulation_steps": 2,
+            "learning_rate_multiplier": 5.0,
+            "weight_decay": 0.1,
+        }
     )
     pretrain = PretrainSpec(model="llama", dims=ModelDims(**TINY), tokenizer="bpe", vocab_size=300, sample_tokens=12)
     log = events if events is not None else []

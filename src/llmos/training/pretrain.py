@@ -70,7 +70,6 @@ class PretrainTask(CausalLMTask[int]):
         has almost never seen end-of-text alone, so an empty prompt would show little)."""
         self.eos = end_of_text(tokenizer)
         self.train = range((len(train) - 1) // self.context)
-        self.weight_decay = pretrain.weight_decay
         parameters = sum(p.numel() for p in model.parameters())
         self.description = (
             f"{pretrain.model} from scratch ({parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}) on "

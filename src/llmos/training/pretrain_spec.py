@@ -54,7 +54,6 @@ class PretrainSpec:
     """Corpus files besides ``training_file``."""
     corpus_sha256: tuple[str, ...] = ()
     """Every training corpus file's content hash, ``training_file``'s first (set when queued)."""
-    weight_decay: float = 0.1
     sample_prompts: tuple[str, ...] = ()
     """Text each validation continues in a sample event ("" starts a new document); none: the
     first line of the held-out text."""
@@ -130,6 +129,7 @@ def parse_pretrain(
         warmup_ratio=setting("warmup_ratio", float, 0.0, 0.5, 0.05),
         lr_scheduler=schedule,
         early_stopping_patience=None if patience is None else setting("early_stopping_patience", int, 1, 50, None),
+        weight_decay=setting("weight_decay", float, 0.0, 1.0, 0.1),
         method="pretrain",
     )
     preset, dims = resolve_dims(model, options.get("architecture"), f"{SECTION}.architecture")
@@ -140,7 +140,6 @@ def parse_pretrain(
         **_tokenizer(options.get("tokenizer")),
         validation_split=setting("validation_split", float, 0.01, 0.5, 0.1),
         training_files=_files(options.get("training_files")),
-        weight_decay=setting("weight_decay", float, 0.0, 1.0, 0.1),
         sample_prompts=prompts,
         sample_tokens=tokens,
     )
