@@ -142,7 +142,8 @@ class Streamer:
         row.output_ids.append(token)
         finish: FinishReason | None = None
         complete = row.grammar is not None and advance(row.grammar, token)
-        if token in self.eos_ids:
+        ends = token in self.eos_ids and not params.ignore_eos
+        if ends:
             finish = FinishReason.STOP
             text = row.text.flush()
         else:
@@ -159,7 +160,7 @@ class Streamer:
         if lp is not None and params.logprobs:
             logprobs = (self._logprob_entry(token, lp, i, params.top_logprobs),)
         row.finished = finish is not None
-        if token not in self.eos_ids:
+        if not ends:
             row.held_ids.append(token)
         if text or finish or logprobs:
             emitted_ids, row.held_ids = tuple(row.held_ids), []

@@ -30,6 +30,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """Score the prompt: each prompt token's logprob and this many most likely alternatives
     (None: not asked). With ``max_tokens`` 0 the request only scores, generating nothing."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token, to ``max_tokens`` (load generators ask it)."""
 
     @property
     def greedy(self) -> bool:

@@ -59,6 +59,8 @@ class OpenAIRequest(StrictModel):
 
 class StreamOptions(OpenAIRequest):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's extra: every chunk carries the usage so far."""
 
 
 class SamplingFields(OpenAIRequest):
@@ -74,6 +76,8 @@ class SamplingFields(OpenAIRequest):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False
+    """vLLM's extra: generate to ``max_tokens`` past the end-of-sequence token."""
 
 
 class Usage(BaseModel):
@@ -150,6 +154,7 @@ def build_sampling(
         frequency_penalty=req.frequency_penalty or 0.0,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        ignore_eos=req.ignore_eos,
     )
 
 
@@ -258,7 +263,8 @@ class GenerationService:
         and ``[DONE]``; a failed generation ends with an error event instead."""
         template = chunk_type(id=gen.request_id, created=now(), model=req.model, choices=[])
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        omit = None if include_usage else {"usage"}
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        omit = None if include_usage or continuous else {"usage"}
         meter = UsageMeter(self.ctx, req.model, len(gen.prompt_token_ids))
 
         def event(choices: list[ChoiceT], usage: Usage | None = None) -> str:
@@ -271,7 +277,7 @@ class GenerationService:
             try:
                 async for delta in engine_deltas(self.engine, gen, meter, observe=self.settings.metrics_enabled):
                     for choice in choices_of(delta):
-                        yield event([choice])
+                        yield event([choice], meter.usage() if continuous else None)
             except EngineError as exc:
                 if self.settings.metrics_enabled:  # its response began 200: the HTTP middleware cannot see it
                     count_error(exc.code)
