@@ -77,6 +77,18 @@ def test_a_strict_tool_under_auto_allows_text_and_constrains_a_call_once_begun(t
             jsonschema.validate(json.loads(c.arguments), WEATHER["function"]["parameters"])
 
 
+def test_forced_parallel_calls_follow_each_other_without_blanks(tiny_chat_dir: Path) -> None:
+    """Blanks may open the first call, but a further call follows the last one's closing tag
+    directly: SmolLM2, allowed blanks there, wrote "\n\n" and the same call again to max_tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    compiled = _compiled(tokenizer, tools_grammar([Tool.model_validate(WEATHER)], "required", True, None))
+    call = '<tool_call>{"arguments":{"city":"Paris","days":2},"name":"get_weather"}</tool_call>'
+    assert _feed(compiled.matcher(), tokenizer, "\n" + call + call)
+    blanks = compiled.matcher()
+    assert _feed(blanks, tokenizer, call) and blanks.state.is_accepting()
+    assert not _feed(blanks, tokenizer, "\n\n<tool_call>")
+
+
 def test_a_response_format_beside_tools_allows_the_answer_or_a_call(tiny_chat_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
     tool = Tool.model_validate(WEATHER)

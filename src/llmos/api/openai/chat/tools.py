@@ -119,13 +119,17 @@ def check_tool_messages(messages: list[Any]) -> None:
 
 _OPEN = re.escape(TOOL_CALL_OPEN)
 _CLOSE = re.escape(TOOL_CALL_CLOSE).replace("/", r"\/")  # a Lark regex ends at an unescaped '/'
-# Up to four blanks before a call and a newline inside its tags: what Hermes-style models write,
-# bounded so that a constrained row cannot spend its tokens on blanks.
+# Up to four blanks before the first call and a newline inside its tags: what Hermes-style models
+# write, bounded so that a constrained row cannot spend its tokens on blanks. A further call
+# follows the last one's closing tag directly: were blanks allowed between calls, a small model
+# given the choice writes "\n\n" and the same call again until max_tokens instead of ending.
 _CALL_RULES = "".join(
     line + "\n"
     for line in (
         "call: CALL_OPEN body CALL_CLOSE",
+        "next_call: NEXT_OPEN body CALL_CLOSE",
         rf"CALL_OPEN: /[ \t\r\n]{{0,4}}{_OPEN}\n?/",
+        rf"NEXT_OPEN: /{_OPEN}\n?/",
         rf"CALL_CLOSE: /\n?{_CLOSE}/",
     )
 )
@@ -161,7 +165,7 @@ def tools_grammar(
     ]
     body: dict[str, Any] = dict(bodies[0]) if len(bodies) == 1 else {"anyOf": bodies}
     body["x-guidance"] = JSON_OPTIONS  # compact, as for response formats
-    calls = "call+" if parallel and not isinstance(choice, NamedToolChoice) else "call"
+    calls = "call next_call*" if parallel and not isinstance(choice, NamedToolChoice) else "call"
     if forced:
         start, rest = calls, ""
     elif answer is None:
