@@ -166,13 +166,19 @@ def test_a_tenant_policy_refuses_flagged_chat_input(moderated: TestClient) -> No
 
 
 def test_a_tenant_policy_refuses_flagged_answers_and_does_not_store_them(moderated: TestClient) -> None:
-    body = {"model": "tiny-chat", "max_tokens": 12, "temperature": 1.0, "seed": 0, "store": True,
-            "messages": [{"role": "user", "content": "hello there"}]}  # fmt: skip
-    resp = moderated.post("/v1/chat/completions", headers=AUTH, json=body)
-    answer = resp.json()["choices"][0]["message"]["content"]
+    # An answer the model alone does not flag at the policy's threshold (tiny-mod is confident
+    # on about half of all texts), so that only the blocked term below flags it.
+    for seed in range(8):
+        body = {"model": "tiny-chat", "max_tokens": 12, "temperature": 1.0, "seed": seed, "store": True,
+                "messages": [{"role": "user", "content": "hello there"}]}  # fmt: skip
+        answer = moderated.post("/v1/chat/completions", headers=AUTH, json=body).json()["choices"][0]["message"]
+        model_score = client_of(moderated).moderations.create(model="tiny-mod", input=answer["content"]).results[0]
+        if model_score.category_scores.harassment < 0.99 and re.search(r"\w", answer["content"]):
+            break
+    else:
+        pytest.fail("no answer of eight that tiny-mod scores below 0.99")
+    answer = answer["content"]
     word = max(re.findall(r"\w+", answer), key=len)  # a word of the answer, blocked below
-    model_score = client_of(moderated).moderations.create(model="tiny-mod", input=answer).results[0]
-    assert model_score.category_scores.harassment < 0.999  # only the term flags it: its category is known
     put_policy(moderated, model="tiny-mod", check_output=True, threshold=0.999, blocked_terms={"illicit": [word]})
     before = blocked_count("output", "illicit")
     stored = len(moderated.get("/v1/chat/completions", headers=AUTH).json()["data"])

@@ -33,7 +33,10 @@ def build_cross_encoder(encoder_dir: Path, root: Path) -> Path:
     config.id2label, config.label2id = {0: "relevant"}, {"relevant": 0}
     config.architectures = ["BertForSequenceClassification"]
     torch.manual_seed(11)
-    BertForSequenceClassification(config).save_pretrained(root, safe_serialization=True)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # a random head scores every pair near 0.5; spread them, so ranks do not tie
+        model.classifier.weight.mul_(300)
+    model.save_pretrained(root, safe_serialization=True)
     return root
 
 
