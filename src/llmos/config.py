@@ -209,6 +209,14 @@ class Settings(BaseSettings):
         description="Most prompt tokens prefilled between two decode steps (one packed pass); bounds the pause "
         "running streams see when new requests arrive. Less than `step_token_budget`.",
     )
+    scoring_step_tokens: int = Field(
+        default=32,
+        ge=1,
+        description="Most prompt tokens an engine step of a chat model gives scoring requests (prompt logprobs "
+        "with at most one token generated: lm-evaluation-harness, rerank by a causal model) while requests that "
+        "generate are prefilling or decoding, or were in the last 2 s; otherwise they get a whole chunk. Smaller "
+        "keeps interactive first tokens closer to an idle server's, larger scores faster beside them.",
+    )
     step_token_budget: int = Field(
         default=320,
         ge=2,

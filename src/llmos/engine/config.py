@@ -21,6 +21,8 @@ class EngineConfig:
     """How long an idle engine loop waits, from a first request's arrival, for company."""
     prefill_chunk_tokens: int = 256
     """Most prompt tokens prefilled per engine iteration (one pass), between decode steps."""
+    scoring_step_tokens: int = 32
+    """Most prompt tokens a step gives scoring requests while generating ones are about."""
     tenant_rows_when_shared: int = 0
     """Rows each tenant may hold while a light tenant is active (0: no caps; ``kernel.fair_share``)."""
     kv_cache_bytes: int = 4096 << 20
@@ -59,6 +61,7 @@ class EngineConfig:
             step_token_budget=settings.step_token_budget,
             batch_wait_s=settings.batch_wait_ms / 1000,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            scoring_step_tokens=settings.scoring_step_tokens,
             tenant_rows_when_shared=settings.tenant_rows_when_shared,
             kv_cache_bytes=settings.kv_cache_mb << 20,
             prefix_cache_bytes=settings.prefix_cache_mb << 20,

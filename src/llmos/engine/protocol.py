@@ -66,6 +66,12 @@ class GenerationRequest:
     grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
     """The grammar every choice's output follows, from ``EngineClient.compile_grammar``."""
 
+    @property
+    def scoring(self) -> bool:
+        """It scores its prompt and generates at most one token (a harness's log-likelihood, a
+        rerank): prefill work no reader watches stream, so its prompt yields to generating ones."""
+        return self.params.prompt_logprobs is not None and self.params.max_tokens <= 1
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"

@@ -12,6 +12,8 @@ computed for a departed client; rows that outgrow the budget are preempted (``pr
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +24,7 @@ from llmos.engine.choices import Streamer, batch_sampling, eos_ids
 from llmos.engine.config import EngineConfig
 from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest
 from llmos.engine.runner import GenerationRunner
-from llmos.engine.scheduler import Pending, Row
+from llmos.engine.scheduler import RECENT_S, Pending, Row
 from llmos.engine.threads import enter_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.kv_budget import KvBudget
@@ -30,7 +32,7 @@ from llmos.engine.torch_backend.kv_cache import cache_argument, limit_growth, tr
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora_bank import LoraBank
 from llmos.engine.torch_backend.preemption import ADMISSION_HEADROOM, Preemption, held_rows, held_sizes
-from llmos.engine.torch_backend.prefill import Prefill, prefill_order, run_packed
+from llmos.engine.torch_backend.prefill import Prefill, plan_chunks, run_packed
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
 from llmos.engine.torch_backend.prompt_scores import PromptScores
 from llmos.engine.torch_backend.tenant_share import TenantShare
@@ -99,6 +101,8 @@ class CausalRunner(GenerationRunner):
         self._state: BatchState[Row] | None = None
         self._prefill_jobs: deque[Prefill] = deque()
         self._prefill_passes = 0  # _advance_prefills calls that computed anything (prefill_order's clock)
+        self.scoring_step_tokens = config.scoring_step_tokens
+        self._generating_at = -math.inf  # when an interactive generating request was last seen here
 
     @property
     def adapter_copy_bytes(self) -> int:
@@ -235,6 +239,19 @@ class CausalRunner(GenerationRunner):
             pending.fail(exc)
             return None
 
+    def _scoring_tokens(self) -> int | None:
+        """What a step gives scoring prompts: ``scoring_step_tokens`` while an interactive request
+        that generates is prefilling or decoding, or was within ``RECENT_S`` (the moment between a
+        client's answer and its next question), so that its first token waits behind a short step;
+        None (no limit beyond the step's) otherwise."""
+        now = time.monotonic()
+        rows = self._state.rows if self._state is not None else []
+        if any(_generating(job.pending.request) for job in self._prefill_jobs) or any(
+            not row.finished and _generating(row.pending.request) for row in rows
+        ):
+            self._generating_at = now
+        return self.scoring_step_tokens if now - self._generating_at < RECENT_S else None
+
     @torch.inference_mode()
     def _advance_prefills(self) -> list[BatchState[Row]]:
         """Run up to ``prefill_budget`` prompt tokens of the jobs in ``prefill_order``; the finished ones
@@ -242,17 +259,8 @@ class CausalRunner(GenerationRunner):
         the request at fault: a packed pass that fails is rolled back and its prompts are run
         again one by one."""
         decoding = sum(not row.finished for row in self._state.rows) if self._state is not None else 0
-        budget, planned = min(self.prefill_budget, self.step_budget - decoding), []
-        for job in prefill_order(self._prefill_jobs, self.prefill_budget):
-            if budget <= 0:
-                break
-            take = min(job.remaining, budget)
-            if take == job.remaining and take + job.pending.rows > budget:
-                take = budget - job.pending.rows  # its rows would decode in this step too: a token short
-            if take <= 0:
-                continue
-            budget -= take + (job.pending.rows if take == job.remaining else 0)
-            planned.append((job, take))
+        budget = min(self.prefill_budget, self.step_budget - decoding)
+        planned = plan_chunks(self._prefill_jobs, budget, self.prefill_budget, self._scoring_tokens())
         # With the lean layers every chunk runs in one packed pass, each token with its prompt's
         # adapter; without them, one pass a prompt through the model's forward.
         passes = [planned] if self.decoder is not None and planned else [[p] for p in planned]
@@ -393,3 +401,8 @@ class CausalRunner(GenerationRunner):
             state.logits = self.model(**forward_kwargs(state, tokens, self.cache_name)).logits[:, -1, :].float()
         state.next_pos = state.next_pos + 1
         return state
+
+
+def _generating(request: GenerationRequest) -> bool:
+    """A request someone watches stream: it generates, and is not a batch's line."""
+    return not request.scoring and not request.background

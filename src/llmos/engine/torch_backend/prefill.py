@@ -94,6 +94,34 @@ def prefill_order(jobs: Iterable[Prefill], budget: int) -> list[Prefill]:
     return sorted(jobs, key=lambda job: job.remaining + budget * job.admitted)
 
 
+def plan_chunks(
+    jobs: Iterable[Prefill], budget: int, pass_budget: int, scoring_tokens: int | None
+) -> list[tuple[Prefill, int]]:
+    """The chunk of each job this step prefills, ``(job, tokens)``, within ``budget`` tokens:
+    prompts that generate first, then scoring ones (``GenerationRequest.scoring``), each part in
+    ``prefill_order`` (``pass_budget`` its ageing unit); scoring prompts take at most
+    ``scoring_tokens`` of the step when it is given (generating work is about).
+
+    A job whose prompt ends in the step has its rows decode in it too, so each of them is kept a
+    token of the budget (its chunk stops a token short where there is none)."""
+    planned: list[tuple[Prefill, int]] = []
+    scoring_left = budget if scoring_tokens is None else min(budget, scoring_tokens)
+    for job in sorted(prefill_order(jobs, pass_budget), key=lambda job: job.pending.request.scoring):
+        scoring = job.pending.request.scoring
+        room = min(budget, scoring_left) if scoring else budget
+        take = min(job.remaining, room)
+        if take == job.remaining and take + job.pending.rows > room:
+            take = room - job.pending.rows
+        if take <= 0:
+            continue
+        used = take + (job.pending.rows if take == job.remaining else 0)
+        budget -= used
+        if scoring:
+            scoring_left -= used
+        planned.append((job, take))
+    return planned
+
+
 def run_packed(decoder: Any, planned: list[tuple[Prefill, int]], lora: Any = None) -> None:
     """The next chunk of each job, ``(job, tokens)``, in one pass of ``decoder.prefill`` (the
     lean layers, several prompts packed together; ``lora`` prepared with one entry per token);

@@ -1,0 +1,95 @@
+"""Scoring prompts (prompt logprobs, at most one token generated) yield each step to prompts that
+generate: those are planned first, and while generating work is about scoring takes at most
+``scoring_step_tokens`` of a step, so an interactive first token waits behind short steps."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from llmos.engine.config import EngineConfig
+from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
+from llmos.engine.scheduler import Pending
+from llmos.engine.torch_backend import causal, prefill
+from llmos.engine.torch_backend.causal import CausalRunner
+
+GENERATE = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+SCORE = SamplingParams(max_tokens=0, prompt_logprobs=1)
+
+
+def _job(tokens: int, params: SamplingParams, name: str = "r") -> prefill.Prefill:
+    pending = Pending(GenerationRequest(name, "m", [0] * tokens, params), sink=lambda d: None, reserve=tokens)
+    return prefill.Prefill(pending=pending, prompt=[0] * tokens, lead=0, cache=DynamicCache(), done=0)
+
+
+def test_which_requests_are_scoring() -> None:
+    assert GenerationRequest("a", "m", [1], SCORE).scoring
+    assert GenerationRequest("a", "m", [1], SamplingParams(max_tokens=1, prompt_logprobs=0)).scoring  # a harness's
+    assert not GenerationRequest("a", "m", [1], SamplingParams(max_tokens=2, prompt_logprobs=1)).scoring
+    assert not GenerationRequest("a", "m", [1], SamplingParams(max_tokens=0)).scoring
+
+
+def test_generating_prompts_are_planned_first_and_scoring_ones_get_their_share() -> None:
+    scoring, generating = _job(60, SCORE, "s"), _job(100, GENERATE, "g")
+    # Fewest remaining first would put the scoring prompt ahead; generating goes first instead.
+    assert [
+        (j.pending.request.request_id, t) for j, t in prefill.plan_chunks([scoring, generating], 128, 128, None)
+    ] == [
+        ("g", 100),
+        ("s", 27),  # the rest less the generating row's decode token
+    ]
+    # While generating work is about, scoring takes at most its share of the step.
+    assert [(j.pending.request.request_id, t) for j, t in prefill.plan_chunks([scoring, generating], 256, 256, 16)] == [
+        ("g", 100),
+        ("s", 16),
+    ]
+    two = [_job(10, SCORE, "s1"), _job(10, SCORE, "s2")]
+    planned = prefill.plan_chunks(two, 256, 256, 16)  # the share is the step's, not each prompt's
+    assert [t for _, t in planned] == [10, 5]  # 10 and the row's decode token, then the rest of 16
+    assert [t for _, t in prefill.plan_chunks(two, 256, 256, None)] == [10, 10]  # alone: the whole step
+
+
+def test_a_scoring_prompt_takes_small_chunks_while_a_request_generates(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    takes: list[tuple[str, int]] = []
+    packed = causal.run_packed
+
+    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]], lora: object = None) -> None:
+        takes.extend((job.pending.request.request_id, take) for job, take in planned)
+        packed(decoder, planned, lora)
+
+    monkeypatch.setattr(causal, "run_packed", recording)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=64, scoring_step_tokens=8)
+    runner = CausalRunner(model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128, config=config)
+    scored: list[GenerationDelta] = []
+    done = threading.Semaphore(0)
+
+    def generated(delta: GenerationDelta) -> None:
+        if delta.finish_reason is not None:
+            done.release()
+
+    def scores(delta: GenerationDelta) -> None:
+        scored.append(delta)
+        if delta.finish_reason is not None:
+            done.release()
+
+    prompt = list(range(5, 85))
+    try:
+        runner.submit(GenerationRequest("gen", "m", list(range(5, 15)), GENERATE), generated)
+        runner.submit(GenerationRequest("score", "m", prompt, SCORE), scores)
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        runner.close()
+    scoring = [take for rid, take in takes if rid == "score"]
+    assert sum(scoring) == len(prompt)
+    assert all(take <= 8 for take in scoring)  # never more than its share: the request generated all along
+    # The scores are the prompt's, however it was chunked: one per token, the first without one.
+    (delta,) = scored
+    assert [p.token_id for p in delta.prompt_logprobs] == prompt
+    assert delta.prompt_logprobs[0].logprob is None and all(p.logprob is not None for p in delta.prompt_logprobs[1:])
