@@ -8,6 +8,7 @@ environment variable, and finally a CLI flag (the CLI passes flags as overrides)
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -63,6 +64,67 @@ class Settings(BaseSettings):
         default="memory",
         description="Where rate, token and concurrency limits are counted: this process's memory, or the "
         "database (shared by every API server on it, and kept across restarts).",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster mode (docs/scaling.md, `pip install llmos[ray]`): None serves in this process; "
+        "`auto` starts a local Ray head on `ray_bind_host`; `HOST:PORT` joins that cluster's head. Engine replicas "
+        "then run as Ray actors.",
+    )
+    ray_bind_host: str = Field(
+        default="127.0.0.1",
+        description="Address this server's Ray node (and an `auto` head) binds to; a non-loopback address is "
+        "refused unless `ray_allow_remote_bind` is true.",
+    )
+    ray_allow_remote_bind: bool = Field(
+        default=False,
+        description="Allow `ray_bind_host` to be a non-loopback address (Ray's ports reachable from the network; "
+        "keep token authentication and a firewall in front).",
+    )
+    ray_dashboard_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the Ray dashboard an `auto` head serves on `ray_bind_host` (needs `ray[default]`); "
+        "0 leaves it off.",
+    )
+    ray_auth_token_file: Path | None = Field(
+        default=None,
+        description="File holding the Ray cluster's authentication token (Ray's token authentication is always "
+        "on); default $LLMOS_HOME/ray_auth_token, created owner-only by an `auto` head.",
+    )
+    ray_min_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Engine replicas each model gets in Ray cluster mode, placed on nodes by the platform.",
+    )
+    ray_max_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Most engine replicas a model scales up to on its queue depth (None: `ray_min_replicas`, "
+        "no scaling).",
+    )
+    ray_target_queue_depth: int = Field(
+        default=8,
+        ge=1,
+        description="Requests in flight per replica a model is scaled for: its replicas are the requests in "
+        "flight over all of them divided by this, rounded up, between the minimum and the maximum.",
+    )
+    ray_scale_down_delay_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long a model must want fewer replicas than it has before an idle one is stopped.",
+    )
+    ray_replica_cpus: float = Field(
+        default=1.0, gt=0, le=1024, description="CPUs Ray reserves for each engine replica on its node."
+    )
+    ray_adapter_queue_limit: int = Field(
+        default=4,
+        ge=1,
+        description="A request for an adapter goes to a replica already holding it unless that replica has this "
+        "many requests in flight (overloaded); then to the least busy replica.",
     )
     host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `llmos serve` listens on.")
@@ -210,7 +272,7 @@ class Settings(BaseSettings):
         "running streams see when new requests arrive. Less than `step_token_budget`.",
     )
     scoring_step_tokens: int = Field(
-        default=32,
+        default=8,
         ge=1,
         description="Most prompt tokens an engine step of a chat model gives scoring requests (prompt logprobs "
         "with at most one token generated: lm-evaluation-harness, rerank by a causal model) while requests that "
@@ -225,6 +287,17 @@ class Settings(BaseSettings):
         "decodes, then chunks of waiting prompts with what is left (at most `prefill_chunk_tokens`); so at most one "
         "fewer rows are decoded at once (a step always keeps a token for the prompts). Must exceed "
         "`prefill_chunk_tokens`, so that a step holds a whole chunk and a decoding row.",
+    )
+    speculative_decoding: Literal["auto", "off", "ngram"] = Field(
+        default="auto",
+        description="Speculative decoding of a single stream (one decoding row, no prompt waiting) of a chat model "
+        "on the torch backend: its next tokens are drafted from the latest earlier occurrence of its last "
+        "tokens in its prompt and output (prompt lookup) and verified in one pass. auto: a row drafts while its "
+        "acceptance makes a verify pay for its cost (docs/adr/0027); ngram: whenever a draft is found; off: never. "
+        "Greedy output is unchanged (up to rounding), sampled output keeps its distribution.",
+    )
+    speculative_tokens: int = Field(
+        default=8, ge=1, le=32, description="Most draft tokens one verify pass of speculative decoding checks."
     )
     max_n: int = Field(default=8, ge=1, le=128, description="Largest `n` (choices per request) accepted.")
     max_tokens_cap: int = Field(default=4096, ge=1, description="Largest `max_tokens` accepted, whatever the context.")
@@ -428,6 +501,29 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ray_binds_loopback(self) -> Settings:
+        # Ray's ports run code for whoever reaches them (ShadowRay, CVE-2023-48022): never the network by default.
+        if not self.ray_allow_remote_bind and not is_loopback(self.ray_bind_host):
+            raise ValueError(
+                f"ray_bind_host {self.ray_bind_host!r} is not a loopback address; set ray_allow_remote_bind = true "
+                "to expose Ray's ports beyond this machine"
+            )
+        if self.ray_max_replicas is not None and self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError(
+                f"ray_max_replicas ({self.ray_max_replicas}) is below ray_min_replicas ({self.ray_min_replicas})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _speculation_has_a_backend(self) -> Settings:
+        if self.speculative_decoding == "ngram" and self.gguf_backend == "llama.cpp":
+            raise ValueError(
+                "speculative_decoding 'ngram' needs the torch backend: gguf_backend 'llama.cpp' does not speculate "
+                "(use 'auto', which speculates where the backend can)"
+            )
+        return self
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
@@ -467,6 +563,10 @@ class Settings(BaseSettings):
         return self.home / "cache"
 
     @property
+    def ray_token_path(self) -> Path:
+        return (self.ray_auth_token_file or self.home / "ray_auth_token").expanduser()
+
+    @property
     def secret_path(self) -> Path:
         return (self.secret_file or self.home / "secret").expanduser()
 
@@ -483,6 +583,16 @@ class Settings(BaseSettings):
             except ArgumentError:  # not a URL SQLAlchemy reads: shown not at all rather than unmasked
                 data["database_url"] = "***"
         return data
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ class EngineConfig:
     """How long an idle engine loop waits, from a first request's arrival, for company."""
     prefill_chunk_tokens: int = 256
     """Most prompt tokens prefilled per engine iteration (one pass), between decode steps."""
-    scoring_step_tokens: int = 32
+    scoring_step_tokens: int = 8
     """Most prompt tokens a step gives scoring requests while generating ones are about."""
     tenant_rows_when_shared: int = 0
     """Rows each tenant may hold while a light tenant is active (0: no caps; ``kernel.fair_share``)."""
@@ -53,6 +53,10 @@ class EngineConfig:
     """Compiled grammars kept per model tokenizer."""
     metrics: bool = True
     """Observe the engine's own metrics (queue time); ``metrics_enabled``."""
+    speculative_decoding: str = "auto"
+    """Single streams speculate: ``auto`` (where it pays, ``speculative``), ``ngram`` (always) or ``off``."""
+    speculative_tokens: int = 8
+    """Most draft tokens one verify pass checks."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
@@ -77,4 +81,6 @@ class EngineConfig:
             grammar_compile_budget=settings.grammar_compile_budget,
             grammar_cache_entries=settings.grammar_cache_entries,
             metrics=settings.metrics_enabled,
+            speculative_decoding=settings.speculative_decoding,
+            speculative_tokens=settings.speculative_tokens,
         )
