@@ -18,8 +18,9 @@ torch and transformers are reused), made once by
     echo "$PWD/.venv/lib/python3.11/site-packages" > .cache/guidellm-venv/lib/python3.11/site-packages/llmos.pth
     .cache/guidellm-venv/bin/pip install guidellm==0.8.1
 
-Writes benchmarks/results/guidellm_serve-<date>-<commit>.json with guidellm's own report beside
-the table's figures.
+Writes benchmarks/results/guidellm_serve-<date>-<commit>.json with the table's figures, and
+guidellm's own reports beside it as ``*.guidellm.json`` (ignored by git: megabytes of per-request
+timings).
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ def main() -> None:
             f"{key:<26} {row['output_tokens_per_s']:>7.1f} {row['ttft_p50_s']:>8.2f}s {row['ttft_p95_s']:>8.2f}s "
             f"{row['itl_p50_ms']:>6.0f}ms {row['peak_rss_mb']:>6.0f}MB"
         )
-    write_result("guidellm_serve", {"settings": env, "rows": rows, "guidellm_reports": reports}, args.out)
+    # guidellm's own reports (every request's timings, megabytes) go beside it, not into the repository.
+    path = write_result("guidellm_serve", {"settings": env, "rows": rows}, args.out)
+    path.with_suffix(".guidellm.json").write_text(json.dumps(reports))
 
 
 if __name__ == "__main__":

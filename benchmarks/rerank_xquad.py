@@ -67,12 +67,15 @@ def training_pairs(
     return pairs
 
 
-def fine_tune(client: openai.OpenAI, pairs: list[dict[str, Any]], epochs: int) -> tuple[str, float]:
+def fine_tune(client: openai.OpenAI, pairs: list[dict[str, Any]], epochs: int, lr: float) -> tuple[str, float]:
     data = "\n".join(json.dumps(p) for p in pairs).encode()
     training = client.files.create(file=("xquad-pairs.jsonl", io.BytesIO(data)), purpose="fine-tune").id
     method = {
         "type": "supervised",
-        "supervised": {"hyperparameters": {"n_epochs": epochs, "batch_size": 16}, "adapter": {"type": "full"}},
+        "supervised": {
+            "hyperparameters": {"n_epochs": epochs, "batch_size": 16, "learning_rate_multiplier": lr},
+            "adapter": {"type": "full"},
+        },
     }
     start = time.perf_counter()
     job = client.fine_tuning.jobs.create(model=EMBED_MODEL, training_file=training, method=method)  # type: ignore[arg-type]
@@ -110,6 +113,7 @@ def main() -> None:
     parser.add_argument("--train-share", type=float, default=0.6, help="share of the articles whose questions train")
     parser.add_argument("--negatives", type=int, default=3, help="retrieved wrong paragraphs per training question")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--learning-rate-multiplier", type=float, default=1.0)
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-rerank-home")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
@@ -121,7 +125,7 @@ def main() -> None:
         store_id, files, _ = build_store(client, paragraphs)
         pairs = training_pairs(client, store_id, files, paragraphs, train_rows, args.negatives)
         print(f"{len(pairs)} training pairs from {len(train_rows)} questions; fine-tuning {EMBED_MODEL} ...")
-        reranker, train_s = fine_tune(client, pairs, args.epochs)
+        reranker, train_s = fine_tune(client, pairs, args.epochs, args.learning_rate_multiplier)
         result: dict[str, Any] = {
             "paragraphs": len(paragraphs),
             "train_questions": len(train_rows),

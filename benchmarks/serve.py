@@ -395,7 +395,9 @@ def run_structured(
     one-token request: the first ever (the tokenizer indexed too), a new schema, the same again."""
     from benchmarks.grammar_libraries import thirty_field_schema
 
-    proc, url = start_server(home, None)
+    # Every row sends the same prompts (a burst's TTFT depends on its prompts' lengths), so no
+    # prompt may be served from the prefix cache of an earlier row.
+    proc, url = start_server(home, {"LLMOS_PREFIX_CACHE_MB": "0"})
     rows: dict[str, dict[str, Any]] = {}
     fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}}}
     try:
@@ -420,18 +422,16 @@ def run_structured(
         # Every request runs to max_tokens (ignore_eos; the schema's long answer), so the rows
         # compare steps, not answer lengths.
         full = {"ignore_eos": True}
-        for n, (label, extra) in enumerate(
-            [
-                ("unconstrained", lambda _: full),
-                ("half json_schema", lambda i: {**full, **fmt} if i % 2 == 0 else full),
-                ("unconstrained again", lambda _: full),
-            ]
-        ):
-            start = STRUCTURED_OFFSET + n * clients
+        same = chats[STRUCTURED_OFFSET : STRUCTURED_OFFSET + clients]
+        rounds: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
+            ("unconstrained", lambda _: full),
+            ("half json_schema", lambda i: {**full, **fmt} if i % 2 == 0 else full),
+            ("unconstrained again", lambda _: full),
+            ("half json_schema again", lambda i: {**full, **fmt} if i % 2 == 0 else full),
+        ]
+        for label, extra in rounds:
             key = f"llmos {label}, {clients} client(s)"
-            rows[key] = drive(
-                url, proc.pid, lambda _: MODEL, chats[start : start + clients], clients, max_tokens, extra
-            )
+            rows[key] = drive(url, proc.pid, lambda _: MODEL, same, clients, max_tokens, extra)
             print(f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, TTFT p50 {rows[key]['ttft_p50_s']:.3f} s")
     finally:
         proc.send_signal(signal.SIGTERM)
