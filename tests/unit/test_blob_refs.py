@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from llmos.errors import ConflictError, InvalidRequestError, PermissionDeniedError
 from llmos.platform import Platform
 from llmos.registry import files as files_module
 from llmos.registry.files import FileStore
 from llmos.registry.gc import collect_garbage
+from llmos.registry.tables import BlobClaimRow
 from llmos.training.datasets import check_training_file
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -176,3 +178,20 @@ def test_a_failed_pull_keeps_a_blob_an_upload_claimed_meanwhile(
         platform.registry.pull(f"file:{tiny_chat_dir}", name="chat")
     assert platform.files.content_path("acme", uploaded[0].id).read_bytes() == config
     assert len(blobs(platform)) == 1  # the pull's other blobs went
+
+
+def test_a_delete_never_takes_a_blob_a_pull_in_flight_found_stored(
+    platform: Platform, tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    platform.registry.pull(f"file:{tiny_chat_dir}", name="chat")
+    real_insert = platform.registry._insert
+
+    def delete_the_other_then_insert(*args: Any, **kwargs: Any) -> Any:
+        platform.registry.delete("chat")  # the last reference of every blob the pull found stored goes
+        return real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(platform.registry, "_insert", delete_the_other_then_insert)
+    copy = platform.registry.pull(f"file:{tiny_chat_dir}", name="copy")
+    assert all(platform.registry.store.exists(digest) for digest in copy.artifacts.values())
+    with platform.db.session() as s:
+        assert s.scalars(select(BlobClaimRow)).all() == []  # the pull's claims went with it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from llmos.errors import InvalidRequestError
@@ -69,6 +70,21 @@ class Database:
         """A session that commits on success and rolls back on any exception."""
         with self._sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def advisory_lock(self, name: str, *, shared: bool) -> Iterator[None]:
+        """Hold the lock ``name`` for every process on this database until the block ends: many
+        holders at once when ``shared``, else one alone. On PostgreSQL an advisory lock of a
+        transaction on a connection of its own (a crashed holder's lock goes with its connection).
+        SQLite is one machine's file, whose callers already hold that machine's lock: nothing to do."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        take = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        with self.engine.connect() as conn, conn.begin():
+            conn.execute(text(f"SELECT {take}(:key)"), {"key": key})
+            yield
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -172,7 +172,7 @@ class FileStore:
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
             )
-            with self.store.exclusive():
+            with self.store.placing():
                 self._check_quota(tenant, staged.size)  # again, now that no other upload can add to it
                 new_blob = self.store.place(staged)
                 try:

@@ -1,21 +1,29 @@
 """Blob garbage collection. A blob's references are the model artifacts and files naming its digest,
-counted in the database; a blob goes when the count is zero. Placing a blob with its reference and
-deciding a blob is unreferenced both happen under the store's exclusive lock, so a tenant deleting
-its copy never removes a blob another tenant's upload is about to refer to."""
+and the claims of writes in progress (``claiming``), counted in the database; a blob goes when the
+count is zero. A blob is placed with its reference
+under the store's ``placing`` lock and judged unreferenced and deleted under its ``collecting`` lock,
+which exclude each other on every machine sharing the blobs (a database advisory lock where servers
+share PostgreSQL), so a tenant deleting its copy never removes a blob another tenant's upload, on
+this server or another, is about to refer to, and two servers never collect at once."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from llmos.registry.db import Database
 from llmos.registry.store import ArtifactStore
-from llmos.registry.tables import ArtifactRow, FileRow
+from llmos.registry.tables import ArtifactRow, BlobClaimRow, FileRow
 
 _QUERY_BATCH = 500  # digests per IN (...) query
+BLOB_LOCK = "llmos.artifact-store"
+"""The database lock that ``ArtifactStore.placing`` and ``collecting`` take across servers."""
 
 
 @dataclass(frozen=True)
@@ -25,15 +33,32 @@ class Collected:
 
 
 def referenced(db: Database, digests: Iterable[str]) -> set[str]:
-    """Those of ``digests`` that a model artifact or a file refers to."""
+    """Those of ``digests`` that a model artifact, a file or a write in progress refers to."""
     pending = list(set(digests))
     used: set[str] = set()
     with db.session() as s:
         for start in range(0, len(pending), _QUERY_BATCH):
             batch = pending[start : start + _QUERY_BATCH]
-            used.update(s.scalars(select(ArtifactRow.sha256).where(ArtifactRow.sha256.in_(batch))))
-            used.update(s.scalars(select(FileRow.sha256).where(FileRow.sha256.in_(batch))))
+            for column in (ArtifactRow.sha256, FileRow.sha256, BlobClaimRow.sha256):
+                used.update(s.scalars(select(column).where(column.in_(batch))))
     return used
+
+
+@contextmanager
+def claiming(db: Database, store: ArtifactStore, digests: Iterable[str]) -> Iterator[None]:
+    """Count ``digests`` as referenced while the block runs: for a write that stores blobs (or finds
+    them stored) before it writes the rows that refer to them, so that no collection, on any server,
+    takes one in between. Claimed under ``placing``, so a collection deciding meanwhile has finished
+    (what it took is then missing, and stored again by the write) or starts after and keeps them."""
+    claim = uuid.uuid4().hex
+    rows = [BlobClaimRow(claim=claim, sha256=digest, created_at=datetime.now(UTC)) for digest in set(digests)]
+    with store.placing(), db.session() as s:
+        s.add_all(rows)
+    try:
+        yield
+    finally:
+        with db.session() as s:
+            s.execute(delete(BlobClaimRow).where(BlobClaimRow.claim == claim))
 
 
 def collect_unreferenced(db: Database, store: ArtifactStore, digests: Iterable[str]) -> None:
@@ -41,7 +66,7 @@ def collect_unreferenced(db: Database, store: ArtifactStore, digests: Iterable[s
     candidates = set(digests)
     if not candidates:
         return
-    with store.exclusive():
+    with store.collecting():
         for digest in candidates - referenced(db, candidates):
             store.delete(digest)
 
@@ -52,10 +77,12 @@ def collect_garbage(db: Database, store: ArtifactStore, *, grace_s: float, now: 
     writers that place blobs before writing their references (a model pull stores every file, then
     its rows), and whatever a crash left behind is found here."""
     cutoff = (time.time() if now is None else now) - grace_s
+    with db.session() as s:  # claims of writes that crashed
+        s.execute(delete(BlobClaimRow).where(BlobClaimRow.created_at < datetime.fromtimestamp(cutoff, UTC)))
     old = {digest for digest, claimed in store.blobs() if claimed < cutoff}
     removed = 0
     if old:
-        with store.exclusive():
+        with store.collecting():
             unreferenced = old - referenced(db, old)
             # Re-read the times under the lock: a writer may have claimed one since.
             for digest, claimed in store.blobs():

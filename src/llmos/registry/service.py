@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,7 +30,7 @@ from llmos.registry.convert import gguf_to_safetensors
 from llmos.registry.db import Database, parse_db_int
 from llmos.registry.facts import ModelFacts, inspect_model_dir
 from llmos.registry.formats import check_gguf, check_safetensors, is_pickle_checkpoint, parse_json, read_json
-from llmos.registry.gc import collect_unreferenced
+from llmos.registry.gc import BLOB_LOCK, claiming, collect_unreferenced
 from llmos.registry.records import SHARED_OWNER, Lineage, ModelRecord, validate_name
 from llmos.registry.sources import Progress, get_source
 from llmos.registry.store import ArtifactStore, sha256_file
@@ -43,6 +44,7 @@ class ModelRegistry:
     def __init__(self, db: Database, store: ArtifactStore, home: Path) -> None:
         self.db = db
         self.store = store
+        store.share_with(partial(db.advisory_lock, BLOB_LOCK))  # servers sharing a bucket share the database
         self.home = home
         self._cache = home / "cache"
         self._tmp = home / "tmp"
@@ -247,17 +249,18 @@ class ModelRegistry:
         total = sum(p.stat().st_size for p in files)
         progress.stage(f"storing {name}", total=total)
         added: set[str] = set()
-        artifacts: dict[str, tuple[str, int]] = {}
+        artifacts = {path.relative_to(model_dir).as_posix(): (sha256_file(path), path.stat().st_size) for path in files}
         try:
-            for path in files:
-                digest = sha256_file(path)
-                if not self.store.exists(digest):
-                    self.store.put_file(path, expected_sha256=digest, progress=progress.advance)
-                    added.add(digest)
-                else:
-                    progress.advance(path.stat().st_size)
-                artifacts[path.relative_to(model_dir).as_posix()] = (digest, path.stat().st_size)
-            return self._insert(name, source, fmt, facts, params, total, license, extra, artifacts, lineage)
+            # Claimed first: a blob found stored here stays until the rows below refer to it.
+            with claiming(self.db, self.store, (digest for digest, _ in artifacts.values())):
+                for path in files:
+                    digest, size = artifacts[path.relative_to(model_dir).as_posix()]
+                    if not self.store.exists(digest):
+                        self.store.put_file(path, expected_sha256=digest, progress=progress.advance)
+                        added.add(digest)
+                    else:
+                        progress.advance(size)
+                return self._insert(name, source, fmt, facts, params, total, license, extra, artifacts, lineage)
         except BaseException:
             # Only those nothing refers to: an upload of identical content may have claimed one since.
             collect_unreferenced(self.db, self.store, added)

@@ -18,9 +18,10 @@ import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from llmos.errors import ArtifactError, InsufficientStorageError
 
@@ -29,6 +30,18 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 ProgressFn = Callable[[int], None]
 """Called with the number of bytes just processed."""
+
+
+class ClusterLock(Protocol):
+    """A lock held across machines: many holders at once when ``shared``, else one alone."""
+
+    def __call__(self, *, shared: bool) -> AbstractContextManager[None]: ...
+
+
+@contextmanager
+def _machine_only(*, shared: bool) -> Iterator[None]:
+    """No other machine writes these blobs: the machine's own lock is all there is to hold."""
+    yield
 
 
 @dataclass(frozen=True)
@@ -71,10 +84,11 @@ class ArtifactStore(ABC):
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._lock_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # not re-entrant: a second flock in one process would wait forever
+        self._cluster_lock: ClusterLock = _machine_only
 
     @abstractmethod
     def place(self, staged: StagedBlob) -> bool:
-        """Store a staged blob under its name (call inside ``exclusive``); the staged file is
+        """Store a staged blob under its name (call inside ``placing``); the staged file is
         consumed or left for ``discard``. An existing blob of that name is kept and its time
         refreshed, so a collector's grace period counts from this claim. True if it is new."""
 
@@ -114,7 +128,7 @@ class ArtifactStore(ABC):
                 raise ArtifactError(
                     f"hash mismatch: expected sha256 {expected_sha256}, got {staged.digest}", code="hash_mismatch"
                 )
-            with self.exclusive():
+            with self.placing():
                 self.place(staged)
             return staged.digest
         finally:
@@ -145,11 +159,28 @@ class ArtifactStore(ABC):
             raise
         return StagedBlob(path=tmp, digest=h.hexdigest(), size=size)
 
+    def share_with(self, cluster_lock: ClusterLock) -> None:
+        """Coordinate with the other machines writing to these blobs (one bucket, several servers):
+        ``cluster_lock(shared=...)`` is a lock all of them see (the database's advisory lock)."""
+        self._cluster_lock = cluster_lock
+
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Held while a blob is placed and its reference written, and while a collector decides a
-        blob is unreferenced and deletes it: the two never interleave, in this process or another
-        on this machine."""
+    def placing(self) -> Iterator[None]:
+        """Held while a blob is placed and its reference written. Writers on different machines
+        hold it at once; a collector (``collecting``) on any of them waits for them, and they for it."""
+        with self._machine_lock(), self._cluster_lock(shared=True):
+            yield
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Held while a collector decides blobs are unreferenced and deletes them: no writer places a
+        blob or writes a reference meanwhile, and no other collector runs, on any machine."""
+        with self._machine_lock(), self._cluster_lock(shared=False):
+            yield
+
+    @contextmanager
+    def _machine_lock(self) -> Iterator[None]:
+        """Exclusive among the threads and processes of this machine (a thread lock and a ``flock``)."""
         with self._lock:
             fd = os.open(self._lock_dir, os.O_RDONLY)
             try:

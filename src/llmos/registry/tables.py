@@ -60,6 +60,20 @@ class ArtifactRow(Base):
     model: Mapped[ModelRow] = relationship(back_populates="artifacts")
 
 
+class BlobClaimRow(Base):
+    """A blob that a write in progress is about to refer to (a model pull stores every file before
+    it writes its rows): a reference until the write ends, or until the periodic collection finds it
+    older than ``blob_grace_s`` (the write crashed)."""
+
+    __tablename__ = "blob_claims"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    claim: Mapped[str] = mapped_column(String(32), index=True)
+    """The write's own id: its rows go together when it ends."""
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class ApiKeyRow(Base):
     __tablename__ = "api_keys"
 
