@@ -57,14 +57,8 @@ class Platform:
     @classmethod
     def open(cls, settings: Settings) -> Platform:
         secure_home(settings.home)  # owner-only, looser paths tightened with a warning
-        db = Database(settings.db_url)
-        store = open_artifact_store(
-            settings.artifact_store,
-            local_root=settings.store_dir,
-            cache_bytes=settings.s3_cache_mb << 20,
-            endpoint_url=settings.s3_endpoint_url,
-        )
-        registry = ModelRegistry(db, store, settings.home)
+        registry = open_registry(settings)
+        db = registry.db
         tenants = TenantStore(db)
         completions = CompletionStore(db)
         files = FileStore(
@@ -103,6 +97,11 @@ class Platform:
     def make_engine(self) -> EngineClient:
         from llmos.engine.local import LocalEngine
 
+        if self.settings.ray_address is not None:  # engine replicas as Ray actors (docs/scaling.md)
+            from llmos.cluster.engine import RayEngine
+
+            return RayEngine(self.registry, self.settings, local=LocalEngine(self.registry, self.settings))
+
         return LocalEngine(self.registry, self.settings, on_restart=self._audit_engine_restart)
 
     def _audit_engine_restart(self, model: str, reason: str, restarted: bool) -> None:
@@ -118,6 +117,18 @@ class Platform:
         self.vector_stores.close()
         self.limiter.close()  # the shared limits' queued releases
         self.db.dispose()
+
+
+def open_registry(settings: Settings) -> ModelRegistry:
+    """The model registry on the settings' database and artifact store (an engine replica on a
+    cluster node opens just this)."""
+    store = open_artifact_store(
+        settings.artifact_store,
+        local_root=settings.store_dir,
+        cache_bytes=settings.s3_cache_mb << 20,
+        endpoint_url=settings.s3_endpoint_url,
+    )
+    return ModelRegistry(Database(settings.db_url), store, settings.home)
 
 
 def storage_allowance(tenants: TenantStore, settings: Settings, tenant: str) -> int | None:

@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from llmos import __version__
 from llmos.api import health, usage
 from llmos.api.admin.alerts import router as alerts_router
+from llmos.api.admin.cluster import router as cluster_router
 from llmos.api.admin.router import router as admin_router
 from llmos.api.aliases import router as aliases_router
 from llmos.api.console.pages import console_mount
@@ -191,6 +192,7 @@ def create_app(
         metrics_router,
         admin_router,
         alerts_router,
+        cluster_router,
         usage.router,
         models_router,
         model_management_router,

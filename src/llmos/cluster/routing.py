@@ -1,0 +1,92 @@
+"""Which replica serves a request, and which node a new replica goes to: pure decisions.
+
+The API server routes every request itself (it counts what it has sent each replica and not yet
+seen finish), so these functions take plain views and are tested without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """A live replica as the router sees it."""
+
+    replica_id: str
+    queue_depth: int
+    """Requests sent to it and not finished."""
+    adapters: frozenset[str] = frozenset()
+    """Adapter model ids it has been asked to serve (so it holds them, unless it evicted them since)."""
+
+
+def choose_replica(replicas: Sequence[ReplicaLoad], adapter: str | None, *, overload: int) -> ReplicaLoad:
+    """Ray Serve LLM's multiplexing rule: a request for ``adapter`` goes to the least busy replica
+    that already holds it, unless every such replica has ``overload`` requests in flight; otherwise
+    (and for the base model) to the least busy replica of all. Ties go to the first listed."""
+    if not replicas:
+        raise ValueError("no replica to choose from")
+    if adapter is not None:
+        holders = [r for r in replicas if adapter in r.adapters and r.queue_depth < overload]
+        if holders:
+            return min(holders, key=lambda r: r.queue_depth)
+    return min(replicas, key=lambda r: r.queue_depth)
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """A cluster node's resources as Ray reports them (CPUs, bytes of memory, GPUs)."""
+
+    node_id: str
+    address: str
+    cpus: float
+    memory_bytes: int
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReplicaNeed:
+    cpus: float
+    memory_bytes: int
+    gpus: float = 0.0
+
+
+@dataclass
+class Reservation:
+    """What the platform's replicas already hold on one node."""
+
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    gpus: float = 0.0
+    models: list[str] = field(default_factory=list)
+    """The model of each replica placed there (a model may have several)."""
+
+
+def choose_node(
+    nodes: Sequence[NodeCapacity], held: dict[str, Reservation], need: ReplicaNeed, model: str
+) -> NodeCapacity | None:
+    """The node a new replica of ``model`` goes to: among the nodes with room left for ``need``
+    (after what ``held`` reserves), the one with the fewest replicas of this model (so replicas of
+    one model spread across nodes), then the most free memory. None: no node has room."""
+
+    def free(node: NodeCapacity) -> tuple[float, int, float]:
+        r = held.get(node.node_id, Reservation())
+        return node.cpus - r.cpus, node.memory_bytes - r.memory_bytes, node.gpus - r.gpus
+
+    fitting = []
+    for node in nodes:
+        cpus, memory, gpus = free(node)
+        if cpus >= need.cpus and memory >= need.memory_bytes and gpus >= need.gpus:
+            fitting.append(node)
+    if not fitting:
+        return None
+    return min(fitting, key=lambda n: (held.get(n.node_id, Reservation()).models.count(model), -free(n)[1]))
+
+
+def replicas_wanted(queue_depths: Sequence[int], *, target: int, minimum: int, maximum: int) -> int:
+    """How many replicas a model's load asks for (Ray Serve's autoscaling rule): the requests in
+    flight over all its replicas divided by ``target`` per replica, rounded up, within
+    [``minimum``, ``maximum``]."""
+    in_flight = sum(queue_depths)
+    return max(minimum, min(maximum, -(-in_flight // target)))

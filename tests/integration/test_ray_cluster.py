@@ -1,0 +1,313 @@
+"""Ray cluster mode (issue 21 point 1, ADR 0029) on a real two-node Ray cluster on this machine: a
+head and a second node started here with token authentication, `llmos serve` joined to it with two
+replicas of a tiny chat model. Two replicas answer (on the two nodes), a client that leaves frees
+its row on the replica, and a replica killed mid-stream ends that stream with an error event while
+the next requests go to the other replica and a replacement is placed. An `auto` head listens on
+loopback only; a non-loopback bind needs the explicit setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmos.config import Settings
+from llmos.platform import Platform
+from tests.integration.conftest import ADMIN_KEY, Server, start_server, stop_server
+from tests.tiny_models import build_tiny_chat_model
+
+ray = pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
+
+pytestmark = pytest.mark.integration
+
+RAY = Path(sys.executable).with_name("ray")
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+LONG = {"max_tokens": 7000, "ignore_eos": True, "temperature": 0}  # a stream that outlasts the test's steps
+
+
+@dataclass
+class RayCluster:
+    address: str
+    node_ip: str
+    token: Path
+    nodes: list[subprocess.Popen[bytes]]
+    logs: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float, nodes: Sequence[subprocess.Popen[bytes]] = ()) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for node in nodes:
+            if node.poll() is not None:
+                pytest.fail(f"a Ray node exited while waiting for {what}")
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _stop(node: subprocess.Popen[bytes]) -> None:
+    """A node started with --block in its own session: its process group is the node's processes."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(node.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            node.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    root = Path(tempfile.mkdtemp(prefix="llmos-ray-", dir="/tmp"))  # Ray's socket paths must stay short
+    token = root / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    port = _free_port()
+    # Ray 2.60 runs a multi-node cluster only on the machine's reachable address (a loopback one is
+    # replaced by it), its gRPC servers listening on every interface: token authentication guards them.
+    node_ip = ray.util.get_node_ip_address()
+    common = ["--block", "--node-ip-address", node_ip, "--num-cpus", "2", "--disable-usage-stats"]
+    nodes: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *args: str) -> None:
+        with (root / f"{name}.log").open("wb") as log:
+            nodes.append(
+                subprocess.Popen(
+                    [str(RAY), "start", *common, *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    try:
+        start("head", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", str(root / "ray"))
+        _wait("the Ray head", lambda: _accepts(node_ip, port), 120, nodes)
+        start("node2", "--address", f"{node_ip}:{port}")
+        yield RayCluster(f"{node_ip}:{port}", node_ip, token, nodes, root)
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _accepts(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("ray-server")
+    model = build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-long"), context=8192)
+    platform = Platform.open(Settings(home=home))
+    platform.registry.pull(f"file:{model}", name="tiny-chat")
+    platform.close()
+    server = start_server(
+        home,
+        default_models="[]",
+        dtype="float32",
+        max_concurrent_jobs="0",
+        max_tokens_cap="8000",
+        ray_address=ray_cluster.address,
+        ray_bind_host=ray_cluster.node_ip,  # joining a multi-node cluster: this machine's address, by consent
+        ray_allow_remote_bind="true",
+        ray_auth_token_file=str(ray_cluster.token),
+        ray_min_replicas="2",
+        ray_replica_cpus="1",
+    )
+    try:
+        _wait("both Ray nodes", lambda: len([n for n in _cluster(server)["nodes"]["data"] if n["alive"]]) == 2, 120)
+        yield server
+    finally:
+        assert stop_server(server) == 0
+
+
+def _cluster(server: Server) -> dict[str, Any]:
+    reply = httpx.get(f"{server.url}/v1/admin/cluster", headers=AUTH, timeout=30)
+    reply.raise_for_status()
+    return dict(reply.json())
+
+
+def _replicas(server: Server) -> list[dict[str, Any]]:
+    return list(_cluster(server)["replicas"]["data"])
+
+
+def _chat(server: Server, text: str, **extra: Any) -> httpx.Response:
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
+    return httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, json=body, timeout=300)
+
+
+class Stream:
+    """A streamed chat completion read event by event."""
+
+    def __init__(self, server: Server) -> None:
+        self._client = httpx.Client(timeout=120)
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "go"}], "stream": True, **LONG}
+        request = self._client.build_request("POST", f"{server.url}/v1/chat/completions", headers=AUTH, json=body)
+        self._response = self._client.send(request, stream=True)
+        assert self._response.status_code == 200
+        self._lines = self._response.iter_lines()
+
+    def next_event(self) -> dict[str, Any] | None:
+        for line in self._lines:
+            if line.startswith("data: "):
+                payload = line.removeprefix("data: ")
+                return None if payload == "[DONE]" else dict(json.loads(payload))
+        return None
+
+    def started(self) -> None:
+        """Read until the first generated text: the request is then on a replica (the opening chunk,
+        the assistant's role, is sent before the engine is asked)."""
+        while (event := self.next_event()) is not None:
+            if "error" in event:
+                pytest.fail(f"the stream failed: {event}")
+            if event["choices"] and event["choices"][0]["delta"].get("content"):
+                return
+        pytest.fail("the stream ended before any text")
+
+    def close(self) -> None:
+        self._response.close()
+        self._client.close()
+
+
+def test_two_replicas_on_two_nodes_answer(server: Server) -> None:
+    assert _chat(server, "hello").status_code == 200  # places the model's two replicas
+    replicas = _replicas(server)
+    assert [r["state"] for r in replicas] == ["ready", "ready"]
+    assert len({r["node_id"] for r in replicas}) == 2, "the two replicas of one model spread over both nodes"
+    streams = [Stream(server), Stream(server)]
+    try:
+        for stream in streams:
+            stream.started()
+        # the least busy replica takes each new request: one stream on each
+        assert sorted(r["queue_depth"] for r in _replicas(server)) == [1, 1]
+        assert sorted(r["running_requests"] for r in _replicas(server)) == [1, 1]
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_a_client_that_leaves_frees_its_row_on_the_replica(server: Server) -> None:
+    stream = Stream(server)
+    stream.started()
+    assert sum(r["running_requests"] for r in _replicas(server)) == 1
+    stream.close()  # thousands of tokens still to go: only the abort ends it
+    _wait("the replica to drop the request", lambda: sum(r["running_requests"] for r in _replicas(server)) == 0, 60)
+    assert sum(r["queue_depth"] for r in _replicas(server)) == 0
+
+
+def test_a_replica_killed_mid_stream_fails_that_stream_and_the_other_serves(server: Server) -> None:
+    _wait("two ready replicas", lambda: [r["state"] for r in _replicas(server)] == ["ready", "ready"], 180)
+    stream = Stream(server)
+    try:
+        stream.started()
+        (victim,) = [r for r in _replicas(server) if r["queue_depth"] == 1]
+        os.kill(victim["pid"], signal.SIGKILL)
+        events = []
+        while (event := stream.next_event()) is not None:
+            events.append(event)
+        assert "error" in events[-1], "the stream ends with an error event, not [DONE]"
+        assert events[-1]["error"]["code"] == "engine_error"
+        assert "replica" in events[-1]["error"]["message"]
+    finally:
+        stream.close()
+    replicas = _replicas(server)
+    assert victim["id"] not in [r["id"] for r in replicas]
+    survivor = next(r for r in replicas if r["state"] == "ready")
+    stream = Stream(server)  # the next request goes to the replica that is left
+    try:
+        stream.started()
+        assert next(r for r in _replicas(server) if r["id"] == survivor["id"])["queue_depth"] == 1
+    finally:
+        stream.close()
+    reply = _chat(server, "still there?")
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["message"]["role"] == "assistant"
+    # the pool places a replacement; the model is back to two replicas
+    _wait("a replacement replica", lambda: [r["state"] for r in _replicas(server)] == ["ready", "ready"], 180)
+    assert len({r["node_id"] for r in _replicas(server)}) == 2
+
+
+def test_serve_refuses_to_bind_ray_beyond_loopback_unless_allowed(tmp_path: Path) -> None:
+    env = {**os.environ, "LLMOS_HOME": str(tmp_path), "LLMOS_RAY_BIND_HOST": "0.0.0.0"}
+    run = subprocess.run(
+        [sys.executable, "-m", "llmos", "serve", "--no-pull", "--ray", "auto"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert b"ray_allow_remote_bind" in run.stdout + run.stderr
+
+
+def test_an_auto_head_listens_on_loopback_only_with_an_owner_only_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psutil
+    from ray._private import ray_constants
+
+    from llmos.cluster.connect import SINGLE_MACHINE_ENV, connect, disconnect
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", SINGLE_MACHINE_ENV):
+        monkeypatch.delenv(name, raising=False)  # connect sets them; put back as they were afterwards
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    settings = Settings(home=tmp_path, ray_address="auto")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    session = connect(settings)
+    try:
+        assert session.started_head
+        assert settings.ray_token_path.stat().st_mode & 0o777 == 0o600
+        assert os.environ["RAY_AUTH_MODE"] == "token"
+        ray_processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        listening = [
+            c.laddr for p in ray_processes for c in _connections(p) if c.status == psutil.CONN_LISTEN and c.laddr
+        ]
+        assert listening, "the head's processes listen somewhere"
+        assert {address.ip for address in listening} <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
+        assert ray.cluster_resources()["CPU"] >= 1
+    finally:
+        disconnect()
+
+
+def _connections(process: Any) -> list[Any]:
+    import psutil
+
+    try:
+        return list(process.net_connections(kind="inet"))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
