@@ -264,9 +264,9 @@ def test_a_replica_killed_mid_stream_fails_that_stream_and_the_other_serves(serv
 
 
 def test_serve_refuses_to_bind_ray_beyond_loopback_unless_allowed(tmp_path: Path) -> None:
-    env = {**os.environ, "LLMOS_HOME": str(tmp_path), "LLMOS_RAY_BIND_HOST": "0.0.0.0"}
+    env = {**os.environ, "LLMOS_HOME": str(tmp_path), "LLMOS_RAY_ADDRESS": "auto", "LLMOS_RAY_BIND_HOST": "0.0.0.0"}
     run = subprocess.run(
-        [sys.executable, "-m", "llmos", "serve", "--no-pull", "--ray", "auto"],
+        [sys.executable, "-m", "llmos", "serve", "--no-pull"],
         env=env,
         capture_output=True,
         timeout=120,
