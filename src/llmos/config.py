@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     )
     ray_bind_host: str = Field(
         default="127.0.0.1",
-        description="Address this server's Ray node (and an `auto` head) binds to; a non-loopback address is "
-        "refused unless `ray_allow_remote_bind` is true.",
+        description="This server's Ray address. Loopback: Ray's single-machine mode, every Ray port on loopback "
+        "(one node). Another address (only with `ray_allow_remote_bind`): a multi-node cluster, whose gRPC ports "
+        "Ray opens on every interface, guarded by its token.",
     )
     ray_allow_remote_bind: bool = Field(
         default=False,
