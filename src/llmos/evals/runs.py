@@ -290,12 +290,7 @@ class RunStore:
             )
             return sorted((index, sample) for index, sample in s.execute(q))
 
-    # -- what a runner does ------------------------------------------------------------------
-    def unfinished(self) -> list[str]:
-        with self.db.session() as s:
-            q = select(EvalRunRow.id).where(EvalRunRow.status.in_([s.value for s in UNFINISHED]))
-            return list(s.scalars(q.order_by(EvalRunRow.created_at)))
-
+    # -- what a runner does (which server runs a run: ``kernel.leases``) ----------------------
     def load(self, run_id: str) -> Run | None:
         with self.db.session() as s:
             row = s.get(EvalRunRow, run_id)

@@ -6,7 +6,7 @@ lives here: the batch row, whose status changes only through ``_move`` (legal pe
 ``batch_status`` and a compare-and-set on the status read), and one row per answered line, keyed
 by the line, so progress is durable line by line and a line answered again after a crash is
 recorded once. A server claims a batch by writing itself as its owner; a batch whose owner's
-heartbeat is stale is claimed by the next server that looks (a restart resumes it).
+heartbeat is stale is claimed by the next server that looks (a restart resumes it: ``leases``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from llmos.errors import InvalidRequestError, NotFoundError
 from llmos.kernel.batch_status import TERMINAL, TIMESTAMPS, BatchStatus, check_batch_transition
 from llmos.kernel.job_requests import check_metadata
+from llmos.kernel.leases import Leases
 from llmos.registry.db import Database
 from llmos.registry.files import FileStore
 from llmos.registry.tables import BatchRequestRow, BatchRow
@@ -111,6 +112,8 @@ class BatchStore:
         self.db = db
         self.files = files
         self.clock = clock
+        unfinished = [status for status in BatchStatus if status not in TERMINAL]
+        self.leases = Leases(db, BatchRow, unfinished, clock=lambda: self.clock())
 
     # -- what the API asks -----------------------------------------------------------------
     def create(self, *, tenant: str, key_id: str | None, body: dict[str, Any]) -> Batch:
@@ -219,19 +222,8 @@ class BatchStore:
     def claim(self, owner: str, stale_after: timedelta) -> list[Batch]:
         """Unfinished batches nobody runs (new, released, or their owner's heartbeat stale), now
         ``owner``'s; a new one moves to ``in_progress``."""
-        now = self.clock()
-        unfinished = [s.value for s in BatchStatus if s not in TERMINAL]
-        free = or_(BatchRow.owner.is_(None), BatchRow.heartbeat_at < now - stale_after)
         claimed: list[Batch] = []
-        with self.db.session() as s:
-            candidates = list(s.scalars(select(BatchRow.id).where(BatchRow.status.in_(unfinished), free)))
-        for batch_id in candidates:
-            with self.db.session() as s:  # the same condition, checked and taken in one statement
-                taken = s.execute(
-                    update(BatchRow).where(BatchRow.id == batch_id, free).values(owner=owner, heartbeat_at=now)
-                )
-                if taken.rowcount != 1:  # type: ignore[attr-defined]
-                    continue  # another server took it
+        for batch_id in self.leases.claim(owner, stale_after):
             batch = self._get(batch_id)
             if batch.status is BatchStatus.VALIDATING:
                 batch = self._move(batch, BatchStatus.IN_PROGRESS)
@@ -240,23 +232,16 @@ class BatchStore:
 
     def beat(self, owner: str, batch_ids: list[str]) -> dict[str, BatchStatus]:
         """Renew ``owner``'s hold on its batches; returns the status of each it still holds."""
-        if not batch_ids:
+        held = self.leases.beat(owner, batch_ids)
+        if not held:
             return {}
         with self.db.session() as s:
-            s.execute(
-                update(BatchRow)
-                .where(BatchRow.id.in_(batch_ids), BatchRow.owner == owner)
-                .values(heartbeat_at=self.clock())
-            )
-            rows = s.execute(
-                select(BatchRow.id, BatchRow.status).where(BatchRow.id.in_(batch_ids), BatchRow.owner == owner)
-            )
+            rows = s.execute(select(BatchRow.id, BatchRow.status).where(BatchRow.id.in_(held)))
             return {batch_id: BatchStatus(status) for batch_id, status in rows}
 
     def release(self, owner: str, batch_id: str) -> None:
         """Give a batch up (this server stops): the next server to look resumes it at once."""
-        with self.db.session() as s:
-            s.execute(update(BatchRow).where(BatchRow.id == batch_id, BatchRow.owner == owner).values(owner=None))
+        self.leases.release(owner, batch_id)
 
     def answered(self, batch_id: str) -> set[int]:
         with self.db.session() as s:

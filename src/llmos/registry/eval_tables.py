@@ -47,6 +47,9 @@ class EvalRunRow(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     run_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    """The server grading it; another takes it over once ``heartbeat_at`` is stale (``kernel.leases``)."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class EvalOutputItemRow(Base):

@@ -17,6 +17,7 @@ from sqlalchemy import or_, select, update
 
 from llmos.errors import InvalidRequestError, NotFoundError
 from llmos.kernel.job_record import timestamp
+from llmos.kernel.leases import Leases
 from llmos.registry.db import Database
 from llmos.registry.files import FileStore
 from llmos.registry.idempotency import find_earlier, insert_once
@@ -109,6 +110,8 @@ class SearchStore:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.db, self.registry, self.files, self.clock = db, registry, files, clock
+        unfinished = [status for status in SearchStatus if status not in FINISHED]
+        self.leases = Leases(db, SearchRow, unfinished, clock=lambda: self.clock())
 
     def create(
         self, *, tenant: str, key_id: str | None, body: dict[str, Any], idempotency_key: str | None = None
@@ -178,21 +181,9 @@ class SearchStore:
     # -- what a runner does ----------------------------------------------------------------
     def claim(self, owner: str, stale_after: timedelta) -> list[Search]:
         """Unfinished searches nobody drives (new, released, or their owner's heartbeat stale), now ``owner``'s."""
-        now = self.clock()
-        free = or_(SearchRow.owner.is_(None), SearchRow.heartbeat_at < now - stale_after)
-        unfinished = SearchRow.status.in_([s.value for s in SearchStatus if s not in FINISHED])
-        with self.db.session() as s:
-            candidates = list(s.scalars(select(SearchRow.id).where(unfinished, free)))
         claimed = []
-        for search_id in candidates:
-            with self.db.session() as s:  # the same condition, checked and taken in one statement
-                taken = s.execute(
-                    update(SearchRow)
-                    .where(SearchRow.id == search_id, unfinished, free)
-                    .values(owner=owner, heartbeat_at=now)
-                )
-                if taken.rowcount != 1:  # type: ignore[attr-defined]
-                    continue  # another server took it
+        for search_id in self.leases.claim(owner, stale_after):
+            with self.db.session() as s:
                 s.execute(
                     update(SearchRow)
                     .where(SearchRow.id == search_id, SearchRow.status == SearchStatus.QUEUED)
@@ -203,17 +194,15 @@ class SearchStore:
 
     def beat(self, owner: str, search_ids: list[str]) -> dict[str, Search]:
         """Renew ``owner``'s hold on its searches; the ones it still holds, as they are now."""
-        if not search_ids:
+        held = self.leases.beat(owner, search_ids)
+        if not held:
             return {}
         with self.db.session() as s:
-            mine = (SearchRow.id.in_(search_ids), SearchRow.owner == owner)
-            s.execute(update(SearchRow).where(*mine).values(heartbeat_at=self.clock()))
-            return {row.id: Search.from_row(row) for row in s.scalars(select(SearchRow).where(*mine))}
+            return {row.id: Search.from_row(row) for row in s.scalars(select(SearchRow).where(SearchRow.id.in_(held)))}
 
     def release(self, owner: str, search_id: str) -> None:
         """Give a search up (this server stops): the next runner to look resumes it at once."""
-        with self.db.session() as s:
-            s.execute(update(SearchRow).where(SearchRow.id == search_id, SearchRow.owner == owner).values(owner=None))
+        self.leases.release(owner, search_id)
 
     def finish(
         self,

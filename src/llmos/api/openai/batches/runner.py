@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from itertools import islice
@@ -29,6 +26,7 @@ from llmos.engine.protocol import EngineClient
 from llmos.errors import LLMOSError, NotFoundError, ServiceUnavailableError
 from llmos.kernel.batch_status import BatchStatus
 from llmos.kernel.batches import Batch, BatchStore
+from llmos.kernel.leases import new_owner
 from llmos.platform import Platform
 from llmos.security import ApiKeyInfo
 from llmos.training.datasets import iter_lines, jsonl_objects
@@ -68,7 +66,7 @@ class BatchRunner:
         self.store = BatchStore(platform.db, platform.files)
         self.stale_after = stale_after
         self.poll_s = poll_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = new_owner()
         self._slots = asyncio.Semaphore(platform.settings.batch_concurrency)
         self._running: dict[str, _Running] = {}
         self._loop_task: asyncio.Task[None] | None = None

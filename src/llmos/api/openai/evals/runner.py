@@ -2,6 +2,10 @@
 items, recording each graded item as it is done, so a restarted server resumes a run with the
 items not yet graded (``RunStore.record`` records an item once).
 
+Several servers on one database take turns: a server grades only the runs it has claimed, renews
+its hold on them every tick, and a run whose server stopped renewing (it died) is taken over by
+another once ``stale_after`` has passed (``kernel.leases``, as batches are).
+
 Samples and model graders go through the chat endpoint's own service at background priority (the
 batch path, ``batches/lines.py``), and ``cosine`` through the embeddings service, each charged to
 the key that created the run as usage of kind ``eval``. At most ``eval_concurrency`` items of all
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 from llmos.api.context import RequestContext
@@ -19,13 +24,17 @@ from llmos.api.openai.batches.lines import CHAT, EMBEDDINGS, answer
 from llmos.engine.protocol import EngineClient
 from llmos.errors import LLMOSError, ServiceUnavailableError
 from llmos.evals.grading import grade_item
-from llmos.evals.runs import Run, RunStatus, RunStore
+from llmos.evals.runs import UNFINISHED, Run, RunStatus, RunStore
 from llmos.evals.store import Eval, EvalStore
+from llmos.kernel.leases import Leases, new_owner
 from llmos.platform import Platform
+from llmos.registry.eval_tables import EvalRunRow
 from llmos.security import ApiKeyInfo
 
 log = logging.getLogger(__name__)
 USAGE_KIND = "eval"
+STALE_AFTER = timedelta(seconds=30)
+"""A run whose server has not renewed its hold this long is taken over by another server."""
 
 
 class EngineModels:
@@ -70,22 +79,33 @@ class EngineModels:
 
 
 class EvalRunner:
-    def __init__(self, platform: Platform, engine: EngineClient) -> None:
+    def __init__(
+        self, platform: Platform, engine: EngineClient, *, stale_after: timedelta = STALE_AFTER, poll_s: float = 1.0
+    ) -> None:
         self.platform = platform
         self.engine = engine
         self.runs = RunStore(platform.db)
         self.evals = EvalStore(platform.db)
+        self.leases = Leases(platform.db, EvalRunRow, UNFINISHED)
+        self.owner = new_owner()
+        self.stale_after = stale_after
+        self.poll_s = poll_s
         self._slots = asyncio.Semaphore(max(1, platform.settings.eval_concurrency))
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._claims: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Resume the runs a stopped server left queued or in progress."""
-        for run_id in self.runs.unfinished():
-            self.submit(run_id)
+        """Take part in running eval runs: those a stopped server left queued or in progress, and
+        those whose server died, at once and then every ``poll_s``."""
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="eval-runner")
 
     def submit(self, run_id: str) -> None:
-        if run_id not in self._tasks:
-            self._tasks[run_id] = asyncio.get_running_loop().create_task(self._run(run_id), name=f"eval-{run_id}")
+        """Claim a run just created and start it, without waiting for the next tick (unless another
+        server claimed it first)."""
+        claim = asyncio.get_running_loop().create_task(self._claim(run_id), name=f"eval-claim-{run_id}")
+        self._claims.add(claim)
+        claim.add_done_callback(self._claims.discard)
 
     def halt(self, run_id: str) -> None:
         """Stop a run this server runs at once (it was cancelled or deleted); its items in flight are dropped."""
@@ -94,12 +114,49 @@ class EvalRunner:
             task.cancel()
 
     async def stop(self) -> None:
-        """Stop every run; items in flight are graded again by the next server (unrecorded)."""
+        """Stop every run and release it, so that the next server resumes it at once; items in
+        flight are graded again there (unrecorded)."""
+        claiming = [*self._claims, *([self._loop_task] if self._loop_task is not None else [])]
+        for task in claiming:
+            task.cancel()
+        await asyncio.gather(*claiming, return_exceptions=True)
+        held = list(self._tasks)
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        for run_id in held:
+            await asyncio.to_thread(self.leases.release, self.owner, run_id)
+
+    async def tick(self) -> None:
+        """Renew this server's hold on its runs (stopping those taken over or deleted), then claim
+        and start the runs nobody runs."""
+        held = await asyncio.to_thread(self.leases.beat, self.owner, list(self._tasks))
+        for run_id in set(self._tasks) - held:
+            log.warning("eval run %s is no longer this server's; stopping it", run_id)
+            self.halt(run_id)
+        for run_id in await asyncio.to_thread(self.leases.claim, self.owner, self.stale_after):
+            self._start(run_id)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # the runner must outlive any single bad tick (a database restart)
+                log.exception("eval runner tick failed")
+            await asyncio.sleep(self.poll_s)
+
+    async def _claim(self, run_id: str) -> None:
+        try:
+            for claimed in await asyncio.to_thread(self.leases.claim, self.owner, self.stale_after, only=run_id):
+                self._start(claimed)
+        except Exception:  # the next tick claims it
+            log.exception("eval run %s: claiming it failed", run_id)
+
+    def _start(self, run_id: str) -> None:
+        if run_id not in self._tasks:
+            self._tasks[run_id] = asyncio.get_running_loop().create_task(self._run(run_id), name=f"eval-{run_id}")
 
     async def wait(self, run_id: str) -> None:
         """Until the run's task has ended (tests, the CLI's follow)."""
