@@ -13,7 +13,7 @@ from tests.conftest import ADMIN_KEY
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "temperature": 0}
-USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens"}
+USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "completion_tokens_details"}
 
 
 def events(http: TestClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -45,7 +45,6 @@ REFUSED_SAMPLES: dict[str, Any] = {
     "logit_bias": {"5": 10},
     "modalities": ["text"],
     "moderation": True,
-    "prediction": {"type": "content", "content": "x"},
     "prompt_cache_key": "k",
     "prompt_cache_options": {},
     "prompt_cache_retention": "24h",

@@ -33,6 +33,8 @@ class StreamedRow(Protocol):
     chosen: int | None
     grammar: RowMatcher | None
     output_ids: list[int]
+    drafted: int
+    draft_accepted: int
 
 
 class Streamer:
@@ -164,9 +166,17 @@ class Streamer:
             row.held_ids.append(token)
         if text or finish or logprobs:
             emitted_ids, row.held_ids = tuple(row.held_ids), []
+            drafted, accepted = row.drafted, row.draft_accepted
+            row.drafted = row.draft_accepted = 0
             row.pending.sink(
                 GenerationDelta(
-                    index=row.index, text=text, token_ids=emitted_ids, logprobs=logprobs, finish_reason=finish
+                    index=row.index,
+                    text=text,
+                    token_ids=emitted_ids,
+                    logprobs=logprobs,
+                    finish_reason=finish,
+                    draft_tokens=drafted,
+                    accepted_draft_tokens=accepted,
                 )
             )
 

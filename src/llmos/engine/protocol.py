@@ -65,6 +65,9 @@ class GenerationRequest:
     and is parked when they need them (``engine.scheduler``)."""
     grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
     """The grammar every choice's output follows, from ``EngineClient.compile_grammar``."""
+    prediction_token_ids: Sequence[int] = field(default=(), compare=False, repr=False)
+    """Tokens the answer is expected to repeat (OpenAI's Predicted Outputs): speculative decoding
+    drafts from them as from the prompt; the output is the same with or without them."""
 
     @property
     def scoring(self) -> bool:
@@ -121,6 +124,11 @@ class GenerationDelta:
     error: str | None = None
     prompt_logprobs: tuple[PromptLogprob, ...] = ()
     """The scored prompt, on each choice's first delta when the request asked for it."""
+    draft_tokens: int = 0
+    """Tokens speculative decoding drafted for this choice and verified since its previous delta."""
+    accepted_draft_tokens: int = 0
+    """Draft tokens streamed as this choice's output since its previous delta (summed over a
+    choice's deltas, the accepted ones; the rest of ``draft_tokens`` were rejected)."""
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,14 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The distribution each row's token is sampled from: its logits over its temperature, outside
+    its nucleus (top-p) masked, softmaxed; a greedy row (temperature 0) is taken at temperature 1
+    (its token is the argmax instead)."""
+    temps = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+    return torch.softmax(apply_top_p(logits / temps[:, None], top_p), dim=-1)
+
+
 def select_tokens(
     logits: torch.Tensor, sampling: BatchSampling, fixed: Mapping[int, int] | None = None
 ) -> torch.Tensor:
@@ -88,9 +96,7 @@ def select_tokens(
         chosen[row] = token
     if bool(greedy.all()):
         return chosen
-    temps = torch.where(greedy, torch.ones_like(sampling.temperature), sampling.temperature)
-    scaled = apply_top_p(logits / temps[:, None], sampling.top_p)
-    probs = torch.softmax(scaled, dim=-1)
+    probs = sampling_probs(logits, sampling.temperature, sampling.top_p)
     for row in torch.nonzero(~greedy).flatten().tolist():
         if row in fixed:
             continue

@@ -126,6 +126,10 @@ class Row:
     """Where it stands in its request's grammar (made at its first token), if constrained."""
     output_ids: list[int] = field(default_factory=list)
     """Every token streamed so far (what a preempted row's prompt goes on with when it is prefilled again)."""
+    drafted: int = 0
+    """Draft tokens verified for it (speculative decoding) not yet reported in a delta."""
+    draft_accepted: int = 0
+    """Draft tokens streamed as its output not yet reported in a delta."""
 
     @property
     def tenant(self) -> str:

@@ -110,6 +110,12 @@ PREFIX_CACHE_QUERIES = Counter(
     "llmos_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model_name"]
 )
 PREFIX_CACHE_HITS = Counter("llmos_prefix_cache_hits", "Prompt tokens found in the prefix cache.", ["model_name"])
+SPEC_DECODE_DRAFT_TOKENS = Counter(
+    "llmos_spec_decode_draft_tokens", "Draft tokens speculative decoding verified.", ["model_name"]
+)
+SPEC_DECODE_ACCEPTED_TOKENS = Counter(
+    "llmos_spec_decode_accepted_tokens", "Draft tokens speculative decoding accepted into the output.", ["model_name"]
+)
 QUOTA_REJECTIONS = Counter(
     "llmos_quota_rejections", "Requests refused by a tenant's limits or quotas.", ["tenant", "reason"]
 )

@@ -73,6 +73,10 @@ class GenerationMetrics:
                 self.inter_token.observe(now - previous)
             self.last[delta.index] = now
             self.generated += len(delta.token_ids)
+        if delta.draft_tokens:
+            metrics.SPEC_DECODE_DRAFT_TOKENS.labels(self.model).inc(delta.draft_tokens)
+        if delta.accepted_draft_tokens:
+            metrics.SPEC_DECODE_ACCEPTED_TOKENS.labels(self.model).inc(delta.accepted_draft_tokens)
         if delta.finish_reason is not None:
             self.unfinished -= 1
             if delta.finish_reason in _COUNTED_REASONS:

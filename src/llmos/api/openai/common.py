@@ -80,10 +80,23 @@ class SamplingFields(OpenAIRequest):
     """vLLM's extra: generate to ``max_tokens`` past the end-of-sequence token."""
 
 
+class CompletionTokensDetails(BaseModel):
+    """OpenAI's breakdown of the completion tokens: a speculative decoder's drafts (its own
+    predictions, the counterpart of OpenAI's Predicted Outputs) accepted into the output and
+    rejected; rejected drafts are not counted in ``completion_tokens`` (the server chose to draft
+    them). No reasoning or audio tokens are ever generated here."""
+
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    reasoning_tokens: int = 0
+    audio_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
 
 
 def new_id(prefix: str) -> str:
@@ -177,13 +190,25 @@ class UsageMeter:
     model: str
     prompt_tokens: int
     completion_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     def usage(self) -> Usage:
         return Usage(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens,
+            completion_tokens_details=CompletionTokensDetails(
+                accepted_prediction_tokens=self.accepted_draft_tokens,
+                rejected_prediction_tokens=self.draft_tokens - self.accepted_draft_tokens,
+            ),
         )
+
+    def count(self, delta: GenerationDelta) -> None:
+        """Add what ``delta`` generated (its tokens, and the drafts verified for them)."""
+        self.completion_tokens += len(delta.token_ids)
+        self.draft_tokens += delta.draft_tokens
+        self.accepted_draft_tokens += delta.accepted_draft_tokens
 
     def charge(self) -> None:
         self.ctx.finish(self.model, self.prompt_tokens, self.completion_tokens)
@@ -306,7 +331,7 @@ async def engine_deltas(
                 observed.observe(delta)
             if delta.finish_reason == FinishReason.ERROR:
                 raise EngineError(delta.error or "generation failed")
-            meter.completion_tokens += len(delta.token_ids)
+            meter.count(delta)
             yield delta
     finally:
         if observed is not None:

@@ -3,7 +3,8 @@
 The engine loop (``engine.runner``) admits waiting requests between decode steps, by what the
 rows take of the key/value budget now; this runner prefills their prompts in chunks (their
 key/value states then merged into the running batch) and advances every running row by one
-token a step, within ``step_token_budget`` tokens a step, the decoding rows first. Rows keep
+token a step (a single stream by several where its draft is accepted: ``speculative``), within
+``step_token_budget`` tokens a step, the decoding rows first. Rows keep
 their own sampling parameters, stop sequences and stream, and leave the batch the step they
 finish or their client goes away, so nobody waits for the slowest request and no token is
 computed for a departed client; rows that outgrow the budget are preempted (``preemption``).
@@ -16,6 +17,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from llmos.engine.torch_backend.preemption import ADMISSION_HEADROOM, Preemption
 from llmos.engine.torch_backend.prefill import Prefill, plan_chunks, run_packed
 from llmos.engine.torch_backend.prefix_cache import PrefixCache
 from llmos.engine.torch_backend.prompt_scores import PromptScores
+from llmos.engine.torch_backend.speculative import Speculation
 from llmos.engine.torch_backend.tenant_share import TenantShare
 from llmos.engine.torch_backend.virtual_tokens import (
     States,
@@ -77,6 +80,7 @@ class CausalRunner(GenerationRunner):
         self.lora = LoraBank(model, config.adapter_memory_bytes)
         # Decode steps run the lean step where the architecture has one, else the model's forward.
         self.decoder = LeanDecoder.build(model, int8=config.decode_int8, native=config.native_kernels)
+        self.speculation = Speculation.build(config, model, self.decoder, self.streamer, self.cache_name)
         self.virtual = VirtualPrefixes(config.adapter_memory_bytes)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         width = kv_width(model.config.to_dict()) * next(model.parameters()).element_size()
@@ -131,6 +135,7 @@ class CausalRunner(GenerationRunner):
             "kv_cache_bytes": self.kv_bytes,
             "kv_cache_budget_bytes": self.kv_budget.budget_bytes,
             "preemptions": self.preemption.count,
+            **(self.speculation.stats() if self.speculation is not None else {}),
         }
 
     # -- the scheduler's questions ---------------------------------------------------------
@@ -392,15 +397,26 @@ class CausalRunner(GenerationRunner):
         state.select(keep)
         # No buffer grows ahead past what the budget allows every held row (``make_room`` saw to one more).
         held = len(held_sizes(state, self.share.parked, self._prefill_jobs))
-        limit_growth(state.cache, min(max(r.pending.reserve for r in state.rows), self.kv_budget.widest(held)))
-        state.attention = torch.cat([state.attention, torch.ones((len(state), 1), dtype=state.attention.dtype)], 1)
+        limit = min(max(r.pending.reserve for r in state.rows), self.kv_budget.widest(held))
+        limit_growth(state.cache, limit)
         self.lora.prepare([r.pending.adapter for r in state.rows])
+        # A single stream (nothing else decoding, prefilling, parked or waiting) may speculate.
+        alone = len(state) == 1 and not (self._prefill_jobs or self.share.parked) and self.scheduler.queue.empty()
+        if self.speculation is not None and alone:
+            decode = partial(self._decode, state, tokens)
+            self.tokens_generated += self.speculation.step(state, int(tokens[0]), limit, self.lora.context, decode)
+        else:
+            self._decode(state, tokens)
+        return state
+
+    def _decode(self, state: BatchState[Row], tokens: torch.Tensor) -> None:
+        """One token of every row of ``state``: its key/value states and the next logits."""
+        state.attention = torch.cat([state.attention, torch.ones((len(state), 1), dtype=state.attention.dtype)], 1)
         if self.decoder is not None:
             state.logits = self.decoder(tokens, state.next_pos, state.attention, state.cache, self.lora.context)
         else:
             state.logits = self.model(**forward_kwargs(state, tokens, self.cache_name)).logits[:, -1, :].float()
         state.next_pos = state.next_pos + 1
-        return state
 
 
 def _generating(request: GenerationRequest) -> bool:

@@ -102,10 +102,16 @@ def limit_growth(cache: DynamicCache, positions: int) -> None:
             layer._keys.limit = layer._values.limit = positions
 
 
+def grows_in_place(cache: DynamicCache) -> bool:
+    """Whether every layer of ``cache`` grows in place (and so can be truncated)."""
+    return all(isinstance(layer, GrowingLayer) for layer in cache.layers)
+
+
 def truncate(cache: DynamicCache, length: int) -> bool:
-    """Forget every position of ``cache`` from ``length`` on (what a failed pass wrote), in
-    place; False where a layer is not one that grows in place (nothing is changed then)."""
-    if not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
+    """Forget every position of ``cache`` from ``length`` on (what a failed pass wrote, drafts a
+    verify rejected), in place; False where a layer is not one that grows in place (nothing is
+    changed then)."""
+    if not grows_in_place(cache):
         return False
     for layer in cache.layers:
         assert isinstance(layer, GrowingLayer)

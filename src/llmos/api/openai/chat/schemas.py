@@ -49,6 +49,16 @@ class ChatMessage(OpenAIRequest):
         return self.content or ""
 
 
+class PredictionContent(OpenAIRequest):
+    """OpenAI's Predicted Outputs: text the answer is expected to repeat (``chat/prediction.py``)."""
+
+    type: Literal["content"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class ChatCompletionRequest(SamplingFields, StructuredFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
@@ -63,6 +73,7 @@ class ChatCompletionRequest(SamplingFields, StructuredFields):
     """Keep the request and its answer as a stored completion of the caller's tenant."""
     metadata: dict[str, Any] | None = None
     """Up to 16 string pairs kept with a stored completion (checked with the job metadata's rules)."""
+    prediction: PredictionContent | None = None
 
 
 class TopLogprobOut(BaseModel):

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
+from llmos.api.openai.chat.prediction import prediction_tokens
 from llmos.api.openai.chat.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -34,7 +35,7 @@ from llmos.api.openai.chat.tools import (
 from llmos.api.openai.common import (
     CollectedChoice,
     GenerationService,
-    Usage,
+    UsageMeter,
     build_sampling,
     finish_reason,
     new_id,
@@ -88,6 +89,7 @@ class ChatService(GenerationService):
         with_tools = tools_grammar(tools, choice, req.parallel_tool_calls is not False, answer)
         spec, param = (with_tools, "tools") if with_tools is not None else asked or (None, "")
         grammar = await self.engine.compile_grammar(handle, spec, param=param) if spec is not None else None
+        prediction = await prediction_tokens(req, self.engine, handle, self.settings, param if spec else "")
         messages = [m.rendered() for m in req.messages]
         prompt = await self.engine.encode_chat(
             handle, messages, [t.model_dump(exclude_none=True) for t in tools] or None
@@ -118,6 +120,7 @@ class ChatService(GenerationService):
             tenant=self.ctx.tenant,
             handle=handle,
             grammar=grammar,
+            prediction_token_ids=tuple(prediction),
         )
 
     async def complete(self, req: ChatCompletionRequest, gen: GenerationRequest) -> ChatCompletion:
@@ -142,14 +145,13 @@ class ChatService(GenerationService):
 
     def stream(self, req: ChatCompletionRequest, gen: GenerationRequest) -> AsyncIterator[str]:
         streamed = [CollectedChoice() for _ in range(gen.params.n)]
-        completion_tokens = 0
+        tally = UsageMeter(self.ctx, req.model, len(gen.prompt_token_ids))  # the stored copy's usage, never charged
 
         def choices_of(delta: GenerationDelta) -> list[ChunkChoice]:
-            nonlocal completion_tokens
             streamed[delta.index].text += delta.text
             if delta.finish_reason is not None:
                 streamed[delta.index].finish_reason = finish_reason(delta.finish_reason)
-            completion_tokens += len(delta.token_ids)
+            tally.count(delta)
             out = []
             logprobs = _logprobs(delta.logprobs) if gen.params.logprobs and delta.logprobs else None
             if delta.text or logprobs:
@@ -174,12 +176,7 @@ class ChatService(GenerationService):
             return events
 
         def whole() -> ChatCompletion:
-            prompt_tokens = len(gen.prompt_token_ids)
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
+            usage = tally.usage()
             choices = [
                 ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
                 for i, c in enumerate(streamed)

@@ -1,0 +1,201 @@
+"""Speculative decoding of a single stream (docs/adr/0027): one client, greedy, SmolLM2-135M-Instruct
+summarising SciTLDR abstracts (answers that copy their input), served with speculation off and
+on in the same run, and the cost of a verify pass against a decode step.
+
+    python -m benchmarks.speculative [--prompts 8] [--max-tokens 128] [--modes off,auto,ngram] [--dtype auto]
+
+Part 1 (in process, the model's lean layers): a decode step of one row and verify passes of
+``k`` drafts (``k + 1`` tokens with every position's logits) over the same cache, median of
+``--repeats`` each; the ratios are the cost model of ``auto``'s rule. Part 2 (one ``llmos serve``
+per mode, the bench-home registry, all running): each prompt answered by each server in turn,
+tokens/s over the requests' wall time, the acceptance rate from the usage's accepted and rejected
+prediction tokens, and whether every answer is the same as with speculation off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from benchmarks.harness import KEY, MODEL, ROOT, start_server, write_result
+
+DATASET = ROOT.parent / "shared" / "datasets" / "sum_scitldr" / "test.jsonl"
+INSTRUCTION = "Summarise this abstract in two or three sentences, keeping its own wording:\n\n"
+DRAFTS = (1, 2, 4, 8, 16)
+
+
+def summaries(n: int) -> list[str]:
+    rows = [json.loads(line) for line in DATASET.read_text().splitlines() if line.strip()]
+    return [INSTRUCTION + " ".join(s.strip() for s in row["source"]) for row in rows[:n]]
+
+
+def verify_cost(model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, threads: int) -> dict[str, Any]:
+    """Median seconds of a one-row decode step and of verifies of each draft length, over a cache
+    holding ``prompt`` (rolled back after every pass, so each runs over the same cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmos.engine.threads import configure, enter_compute_thread
+    from llmos.engine.torch_backend.kv_cache import new_cache, truncate
+    from llmos.engine.torch_backend.lean_decode import LeanDecoder
+
+    configure(threads)
+    enter_compute_thread()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).eval()
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    cache = new_cache(model.config)
+    decoder.prefill([(ids, 0, cache)])
+    length = len(ids)
+    attention = torch.ones((1, length + 1), dtype=torch.long)
+
+    token = torch.tensor([ids[-1]])
+    passes: dict[int, Any] = {0: lambda: decoder(token, torch.tensor([length]), attention, cache, None)}
+    for k in DRAFTS:
+        passes[k] = lambda k=k: decoder.prefill([(ids[-k - 1 :], length, cache)], every=[True])
+    times: dict[int, list[float]] = {k: [] for k in passes}
+    for _ in range(repeats + 2):  # each kind of pass in turn, so that the machine's load weighs on all alike
+        for k, run in passes.items():
+            start = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - start)
+            truncate(cache, length)
+    step = statistics.median(times[0][2:])  # the first two rounds warm up
+    verifies = {k: statistics.median(times[k][2:]) for k in DRAFTS}
+    ratios = {k: verifies[k] / step for k in DRAFTS}
+    # Least squares of ratio = base + per_draft * k, the form auto's rule uses.
+    mean_k, mean_r = statistics.mean(DRAFTS), statistics.mean(ratios.values())
+    per_draft = sum((k - mean_k) * (ratios[k] - mean_r) for k in DRAFTS) / sum((k - mean_k) ** 2 for k in DRAFTS)
+    return {
+        "cache_tokens": length,
+        "decode_step_s": step,
+        "verify_s": {str(k): verifies[k] for k in DRAFTS},
+        "verify_over_step": {str(k): ratios[k] for k in DRAFTS},
+        "fit_base": mean_r - per_draft * mean_k,
+        "fit_per_draft": per_draft,
+    }
+
+
+def served(
+    home: Path, modes: list[str], texts: list[str], max_tokens: int, dtype: str, threads: int
+) -> dict[str, dict[str, Any]]:
+    """Every text answered by one server per ``speculative_decoding`` mode, all running, the modes
+    taking turns prompt by prompt (so that the machine's other load weighs on each alike)."""
+    servers = {}
+    runs: dict[str, dict[str, Any]] = {
+        mode: {"tokens": 0, "seconds": 0.0, "draft_tokens": 0, "accepted_tokens": 0, "answers": []} for mode in modes
+    }
+    try:
+        for mode in modes:
+            settings = {"LLMOS_SPECULATIVE_DECODING": mode, "LLMOS_DTYPE": dtype, "LLMOS_THREADS": str(threads)}
+            servers[mode] = start_server(home, settings)
+        with httpx.Client(timeout=900, headers={"Authorization": f"Bearer {KEY}"}) as client:
+
+            def ask(url: str, text: str) -> dict[str, Any]:
+                body = {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": text}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                }
+                resp = client.post(f"{url}/v1/chat/completions", json=body)
+                resp.raise_for_status()
+                return dict(resp.json())
+
+            for _, url in servers.values():
+                ask(url, "Hello")  # the model loads
+            for text in texts:
+                for mode, (_, url) in servers.items():
+                    start = time.perf_counter()
+                    out = ask(url, text)
+                    run = runs[mode]
+                    run["seconds"] += time.perf_counter() - start
+                    usage = out["usage"]
+                    details = usage.get("completion_tokens_details") or {}
+                    run["answers"].append(out["choices"][0]["message"]["content"])
+                    run["tokens"] += usage["completion_tokens"]
+                    run["accepted_tokens"] += details.get("accepted_prediction_tokens", 0)
+                    run["draft_tokens"] += details.get("accepted_prediction_tokens", 0)
+                    run["draft_tokens"] += details.get("rejected_prediction_tokens", 0)
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
+            proc.wait(timeout=60)
+    for run in runs.values():
+        run["tokens_per_s"] = run["tokens"] / run["seconds"]
+        run["acceptance_rate"] = run["accepted_tokens"] / run["draft_tokens"] if run["draft_tokens"] else None
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--modes", default="off,auto,ngram", help="speculative_decoding values; off first")
+    parser.add_argument("--repeats", type=int, default=30, help="timed passes of each verify length")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the engine (0: torch's default)")
+    parser.add_argument("--cost-only", action="store_true", help="measure the verify's cost only (part 1)")
+    parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
+    parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    if modes[0] != "off":
+        raise SystemExit("--modes must start with off (the answers the others are compared with)")
+
+    from llmos.config import Settings
+    from llmos.engine.local import resolve_dtype
+    from llmos.platform import Platform
+
+    platform = Platform.open(Settings(home=args.home))
+    model_dir = platform.registry.model_dir(platform.registry.get(MODEL))
+    dtype = resolve_dtype(args.dtype)
+    platform.close()
+    texts = summaries(args.prompts)
+    cost = verify_cost(model_dir, dtype, texts[0], args.repeats, args.threads)
+    if args.cost_only:
+        print(json.dumps(cost, indent=2))
+        return
+    runs = served(args.home, modes, texts, args.max_tokens, args.dtype, args.threads)
+    base = runs["off"]
+    result: dict[str, Any] = {
+        "model": MODEL,
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompts": len(texts),
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "verify_cost": cost,
+        "served": {mode: {k: v for k, v in run.items() if k != "answers"} for mode, run in runs.items()},
+    }
+    for mode, run in runs.items():
+        result["served"][mode]["speedup"] = run["tokens_per_s"] / base["tokens_per_s"]
+        same = [a == b for a, b in zip(run["answers"], base["answers"], strict=True)]
+        result["served"][mode]["identical_answers"] = sum(same)
+    print(f"{MODEL} ({result['dtype']}), 1 client, greedy, {len(texts)} SciTLDR summaries to {args.max_tokens} tokens")
+    print(f"verify cost over a {cost['cache_tokens']}-token cache (decode step {cost['decode_step_s'] * 1000:.1f} ms):")
+    print("  " + "  ".join(f"k={k}: {cost['verify_over_step'][str(k)]:.2f}x" for k in DRAFTS))
+    print(f"  fit: {cost['fit_base']:.3f} + {cost['fit_per_draft']:.4f} k")
+    print(f"{'mode':<8} {'tokens':>7} {'tokens/s':>9} {'speedup':>8} {'accepted':>9} {'identical':>10}")
+    for mode in modes:
+        row = result["served"][mode]
+        rate = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.0%}"
+        print(
+            f"{mode:<8} {row['tokens']:>7} {row['tokens_per_s']:>9.1f} {row['speedup']:>7.2f}x {rate:>9} "
+            f"{row['identical_answers']:>6}/{len(texts)}"
+        )
+    write_result("speculative", result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Speculative decoding of a single stream: drafts by prompt lookup, verified in one pass.
+
+A decode step of one row reads every weight to compute one token; a pass over a few tokens
+reads them once too, and costs little more (docs/adr/0027). When a chat model's batch holds a
+single decoding row and no prompt is waiting, the row's next tokens are *drafted* from the
+latest earlier occurrence of its last few tokens in its prompt and output (prompt lookup, as
+transformers' ``prompt_lookup_num_tokens`` and vLLM's ``ngram`` method do: answers that copy
+their input, summaries, code edits, quotes; and in the request's prediction, OpenAI's Predicted
+Outputs, when it has one), and the token just chosen and the draft are
+*verified* in one pass over the row's cache with every position's logits (the lean layers'
+packed prefill where the model has them, else its own forward).
+Each draft token is accepted by the standard speculative-sampling rule, so the output is what
+decoding one token at a time produces: greedy rows accept a draft token exactly when it is the
+argmax; sampled rows accept draft token ``x`` with probability ``p(x)`` of the row's own
+distribution (temperature, top-p) and otherwise draw from ``p`` with ``x`` removed, which
+leaves every token's probability ``p`` (a point-mass draft). The first rejected position (or,
+when all are accepted, the position after the draft) gives one more token from the same pass.
+The accepted tokens go through the row's streaming one by one (stop sequences, ``max_tokens``,
+the end token), and the cache is rolled back to what was accepted.
+
+Rows whose next token is not a plain draw from their distribution keep decoding one token at a
+time: grammar-constrained rows (the mask depends on each accepted token), rows with presence or
+frequency penalties (the counts change with each token), rows that report logprobs, and seeded
+sampled rows, whose tokens come from their own generator one draw a token, so that a seed gives
+the same output whether or not its request ran alone. So do rows whose cache cannot be rolled
+back (sliding-window layers).
+
+``auto`` speculates only where it pays: a verify of ``m`` drafts costs ``VERIFY_BASE_COST +
+VERIFY_COST_PER_DRAFT * m`` decode steps and yields one token plus the accepted ones, so a row
+drafts the length that maximises its expected tokens per unit of cost, from its own recent
+acceptance rate, and only while that beats a plain step; a row refused waits a doubling number
+of drafting steps before one probing verify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmos.engine.choices import Streamer
+from llmos.engine.config import EngineConfig
+from llmos.engine.sampling import sampling_probs
+from llmos.engine.scheduler import Row
+from llmos.engine.torch_backend.batch_state import BatchState
+from llmos.engine.torch_backend.kv_cache import grows_in_place, truncate
+
+MODES = ("auto", "ngram", "off")
+LONGEST_MATCH = 4
+"""Suffix lengths looked up, longest first: a longer match predicts its continuation better."""
+SHORTEST_MATCH = 2
+"""A single token's earlier occurrence is mostly a coincidence (a common word), not a copy."""
+VERIFY_BASE_COST = 1.0
+"""A verify pass's cost in decode steps of one row, beside ``VERIFY_COST_PER_DRAFT`` a draft
+token (docs/adr/0027 has the measurement they come from)."""
+VERIFY_COST_PER_DRAFT = 0.025
+PRIOR_ACCEPTED, PRIOR_TESTED = 1.0, 2.0
+"""A new row's acceptance counts (a rate of one half): it drafts at once, and its own verifies
+soon outweigh the prior."""
+MEMORY = 0.7
+"""Weight of a row's earlier verifies against its latest one (its acceptance rate follows what it
+is writing now: copying, then composing)."""
+MAX_WAIT = 64
+"""Most drafting steps a row refused waits before its next probing verify."""
+Verify = Callable[[list[int], int, Any, Any], torch.Tensor]
+"""``verify(tokens, position, cache, lora)``: ``tokens`` at positions ``position``... after the
+states in ``cache`` (which it extends), every position's float32 logits, (len(tokens), vocab)."""
+
+
+def lean_verify(decoder: Any) -> Verify:
+    """A verify pass of the lean layers (a packed prefill of one chunk with every logit)."""
+    return lambda tokens, position, cache, lora: decoder.prefill([(tokens, position, cache)], lora, every=[True])
+
+
+def forward_verify(model: Any, cache_name: str) -> Verify:
+    """A verify pass through the model's own forward (architectures without the lean layers)."""
+
+    def verify(tokens: list[int], position: int, cache: Any, lora: Any) -> torch.Tensor:
+        out = model(
+            input_ids=torch.tensor([tokens]),
+            attention_mask=torch.ones((1, position + len(tokens)), dtype=torch.long),
+            position_ids=torch.arange(position, position + len(tokens))[None],
+            use_cache=True,
+            logits_to_keep=0,  # every position's
+            **{cache_name: cache},
+        )
+        return out.logits[0].float()
+
+    return verify
+
+
+def propose(
+    tokens: torch.Tensor, count: int, longest: int = LONGEST_MATCH, shortest: int = SHORTEST_MATCH
+) -> list[int]:
+    """Up to ``count`` tokens that followed the latest earlier occurrence of the longest suffix of
+    ``tokens`` (1-D), from ``longest`` tokens down to ``shortest``; empty where none occurs."""
+    length = tokens.shape[0]
+    for n in range(min(longest, length - 1), shortest - 1, -1):
+        # Windows that end before the last token: every earlier occurrence, not the suffix itself.
+        windows = tokens[: length - 1].unfold(0, n, 1)
+        found = (windows == tokens[length - n :]).all(dim=1).nonzero()
+        if len(found):
+            start = int(found[-1]) + n
+            return tokens[start : start + count].tolist()
+    return []
+
+
+def accept(
+    logits: torch.Tensor, draft: Sequence[int], temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """How many of ``draft`` are accepted and the token after them, from ``logits`` (len(draft) + 1,
+    vocab): row ``i`` is the distribution of the token after draft token ``i - 1`` (row 0: after
+    the token the draft follows). Greedy (``temperature`` 0): the draft while it is the argmax,
+    then the argmax. Sampled: each draft token ``x`` accepted with probability ``p(x)``, the first
+    rejected replaced by a draw from ``p`` without ``x``; all accepted, one more draw from the last row."""
+    if temperature == 0:
+        best = logits.argmax(dim=-1).tolist()
+        taken = 0
+        while taken < len(draft) and best[taken] == draft[taken]:
+            taken += 1
+        return taken, best[taken]
+    rows = logits.shape[0]
+    probs = sampling_probs(logits, torch.full((rows,), temperature), torch.full((rows,), top_p))
+    for i, token in enumerate(draft):
+        if float(torch.rand((), generator=generator)) < float(probs[i, token]):
+            continue
+        rest = probs[i].clone()
+        rest[token] = 0.0
+        return i, int(torch.multinomial(rest, 1, generator=generator)[0])
+    return len(draft), int(torch.multinomial(probs[-1], 1, generator=generator)[0])
+
+
+def expected_tokens(rate: float, drafts: int) -> float:
+    """Tokens a verify of ``drafts`` yields when each is accepted with probability ``rate`` until
+    the first rejection: the accepted ones and the one that follows them."""
+    return sum(rate**i for i in range(drafts + 1))
+
+
+def best_length(rate: float, available: int) -> int:
+    """The draft length (at most ``available``) with the most tokens per unit of a verify's cost,
+    or 0 when no length beats a plain decode step (one token for a cost of one)."""
+    best, gain = 0, 1.0
+    for m in range(1, available + 1):
+        per_cost = expected_tokens(rate, m) / (VERIFY_BASE_COST + VERIFY_COST_PER_DRAFT * m)
+        if per_cost > gain:
+            best, gain = m, per_cost
+    return best
+
+
+def speculates(row: Row) -> bool:
+    """Whether the verify's acceptance rule reproduces this row's decoding (see the module's docstring)."""
+    request = row.pending.request
+    params = request.params
+    return (
+        request.grammar is None
+        and params.presence_penalty == 0
+        and params.frequency_penalty == 0
+        and not params.logprobs
+        and (params.greedy or params.seed is None)
+    )
+
+
+@dataclass
+class _Tracked:
+    """What speculation keeps of the row it serves: its tokens so far and its recent acceptance."""
+
+    key: tuple[str, int]
+    history: torch.Tensor
+    length: int
+    start: int  # where its output begins in ``history`` (after its prompt and prediction)
+    accepted: float = PRIOR_ACCEPTED
+    tested: float = PRIOR_TESTED
+    wait: int = 0  # drafting steps left before the next probe
+    gap: int = 2  # the wait after the next refusal
+
+    def sync(self, row: Row) -> torch.Tensor:
+        """Its prompt, prediction and output, with the tokens streamed since the last call appended."""
+        new = row.output_ids[self.length - self.start :]
+        if new:
+            end = self.length + len(new)
+            if end > self.history.shape[0]:
+                grown = torch.empty(end * 2, dtype=torch.long)
+                grown[: self.length] = self.history[: self.length]
+                self.history = grown
+            self.history[self.length : end] = torch.tensor(new)
+            self.length = end
+        return self.history[: self.length]
+
+
+class Speculation:
+    """Speculative decoding for one runner; ``step`` advances a row decoding alone."""
+
+    def __init__(self, mode: str, tokens: int, verify: Verify, streamer: Streamer) -> None:
+        if mode not in MODES:
+            raise ValueError(f"speculative_decoding must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.tokens = tokens
+        self.verify = verify
+        self.streamer = streamer
+        self._tracked: _Tracked | None = None
+        self.verifies = 0
+        self.drafted = 0
+        self.accepted = 0
+
+    @classmethod
+    def build(
+        cls, config: EngineConfig, model: Any, decoder: Any, streamer: Streamer, cache_name: str
+    ) -> Speculation | None:
+        """Speculation for a runner whose decode steps run ``decoder`` (the lean layers) or, when
+        it is None, the model's forward; None when it is off or single rows decode with int8
+        weights (a verify reads the model's own, so accepted tokens would differ from those the
+        int8 steps choose)."""
+        if config.speculative_decoding == "off" or (decoder is not None and decoder.int8):
+            return None
+        verify = lean_verify(decoder) if decoder is not None else forward_verify(model, cache_name)
+        return cls(config.speculative_decoding, config.speculative_tokens, verify, streamer)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "spec_verifies": self.verifies,
+            "spec_draft_tokens": self.drafted,
+            "spec_accepted_tokens": self.accepted,
+        }
+
+    def step(self, state: BatchState[Row], token: int, limit: int, lora: Any, decode: Callable[[], None]) -> int:
+        """Advance ``state``'s one row, whose ``token`` was just chosen and streamed: verify a draft
+        after it where one is found and worth it, else ``decode()`` (a plain step). ``limit``: the
+        cache positions the row may take. Returns the tokens streamed here (after ``token``)."""
+        row = state.rows[0]
+        position = int(state.next_pos[0])  # where ``token`` goes
+        params = row.pending.request.params
+        # The draft, the token after it and everything before fit the cache, the context and max_tokens.
+        room = min(
+            self.tokens,
+            limit - position - 1,
+            self.streamer.context_length - position - 2,
+            params.max_tokens - row.generated - 1,
+        )
+        # The verify attends to every cached position: the row's cache is exactly its positions so
+        # far, and can be rolled back (sliding-window layers cannot).
+        whole = state.attention.shape[1] == position and bool(state.attention.all())
+        if room < 1 or not whole or not speculates(row) or not grows_in_place(state.cache):
+            decode()
+            return 0
+        tracked = self._track(row)
+        draft = propose(tracked.sync(row), room)
+        length = self._length(tracked, len(draft))
+        if length == 0:
+            decode()
+            return 0
+        draft = draft[:length]
+        logits = self.verify([token, *draft], position, state.cache, lora)
+        sampling = state.sampling
+        taken, after = accept(
+            logits, draft, float(sampling.temperature[0]), float(sampling.top_p[0]), sampling.generators[0]
+        )
+        truncate(state.cache, position + 1 + taken)
+        self._record(tracked, taken, len(draft))
+        row.drafted += len(draft)
+        streamed = 0
+        for i, emitted in enumerate([*draft[:taken], after]):
+            if row.finished:
+                break
+            if i < taken:
+                row.draft_accepted += 1
+            self.streamer.advance(row, emitted, position + 2 + i, None, 0)
+            streamed += 1
+        row.chosen = after  # streamed (or past the row's end): the next step feeds it
+        state.attention = torch.cat([state.attention, torch.ones((1, 1 + taken), dtype=state.attention.dtype)], 1)
+        state.next_pos = state.next_pos + 1 + taken
+        state.logits = logits[taken : taken + 1]
+        return streamed
+
+    def _track(self, row: Row) -> _Tracked:
+        key = (row.pending.request.request_id, row.index)
+        if self._tracked is None or self._tracked.key != key:
+            request = row.pending.request
+            known = torch.tensor([*request.prompt_token_ids, *request.prediction_token_ids], dtype=torch.long)
+            self._tracked = _Tracked(key, known, len(known), len(known))
+        return self._tracked
+
+    def _length(self, tracked: _Tracked, available: int) -> int:
+        """How many of the ``available`` draft tokens to verify now (0: decode plainly)."""
+        if available == 0 or self.mode == "ngram":
+            return available
+        if tracked.wait > 0:
+            tracked.wait -= 1
+            return available if tracked.wait == 0 else 0  # a probe, whatever the rate says
+        rate = tracked.accepted / tracked.tested
+        if best_length(rate, self.tokens) == 0:  # not even a whole draft would pay: wait, then probe
+            tracked.wait, tracked.gap = tracked.gap, min(2 * tracked.gap, MAX_WAIT)
+            return 0
+        return best_length(rate, available)  # a short draft may not pay where a whole one would
+
+    def _record(self, tracked: _Tracked, taken: int, drafted: int) -> None:
+        """A verify of ``drafted`` tokens accepted ``taken``: every position up to the first
+        rejection was a trial."""
+        self.verifies += 1
+        self.drafted += drafted
+        self.accepted += taken
+        tracked.accepted = MEMORY * tracked.accepted + taken
+        tracked.tested = MEMORY * tracked.tested + min(taken + 1, drafted)
+        if taken:
+            tracked.gap = 2
