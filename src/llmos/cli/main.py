@@ -59,6 +59,13 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (LLMOS_PORT, default 8000).")] = None,
     home: Annotated[str | None, typer.Option("--home", help="Data directory (LLMOS_HOME).")] = None,
     pull_defaults: Annotated[bool, typer.Option("--pull/--no-pull", help="Pull missing default models first.")] = True,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Ray cluster mode: `auto` (a local head on loopback) or the head's HOST:PORT (LLMOS_RAY_ADDRESS).",
+        ),
+    ] = None,
 ) -> None:
     """Start the API server (pulling the default models first unless --no-pull)."""
     import uvicorn
@@ -67,7 +74,7 @@ def serve(
     from llmos.api.server import server_config
     from llmos.engine.process import configure_process
 
-    settings = settings_from(host=host, port=port, home=home)
+    settings = settings_from(host=host, port=port, home=home, ray_address=ray)
     if pull_defaults:
         platform = open_platform(home=home)
         for name in settings.default_models:
