@@ -27,8 +27,8 @@ def tenant_client(http: TestClient, platform: Platform, tenant: str) -> openai.O
 
 
 def ask(client: openai.OpenAI, **extra: object) -> str:
-    fields: dict = {"temperature": 0, "max_tokens": 4, **extra}
-    return client.chat.completions.create(model="tiny-chat", messages=HELLO, **fields).id  # type: ignore[arg-type]
+    fields: dict = {"model": "tiny-chat", "temperature": 0, "max_tokens": 4, **extra}
+    return client.chat.completions.create(messages=HELLO, **fields).id  # type: ignore[arg-type]
 
 
 def test_a_stored_completion_is_listed_retrieved_updated_and_deleted(client: openai.OpenAI) -> None:
@@ -153,3 +153,18 @@ def test_maintenance_deletes_completions_past_their_retention(client: openai.Ope
     )
     ask(client, store=True)
     assert run_maintenance(forever, now=(later + timedelta(days=900)).timestamp())["stored_completions"] == 0
+
+
+def test_the_model_filter_finds_completions_made_through_an_alias(
+    client: openai.OpenAI, loaded_platform: Platform
+) -> None:
+    registry = loaded_platform.registry
+    registry.aliases.set("tiny-chat", "production", registry.get("tiny-chat"), tenant="default", admin=True)
+    by_alias = ask(client, store=True, model="tiny-chat@production")
+    by_name = ask(client, store=True)
+    assert client.chat.completions.retrieve(by_alias).model == "tiny-chat@1"  # stored as the version that answered
+
+    assert [c.id for c in client.chat.completions.list(model="tiny-chat")] == [by_alias, by_name]
+    assert [c.id for c in client.chat.completions.list(model="tiny-chat@1")] == [by_alias]
+    assert client.chat.completions.list(model="tiny").data == []  # a name's prefix is another model
+    assert client.chat.completions.list(model="tiny-chat@2").data == []

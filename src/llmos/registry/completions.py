@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, delete, or_, select
 
 from llmos.errors import NotFoundError
 from llmos.registry.db import Database
@@ -63,6 +63,16 @@ class StoredCompletion:
         if not 0 <= choice_index < len(choices):
             return None
         return str(choices[choice_index]["message"].get("content") or "")
+
+
+def _answered_by(model: str) -> ColumnElement[bool]:
+    """Completions of ``model``: a bare name also matches each of its versions, since a request
+    through an alias is stored under the version that answered it (``name@N``); ``name@N`` matches
+    that version alone."""
+    column = StoredCompletionRow.model
+    if "@" in model:
+        return column == model
+    return or_(column == model, column.startswith(f"{model}@", autoescape=True))
 
 
 def _not_found(completion_id: str) -> NotFoundError:
@@ -123,11 +133,12 @@ class CompletionStore:
         order: str = "asc",
     ) -> tuple[list[StoredCompletion], bool]:
         """A page of a tenant's stored completions, oldest first unless ``order`` is ``desc``;
-        ``metadata`` keeps those holding every one of its pairs. Returns the page and whether more follow."""
+        ``model`` keeps those of that model (a bare name: of any of its versions), ``metadata``
+        those holding every one of its pairs. Returns the page and whether more follow."""
         with self.db.session() as s:
             q = select(StoredCompletionRow).where(StoredCompletionRow.tenant == tenant)
             if model is not None:
-                q = q.where(StoredCompletionRow.model == model)
+                q = q.where(_answered_by(model))
             if created_after is not None:
                 q = q.where(StoredCompletionRow.created_at >= created_after)
             if created_before is not None:
