@@ -4,7 +4,7 @@ holds across servers, a job whose server is killed mid-run is judged orphaned by
 age and resumed from its checkpoint by the other server, and usage and audit rows are complete.
 
 A tiny random chat model keeps the jobs short; the orphan is judged after the supervisor's
-30 seconds of silence, so the whole module takes a minute or two."""
+30 seconds of silence (``supervisor.STALE_AFTER``)."""
 
 from __future__ import annotations
 
