@@ -1,6 +1,7 @@
 """What a promotion's ``eval`` names, read and checked: two completed runs of one eval over the same
 items, one of the candidate and one of the alias's current model, their per-item scores paired by
-item (``evals/runs.py``'s ``per_item_scores``). The decision itself is ``registry/promotion.py``'s."""
+item (``evals/compare.py``'s matching, shared with ``GET /v1/evals/{id}/compare``). The decision
+itself is ``registry/promotion.py``'s."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from datetime import UTC
 from typing import Any
 
 from llmos.errors import InvalidRequestError, LLMOSError, NotFoundError
-from llmos.evals.runs import Run, RunStatus, RunStore
+from llmos.evals import compare
+from llmos.evals.runs import Run, RunStore
 from llmos.evals.store import EvalStore
 from llmos.platform import Platform
 from llmos.registry.aliases import Alias, is_alias
@@ -69,33 +71,24 @@ def paired_scores(
     runs = RunStore(platform.db)
     candidate = _run(runs, tenant, comparison, "candidate_run")
     baseline = _run(runs, tenant, comparison, "baseline_run")
-    if candidate.id == baseline.id:
-        raise InvalidRequestError("candidate_run and baseline_run must be two runs", param="eval.baseline_run")
-    if candidate.items != baseline.items:
-        raise InvalidRequestError(
-            "the two runs scored different items; a paired comparison needs runs over the same data source",
-            param="eval.baseline_run",
-            code="eval_items_differ",
-        )
+    compare.require_same_items(candidate, baseline, "eval.baseline_run")
     _check_model(platform, candidate, candidate_id, "eval.candidate_run", "the candidate")
     _check_model(platform, baseline, current.model_id, "eval.baseline_run", f"{current.ref}'s current model")
-    ours = runs.per_item_scores(candidate.id, comparison.criterion)
-    theirs = runs.per_item_scores(baseline.id, comparison.criterion)
-    if not ours or ours.keys() != theirs.keys():
+    paired = compare.paired_scores(runs, candidate, baseline, comparison.criterion)
+    if not paired.a or paired.unpaired:
         raise InvalidRequestError(
-            f"the runs have scores for {len(ours)} and {len(theirs)} items, not the same ones"
-            + (f" for criterion {comparison.criterion!r}" if comparison.criterion else ""),
+            f"the runs have scores for {len(paired.a)} items in common and {paired.unpaired} apart, "
+            "not the same ones" + (f" for criterion {comparison.criterion!r}" if comparison.criterion else ""),
             param="eval.criterion" if comparison.criterion else "eval",
             code="eval_items_differ",
         )
-    order = sorted(ours)
     source = {
         "eval_id": comparison.eval_id,
         "candidate_run": candidate.id,
         "baseline_run": baseline.id,
         "criterion": comparison.criterion,
     }
-    return PairedScores([ours[i] for i in order], [theirs[i] for i in order], source)
+    return PairedScores(paired.a, paired.b, source)
 
 
 def _run(runs: RunStore, tenant: str, comparison: EvalComparison, field: str) -> Run:
@@ -103,12 +96,7 @@ def _run(runs: RunStore, tenant: str, comparison: EvalComparison, field: str) ->
         run = runs.get(tenant, comparison.eval_id, getattr(comparison, field))
     except NotFoundError as exc:
         raise NotFoundError(exc.message, param=f"eval.{field}") from exc
-    if run.status != RunStatus.COMPLETED:
-        raise InvalidRequestError(
-            f"run {run.id} is {run.status.value}; a promotion compares completed runs",
-            param=f"eval.{field}",
-            code="eval_run_not_completed",
-        )
+    compare.require_completed(run, f"eval.{field}", "a promotion")
     if run.generation is None:  # answers that came with the items: nothing shows a model gave them
         raise InvalidRequestError(
             f"run {run.id} graded answers given with its items; a promotion compares runs in which the model "

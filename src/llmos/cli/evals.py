@@ -1,5 +1,6 @@
-"""`llmos eval create|run|show`: evals on a running server through the official openai package
-(docs/api.md's Evals); a thin layer over ``client.evals``."""
+"""`llmos eval create|run|show|compare`: evals on a running server through the official openai
+package (docs/api.md's Evals); a thin layer over ``client.evals`` and the native comparison.
+``eval_studies.py`` holds the commands that drive several calls (bias probe, cross-validation)."""
 
 from __future__ import annotations
 
@@ -146,3 +147,47 @@ def _show_run(run: Any) -> None:
         total = r.passed + r.failed
         table.add_row(r.testing_criteria, str(r.passed), str(r.failed), f"{r.passed / total:.3f}" if total else "-")
     console.print(table)
+
+
+@eval_app.command("compare")
+def compare(
+    eval_id: Annotated[str, typer.Argument(help="The eval.")],
+    run_a: Annotated[str, typer.Argument(help="A completed run (the candidate: a positive difference favours it).")],
+    run_b: Annotated[str, typer.Argument(help="A completed run over the same items (the baseline).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    api_key: KeyOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Two runs of an eval compared item by item: each mean, the difference and its paired bootstrap
+    95% interval, overall and per testing criterion (GET /v1/evals/{id}/compare)."""
+    client = api_client(settings_from(host=host, port=port), api_key)
+    with _api_errors():
+        result = client.get(
+            f"/evals/{eval_id}/compare", cast_to=dict, options={"params": {"run_a": run_a, "run_b": run_b}}
+        )
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    a, b = result["run_a"], result["run_b"]
+    console.print(f"a: {a['id']} ({a['model'] or '-'})  b: {b['id']} ({b['model'] or '-'})")
+    table = Table("testing criterion", "items", "mean a", "mean b", "a - b", f"{result['confidence']:.0%} interval")
+    rows = [("(all criteria)", result["overall"])] + [
+        (r["testing_criteria"], r) for r in result["per_testing_criteria"]
+    ]
+    for name, r in rows:
+        if not r["items"]:
+            table.add_row(name, "0", "-", "-", "-", "-")
+            continue
+        low, high = r["interval"]
+        marker = " *" if r["excludes_zero"] else ""
+        table.add_row(
+            name,
+            str(r["items"]),
+            f"{r['mean_a']:.4f}",
+            f"{r['mean_b']:.4f}",
+            f"{r['difference']:+.4f}{marker}",
+            f"[{low:+.4f}, {high:+.4f}]",
+        )
+    console.print(table)
+    console.print("* the interval excludes zero")

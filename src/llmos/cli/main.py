@@ -11,6 +11,7 @@ from llmos import __version__
 from llmos.cli.admin import audit, tenants_app, usage
 from llmos.cli.client_cmds import chat, embed
 from llmos.cli.common import console, fail, open_platform, pull_with_progress, settings_from
+from llmos.cli.eval_studies import bias_probe, cross_validate
 from llmos.cli.evals import eval_app
 from llmos.cli.keys import keys_app
 from llmos.cli.models import export, models_app, pull
@@ -48,6 +49,8 @@ app.add_typer(files_app, name="files")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(search_app, name="search")
+eval_app.command("bias-probe")(bias_probe)
+eval_app.command("cross-validate")(cross_validate)
 app.add_typer(eval_app, name="eval")
 app.command()(usage)
 app.command()(audit)

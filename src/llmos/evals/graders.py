@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from llmos.evals.criteria import Grader, LabelModel, ScoreModel, StringCheck, TextSimilarity
 from llmos.evals.templates import render
+from llmos.evals.text_metrics import ROUGE_NAMES, rouge
 
 MODEL_GRADER_MAX_TOKENS = 64
 """Completion tokens a model grader may spend on its JSON answer unless its sampling_params say."""
@@ -91,11 +92,8 @@ def similarity(metric: str, text: str, reference: str) -> float:
         from nltk.translate.gleu_score import sentence_gleu
 
         return float(sentence_gleu([reference.split()], text.split()))
-    if metric.startswith("rouge_"):
-        from rouge_score.rouge_scorer import RougeScorer
-
-        name = "rougeL" if metric == "rouge_l" else f"rouge{metric[-1]}"
-        return float(RougeScorer([name]).score(reference, text)[name].fmeasure)
+    if metric in ROUGE_NAMES:
+        return rouge(text, [reference], [metric])[metric]
     raise ValueError(f"unknown text similarity metric {metric!r}")
 
 

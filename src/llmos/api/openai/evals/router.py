@@ -1,6 +1,6 @@
 """/v1/evals (scope `inference`): OpenAI's Evals API. Evals (create, list, retrieve, update,
 delete), their runs (create, list, retrieve, cancel, delete) and each run's output items,
-isolated per tenant."""
+isolated per tenant; natively, a run's task metrics and the comparison of two runs."""
 
 from __future__ import annotations
 
@@ -13,16 +13,20 @@ from llmos.api.context import limited
 from llmos.api.deps import PlatformDep
 from llmos.api.openai.batches.lines import CHAT, parse_body
 from llmos.api.openai.chat.stored import json_object, page
-from llmos.api.openai.evals.runner import EvalRunner
-from llmos.errors import InvalidRequestError, LLMOSError
+from llmos.api.openai.evals.runner import EngineModels, EvalRunner
+from llmos.errors import InvalidRequestError, LLMOSError, NotFoundError
+from llmos.evals.compare import compare_runs
 from llmos.evals.criteria import check_references
 from llmos.evals.data import RunData, parse_run_source
 from llmos.evals.grading import namespaces_of
+from llmos.evals.perplexity import perplexity
 from llmos.evals.runs import Run, RunStore
 from llmos.evals.store import Eval, EvalStore
 from llmos.evals.task_metrics import run_report
+from llmos.evals.templates import render
 from llmos.platform import Platform
 from llmos.registry.metadata import check_metadata
+from llmos.registry.records import ModelRecord
 from llmos.security import ApiKeyInfo
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
@@ -43,9 +47,9 @@ def _model_check(platform: Platform, key: ApiKeyInfo) -> Any:
     """``check_model(model, param)``: 404 naming ``param`` for a model the caller may not use."""
     tenant = None if "admin" in key.scopes else key.tenant
 
-    def check(model: str, param: str) -> None:
+    def check(model: str, param: str) -> ModelRecord:
         try:
-            platform.registry.get(model, tenant=tenant)
+            return platform.registry.get(model, tenant=tenant)
         except LLMOSError as exc:
             exc.param = param
             raise
@@ -250,17 +254,81 @@ async def retrieve_output_item(
 async def run_task_metrics(
     eval_id: str,
     run_id: str,
+    request: Request,
     platform: PlatformDep,
     key: EvalKey,
-    task: Literal["classification", "extractive_qa"],
+    task: Literal["classification", "ner", "extractive_qa", "summarization", "translation", "bias", "perplexity"],
     prediction: Annotated[str, Query(max_length=1024)] = "{{sample.output_text}}",
     reference: Annotated[str, Query(min_length=1, max_length=1024)] = "{{item.label}}",
+    text: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
+    model: Annotated[str | None, Query(min_length=1, max_length=512)] = None,
 ) -> dict[str, Any]:
-    """Native: a classification report or extractive QA's exact match and F1 over the run's items
-    graded so far (``prediction`` and ``reference`` are templates)."""
+    """Native: a task's metrics over the run's items graded so far (``prediction``, ``reference``
+    and, for perplexity, ``text`` are templates; perplexity scores with ``model``, default the run's)."""
     run = await _run(platform, key, eval_id, run_id)
-    for text, param in ((prediction, "prediction"), (reference, "reference")):
-        check_references(text, param, None)
+    if task != "perplexity":
+        for name, given in (("text", text), ("model", model)):
+            if given is not None:
+                raise InvalidRequestError(f"{name} is read by task perplexity only", param=name)
+    text = text or PERPLEXITY_TEXT
+    for template, param in ((prediction, "prediction"), (reference, "reference"), (text, "text")):
+        check_references(template, param, None)
     graded = await asyncio.to_thread(RunStore(platform.db).graded_samples, run.id)
     namespaces = [namespaces_of(run.generation, run.items[index], sample) for index, sample in graded]
-    return {"object": "eval.run.task_metrics", "run_id": run.id, **run_report(task, namespaces, prediction, reference)}
+    if task == "perplexity":
+        report = await _perplexity(request, platform, key, model or run.model, [render(text, ns) for ns in namespaces])
+    else:  # ROUGE and sacrebleu take the CPU for a while on a large run: off the event loop
+        report = await asyncio.to_thread(run_report, task, namespaces, prediction, reference)
+    return {"object": "eval.run.task_metrics", "run_id": run.id, **report}
+
+
+PERPLEXITY_TEXT = "{{item.text}}"
+_SCORING_PARAMS = {"echo": "model", "model": "model"}
+"""A refusal of the scoring request names the report's field: the model (it cannot score prompts),
+else the texts (too long for the model, say)."""
+
+
+async def _perplexity(
+    request: Request, platform: Platform, key: ApiKeyInfo, model: str, texts: list[str]
+) -> dict[str, Any]:
+    if not model:
+        raise InvalidRequestError("the run names no model; give the model to score with", param="model")
+    record = await asyncio.to_thread(_model_check(platform, key), model, "model")
+    if record.task not in ("chat", "completion"):
+        raise InvalidRequestError(
+            f"model {model} is a {record.task} model; perplexity needs a causal language model", param="model"
+        )
+    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if empty is not None:
+        raise InvalidRequestError(f"text of item {empty} is empty; perplexity scores a text per item", param="text")
+    try:
+        return await perplexity(EngineModels(platform, request.app.state.engine, key), model, texts)
+    except InvalidRequestError as exc:
+        exc.param = _SCORING_PARAMS.get(exc.param or "", "text")
+        raise
+
+
+@router.get("/{eval_id}/compare")
+async def compare_eval_runs(
+    eval_id: str,
+    platform: PlatformDep,
+    key: EvalKey,
+    run_a: Annotated[str, Query(min_length=1, max_length=128)],
+    run_b: Annotated[str, Query(min_length=1, max_length=128)],
+) -> dict[str, Any]:
+    """Native: two completed runs of the eval over the same items, compared (``evals/compare.py``):
+    each run's mean score, the difference ``a - b`` and its paired bootstrap interval, overall and
+    per testing criterion."""
+
+    def compared() -> dict[str, Any]:
+        evaluation = EvalStore(platform.db).get(key.tenant, eval_id)
+        store = RunStore(platform.db)
+        runs = []
+        for run_id, param in ((run_a, "run_a"), (run_b, "run_b")):
+            try:
+                runs.append(store.get(key.tenant, eval_id, run_id))
+            except NotFoundError as exc:
+                raise NotFoundError(exc.message, param=param) from exc
+        return compare_runs(store, evaluation, *runs)
+
+    return await asyncio.to_thread(compared)

@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from llmos.api.context import RequestContext
-from llmos.api.openai.batches.lines import CHAT, EMBEDDINGS, answer
+from llmos.api.openai.batches.lines import CHAT, COMPLETIONS, EMBEDDINGS, answer
 from llmos.engine.protocol import EngineClient
 from llmos.errors import LLMOSError, ServiceUnavailableError
 from llmos.evals.grading import grade_item
@@ -38,10 +38,12 @@ STALE_AFTER = timedelta(seconds=30)
 
 
 class EngineModels:
-    """``evals.graders.Models`` on the engine, for one item: what it spends, per model."""
+    """``evals.graders.Models`` (and ``evals.perplexity.Scorer``) on the engine, for one item or
+    one report: what it spends, per model."""
 
-    def __init__(self, runner: EvalRunner, key: ApiKeyInfo) -> None:
-        self.runner = runner
+    def __init__(self, platform: Platform, engine: EngineClient, key: ApiKeyInfo) -> None:
+        self.platform = platform
+        self.engine = engine
         self.key = key
         self.usage: dict[str, dict[str, int]] = {}
 
@@ -50,8 +52,14 @@ class EngineModels:
         self._spent(str(body["model"]), completion.get("usage") or {})
         return completion
 
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A completions request (perplexity's prompt scoring, ``evals/perplexity.py``)."""
+        completion = await self._call(COMPLETIONS, body)
+        self._spent(str(body["model"]), completion.get("usage") or {})
+        return completion
+
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        model = self.runner.platform.settings.eval_embedding_model
+        model = self.platform.settings.eval_embedding_model
         result = await self._call(EMBEDDINGS, {"model": model, "input": texts})
         self._spent(model, result.get("usage") or {})
         return [row["embedding"] for row in sorted(result["data"], key=lambda r: r["index"])]
@@ -63,14 +71,14 @@ class EngineModels:
         total["completion_tokens"] += int(usage.get("completion_tokens") or 0)
 
     async def _call(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        platform = self.runner.platform
+        platform = self.platform
         while True:
             # Eval requests are not held to the key's per-minute limits (a run is one request of
             # the client's); their tokens are charged as usage of kind ``eval``.
             lease = platform.limiter.admit({})
             ctx = RequestContext(key=self.key, kind=USAGE_KIND, lease=lease, platform=platform)
             try:
-                result: dict[str, Any] = await answer(url, body, self.runner.engine, platform.settings, ctx)
+                result: dict[str, Any] = await answer(url, body, self.engine, platform.settings, ctx)
                 return result
             except ServiceUnavailableError as exc:  # the engine is full: the item waits, it has not failed
                 await asyncio.sleep(exc.retry_after)
@@ -220,7 +228,7 @@ class EvalRunner:
 
     async def _grade(self, run: Run, evaluation: Eval, key: ApiKeyInfo, index: int) -> None:
         try:
-            models = EngineModels(self, key)
+            models = EngineModels(self.platform, self.engine, key)
             graded = await grade_item(evaluation.graders, run.generation, run.items[index], models)
             await asyncio.to_thread(
                 self.runs.record,
