@@ -290,11 +290,12 @@ class Settings(BaseSettings):
         "`prefill_chunk_tokens`, so that a step holds a whole chunk and a decoding row.",
     )
     speculative_decoding: Literal["auto", "off", "ngram"] = Field(
-        default="auto",
+        default="off",
         description="Speculative decoding of a single stream (one decoding row, no prompt waiting) of a chat model "
         "on the torch backend: its next tokens are drafted from the latest earlier occurrence of its last "
         "tokens in its prompt and output (prompt lookup) and verified in one pass. auto: a row drafts while its "
-        "acceptance makes a verify pay for its cost (docs/adr/0027); ngram: whenever a draft is found; off: never. "
+        "acceptance makes a verify pay for its cost (docs/adr/0027); ngram: whenever a draft is found; off "
+        "(the default until greedy bf16 answers are shown unchanged, ADR 0027): never. "
         "Greedy output is unchanged (up to rounding), sampled output keeps its distribution.",
     )
     speculative_tokens: int = Field(

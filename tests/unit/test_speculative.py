@@ -209,7 +209,9 @@ def test_greedy_output_is_unchanged_by_speculation(build: Any) -> None:
     (tokens, text, finish) is the one-token-at-a-time output, to ``max_tokens`` or a stop
     sequence, nothing streamed past either; the counts reach the deltas."""
     plain, spec = build("off"), build("ngram")
-    passage = generate(plain, PROMPT, max_tokens=40, ignore_eos=True).tokens
+    # An earlier passage after the prompt's tokens: drafts from it that the model rejects, beside
+    # the ones from its own output that it accepts.
+    passage = [42, 42, 7, 8, 9, 10] + [(37 * i) % 300 + 20 for i in range(40)] + [42, 42, 42]
     copying = PROMPT + passage + PROMPT
     counted = settled(plain).stats()["tokens_generated"]
     want = generate(plain, copying, max_tokens=40)
@@ -312,7 +314,7 @@ def test_bad_speculation_settings_are_refused_at_start_up(tmp_path: Path) -> Non
         Settings(home=tmp_path, speculative_tokens=0)
     with pytest.raises(ValidationError, match="needs the torch backend"):
         Settings(home=tmp_path, speculative_decoding="ngram", gguf_backend="llama.cpp")
-    assert Settings(home=tmp_path, gguf_backend="llama.cpp").speculative_decoding == "auto"
+    assert Settings(home=tmp_path, gguf_backend="llama.cpp", speculative_decoding="auto").speculative_decoding == "auto"
 
 
 # -- counts in usage and metrics ---------------------------------------------------------------------
@@ -353,7 +355,16 @@ def test_usage_reports_accepted_and_rejected_drafts(drafted_http: TestClient, pa
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12, "temperature": 0}
 
 
-def test_a_prediction_leaves_the_answer_unchanged(http: TestClient) -> None:
+@pytest.fixture
+def speculating_http(loaded_platform: Platform) -> Iterator[TestClient]:
+    """The app with ``speculative_decoding = "ngram"`` (its default is off)."""
+    settings = loaded_platform.settings.model_copy(update={"speculative_decoding": "ngram"})
+    with TestClient(create_app(platform=dataclasses.replace(loaded_platform, settings=settings))) as client:
+        yield client
+
+
+def test_a_prediction_leaves_the_answer_unchanged(speculating_http: TestClient) -> None:
+    http = speculating_http
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
     plain = http.post("/v1/chat/completions", headers=auth, json=CHAT).json()
     answer = plain["choices"][0]["message"]["content"]
@@ -379,9 +390,9 @@ def test_a_prediction_leaves_the_answer_unchanged(http: TestClient) -> None:
         {"prediction": {"type": "text", "content": "x"}},
     ],
 )
-def test_a_prediction_that_cannot_be_used_is_refused(http: TestClient, extra: dict[str, Any]) -> None:
+def test_a_prediction_that_cannot_be_used_is_refused(speculating_http: TestClient, extra: dict[str, Any]) -> None:
     body = {**CHAT, "prediction": {"type": "content", "content": "Hello"}, **extra}
-    resp = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, json=body)
+    resp = speculating_http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, json=body)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"].startswith("prediction")
 
