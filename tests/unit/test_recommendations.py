@@ -104,7 +104,10 @@ def test_bad_recommendation_requests_are_refused(
         ({"liked_file_ids": [ids["tent.txt"]], "max_num_results": 0}, 400, "max_num_results"),
         ({"liked_file_ids": [ids["tent.txt"]], "filters": {"type": "eq", "key": "colour", "value": "red"}}, 400,
          "filters"),
-        ({"liked_file_ids": [ids["tent.txt"]], "user": "u1"}, 400, "user"),
+        ({"liked_file_ids": [ids["tent.txt"]], "user": ""}, 400, "user"),
+        ({}, 400, "liked_file_ids"),
+        ({"user": "nobody"}, 400, "user"),  # rated nothing up
+        ({"liked_file_ids": [ids["tent.txt"]], "users": ["u1"]}, 400, "users"),
     ]  # fmt: skip
     for body, status, param in cases:
         resp = recommend(http, store_id, **body)
@@ -126,3 +129,71 @@ def test_another_tenants_store_is_404(
     )
     assert resp.status_code == 404 and resp.json()["error"]["type"] == "invalid_request_error"
     assert ids["tent.txt"] not in resp.text
+
+
+def rate(http: TestClient, store_id: str, file_id: str, **body: Any) -> Any:
+    return http.post(f"/v1/vector_stores/{store_id}/files/{file_id}/feedback", headers=AUTH, json=body)
+
+
+def test_likes_come_from_users_ratings_of_items(http: TestClient, shop: tuple[str, dict[str, str]]) -> None:
+    """A user's thumbs up are the likes, and every item they rated counts as seen: the same
+    recommendations as those items given in the request."""
+    store_id, ids = shop
+    by_id = {file_id: name for name, file_id in ids.items()}
+
+    def names(resp: Any) -> list[str]:
+        assert resp.status_code == 200, resp.text
+        return [by_id[item["file_id"]] for item in resp.json()["data"]]
+
+    for name, rating in (("kettle.txt", "up"), ("saga.txt", "up"), ("mugs.txt", "down")):
+        given = rate(http, store_id, ids[name], user="ann", rating=rating)
+        assert given.status_code == 200, given.text
+        assert given.json()["object"] == "vector_store.file.feedback" and given.json()["rating"] == rating
+    rate(http, store_id, ids["tent.txt"], user="bob", rating="up")  # another user's taste is not ann's
+    from_feedback = names(recommend(http, store_id, user="ann", max_num_results=50))
+    given = names(recommend(http, store_id, liked_file_ids=[ids["kettle.txt"], ids["saga.txt"]],
+                            exclude_file_ids=[ids["mugs.txt"]], max_num_results=50))  # fmt: skip
+    assert from_feedback == given and len(given) == len(ITEMS) - 3
+
+    assert rate(http, store_id, ids["saga.txt"], user="ann", rating="down").status_code == 200  # changed her mind
+    changed = names(recommend(http, store_id, user="ann", max_num_results=50))
+    seen = [ids["mugs.txt"], ids["saga.txt"]]
+    assert changed == names(
+        recommend(http, store_id, liked_file_ids=[ids["kettle.txt"]], exclude_file_ids=seen, max_num_results=50)
+    )
+    listed = http.get(f"/v1/vector_stores/{store_id}/feedback", headers=AUTH, params={"user": "ann"}).json()["data"]
+    assert {(by_id[r["file_id"]], r["rating"]) for r in listed} == {
+        ("kettle.txt", "up"),
+        ("saga.txt", "down"),
+        ("mugs.txt", "down"),
+    }
+    both = names(recommend(http, store_id, user="ann", liked_file_ids=[ids["tent.txt"]], max_num_results=50))
+    assert "tent.txt" not in both and "saga.txt" not in both  # request likes join the user's
+
+
+def test_bad_item_feedback_is_refused(
+    http: TestClient, client: openai.OpenAI, shop: tuple[str, dict[str, str]], loaded_platform: Platform
+) -> None:
+    store_id, ids = shop
+    loose = _upload(client, "loose.txt", "not attached to the store")
+    cases: list[tuple[str, str, dict[str, Any], int, str | None]] = [
+        (store_id, ids["tent.txt"], {"user": "ann", "rating": "meh"}, 400, "rating"),
+        (store_id, ids["tent.txt"], {"user": "", "rating": "up"}, 400, "user"),
+        (store_id, ids["tent.txt"], {"rating": "up"}, 400, "user"),
+        (store_id, ids["tent.txt"], {"user": "ann", "rating": "up", "score": 5}, 400, "score"),
+        (store_id, loose, {"user": "ann", "rating": "up"}, 404, "file_id"),
+        ("vs_missing", ids["tent.txt"], {"user": "ann", "rating": "up"}, 404, None),
+    ]
+    for store, file_id, body, status, param in cases:
+        resp = rate(http, store, file_id, **body)
+        assert resp.status_code == status, (body, resp.text)
+        if param is not None:
+            assert resp.json()["error"]["param"] == param, body
+    assert http.get(f"/v1/vector_stores/{store_id}/feedback", headers=AUTH, params={"user": "ann"}).json()["data"] == []
+    loaded_platform.tenants.create("rival2")
+    _, secret = loaded_platform.keys.create("rival2-app", tenant="rival2", scopes=("inference", "files"))
+    other = {"Authorization": f"Bearer {secret}"}
+    resp = http.post(f"/v1/vector_stores/{store_id}/files/{ids['tent.txt']}/feedback", headers=other,
+                     json={"user": "ann", "rating": "up"})  # fmt: skip
+    assert resp.status_code == 404
+    assert http.get(f"/v1/vector_stores/{store_id}/feedback", headers=other, params={"user": "ann"}).status_code == 404

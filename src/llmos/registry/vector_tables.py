@@ -85,3 +85,18 @@ class StoredResponseRow(Base):
     response: Mapped[dict[str, Any]] = mapped_column(JSON)
     """The response object answered."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VectorItemFeedbackRow(Base):
+    """A user's rating of one item (a file) of a vector store, the latest one kept: the likes and
+    the items seen that recommendations read (``retrieval/item_feedback.py``)."""
+
+    __tablename__ = "vector_item_feedback"
+
+    vector_store_id: Mapped[str] = mapped_column(ForeignKey("vector_stores.id", ondelete="CASCADE"), primary_key=True)
+    user: Mapped[str] = mapped_column(String(256), primary_key=True)
+    file_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    rating: Mapped[str] = mapped_column(String(8))
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
