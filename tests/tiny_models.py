@@ -21,6 +21,16 @@ CORPUS = [
 ] * 20
 
 
+TINY_DECODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""The tiny decoders' dimensions (a Llama here, a Qwen2 in the speculation tests)."""
+
+
 def _bpe_tokenizer(special: list[str]) -> object:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -51,11 +61,7 @@ def build_tiny_chat_model(root: Path, *, seed: int = 0, context: int = 256) -> P
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER,
         max_position_embeddings=context,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

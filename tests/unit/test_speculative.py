@@ -35,6 +35,7 @@ from llmos.monitoring.requests import GenerationMetrics
 from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
 from tests.fake_engine import FakeEngine
+from tests.tiny_models import TINY_DECODER
 from tests.unit.test_scheduler import Sink
 
 PROMPT = [1, 30, 31, 32, 33, 40, 41, 42]
@@ -148,11 +149,7 @@ def _qwen2(tiny_chat_dir: Path) -> Any:
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
