@@ -20,8 +20,10 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 LINE = json.dumps({"messages": [{"role": "user", "content": "hi " * 1000}, {"role": "assistant", "content": "yo"}]})
 LINE_BYTES = (LINE + "\n").encode()
 BODY_BYTES = 16 * 1024 * 1024
-MEMORY_BOUND = 4 * 1024 * 1024
-"""Far below the body's size: an upload read whole anywhere would exceed it."""
+MEMORY_BOUND = 8 * 1024 * 1024
+"""Half the body's size: an upload read whole anywhere would exceed it. The HTTP path's peak measured
+3.5 MB here (the multipart parser's 1 MB spool and its chunk buffers), and the suite's other threads
+allocate under the same trace, so a bound nearer that peak fails by chance."""
 
 
 def jsonl_chunks(total: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
