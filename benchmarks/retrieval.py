@@ -45,8 +45,11 @@ def load(limit: int) -> tuple[list[str], list[dict[str, Any]]]:
     return paragraphs, rows[:limit]
 
 
-def build_store(client: openai.OpenAI, paragraphs: list[str]) -> tuple[str, dict[str, int], float]:
-    """The store, the paragraph index of each file id, and the seconds from batch to completed."""
+def build_store(
+    client: openai.OpenAI, paragraphs: list[str], chunking: dict[str, Any] | None = None
+) -> tuple[str, dict[str, int], float]:
+    """The store, the paragraph index of each file id, and the seconds from batch to completed
+    (``chunking``: the files' ``chunking_strategy``; default: the server's)."""
     with ThreadPoolExecutor(8) as pool:
         ids = list(
             pool.map(
@@ -58,7 +61,9 @@ def build_store(client: openai.OpenAI, paragraphs: list[str]) -> tuple[str, dict
         )
     store = client.vector_stores.create(name="xquad", extra_body={"embedding_model": EMBED_MODEL})
     start = time.perf_counter()
-    batch = client.vector_stores.file_batches.create(store.id, file_ids=ids)
+    batch = client.vector_stores.file_batches.create(
+        store.id, file_ids=ids, **({"chunking_strategy": chunking} if chunking else {})
+    )
     while (
         batch := client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id)
     ).status == "in_progress":
