@@ -99,8 +99,10 @@ def training_pairs(
     return pairs
 
 
-def fine_tune(client: openai.OpenAI, pairs: list[dict[str, Any]], epochs: int, lr: float) -> tuple[str, float, Any]:
-    """The trained model's name, the seconds training took and its last training metrics."""
+def fine_tune(
+    client: openai.OpenAI, pairs: list[dict[str, Any]], epochs: int, lr: float
+) -> tuple[str, float, list[Any]]:
+    """The trained model's name, the seconds training took and its training metrics, in order."""
     data = "\n".join(json.dumps(p) for p in pairs).encode()
     training = client.files.create(file=("xquad-pairs.jsonl", io.BytesIO(data)), purpose="fine-tune").id
     method = {
@@ -124,9 +126,8 @@ def fine_tune(client: openai.OpenAI, pairs: list[dict[str, Any]], epochs: int, l
     seconds = time.perf_counter() - start
     if job.status != "succeeded" or not job.fine_tuned_model:
         raise SystemExit(f"fine-tuning {job.status}: {job.error}")
-    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
-    last = next((e.data for e in events if e.type == "metrics"), None)  # newest first
-    return job.fine_tuned_model, seconds, last
+    events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data  # newest first
+    return job.fine_tuned_model, seconds, [e.data for e in reversed(events) if e.type == "metrics"]
 
 
 def evaluate(
@@ -182,8 +183,8 @@ def main() -> None:
         if reranker is None:
             pairs = training_pairs(client, store_id, files, paragraphs, train_rows, args.negatives)
             print(f"{len(pairs)} training pairs from {len(train_rows)} questions; fine-tuning {EMBED_MODEL} ...")
-            reranker, train_s, last = fine_tune(client, pairs, args.epochs, args.learning_rate_multiplier)
-            print(f"trained {reranker} in {train_s:.0f} s; last training metrics: {last}")
+            reranker, train_s, curve = fine_tune(client, pairs, args.epochs, args.learning_rate_multiplier)
+            print(f"trained {reranker} in {train_s:.0f} s; last training metrics: {curve[-1:]}")
             result |= {
                 "train_questions": len(train_rows),
                 "training_pairs": len(pairs),
@@ -192,7 +193,7 @@ def main() -> None:
                 "learning_rate_multiplier": args.learning_rate_multiplier,
                 **TRAINING,
                 "fine_tune_s": train_s,
-                "last_training_metrics": last,
+                "training_metrics": curve,
             }
         result["reranker"] = reranker
         vector = evaluate(client, store_id, files, paragraphs, test_rows, None)
