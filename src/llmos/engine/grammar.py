@@ -126,7 +126,6 @@ class GrammarCompiler:
         return compiled
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
 _executor: Any = None  # llguidance.LLExecutor, made on first use
 _prefetcher: ThreadPoolExecutor | None = None
 _start_lock = threading.Lock()
@@ -182,25 +181,22 @@ class MaskPrefetch:
 
 def allowed_tokens(matchers: Sequence[RowMatcher], vocab: int) -> torch.Tensor:
     """(len(matchers), vocab) booleans: the tokens each matcher accepts next (ids past its
-    tokenizer's vocabulary, padding rows of the model's embedding, never); masks not prefetched
-    are computed now."""
-    fill_masks(matchers)
-    allowed = torch.zeros(len(matchers), vocab, dtype=torch.bool)
-    for row, matcher in enumerate(matchers):
-        assert matcher.mask is not None
-        bits = ((matcher.mask[:, None] >> _BITS) & 1).reshape(-1).bool()
-        width = min(vocab, matcher.vocab_size)
-        allowed[row, :width] = bits[:width]
-    return allowed
+    tokenizer's vocabulary, padding rows of the model's embedding, never)."""
+    return mask_logits(torch.zeros(len(matchers), vocab), range(len(matchers)), matchers).isfinite()
 
 
 def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[RowMatcher]) -> torch.Tensor:
     """``logits`` (B, V) with every token the grammar of row ``rows[i]`` forbids set to -inf
-    (a copy; the other rows unchanged)."""
-    masked = logits.clone()
+    (a copy; the other rows unchanged); masks not prefetched are computed now. llguidance's own
+    kernel applies the packed bits: unpacking them into booleans first cost several times more."""
+    fill_masks(matchers)
     index = torch.tensor(list(rows), dtype=torch.long)
-    allowed = allowed_tokens(matchers, logits.shape[1])
-    masked[index] = masked[index].masked_fill(~allowed, float("-inf"))
+    constrained = logits[index]  # a copy: the caller still reports logprobs from the model's own logits
+    masks = [m.mask for m in matchers if m.mask is not None]
+    assert len(masks) == len(matchers)  # fill_masks gave every matcher one
+    llguidance.torch.apply_token_bitmask_inplace(constrained, torch.stack(masks))
+    masked = logits.clone()
+    masked[index] = constrained
     return masked
 
 
