@@ -369,7 +369,7 @@ def run_llmos(
     return rows
 
 
-STRUCTURED_OFFSET = 208  # after the adapter rows' prompts: 3 rows of 16 (free, half constrained, free)
+STRUCTURED_OFFSET = 208  # after the adapter rows' prompts; every structured row sends the same 16 x --waves
 # The answer's minimum length keeps every constrained request generating to ``max_tokens``, as the
 # free ones do: a shorter JSON answer would lower tokens per second without any step being slower.
 ANSWER_SCHEMA = {
@@ -387,8 +387,20 @@ def _timed_post(url: str, body: dict[str, Any]) -> float:
     return time.perf_counter() - t0
 
 
+def structured_ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each run's half-constrained row over the unconstrained row just before it, as medians: a
+    burst's figures swing between runs of the same kind more than constraint moves them."""
+    plain = [row for key, row in rows.items() if key.startswith("llmos unconstrained")]
+    constrained = [row for key, row in rows.items() if key.startswith("llmos half json_schema")]
+    pairs = list(zip(plain, constrained, strict=True))
+    return {
+        "throughput_ratio_median": statistics.median(c["tokens_per_s"] / p["tokens_per_s"] for p, c in pairs),
+        "ttft_p50_ratio_median": statistics.median(c["ttft_p50_s"] / p["ttft_p50_s"] for p, c in pairs),
+    }
+
+
 def run_structured(
-    home: Path, chats: list[list[dict[str, str]]], clients: int, max_tokens: int
+    home: Path, chats: list[list[dict[str, str]]], clients: int, max_tokens: int, repeats: int, waves: int
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Throughput with half the clients asking for a ``json_schema`` response format, between two
     unconstrained rows on the same server; and what a 30-field schema's grammar adds to a
@@ -422,17 +434,18 @@ def run_structured(
         # Every request runs to max_tokens (ignore_eos; the schema's long answer), so the rows
         # compare steps, not answer lengths.
         full = {"ignore_eos": True}
-        same = chats[STRUCTURED_OFFSET : STRUCTURED_OFFSET + clients]
-        rounds: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
-            ("unconstrained", lambda _: full),
-            ("half json_schema", lambda i: {**full, **fmt} if i % 2 == 0 else full),
-            ("unconstrained again", lambda _: full),
-            ("half json_schema again", lambda i: {**full, **fmt} if i % 2 == 0 else full),
-        ]
-        for label, extra in rounds:
-            key = f"llmos {label}, {clients} client(s)"
-            rows[key] = drive(url, proc.pid, lambda _: MODEL, same, clients, max_tokens, extra)
-            print(f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, TTFT p50 {rows[key]['ttft_p50_s']:.3f} s")
+        same = chats[STRUCTURED_OFFSET : STRUCTURED_OFFSET + clients * waves]
+        for run in range(1, repeats + 1):
+            suffix = f", run {run}" if repeats > 1 else ""
+            rounds: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
+                ("unconstrained", lambda _: full),
+                ("half json_schema", lambda i: {**full, **fmt} if i % 2 == 0 else full),
+            ]
+            for label, extra in rounds:
+                key = f"llmos {label}, {clients} client(s){suffix}"
+                rows[key] = drive(url, proc.pid, lambda _: MODEL, same, clients, max_tokens, extra)
+                print(f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, TTFT p50 {rows[key]['ttft_p50_s']:.3f} s")
+        print(f"  half json_schema over unconstrained, medians of the runs' ratios: {structured_ratios(rows)}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -545,8 +558,11 @@ def main() -> None:
     parser.add_argument(
         "--adapter-targets", nargs="+", default=["all-linear"], help="layers the adapters adapt, e.g. q_proj v_proj"
     )
+    parser.add_argument("--structured-repeats", type=int, default=2, help="unconstrained/half-constrained rows in turn")
     parser.add_argument("--naive-requests", type=int, default=16)
-    parser.add_argument("--waves", type=int, default=1, help="requests per client in each llmos and peer row")
+    parser.add_argument(
+        "--waves", type=int, default=1, help="requests per client in each llmos, peer and structured row"
+    )
     parser.add_argument(
         "--server-repeats", type=int, default=1, help="runs of llmos and its variants, in alternating order"
     )
@@ -613,7 +629,9 @@ def main() -> None:
     structured_compile = None
     if "structured" in args.systems:
         print("llmos with structured outputs ...")
-        structured_rows, structured_compile = run_structured(args.home, chats, 16, args.max_tokens)
+        structured_rows, structured_compile = run_structured(
+            args.home, chats, 16, args.max_tokens, args.structured_repeats, args.waves
+        )
         rows.update(structured_rows)
 
     add_ratios(rows)
@@ -622,6 +640,7 @@ def main() -> None:
     result = {"model": MODEL, "max_tokens": args.max_tokens, "rows": rows}
     if structured_compile is not None:
         result["grammar_compile"] = structured_compile
+        result["structured_ratios"] = structured_ratios(structured_rows)
     result["adapter_rank"], result["adapter_targets"] = 8, args.adapter_targets
     write_result("serve", result, args.out)
 
