@@ -12,9 +12,10 @@ answer), about 100 tokens each, 2 prompts an item. Model smollm2-135m-instruct i
   nothing else running;
 - in-process: transformers' forward of the same weights, ``--batch`` prompts a pass (padded),
   every position's log-softmax gathered, as a harness running the model itself does;
-- interactive TTFT: one client's streamed chat requests (16 tokens) on the idle server, then
-  while the scoring clients score ``--load-prompts`` other prompts (every request's TTFT p50
-  against the idle server's; scoring yields to it, ``scoring_step_tokens``).
+- interactive TTFT: one client's streamed chat requests (16 tokens), 8 on the idle server, then 8
+  while the scoring clients, in a process of their own, score other prompts, ``--ttft-rounds``
+  times in turn (``--load-prompts`` shared between the rounds); the loaded requests' TTFT p50
+  against the idle ones' (scoring yields to them, ``scoring_step_tokens``).
 Prints prompts/s and tokens/s both ways (their ratio is the goal's) and the two TTFTs; writes a
 new benchmarks/results/scoring-<date>-<commit>.json.
 """
@@ -25,9 +26,11 @@ import argparse
 import json
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,7 +58,7 @@ def choice_prompts(tokenizer: Any, n: int) -> list[str]:
     return out[:n]
 
 
-def served(url: str, texts: list[str], clients: int) -> dict[str, float]:
+def served(url: str, texts: list[str], clients: int, on_way_out: Callable[[], None] = lambda: None) -> dict[str, float]:
     pools = [httpx.Client(timeout=600) for _ in range(clients)]
     local = threading.local()
     counter = iter(range(clients))
@@ -74,7 +77,9 @@ def served(url: str, texts: list[str], clients: int) -> dict[str, float]:
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        tokens = sum(pool.map(one, texts))
+        tokens = sum(pool.map(one, texts[:1]))
+        on_way_out()  # the load is under way
+        tokens += sum(pool.map(one, texts[1:]))
     seconds = time.perf_counter() - start
     for client in pools:
         client.close()
@@ -106,15 +111,51 @@ def interactive_ttft(url: str, chats: list[list[dict[str, str]]]) -> list[float]
         return [stream_chat(url, MODEL, chat, 16, client).ttft for chat in chats]
 
 
+def beside_scoring(
+    url: str, chats: list[list[dict[str, str]]], texts: list[str], clients: int, niceness: int
+) -> tuple[list[float], dict[str, float], bool]:
+    """The interactive requests' TTFTs while ``clients`` score ``texts``, the scoring's own figures,
+    and whether it outlasted them. The scoring clients run in a process of their own, as they would
+    on other machines: in this one, parsing their answers would hold the interactive client's GIL.
+    ``niceness`` lowers that process's CPU priority below the server's: on two cores, the clients'
+    own work (they would run elsewhere) otherwise takes time from the server's forward passes."""
+    load = subprocess.Popen(
+        ["nice", "-n", str(niceness), sys.executable, __file__, "--score-load", url, "--clients", str(clients)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert load.stdin is not None and load.stdout is not None
+    load.stdin.write(json.dumps(texts))
+    load.stdin.close()
+    assert load.stdout.readline().strip() == "under way"
+    time.sleep(1)
+    ttfts = interactive_ttft(url, chats)
+    outlasted = load.poll() is None
+    figures = json.loads(load.stdout.read())
+    assert load.wait() == 0
+    return ttfts, figures, outlasted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=1000)
-    parser.add_argument("--load-prompts", type=int, default=400, help="scoring prompts sent while TTFT is measured")
+    parser.add_argument("--load-prompts", type=int, default=240, help="scoring prompts sent while TTFT is measured")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="prompts a forward pass in-process")
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
+    parser.add_argument("--ttft-rounds", type=int, default=4, help="idle and loaded interactive rounds in turn")
+    parser.add_argument(
+        "--load-niceness", type=int, default=0, help="nice value of the scoring clients' process (0: the server's)"
+    )
+    parser.add_argument("--score-load", metavar="URL", help=argparse.SUPPRESS)  # the load's own process
     args = parser.parse_args()
+    if args.score_load:
+        texts = json.loads(sys.stdin.read())
+        result = served(args.score_load, texts, args.clients, lambda: print("under way", flush=True))
+        print(json.dumps(result))
+        return
 
     from transformers import AutoTokenizer
 
@@ -128,19 +169,28 @@ def main() -> None:
     platform.close()
     every = choice_prompts(AutoTokenizer.from_pretrained(model_dir), args.prompts + args.load_prompts)
     texts, load_texts = every[: args.prompts], every[args.prompts :]  # the load's prompts are not cached
-    chats = chat_prompts(10_000)[-40:-1]  # prompts no other benchmark row starts with
+    chats = chat_prompts(10_000)[-(16 * args.ttft_rounds + 2) : -1]  # prompts no other benchmark row starts with
 
     proc, url = start_server(args.home)
     try:
         stream_chat(url, MODEL, chats[-1], 4)  # load the model
         server = served(url, texts, args.clients)  # scoring alone: the throughput goal's figure
-        idle = interactive_ttft(url, chats[:16])
-        with ThreadPoolExecutor(1) as background:
-            load = background.submit(served, url, load_texts, args.clients)
-            time.sleep(2)  # the scoring clients are under way
-            loaded = interactive_ttft(url, chats[16:32])
-            outlasted = not load.done()  # the interactive requests all met scoring traffic
-            under_load = load.result()
+        # Idle and loaded in turn, --ttft-rounds times: one burst of interactive requests swings
+        # more between runs than scoring moves it.
+        idle: list[float] = []
+        loaded: list[float] = []
+        loads: list[dict[str, float]] = []
+        outlasted = True  # every loaded interactive request met scoring traffic
+        share = len(load_texts) // args.ttft_rounds
+        for r in range(args.ttft_rounds):
+            asked = chats[16 * r : 16 * (r + 1)]
+            idle += interactive_ttft(url, asked[:8])
+            ttfts, load, lasted = beside_scoring(
+                url, asked[8:], load_texts[share * r : share * (r + 1)], args.clients, args.load_niceness
+            )
+            loaded += ttfts
+            loads.append(load)
+            outlasted &= lasted
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -154,8 +204,10 @@ def main() -> None:
         "served": server,
         "in_process": local,
         "served_over_in_process": server["tokens_per_s"] / local["tokens_per_s"],
-        "scoring_beside_interactive": under_load,
+        "scoring_beside_interactive": loads,
         "load_outlasted_interactive": outlasted,
+        "load_niceness": args.load_niceness,
+        "ttft_rounds": args.ttft_rounds,
         "ttft_p50_idle_s": statistics.median(idle),
         "ttft_p50_while_scoring_s": statistics.median(loaded),
     }
@@ -167,8 +219,10 @@ def main() -> None:
     print(f"served / in-process: {result['served_over_in_process']:.2f}x")
     print(
         f"interactive TTFT p50: {result['ttft_p50_idle_s']:.3f} s idle, "
-        f"{result['ttft_p50_while_scoring_s']:.3f} s while scoring ({result['ttft_ratio']:.2f}x); scoring beside "
-        f"them {under_load['prompts_per_s']:.1f} prompts/s" + ("" if outlasted else " (ended before them: use more)")
+        f"{result['ttft_p50_while_scoring_s']:.3f} s while scoring ({result['ttft_ratio']:.2f}x, "
+        f"{len(idle)} requests each, {args.ttft_rounds} rounds in turn); scoring beside them "
+        f"{statistics.mean(x['prompts_per_s'] for x in loads):.1f} prompts/s"
+        + ("" if outlasted else " (ended before them: use more)")
     )
     print(f"wrote {write_result('scoring', result, args.out)}")
 
