@@ -106,3 +106,27 @@ def test_length_grouped_batches_pad_less_and_keep_every_example_once() -> None:
     assert _padding(grouped) < 0.2 * _padding(plain)
     assert grouped == shuffled_batches(examples, 8, random.Random(1), length)  # the same order on resume
     assert [len(b[0].input_ids) for b in grouped] != sorted(len(b[0].input_ids) for b in grouped)  # batches shuffled
+
+
+def test_classification_pairs_are_grouped_by_the_length_of_both_texts() -> None:
+    """A cross-encoder's examples are short questions with passages of any length: grouping must
+    count the passage, or every batch pads to its longest passage."""
+    import random
+
+    from llmos.training.classify import ClassificationTask, LabelledText
+    from llmos.training.loop import shuffled_batches
+
+    draw = random.Random(0)
+    examples = [
+        LabelledText("where is it? " + "x" * draw.randrange(5), "1", "passage " * draw.randrange(3, 80))
+        for _ in range(300)
+    ]
+
+    def padding(batches: list[list[LabelledText]]) -> int:
+        sizes = [[len(e.text) + len(e.text_pair or "") for e in b] for b in batches]
+        return sum(len(s) * max(s) - sum(s) for s in sizes)
+
+    plain = shuffled_batches(examples, 8, random.Random(1))
+    grouped = shuffled_batches(examples, 8, random.Random(1), ClassificationTask.length)
+    assert sorted(id(e) for b in grouped for e in b) == sorted(id(e) for e in examples)
+    assert padding(grouped) < 0.2 * padding(plain)

@@ -90,6 +90,12 @@ class ClassificationTask(EncoderTask[LabelledText]):
         self.max_length = input_limit(model, run.spec)
         self.description = f"sequence classification on {len(data.train)} examples, {len(labels)} labels"
 
+    @staticmethod
+    def length(example: LabelledText) -> int:
+        """What ``group_by_length`` batches by: characters of both texts (a pair's passage is most of
+        its length), which order examples about as tokens would, without tokenising them."""
+        return len(example.text) + len(example.text_pair or "")
+
     def step(self, batch: list[LabelledText]) -> StepOutput:
         enc = encode(self.tokenizer, batch, self.max_length)
         return self.labelled_step(enc, torch.tensor([self.index[x.label] for x in batch]))
