@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from llmos.cli.client_cmds import HostOpt, KeyOpt, PortOpt
 from llmos.cli.common import api_client, console, err_console, settings_from
+from llmos.errors import InvalidRequestError
 from llmos.kernel.job_status import TERMINAL, JobStatus
+from llmos.training.spec import METHODS, parse_spec
 
 files_app = typer.Typer(help="Upload and list files (training data, batch input).", no_args_is_help=True)
 finetune_app = typer.Typer(help="Start fine-tuning jobs.", no_args_is_help=True)
@@ -30,8 +33,17 @@ def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except openai.APIError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(api_error_text(exc))}")
         raise typer.Exit(code=1) from exc
+
+
+def api_error_text(exc: Any) -> str:
+    """The server's OpenAI-shaped error as one line: its message, then the field it names and its code."""
+    body = getattr(exc, "body", None)
+    if not (isinstance(body, dict) and isinstance(body.get("message"), str)):
+        return str(exc)
+    named = [f"{k} {body[k]}" for k in ("param", "code") if body.get(k)]
+    return f"{body['message']} ({', '.join(named)})" if named else body["message"]
 
 
 def file_id(client: Any, value: str, purpose: str = "fine-tune") -> str:
@@ -85,21 +97,23 @@ def create(
     batch_size: Annotated[int | None, typer.Option(help="batch_size (default auto).")] = None,
     lr_multiplier: Annotated[float | None, typer.Option(help="learning_rate_multiplier.")] = None,
     adapter: Annotated[str, typer.Option(help="lora, adalora, ia3, prefix_tuning, prompt_tuning or full.")] = "lora",
+    method: Annotated[
+        str, typer.Option(help="supervised (chat or task lines) or dpo (preference lines; see docs/fine-tuning.md).")
+    ] = "supervised",
+    beta: Annotated[
+        float | None, typer.Option(help="DPO's beta, 0.001 to 10 (default 0.1): higher stays nearer the base.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for a reproducible run.")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Show progress and metrics until the job ends.")] = False,
     api_key: KeyOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
 ) -> None:
-    """Create a supervised fine-tuning job (uploading local files first)."""
+    """Create a fine-tuning job, supervised or DPO (uploading local files first)."""
+    hyper = {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": lr_multiplier, "beta": beta}
+    checked = method_body(method, adapter, {k: v for k, v in hyper.items() if v is not None})
     client = client_for(api_key, host, port)
-    hyper = {
-        k: v
-        for k, v in {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": lr_multiplier}.items()
-        if v is not None
-    }
-    method = {"type": "supervised", "supervised": {"hyperparameters": hyper, "adapter": {"type": adapter}}}
-    body: dict[str, Any] = {"model": model, "training_file": file_id(client, training_file), "method": method}
+    body: dict[str, Any] = {"model": model, "training_file": file_id(client, training_file), "method": checked}
     if validation_file:
         body["validation_file"] = file_id(client, validation_file)
     if suffix:
@@ -110,6 +124,32 @@ def create(
     console.print(f"created job [bold]{job['id']}[/bold] ({job['status']})")
     if follow:
         follow_progress(client, job["id"])
+
+
+OPTIONS = {
+    "hyperparameters.n_epochs": "--epochs",
+    "hyperparameters.batch_size": "--batch-size",
+    "hyperparameters.learning_rate_multiplier": "--lr-multiplier",
+    "hyperparameters.beta": "--beta",
+    "adapter.type": "--adapter",
+}
+"""The option behind each field of ``method`` that ``finetune create`` writes, for its errors."""
+
+
+def method_body(method: str, adapter: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``method`` for ``finetune create``, checked by the server's own rules (training/spec.py)
+    before anything is uploaded, so a bad option costs no upload and names the option."""
+    if "beta" in hyperparameters and method != "dpo":
+        raise typer.BadParameter("applies to --method dpo only", param_hint="--beta")
+    body = {"type": method, method: {"hyperparameters": hyperparameters, "adapter": {"type": adapter}}}
+    if method not in METHODS:  # parse_spec's message would also offer pretrain, which is `llmos pretrain`
+        raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
+    try:
+        parse_spec(body, None, training_records=1)
+    except InvalidRequestError as exc:
+        field = (exc.param or "").removeprefix(f"method.{method}.")
+        raise typer.BadParameter(exc.message, param_hint=OPTIONS.get(field, exc.param)) from exc
+    return body
 
 
 LOSS_CURVE_POINTS = 48
@@ -125,6 +165,26 @@ def loss_curve(losses: list[float], width: int = LOSS_CURVE_POINTS) -> str:
     span = (high - low) or 1.0
     bars = "".join(_BARS[round((v - low) / span * (len(_BARS) - 1))] for v in shown)
     return f"{bars} {high:.3f}..{low:.3f}"
+
+
+TRAINING_SHOWN = ("train_loss", "train_mean_token_accuracy", "train_accuracy", "train_preference_accuracy")
+"""What a training report shows beside the bar: the loss and the task's accuracy (DPO's share of
+pairs ranked right)."""
+
+
+def training_line(data: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={data[k]:.3f}" for k in TRAINING_SHOWN if isinstance(data.get(k), int | float))
+
+
+def validation_line(data: dict[str, Any]) -> str:
+    """A validation report in words, in the order the task wrote it: ``validation, epoch 2: loss
+    0.612, preference accuracy 0.750, reward margin 0.210, ...`` for DPO."""
+    shown = ", ".join(
+        f"{k.removeprefix('valid_').replace('_', ' ')} {v:.3f}"
+        for k, v in data.items()
+        if k.startswith("valid_") and isinstance(v, int | float) and not isinstance(v, bool)
+    )
+    return f"validation, epoch {data.get('epoch', '?')}: {shown or json.dumps(data)}"
 
 
 def follow_progress(client: Any, job_id: str) -> None:
@@ -149,15 +209,13 @@ def follow_progress(client: Any, job_id: str) -> None:
                 seen.add(e.id)
                 data = e.data or {}
                 if e.type == "metrics" and "total_steps" in data:
-                    shown = ", ".join(
-                        f"{k}={data[k]:.3f}" for k in ("train_loss", "train_mean_token_accuracy") if k in data
-                    )
+                    shown = training_line(data)
                     if isinstance(data.get("train_loss"), int | float):
                         losses.append(float(data["train_loss"]))
                         shown = f"{shown}  {loss_curve(losses)}"
                     bar.update(task, total=data["total_steps"], completed=data["step"], metrics=shown)
                 elif e.type == "metrics":
-                    bar.console.print(f"  validation: {json.dumps(data)}")
+                    bar.console.print(f"  {escape(validation_line(data))}")
                 else:
                     bar.console.print(f"  {e.message}")
             bar.update(task, description=f"{job_id} {job.status}")
