@@ -95,14 +95,11 @@ class _FakeClusterEngine(FakeEngine):
     async def cluster_view(self) -> ClusterView:
         node = NodeView("n1", "127.0.0.1", True, {"CPU": 2.0, "memory": float(GB)})
         replica = ReplicaView("replica-1", "tiny-chat", "n1", 2, ["tiny-lora"], "ready", pid=4242)
-        return ClusterView("127.0.0.1:6379", [node], [replica])
+        return ClusterView("127.0.0.1:6379", [node], [replica], server_node="n1")
 
 
-def test_the_cluster_view_is_for_admins_and_off_without_ray(loaded_platform: Platform) -> None:
-    with TestClient(create_app(platform=loaded_platform, engine=FakeEngine())) as http:
-        reply = http.get("/v1/admin/cluster", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        assert reply.status_code == 404
-        assert reply.json()["error"]["code"] == "cluster_mode_off"
+def test_the_cluster_view_is_for_admins(loaded_platform: Platform) -> None:
+    with TestClient(create_app(platform=loaded_platform, engine=_FakeClusterEngine())) as http:
         _, secret = loaded_platform.keys.create("app", scopes=("inference",))
         assert http.get("/v1/admin/cluster", headers={"Authorization": f"Bearer {secret}"}).status_code == 403
 
@@ -110,7 +107,7 @@ def test_the_cluster_view_is_for_admins_and_off_without_ray(loaded_platform: Pla
 def test_the_cluster_view_lists_nodes_and_replicas(loaded_platform: Platform) -> None:
     with TestClient(create_app(platform=loaded_platform, engine=_FakeClusterEngine())) as http:
         body = http.get("/v1/admin/cluster", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
-    assert body["object"] == "cluster"
+    assert (body["object"], body["mode"], body["server_node_id"]) == ("cluster", "ray", "n1")
     assert body["nodes"]["object"] == "list"
     assert body["nodes"]["data"][0] == {
         "object": "cluster.node",
@@ -118,6 +115,7 @@ def test_the_cluster_view_lists_nodes_and_replicas(loaded_platform: Platform) ->
         "address": "127.0.0.1",
         "alive": True,
         "resources": {"CPU": 2.0, "memory": float(GB)},
+        "available": None,
     }
     replica = body["replicas"]["data"][0]
     assert replica["model"] == "tiny-chat"

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import ray
 from ray.exceptions import RayActorError, RayError
 
 from llmos.cluster.connect import ClusterSession, connect, disconnect
@@ -199,17 +200,27 @@ class RayEngine:
         await self.local.unload(model_id)
 
     def stats(self) -> dict[str, Any]:
+        """This server's own counts, and each replica with its engine's latest report (its
+        ``models``, read every ``metrics_sample_interval_s``): the metrics sampler exports them
+        per replica and summed per model."""
+        replicas = [  # a copy: the sampler's thread reads while the event loop places and drops
+            {**self.pool.view(r).public(), "node_address": r.node.address, "models": r.report.get("models", {})}
+            for r in list(self.pool.replicas)
+        ]
         return {
             "pending_requests": self._pending,
             "engine_restarts": self.pool.replaced,
             "cluster": self.session.address,
-            "replicas": [r.public() for r in self.pool.views({})],
+            "replicas": replicas,
             "models": {},
         }
 
     async def cluster_view(self) -> ClusterView:
+        await self.pool.refresh()
         nodes = await asyncio.to_thread(self.pool.nodes)
-        return ClusterView(self.session.address, nodes, self.pool.views(await self.pool.running()))
+        server_node = ray.get_runtime_context().get_node_id()
+        replicas = [self.pool.view(r) for r in self.pool.replicas]
+        return ClusterView(self.session.address, nodes, replicas, server_node=server_node)
 
     async def check_health(self) -> None:
         await self.local.check_health()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray._private import state as ray_state
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from llmos.cluster.replica import EngineReplica
@@ -28,7 +29,7 @@ from llmos.cluster.routing import (
     choose_node,
     choose_replica,
 )
-from llmos.cluster.view import NodeView, ReplicaView
+from llmos.cluster.view import EngineCounts, NodeView, ReplicaView
 from llmos.config import Settings
 from llmos.errors import ServiceUnavailableError
 
@@ -53,6 +54,8 @@ class Replica:
     adapters: set[str] = field(default_factory=set)
     state: str = "starting"
     pid: int | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    """Its engine's latest ``stats()`` (``refresh``); empty until it answers, and when it last did not."""
 
     def load(self) -> ReplicaLoad:
         return ReplicaLoad(self.replica_id, self.queue_depth, frozenset(self.adapters))
@@ -69,6 +72,7 @@ class ReplicaPool:
         self.replicas: list[Replica] = []
         self.replaced = 0
         self._starting: dict[str, asyncio.Lock] = {}
+        self._watching: asyncio.Task[None] | None = None
         self._actor_class = ray.remote(EngineReplica)
 
     def ready(self, model_key: str) -> list[Replica]:
@@ -143,6 +147,8 @@ class ReplicaPool:
             self._drop(replica)
             raise
         replica.state = "ready"
+        if self._watching is None:  # from the first replica on: there is nothing to read before
+            self._watching = asyncio.get_running_loop().create_task(self.watch(self.settings.metrics_sample_interval_s))
         log.info(
             "engine replica %s of %s ready on node %s", replica.replica_id, replica.model_key, replica.node.address
         )
@@ -193,12 +199,21 @@ class ReplicaPool:
         return held
 
     def nodes(self) -> list[NodeView]:
-        """The cluster's nodes as Ray's head reports them (a call to its GCS)."""
+        """The cluster's nodes as Ray's head reports them, with what Ray has not reserved of each
+        (calls to its GCS; the per-node figures are Ray's developer API, which Ray Serve's own
+        scheduler reads)."""
+        available = ray_state.available_resources_per_node()
         views = []
         for node in ray.nodes():
-            resources = {k: float(v) for k, v in node.get("Resources", {}).items() if not k.startswith("node:")}
+            free = available.get(node["NodeID"])
             views.append(
-                NodeView(node["NodeID"], node.get("NodeManagerAddress", ""), bool(node.get("Alive")), resources)
+                NodeView(
+                    node["NodeID"],
+                    node.get("NodeManagerAddress", ""),
+                    bool(node.get("Alive")),
+                    _amounts(node.get("Resources", {})),
+                    _amounts(free) if free is not None else None,
+                )
             )
         return views
 
@@ -215,31 +230,45 @@ class ReplicaPool:
             if n.alive
         ]
 
-    async def running(self) -> dict[str, int]:
-        """Requests each ready replica's engine holds, as it reports them (those that answer in time)."""
+    async def refresh(self) -> None:
+        """Ask each ready replica's engine for its stats (those that answer within ``STATS_TIMEOUT_S``;
+        the others keep no report until they do)."""
         ready = [r for r in self.replicas if r.state == "ready"]
         replies = await asyncio.gather(
             *(asyncio.wait_for(r.actor.stats.remote(), STATS_TIMEOUT_S) for r in ready), return_exceptions=True
         )
-        return {
-            r.replica_id: int(s["pending_requests"]) for r, s in zip(ready, replies, strict=True) if isinstance(s, dict)
-        }
+        for replica, reply in zip(ready, replies, strict=True):
+            replica.report = reply if isinstance(reply, dict) else {}
 
-    def views(self, running: dict[str, int]) -> list[ReplicaView]:
-        return [
-            ReplicaView(
-                r.replica_id,
-                self.name_of(r.model_key),
-                r.node.node_id,
-                r.queue_depth,
-                sorted(self.name_of(a) for a in r.adapters),
-                r.state,
-                r.pid,
-                running.get(r.replica_id),
-            )
-            for r in self.replicas
-        ]
+    async def watch(self, interval_s: float) -> None:
+        """``refresh`` every ``interval_s`` (the metrics sampler reads the reports), until cancelled."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # a failed round must not end the reports
+                log.exception("reading the engine replicas' stats failed")
+            await asyncio.sleep(interval_s)
+
+    def view(self, r: Replica) -> ReplicaView:
+        """``r`` with its engine's counts as of the last ``refresh``."""
+        return ReplicaView(
+            r.replica_id,
+            self.name_of(r.model_key),
+            r.node.node_id,
+            r.queue_depth,
+            sorted(self.name_of(a) for a in r.adapters),
+            r.state,
+            r.pid,
+            EngineCounts.of(r.report) if r.report else None,
+        )
 
     def close(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
         for replica in list(self.replicas):
             self._drop(replica)
+
+
+def _amounts(resources: dict[str, Any]) -> dict[str, float]:
+    """Ray's resources without the one per node that only names it (``node:<address>``)."""
+    return {k: float(v) for k, v in resources.items() if not k.startswith("node:")}

@@ -95,6 +95,23 @@ MODEL_MEMORY = Gauge(
 MEMORY_BUDGET = Gauge("llmos_model_memory_budget_bytes", "The byte budget resident models share.")
 ENGINE_RESTARTS = Gauge("llmos_engine_restarts", "Engine loops that crashed and were restarted since start-up.")
 
+# -- Ray cluster mode only: each engine replica's own numbers, sampled from its reports ----------
+# A family of their own rather than a label on the gauges above, so single-process series keep
+# their labels (docs/scaling.md says why); ``replica`` is Ray Serve's tag name, bounded by the
+# live replicas (a replica's series go with it), ``node`` its node's address.
+REPLICA_LABELS = ["model_name", "replica", "node"]
+REPLICA_REQUESTS_RUNNING = Gauge(
+    "llmos_replica_num_requests_running", "Requests in the batch of one engine replica.", REPLICA_LABELS
+)
+REPLICA_REQUESTS_WAITING = Gauge(
+    "llmos_replica_num_requests_waiting", "Requests queued for the batch of one engine replica.", REPLICA_LABELS
+)
+REPLICA_GENERATION_TOKENS = Counter(
+    "llmos_replica_generation_tokens",
+    "Tokens one engine replica generated (also for requests later aborted).",
+    REPLICA_LABELS,
+)
+
 # -- serving: counted as requests end (the one generation path, api/openai/common.py) ---------
 PROMPT_TOKENS = Counter("llmos_prompt_tokens", "Prompt tokens of finished requests.", ["model_name", "tenant"])
 GENERATION_TOKENS = Counter(

@@ -103,6 +103,8 @@ class MetricsSampler:
                 metrics.LORA_ADAPTERS_LOADED,
                 metrics.LORA_ADAPTER_RESIDENT,
                 metrics.MODEL_MEMORY,
+                metrics.REPLICA_REQUESTS_RUNNING,
+                metrics.REPLICA_REQUESTS_WAITING,
                 metrics.TRAINING_TOKENS_PER_SECOND,
                 metrics.TRAINING_LOSS,
                 metrics.TRAINING_ACCURACY,
@@ -110,6 +112,8 @@ class MetricsSampler:
         }
         self._prefix_seen: dict[str, tuple[int, int]] = {}
         """Each runner's cumulative (queried, reused) prompt tokens at the previous sample."""
+        self._replica_tokens_seen: dict[str, tuple[tuple[str, ...], int]] = {}
+        """Each replica runner's labels and cumulative generated tokens at the previous sample."""
         self._history: deque[Point] = deque(maxlen=max(2, int(HISTORY_S / interval_s)))
         self._previous: tuple[float, dict[str, float]] | None = None
         self._previous_labels: dict[tuple[str, str], float] = {}
@@ -146,7 +150,10 @@ class MetricsSampler:
             metrics.MEMORY_BUDGET.set(stats["memory_budget_bytes"])
         totals: dict[str, _ModelTotals] = {}
         adapters: dict[tuple[str, ...], float] = {}
-        for key, entry in stats.get("models", {}).items():
+        runners = dict(stats.get("models", {}))
+        for replica in stats.get("replicas", []):  # Ray cluster mode: a model's gauges sum its replicas'
+            runners |= {f"{replica['id']}/{key}": entry for key, entry in replica.get("models", {}).items()}
+        for key, entry in runners.items():
             # Not capped: these series go when the model is evicted, so residency bounds them.
             name = str(entry.get("name", key))
             model = totals.setdefault(name, _ModelTotals())
@@ -166,6 +173,32 @@ class MetricsSampler:
         self._set(metrics.LORA_ADAPTERS_LOADED, {(n,): m.adapters for n, m in totals.items()})
         self._set(metrics.MODEL_MEMORY, {(n,): m.memory for n, m in totals.items() if m.memory})
         self._set(metrics.LORA_ADAPTER_RESIDENT, adapters)
+        self._sample_replicas(stats.get("replicas", []))
+
+    def _sample_replicas(self, replicas: list[dict[str, Any]]) -> None:
+        """Each engine replica's running and waiting requests and generated tokens (Ray cluster
+        mode; the in-process engine reports no replicas)."""
+        running: dict[tuple[str, ...], float] = {}
+        waiting: dict[tuple[str, ...], float] = {}
+        tokens: dict[str, tuple[tuple[str, ...], int]] = {}
+        for replica in replicas:
+            for key, entry in replica.get("models", {}).items():
+                labels: tuple[str, ...] = (
+                    str(entry.get("name", key)),
+                    str(replica["id"]),
+                    str(replica.get("node_address", "")),
+                )
+                running[labels] = running.get(labels, 0.0) + entry.get("requests_running", 0)
+                waiting[labels] = waiting.get(labels, 0.0) + entry.get("requests_waiting", 0)
+                tokens[f"{replica['id']}/{key}"] = (labels, int(entry.get("tokens_generated", 0)))
+        self._set(metrics.REPLICA_REQUESTS_RUNNING, running)
+        self._set(metrics.REPLICA_REQUESTS_WAITING, waiting)
+        for runner, (labels, count) in tokens.items():
+            last = self._replica_tokens_seen.get(runner, (labels, 0))[1]
+            metrics.REPLICA_GENERATION_TOKENS.labels(*labels).inc(_grown(last, count))
+        for gone in {labels for labels, _ in self._replica_tokens_seen.values()} - {lb for lb, _ in tokens.values()}:
+            metrics.REPLICA_GENERATION_TOKENS.remove(*gone)  # a replica stopped or lost: its series go too
+        self._replica_tokens_seen = tokens
 
     def _count_prefix(self, key: str, name: str, entry: dict[str, Any]) -> None:
         """The prefix-cache counters advance by what the runner computed since the last sample
@@ -246,6 +279,12 @@ class MetricsSampler:
 
     def history(self) -> list[dict[str, Any]]:
         return [asdict(point) for point in list(self._history)]
+
+
+def _grown(last: int, now: int) -> int:
+    """How far a runner's cumulative count advanced since it read ``last``: all of ``now`` when it
+    went back (the runner was replaced and counts from zero again)."""
+    return now if now < last else now - last
 
 
 def _label_counts() -> dict[tuple[str, str], float]:

@@ -1,21 +1,45 @@
-"""``GET /v1/admin/cluster`` (admin scope): the Ray cluster's nodes and the engine's replicas."""
+"""``GET /v1/admin/cluster`` (admin scope): the nodes, the engine's replicas on them and the
+fine-tuning jobs this server runs; in single-process mode, this machine and its resident models."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from llmos.api.deps import AdminKey, EngineDep
-from llmos.cluster.view import ClusterEngine
+from llmos.api.deps import AdminKey, EngineDep, PlatformDep
+from llmos.cluster.machine import single_process_view
+from llmos.cluster.view import ClusterEngine, JobView
 from llmos.errors import NotFoundError
+from llmos.kernel.jobs import JobStore
+from llmos.kernel.supervisor import JobSupervisor
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
 @router.get("/cluster")
-async def cluster_view(engine: EngineDep, _key: AdminKey) -> dict[str, Any]:
-    """Nodes with their resources, and each engine replica's model, node, queue depth and adapters."""
-    if not isinstance(engine, ClusterEngine):
-        raise NotFoundError("Ray cluster mode is off: set ray_address (or llmos serve --ray)", code="cluster_mode_off")
-    return (await engine.cluster_view()).public()
+async def cluster_view(request: Request, engine: EngineDep, platform: PlatformDep, _key: AdminKey) -> dict[str, Any]:
+    """Nodes with their resources, each engine replica's model, node, queue depth and adapters, and
+    the jobs placed on this server's node."""
+    if isinstance(engine, ClusterEngine):
+        view = await engine.cluster_view()
+    else:
+        view = await asyncio.to_thread(single_process_view, engine.stats())
+    supervisor: JobSupervisor | None = getattr(request.app.state, "supervisor", None)
+    jobs = await asyncio.to_thread(_jobs_here, platform.jobs, supervisor, view.server_node)
+    return dataclasses.replace(view, jobs=jobs).public()
+
+
+def _jobs_here(jobs: JobStore, supervisor: JobSupervisor | None, node: str) -> list[JobView]:
+    """The jobs whose workers this server's supervisor runs: they run on the server's own node
+    (another server on the database lists its own)."""
+    placed = []
+    for job_id in supervisor.running if supervisor is not None else []:
+        try:
+            job = jobs.get(None, job_id)
+        except NotFoundError:  # deleted since
+            continue
+        placed.append(JobView(job.id, job.model, job.tenant, job.status.value, node))
+    return placed

@@ -56,6 +56,7 @@ PAGES = (
     Page("files", "Files", "files"),
     Page("alerts", "Alerts", "admin"),
     Page("usage", "Usage", "inference"),
+    Page("cluster", "Cluster", "admin"),
     Page("admin", "Admin", "admin"),
 )
 templates = Jinja2Templates(directory=str(HERE / "templates"))
