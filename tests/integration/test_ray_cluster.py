@@ -1,9 +1,10 @@
 """Ray cluster mode (issue 21 point 1, ADR 0029) on a real two-node Ray cluster on this machine: a
 head and a second node started here with token authentication, `llmos serve` joined to it with two
-replicas of a tiny chat model. Two replicas answer (on the two nodes), a client that leaves frees
-its row on the replica, and a replica killed mid-stream ends that stream with an error event while
-the next requests go to the other replica and a replacement is placed. An `auto` head listens on
-loopback only; a non-loopback bind needs the explicit setting."""
+replicas of a tiny chat model. Two replicas answer (on the two nodes) and report their own counts
+(the admin view, the per-replica metrics), a client that leaves frees its row on the replica, and
+a replica killed mid-stream ends that stream with an error event while the next requests go to the
+other replica and a replacement is placed. An `auto` head listens on loopback only; a non-loopback
+bind needs the explicit setting."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmos.config import Settings
 from llmos.platform import Platform
@@ -220,6 +222,29 @@ def test_two_replicas_on_two_nodes_answer(server: Server) -> None:
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_the_view_and_the_metrics_show_each_replicas_own_counts(server: Server) -> None:
+    assert _chat(server, "count me").status_code == 200
+    view = _cluster(server)  # asks each replica for its counts, which the next scrape reads too
+    assert view["mode"] == "ray"
+    nodes = {n["id"]: n for n in view["nodes"]["data"]}
+    assert view["server_node_id"] in nodes
+    for node in nodes.values():
+        assert 0 <= node["available"]["CPU"] <= node["resources"]["CPU"]
+    replicas = view["replicas"]["data"]
+    assert sum(r["tokens_generated"] for r in replicas) >= 1
+    scrape = httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=30).text
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(scrape)
+        for s in family.samples
+    }
+    for replica in replicas:
+        labels = {"model_name": "tiny-chat", "replica": replica["id"], "node": nodes[replica["node_id"]]["address"]}
+        key = frozenset(labels.items())
+        assert samples[("llmos_replica_generation_tokens_total", key)] == replica["tokens_generated"]
+        assert samples[("llmos_replica_num_requests_running", key)] == 0
 
 
 def test_a_client_that_leaves_frees_its_row_on_the_replica(server: Server) -> None:
