@@ -1,9 +1,10 @@
 """The web console in a real browser: Playwright driving Debian's chromium (never `playwright
 install`) against the server on loopback with the tiny test models. Sign-in, models and a pull
 followed live, streamed chat, classification and entities marked in the text, a fine-tuning
-job's loss curve growing, a tenant that sees only its own jobs, an alert firing, wrong keys,
-ended sessions and CSRF-less requests. A screenshot of every page is written under the pytest
-temporary directory (``console-screenshots``)."""
+job's loss curve growing, a DPO job started from the page with its reward margin drawn, a
+tenant that sees only its own jobs, an alert firing, wrong keys, ended sessions and CSRF-less
+requests. A screenshot of every page is written under the pytest temporary directory
+(``console-screenshots``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from llmos.config import Settings
 from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
 from tests.unit.test_alert_outputs import build_tiny_classifier
+from tests.unit.test_dpo import PAIRS
 from tests.unit.test_http_server import _free_port
 from tests.unit.test_ner import _fixed_tagger
 
@@ -277,6 +279,52 @@ def test_a_fine_tuning_job_shows_its_loss_curve_growing(browser: Any, console: C
     assert page.locator('nav a[href="/ui/admin"]').count() == 0
     page.get_by_role("button", name="Cancel").click()
     sync_api.expect(page.locator("#job-status")).to_have_attribute("data-status", "cancelled")
+
+
+def test_a_dpo_job_from_the_console_shows_its_reward_margin(browser: Any, console: Console) -> None:
+    def upload(name: str, rows: list[dict[str, Any]]) -> str:
+        data = "\n".join(json.dumps(r) for r in rows).encode()
+        sent = {"files": {"file": (name, data)}, "data": {"purpose": "fine-tune"}}
+        return str(_api(console.url, console.acme_key, "POST", "/v1/files", **sent)["id"])
+
+    pairs, chat = upload("pairs.jsonl", PAIRS), upload("chat.jsonl", ROWS)
+
+    def job_ids() -> list[str]:
+        return [j["id"] for j in _api(console.url, console.acme_key, "GET", "/v1/fine_tuning/jobs")["data"]]
+
+    jobs_before = job_ids()
+    page = _signed_in(browser, console, console.acme_key)
+    page.goto(f"{console.url}/ui/fine-tuning")
+    sync_api.expect(page.get_by_label("Training file")).to_contain_text("pairs.jsonl")
+    beta = page.get_by_label("DPO beta")
+    sync_api.expect(beta).to_be_disabled()  # beta is DPO's alone
+    page.get_by_label("Training method").select_option("dpo")
+    beta.fill("0.2")
+    page.get_by_label("Epochs").fill("3")  # a validation report each epoch: three points on the margin's curve
+    page.get_by_label("Batch size").fill("3")
+    page.get_by_label("Rank r").fill("4")
+    # Chat lines cannot train DPO: the API's refusal is shown and no job is made.
+    page.get_by_label("Training file").select_option(chat)
+    page.get_by_role("button", name="Create job").click()
+    sync_api.expect(page.locator("#notice")).to_contain_text("preference lines")
+    assert job_ids() == jobs_before
+    page.get_by_label("Training file").select_option(pairs)
+    page.get_by_label("Validation file (optional)").select_option(pairs)
+    page.get_by_role("button", name="Create job").click()
+    sync_api.expect(page.locator("#reward-box")).to_be_visible(timeout=WAIT_MS)
+    job_id = page.evaluate("window.location.hash.slice(1)")
+    method = _api(console.url, console.acme_key, "GET", f"/v1/fine_tuning/jobs/{job_id}")["method"]
+    assert method["type"] == "dpo" and method["dpo"]["hyperparameters"]["beta"] == 0.2
+    sync_api.expect(page.locator("#job-status")).to_have_attribute("data-status", "succeeded", timeout=120_000)
+    margin = page.locator('#reward-chart polyline[data-series="valid reward margin"]')
+    sync_api.expect(margin).to_have_attribute("data-points", "3")
+    accuracy = page.locator('#accuracy-chart polyline[data-series="valid preference accuracy"]')
+    sync_api.expect(accuracy).to_have_attribute("data-points", "3")
+    sync_api.expect(page.locator('#accuracy-chart polyline[data-series="train preference accuracy"]')).to_have_count(1)
+    sync_api.expect(page.locator('#loss-chart polyline[data-series="valid loss"]')).to_have_attribute(
+        "data-points", "3"
+    )
+    page.screenshot(path=str(console.shots / "fine-tuning-dpo.png"), full_page=True)
 
 
 def test_an_invalid_upload_shows_the_apis_error(browser: Any, console: Console, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@
 const LLMOSCharts = (() => {
   const NS = "http://www.w3.org/2000/svg";
   const COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c"];
+  const SPARSE = 24;
 
   function svg(tag, attrs) {
     const node = document.createElementNS(NS, tag);
@@ -61,6 +62,8 @@ const LLMOSCharts = (() => {
         points: pts.map((p) => `${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(" "),
         fill: "none", stroke: colour, "stroke-width": 2, "data-series": s.name, "data-points": pts.length,
       }));
+      // A sparse series (one validation report an epoch) gets a dot per point: a single point draws no line.
+      if (pts.length <= SPARSE) for (const p of pts) root.append(svg("circle", { cx: X(p[0]).toFixed(1), cy: Y(p[1]).toFixed(1), r: 3, fill: colour, class: "point" }));
       const key = svg("text", { x: pad.l + 8 + i * 130, y: 14, fill: colour, class: "legend" });
       key.textContent = s.name;
       root.append(key);

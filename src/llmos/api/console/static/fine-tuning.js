@@ -1,31 +1,39 @@
-// Fine-tuning: create a job with every method and hyperparameter, follow the selected job's
-// loss and accuracy curves from its metrics events, its events and checkpoints, and
-// cancel / pause / resume it; chat with a checkpoint in the playground.
+// Fine-tuning: create a job (supervised or DPO) with every method setting and hyperparameter,
+// follow the selected job's loss and accuracy curves (a DPO job's reward margin too) from its
+// metrics events, its events and checkpoints, and cancel / pause / resume it; chat with a
+// checkpoint in the playground.
 "use strict";
 (() => {
   const { api, el, table, replace, notice, failed, when, every, modelsOf, fillSelect } = LLMOS;
   const byId = (id) => document.getElementById(id);
   const HYPER = ["n_epochs", "batch_size", "learning_rate_multiplier"];
-  const SUPERVISED = ["max_seq_length", "gradient_accumulation_steps", "warmup_ratio", "lr_scheduler", "early_stopping_patience", "packing", "group_by_length"];
+  const SETTINGS = ["max_seq_length", "gradient_accumulation_steps", "warmup_ratio", "lr_scheduler", "early_stopping_patience", "packing", "group_by_length"];
   const ADAPTER = ["r", "alpha", "dropout", "num_virtual_tokens"];
+  // The accuracy each task reports: chat SFT's token accuracy, a classifier's, DPO's pairs ranked right.
+  const ACCURACIES = ["mean_token_accuracy", "accuracy", "preference_accuracy"];
   let selected = window.location.hash.slice(1) || null;
 
   function jobBody(f) {
     const hyperparameters = {};
     for (const k of HYPER) if (f[k] !== undefined) hyperparameters[k] = f[k];
+    const type = f.method_type || "supervised";
+    if (type === "dpo" && f.beta !== undefined) hyperparameters.beta = f.beta;
     const adapter = { type: f.adapter_type };
     if (f.adapter_type !== "full") {
       for (const k of ADAPTER) if (f[k] !== undefined) adapter[k] = f[k];
       if (f.target_modules) adapter.target_modules = f.target_modules.includes(",") ? f.target_modules.split(",").map((s) => s.trim()) : f.target_modules;
     }
-    const supervised = { hyperparameters, adapter };
-    for (const k of SUPERVISED) if (f[k] !== undefined && f[k] !== false) supervised[k] = f[k];
-    if (f.fgm_epsilon !== undefined) supervised.adversarial = { type: "fgm", epsilon: f.fgm_epsilon };
-    if (f.eda_probability !== undefined) supervised.augmentation = { type: "eda", probability: f.eda_probability, copies: f.eda_copies || 1 };
-    const body = { model: f.model, training_file: f.training_file, method: { type: "supervised", supervised } };
+    const settings = { hyperparameters, adapter };
+    for (const k of SETTINGS) if (f[k] !== undefined && f[k] !== false) settings[k] = f[k];
+    if (f.fgm_epsilon !== undefined) settings.adversarial = { type: "fgm", epsilon: f.fgm_epsilon };
+    if (f.eda_probability !== undefined) settings.augmentation = { type: "eda", probability: f.eda_probability, copies: f.eda_copies || 1 };
+    const body = { model: f.model, training_file: f.training_file, method: { type, [type]: settings } };
     for (const k of ["validation_file", "suffix", "seed"]) if (f[k] !== undefined) body[k] = f[k];
     return body;
   }
+
+  // Beta is DPO's alone: the field is live only while DPO is chosen.
+  byId("job-method").addEventListener("change", (event) => { byId("dpo-beta").disabled = event.target.value !== "dpo"; });
 
   byId("job-form").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -72,7 +80,14 @@
     const events = await api("GET", `/v1/fine_tuning/jobs/${job.id}/events?limit=500`);
     const metrics = events.data.filter((e) => e.type === "metrics" && e.data).map((e) => e.data).sort((a, b) => a.step - b.step);
     LLMOSCharts.line(byId("loss-chart"), [curve(metrics, "train loss", "train_loss"), curve(metrics, "valid loss", "valid_loss")], { title: "loss by step" });
-    LLMOSCharts.line(byId("accuracy-chart"), [curve(metrics, "train accuracy", "train_mean_token_accuracy"), curve(metrics, "valid accuracy", "valid_mean_token_accuracy")], { title: "accuracy by step" });
+    const accuracy = ACCURACIES.find((k) => metrics.some((m) => m[`train_${k}`] !== undefined || m[`valid_${k}`] !== undefined)) || ACCURACIES[0];
+    const shown = accuracy.replaceAll("_", " ");
+    LLMOSCharts.line(byId("accuracy-chart"), [curve(metrics, `train ${shown}`, `train_${accuracy}`), curve(metrics, `valid ${shown}`, `valid_${accuracy}`)], { title: `${shown} by step` });
+    const dpo = Boolean(job.method && job.method.type === "dpo");
+    byId("reward-box").hidden = !dpo;
+    if (dpo) {
+      LLMOSCharts.line(byId("reward-chart"), [curve(metrics, "valid reward margin", "valid_reward_margin"), curve(metrics, "valid chosen reward", "valid_chosen_reward"), curve(metrics, "valid rejected reward", "valid_rejected_reward")], { title: "validation rewards by step" });
+    }
     replace("job-events", table([
       { title: "at", cell: (e) => when(e.created_at) },
       { title: "level", cell: (e) => e.level },
