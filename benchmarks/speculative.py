@@ -62,7 +62,7 @@ def verify_cost(model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, 
     token = torch.tensor([ids[-1]])
     passes: dict[int, Any] = {0: lambda: decoder(token, torch.tensor([length]), attention, cache, None)}
     for k in DRAFTS:
-        passes[k] = lambda k=k: decoder.prefill([(ids[-k - 1 :], length, cache)], every=[True])
+        passes[k] = lambda k=k: decoder.verify(ids[-k - 1 :], length, cache)
     times: dict[int, list[float]] = {k: [] for k in passes}
     for _ in range(repeats + 2):  # each kind of pass in turn, so that the machine's load weighs on all alike
         for k, run in passes.items():

@@ -295,8 +295,8 @@ class Settings(BaseSettings):
         "on the torch backend: its next tokens are drafted from the latest earlier occurrence of its last "
         "tokens in its prompt and output (prompt lookup) and verified in one pass. auto: a row drafts while its "
         "acceptance makes a verify pay for its cost (docs/adr/0027); ngram: whenever a draft is found; off "
-        "(the default until greedy bf16 answers are shown unchanged, ADR 0027): never. "
-        "Greedy output is unchanged (up to rounding), sampled output keeps its distribution.",
+        "(the default): never. Greedy output is unchanged (bit for bit on Llama-family models, up to rounding on "
+        "others in bf16), sampled output keeps its distribution.",
     )
     speculative_tokens: int = Field(
         default=8, ge=1, le=32, description="Most draft tokens one verify pass of speculative decoding checks."
@@ -519,13 +519,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _speculation_has_a_backend(self) -> Settings:
-        if self.speculative_decoding != "off":
-            # Served greedy answers differed with speculation on in its one measurement (ADR 0027),
-            # although every engine-level test agrees: wrong answers must not be one setting away.
-            raise ValueError(
-                f"speculative_decoding {self.speculative_decoding!r} is held off until a defect is found: served "
-                "greedy answers of SmolLM2 differed with it on (docs/adr/0027); only 'off' is accepted for now"
-            )
         if self.speculative_decoding == "ngram" and self.gguf_backend == "llama.cpp":
             raise ValueError(
                 "speculative_decoding 'ngram' needs the torch backend: gguf_backend 'llama.cpp' does not speculate "

@@ -209,18 +209,51 @@ class LeanDecoder:
         rows = tokens.shape[0]
         # No mask when no row has padding: the step attends to every cached position anyway.
         mask = None if bool(attention.all()) else attention[:, None, None, :].bool()
-        kv_heads, heads = self.kv_heads, self.heads
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = cache.layers[layer].update(k, v)
-            if rows == 1 and keys.shape[2] <= SDPA_MAX_POSITIONS:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads)
-                return o.transpose(1, 2).reshape(rows, 1, heads * self.head_dim)
-            return _grouped_attention(q, keys, values, mask, self.scale)
+            return self._step_attention(q, keys, values, mask)
 
         weights, adapters, fused = self._prepare(lora, rows, None, decode=True)
         int8 = self._int8 if rows <= INT8_MAX_ROWS and not fused else None
         return self._forward(tokens[:, None], positions[:, None], attend, weights, adapters, fused, [0], int8)[:, 0]
+
+    def _step_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A decode step's attention of one new token per row (``q``: (rows, heads, 1, dim)) over
+        ``keys``/``values``; (rows, 1, heads * head_dim)."""
+        rows = q.shape[0]
+        if rows == 1 and keys.shape[2] <= SDPA_MAX_POSITIONS:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+            return o.transpose(1, 2).reshape(rows, 1, self.heads * self.head_dim)
+        return _grouped_attention(q, keys, values, mask, self.scale)
+
+    @torch.inference_mode()
+    def verify(self, tokens: list[int], start: int, cache: Any, lora: Any = None) -> torch.Tensor:
+        """Every position's logits, (len(tokens), vocab), of ``tokens`` at positions ``start``...
+        after the states in ``cache`` (which it extends): speculative decoding's verify pass.
+
+        Each position gets what a decode step of one row computes there, bit for bit in bf16 too:
+        the weight products give a row the same result whatever the rows beside it, and each
+        position's attention is the step's own over exactly the positions up to it. A packed
+        prefill's attention (one masked call for all positions) rounds differently in bf16, by up
+        to half a logit on SmolLM2, and greedy verifies then flipped near ties, so answers drifted
+        from plain decoding's (docs/adr/0027)."""
+        count = len(tokens)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = cache.layers[layer].update(k, v)
+            past = keys.shape[2] - count
+            seen = [
+                (q[:, :, i : i + 1], keys[:, :, : past + i + 1], values[:, :, : past + i + 1]) for i in range(count)
+            ]
+            return torch.cat([self._step_attention(*one, None) for one in seen], dim=1)
+
+        last = list(range(count))
+        weights, adapters, fused = self._prepare(lora, count, last, decode=False)
+        ids, positions = torch.tensor([tokens]), torch.arange(start, start + count)[None]
+        return self._forward(ids, positions, attend, weights, adapters, fused, last, None)[0]
 
     def _prepare(self, lora: Any, rows: int, last: list[int] | None, *, decode: bool) -> tuple[Generation, bool, bool]:
         """This pass's matrices, whether it has adapters, and whether their ``A`` outputs come

@@ -8,7 +8,8 @@ transformers' ``prompt_lookup_num_tokens`` and vLLM's ``ngram`` method do: answe
 their input, summaries, code edits, quotes; and in the request's prediction, OpenAI's Predicted
 Outputs, when it has one), and the token just chosen and the draft are
 *verified* in one pass over the row's cache with every position's logits (the lean layers'
-packed prefill where the model has them, else its own forward).
+``LeanDecoder.verify``, each position computed as a decode step computes it, where the model has
+them; else its own forward).
 Each draft token is accepted by the standard speculative-sampling rule, so the output is what
 decoding one token at a time produces: greedy rows accept a draft token exactly when it is the
 argmax; sampled rows accept draft token ``x`` with probability ``p(x)`` of the row's own
@@ -67,11 +68,6 @@ MAX_WAIT = 64
 Verify = Callable[[list[int], int, Any, Any], torch.Tensor]
 """``verify(tokens, position, cache, lora)``: ``tokens`` at positions ``position``... after the
 states in ``cache`` (which it extends), every position's float32 logits, (len(tokens), vocab)."""
-
-
-def lean_verify(decoder: Any) -> Verify:
-    """A verify pass of the lean layers (a packed prefill of one chunk with every logit)."""
-    return lambda tokens, position, cache, lora: decoder.prefill([(tokens, position, cache)], lora, every=[True])
 
 
 def forward_verify(model: Any, cache_name: str) -> Verify:
@@ -214,7 +210,8 @@ class Speculation:
         int8 steps choose)."""
         if config.speculative_decoding == "off" or (decoder is not None and decoder.int8):
             return None
-        verify = lean_verify(decoder) if decoder is not None else forward_verify(model, cache_name)
+        # The lean layers' verify reproduces their decode steps bit for bit; the model's forward only up to rounding.
+        verify = decoder.verify if decoder is not None else forward_verify(model, cache_name)
         return cls(config.speculative_decoding, config.speculative_tokens, verify, streamer)
 
     def stats(self) -> dict[str, int]:
