@@ -56,7 +56,7 @@ SHORTEST_MATCH = 2
 VERIFY_BASE_COST = 1.0
 """A verify pass's cost in decode steps of one row, beside ``VERIFY_COST_PER_DRAFT`` a draft
 token (docs/adr/0027 has the measurement they come from)."""
-VERIFY_COST_PER_DRAFT = 0.025
+VERIFY_COST_PER_DRAFT = 0.13
 PRIOR_ACCEPTED, PRIOR_TESTED = 1.0, 2.0
 """A new row's acceptance counts (a rate of one half): it drafts at once, and its own verifies
 soon outweigh the prior."""
