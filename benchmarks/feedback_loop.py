@@ -4,15 +4,25 @@
 
 1. SmolLM2-135M-Instruct, behind ``sst2-bot@production``, answers ``--train`` SST-2 train
    sentences framed as chat, with ``store: true`` (each from one of 50 end users);
-2. a simulated user, knowing the labels, rates each answer up when it starts with the right label
-   and down with a correction otherwise;
+2. a simulated user, knowing the labels, rates each answer up when its label is right and down
+   with a correction (the answer with the right label) otherwise;
 3. the feedback is exported as an SFT file and a LoRA fine-tune runs on it;
-4. an eval (string check: the answer starts with the label) runs the fine-tuned model and the one
-   behind ``@production`` over the first ``--held-out`` SST-2 test sentences;
+4. an eval (string check: the answer's label equals the item's) runs the fine-tuned model and
+   the one behind ``@production`` over the first ``--held-out`` SST-2 test sentences;
 5. the promotion is asked for with the two runs: it succeeds only if the candidate is better;
    ``sst2-bot@production`` then answers with the new version;
 6. a 10% canary of the old version and two rollbacks (the canary ends; production returns to the
    base) behave as configured.
+
+Every answer, in the answering stage and in both eval runs, is constrained by the same
+``response_format`` (a JSON object whose one field is one of the two labels): unconstrained,
+SmolLM2 begins "The sentiment of...", so a short answer rarely holds the label and the zero-shot
+figure measured the answer's wording, not the model's judgement. Constrained, greedy decoding
+takes the label whose first token the model finds likelier there, for the base and the
+fine-tuned model alike, and the label is read from the JSON, not guessed from free text. The
+constraint is ``response_format`` rather than the ``structured_outputs`` choice extra because
+an eval run's ``sampling_params`` take OpenAI's fields only, and every stage must ask the same
+question.
 
 ``DIR`` is SmolLM2-135M-Instruct as safetensors (as benchmarks/dpo_hh.py takes it). Prints each stage's time and the
 accuracies with the interval of their difference; writes benchmarks/results/feedback_loop-*.json.
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 import tempfile
 import time
@@ -42,6 +53,22 @@ LINE = "sst2-bot"
 PRODUCTION = f"{LINE}@production"
 BASE = "smollm2"
 USERS = 50
+ANSWER_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "sentiment",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"sentiment": {"type": "string", "enum": list(LABELS)}},
+            "required": ["sentiment"],
+            "additionalProperties": False,
+        },
+    },
+}
+"""Every answer's shape: ``{"sentiment":"positive"}`` (the server writes compact JSON)."""
+ANSWER_TOKENS = 16
+"""Room for the whole object (about ten tokens), so no answer is cut short."""
 
 
 def poll(read: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
@@ -63,8 +90,19 @@ def call(http: httpx.Client, method: str, path: str, body: dict[str, Any] | None
     return result
 
 
-def starts_with_label(answer: str, label: int) -> bool:
-    return answer.strip().lower().startswith(LABELS[label])
+def answered_label(answer: str) -> str | None:
+    """The label of an answer in ``ANSWER_FORMAT``; None if it is not one (cut short, say)."""
+    try:
+        parsed = json.loads(answer)
+    except ValueError:
+        return None
+    label = parsed.get("sentiment") if isinstance(parsed, dict) else None
+    return label if label in LABELS else None
+
+
+def labelled(label: int) -> str:
+    """The answer in ``ANSWER_FORMAT`` that holds ``label``, as compact as the server writes it."""
+    return json.dumps({"sentiment": LABELS[label]}, separators=(",", ":"))
 
 
 def ask(client: openai.OpenAI, items: list[tuple[str, int]], tag: str, workers: int) -> list[tuple[str, str, int]]:
@@ -75,8 +113,9 @@ def ask(client: openai.OpenAI, items: list[tuple[str, int]], tag: str, workers: 
         answer = client.chat.completions.create(
             model=PRODUCTION,
             messages=[{"role": "user", "content": PROMPT.format(text=text)}],
-            max_tokens=3,
+            max_tokens=ANSWER_TOKENS,
             temperature=0,
+            response_format=ANSWER_FORMAT,
             store=True,
             metadata={"loop": tag},
             user=f"user-{k % USERS}",
@@ -88,12 +127,12 @@ def ask(client: openai.OpenAI, items: list[tuple[str, int]], tag: str, workers: 
 
 
 def give_feedback(http: httpx.Client, answers: list[tuple[str, str, int]], workers: int) -> int:
-    """Up when the answer starts with the label; down with the label as the correction otherwise."""
+    """Up when the answer's label is right; down with the right answer as the correction otherwise."""
 
     def one(entry: tuple[str, str, int]) -> bool:
         completion_id, answer, label = entry
-        right = starts_with_label(answer, label)
-        body = {"rating": "up"} if right else {"rating": "down", "correction": LABELS[label]}
+        right = answered_label(answer) == LABELS[label]
+        body = {"rating": "up"} if right else {"rating": "down", "correction": labelled(label)}
         call(http, "POST", f"/v1/chat/completions/{completion_id}/feedback", {**body, "tags": ["simulated"]})
         return right
 
@@ -109,7 +148,11 @@ def eval_run(http: httpx.Client, eval_id: str, model: str, items: list[tuple[str
             "type": "template",
             "template": [{"role": "user", "content": PROMPT.format(text="{{item.text}}")}],
         },
-        "sampling_params": {"max_completion_tokens": 3, "temperature": 0},
+        "sampling_params": {
+            "max_completion_tokens": ANSWER_TOKENS,
+            "temperature": 0,
+            "response_format": ANSWER_FORMAT,
+        },
         "source": {
             "type": "file_content",
             "content": [{"item": {"text": text, "label": LABELS[label]}} for text, label in items],
@@ -172,6 +215,8 @@ def main() -> None:
                         "hyperparameters": {"n_epochs": args.epochs, "batch_size": 8},
                         "adapter": {"type": "lora", "r": 16, "alpha": 32},
                         "max_seq_length": 256,
+                        "warmup_ratio": 0.06,  # benchmarks/finetune_chat_sst2.py's recipe
+                        "group_by_length": True,  # less padding computed, the same examples
                     },
                 },
             )
@@ -203,10 +248,10 @@ def main() -> None:
                     "testing_criteria": [
                         {
                             "type": "string_check",
-                            "name": "label first",
-                            "input": "{{sample.output_text}}",
-                            "reference": "{{item.label}}%",
-                            "operation": "ilike",
+                            "name": "label",
+                            "input": "{{sample.output_json.sentiment}}",
+                            "reference": "{{item.label}}",
+                            "operation": "eq",
                         }
                     ],
                 },
@@ -214,6 +259,8 @@ def main() -> None:
             baseline_run = eval_run(http, evaluation["id"], PRODUCTION, held_out)
             candidate_run = eval_run(http, evaluation["id"], candidate, held_out)
             mark = stage("eval runs (production and candidate)", mark)
+            pair = f"run_a={candidate_run['id']}&run_b={baseline_run['id']}"
+            compared = call(http, "GET", f"/v1/evals/{evaluation['id']}/compare?{pair}")["overall"]
 
             comparison = {
                 "eval_id": evaluation["id"],
@@ -260,6 +307,8 @@ def main() -> None:
         "answers_right_before_feedback": right / len(answers),
         "accuracy_before": before,
         "accuracy_after": after,
+        "difference": compared["difference"],
+        "interval_95": compared["interval"],
         "promotion_status": promoted.status_code,
         "decision": decision,
         "production_answers_as": now_answering,
@@ -269,7 +318,8 @@ def main() -> None:
         "total_s": total,
     }
     print(f"\n{'accuracy before':>16} {'after':>6} {'difference [95% interval]':>30} {'promoted':>9} {'total s':>8}")
-    interval = f"{decision.get('difference', 0):+.3f} [{decision.get('low', 0):+.3f}, {decision.get('high', 0):+.3f}]"
+    low, high = compared["interval"]
+    interval = f"{compared['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
     print(f"{before:16.3f} {after:6.3f} {interval:>30} {promoted.status_code == 200!s:>9} {total:8.0f}")
     for what, seen in traffic.items():
         print(f"{what}: {seen}")
