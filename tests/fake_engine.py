@@ -101,7 +101,9 @@ class FakeEngine:
             labels=["positive", "negative"], scores=[[0.75, 0.25] for _ in inputs], prompt_tokens=len(inputs)
         )
 
-    async def score_pairs(self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str) -> PairScores:
+    async def score_pairs(
+        self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str, truncate: bool = False
+    ) -> PairScores:
         """The share of a document's words that are in its query."""
         self.calls.append("score_pairs")
         scores = []

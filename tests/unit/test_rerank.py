@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from llmos.engine.relevance import ANSWERS, RELEVANCE_PROMPT
+from llmos.engine.relevance import ANSWERS, RELEVANCE_PROMPT, _fitted
 from llmos.platform import Platform
 from tests.unit.test_api import assert_error, auth
 
@@ -133,6 +133,40 @@ def test_a_long_rerank_on_a_causal_model_stays_within_the_engines_pending_room(l
 
     scores = asyncio.run(main())
     assert len(scores) == 40 and all(0 < s < 1 for s in scores)
+
+
+def test_a_document_too_long_for_the_relevance_prompt_is_cut_only_when_asked(
+    loaded_platform: Platform, tiny_chat_dir: Path
+) -> None:
+    """A causal reranker's pair past the model's context: a 400 naming ``documents`` for a
+    client's text; with ``truncate`` (the platform's own chunks) its beginning that fits is scored,
+    the same as scoring that beginning outright."""
+    import asyncio
+
+    from llmos.engine.local import LocalEngine
+    from llmos.errors import ContextLengthExceededError
+
+    engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
+    long_document = "Paris is the capital of France and its largest city. " * 40
+
+    async def main() -> tuple[float, float]:
+        handle = await engine.resolve("tiny-chat")
+        try:
+            with pytest.raises(ContextLengthExceededError) as refused:
+                await engine.score_pairs(handle, [(QUERY, long_document)], tenant="t")
+            assert refused.value.param == "documents"
+            cut = await engine.score_pairs(handle, [(QUERY, long_document)], tenant="t", truncate=True)
+            fitted = await _fitted(engine, handle, QUERY, long_document)
+            assert 0 < len(fitted) < len(long_document) and long_document.startswith(fitted)
+            full = len(await engine.encode_text(handle, RELEVANCE_PROMPT.format(query=QUERY, document=fitted) + " yes"))
+            assert full <= handle.info.context_length
+            outright = await engine.score_pairs(handle, [(QUERY, fitted)], tenant="t")
+            return cut.scores[0], outright.scores[0]
+        finally:
+            await engine.shutdown()
+
+    cut, outright = asyncio.run(main())
+    assert cut == pytest.approx(outright, abs=1e-6)
 
 
 @pytest.mark.parametrize(

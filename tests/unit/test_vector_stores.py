@@ -193,6 +193,33 @@ def test_search_reranked_by_a_cross_encoder(
             _search(client, store_id, query, extra_body={"ranking_options": options})
 
 
+def test_a_chunk_longer_than_the_reranker_takes_is_scored_on_its_beginning(
+    client: openai.OpenAI, loaded_platform: Platform, tiny_encoder_dir: Path, tmp_path: Path
+) -> None:
+    """The store's chunks are the platform's own cut, sized for the embedding model: a reranked
+    search scores one longer than the cross-encoder takes on its beginning, where /v1/rerank,
+    given the same text by a client, refuses it (400 naming ``documents``)."""
+    directory = build_cross_encoder(tiny_encoder_dir, tmp_path / "ce")
+    loaded_platform.registry.pull(f"file:{directory}", name="tiny-ce")
+    long_text = "Shipping takes three to five days for every parcel we send. " * 40
+    file_id = _upload(client, "long.txt", long_text)
+    vs = client.vector_stores.create(name="long", extra_body={"embedding_model": "tiny-embed"})
+    strategy = {"type": "static", "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 0}}
+    client.vector_stores.files.create(vs.id, file_id=file_id, chunking_strategy=strategy)  # type: ignore[arg-type]
+    assert {f.status for f in _settle(client, vs.id)} == {"completed"}
+    query = "how long does shipping take"
+    ranked = _search(client, vs.id, query, extra_body={"ranking_options": {"rerank_model": "tiny-ce"}})
+    assert ranked and all(0.0 <= hit.score <= 1.0 for hit in ranked)
+    assert len(ranked[0].content[0].text) > 1000  # the whole chunk comes back, only its score read less
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.post(
+            "/rerank",
+            body={"model": "tiny-ce", "query": query, "documents": [ranked[0].content[0].text]},
+            cast_to=object,
+        )
+    assert refused.value.param == "documents"
+
+
 def test_bad_search_and_chunking_input_is_refused(client: openai.OpenAI, store: tuple[str, dict[str, str]]) -> None:
     store_id, ids = store
     cases: list[tuple[dict[str, Any], str]] = [

@@ -176,8 +176,10 @@ class RayEngine:
         result: EntityResult = await self._call(model, "extract_entities", inputs)
         return result
 
-    async def score_pairs(self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str) -> PairScores:
-        result: PairScores = await self._call(model, "score_pairs", pairs, tenant=tenant)
+    async def score_pairs(
+        self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str, truncate: bool = False
+    ) -> PairScores:
+        result: PairScores = await self._call(model, "score_pairs", pairs, tenant=tenant, truncate=truncate)
         return result
 
     async def abort(self, request_id: str) -> None:

@@ -159,16 +159,18 @@ class LocalEngine:
             model, "sequence-classification", "a classifier", ClassifierRunner, lambda r: r.classify(inputs)
         )
 
-    async def score_pairs(self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str) -> PairScores:
+    async def score_pairs(
+        self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str, truncate: bool = False
+    ) -> PairScores:
         task = resolution(model).record.task
         if task == "sequence-classification":
             return await self._on_runner(
-                model, task, "a cross-encoder", ClassifierRunner, lambda r: r.score_pairs(pairs)
+                model, task, "a cross-encoder", ClassifierRunner, lambda r: r.score_pairs(pairs, truncate=truncate)
             )
         if model.info.task in ("chat", "completion") and model.info.scores_prompts:
             # Half the engine's pending room at most: other clients' requests still get in.
             in_flight = max(1, min(IN_FLIGHT, self.config.max_pending_requests // 2))
-            return await relevance_by_answer(self, model, pairs, tenant=tenant, in_flight=in_flight)
+            return await relevance_by_answer(self, model, pairs, tenant=tenant, in_flight=in_flight, truncate=truncate)
         raise InvalidRequestError(
             f"model {model.name} is a {task} model: scoring needs a cross-encoder (sequence-classification) "
             "or a chat or completion model whose backend scores prompts",

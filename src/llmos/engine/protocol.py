@@ -235,10 +235,14 @@ class EngineClient(Protocol):
         """Named entities (BIO spans with character offsets) from a token-classification model."""
         ...
 
-    async def score_pairs(self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str) -> PairScores:
+    async def score_pairs(
+        self, model: ModelHandle, pairs: list[tuple[str, str]], *, tenant: str, truncate: bool = False
+    ) -> PairScores:
         """Relevance of each (query, document) pair: a cross-encoder's (sequence-classification
         model) or a causal model's yes to ``engine.relevance``'s prompt; 400 naming ``model`` for
-        a model that can do neither."""
+        a model that can do neither. A pair longer than the model takes is a 400 naming
+        ``documents``, or with ``truncate`` (documents the platform cut itself, not a client's)
+        scored on the document's beginning that fits."""
         ...
 
     def stats(self) -> dict[str, Any]:

@@ -32,13 +32,37 @@ IN_FLIGHT = 32
 """Scoring requests of one call waiting in the engine at once, at most."""
 
 
+async def _fitted(engine: EngineClient, model: ModelHandle, query: str, document: str) -> str:
+    """``document`` cut from its end until the relevance prompt with the longer answer fits the
+    model's context: each round drops the excess tokens' share of the document's characters."""
+    longest = max(ANSWERS, key=len)
+    frame = len(await engine.encode_text(model, RELEVANCE_PROMPT.format(query=query, document="") + longest))
+    while document:
+        full = await engine.encode_text(model, RELEVANCE_PROMPT.format(query=query, document=document) + longest)
+        excess = len(full) - model.info.context_length
+        if excess <= 0:
+            break
+        share = -(-len(document) * excess // max(1, len(full) - frame))  # rounded up
+        document = document[: max(0, len(document) - share)]
+    return document
+
+
 async def relevance_by_answer(
-    engine: EngineClient, model: ModelHandle, pairs: Sequence[tuple[str, str]], *, tenant: str, in_flight: int
+    engine: EngineClient,
+    model: ModelHandle,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    tenant: str,
+    in_flight: int,
+    truncate: bool = False,
 ) -> PairScores:
-    """``P(yes) / (P(yes) + P(no))`` of every pair under ``RELEVANCE_PROMPT``."""
+    """``P(yes) / (P(yes) + P(no))`` of every pair under ``RELEVANCE_PROMPT``; with ``truncate`` a
+    document too long for the prompt is cut to its beginning that fits."""
     # (prompt, prompt with the answer) token ids: the answer's tokens are those after the prompt's.
     encoded: list[tuple[list[int], list[int]]] = []
     for i, (query, document) in enumerate(pairs):
+        if truncate:
+            document = await _fitted(engine, model, query, document)
         text = RELEVANCE_PROMPT.format(query=query, document=document)
         prompt = await engine.encode_text(model, text)
         for answer in ANSWERS:

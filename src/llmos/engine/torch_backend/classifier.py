@@ -47,13 +47,18 @@ class ClassifierRunner(HeadRunner):
                 scores.extend(self.probabilities(batch).tolist())
         return ClassificationResult(labels=self.labels, scores=scores, prompt_tokens=prompt_tokens)
 
-    def score_pairs(self, pairs: list[tuple[str, str]]) -> PairScores:
+    def score_pairs(self, pairs: list[tuple[str, str]], *, truncate: bool = False) -> PairScores:
         """A cross-encoder's relevance of each (query, document) pair, read together as one input:
         the sigmoid of a one-label head's logit (as sentence-transformers' ``CrossEncoder``), else
-        the probability of label 1 (the relevant class of a two-label head)."""
+        the probability of label 1 (the relevant class of a two-label head). With ``truncate`` a
+        document is cut to what fits beside its query (as ``CrossEncoder`` does); a query alone
+        too long is still refused."""
+        cut = {"truncation": "only_second", "max_length": self.max_length} if truncate else {}
         prompt_tokens = 0
         for i, (query, document) in enumerate(pairs):
             n = len(self.tokenizer(query, document)["input_ids"])
+            if truncate and n > self.max_length:
+                n = self.max_length if len(self.tokenizer(query)["input_ids"]) < self.max_length else n
             if n > self.max_length:
                 raise ContextLengthExceededError(
                     f"pair {i} has {n} tokens; this model accepts at most {self.max_length}", param="documents"
@@ -63,7 +68,9 @@ class ClassifierRunner(HeadRunner):
         with self._lock:
             for k in range(0, len(pairs), self.micro_batch):
                 part = pairs[k : k + self.micro_batch]
-                batch = self.tokenizer([q for q, _ in part], [d for _, d in part], padding=True, return_tensors="pt")
+                batch = self.tokenizer(
+                    [q for q, _ in part], [d for _, d in part], padding=True, return_tensors="pt", **cut
+                )
                 scores.extend(self.relevance(batch).tolist())
         return PairScores(scores=scores, prompt_tokens=prompt_tokens)
 

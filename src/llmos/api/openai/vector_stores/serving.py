@@ -164,7 +164,9 @@ class Retrieval:
         await asyncio.to_thread(self.platform.registry.get, model, tenant=tenant)  # 404 for another's model
         handle = await self.engine.resolve(model)
         pairs = [(query, hit.text) for query in queries for hit in hits]
-        result = await self.engine.score_pairs(handle, pairs, tenant=self.tenant)
+        # The chunks are the platform's own cut, sized for the embedding model: one longer than
+        # the reranker takes is scored on its beginning rather than failing the client's search.
+        result = await self.engine.score_pairs(handle, pairs, tenant=self.tenant, truncate=True)
         self.platform.record_usage(
             tenant=self.tenant,
             key_id=self.key.id,
