@@ -126,6 +126,7 @@ class GrammarCompiler:
         return compiled
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
 _executor: Any = None  # llguidance.LLExecutor, made on first use
 _prefetcher: ThreadPoolExecutor | None = None
 _start_lock = threading.Lock()
@@ -187,14 +188,20 @@ def allowed_tokens(matchers: Sequence[RowMatcher], vocab: int) -> torch.Tensor:
 
 def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[RowMatcher]) -> torch.Tensor:
     """``logits`` (B, V) with every token the grammar of row ``rows[i]`` forbids set to -inf
-    (a copy; the other rows unchanged); masks not prefetched are computed now. llguidance's own
-    kernel applies the packed bits: unpacking them into booleans first cost several times more."""
+    (a copy; the other rows unchanged); masks not prefetched are computed now. The rows' packed
+    bits are unpacked together, one tensor expression, not a row at a time. (llguidance's own
+    ``apply_token_bitmask_inplace`` is faster but compiles itself with ``torch.compile``: a C++
+    compiler at run time, and seconds of stall on the first constrained request.)"""
     fill_masks(matchers)
-    index = torch.tensor(list(rows), dtype=torch.long)
-    constrained = logits[index]  # a copy: the caller still reports logprobs from the model's own logits
     masks = [m.mask for m in matchers if m.mask is not None]
     assert len(masks) == len(matchers)  # fill_masks gave every matcher one
-    llguidance.torch.apply_token_bitmask_inplace(constrained, torch.stack(masks))
+    words = torch.stack(masks)
+    allowed = ((words[:, :, None] >> _BITS) & 1).reshape(len(masks), -1).bool()
+    width = min(logits.shape[1], allowed.shape[1])
+    index = torch.tensor(list(rows), dtype=torch.long)
+    constrained = logits[index]  # a copy: the caller still reports logprobs from the model's own logits
+    constrained[:, :width].masked_fill_(allowed[:, :width].logical_not_(), float("-inf"))
+    constrained[:, width:] = float("-inf")  # ids past the tokenizer's vocabulary: padding rows
     masked = logits.clone()
     masked[index] = constrained
     return masked
