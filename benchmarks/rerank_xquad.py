@@ -93,7 +93,7 @@ def training_pairs(
     for row in rows:
         ranked, _ = search(client, store_id, files, row["question"], None, RERANK_DEPTH)
         wrong = [i for i in ranked if i != gold[row["context"]]]
-        negatives = wrong[:1] + draw.sample(wrong[1:], min(k - 1, len(wrong) - 1))
+        negatives = wrong[:1] + draw.sample(wrong[1:], max(0, min(k - 1, len(wrong) - 1)))
         pairs += [{"text": row["question"], "text_pair": row["context"], "label": 1}] * len(negatives)
         pairs += [{"text": row["question"], "text_pair": paragraphs[i], "label": 0} for i in negatives]
     return pairs

@@ -130,3 +130,27 @@ def test_classification_pairs_are_grouped_by_the_length_of_both_texts() -> None:
     grouped = shuffled_batches(examples, 8, random.Random(1), ClassificationTask.length)
     assert sorted(id(e) for b in grouped for e in b) == sorted(id(e) for e in examples)
     assert padding(grouped) < 0.2 * padding(plain)
+
+
+def test_ner_sentences_are_grouped_by_the_length_of_their_words() -> None:
+    """``group_by_length`` on a token-classification job batches sentences of like length."""
+    import random
+
+    from llmos.training.loop import shuffled_batches
+    from llmos.training.ner import TaggedSentence, TokenClassificationTask
+
+    assert TokenClassificationTask.length is not None  # the job honours the flag
+    draw = random.Random(0)
+    sentences = [
+        TaggedSentence(tuple("word" for _ in range(n)), tuple("O" for _ in range(n)))
+        for n in (draw.randrange(1, 60) for _ in range(300))
+    ]
+
+    def padding(batches: list[list[TaggedSentence]]) -> int:
+        sizes = [[len(s.tokens) for s in b] for b in batches]
+        return sum(len(s) * max(s) - sum(s) for s in sizes)
+
+    plain = shuffled_batches(sentences, 8, random.Random(1))
+    grouped = shuffled_batches(sentences, 8, random.Random(1), TokenClassificationTask.length)
+    assert sorted(id(s) for b in grouped for s in b) == sorted(id(s) for s in sentences)
+    assert padding(grouped) < 0.2 * padding(plain)

@@ -256,7 +256,7 @@ class ReplicaPool:
             self.name_of(r.model_key),
             r.node.node_id,
             r.queue_depth,
-            sorted(self.name_of(a) for a in r.adapters),
+            sorted(self.name_of(a) for a in set(r.adapters)),  # copied at once: the loop's thread changes it
             r.state,
             r.pid,
             EngineCounts.of(r.report) if r.report else None,

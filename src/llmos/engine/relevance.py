@@ -36,12 +36,15 @@ async def _fitted(engine: EngineClient, model: ModelHandle, query: str, document
     """``document`` cut from its end until the relevance prompt with the longer answer fits the
     model's context: each round drops the excess tokens' share of the document's characters."""
     longest = max(ANSWERS, key=len)
-    frame = len(await engine.encode_text(model, RELEVANCE_PROMPT.format(query=query, document="") + longest))
+    frame = 0  # the prompt's tokens without a document, counted once a cut is needed
     while document:
         full = await engine.encode_text(model, RELEVANCE_PROMPT.format(query=query, document=document) + longest)
         excess = len(full) - model.info.context_length
         if excess <= 0:
             break
+        if not frame:
+            empty = RELEVANCE_PROMPT.format(query=query, document="") + longest
+            frame = len(await engine.encode_text(model, empty))
         share = -(-len(document) * excess // max(1, len(full) - frame))  # rounded up
         document = document[: max(0, len(document) - share)]
     return document

@@ -123,6 +123,12 @@ class TokenClassificationTask(EncoderTask[TaggedSentence]):
         self.tagger = tagger
         self.description = f"token classification on {len(data.train)} sentences, {len(tagger.tags)} tags"
 
+    @staticmethod
+    def length(sentence: TaggedSentence) -> int:
+        """What ``group_by_length`` batches by: characters of the sentence's words, which order
+        sentences about as their word pieces would, without tokenising them."""
+        return sum(len(word) for word in sentence.tokens)
+
     def step(self, batch: list[TaggedSentence]) -> StepOutput:
         enc, labels = self.tagger.encode(batch)
         return self.labelled_step(enc, labels)

@@ -58,7 +58,9 @@ class ClassifierRunner(HeadRunner):
         for i, (query, document) in enumerate(pairs):
             n = len(self.tokenizer(query, document)["input_ids"])
             if truncate and n > self.max_length:
-                n = self.max_length if len(self.tokenizer(query)["input_ids"]) < self.max_length else n
+                frame = self.tokenizer.num_special_tokens_to_add(pair=True)
+                query_alone = len(self.tokenizer(query, add_special_tokens=False)["input_ids"]) + frame
+                n = self.max_length if query_alone < self.max_length else n  # else no cut of the document fits
             if n > self.max_length:
                 raise ContextLengthExceededError(
                     f"pair {i} has {n} tokens; this model accepts at most {self.max_length}", param="documents"
