@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -27,17 +26,16 @@ from llmos.api.console.pages import PAGES
 from llmos.api.server import server_config
 from llmos.config import Settings
 from llmos.platform import Platform
+from tests.browser.chromium import NEEDS_CHROMIUM, launched, signed_in, sync_api
 from tests.conftest import ADMIN_KEY
 from tests.unit.test_alert_outputs import build_tiny_classifier
 from tests.unit.test_dpo import PAIRS
 from tests.unit.test_http_server import _free_port
 from tests.unit.test_ner import _fixed_tagger
 
-sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium")
 pytestmark = [
     pytest.mark.slow,  # about a minute; tests/unit/test_console.py covers sessions and CSRF fast
-    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"),
+    NEEDS_CHROMIUM,
 ]
 WAIT_MS = 60_000
 ROWS = [
@@ -112,20 +110,12 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path, tiny_
 
 @pytest.fixture(scope="module")
 def browser(console: Console) -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+    with launched() as browser:
         yield browser
-        browser.close()
 
 
 def _signed_in(browser: Any, console: Console, key: str = ADMIN_KEY) -> Any:
-    page = browser.new_context().new_page()
-    page.set_default_timeout(WAIT_MS)
-    page.goto(f"{console.url}/ui/")
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url("**/ui/overview")
-    return page
+    return signed_in(browser, console.url, WAIT_MS, key)
 
 
 def test_a_wrong_key_is_refused_and_the_right_one_signs_in(browser: Any, console: Console) -> None:

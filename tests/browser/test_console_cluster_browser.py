@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import threading
 import time
@@ -25,13 +24,12 @@ from llmos.api.server import server_config
 from llmos.cluster.view import ClusterView, EngineCounts, NodeView, ReplicaView
 from llmos.config import Settings
 from llmos.platform import Platform
+from tests.browser.chromium import NEEDS_CHROMIUM, launched, signed_in, sync_api
 from tests.conftest import ADMIN_KEY
 from tests.fake_engine import FakeEngine
 from tests.unit.test_http_server import _free_port
 
-sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+pytestmark = NEEDS_CHROMIUM
 WAIT_MS = 30_000
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 GB = 1 << 30
@@ -107,20 +105,12 @@ def _serve(home: Path, engine: FakeEngine) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+    with launched() as browser:
         yield browser
-        browser.close()
 
 
 def _signed_in(browser: Any, url: str, key: str = ADMIN_KEY) -> Any:
-    page = browser.new_context().new_page()
-    page.set_default_timeout(WAIT_MS)
-    page.goto(f"{url}/ui/")
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url("**/ui/overview")
-    return page
+    return signed_in(browser, url, WAIT_MS, key)
 
 
 def _rows(page: Any, container: str) -> list[list[str]]:
