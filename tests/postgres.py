@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.live_server import free_port
 
 
 def _bin(name: str) -> str:
@@ -26,12 +27,6 @@ def _bin(name: str) -> str:
     return str(candidates[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """Yield a SQLAlchemy URL of a fresh, empty database; stop and delete it afterwards."""
@@ -42,7 +37,7 @@ def postgres_server() -> Iterator[str]:
     if as_user:
         shutil.chown(root, "postgres")
         shutil.chown(data, "postgres")
-    port = _free_port()
+    port = free_port()
     run = {"check": True, "capture_output": True}
     subprocess.run([*as_user, _bin("initdb"), "-D", str(data), "-U", "llmos", "--auth=trust", "-E", "UTF8"], **run)  # type: ignore[call-overload]
     subprocess.run(  # type: ignore[call-overload]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +17,16 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from llmos.api import create_app
 from llmos.api.console.pages import PAGES
-from llmos.api.server import server_config
 from llmos.config import Settings
 from llmos.platform import Platform
 from tests.browser.chromium import NEEDS_CHROMIUM, launched, signed_in, sync_api
 from tests.conftest import ADMIN_KEY
+from tests.live_server import free_port, serving
 from tests.unit.test_alert_outputs import build_tiny_classifier
 from tests.unit.test_dpo import PAIRS
-from tests.unit.test_http_server import _free_port
 from tests.unit.test_ner import _fixed_tagger
 
 pytestmark = [
@@ -70,7 +66,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path, tiny_
         dtype="float32",
         batch_wait_ms=20,
         host="127.0.0.1",
-        port=_free_port(),
+        port=free_port(),
         allowed_hosts=[],
         alert_evaluation_interval_s=1.0,  # an alert fires within seconds of its rule
     )
@@ -85,26 +81,17 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path, tiny_
     _, acme_key = platform.keys.create("acme-console", tenant="acme", scopes=("inference", "files", "fine-tune"))
     _, other_key = platform.keys.create("other-api", tenant="other", scopes=("inference", "files", "fine-tune"))
     app = create_app(settings, platform=platform)
-    server = uvicorn.Server(server_config(app, settings))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{settings.port}"
-    # Another tenant's job, which acme's key must never see.
-    data = "\n".join(json.dumps(r) for r in ROWS).encode()
-    file_id = _api(
-        url, other_key, "POST", "/v1/files", files={"file": ("t.jsonl", data)}, data={"purpose": "fine-tune"}
-    )
-    body = {"model": "tiny-chat", "training_file": file_id["id"], "suffix": "secret"}
-    other_job = _api(url, other_key, "POST", "/v1/fine_tuning/jobs", json=body)["id"]
-    _api(url, other_key, "POST", f"/v1/fine_tuning/jobs/{other_job}/cancel")
-    shots = tmp_path_factory.mktemp("console-screenshots")
-    yield Console(url, app, platform, tiny_chat_dir, acme_key, other_job, shots)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(app, settings) as url:
+        # Another tenant's job, which acme's key must never see.
+        data = "\n".join(json.dumps(r) for r in ROWS).encode()
+        file_id = _api(
+            url, other_key, "POST", "/v1/files", files={"file": ("t.jsonl", data)}, data={"purpose": "fine-tune"}
+        )
+        body = {"model": "tiny-chat", "training_file": file_id["id"], "suffix": "secret"}
+        other_job = _api(url, other_key, "POST", "/v1/fine_tuning/jobs", json=body)["id"]
+        _api(url, other_key, "POST", f"/v1/fine_tuning/jobs/{other_job}/cancel")
+        shots = tmp_path_factory.mktemp("console-screenshots")
+        yield Console(url, app, platform, tiny_chat_dir, acme_key, other_job, shots)
     platform.close()
 
 

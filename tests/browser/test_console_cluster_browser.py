@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from llmos.api import create_app
-from llmos.api.server import server_config
 from llmos.cluster.view import ClusterView, EngineCounts, NodeView, ReplicaView
 from llmos.config import Settings
 from llmos.platform import Platform
 from tests.browser.chromium import NEEDS_CHROMIUM, launched, signed_in, sync_api
 from tests.conftest import ADMIN_KEY
 from tests.fake_engine import FakeEngine
-from tests.unit.test_http_server import _free_port
+from tests.live_server import free_port, serving
 
 pytestmark = NEEDS_CHROMIUM
 WAIT_MS = 30_000
@@ -84,22 +80,14 @@ class Server:
 @contextlib.contextmanager
 def _serve(home: Path, engine: FakeEngine) -> Iterator[Server]:
     settings = Settings(
-        home=home, admin_key=ADMIN_KEY, host="127.0.0.1", port=_free_port(), allowed_hosts=[], max_concurrent_jobs=0
+        home=home, admin_key=ADMIN_KEY, host="127.0.0.1", port=free_port(), allowed_hosts=[], max_concurrent_jobs=0
     )
     platform = Platform.open(settings)
     app = create_app(settings, platform=platform, engine=engine)
-    server = uvicorn.Server(server_config(app, settings))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
     try:
-        yield Server(f"http://127.0.0.1:{settings.port}", app, platform)
+        with serving(app, settings) as url:
+            yield Server(url, app, platform)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         platform.close()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from tests.live_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "integration-admin-key-0123456789"
@@ -31,16 +32,10 @@ class Server:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=ADMIN_KEY, max_retries=0, **kwargs)  # type: ignore[arg-type]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(home: Path, **settings: str) -> Server:
     """Start `llmos serve` on a free loopback port with ``home`` as its data directory (and
     ``settings`` as ``LLMOS_*`` variables)."""
-    port = _free_port()
+    port = free_port()
     log = home / f"server-{port}.log"
     env = {
         **os.environ,

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmos.config import Settings
 from llmos.platform import Platform
 from tests.integration.conftest import ADMIN_KEY, Server, start_server, stop_server
+from tests.live_server import free_port
 from tests.tiny_models import build_tiny_chat_model
 
 ray = pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
@@ -48,12 +49,6 @@ class RayCluster:
     token: Path
     nodes: list[subprocess.Popen[bytes]]
     logs: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float, nodes: Sequence[subprocess.Popen[bytes]] = ()) -> Any:
@@ -97,7 +92,7 @@ def ray_cluster() -> Iterator[RayCluster]:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    port = _free_port()
+    port = free_port()
     # Ray 2.60 runs a multi-node cluster only on the machine's reachable address (a loopback one is
     # replaced by it), its gRPC servers listening on every interface: token authentication guards them.
     node_ip = ray.util.get_node_ip_address()

@@ -4,27 +4,19 @@ keep a normal request from being answered; the response headers do not name the 
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
 from llmos.api import create_app
-from llmos.api.server import server_config
 from llmos.config import Settings
 from llmos.platform import Platform
+from tests.live_server import free_port, serving
 
 SLOW_SOCKETS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -38,18 +30,10 @@ def running_server(platform: Platform, **overrides: object) -> Iterator[Settings
         "http_max_header_bytes": 4096,
     }
     settings = platform.settings.model_copy(
-        update={"host": "127.0.0.1", "port": _free_port(), "allowed_hosts": [], **limits, **overrides}
+        update={"host": "127.0.0.1", "port": free_port(), "allowed_hosts": [], **limits, **overrides}
     )
-    running = uvicorn.Server(server_config(create_app(settings, platform=platform), settings))
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not running.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield settings
-    running.should_exit = True
-    thread.join(timeout=30)
+    with serving(create_app(settings, platform=platform), settings):
+        yield settings
 
 
 @pytest.fixture

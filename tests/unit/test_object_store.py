@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,19 +14,14 @@ moto_server = pytest.importorskip("moto.server")
 from llmos.errors import ArtifactError, InvalidRequestError, ServiceUnavailableError  # noqa: E402
 from llmos.registry.object_store import S3ArtifactStore, open_artifact_store, parse_s3_uri  # noqa: E402
 from llmos.registry.store import LocalArtifactStore  # noqa: E402
+from tests.live_server import free_port  # noqa: E402
 
 BUCKET = "llmos-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
@@ -100,7 +94,7 @@ def test_an_unreachable_endpoint_is_a_503(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     store = S3ArtifactStore(
-        f"s3://{BUCKET}", local_root=tmp_path, cache_bytes=1 << 20, endpoint_url=f"http://127.0.0.1:{_free_port()}"
+        f"s3://{BUCKET}", local_root=tmp_path, cache_bytes=1 << 20, endpoint_url=f"http://127.0.0.1:{free_port()}"
     )
     store._client.meta.config.retries = {"max_attempts": 1}
     with pytest.raises(ServiceUnavailableError, match="unreachable"):
