@@ -52,6 +52,10 @@ SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
 LINE = "sst2-bot"
 PRODUCTION = f"{LINE}@production"
 BASE = "smollm2"
+TENANT = "shop"
+"""The application's tenant. It owns the ``sst2-bot`` line, its feedback and its fine-tunes: an
+admin's alias of a shared model would make a shared line, which may point only to shared models."""
+TENANT_SCOPES = ["inference", "files", "fine-tune", "models"]
 USERS = 50
 ANSWER_FORMAT = {
     "type": "json_schema",
@@ -84,7 +88,7 @@ def poll(read: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], bo
 
 def call(http: httpx.Client, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     answer = http.request(method, path, json=body)
-    if answer.status_code not in (200, 202):
+    if not answer.is_success:
         raise SystemExit(f"{method} {path} answered {answer.status_code}: {answer.text}")
     result: dict[str, Any] = answer.json()
     return result
@@ -197,6 +201,12 @@ def main() -> None:
             pull = call(http, "POST", "/v1/model_pulls", {"model": f"file:{args.model_dir.resolve()}", "name": BASE})
             pull_path = f"/v1/model_pulls/{pull['id']}"
             poll(lambda: call(http, "GET", pull_path), lambda p: p["status"] != "running", "the pull")
+            call(http, "POST", "/v1/admin/tenants", {"id": TENANT})
+            scopes = {"name": "sst2-app", "tenant": TENANT, "scopes": TENANT_SCOPES}
+            secret = call(http, "POST", "/v1/admin/keys", scopes)["key"]
+            # Everything after the pull is the tenant's own: the shared base, its line and its loop.
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0, timeout=600)
+            http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=600)
             call(http, "POST", "/v1/model_aliases", {"model": LINE, "alias": "production", "target": BASE})
             mark = stage("model registered, production set", mark)
 
