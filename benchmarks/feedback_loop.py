@@ -1,6 +1,6 @@
 """The loop of issue 18, measured end to end through the official ``openai`` client against ``llmos serve``:
 
-    python benchmarks/feedback_loop.py --model-dir DIR [--train 800] [--held-out 300] [--epochs 1]
+    python benchmarks/feedback_loop.py --model-dir DIR [--train 1600] [--held-out 400] [--epochs 1]
 
 1. SmolLM2-135M-Instruct, behind ``sst2-bot@production``, answers ``--train`` SST-2 train
    sentences framed as chat, with ``store: true`` (each from one of 50 end users);
@@ -175,8 +175,8 @@ def accuracy(run: dict[str, Any]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, required=True, help="SmolLM2-135M-Instruct (safetensors)")
-    parser.add_argument("--train", type=int, default=800, help="SST-2 train sentences users ask about")
-    parser.add_argument("--held-out", type=int, default=300, help="SST-2 test sentences the eval runs on")
+    parser.add_argument("--train", type=int, default=1600, help="SST-2 train sentences users ask about")
+    parser.add_argument("--held-out", type=int, default=400, help="SST-2 test sentences the eval runs on")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--workers", type=int, default=8, help="concurrent client requests")
     args = parser.parse_args()
