@@ -127,6 +127,19 @@ class Settings(BaseSettings):
         description="A request for an adapter goes to a replica already holding it unless that replica has this "
         "many requests in flight (overloaded); then to the least busy replica.",
     )
+    ray_job_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        le=1024,
+        description="CPUs Ray reserves for each fine-tuning job's worker on its node (its torch threads, "
+        "unless `training_threads` is set).",
+    )
+    ray_job_memory_mb: int = Field(
+        default=2048,
+        ge=0,
+        description="Memory Ray reserves for each fine-tuning job's worker on its node: a job starts only on a "
+        "node with this much unreserved.",
+    )
     host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `llmos serve` listens on.")
     allowed_hosts: list[str] = Field(

@@ -22,6 +22,7 @@ from llmos.cluster.routing import NodeCapacity, ReplicaNeed
 from llmos.config import Settings
 from llmos.errors import NotFoundError
 from llmos.kernel.job_status import JobStatus
+from llmos.kernel.job_workers import LOCAL, Placement
 from llmos.monitoring import metrics
 from llmos.monitoring.sampler import MetricsSampler
 from llmos.platform import Platform
@@ -103,12 +104,19 @@ class _Jobs:
 
 @dataclass
 class _Supervisor:
-    running: list[str]
+    placements: dict[str, Placement]
 
 
-def test_the_jobs_this_server_runs_are_placed_on_its_node() -> None:
-    jobs = _Jobs({"ftjob-1": _Job("ftjob-1", "tiny-chat", "acme", JobStatus.RUNNING)})
-    placed = _jobs_here(jobs, _Supervisor(["ftjob-1", "ftjob-deleted"]), "node-a")  # type: ignore[arg-type]
+def test_each_job_this_server_runs_is_shown_on_its_node() -> None:
+    """A local worker runs on the server's node; a job placed on a cluster node is shown there."""
+    jobs = _Jobs(
+        {
+            "ftjob-1": _Job("ftjob-1", "tiny-chat", "acme", JobStatus.RUNNING),
+            "ftjob-2": _Job("ftjob-2", "tiny-chat", "acme", JobStatus.RUNNING),
+        }
+    )
+    supervisor = _Supervisor({"ftjob-1": LOCAL, "ftjob-2": Placement("node-b", "10.0.0.2"), "ftjob-deleted": LOCAL})
+    placed = _jobs_here(jobs, supervisor, "node-a")  # type: ignore[arg-type]
     assert [j.public() for j in placed] == [
         {
             "object": "cluster.job",
@@ -117,7 +125,15 @@ def test_the_jobs_this_server_runs_are_placed_on_its_node() -> None:
             "tenant": "acme",
             "status": "running",
             "node_id": "node-a",
-        }
+        },
+        {
+            "object": "cluster.job",
+            "id": "ftjob-2",
+            "model": "tiny-chat",
+            "tenant": "acme",
+            "status": "running",
+            "node_id": "node-b",
+        },
     ]
     assert _jobs_here(jobs, None, "node-a") == []  # type: ignore[arg-type]
 

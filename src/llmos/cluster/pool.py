@@ -199,23 +199,7 @@ class ReplicaPool:
         return held
 
     def nodes(self) -> list[NodeView]:
-        """The cluster's nodes as Ray's head reports them, with what Ray has not reserved of each
-        (calls to its GCS; the per-node figures are Ray's developer API, which Ray Serve's own
-        scheduler reads)."""
-        available = ray_state.available_resources_per_node()
-        views = []
-        for node in ray.nodes():
-            free = available.get(node["NodeID"])
-            views.append(
-                NodeView(
-                    node["NodeID"],
-                    node.get("NodeManagerAddress", ""),
-                    bool(node.get("Alive")),
-                    _amounts(node.get("Resources", {})),
-                    _amounts(free) if free is not None else None,
-                )
-            )
-        return views
+        return cluster_nodes()
 
     def nodes_capacity(self) -> list[NodeCapacity]:
         return [
@@ -267,6 +251,26 @@ class ReplicaPool:
             self._watching.cancel()
         for replica in list(self.replicas):
             self._drop(replica)
+
+
+def cluster_nodes() -> list[NodeView]:
+    """The cluster's nodes as Ray's head reports them, with what Ray has not reserved of each
+    (calls to its GCS; the per-node figures are Ray's developer API, which Ray Serve's own
+    scheduler reads)."""
+    available = ray_state.available_resources_per_node()
+    views = []
+    for node in ray.nodes():
+        free = available.get(node["NodeID"])
+        views.append(
+            NodeView(
+                node["NodeID"],
+                node.get("NodeManagerAddress", ""),
+                bool(node.get("Alive")),
+                _amounts(node.get("Resources", {})),
+                _amounts(free) if free is not None else None,
+            )
+        )
+    return views
 
 
 def _amounts(resources: dict[str, Any]) -> dict[str, float]:

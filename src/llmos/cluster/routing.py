@@ -1,4 +1,4 @@
-"""Which replica serves a request, and which node a new replica goes to: pure decisions.
+"""Which replica serves a request, and which node a new replica or a training job goes to: pure decisions.
 
 The API server routes every request itself (it counts what it has sent each replica and not yet
 seen finish), so these functions take plain views and are tested without Ray.
@@ -47,6 +47,8 @@ class NodeCapacity:
 
 @dataclass(frozen=True)
 class ReplicaNeed:
+    """What an engine replica (or a training job's worker) reserves on its node."""
+
     cpus: float
     memory_bytes: int
     gpus: float = 0.0
@@ -82,6 +84,17 @@ def choose_node(
     if not fitting:
         return None
     return min(fitting, key=lambda n: (held.get(n.node_id, Reservation()).models.count(model), -free(n)[1]))
+
+
+def choose_job_node(free: Sequence[NodeCapacity], need: ReplicaNeed, server_node: str) -> NodeCapacity | None:
+    """The node a training job's worker goes to. ``free``: the alive nodes with what nothing has
+    reserved of them yet. Among those with room for ``need``, a node other than the API server's
+    own (its cores answer the requests), then the most free CPUs, then the most free memory. None:
+    no node has room, and the job waits in the queue."""
+    fitting = [n for n in free if n.cpus >= need.cpus and n.memory_bytes >= need.memory_bytes and n.gpus >= need.gpus]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda n: (n.node_id == server_node, -n.cpus, -n.memory_bytes))
 
 
 def replicas_wanted(queue_depths: Sequence[int], *, target: int, minimum: int, maximum: int) -> int:

@@ -92,7 +92,8 @@ class ReplicaView:
 
 @dataclass(frozen=True)
 class JobView:
-    """A running fine-tuning job and the node its worker process runs on."""
+    """A running fine-tuning job and the node its worker process runs on (in Ray cluster mode, the
+    node the job was placed on; else the API server's own)."""
 
     job_id: str
     model: str
@@ -118,7 +119,7 @@ class ClusterView:
     nodes: list[NodeView]
     replicas: list[ReplicaView]
     server_node: str
-    """The node this API server runs on: the fine-tuning workers it starts run there too."""
+    """The node this API server runs on (and, without Ray, the fine-tuning workers it starts)."""
     mode: str = RAY_MODE
     jobs: list[JobView] = field(default_factory=list)
 

@@ -186,10 +186,12 @@ class JobStore(JobQueries):
             )
             return attempt if moved else None
 
-    def attach_worker(self, job_id: str, attempt: int, pid: int) -> None:
+    def attach_worker(self, job_id: str, attempt: int, pid: int | None, *, node: str | None = None) -> None:
+        """Record ``attempt``'s worker: its process id where known, and the cluster node it runs on."""
+        where = f" on node {node}" if node else ""
         with self.db.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.attempts == attempt).values(worker_pid=pid))
-            s.add(self._event(job_id, f"Fine-tuning job started (attempt {attempt})"))
+            s.add(self._event(job_id, f"Fine-tuning job started (attempt {attempt}){where}"))
 
     def settle_stopped(
         self,

@@ -1,25 +1,30 @@
-"""The job supervisor: starts queued jobs in worker processes, watches their heartbeats and
-exits, carries out cancel and pause, and settles jobs whose worker died (they resume from
-their last complete checkpoint). State lives in the database and changes only through the
-job store, so a restarted server picks up where the last one stopped, and several servers can
-share one database: each settles only jobs whose worker has fallen silent (a worker dies with
-its server), never those another live server runs."""
+"""The job supervisor: starts queued jobs' workers where its launcher finds room (child processes
+of the server, or in Ray cluster mode on the cluster's nodes), watches their heartbeats and exits,
+carries out cancel and pause, and settles jobs whose worker died (they resume from their last
+complete checkpoint). State lives in the database and changes only through the job store, so a
+restarted server picks up where the last one stopped, and several servers can share one database:
+each settles only jobs whose worker has fallen silent (a worker dies with its server), never those
+another live server runs."""
 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from llmos.config import Settings
 from llmos.errors import NotFoundError
 from llmos.kernel.job_status import StopRequest
+from llmos.kernel.job_workers import (
+    Placement,
+    WorkerLauncher,
+    WorkerProcess,
+    default_launcher,
+    spawn_worker,
+)
 from llmos.kernel.jobs import JobStore
 from llmos.security.quotas import TrainingQuota
 
@@ -32,21 +37,8 @@ STALE_AFTER = timedelta(seconds=30)
 class _Worker:
     job_id: str
     attempt: int
-    process: subprocess.Popen[bytes]
-
-
-def spawn_worker(job_id: str, settings: Settings) -> subprocess.Popen[bytes]:
-    log_dir = job_dir(settings, job_id)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LLMOS_HOME": str(settings.home)}
-    if settings.database_url:
-        env["LLMOS_DATABASE_URL"] = settings.database_url
-    if settings.training_threads:
-        env["OMP_NUM_THREADS"] = str(settings.training_threads)
-    with (log_dir / "worker.log").open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "llmos.training.worker", job_id], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+    process: WorkerProcess
+    placement: Placement
 
 
 class JobSupervisor:
@@ -55,14 +47,17 @@ class JobSupervisor:
         jobs: JobStore,
         quota: TrainingQuota,
         settings: Settings,
-        spawn: Callable[[str, Settings], subprocess.Popen[bytes]] = spawn_worker,
+        spawn: Callable[[str, Settings], WorkerProcess] = spawn_worker,
         stale_after: timedelta = STALE_AFTER,
+        launcher: WorkerLauncher | None = None,
     ) -> None:
+        """``launcher`` places and starts workers (default: Ray's in cluster mode, else local
+        processes made by ``spawn``)."""
         self.jobs = jobs
         self.quota = quota
         self.settings = settings
         self.stale_after = stale_after
-        self._spawn = spawn
+        self.launcher = launcher or default_launcher(settings, spawn)
         self._workers: dict[str, _Worker] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-supervisor", daemon=True)
@@ -113,9 +108,11 @@ class JobSupervisor:
             if code is None:
                 continue
             del self._workers[job_id]
+            where = worker.placement.node_address
             self.jobs.settle_stopped(  # nothing to do if the worker finished the job itself
                 job_id,
-                f"Worker exited unexpectedly ({code}); resuming from the last checkpoint",
+                f"Worker exited unexpectedly ({code}){f' on node {where}' if where else ''}; "
+                "resuming from the last checkpoint",
                 attempt=worker.attempt,
                 exit_code=code,
                 max_attempts=self.settings.job_max_attempts,
@@ -165,12 +162,15 @@ class JobSupervisor:
                 continue
             if self.quota.cpu_error(job.tenant, job.key_id) is not None:
                 continue  # waits in the queue until the training CPU window resets
+            placement = self.launcher.place(job)
+            if placement is None:
+                break  # no node has room now: the queue waits, no attempt spent
             attempt = self.jobs.claim(job.id)
             if attempt is None:
                 continue  # another supervisor took it
-            process = self._spawn(job.id, self.settings)
-            self._workers[job.id] = _Worker(job.id, attempt, process)
-            self.jobs.attach_worker(job.id, attempt, process.pid)
+            process = self.launcher.start(job.id, placement)
+            self._workers[job.id] = _Worker(job.id, attempt, process, placement)
+            self.jobs.attach_worker(job.id, attempt, process.pid, node=placement.node_address)
             _count(per_tenant.setdefault(job.tenant, {}), job.key_id)
             free -= 1
 
@@ -184,9 +184,10 @@ class JobSupervisor:
     def running(self) -> list[str]:
         return list(self._workers)
 
-
-def job_dir(settings: Settings, job_id: str) -> Path:
-    return settings.home / "jobs" / job_id
+    @property
+    def placements(self) -> dict[str, Placement]:
+        """Where each job this supervisor runs has its worker."""
+        return {job_id: worker.placement for job_id, worker in list(self._workers.items())}
 
 
 def _count(running: dict[str | None, int], key_id: str | None) -> None:

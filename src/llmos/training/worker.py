@@ -25,6 +25,7 @@ from llmos.config import Settings
 from llmos.errors import LLMOSError
 from llmos.kernel.devices import detect_cpu
 from llmos.kernel.job_status import StopRequest
+from llmos.kernel.job_workers import job_dir
 from llmos.kernel.jobs import Job, checkpoint_name, fine_tuned_name
 from llmos.platform import Platform
 from llmos.registry.service import Lineage, ModelRecord
@@ -177,7 +178,7 @@ def run(job_id: str) -> int:
     heartbeat = Heartbeat(platform, job, parent)
     heartbeat.beat()
     heartbeat.start()
-    work_dir = settings.home / "jobs" / job_id
+    work_dir = job_dir(settings, job_id)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         base = platform.registry.get(job.base_model_id) if job.base_model_id else None  # pre-training: none

@@ -1,5 +1,6 @@
 """``GET /v1/admin/cluster`` (admin scope): the nodes, the engine's replicas on them and the
-fine-tuning jobs this server runs; in single-process mode, this machine and its resident models."""
+fine-tuning jobs this server runs and their nodes; in single-process mode, this machine and its
+resident models."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 @router.get("/cluster")
 async def cluster_view(request: Request, engine: EngineDep, platform: PlatformDep, _key: AdminKey) -> dict[str, Any]:
     """Nodes with their resources, each engine replica's model, node, queue depth and adapters, and
-    the jobs placed on this server's node."""
+    the jobs this server runs with the node each runs on."""
     if isinstance(engine, ClusterEngine):
         view = await engine.cluster_view()
     else:
@@ -32,14 +33,14 @@ async def cluster_view(request: Request, engine: EngineDep, platform: PlatformDe
     return dataclasses.replace(view, jobs=jobs).public()
 
 
-def _jobs_here(jobs: JobStore, supervisor: JobSupervisor | None, node: str) -> list[JobView]:
-    """The jobs whose workers this server's supervisor runs: they run on the server's own node
-    (another server on the database lists its own)."""
+def _jobs_here(jobs: JobStore, supervisor: JobSupervisor | None, server_node: str) -> list[JobView]:
+    """The jobs whose workers this server's supervisor runs, each on its node: a Ray cluster node in
+    cluster mode, else the server's own (another server on the database lists its own)."""
     placed = []
-    for job_id in supervisor.running if supervisor is not None else []:
+    for job_id, placement in (supervisor.placements if supervisor is not None else {}).items():
         try:
             job = jobs.get(None, job_id)
         except NotFoundError:  # deleted since
             continue
-        placed.append(JobView(job.id, job.model, job.tenant, job.status.value, node))
+        placed.append(JobView(job.id, job.model, job.tenant, job.status.value, placement.node_id or server_node))
     return placed

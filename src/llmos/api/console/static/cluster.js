@@ -1,5 +1,5 @@
 // Cluster (admin): the nodes with their CPUs, GPUs and memory (total and what is left), the engine
-// replicas on them with their queues, and the jobs placed on this server's node, read from
+// replicas on them with their queues, and the jobs this server runs with their nodes, read from
 // /v1/admin/cluster every few seconds. In single-process mode the one node is this machine and
 // each resident model is a replica.
 "use strict";

@@ -1,0 +1,184 @@
+"""Fine-tuning jobs on a Ray cluster: each job's worker runs on a node with room for it.
+
+``RayJobLauncher`` is the job supervisor's launcher in cluster mode (``kernel.job_workers``). It
+chooses a node (``routing.choose_job_node``: room for ``ray_job_cpus`` and ``ray_job_memory_mb``
+in what nothing has reserved there, a node other than the API server's first) and starts on it,
+pinned by Ray's node affinity with that reservation, a ``JobWorkerHost`` actor, which runs the job's
+worker, ``python -m llmos.training.worker JOB_ID``, as a local supervisor does. The worker reports
+heartbeats, events, checkpoints and its result to the database itself and dies with the actor, so
+only its exit code comes back through Ray. An actor that dies with its node is reported by Ray;
+the supervisor then settles the job as for any dead worker, and it resumes from its last checkpoint
+wherever it is placed next (its work directory is shared by the nodes, docs/scaling.md).
+
+What crosses to the actor is plain data: the job id, the worker's environment (strings) and its
+log directory. Ray pickles it within the cluster's trust domain; nothing a client sent is unpickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from llmos.cluster.pool import cluster_nodes
+from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
+from llmos.cluster.view import NodeView
+from llmos.config import Settings
+from llmos.kernel.job_record import Job
+from llmos.kernel.job_workers import Placement, job_dir, start_worker_process, worker_env
+
+log = logging.getLogger(__name__)
+
+LOST_EXIT = -9
+"""The exit code a worker is given when Ray reports its actor dead: it was killed with the actor
+(the worker dies with its parent), whether by its node's end or by ``kill``."""
+
+POLL_S = 0.5
+"""How often the host looks at its worker process."""
+
+
+class JobWorkerHost:
+    """Made a Ray actor per job by ``RayJobLauncher``. Its methods are coroutines, so Ray serves
+    ``terminate`` while ``run`` waits; the worker is started on the actor's event-loop thread, which
+    lives as long as the actor (the worker's parent-death signal is tied to the thread that started it)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def run(self, job_id: str, env: dict[str, str], log_dir: str) -> int:
+        """Start the job's worker with ``env`` over this node's environment; its exit code."""
+        self.process = start_worker_process(job_id, {**os.environ, **env}, Path(log_dir))
+        while (code := self.process.poll()) is None:
+            await asyncio.sleep(POLL_S)
+        return code
+
+    async def started(self) -> int | None:
+        """The worker's process id, once ``run`` has started it."""
+        return self.process.pid if self.process is not None else None
+
+    async def terminate(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+
+
+class RayWorker:
+    """A job's worker on the cluster, watched as ``subprocess.Popen`` watches a local one."""
+
+    def __init__(self, host: Any, exit_ref: Any, started_ref: Any) -> None:
+        self.host = host
+        self.exit_ref = exit_ref
+        self.started_ref = started_ref
+        self._code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None  # on another node; its node is the placement's
+
+    def poll(self) -> int | None:
+        if self._code is None and ray.wait([self.exit_ref], timeout=0)[0]:
+            self._code = self._exit_code()
+        return self._code
+
+    def _exit_code(self) -> int:
+        try:
+            code = int(ray.get(self.exit_ref))
+        except RayError as exc:  # the actor died (its node, its process) or could not be placed
+            log.warning("a job worker's Ray actor was lost: %s", exc)
+            code = LOST_EXIT
+        ray.kill(self.host, no_restart=True)  # its reservation is free for the next job
+        return code
+
+    def terminate(self) -> None:
+        self.host.terminate.remote()
+
+    def kill(self) -> None:
+        ray.kill(self.host, no_restart=True)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not ray.wait([self.exit_ref], timeout=timeout)[0]:
+            raise subprocess.TimeoutExpired("job worker actor", timeout or 0.0)
+        code = self.poll()
+        assert code is not None
+        return code
+
+    def running(self) -> bool:
+        """Its actor has started the worker (Ray's per-node figures count its reservation by then)."""
+        return bool(ray.wait([self.started_ref], timeout=0)[0]) or self.poll() is not None
+
+
+@dataclass
+class _Start:
+    node_id: str
+    worker: RayWorker
+
+
+def _this_node() -> str:
+    return str(ray.get_runtime_context().get_node_id())
+
+
+class RayJobLauncher:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        nodes: Callable[[], list[NodeView]] = cluster_nodes,
+        server_node: Callable[[], str] = _this_node,
+    ) -> None:
+        self.settings = settings
+        self.need = ReplicaNeed(cpus=settings.ray_job_cpus, memory_bytes=settings.ray_job_memory_mb << 20)
+        self._nodes = nodes
+        self._server_node = server_node
+        self._starting: list[_Start] = []
+        self._host_class = ray.remote(JobWorkerHost)
+
+    def place(self, job: Job) -> Placement | None:
+        self._starting = [s for s in self._starting if not s.worker.running()]
+        alive = [n for n in self._nodes() if n.alive and n.available is not None]
+        node = choose_job_node([self._free(n) for n in alive], self.need, self._server_node())
+        return Placement(node.node_id, node.address) if node is not None else None
+
+    def _free(self, node: NodeView) -> NodeCapacity:
+        """What nothing has reserved on ``node``: Ray's figure, less the workers started there that
+        Ray may not count yet."""
+        available = node.available or {}
+        pending = sum(1 for s in self._starting if s.node_id == node.node_id)
+        return NodeCapacity(
+            node.node_id,
+            node.address,
+            cpus=available.get("CPU", 0.0) - pending * self.need.cpus,
+            memory_bytes=int(available.get("memory", 0)) - pending * self.need.memory_bytes,
+            gpus=available.get("GPU", 0.0),
+        )
+
+    def start(self, job_id: str, placement: Placement) -> RayWorker:
+        assert placement.node_id is not None, "a Ray placement names its node"
+        options: dict[str, Any] = {
+            "num_cpus": self.need.cpus,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(placement.node_id, soft=False),
+            "max_restarts": 0,  # the supervisor resumes the job; Ray must not run it a second time
+            "namespace": "llmos",
+        }
+        if self.need.memory_bytes:
+            options["memory"] = self.need.memory_bytes
+        host: Any = self._host_class.options(**options).remote()  # Ray's handle types no coroutine methods
+        exit_ref = host.run.remote(job_id, self._env(), str(job_dir(self.settings, job_id)))
+        worker = RayWorker(host, exit_ref, host.started.remote())
+        self._starting.append(_Start(placement.node_id, worker))
+        return worker
+
+    def _env(self) -> dict[str, str]:
+        """The server's own ``LLMOS_*`` settings, as a local worker inherits them, and the threads the
+        reservation pays for."""
+        env = worker_env(self.settings, {k: v for k, v in os.environ.items() if k.startswith("LLMOS_")})
+        env.setdefault("OMP_NUM_THREADS", str(max(1, math.floor(self.need.cpus))))
+        return env

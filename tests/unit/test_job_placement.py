@@ -1,0 +1,151 @@
+"""Jobs placed on a cluster's nodes (issue 21 point 1, docs/scaling.md) without Ray: the node a job's
+worker goes to, a queue that waits (no attempt spent) while no node has room, and a worker lost with
+its node settled and started again elsewhere as the next attempt, whose heartbeats alone count."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
+from llmos.kernel.job_record import Job
+from llmos.kernel.job_status import JobStatus, StopRequest
+from llmos.kernel.job_workers import Placement
+from llmos.kernel.supervisor import JobSupervisor
+from llmos.platform import Platform
+
+GB = 1 << 30
+NEED = ReplicaNeed(cpus=1.0, memory_bytes=2 * GB)
+ROWS = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(4)]
+
+
+def test_a_job_goes_to_a_node_with_room_other_than_the_servers() -> None:
+    server = NodeCapacity("head", "10.0.0.1", cpus=4, memory_bytes=8 * GB)
+    worker = NodeCapacity("node-2", "10.0.0.2", cpus=1, memory_bytes=2 * GB)
+    assert choose_job_node([server, worker], NEED, "head") == worker  # fewer free CPUs, but not the server's
+    full = NodeCapacity("node-2", "10.0.0.2", cpus=0.5, memory_bytes=8 * GB)
+    assert choose_job_node([server, full], NEED, "head") == server  # the server's node when no other has room
+
+
+def test_the_most_free_cpus_then_memory_win_and_no_room_is_none() -> None:
+    a = NodeCapacity("a", "10.0.0.2", cpus=2, memory_bytes=3 * GB)
+    b = NodeCapacity("b", "10.0.0.3", cpus=3, memory_bytes=3 * GB)
+    c = NodeCapacity("c", "10.0.0.4", cpus=3, memory_bytes=4 * GB)
+    assert choose_job_node([a, b, c], NEED, "head") == c
+    short_of_memory = NodeCapacity("d", "10.0.0.5", cpus=8, memory_bytes=GB)
+    assert choose_job_node([short_of_memory], NEED, "head") is None
+    assert choose_job_node([], NEED, "head") is None
+
+
+@dataclass
+class _Worker:
+    """A worker as the supervisor watches it; ``code`` set once it has ended."""
+
+    code: int | None = None
+    pid: int | None = None
+    terminated: bool = False
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    def kill(self) -> None:
+        self.code = -9
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.code if self.code is not None else 0
+
+
+@dataclass
+class _Launcher:
+    """Offers the next node of ``offers`` (None: no room) and records what it starts."""
+
+    offers: list[Placement | None]
+    started: list[tuple[str, Placement, _Worker]] = field(default_factory=list)
+
+    def place(self, job: Job) -> Placement | None:
+        return self.offers.pop(0)
+
+    def start(self, job_id: str, placement: Placement) -> _Worker:
+        worker = _Worker()
+        self.started.append((job_id, placement, worker))
+        return worker
+
+
+NODE_2 = Placement("node-2", "10.0.0.2")
+HEAD = Placement("head", "10.0.0.1")
+
+
+def _new_job(platform: Platform) -> str:
+    data = "\n".join(json.dumps(r) for r in ROWS).encode()
+    record, _ = platform.files.create(
+        tenant="default", purpose="fine-tune", filename="t.jsonl", chunks=[data], max_bytes=1 << 20
+    )
+    return platform.jobs.create(tenant="default", body={"model": "tiny-chat", "training_file": record.id}).id
+
+
+def _messages(platform: Platform, job_id: str) -> list[str]:
+    return [e["message"] for e in platform.jobs.events("default", job_id, limit=100)[0]]
+
+
+def test_a_job_waits_in_the_queue_while_no_node_has_room(loaded_platform: Platform) -> None:
+    p = loaded_platform
+    launcher = _Launcher([None, NODE_2])
+    supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings, launcher=launcher)
+    job_id = _new_job(p)
+    supervisor.tick()
+    job = p.jobs.get(None, job_id)
+    assert job.status is JobStatus.QUEUED and job.attempts == 0  # not claimed: no attempt spent
+    assert supervisor.placements == {} and launcher.started == []
+    supervisor.tick()
+    assert [(j, placement) for j, placement, _ in launcher.started] == [(job_id, NODE_2)]
+    assert supervisor.placements == {job_id: NODE_2}
+    assert "Fine-tuning job started (attempt 1) on node 10.0.0.2" in _messages(p, job_id)
+
+
+def test_a_worker_lost_with_its_node_resumes_elsewhere_and_only_the_new_attempt_counts(
+    loaded_platform: Platform,
+) -> None:
+    p = loaded_platform
+    launcher = _Launcher([NODE_2, HEAD])
+    supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings, launcher=launcher)
+    job_id = _new_job(p)
+    supervisor.tick()
+    ((_, _, lost),) = launcher.started
+    lost.code = -9  # Ray reported its actor dead with its node
+    supervisor.tick()  # settles it (queued again) and starts it on the node offered next
+    messages = _messages(p, job_id)
+    assert "Worker exited unexpectedly (-9) on node 10.0.0.2; resuming from the last checkpoint" in messages
+    assert "Fine-tuning job started (attempt 2) on node 10.0.0.1" in messages
+    assert [placement for _, placement, _ in launcher.started] == [NODE_2, HEAD]
+    assert supervisor.placements == {job_id: HEAD}
+    # the lease: the first attempt's worker, were it still alive somewhere, is told it lost the job
+    assert p.jobs.heartbeat(job_id, 1) == StopRequest.LOST
+    assert p.jobs.heartbeat(job_id, 2) is None
+    assert p.jobs.get(None, job_id).status is JobStatus.RUNNING
+
+
+def test_the_ray_launcher_places_on_the_alive_nodes_unreserved_resources() -> None:
+    pytest.importorskip("ray", reason="the Ray launcher needs the ray extra")
+    from llmos.cluster.jobs import RayJobLauncher
+    from llmos.cluster.view import NodeView
+    from llmos.config import Settings
+
+    nodes = [
+        NodeView("head", "10.0.0.1", True, {"CPU": 4.0}, {"CPU": 4.0, "memory": 8.0 * GB}),
+        NodeView("gone", "10.0.0.2", False, {"CPU": 8.0}, None),
+        NodeView("busy", "10.0.0.3", True, {"CPU": 2.0}, {"CPU": 0.0, "memory": 8.0 * GB}),
+        NodeView("free", "10.0.0.4", True, {"CPU": 2.0}, {"CPU": 2.0, "memory": 4.0 * GB}),
+    ]
+    settings = Settings(ray_job_cpus=2, ray_job_memory_mb=4096)
+    launcher = RayJobLauncher(settings, nodes=lambda: nodes, server_node=lambda: "head")
+    job = object()
+    assert launcher.place(job) == Placement("free", "10.0.0.4")  # type: ignore[arg-type]
+    nodes[3] = NodeView("free", "10.0.0.4", True, {"CPU": 2.0}, {"CPU": 2.0, "memory": 3.0 * GB})
+    assert launcher.place(job) == Placement("head", "10.0.0.1")  # type: ignore[arg-type]
+    nodes[0] = NodeView("head", "10.0.0.1", True, {"CPU": 4.0}, {"CPU": 1.0, "memory": 8.0 * GB})
+    assert launcher.place(job) is None  # type: ignore[arg-type]
