@@ -29,9 +29,11 @@ HERE = Path(__file__).parent
 LOGIN_CSRF_COOKIE = "llmos_login_csrf"
 MAX_FORM_BYTES = 8192
 # Scripts and styles come only from this server, never inline: a page cannot be made to run
-# anything else, nor be framed by another site.
+# anything else, nor be framed by another site. Images may be blob: URLs because a search's
+# plots are files fetched with the session and shown from memory (a blob is made by the page's
+# own script; it cannot run).
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
@@ -53,6 +55,7 @@ PAGES = (
     Page("models", "Models", "inference"),
     Page("playground", "Playground", "inference"),
     Page("fine-tuning", "Fine-tuning", "fine-tune"),
+    Page("searches", "Searches", "fine-tune"),
     Page("files", "Files", "files"),
     Page("alerts", "Alerts", "admin"),
     Page("usage", "Usage", "inference"),

@@ -48,14 +48,24 @@ const LLMOS = (() => {
     return data;
   }
 
+  // Throws the API's error for a refused response whose body was not read yet.
+  async function refused(resp) {
+    let data = null;
+    try { data = await resp.json(); } catch (_) { /* not JSON */ }
+    throw new ApiError(resp.status, data);
+  }
+
+  // GETs ``path``'s bytes as a Blob of ``type`` (a stored file's content is served as octet-stream).
+  async function blob(path, type) {
+    const resp = await fetch(path, { credentials: "same-origin" });
+    if (sessionEnded(resp) || !resp.ok) await refused(resp);
+    return new Blob([await resp.arrayBuffer()], { type });
+  }
+
   // POSTs ``body`` and yields each JSON payload of the server-sent events it answers with.
   async function* stream(path, body) {
     const resp = await fetch(path, requestInit("POST", body));
-    if (sessionEnded(resp) || !resp.ok) {
-      let data = null;
-      try { data = await resp.json(); } catch (_) { /* not JSON */ }
-      throw new ApiError(resp.status, data);
-    }
+    if (sessionEnded(resp) || !resp.ok) await refused(resp);
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -156,5 +166,5 @@ const LLMOS = (() => {
     replace(select, values.map((v) => el("option", { value: v.value ?? v }, label ? label(v) : (v.label ?? v))));
   }
 
-  return { api, stream, el, table, replace, notice, failed, bytes, when, formJson, every, has, modelsOf, fillSelect, ApiError };
+  return { api, blob, stream, el, table, replace, notice, failed, bytes, when, formJson, every, has, modelsOf, fillSelect, ApiError };
 })();

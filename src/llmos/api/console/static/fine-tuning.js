@@ -1,7 +1,7 @@
-// Fine-tuning: create a job (supervised or DPO) with every method setting and hyperparameter,
-// follow the selected job's loss and accuracy curves (a DPO job's reward margin too) from its
-// metrics events, its events and checkpoints, and cancel / pause / resume it; chat with a
-// checkpoint in the playground.
+// Fine-tuning: create a job (supervised, DPO or pre-training: pretrain.js) with every method
+// setting and hyperparameter, follow the selected job's loss and accuracy curves (a DPO job's
+// reward margin, a pretrain job's loss per character and samples too) from its metrics events,
+// its events and checkpoints, and cancel / pause / resume it; chat with a checkpoint in the playground.
 "use strict";
 (() => {
   const { api, el, table, replace, notice, failed, when, every, modelsOf, fillSelect } = LLMOS;
@@ -17,6 +17,7 @@
     const hyperparameters = {};
     for (const k of HYPER) if (f[k] !== undefined) hyperparameters[k] = f[k];
     const type = f.method_type || "supervised";
+    if (type === "pretrain") return LLMOSPretrain.body(f, hyperparameters);
     if (type === "dpo" && f.beta !== undefined) hyperparameters.beta = f.beta;
     const adapter = { type: f.adapter_type };
     if (f.adapter_type !== "full") {
@@ -32,8 +33,26 @@
     return body;
   }
 
-  // Beta is DPO's alone: the field is live only while DPO is chosen.
-  byId("job-method").addEventListener("change", (event) => { byId("dpo-beta").disabled = event.target.value !== "dpo"; });
+  // A pretrain job trains text files (purpose pretrain), the others chat, task or preference lines.
+  async function fillFiles(purpose) {
+    const files = (await api("GET", `/v1/files?purpose=${purpose}&limit=100`)).data.filter((f) => f.status === "processed");
+    const options = files.map((f) => ({ value: f.id, label: `${f.filename} (${f.id})` }));
+    fillSelect(byId("job-training"), options);
+    fillSelect(byId("job-validation"), [{ value: "", label: "none" }, ...options]);
+  }
+
+  // Each method's own fields are shown and live only while it is chosen; beta is DPO's alone.
+  byId("job-method").addEventListener("change", (event) => {
+    const method = event.target.value;
+    byId("dpo-beta").disabled = method !== "dpo";
+    for (const box of document.querySelectorAll("#job-form [data-methods]")) {
+      const mine = box.dataset.methods.split(" ").includes(method);
+      box.hidden = !mine;
+      if (box.tagName === "FIELDSET") box.disabled = !mine;
+      else for (const input of box.querySelectorAll("input, select")) input.disabled = !mine;
+    }
+    fillFiles(method === "pretrain" ? "pretrain" : "fine-tune").catch(failed);
+  });
 
   byId("job-form").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -88,6 +107,10 @@
     if (dpo) {
       LLMOSCharts.line(byId("reward-chart"), [curve(metrics, "valid reward margin", "valid_reward_margin"), curve(metrics, "valid chosen reward", "valid_chosen_reward"), curve(metrics, "valid rejected reward", "valid_rejected_reward")], { title: "validation rewards by step" });
     }
+    const pretrain = Boolean(job.method && job.method.type === "pretrain");
+    byId("pretrain-box").hidden = !pretrain;
+    byId("samples-box").hidden = !pretrain;
+    if (pretrain) LLMOSPretrain.show(metrics, events.data, byId("char-chart"), byId("job-samples"));
     replace("job-events", table([
       { title: "at", cell: (e) => when(e.created_at) },
       { title: "level", cell: (e) => e.level },
@@ -103,10 +126,7 @@
 
   (async () => {
     fillSelect(byId("job-model"), (await modelsOf()).filter((m) => !["lora", "prefix"].includes(m.format)).map((m) => m.id));
-    const files = (await api("GET", "/v1/files?purpose=fine-tune&limit=100")).data.filter((f) => f.status === "processed");
-    const options = files.map((f) => ({ value: f.id, label: `${f.filename} (${f.id})` }));
-    fillSelect(byId("job-training"), options);
-    fillSelect(byId("job-validation"), [{ value: "", label: "none" }, ...options]);
+    await fillFiles("fine-tune");
   })().catch(failed);
   every(2000, () => Promise.all([jobs(), detail()]));
 })();
