@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from llmos.engine.torch_backend import lean_decode
+from llmos.engine.torch_backend.attention import SDPA_MAX_POSITIONS
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.kv_cache import new_cache
-from llmos.engine.torch_backend.lean_decode import SDPA_MAX_POSITIONS, LeanDecoder
+from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora import LoraWeights
 from llmos.engine.torch_backend.lora_bank import BankView, LoraBank, _zero_b
 from llmos.engine.torch_backend.lora_expand import LoraExpand
@@ -395,6 +397,20 @@ def test_lean_step_with_adapters_before_and_after_fusing_agrees(tiny_chat_dir: P
         ).logits[:, -1]
     for logits in (want, got):
         assert (logits - model_logits.float()).norm() / model_logits.float().norm() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lean_norm_is_transformers_rms_norm_bit_for_bit(dtype: torch.dtype) -> None:
+    """Over widths, row counts and magnitudes from 1e-3 to 1e3: one call of torch's ``rms_norm``
+    gives what transformers' float32 operations give, so the step's logits stay the model's."""
+    g = torch.Generator().manual_seed(0)
+    for width in (32, 576, 896):
+        norm = LlamaRMSNorm(width, eps=1e-5).to(dtype)
+        norm.weight.data = (1 + 0.3 * torch.randn(width, generator=g)).to(dtype)
+        for shape in ((1, 1), (64, 1), (1, 23)):
+            for magnitude in (1e-3, 1.0, 1e3):
+                h = (magnitude * torch.randn(*shape, width, generator=g)).to(dtype)
+                assert torch.equal(lean_decode._rms_norm(h, norm.weight, 1e-5), norm(h))
 
 
 def test_architectures_it_does_not_reproduce_keep_the_models_forward(tiny_chat_dir: Path) -> None:

@@ -5,7 +5,7 @@ arithmetic: transformers' generic forward (mask builders, per-module hooks, sepa
 gate/up products, rotary embedding of q and k apart) takes about a third longer a step than
 this one, with the same weights and the same cache (docs/performance.md, design measurements)
 and the same logits (bit for bit for one row over a short cache in bf16; batches and long
-caches differ by rounding, see ``_grouped_attention``). It computes what
+caches differ by rounding, see ``attention``). It computes what
 ``LlamaForCausalLM`` computes for one new token per row, reads and writes the engine's own
 key/value cache, and applies the LoRA bank's adapters, so it is a drop-in replacement for the
 decode call. Prefill chunks run the same layers, several prompts (with their adapters) packed
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from llmos.engine.torch_backend.attention import step_attention
 from llmos.engine.torch_backend.fused_weights import Generation, GenerationBuilder, build_generation
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.lora_bank import EMPTY_VIEW, BankView
@@ -36,10 +37,6 @@ from llmos.engine.torch_backend.lora_expand import LoraExpand
 from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, Layout, LoraGroups
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
-# One row over at most this many cached positions attends through torch's SDPA (faster there, and
-# bit-equal to the model's forward); beyond, SDPA's cost grows with the length and the grouped
-# products win (docs/performance.md, design measurements).
-SDPA_MAX_POSITIONS = 128
 # Adapters' A rows are appended to the base matrices (fused_weights) while the resident adapters
 # have at most this many columns in all: every product then reads every resident adapter's A,
 # base rows included, and fused decode steps add the B products by the native kernel. Beyond, the
@@ -75,38 +72,16 @@ def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm as transformers computes it (in float32, rounded before the weight), so
-    the step's outputs are those of the model's own forward, not merely close to them."""
-    x = h.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(h.dtype)
+    the step's outputs are those of the model's own forward, not merely close to them: torch's
+    ``rms_norm`` computes a bf16 input in float32 and rounds once on output, bit for bit what
+    transformers' float32 operations and cast give (tested), in one call from Python."""
+    return weight * F.rms_norm(h, h.shape[-1:], eps=eps)
 
 
-def _grouped_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """Attention of one new token per row, written as two batched products per key/value head.
-
-    torch's CPU ``scaled_dot_product_attention`` is slow for many rows of one query each (about
-    ten times slower than this for 16 rows over a few hundred cached positions; docs/performance.md,
-    design measurements); only for one row over a short cache is it the faster one (see
-    ``SDPA_MAX_POSITIONS``). The query heads sharing a key/value head are
-    grouped instead of the keys and values being repeated. Returns (rows, 1, heads * head_dim).
-    """
-    rows, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
-    grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # query head h reads key/value head h // group
-    # keys @ q.T, not q @ keys.T: the cached keys are a slice of a growing buffer, and a transposed
-    # slice is copied whole before the product, a copy of the layer's whole cache every step.
-    scores = torch.matmul(keys, grouped.transpose(2, 3)).transpose(2, 3).float() * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).reshape(rows, 1, heads * dim)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``rotate_half`` without its negation (``_forward`` negates the sines instead)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
 
 
 class LeanDecoder:
@@ -122,7 +97,7 @@ class LeanDecoder:
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.width = config.hidden_size
-        self.act = ACT2FN[config.hidden_act]
+        self.act = ACT2FN[config.hidden_act].forward  # the module's function, without its call hooks
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
@@ -208,26 +183,15 @@ class LeanDecoder:
         """One decode step: ``tokens`` (B,) at ``positions`` (B,) over ``cache``; (B, vocab) logits."""
         rows = tokens.shape[0]
         # No mask when no row has padding: the step attends to every cached position anyway.
-        mask = None if bool(attention.all()) else attention[:, None, None, :].bool()
+        padding = None if bool(attention.all()) else attention == 0
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = cache.layers[layer].update(k, v)
-            return self._step_attention(q, keys, values, mask)
+            return step_attention(q, keys, values, padding, self.scale)
 
         weights, adapters, fused = self._prepare(lora, rows, None, decode=True)
         int8 = self._int8 if rows <= INT8_MAX_ROWS and not fused else None
         return self._forward(tokens[:, None], positions[:, None], attend, weights, adapters, fused, [0], int8)[:, 0]
-
-    def _step_attention(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """A decode step's attention of one new token per row (``q``: (rows, heads, 1, dim)) over
-        ``keys``/``values``; (rows, 1, heads * head_dim)."""
-        rows = q.shape[0]
-        if rows == 1 and keys.shape[2] <= SDPA_MAX_POSITIONS:
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
-            return o.transpose(1, 2).reshape(rows, 1, self.heads * self.head_dim)
-        return _grouped_attention(q, keys, values, mask, self.scale)
 
     @torch.inference_mode()
     def verify(self, tokens: list[int], start: int, cache: Any, lora: Any = None) -> torch.Tensor:
@@ -248,7 +212,7 @@ class LeanDecoder:
             seen = [
                 (q[:, :, i : i + 1], keys[:, :, : past + i + 1], values[:, :, : past + i + 1]) for i in range(count)
             ]
-            return torch.cat([self._step_attention(*one, None) for one in seen], dim=1)
+            return torch.cat([step_attention(*one, None, self.scale) for one in seen], dim=1)
 
         last = list(range(count))
         weights, adapters, fused = self._prepare(lora, count, last, decode=False)
@@ -352,6 +316,10 @@ class LeanDecoder:
         rows, count = tokens.shape
         h = self.embed(tokens)
         cos, sin = self.rotary(h, positions)
+        # rotate_half(x) * sin is swap_halves(x) * sin with the first half of sin negated, bit for bit
+        # (negation is exact): negated once a step, not once a layer.
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, head_dim): one angle per position, every head
 
         def project(x: torch.Tensor, layer: int, group: str) -> torch.Tensor:
@@ -373,7 +341,7 @@ class LeanDecoder:
             x = _rms_norm(h, layer.input_norm, self.eps)
             qkv = project(x, i, "qkv")
             qk = qkv[..., :qk_width].view(rows, count, heads + kv_heads, dim)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + _swap_halves(qk) * sin
             q = qk[:, :, :heads].transpose(1, 2)
             k = qk[:, :, heads:].transpose(1, 2)
             v = qkv[..., qk_width:].view(rows, count, kv_heads, dim).transpose(1, 2)
