@@ -131,7 +131,7 @@ def test_a_worker_lost_with_its_node_resumes_elsewhere_and_only_the_new_attempt_
 
 def test_the_ray_launcher_places_on_the_alive_nodes_unreserved_resources() -> None:
     pytest.importorskip("ray", reason="the Ray launcher needs the ray extra")
-    from llmos.cluster.jobs import RayJobLauncher
+    from llmos.cluster.jobs import LOST_NODE_PAUSE_S, RayJobLauncher
     from llmos.cluster.view import NodeView
     from llmos.config import Settings
 
@@ -142,8 +142,14 @@ def test_the_ray_launcher_places_on_the_alive_nodes_unreserved_resources() -> No
         NodeView("free", "10.0.0.4", True, {"CPU": 2.0}, {"CPU": 2.0, "memory": 4.0 * GB}),
     ]
     settings = Settings(ray_job_cpus=2, ray_job_memory_mb=4096)
-    launcher = RayJobLauncher(settings, nodes=lambda: nodes, server_node=lambda: "head")
+    now = [0.0]
+    launcher = RayJobLauncher(settings, nodes=lambda: nodes, server_node=lambda: "head", clock=lambda: now[0])
     job = object()
+    assert launcher.place(job) == Placement("free", "10.0.0.4")  # type: ignore[arg-type]
+    # A worker lost there: Ray may not have declared the node dead yet, so it gets no job for a while.
+    launcher.node_lost("free")
+    assert launcher.place(job) == Placement("head", "10.0.0.1")  # type: ignore[arg-type]
+    now[0] += LOST_NODE_PAUSE_S
     assert launcher.place(job) == Placement("free", "10.0.0.4")  # type: ignore[arg-type]
     nodes[3] = NodeView("free", "10.0.0.4", True, {"CPU": 2.0}, {"CPU": 2.0, "memory": 3.0 * GB})
     assert launcher.place(job) == Placement("head", "10.0.0.1")  # type: ignore[arg-type]

@@ -21,8 +21,10 @@ import logging
 import math
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,11 @@ LOST_EXIT = -9
 
 POLL_S = 0.5
 """How often the host looks at its worker process."""
+
+LOST_NODE_PAUSE_S = 60.0
+"""How long a node where a worker was lost gets no job. Ray may report the actor lost (its caller's
+connection broke) before it declares the node dead, which takes several failed health checks; an
+actor pinned meanwhile to a dead node never starts, and would cost the job an attempt."""
 
 
 class JobWorkerHost:
@@ -74,10 +81,11 @@ class JobWorkerHost:
 class RayWorker:
     """A job's worker on the cluster, watched as ``subprocess.Popen`` watches a local one."""
 
-    def __init__(self, host: Any, exit_ref: Any, started_ref: Any) -> None:
+    def __init__(self, host: Any, exit_ref: Any, started_ref: Any, on_lost: Callable[[], None]) -> None:
         self.host = host
         self.exit_ref = exit_ref
         self.started_ref = started_ref
+        self.on_lost = on_lost
         self._code: int | None = None
 
     @property
@@ -94,6 +102,7 @@ class RayWorker:
             code = int(ray.get(self.exit_ref))
         except RayError as exc:  # the actor died (its node, its process) or could not be placed
             log.warning("a job worker's Ray actor was lost: %s", exc)
+            self.on_lost()
             code = LOST_EXIT
         ray.kill(self.host, no_restart=True)  # its reservation is free for the next job
         return code
@@ -133,19 +142,29 @@ class RayJobLauncher:
         *,
         nodes: Callable[[], list[NodeView]] = cluster_nodes,
         server_node: Callable[[], str] = _this_node,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.need = ReplicaNeed(cpus=settings.ray_job_cpus, memory_bytes=settings.ray_job_memory_mb << 20)
         self._nodes = nodes
         self._server_node = server_node
+        self._clock = clock
         self._starting: list[_Start] = []
+        self._lost: dict[str, float] = {}
+        """Node id -> when a worker there was last lost."""
         self._host_class = ray.remote(JobWorkerHost)
 
     def place(self, job: Job) -> Placement | None:
         self._starting = [s for s in self._starting if not s.worker.running()]
-        alive = [n for n in self._nodes() if n.alive and n.available is not None]
+        now = self._clock()
+        self._lost = {node: at for node, at in self._lost.items() if now - at < LOST_NODE_PAUSE_S}
+        alive = [n for n in self._nodes() if n.alive and n.available is not None and n.node_id not in self._lost]
         node = choose_job_node([self._free(n) for n in alive], self.need, self._server_node())
         return Placement(node.node_id, node.address) if node is not None else None
+
+    def node_lost(self, node_id: str) -> None:
+        """A worker on ``node_id`` was lost: no job goes there for ``LOST_NODE_PAUSE_S``."""
+        self._lost[node_id] = self._clock()
 
     def _free(self, node: NodeView) -> NodeCapacity:
         """What nothing has reserved on ``node``: Ray's figure, less the workers started there that
@@ -172,7 +191,7 @@ class RayJobLauncher:
             options["memory"] = self.need.memory_bytes
         host: Any = self._host_class.options(**options).remote()  # Ray's handle types no coroutine methods
         exit_ref = host.run.remote(job_id, self._env(), str(job_dir(self.settings, job_id)))
-        worker = RayWorker(host, exit_ref, host.started.remote())
+        worker = RayWorker(host, exit_ref, host.started.remote(), partial(self.node_lost, placement.node_id))
         self._starting.append(_Start(placement.node_id, worker))
         return worker
 
