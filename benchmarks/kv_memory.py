@@ -1,14 +1,16 @@
 """Resident memory of `llmos serve` against its key/value budget (`kv_cache_mb`) at the largest batch.
 
-Starts the real server with a given `kv_cache_mb` (prefix caching off, room for 64 rows), loads
-the model with one request, then sends a crowd of chat requests at once, twice, each reserving its
-prompt plus `max_tokens`, so that admission fills the budget; the server's RSS is sampled
-throughout. The first crowd also meets every matrix-product shape for the first time (oneDNN keeps
-state per shape, which the budget does not cover); the second crowd's peak above the idle server
-before it, as a fraction of the budget, is what the batch itself takes (its cache, per-row
-buffers and copies), which the budget is meant to bound.
+Starts the real server with a given `kv_cache_mb` (prefix caching off, room for 64 rows), as it is
+now and as it was before its burst memory was bounded (`heap_slack_mb` 0: freed memory given back
+only when the engine goes idle; oneDNN's two primitive caches at their default 1,024 entries),
+loads the model with one request, then sends a crowd of chat requests at once, twice, each
+reserving its prompt plus `max_tokens`, so that admission fills the budget; the server's RSS is
+sampled throughout. The first crowd's rise above the idle server is what a burst costs a fresh
+server (oneDNN meets its shapes for the first time); the second crowd's peak above the idle
+server before it, as a fraction of the budget, is what a burst costs once the server has served.
 
-    .venv/bin/python benchmarks/kv_memory.py [--budgets-mb 64 256] [--clients 64] [--max-tokens 96]
+    .venv/bin/python benchmarks/kv_memory.py [--budgets-mb 64 256] [--versions before now] [--clients 64]
+        [--max-tokens 96]
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import KEY, MODEL, ROOT, PeakRss, prompts, start_server, write_result
 
 HEADERS = {"Authorization": f"Bearer {KEY}"}
+VERSIONS = {
+    "now": {},
+    "before": {"LLMOS_HEAP_SLACK_MB": "0", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"},
+}
 
 
 def chat(url: str, messages: list[dict[str, str]], max_tokens: int) -> int:
@@ -34,8 +40,9 @@ def chat(url: str, messages: list[dict[str, str]], max_tokens: int) -> int:
     return int(reply.json()["usage"]["completion_tokens"])
 
 
-def run(home: Path, budget_mb: int, clients: int, max_tokens: int) -> dict[str, float | int]:
+def run(home: Path, budget_mb: int, version: str, clients: int, max_tokens: int) -> dict[str, float | int | str]:
     env = {
+        **VERSIONS[version],
         "LLMOS_KV_CACHE_MB": str(budget_mb),
         "LLMOS_MAX_BATCH_SIZE": "64",
         "LLMOS_PREFIX_CACHE_MB": "0",
@@ -66,6 +73,7 @@ def run(home: Path, budget_mb: int, clients: int, max_tokens: int) -> dict[str, 
     growth = max(0, peak - second_idle)
     return {
         "kv_cache_mb": budget_mb,
+        "version": version,
         "clients": clients,
         "max_tokens": max_tokens,
         "peak_rows": served["peak_rows"],
@@ -73,6 +81,7 @@ def run(home: Path, budget_mb: int, clients: int, max_tokens: int) -> dict[str, 
         "seconds": round(seconds, 1),
         "rss_idle_mb": round(idle / 2**20, 1),
         "rss_first_crowd_peak_mb": round(first_peak / 2**20, 1),
+        "rss_first_rise_mb": round(max(0, first_peak - idle) / 2**20, 1),
         "rss_idle_after_first_mb": round(second_idle / 2**20, 1),
         "rss_second_crowd_peak_mb": round(peak / 2**20, 1),
         "rss_growth_mb": round(growth / 2**20, 1),
@@ -83,16 +92,35 @@ def run(home: Path, budget_mb: int, clients: int, max_tokens: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets-mb", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--versions", nargs="+", choices=sorted(VERSIONS), default=["before", "now"])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     args = parser.parse_args()
-    rows = [run(args.home, mb, args.clients, args.max_tokens) for mb in args.budgets_mb]
-    header = ("kv_cache_mb", "rows", "idle", "1st peak", "idle", "2nd peak", "growth", "/budget")
+    settings = [(mb, version) for mb in args.budgets_mb for version in args.versions]
+    rows = [run(args.home, mb, version, args.clients, args.max_tokens) for mb, version in settings]
+    header = (
+        "kv_cache_mb",
+        "version",
+        "rows",
+        "idle",
+        "1st peak",
+        "1st rise",
+        "idle",
+        "2nd peak",
+        "growth",
+        "/budget",
+    )
     print(" ".join(f"{h:>11}" for h in header))
     for r in rows:
-        mb = ("rss_idle_mb", "rss_first_crowd_peak_mb", "rss_idle_after_first_mb", "rss_second_crowd_peak_mb")
-        cells = [f"{r['kv_cache_mb']}", f"{r['peak_rows']}", *(f"{r[k]:.0f}MB" for k in mb)]
+        mb = (
+            "rss_idle_mb",
+            "rss_first_crowd_peak_mb",
+            "rss_first_rise_mb",
+            "rss_idle_after_first_mb",
+            "rss_second_crowd_peak_mb",
+        )
+        cells = [f"{r['kv_cache_mb']}", f"{r['version']}", f"{r['peak_rows']}", *(f"{r[k]:.0f}MB" for k in mb)]
         cells += [f"{r['rss_growth_mb']:.0f}MB", f"{r['growth_per_budget']:.3f}"]
         print(" ".join(f"{c:>11}" for c in cells))
     write_result("kv_memory", {"rows": rows})

@@ -270,6 +270,13 @@ class Settings(BaseSettings):
         "failed); one that could never fit alone is refused (400 kv_cache_exceeded). A model whose budget cannot "
         "hold one prefill chunk fails to load, naming this setting.",
     )
+    heap_slack_mb: int = Field(
+        default=32,
+        ge=0,
+        description="Freed memory the server may keep resident while its engines work: past it, an engine gives "
+        "the C heap's free memory back to the system after its step (malloc_trim), so a burst's resident memory "
+        "stays within what its batches use plus this; 0 gives it back only when an engine goes idle.",
+    )
     tenant_rows_when_shared: int = Field(
         default=4,
         ge=0,

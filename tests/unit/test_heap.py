@@ -27,3 +27,19 @@ def test_trim_gives_freed_heap_memory_back() -> None:
     heap.trim()
     assert before - _rss_mb() > 128  # most of the 256 MB given back
     assert keep.sum() > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or heap.live_bytes() is None, reason="glibc 2.33+ only")
+def test_release_beyond_gives_freed_memory_back_only_past_its_slack() -> None:
+    heap.trim()  # the slack counts from here
+    # 96 MB in heap-sized blocks, one kept after them: once freed, resident and not live.
+    blocks = [torch.empty(64 << 10, dtype=torch.uint8).fill_(1) for _ in range(1536)]
+    keep = torch.empty(64 << 10, dtype=torch.uint8).fill_(1)
+    assert not heap.release_beyond(32 << 20)  # live blocks are not a pile of freed ones
+    del blocks
+    assert not heap.release_beyond(256 << 20)  # 96 MB freed: within a 256 MB slack
+    before = _rss_mb()
+    assert heap.release_beyond(32 << 20)  # past a 32 MB one: given back
+    assert before - _rss_mb() > 64
+    assert not heap.release_beyond(32 << 20)  # and counted from there
+    assert keep.sum() > 0

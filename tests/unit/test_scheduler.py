@@ -308,9 +308,26 @@ def test_a_loop_that_ends_idle_gives_freed_memory_back(make: Make, monkeypatch: 
     monkeypatch.setattr("llmos.engine.scheduler.IDLE_EXIT_S", 0.05)
     trims: list[bool] = []
     monkeypatch.setattr(heap, "trim", lambda: trims.append(True))
-    runner = make()
+    runner = make(heap_slack_bytes=0)  # no trims within the burst: only the one at its end
     submit(runner, "r").wait()
     thread = runner._thread
     assert thread is not None
     thread.join(10)
     assert not thread.is_alive() and trims == [True]
+
+
+def test_a_working_loop_keeps_freed_memory_within_its_slack(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmos.engine import heap
+
+    slacks: list[int] = []
+
+    def release_beyond(slack: int) -> bool:
+        slacks.append(slack)
+        return False
+
+    monkeypatch.setattr(heap, "release_beyond", release_beyond)
+    submit(make(heap_slack_bytes=5 << 20), "r", max_tokens=4).wait()
+    assert len(slacks) >= 4 and set(slacks) == {5 << 20}  # after every step
+    slacks.clear()
+    submit(make(heap_slack_bytes=0), "r", max_tokens=4).wait()
+    assert slacks == []  # 0: only when the loop ends idle

@@ -29,6 +29,9 @@ class EngineConfig:
     """The torch backend's key/value budget per chat model (admission reserves against it)."""
     prefix_cache_bytes: int = 256 << 20
     """Prompt states kept for reuse per chat model; 0 turns prefix sharing off in every backend."""
+    heap_slack_bytes: int = 32 << 20
+    """Freed memory the process may keep resident while an engine works before the engine trims
+    the heap after its step (``heap.release_beyond``); 0: only when it goes idle."""
     adapter_memory_bytes: int = 512 << 20
     """The adapter bank of one chat model."""
     decode_int8: bool = False
@@ -69,6 +72,7 @@ class EngineConfig:
             tenant_rows_when_shared=settings.tenant_rows_when_shared,
             kv_cache_bytes=settings.kv_cache_mb << 20,
             prefix_cache_bytes=settings.prefix_cache_mb << 20,
+            heap_slack_bytes=settings.heap_slack_mb << 20,
             adapter_memory_bytes=settings.adapter_memory_mb << 20,
             decode_int8=settings.decode_weights == "int8",
             native_kernels=settings.native_kernels,

@@ -204,6 +204,9 @@ class GenerationRunner(ABC):
                 self._drop(gone)
             self._rebalance(scheduler.caps(self._held()))
             self._execute()
+            if self.config.heap_slack_bytes:
+                # What the step's batches freed stays in glibc's heaps: given back once it passes the slack.
+                heap.release_beyond(self.config.heap_slack_bytes)
             self._working = self._has_work()
         self._end_everything(abort_delta)
 

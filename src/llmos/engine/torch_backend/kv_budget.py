@@ -13,6 +13,10 @@ runner admits a request while that bound, over what every held row takes now (an
 to grow), stays within the budget; otherwise it waits for rows to finish, and one that could
 never fit even alone (at its reservation) is refused before it is queued. Rows that outgrow the
 budget later are preempted (``preemption``), and no buffer grows ahead past ``widest``.
+
+Beside the budget a burst takes the freed memory the heaps keep (up to ``heap_slack_mb``,
+``engine.heap``), oneDNN's capped primitive caches (``engine.process``) and one prefill pass's
+activations (docs/performance.md, Decode-batch memory, states the sum).
 """
 
 from __future__ import annotations
