@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import pytest
 
@@ -15,6 +16,7 @@ from llmos.kernel.job_status import JobStatus, StopRequest
 from llmos.kernel.job_workers import Placement
 from llmos.kernel.supervisor import JobSupervisor
 from llmos.platform import Platform
+from llmos.registry.tables import JobRow
 
 GB = 1 << 30
 NEED = ReplicaNeed(cpus=1.0, memory_bytes=2 * GB)
@@ -46,6 +48,7 @@ class _Worker:
     code: int | None = None
     pid: int | None = None
     terminated: bool = False
+    started: bool = True
 
     def poll(self) -> int | None:
         return self.code
@@ -155,3 +158,23 @@ def test_the_ray_launcher_places_on_the_alive_nodes_unreserved_resources() -> No
     assert launcher.place(job) == Placement("head", "10.0.0.1")  # type: ignore[arg-type]
     nodes[0] = NodeView("head", "10.0.0.1", True, {"CPU": 4.0}, {"CPU": 1.0, "memory": 8.0 * GB})
     assert launcher.place(job) is None  # type: ignore[arg-type]
+
+
+def test_a_worker_still_starting_on_its_node_is_not_judged_silent(loaded_platform: Platform) -> None:
+    """An actor that has not yet started the worker (its node busy) cannot beat; once it has, silence counts."""
+    p = loaded_platform
+    launcher = _Launcher([NODE_2])
+    supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings, launcher=launcher)
+    job_id = _new_job(p)
+    supervisor.tick()
+    ((_, _, worker),) = launcher.started
+    worker.started = False
+    with p.db.session() as s:
+        row = s.get(JobRow, job_id)
+        assert row is not None
+        row.heartbeat_at = p.jobs.clock() - timedelta(seconds=120)
+    supervisor.tick()
+    assert worker.code is None and supervisor.placements == {job_id: NODE_2}
+    worker.started = True
+    supervisor.tick()
+    assert worker.code == -9  # killed: its silence now counts

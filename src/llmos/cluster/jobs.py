@@ -120,8 +120,10 @@ class RayWorker:
         assert code is not None
         return code
 
-    def running(self) -> bool:
-        """Its actor has started the worker (Ray's per-node figures count its reservation by then)."""
+    @property
+    def started(self) -> bool:
+        """Its actor has started the worker process (until then it cannot send heartbeats, and Ray's
+        per-node figures may not count its reservation yet)."""
         return bool(ray.wait([self.started_ref], timeout=0)[0]) or self.poll() is not None
 
 
@@ -155,7 +157,7 @@ class RayJobLauncher:
         self._host_class = ray.remote(JobWorkerHost)
 
     def place(self, job: Job) -> Placement | None:
-        self._starting = [s for s in self._starting if not s.worker.running()]
+        self._starting = [s for s in self._starting if not s.worker.started]
         now = self._clock()
         self._lost = {node: at for node, at in self._lost.items() if now - at < LOST_NODE_PAUSE_S}
         alive = [n for n in self._nodes() if n.alive and n.available is not None and n.node_id not in self._lost]

@@ -126,7 +126,7 @@ class JobSupervisor:
             worker = self._workers[job_id]
             if control in (StopRequest.CANCEL, StopRequest.PAUSE):
                 worker.process.terminate()  # a stop at the next step is fine too; reaped next tick
-            elif beat is not None and now - beat > self.stale_after:
+            elif beat is not None and now - beat > self.stale_after and _has_started(worker.process):
                 log.warning("job %s: no heartbeat for %s; killing its worker", job_id, now - beat)
                 worker.process.kill()
 
@@ -188,6 +188,12 @@ class JobSupervisor:
     def placements(self) -> dict[str, Placement]:
         """Where each job this supervisor runs has its worker."""
         return {job_id: worker.placement for job_id, worker in list(self._workers.items())}
+
+
+def _has_started(process: WorkerProcess) -> bool:
+    """Whether the worker's process exists yet: one a Ray actor is still starting on its node (a
+    ``started`` of False) cannot have sent a heartbeat, so its silence does not count."""
+    return bool(getattr(process, "started", True))
 
 
 def _count(running: dict[str | None, int], key_id: str | None) -> None:
