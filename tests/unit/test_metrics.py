@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -167,6 +168,40 @@ def test_adapter_gauges_follow_residency() -> None:
     assert sorted(text) == resident[90:]
     loaded = metrics.REGISTRY.get_sample_value("llmos_lora_adapters_loaded", {"model_name": "base-x"})
     assert loaded == 10
+
+
+def test_prefix_cache_counters_keep_only_the_runners_still_there() -> None:
+    """The sampler remembers each runner's prefix-cache totals only while the runner is there: a
+    model evicted and loaded again counts its new runner's tokens from zero (not from the old
+    runner's totals), and replicas replaced one after another leave nothing behind."""
+    stats: dict[str, Any] = {"models": {}, "replicas": []}
+    from llmos.monitoring.sampler import MetricsSampler
+
+    sampler = MetricsSampler(lambda: stats, None, 5.0)
+
+    def runner(prefill: int, reused: int) -> dict[str, Any]:
+        return {"name": "prefix-chat", "prefill_tokens": prefill, "prefix_tokens_reused": reused}
+
+    def counted() -> tuple[float, float]:
+        labels = {"model_name": metrics.MODEL_NAMES("prefix-chat")}  # past the cap, other tests' names took it
+        queries = metrics.REGISTRY.get_sample_value("llmos_prefix_cache_queries_total", labels) or 0.0
+        return queries, metrics.REGISTRY.get_sample_value("llmos_prefix_cache_hits_total", labels) or 0.0
+
+    start = counted()
+    stats["models"] = {"m-1": runner(60, 40)}
+    sampler.sample()
+    stats["models"] = {}  # evicted
+    sampler.sample()
+    stats["models"] = {"m-1": runner(90, 50)}  # loaded again: a new runner, its totals from zero
+    sampler.sample()
+    queries, hits = counted()
+    assert (queries - start[0], hits - start[1]) == (100 + 140, 40 + 50)
+
+    stats["models"] = {}
+    for k in range(20):  # replicas lost and replaced
+        stats["replicas"] = [{"id": f"replica-{k}", "models": {"m-1": runner(10, 5)}}]
+        sampler.sample()
+    assert list(sampler._prefix_seen) == ["replica-19/m-1"]
 
 
 def test_training_metrics_of_a_running_job(quiet_http: TestClient, loaded_platform: Platform) -> None:

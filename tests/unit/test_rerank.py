@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,6 +169,61 @@ def test_a_document_too_long_for_the_relevance_prompt_is_cut_only_when_asked(
 
     cut, outright = asyncio.run(main())
     assert cut == pytest.approx(outright, abs=1e-6)
+
+
+class CountingTokenizer:
+    """A tokenizer that counts how often each text goes through it, as a pair's second text or alone."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.as_second: Counter[str] = Counter()
+        self.alone: Counter[str] = Counter()
+
+    def __call__(self, text: Any, text_pair: Any = None, **options: Any) -> Any:
+        texts = [text] if isinstance(text, str) else list(text)
+        if text_pair is None:
+            self.alone.update(texts)
+        else:
+            self.as_second.update([text_pair] if isinstance(text_pair, str) else text_pair)
+        return self.inner(text, text_pair, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_the_cross_encoder_tokenises_each_pair_once(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    """Its length check and its forward passes read one tokenisation of each pair (micro-batches
+    of two here); a document cut to fit (``truncate``) scores as transformers' own cut of it, the
+    query tokenised alone once for the whole search, and refused without ``truncate``."""
+    from llmos.engine.torch_backend.classifier import ClassifierRunner
+    from llmos.errors import ContextLengthExceededError
+
+    directory = build_cross_encoder(tiny_encoder_dir, tmp_path / "ce")
+    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    tokenizer = CountingTokenizer(AutoTokenizer.from_pretrained(directory))
+    runner = ClassifierRunner(model, tokenizer, max_length=24, micro_batch=2)
+    long_document = "the capital of france is paris and it is a large city " * 4
+    documents = [*DOCUMENTS, long_document]
+
+    with pytest.raises(ContextLengthExceededError) as refused:
+        runner.score_pairs([(QUERY, d) for d in documents])
+    assert refused.value.param == "documents" and "pair 3 has" in str(refused.value)
+    tokenizer.as_second.clear()
+
+    scored = runner.score_pairs([(QUERY, d) for d in documents], truncate=True)
+    assert tokenizer.as_second == Counter(documents)  # each pair once
+    assert tokenizer.alone == Counter([QUERY])  # the query alone once, to see it leaves room
+    inner = tokenizer.inner
+    cut = inner([QUERY], [long_document], truncation="only_second", max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        expected_cut = torch.sigmoid(model(**cut).logits[:, 0]).item()
+    expected = [*cross_reference(directory, QUERY, DOCUMENTS), expected_cut]
+    assert scored.scores == pytest.approx(expected, abs=1e-5)
+    whole = [len(inner(QUERY, d)["input_ids"]) for d in DOCUMENTS]
+    assert scored.prompt_tokens == sum(whole) + 24
+
+    with pytest.raises(ContextLengthExceededError, match="no part of its document fits"):
+        runner.score_pairs([("paris " * 30, "a document")], truncate=True)
 
 
 @pytest.mark.parametrize(

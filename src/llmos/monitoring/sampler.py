@@ -153,6 +153,7 @@ class MetricsSampler:
         runners = dict(stats.get("models", {}))
         for replica in stats.get("replicas", []):  # Ray cluster mode: a model's gauges sum its replicas'
             runners |= {f"{replica['id']}/{key}": entry for key, entry in replica.get("models", {}).items()}
+        prefix_seen: dict[str, tuple[int, int]] = {}
         for key, entry in runners.items():
             # Not capped: these series go when the model is evicted, so residency bounds them.
             name = str(entry.get("name", key))
@@ -165,7 +166,11 @@ class MetricsSampler:
             resident = entry.get("adapters", [])
             model.adapters += len(resident)
             adapters.update({(name, str(adapter)): 1.0 for adapter in resident})
-            self._count_prefix(key, metrics.MODEL_NAMES(name), entry)
+            if "prefix_tokens_reused" in entry:
+                prefix_seen[key] = self._count_prefix(key, metrics.MODEL_NAMES(name), entry)
+        # Only the runners of this sample are kept: a replica replaced, or a model evicted, would
+        # otherwise stay here for good, and one loaded again would count from its old totals.
+        self._prefix_seen = prefix_seen
         self._set(metrics.NUM_REQUESTS_RUNNING, {(n,): m.running for n, m in totals.items()})
         self._set(metrics.NUM_REQUESTS_WAITING, {(n,): m.waiting for n, m in totals.items()})
         self._set(metrics.BATCH_CURRENT_SIZE, {(n,): m.batch for n, m in totals.items()})
@@ -200,11 +205,9 @@ class MetricsSampler:
             metrics.REPLICA_GENERATION_TOKENS.remove(*gone)  # a replica stopped or lost: its series go too
         self._replica_tokens_seen = tokens
 
-    def _count_prefix(self, key: str, name: str, entry: dict[str, Any]) -> None:
+    def _count_prefix(self, key: str, name: str, entry: dict[str, Any]) -> tuple[int, int]:
         """The prefix-cache counters advance by what the runner computed since the last sample
-        (a runner replaced after a crash starts again from zero)."""
-        if "prefix_tokens_reused" not in entry:
-            return
+        (a runner replaced after a crash starts again from zero); its totals now, returned."""
         reused = int(entry["prefix_tokens_reused"])
         queried = int(entry.get("prefill_tokens", 0)) + reused
         last_queried, last_reused = self._prefix_seen.get(key, (0, 0))
@@ -212,7 +215,7 @@ class MetricsSampler:
             last_queried = last_reused = 0
         metrics.PREFIX_CACHE_QUERIES.labels(name).inc(queried - last_queried)
         metrics.PREFIX_CACHE_HITS.labels(name).inc(reused - last_reused)
-        self._prefix_seen[key] = (queried, reused)
+        return queried, reused
 
     def _sample_jobs(self, jobs: JobQueries) -> None:
         counts = jobs.status_counts()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,45 +37,80 @@ class HeadRunner:
 
         return encoder_compute.run(forward)
 
+    def encoded(
+        self, count: int, encode: Callable[[slice], Any], too_long: Callable[[int, int], str], *, param: str
+    ) -> tuple[list[Any], int]:
+        """``count`` inputs tokenised once each, a micro-batch at a time (``encode`` of a slice of
+        them: padded tensors with their attention mask), and their tokens in all. The first input
+        longer than ``max_length`` is refused (``too_long(i, n)``, naming ``param``) before any
+        forward pass runs, from the same tokens the passes then read."""
+        batches, total = [], 0
+        for k in range(0, count, self.micro_batch):
+            batch = encode(slice(k, k + self.micro_batch))
+            for j, n in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+                if n > self.max_length:
+                    raise ContextLengthExceededError(too_long(k + j, n), param=param)
+                total += n
+            batches.append(batch)
+        return batches, total
+
+    def texts_encoded(self, texts: list[str], **options: Any) -> tuple[list[Any], int]:
+        """``texts`` as micro-batches (``options`` passed to the tokenizer), each text tokenised once."""
+        return self.encoded(
+            len(texts),
+            lambda part: self.tokenizer(
+                texts[part], padding=True, return_attention_mask=True, return_tensors="pt", **options
+            ),
+            lambda i, n: f"input[{i}] has {n} tokens; this model accepts at most {self.max_length}",
+            param="input",
+        )
+
 
 class ClassifierRunner(HeadRunner):
     def classify(self, texts: list[str]) -> ClassificationResult:
-        prompt_tokens = count_tokens(self.tokenizer, texts, self.max_length)
-        scores: list[list[float]] = []
+        batches, prompt_tokens = self.texts_encoded(texts)
         with self._lock:
-            for k in range(0, len(texts), self.micro_batch):
-                batch = self.tokenizer(texts[k : k + self.micro_batch], padding=True, return_tensors="pt")
-                scores.extend(self.probabilities(batch).tolist())
+            scores = [row for batch in batches for row in self.probabilities(batch).tolist()]
         return ClassificationResult(labels=self.labels, scores=scores, prompt_tokens=prompt_tokens)
 
     def score_pairs(self, pairs: list[tuple[str, str]], *, truncate: bool = False) -> PairScores:
         """A cross-encoder's relevance of each (query, document) pair, read together as one input:
         the sigmoid of a one-label head's logit (as sentence-transformers' ``CrossEncoder``), else
         the probability of label 1 (the relevant class of a two-label head). With ``truncate`` a
-        document is cut to what fits beside its query (as ``CrossEncoder`` does); a query alone
-        too long is still refused."""
-        cut = {"truncation": "only_second", "max_length": self.max_length} if truncate else {}
-        prompt_tokens = 0
-        for i, (query, document) in enumerate(pairs):
-            n = len(self.tokenizer(query, document)["input_ids"])
-            if truncate and n > self.max_length:
-                frame = self.tokenizer.num_special_tokens_to_add(pair=True)
-                query_alone = len(self.tokenizer(query, add_special_tokens=False)["input_ids"]) + frame
-                n = self.max_length if query_alone < self.max_length else n  # else no cut of the document fits
-            if n > self.max_length:
-                raise ContextLengthExceededError(
-                    f"pair {i} has {n} tokens; this model accepts at most {self.max_length}", param="documents"
-                )
-            prompt_tokens += n
-        scores: list[float] = []
+        document is cut to what fits beside its query (as ``CrossEncoder`` does); a query that
+        leaves its document no room is still refused. Each pair is tokenised once."""
+        queries, documents = [q for q, _ in pairs], [d for _, d in pairs]
+        cut: dict[str, Any] = {}
+        if truncate:
+            self._check_queries_leave_room(queries)
+            cut = {"truncation": "only_second", "max_length": self.max_length}
+        batches, prompt_tokens = self.encoded(
+            len(pairs),
+            lambda part: self.tokenizer(
+                queries[part], documents[part], padding=True, return_attention_mask=True, return_tensors="pt", **cut
+            ),
+            lambda i, n: f"pair {i} has {n} tokens; this model accepts at most {self.max_length}",
+            param="documents",
+        )
         with self._lock:
-            for k in range(0, len(pairs), self.micro_batch):
-                part = pairs[k : k + self.micro_batch]
-                batch = self.tokenizer(
-                    [q for q, _ in part], [d for _, d in part], padding=True, return_tensors="pt", **cut
-                )
-                scores.extend(self.relevance(batch).tolist())
+            scores = [score for batch in batches for score in self.relevance(batch).tolist()]
         return PairScores(scores=scores, prompt_tokens=prompt_tokens)
+
+    def _check_queries_leave_room(self, queries: list[str]) -> None:
+        """Refuse a pair whose query, with the pair's special tokens, leaves no token for its
+        document (no cut of the document could fit; the tokenizer would raise). Each distinct
+        query is tokenised alone once: a search sends one query with many documents."""
+        frame = self.tokenizer.num_special_tokens_to_add(pair=True)
+        sizes: dict[str, int] = {}
+        for i, query in enumerate(queries):
+            if query not in sizes:
+                sizes[query] = len(self.tokenizer(query, add_special_tokens=False)["input_ids"]) + frame
+            if sizes[query] >= self.max_length:
+                raise ContextLengthExceededError(
+                    f"pair {i}'s query takes {sizes[query]} tokens with the pair's special tokens; this model "
+                    f"accepts at most {self.max_length} in all, so no part of its document fits",
+                    param="documents",
+                )
 
     def relevance(self, batch: Any) -> torch.Tensor:
         @torch.inference_mode()
@@ -83,16 +119,3 @@ class ClassifierRunner(HeadRunner):
             return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=-1)[:, 1]
 
         return encoder_compute.run(forward)
-
-
-def count_tokens(tokenizer: Any, texts: list[str], max_length: int) -> int:
-    """Tokens in all ``texts`` (special tokens included); 400 naming the first input that is too long."""
-    total = 0
-    for i, text in enumerate(texts):
-        n = len(tokenizer(text, add_special_tokens=True)["input_ids"])
-        if n > max_length:
-            raise ContextLengthExceededError(
-                f"input[{i}] has {n} tokens; this model accepts at most {max_length}", param="input"
-            )
-        total += n
-    return total

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmos.engine.protocol import Entity, EntityResult
-from llmos.engine.torch_backend.classifier import HeadRunner, count_tokens
+from llmos.engine.torch_backend.classifier import HeadRunner
 
 OUTSIDE = "O"
 
@@ -91,12 +91,11 @@ class TokenClassifierRunner(HeadRunner):
         super().__init__(model, tokenizer, max_length=max_length, micro_batch=micro_batch)
 
     def extract(self, texts: list[str]) -> EntityResult:
-        prompt_tokens = count_tokens(self.tokenizer, texts, self.max_length)
+        batches, prompt_tokens = self.texts_encoded(texts, return_offsets_mapping=True)
         found: list[list[Entity]] = []
         with self._lock:
-            for k in range(0, len(texts), self.micro_batch):
+            for k, enc in zip(range(0, len(texts), self.micro_batch), batches, strict=True):
                 chunk = texts[k : k + self.micro_batch]
-                enc = self.tokenizer(chunk, padding=True, return_offsets_mapping=True, return_tensors="pt")
                 offsets = enc.pop("offset_mapping").tolist()
                 scores, best = self.probabilities(enc).max(dim=-1)
                 for i, text in enumerate(chunk):
