@@ -170,3 +170,44 @@ def test_masks_computed_ahead_of_the_step_leave_every_answer_unchanged(
     monkeypatch.setattr(grammar_module.MaskPrefetch, "start", lambda self, matchers: None)
     assert asyncio.run(answers()) == ahead
     assert computed["grammar-masks_0"] == 0 and computed
+
+
+def test_masks_forbid_exactly_what_the_grammar_forbids_in_place_on_their_rows_only(tiny_chat_dir: Path) -> None:
+    """``mask_logits`` against llguidance's own per-token answer (``compute_logit_bias``): on the
+    constrained rows a token keeps its logit exactly when the grammar allows it, and is -inf
+    otherwise (ids past the tokenizer's vocabulary always); the other rows keep every logit; all
+    of it in the tensor given (no copy), for logits wider and narrower than the vocabulary."""
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    compiled = _compiled(tokenizer, GrammarSpec("json_schema", json.dumps(SCHEMAS[2], sort_keys=True)))
+    vocab = compiled.vocab_size
+    matchers = [compiled.matcher() for _ in range(3)]
+    rng = random.Random(1)
+    for matcher, steps in zip(matchers, (0, 4, 9), strict=True):  # the rows stand at different places
+        for _ in range(steps):
+            allowed = allowed_tokens([matcher], vocab)[0].nonzero().flatten().tolist()
+            grammar_module.advance(matcher, rng.choice([t for t in allowed if t != tokenizer.eos_token_id]))
+    expected = []
+    for m in matchers:
+        bias = m.state.deep_copy().compute_logit_bias()
+        expected.append(torch.tensor([bias[t] > 0 for t in range(vocab)]))
+    rows = [3, 0, 4]
+    for width in (vocab + 40, vocab - 7):
+        logits = torch.randn(6, width, generator=torch.Generator().manual_seed(width))
+        before = logits.clone()
+        grammar_module.mask_logits(logits, rows, matchers)
+        for row in range(6):
+            if row not in rows:
+                assert torch.equal(logits[row], before[row])
+        for row, allowed in zip(rows, expected, strict=True):
+            kept = (
+                allowed[:width] if width < vocab else torch.cat([allowed, torch.zeros(width - vocab, dtype=torch.bool)])
+            )
+            assert torch.equal(logits[row].isfinite(), kept)
+            assert torch.equal(logits[row][kept], before[row][kept])
+        for m in matchers:
+            m.mask = None  # computed again for the next width, from the same states
+    everyone = torch.randn(3, vocab)
+    grammar_module.mask_logits(everyone, range(3), matchers)  # every row constrained: the direct path
+    assert [torch.equal(everyone[i].isfinite(), expected[i]) for i in range(3)] == [True] * 3

@@ -62,24 +62,33 @@ class Streamer:
         rows' sequence lengths once it is added. A row whose token was chosen already keeps it
         (and is not streamed twice); finished rows are not streamed. A row whose choosing or
         streaming raises fails alone: it gets its error delta and is finished, the others go on.
-        The constrained rows' next masks are then computed while the caller runs its forward pass."""
+        The constrained rows' forbidden tokens are masked in ``logits`` itself (the caller's
+        tensor: it is not read again)."""
         self.masks.wait()
+        if counts is not None:
+            logits = apply_penalties(logits, counts, sampling.presence, sampling.frequency)
+        asks = [r.pending.request.params for r in rows]
+        want_k = max((params.top_logprobs for params in asks if params.logprobs), default=-1)
+        # Taken before any grammar masks a row: logprobs are the model's own distribution.
+        logp = torch.log_softmax(logits, dim=-1) if want_k >= 0 else None
         try:
-            chosen, lp = self._tokens(rows, logits, sampling, counts)
+            chosen = self._tokens(rows, logits, sampling, counts)
+            lp = self._step_logprobs(logp, chosen, want_k)
             steps: list[tuple[Any, int] | None] = [(lp, i) for i in range(len(rows))]
         except Exception:
             log.exception("choosing the next tokens of %d rows failed; choosing them one by one", len(rows))
             chosen, steps = torch.zeros(len(rows), dtype=torch.long), []
             for i, row in enumerate(rows):
                 try:
-                    one, lp = self._tokens(
+                    one = self._tokens(
                         [row],
                         logits[i : i + 1],
                         sampling.select(torch.tensor([i])),
                         counts[i : i + 1] if counts is not None else None,
                     )
                     chosen[i] = one[0]
-                    steps.append((lp, 0))
+                    row_logp = logp[i : i + 1] if logp is not None else None
+                    steps.append((self._step_logprobs(row_logp, one, want_k), 0))
                 except Exception as exc:
                     self._fail(row, exc)
                     steps.append(None)
@@ -92,32 +101,37 @@ class Streamer:
                 except Exception as exc:
                     log.exception("streaming a token failed")
                     self._fail(row, exc)
-        self.masks.start([row.grammar for row in rows if row.grammar is not None and not row.finished])
         return chosen
+
+    def prefetch_masks(self, rows: Iterable[StreamedRow]) -> None:
+        """Start computing the next masks of the constrained ``rows``, to run beside the forward
+        pass: call it once every token of the step is chosen (a first token chosen later would
+        wait for these), right before the pass."""
+        self.masks.start([row.grammar for row in rows if row.grammar is not None and not row.finished])
+
+    @staticmethod
+    def _step_logprobs(logp: torch.Tensor | None, chosen: torch.Tensor, k: int) -> Any:
+        return token_logprobs(logp, chosen, k) if logp is not None else None
 
     def _tokens(
         self, rows: Sequence[StreamedRow], logits: torch.Tensor, sampling: BatchSampling, counts: torch.Tensor | None
-    ) -> tuple[torch.Tensor, Any]:
-        """The rows' next tokens and, if any row asks for them, the step's logprobs; ``counts``
-        (a view of the rows' token counts, for penalties) takes the new tokens."""
-        if counts is not None:
-            logits = apply_penalties(logits, counts, sampling.presence, sampling.frequency)
+    ) -> torch.Tensor:
+        """The rows' next tokens from ``logits`` (penalties applied; the constrained rows masked
+        here, in place); ``counts`` (a view of the rows' token counts, for penalties) takes the
+        new tokens."""
         early = {i: r.chosen for i, r in enumerate(rows) if r.chosen is not None}
-        chosen = select_tokens(self._constrained(rows, logits, early), sampling, early)
-        asks = [r.pending.request.params for r in rows]
-        want_k = max((params.top_logprobs for params in asks if params.logprobs), default=-1)
-        lp = token_logprobs(logits, chosen, want_k) if want_k >= 0 else None
+        self._mask(rows, logits, early)
+        chosen = select_tokens(logits, sampling, early)
         if counts is not None:
             counted = torch.ones_like(chosen, dtype=logits.dtype)
             for i in early:
                 counted[i] = 0  # counted when it was chosen
             counts.scatter_add_(1, chosen[:, None], counted[:, None])
-        return chosen, lp
+        return chosen
 
     @staticmethod
-    def _constrained(rows: Sequence[StreamedRow], logits: torch.Tensor, early: dict[int, int]) -> torch.Tensor:
-        """``logits`` with each constrained row's forbidden tokens masked (logprobs are still
-        reported from the model's own distribution)."""
+    def _mask(rows: Sequence[StreamedRow], logits: torch.Tensor, early: dict[int, int]) -> None:
+        """Mask each constrained row's forbidden tokens in ``logits``, in place."""
         constrained, matchers = [], []
         for i, row in enumerate(rows):
             grammar = row.pending.request.grammar
@@ -127,9 +141,8 @@ class Streamer:
                 row.grammar = grammar.matcher()
             constrained.append(i)
             matchers.append(row.grammar)
-        if not constrained:
-            return logits
-        return mask_logits(logits, constrained, matchers)
+        if constrained:
+            mask_logits(logits, constrained, matchers)
 
     @staticmethod
     def _fail(row: StreamedRow, exc: Exception) -> None:

@@ -126,7 +126,9 @@ class GrammarCompiler:
         return compiled
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+_TO_SIGN_BIT = 31 - torch.arange(32, dtype=torch.int32)
+"""Left shifts that bring bit ``i`` of a mask word (token ``32 * word + i``) to the sign bit."""
+_NEG_INF_BITS = torch.tensor(float("-inf")).view(torch.int32)
 _executor: Any = None  # llguidance.LLExecutor, made on first use
 _prefetcher: ThreadPoolExecutor | None = None
 _start_lock = threading.Lock()
@@ -183,28 +185,36 @@ class MaskPrefetch:
 def allowed_tokens(matchers: Sequence[RowMatcher], vocab: int) -> torch.Tensor:
     """(len(matchers), vocab) booleans: the tokens each matcher accepts next (ids past its
     tokenizer's vocabulary, padding rows of the model's embedding, never)."""
-    return mask_logits(torch.zeros(len(matchers), vocab), range(len(matchers)), matchers).isfinite()
+    logits = torch.zeros(len(matchers), vocab)
+    mask_logits(logits, range(len(matchers)), matchers)
+    return logits.isfinite()
 
 
-def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[RowMatcher]) -> torch.Tensor:
-    """``logits`` (B, V) with every token the grammar of row ``rows[i]`` forbids set to -inf
-    (a copy; the other rows unchanged); masks not prefetched are computed now. The rows' packed
-    bits are unpacked together, one tensor expression, not a row at a time. (llguidance's own
-    ``apply_token_bitmask_inplace`` is faster but compiles itself with ``torch.compile``: a C++
-    compiler at run time, and seconds of stall on the first constrained request.)"""
+def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[RowMatcher]) -> None:
+    """Set to -inf, in place, every token the grammar of row ``rows[i]`` forbids (and ids past its
+    tokenizer's vocabulary: padding rows of the embedding); the other rows are left as they are.
+    Masks not prefetched are computed now. The rows get their masks as one addition of -inf or +0.0
+    per token (``masked_fill_``, a copy of the rows, or llguidance's ``apply_token_bitmask_inplace``,
+    which compiles itself with ``torch.compile`` at run time, cost more: docs/performance.md).
+    Adding +0.0 leaves each allowed logit as it was (a -0.0 becomes +0.0, which no choice tells apart)."""
     fill_masks(matchers)
     masks = [m.mask for m in matchers if m.mask is not None]
     assert len(masks) == len(matchers)  # fill_masks gave every matcher one
-    words = torch.stack(masks)
-    allowed = ((words[:, :, None] >> _BITS) & 1).reshape(len(masks), -1).bool()
-    width = min(logits.shape[1], allowed.shape[1])
+    penalties = _penalties(torch.stack(masks))
+    width = min(logits.shape[1], penalties.shape[1])
     index = torch.tensor(list(rows), dtype=torch.long)
-    constrained = logits[index]  # a copy: the caller still reports logprobs from the model's own logits
-    constrained[:, :width].masked_fill_(allowed[:, :width].logical_not_(), float("-inf"))
-    constrained[:, width:] = float("-inf")  # ids past the tokenizer's vocabulary: padding rows
-    masked = logits.clone()
-    masked[index] = constrained
-    return masked
+    logits[:, :width].index_add_(0, index, penalties[:, :width])
+    if logits.shape[1] > width:
+        logits[index, width:] = float("-inf")
+
+
+def _penalties(words: torch.Tensor) -> torch.Tensor:
+    """(rows, 32 * words) float32 from packed masks (rows, words) int32: +0.0 where a token's bit
+    is set, -inf where it is clear. Integer shifts only: each token's bit is moved to the sign bit
+    and spread over its word by an arithmetic shift (all ones where set), and its complement keeps
+    the bits of -inf where the token is forbidden."""
+    set_bits = (words[:, :, None] << _TO_SIGN_BIT) >> 31
+    return (~set_bits & _NEG_INF_BITS).view(torch.float32).reshape(words.shape[0], -1)
 
 
 def advance(matcher: RowMatcher, token: int) -> bool:

@@ -104,15 +104,13 @@ def select_tokens(
     return chosen
 
 
-def token_logprobs(
-    logits: torch.Tensor, chosen: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the chosen tokens and the ``k`` most likely ones, from the model's
-    distribution (before temperature and top-p, as OpenAI reports them)."""
-    logp = torch.log_softmax(logits, dim=-1)
+def token_logprobs(logp: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens and the ``k`` most likely ones, from ``logp``: the
+    model's distribution, log-softmaxed before temperature, top-p and grammar masks (as OpenAI
+    reports them)."""
     chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1)
     if k > 0:
         top_vals, top_idx = torch.topk(logp, k, dim=-1)
     else:
-        top_vals = top_idx = torch.empty((logits.shape[0], 0))
+        top_vals = top_idx = torch.empty((logp.shape[0], 0))
     return chosen_lp, top_vals, top_idx

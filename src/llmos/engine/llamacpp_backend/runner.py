@@ -290,6 +290,8 @@ class LlamaCppRunner(GenerationRunner):
             self._prefill_jobs.remove(job)
             self._start_rows(job, row_logits)
         self._retire_finished()
+        if self._batch is not None:  # every token of the step chosen: masks beside the next decode
+            self.streamer.prefetch_masks(self._batch.rows)
 
     def _plan_prefill(self) -> list[tuple[_Prefill, int]]:
         """Chunks of the prompts to prefill this step, in arrival order, within the budget. A

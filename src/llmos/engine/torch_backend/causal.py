@@ -400,6 +400,7 @@ class CausalRunner(GenerationRunner):
         limit = min(max(r.pending.reserve for r in state.rows), self.kv_budget.widest(held))
         limit_growth(state.cache, limit)
         self.lora.prepare([r.pending.adapter for r in state.rows])
+        self.streamer.prefetch_masks(state.rows)
         # A single stream (nothing else decoding, prefilling, parked or waiting) may speculate.
         alone = len(state) == 1 and not (self._prefill_jobs or self.share.parked) and self.scheduler.queue.empty()
         if self.speculation is not None and alone:
