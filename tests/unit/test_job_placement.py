@@ -161,7 +161,7 @@ def test_the_ray_launcher_places_on_the_alive_nodes_unreserved_resources() -> No
 
 
 def test_a_worker_still_starting_on_its_node_is_not_judged_silent(loaded_platform: Platform) -> None:
-    """An actor that has not yet started the worker (its node busy) cannot beat; once it has, silence counts."""
+    """An actor that has not yet started the worker (its node busy) cannot beat; its silence counts from its start."""
     p = loaded_platform
     launcher = _Launcher([NODE_2])
     supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings, launcher=launcher)
@@ -177,4 +177,7 @@ def test_a_worker_still_starting_on_its_node_is_not_judged_silent(loaded_platfor
     assert worker.code is None and supervisor.placements == {job_id: NODE_2}
     worker.started = True
     supervisor.tick()
-    assert worker.code == -9  # killed: its silence now counts
+    assert worker.code is None  # started just now: its silence counts from here
+    supervisor._workers[job_id].started_at = p.jobs.clock() - timedelta(seconds=60)
+    supervisor.tick()
+    assert worker.code == -9  # silent for longer than stale_after since it started: killed

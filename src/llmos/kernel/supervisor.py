@@ -13,7 +13,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from llmos.config import Settings
 from llmos.errors import NotFoundError
@@ -39,6 +39,8 @@ class _Worker:
     attempt: int
     process: WorkerProcess
     placement: Placement
+    started_at: datetime | None = None
+    """When the supervisor first saw its process started: its silence counts from then at the earliest."""
 
 
 class JobSupervisor:
@@ -126,9 +128,18 @@ class JobSupervisor:
             worker = self._workers[job_id]
             if control in (StopRequest.CANCEL, StopRequest.PAUSE):
                 worker.process.terminate()  # a stop at the next step is fine too; reaped next tick
-            elif beat is not None and now - beat > self.stale_after and _has_started(worker.process):
+            elif beat is not None and self._silent(worker, beat, now):
                 log.warning("job %s: no heartbeat for %s; killing its worker", job_id, now - beat)
                 worker.process.kill()
+
+    def _silent(self, worker: _Worker, beat: datetime, now: datetime) -> bool:
+        """No heartbeat for ``stale_after`` since the later of its last beat and its process's start
+        (a Ray actor may take a while to start the worker on a busy node; until then none can come)."""
+        if not _has_started(worker.process):
+            return False
+        if worker.started_at is None:
+            worker.started_at = now
+        return now - max(beat, worker.started_at) > self.stale_after
 
     def _settle_orphans(self) -> None:
         """Running jobs whose worker fell silent, and that no worker of ours runs: their server
