@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from llmos.platform import Platform
 from llmos.registry.records import Lineage
 from tests.conftest import ADMIN_KEY
-from tests.unit.test_adapters import make_lora
+from tests.unit.test_adapters import make_lora, merged_reference
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -187,6 +188,28 @@ def test_gguf_files_hold_their_type_and_load(llama_cpp: Any, http: TestClient, t
     assert types["blk.0.attn_q.weight"] == fmt.removeprefix("gguf-").upper()
     assert types["blk.0.attn_norm.weight"] == "F32"
     assert "output.weight" not in types  # tied: llama.cpp reads token_embd
+
+
+def test_a_lora_merge_into_a_bf16_base_is_saved_in_float32(
+    loaded_platform: Platform, http: TestClient, tiny_chat_dir: Path, tmp_path: Path
+) -> None:
+    """Rounded back to a bf16 base's dtype, W + BA loses most of a small update's bits: the merge
+    is saved as the float32 sum it is, equal to PEFT's own float32 merge."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    bf16_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_chat_dir, bf16_dir)
+    AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    base = loaded_platform.registry.pull(f"file:{bf16_dir}", name="tiny-chat-bf16")
+    adapter_dir = make_lora(bf16_dir, tmp_path / "lora", seed=3)
+    loaded_platform.registry.pull(f"file:{adapter_dir}", name="tiny-lora-bf16", lineage=Lineage(parent_id=base.id))
+    op = _export(http, "tiny-lora-bf16", "hf")
+    assert op["status"] == "succeeded", op
+    merged = load_file(_untar(_download(http, op["file_id"]), tmp_path / "out") / "model.safetensors")
+    expected = merged_reference(bf16_dir, adapter_dir).state_dict()
+    assert {t.dtype for t in merged.values()} == {torch.float32}
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)
 
 
 def test_a_fine_tuned_model_exports_to_gguf(

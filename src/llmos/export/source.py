@@ -4,7 +4,6 @@ answers on the probes (``verify``), computed before anything is converted."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +88,10 @@ def prepare(source: Source, staging: Path) -> Prepared:
         if path.is_file() and path.suffix not in (*NOT_EXPORTED, ".safetensors") and rel.name not in _WRITTEN_BY_SAVE:
             (merged_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, merged_dir / rel)  # copies: the registry's files are hard links into its store
-    merged = model.merge_and_unload()
-    merged.to(stored_dtype(source.config_dir)).save_pretrained(merged_dir, safe_serialization=True)
+    # The merge stays in float32, the precision of the reference it must match: rounded back to a
+    # bf16 base's dtype, W + BA loses most of a small update's bits, and the merged model answered
+    # unlike the adapter it came from (docs/performance.md, Export).
+    model.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
     return Prepared(source, merged_dir, reference)
 
 
@@ -110,13 +111,3 @@ def load_torch(model_dir: Path, task: str, adapter_dir: Path | None = None) -> t
         model = PeftModel.from_pretrained(model, adapter_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return model.eval(), tokenizer
-
-
-def stored_dtype(model_dir: Path) -> Any:
-    """The dtype the base's weights are stored in (a merged model is saved in it too)."""
-    import torch
-
-    config = json.loads((model_dir / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(name), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
