@@ -19,6 +19,7 @@ import pytest
 from llmos.api import create_app
 from llmos.cluster.view import ClusterView, EngineCounts, NodeView, ReplicaView
 from llmos.config import Settings
+from llmos.kernel.job_workers import LOCAL, Placement
 from llmos.platform import Platform
 from tests.browser.chromium import NEEDS_CHROMIUM, launched, signed_in, sync_api
 from tests.conftest import ADMIN_KEY
@@ -65,9 +66,10 @@ def _replica(replica_id: str, node: str, running: int, waiting: int, tokens: int
 
 @dataclass
 class _Supervisor:
-    """Stands for the job supervisor: the route lists the jobs whose workers it runs."""
+    """Stands for the job supervisor: the route lists the jobs whose workers it runs, each where
+    it was placed."""
 
-    running: list[str]
+    placements: dict[str, Placement]
 
 
 @dataclass
@@ -133,7 +135,7 @@ def test_the_page_shows_the_ray_clusters_nodes_replicas_and_jobs_and_follows_the
     )
     with _serve(tmp_path / "home", engine) as server:
         job = _queued_job(server.url, tiny_chat_dir, server.platform)
-        server.app.state.supervisor = _Supervisor([job])  # its worker runs on this server's node
+        server.app.state.supervisor = _Supervisor({job: LOCAL})  # its worker runs on this server's node
         view = _cluster(server.url)
         page = _signed_in(browser, server.url)
         page.goto(f"{server.url}/ui/cluster")
