@@ -14,7 +14,7 @@ from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
 from llmos.kernel.job_record import Job
 from llmos.kernel.job_status import JobStatus, StopRequest
 from llmos.kernel.job_workers import Placement
-from llmos.kernel.supervisor import JobSupervisor
+from llmos.kernel.supervisor import START_WAITS, JobSupervisor
 from llmos.platform import Platform
 from llmos.registry.tables import JobRow
 
@@ -179,5 +179,33 @@ def test_a_worker_still_starting_on_its_node_is_not_judged_silent(loaded_platfor
     supervisor.tick()
     assert worker.code is None  # started just now: its silence counts from here
     supervisor._workers[job_id].started_at = p.jobs.clock() - timedelta(seconds=60)
+    with p.db.session() as s:  # and no beat since, neither the worker's nor one its supervisor gave while it started
+        row = s.get(JobRow, job_id)
+        assert row is not None
+        row.heartbeat_at = p.jobs.clock() - timedelta(seconds=60)
     supervisor.tick()
     assert worker.code == -9  # silent for longer than stale_after since it started: killed
+
+
+def test_a_worker_its_actor_never_starts_is_beaten_for_then_given_up(loaded_platform: Platform) -> None:
+    """While the actor starts the worker, its supervisor beats for the job (another server on the
+    database must not settle it as an orphan); past START_WAITS x stale_after it is killed."""
+    p = loaded_platform
+    launcher = _Launcher([NODE_2])
+    supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings, launcher=launcher)
+    job_id = _new_job(p)
+    supervisor.tick()
+    ((_, _, worker),) = launcher.started
+    worker.started = False
+    with p.db.session() as s:
+        row = s.get(JobRow, job_id)
+        assert row is not None
+        row.heartbeat_at = p.jobs.clock() - timedelta(seconds=120)
+    supervisor.tick()
+    assert worker.code is None
+    assert job_id not in p.jobs.silent(supervisor.stale_after)  # beaten for: no orphan to another server
+    supervisor._workers[job_id].waiting_since = (
+        p.jobs.clock() - START_WAITS * supervisor.stale_after - timedelta(seconds=1)
+    )
+    supervisor.tick()
+    assert worker.code == -9  # its actor never started it: given up, and settled as a dead worker next tick

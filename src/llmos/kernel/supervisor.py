@@ -31,6 +31,8 @@ from llmos.security.quotas import TrainingQuota
 log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(seconds=30)
 """A worker silent this long is gone: its supervisor kills it, another settles its job."""
+START_WAITS = 10
+"""A worker whose Ray actor has not started it within this many ``stale_after`` never will."""
 
 
 @dataclass
@@ -41,6 +43,8 @@ class _Worker:
     placement: Placement
     started_at: datetime | None = None
     """When the supervisor first saw its process started: its silence counts from then at the earliest."""
+    waiting_since: datetime | None = None
+    """When the supervisor first saw it not started yet (a Ray actor still starting it)."""
 
 
 class JobSupervisor:
@@ -134,8 +138,16 @@ class JobSupervisor:
 
     def _silent(self, worker: _Worker, beat: datetime, now: datetime) -> bool:
         """No heartbeat for ``stale_after`` since the later of its last beat and its process's start
-        (a Ray actor may take a while to start the worker on a busy node; until then none can come)."""
+        (a Ray actor may take a while to start the worker on a busy node; until then none can come).
+        A worker not started after ``START_WAITS`` times ``stale_after`` (an actor that found no room
+        on its node waits in Ray for ever) counts as silent; until then the supervisor beats for it,
+        so that another server on the database does not settle the job as an orphan meanwhile."""
         if not _has_started(worker.process):
+            if worker.waiting_since is None:
+                worker.waiting_since = now
+            if now - worker.waiting_since > START_WAITS * self.stale_after:
+                return True
+            self.jobs.heartbeat(worker.job_id, worker.attempt)
             return False
         if worker.started_at is None:
             worker.started_at = now
