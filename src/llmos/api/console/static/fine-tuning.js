@@ -87,7 +87,7 @@
 
   async function detail() {
     if (!selected) return;
-    const job = await api("GET", `/v1/fine_tuning/jobs/${selected}`);
+    const job = await api("GET", `/v1/fine_tuning/jobs/${encodeURIComponent(selected)}`);
     byId("job-detail").hidden = false;
     byId("h-job").textContent = `Job ${job.id}`;
     replace("job-summary", el("p", { id: "job-status", "data-status": job.status },

@@ -39,7 +39,7 @@
 
   async function detail() {
     if (!selected) return;
-    const search = await api("GET", `/v1/fine_tuning/searches/${selected}`);
+    const search = await api("GET", `/v1/fine_tuning/searches/${encodeURIComponent(selected)}`);
     byId("search-detail").hidden = false;
     byId("h-search").textContent = `Search ${search.id}`;
     const { metric, direction } = search.objective;
