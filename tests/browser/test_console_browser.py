@@ -233,8 +233,10 @@ def test_a_fine_tuning_job_shows_its_loss_curve_growing(browser: Any, console: C
     sync_api.expect(page.locator("#upload-status")).to_contain_text("Uploaded train.jsonl")
     page.goto(f"{console.url}/ui/fine-tuning")
     sync_api.expect(page.get_by_label("Training file")).to_contain_text("train.jsonl")
-    page.get_by_label("Epochs").fill("30")  # long enough that two polls 2 s apart see the curve grow
-    page.get_by_label("Batch size").fill("3")
+    # 600 steps (50 epochs, the most, of 12 single-row steps): two polls 2 s apart see the curve
+    # grow, and the job is still running when the test cancels it (120 steps ended first once).
+    page.get_by_label("Epochs").fill("50")
+    page.get_by_label("Batch size").fill("1")
     page.get_by_label("Rank r").fill("4")
     page.get_by_role("button", name="Create job").click()
     sync_api.expect(page.locator("#job-detail")).to_be_visible()
