@@ -160,29 +160,37 @@ def test_the_ray_launcher_places_on_the_alive_nodes_unreserved_resources() -> No
     assert launcher.place(job) is None  # type: ignore[arg-type]
 
 
-def test_a_worker_still_starting_on_its_node_is_not_judged_silent(loaded_platform: Platform) -> None:
-    """An actor that has not yet started the worker (its node busy) cannot beat; its silence counts from its start."""
-    p = loaded_platform
+def _starting_on_node_2(p: Platform) -> tuple[JobSupervisor, str, _Worker]:
+    """A job placed on node 2 whose actor has not started its worker yet, its last beat (the
+    claim's) two minutes old."""
     launcher = _Launcher([NODE_2])
     supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings, launcher=launcher)
     job_id = _new_job(p)
     supervisor.tick()
     ((_, _, worker),) = launcher.started
     worker.started = False
+    _last_beat(p, job_id, seconds_ago=120)
+    return supervisor, job_id, worker
+
+
+def _last_beat(p: Platform, job_id: str, *, seconds_ago: int) -> None:
     with p.db.session() as s:
         row = s.get(JobRow, job_id)
         assert row is not None
-        row.heartbeat_at = p.jobs.clock() - timedelta(seconds=120)
+        row.heartbeat_at = p.jobs.clock() - timedelta(seconds=seconds_ago)
+
+
+def test_a_worker_still_starting_on_its_node_is_not_judged_silent(loaded_platform: Platform) -> None:
+    """An actor that has not yet started the worker (its node busy) cannot beat; its silence counts from its start."""
+    p = loaded_platform
+    supervisor, job_id, worker = _starting_on_node_2(p)
     supervisor.tick()
     assert worker.code is None and supervisor.placements == {job_id: NODE_2}
     worker.started = True
     supervisor.tick()
     assert worker.code is None  # started just now: its silence counts from here
     supervisor._workers[job_id].started_at = p.jobs.clock() - timedelta(seconds=60)
-    with p.db.session() as s:  # and no beat since, neither the worker's nor one its supervisor gave while it started
-        row = s.get(JobRow, job_id)
-        assert row is not None
-        row.heartbeat_at = p.jobs.clock() - timedelta(seconds=60)
+    _last_beat(p, job_id, seconds_ago=60)  # no beat since: neither the worker's nor its supervisor's
     supervisor.tick()
     assert worker.code == -9  # silent for longer than stale_after since it started: killed
 
@@ -191,16 +199,7 @@ def test_a_worker_its_actor_never_starts_is_beaten_for_then_given_up(loaded_plat
     """While the actor starts the worker, its supervisor beats for the job (another server on the
     database must not settle it as an orphan); past START_WAITS x stale_after it is killed."""
     p = loaded_platform
-    launcher = _Launcher([NODE_2])
-    supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings, launcher=launcher)
-    job_id = _new_job(p)
-    supervisor.tick()
-    ((_, _, worker),) = launcher.started
-    worker.started = False
-    with p.db.session() as s:
-        row = s.get(JobRow, job_id)
-        assert row is not None
-        row.heartbeat_at = p.jobs.clock() - timedelta(seconds=120)
+    supervisor, job_id, worker = _starting_on_node_2(p)
     supervisor.tick()
     assert worker.code is None
     assert job_id not in p.jobs.silent(supervisor.stale_after)  # beaten for: no orphan to another server
