@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,30 @@ this model's shapes, with what varies between runs: the crowd grew by 154 MB for
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+def _growth_during(work: Callable[[], object]) -> int:
+    """The process's resident memory at its peak while ``work`` runs, above what it held before
+    (after a trim), sampled every 2 ms."""
+    heap.trim()
+    baseline = _rss()
+    peak = baseline
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss())
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        stop.set()
+        sampler.join()
+    return peak - baseline
 
 
 def measure(tiny_chat_dir: Path) -> dict[str, int]:
@@ -84,25 +109,10 @@ def measure(tiny_chat_dir: Path) -> dict[str, int]:
 
     try:
         run(["warm"], greedy)  # kernels, thread pools and the first buffers: not the batch's
-        heap.trim()
-        baseline = _rss()
-        peak = baseline
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, _rss())
-                stop.wait(0.002)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        run([f"r{i}" for i in range(ROWS)], greedy)
-        stop.set()
-        sampler.join()
+        grown = _growth_during(lambda: run([f"r{i}" for i in range(ROWS)], greedy))
     finally:
         runner.close()
-    return {"budget": budget, "grown": peak - baseline, "peak_rows": runner.peak_rows}
+    return {"budget": budget, "grown": grown, "peak_rows": runner.peak_rows}
 
 
 def measure_burst(tiny_chat_dir: Path) -> dict[str, int]:
@@ -144,28 +154,13 @@ def measure_burst(tiny_chat_dir: Path) -> dict[str, int]:
 
     try:
         run(1)  # kernels, thread pools and the first buffers: not the crowd's
-        heap.trim()
-        baseline = _rss()
-        peak = baseline
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, _rss())
-                stop.wait(0.002)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        run(BURST_REQUESTS)
-        stop.set()
-        sampler.join()
+        grown = _growth_during(lambda: run(BURST_REQUESTS))
     finally:
         runner.close()
     return {
         "budget": runner.kv_budget.budget_bytes,
         "slack": settings.heap_slack_mb << 20,
-        "grown": peak - baseline,
+        "grown": grown,
         "peak_rows": runner.peak_rows,
     }
 
