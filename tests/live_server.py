@@ -8,12 +8,15 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 
+from llmos.api import create_app
 from llmos.api.server import server_config
 from llmos.config import Settings
+from llmos.platform import Platform
 
 
 def free_port() -> int:
@@ -37,3 +40,22 @@ def serving(app: Any, settings: Settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@dataclass
+class Server:
+    url: str
+    app: Any
+    platform: Platform
+
+
+@contextlib.contextmanager
+def serving_platform(settings: Settings, engine: Any) -> Iterator[Server]:
+    """A platform opened on ``settings`` and its app with ``engine``, served on loopback; closed after."""
+    platform = Platform.open(settings)
+    app = create_app(settings, platform=platform, engine=engine)
+    try:
+        with serving(app, settings) as url:
+            yield Server(url, app, platform)
+    finally:
+        platform.close()

@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from llmos.api import create_app
 from llmos.cluster.view import ClusterView, EngineCounts, NodeView, ReplicaView
 from llmos.config import Settings
 from llmos.kernel.job_workers import LOCAL, Placement
 from llmos.platform import Platform
-from tests.browser.chromium import NEEDS_CHROMIUM, launched, signed_in, sync_api
+from tests.browser.chromium import NEEDS_CHROMIUM, signed_in, sync_api
 from tests.conftest import ADMIN_KEY
 from tests.fake_engine import FakeEngine
-from tests.live_server import free_port, serving
+from tests.live_server import Server, free_port, serving_platform
 
 pytestmark = NEEDS_CHROMIUM
 WAIT_MS = 30_000
@@ -72,31 +70,13 @@ class _Supervisor:
     placements: dict[str, Placement]
 
 
-@dataclass
-class Server:
-    url: str
-    app: Any
-    platform: Platform
-
-
 @contextlib.contextmanager
 def _serve(home: Path, engine: FakeEngine) -> Iterator[Server]:
     settings = Settings(
         home=home, admin_key=ADMIN_KEY, host="127.0.0.1", port=free_port(), allowed_hosts=[], max_concurrent_jobs=0
     )
-    platform = Platform.open(settings)
-    app = create_app(settings, platform=platform, engine=engine)
-    try:
-        with serving(app, settings) as url:
-            yield Server(url, app, platform)
-    finally:
-        platform.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with launched() as browser:
-        yield browser
+    with serving_platform(settings, engine) as server:
+        yield server
 
 
 def _signed_in(browser: Any, url: str, key: str = ADMIN_KEY) -> Any:

@@ -9,20 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from llmos.api import create_app
 from llmos.config import Settings
-from llmos.platform import Platform
-from tests.browser.chromium import NEEDS_CHROMIUM, launched, signed_in, sync_api
+from tests.browser.chromium import NEEDS_CHROMIUM, signed_in, sync_api
 from tests.conftest import ADMIN_KEY
 from tests.fake_engine import FakeEngine
-from tests.live_server import free_port, serving
+from tests.live_server import Server, free_port, serving_platform
 from tests.unit.test_pretrain import TINY, corpus
 
 pytestmark = NEEDS_CHROMIUM
@@ -30,13 +27,6 @@ WAIT_MS = 30_000
 TRAINED_MS = 180_000  # a worker process starts, trains two epochs and registers the model
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}] * 12
-
-
-@dataclass
-class Server:
-    url: str
-    app: Any
-    platform: Platform
 
 
 @contextlib.contextmanager
@@ -50,19 +40,8 @@ def _serve(home: Path, max_concurrent_jobs: int) -> Iterator[Server]:
         allowed_hosts=[],
         max_concurrent_jobs=max_concurrent_jobs,
     )
-    platform = Platform.open(settings)
-    app = create_app(settings, platform=platform, engine=FakeEngine())
-    try:
-        with serving(app, settings) as url:
-            yield Server(url, app, platform)
-    finally:
-        platform.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with launched() as browser:
-        yield browser
+    with serving_platform(settings, FakeEngine()) as server:
+        yield server
 
 
 def _api(url: str, method: str, path: str, **kwargs: Any) -> Any:
