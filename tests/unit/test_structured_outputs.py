@@ -12,9 +12,11 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from llmos.api.openai import structured
 from llmos.engine import GenerationRequest, SamplingParams
 from llmos.engine.local import LocalEngine
 from llmos.engine.protocol import GrammarSpec
+from llmos.errors import InvalidRequestError
 from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
 from tests.tiny_models import build_tiny_chat_model
@@ -249,3 +251,28 @@ def test_a_grammar_over_the_compile_budget_is_refused(loaded_platform: Platform)
             ).status_code
             == 200
         )
+
+
+def test_a_schema_is_checked_once_by_its_canonical_text_and_refused_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checked: list[Any] = []
+    real = structured.validators.validator_for
+
+    def counting(schema: Any, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:  # the platform's call (jsonschema's own pass a default)
+            checked.append(schema)
+        return real(schema, *args, **kwargs)
+
+    monkeypatch.setattr(structured.validators, "validator_for", counting)
+    structured._check_schema.cache_clear()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    reordered = {"properties": {"b": {"type": "string"}, "a": {"type": "integer"}}, "type": "object"}
+    first = structured.schema_grammar(schema, param="response_format.json_schema.schema")
+    again = structured.schema_grammar(reordered, param="guided_json")
+    assert first == again and len(checked) == 1
+    for param in ("guided_json", "structured_outputs.json"):
+        with pytest.raises(InvalidRequestError) as refused:
+            structured.schema_grammar({"type": "objectx"}, param=param)
+        assert refused.value.param == param
+    assert len(checked) == 3

@@ -8,6 +8,7 @@ values, keywords the grammar library does not implement (it names them), a bad r
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -75,19 +76,42 @@ def _enum_values(node: Any) -> int:
     return 0
 
 
+class _SchemaRefused(ValueError):
+    """Why a schema is refused, without the request field (that is added by the caller)."""
+
+
 def schema_grammar(schema: dict[str, Any], *, param: str) -> GrammarSpec:
     """A JSON Schema checked (valid, bounded) and made a grammar; the library's own refusals
     (unimplemented keywords, unknown formats) come from compiling it."""
+    text = json.dumps(schema, sort_keys=True)
+    check = _check_schema if len(text) <= MAX_CACHED_SCHEMA_CHARS else _check_schema.__wrapped__
+    try:
+        check(text)
+    except _SchemaRefused as exc:
+        raise InvalidRequestError(str(exc), param=param) from exc
+    return GrammarSpec("json_schema", text)
+
+
+MAX_CACHED_SCHEMA_CHARS = 65_536
+"""Schemas longer than this are checked every time: the cache's memory stays bounded whatever
+clients send."""
+
+
+@functools.lru_cache(maxsize=256)
+def _check_schema(text: str) -> None:
+    """Checks a schema by its canonical text once: the grammar compiled from it is cached by the
+    same text, and a large schema's meta-schema validation would otherwise run on the event loop
+    for every request that repeats it. A refusal is not cached (it raises)."""
+    schema = json.loads(text)
     if _depth(schema) > MAX_SCHEMA_DEPTH:
-        raise InvalidRequestError(f"the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels", param=param)
+        raise _SchemaRefused(f"the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
     if _enum_values(schema) > MAX_ENUM_VALUES:
-        raise InvalidRequestError(f"the schema has more than {MAX_ENUM_VALUES} enum values in all", param=param)
+        raise _SchemaRefused(f"the schema has more than {MAX_ENUM_VALUES} enum values in all")
     try:
         validators.validator_for(schema).check_schema(schema)
     except schema_errors.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
-        raise InvalidRequestError(f"invalid JSON Schema at '{where}': {exc.message}", param=param) from exc
-    return GrammarSpec("json_schema", json.dumps(schema, sort_keys=True))
+        raise _SchemaRefused(f"invalid JSON Schema at '{where}': {exc.message}") from exc
 
 
 def regex_grammar(pattern: str, *, param: str) -> GrammarSpec:
