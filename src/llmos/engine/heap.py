@@ -93,10 +93,13 @@ def resident_bytes() -> int | None:
 
 class _Trimmed:
     """The process's resident memory beyond malloc's live blocks just after the last trim:
-    libraries, Python's own arenas, file pages, and what the heaps could not give back."""
+    libraries, Python's own arenas, file pages, and what the heaps could not give back; and
+    whether the next check takes its measure afresh (the step after a trim refills what the
+    trim gave back)."""
 
     lock = threading.Lock()
     beyond_live: int | None = None
+    refilling: bool = False
 
 
 def _beyond_live() -> int | None:
@@ -112,24 +115,32 @@ def trim() -> None:
     with _Trimmed.lock:
         release(0)
         _Trimmed.beyond_live = _beyond_live()
+        _Trimmed.refilling = True
 
 
 def release_beyond(slack_bytes: int) -> bool:
     """Trim when the memory resident beyond malloc's live blocks has grown by more than
     ``slack_bytes`` since the last trim (freed blocks that the heaps keep); True if it trimmed.
 
+    The check after a trim (here or when an engine went idle) takes the pile it finds as the new
+    floor: a step's temporaries, freed
+    at its end, are the working set of the next step as well, so giving them back would only have
+    every step fault them in again (a 64-row batch served 15-25% fewer tokens a second that
+    way, docs/performance.md). What is bounded is growth beyond the batches' working set.
+
     So the process's resident memory stays within its live blocks, what was resident beside them
-    after the last trim (or since, the least of it; before any trim, at the first call), and
-    ``slack_bytes``."""
+    at the floor (after the last trim and its refill, or since, the least of it; before any trim,
+    at the first call), and ``slack_bytes``."""
     beyond = _beyond_live()
     if beyond is None or _malloc_trim() is None:
         return False
     with _Trimmed.lock:
         floor = _Trimmed.beyond_live
-        if floor is None or beyond - floor <= slack_bytes:
-            # Less beside the live blocks than at the trim (memory unmapped, a buffer malloc handed out
-            # and nobody wrote yet): the slack counts from here.
-            _Trimmed.beyond_live = beyond if floor is None else min(floor, beyond)
+        if floor is None or _Trimmed.refilling or beyond - floor <= slack_bytes:
+            # Less beside the live blocks than at the floor (memory unmapped, a buffer malloc handed
+            # out and nobody wrote yet): the slack counts from here.
+            _Trimmed.beyond_live = beyond if floor is None or _Trimmed.refilling else min(floor, beyond)
+            _Trimmed.refilling = False
             return False
     trim()
     return True
