@@ -155,6 +155,35 @@ def test_an_encoder_exports_as_its_directory(http: TestClient, tiny_encoder_dir:
         assert (directory / name).read_bytes() == (tiny_encoder_dir / name).read_bytes()
 
 
+def test_a_model_lists_its_exports_to_each_tenant_its_own(loaded_platform: Platform, http: TestClient) -> None:
+    """``GET /v1/models/{model}`` lists the version's exports kept as the caller's tenant's files:
+    a tenant exporting the same shared model sees its export and not the admin's, nor theirs it."""
+    loaded_platform.tenants.create("acme")
+    acme_key = loaded_platform.keys.create("acme", tenant="acme", scopes=("inference", "models"))[1]
+    acme = {"Authorization": f"Bearer {acme_key}"}
+    mine, theirs = _export(http, "tiny-embed", "hf"), _export(http, "tiny-embed", "hf", headers=acme)
+    assert mine["status"] == theirs["status"] == "succeeded"
+
+    def listed(headers: dict[str, str], model: str = "tiny-embed") -> list[dict[str, Any]]:
+        resp = http.get(f"/v1/models/{model}", headers=headers)
+        assert resp.status_code == 200, resp.text
+        return list(resp.json()["exports"])
+
+    (export,) = listed(ADMIN)
+    file = next(f for f in _exports_kept(http) if f["id"] == mine["file_id"])
+    assert export == {
+        "file_id": mine["file_id"],
+        "filename": file["filename"],
+        "format": "hf",
+        "bytes": file["bytes"],
+        "created_at": file["created_at"],
+        "verification": mine["verification"],
+    }
+    assert [e["file_id"] for e in listed(acme)] == [theirs["file_id"]]
+    assert listed(ADMIN, "tiny-chat") == []  # another model's version: none of these
+    assert http.get("/v1/models", headers=ADMIN).json()["data"][0]["exports"] is None  # retrieve only
+
+
 # -- GGUF -----------------------------------------------------------------------------------------
 @pytest.fixture
 def llama_cpp() -> Any:
@@ -237,6 +266,8 @@ def test_a_failed_verification_marks_the_export_failed_and_offers_nothing(
     monkeypatch.setattr(gguf_llama, "_rotary_interleaved", lambda weights, n_head: weights)
     op = _export(http, "tiny-lora", "gguf-f16")
     assert op["status"] == "failed"
+    # The model in this format, not the server, is at fault (as a pull's corrupt artifact).
+    assert op["error"]["type"] == "invalid_request_error" and op["error"]["param"] == "format"
     assert op["error"]["code"] == "export_verification_failed"
     assert "identical" in op["error"]["message"]
     assert op["file_id"] is None

@@ -115,6 +115,25 @@ class ExportOperations(Operations[ExportOperation]):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def model_exports(files: FileStore, tenant: str, model_id: str) -> list[dict[str, Any]]:
+    """The exports of model version ``model_id`` kept as ``tenant``'s files, newest first: each
+    file's id, name, format, size, creation time and verification report (from its lineage).
+    Another tenant's exports of the same model are its own files and never appear."""
+    records, _ = files.list(tenant, purpose=EXPORT_PURPOSE)
+    return [
+        {
+            "file_id": f.id,
+            "filename": f.filename,
+            "format": f.summary["lineage"].get("format"),
+            "bytes": f.bytes,
+            "created_at": int(f.created_at.timestamp()),
+            "verification": f.summary["lineage"].get("verification"),
+        }
+        for f in records
+        if (f.summary.get("lineage") or {}).get("model_id") == model_id
+    ]
+
+
 def _tar(directory: Path, path: Path) -> Path:
     """The directory's files under one folder named like the archive (uncompressed: weights do not shrink)."""
     top = path.name.removesuffix(".tar")

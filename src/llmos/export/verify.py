@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llmos.errors import LLMOSError
+from llmos.errors import InvalidRequestError
 
 GREEDY_TOKENS = 32
 PROMPTS = (
@@ -44,10 +44,15 @@ TEXTS = (
 )
 
 
-class VerificationFailed(LLMOSError):
-    """The export does not compute what its source computes: it is not offered."""
+class VerificationFailed(InvalidRequestError):
+    """The export does not compute what its source computes: it is not offered. Not a server
+    fault but this model in this format (as a pull's corrupt artifact is the source's): the
+    request's ``format`` is named, as another format of the same model may pass."""
 
     default_code = "export_verification_failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="format")
 
 
 @dataclass(frozen=True)

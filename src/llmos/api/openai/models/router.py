@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from llmos.api.deps import EngineDep, InferenceKey, PlatformDep
 from llmos.api.model_management.router import ModelsKey, changeable
 from llmos.api.openai.models.schemas import ModelDeleted, ModelList, ModelObject
+from llmos.export import model_exports
 from llmos.platform import Platform
 from llmos.registry import ModelRecord
 from llmos.registry.records import SHARED_OWNER
@@ -63,12 +64,14 @@ async def retrieve_model(model: str, platform: PlatformDep, key: InferenceKey) -
     record = await asyncio.to_thread(platform.registry.get, model, tenant=_visible_to(key))
     parent = await asyncio.to_thread(platform.registry.get, record.parent_id) if record.parent_id else None
     aliases = await asyncio.to_thread(_aliases, platform, key)
+    exports = await asyncio.to_thread(model_exports, platform.files, key.tenant, record.id)
     return ModelObject.from_record(
         record,
         parent_name=parent.name if parent else None,
         detail=True,
         server_paths="admin" in key.scopes,
         aliases=aliases.get(record.id),
+        exports=exports,
     ).model_dump()
 
 

@@ -36,6 +36,8 @@ class ModelObject(BaseModel):
     """``name@alias`` references that name this version."""
     artifacts: dict[str, str] | None = None
     extra: dict[str, Any] | None = None
+    exports: list[dict[str, Any]] | None = None
+    """Retrieve only: this version's verified exports kept as the caller's tenant's files."""
 
     @classmethod
     def from_record(
@@ -46,6 +48,7 @@ class ModelObject(BaseModel):
         detail: bool = False,
         server_paths: bool = False,
         aliases: list[str] | None = None,
+        exports: list[dict[str, Any]] | None = None,
     ) -> ModelObject:
         """``server_paths``: show ``file:`` sources whole (admins); tenants see only the last name."""
         created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
@@ -71,6 +74,7 @@ class ModelObject(BaseModel):
             aliases=aliases or [],
             artifacts=r.artifacts if detail else None,
             extra=r.extra if detail else None,
+            exports=exports,
         )
 
 
