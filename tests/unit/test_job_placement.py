@@ -4,9 +4,15 @@ its node settled and started again elsewhere as the next attempt, whose heartbea
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
+import types
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +20,7 @@ from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
 from llmos.kernel.job_record import Job
 from llmos.kernel.job_status import JobStatus, StopRequest
 from llmos.kernel.job_workers import Placement
-from llmos.kernel.supervisor import START_WAITS, JobSupervisor
+from llmos.kernel.supervisor import STALE_AFTER, START_WAITS, JobSupervisor
 from llmos.platform import Platform
 from llmos.registry.tables import JobRow
 
@@ -208,3 +214,126 @@ def test_a_worker_its_actor_never_starts_is_beaten_for_then_given_up(loaded_plat
     )
     supervisor.tick()
     assert worker.code == -9  # its actor never started it: given up, and settled as a dead worker next tick
+
+
+class _FakeRay:
+    """Ray's ``wait``, ``get`` and ``kill`` over refs that are ready once given a value (or an error)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, object] = {}
+        self.killed: list[object] = []
+
+    def wait(self, refs: list[str], timeout: float | None = None) -> tuple[list[str], list[str]]:
+        return [r for r in refs if r in self.values], [r for r in refs if r not in self.values]
+
+    def get(self, ref: str) -> object:
+        value = self.values[ref]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def kill(self, actor: object, no_restart: bool = True) -> None:
+        self.killed.append(actor)
+        self.values["exit"] = self.values.get("exit", _actor_died())  # its pending calls fail
+
+
+def _actor_died() -> Exception:
+    from ray.exceptions import RayActorError
+
+    return RayActorError()
+
+
+def _ray_worker(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, _FakeRay, list[str]]:
+    """A ``RayWorker`` over a fake Ray, and the list its node-lost callback appends to."""
+    pytest.importorskip("ray", reason="the Ray launcher needs the ray extra")
+    from llmos.cluster import jobs
+
+    fake = _FakeRay()
+    for name in ("wait", "get", "kill"):
+        monkeypatch.setattr(jobs.ray, name, getattr(fake, name))
+    lost: list[str] = []
+    return jobs.RayWorker(object(), "exit", "started", lambda: lost.append("node-2")), fake, lost
+
+
+def test_a_started_call_counts_only_when_it_names_the_workers_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker, fake, _ = _ray_worker(monkeypatch)
+    fake.values["started"] = None  # a call answered without a process id: no worker yet
+    assert not worker.started
+    fake.values["started"] = 4242
+    assert worker.started
+
+
+def test_the_host_answers_started_only_once_run_has_started_the_worker(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Ray may run an async actor's ``started`` before its ``run``: it waits for the worker."""
+    pytest.importorskip("ray", reason="the Ray launcher needs the ray extra")
+    from llmos.cluster import jobs
+
+    class _Process:
+        pid = 4242
+
+        def poll(self) -> int | None:
+            return 0
+
+    monkeypatch.setattr(jobs, "start_worker_process", lambda *args: _Process())
+
+    async def started_before_run() -> tuple[bool, int]:
+        host = jobs.JobWorkerHost()
+        asked = asyncio.create_task(host.started())
+        await asyncio.sleep(0.01)
+        answered_early = asked.done()
+        assert await host.run("ftjob-x", {}, str(tmp_path)) == 0
+        return answered_early, await asked
+
+    assert asyncio.run(started_before_run()) == (False, 4242)
+
+
+def test_a_hung_worker_killed_leaves_its_node_open_and_a_lost_actor_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hung, fake, lost = _ray_worker(monkeypatch)
+    fake.values["started"] = 4242
+    hung.kill()  # its heartbeat fell silent: the worker hung, its node is fine
+    assert hung.poll() == -9 and lost == []
+    gone, fake, lost = _ray_worker(monkeypatch)
+    fake.values.update(started=4242, exit=_actor_died())  # Ray lost the actor: its node may be dying
+    assert gone.poll() == -9 and lost == ["node-2"]
+    never, fake, lost = _ray_worker(monkeypatch)
+    never.kill()  # its actor never started it: the node had no room for it, or is gone
+    assert never.poll() == -9 and lost == ["node-2"]
+
+
+def test_the_worker_beats_before_it_imports_the_training_stack(
+    loaded_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Importing torch and transformers takes many seconds on a busy node, which its supervisor would
+    read as a dead worker: the worker's entry imports neither, and has beaten for its attempt by the
+    time the training starts (its last beat here two minutes old before)."""
+    entry = "import sys, llmos.training.worker; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
+
+    from llmos.training import worker
+
+    p = loaded_platform
+    job_id = _new_job(p)
+    assert p.jobs.claim(job_id) == 1  # as the supervisor does
+    _last_beat(p, job_id, seconds_ago=120)
+    silence_at_training: list[timedelta] = []
+
+    def train(settings: object, job_id: str, heartbeat: worker.Heartbeat) -> int:
+        with p.db.session() as s:
+            row = s.get(JobRow, job_id)
+            assert row is not None and row.heartbeat_at is not None
+            silence_at_training.append(p.jobs.clock() - row.heartbeat_at.replace(tzinfo=UTC))
+        heartbeat.stop()
+        return 0
+
+    training = types.ModuleType("llmos.training.job_training")
+    training.train = train  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "llmos.training.job_training", training)
+    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
+    monkeypatch.setenv("LLMOS_HOME", str(p.settings.home))
+    assert worker.run(job_id) == 0
+    assert silence_at_training[0] < STALE_AFTER

@@ -17,6 +17,7 @@ log directory. Ray pickles it within the cluster's trust domain; nothing a clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -61,17 +62,22 @@ class JobWorkerHost:
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
+        self._launched = asyncio.Event()
 
     async def run(self, job_id: str, env: dict[str, str], log_dir: str) -> int:
         """Start the job's worker with ``env`` over this node's environment; its exit code."""
         self.process = start_worker_process(job_id, {**os.environ, **env}, Path(log_dir))
+        self._launched.set()
         while (code := self.process.poll()) is None:
             await asyncio.sleep(POLL_S)
         return code
 
-    async def started(self) -> int | None:
-        """The worker's process id, once ``run`` has started it."""
-        return self.process.pid if self.process is not None else None
+    async def started(self) -> int:
+        """The worker's process id, answered once ``run`` has started it: Ray need not run an async
+        actor's calls in the order they were sent, so this may be called before ``run``."""
+        await self._launched.wait()
+        assert self.process is not None
+        return self.process.pid
 
     async def terminate(self) -> None:
         if self.process is not None:
@@ -87,6 +93,9 @@ class RayWorker:
         self.started_ref = started_ref
         self.on_lost = on_lost
         self._code: int | None = None
+        self._pid: int | None = None
+        self._killed_running = False
+        """Its supervisor killed it after it had started (it hung): its actor's end is no sign of its node's."""
 
     @property
     def pid(self) -> int | None:
@@ -102,7 +111,8 @@ class RayWorker:
             code = int(ray.get(self.exit_ref))
         except RayError as exc:  # the actor died (its node, its process) or could not be placed
             log.warning("a job worker's Ray actor was lost: %s", exc)
-            self.on_lost()
+            if not self._killed_running:
+                self.on_lost()
             code = LOST_EXIT
         ray.kill(self.host, no_restart=True)  # its reservation is free for the next job
         return code
@@ -111,6 +121,10 @@ class RayWorker:
         self.host.terminate.remote()
 
     def kill(self) -> None:
+        """Kill its actor, and the worker with it. A worker that had started and is killed (its
+        heartbeat fell silent) says nothing against its node, which stays open to jobs; one its actor
+        never started does (the node had no room for it, or is gone), as does an actor Ray lost."""
+        self._killed_running = self.started
         ray.kill(self.host, no_restart=True)
 
     def wait(self, timeout: float | None = None) -> int:
@@ -123,8 +137,12 @@ class RayWorker:
     @property
     def started(self) -> bool:
         """Its actor has started the worker process (until then it cannot send heartbeats, and Ray's
-        per-node figures may not count its reservation yet)."""
-        return bool(ray.wait([self.started_ref], timeout=0)[0]) or self.poll() is not None
+        per-node figures may not count its reservation yet): ``started`` answered with its process
+        id, or it has ended."""
+        if self._pid is None and ray.wait([self.started_ref], timeout=0)[0]:
+            with contextlib.suppress(RayError):  # the actor is gone: ``poll`` says so
+                self._pid = ray.get(self.started_ref)
+        return self._pid is not None or self.poll() is not None
 
 
 @dataclass

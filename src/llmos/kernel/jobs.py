@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from llmos.errors import ConflictError, InvalidRequestError, LLMOSError, NotFoundError
+from llmos.kernel.job_heartbeat import beat
 from llmos.kernel.job_queries import JobQueries
 from llmos.kernel.job_record import Job, checkpoint_name, fine_tuned_name, metrics_csv
 from llmos.kernel.job_requests import PRETRAIN_MEMORY_MB, TRAINABLE, check_job_request
@@ -234,20 +235,8 @@ class JobStore(JobQueries):
 
     # -- what a worker reports -------------------------------------------------------------
     def heartbeat(self, job_id: str, attempt: int) -> str | None:
-        """The worker of ``attempt`` is alive: record it, and answer what is asked of it (a
-        ``StopRequest``); ``LOST`` once the job is no longer that attempt's to run (a supervisor
-        judged the worker gone after its heartbeat fell silent, and the job moved on)."""
-        with self.db.session() as s:
-            mine = (JobRow.id == job_id, JobRow.status == JobStatus.RUNNING, JobRow.attempts == attempt)
-            beat = s.execute(
-                update(JobRow)
-                .where(*mine)
-                .values(heartbeat_at=self.clock())
-                .execution_options(synchronize_session=False)
-            )
-            if not getattr(beat, "rowcount", 0):
-                return StopRequest.LOST
-            return s.scalar(select(JobRow.control).where(JobRow.id == job_id))
+        """The worker of ``attempt`` is alive; what is asked of it (``job_heartbeat.beat``)."""
+        return beat(self.db, job_id, attempt, self.clock())
 
     def charge_cpu(self, job_id: str, seconds: float) -> Job | None:
         """Add CPU time the job's worker used; the job (None if it is gone)."""

@@ -4,54 +4,33 @@ Started and watched by the kernel's job supervisor. It reports heartbeats, event
 checkpoints and its result through the job store, stops at the next step when asked to cancel
 or pause, dies with its supervisor (so a job never runs twice), and registers the fine-tuned
 model at the end.
+
+It beats first: this module imports only what a heartbeat needs (settings, the database), and the
+training stack (torch, transformers, the trainers: ``job_training``) only after its first beat, with
+the heartbeat thread already running. Importing that stack takes many seconds on a busy node, which
+would otherwise pass for a silent worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
-from typing import Any
-
-import torch
+from datetime import UTC, datetime
 
 from llmos.config import Settings
-from llmos.errors import LLMOSError
-from llmos.kernel.devices import detect_cpu
+from llmos.kernel.job_heartbeat import EXIT_STOPPED, beat, claimed_attempt
 from llmos.kernel.job_status import StopRequest
-from llmos.kernel.job_workers import job_dir
-from llmos.kernel.jobs import Job, checkpoint_name, fine_tuned_name
-from llmos.platform import Platform
-from llmos.registry.service import Lineage, ModelRecord
+from llmos.registry.db import Database
 from llmos.security.private import restrict_umask
-from llmos.training.checkpoints import SERVABLE
-from llmos.training.classify import run_classification
-from llmos.training.dpo import run_dpo
 from llmos.training.metering import QUOTA_STOP, CpuMeter
-from llmos.training.ner import run_token_classification
-from llmos.training.pretrain import run_pretrain
-from llmos.training.pretrain_spec import PretrainSpec
-from llmos.training.run import Hooks, PretrainInputs, Stopped, TrainingRun
-from llmos.training.sft import run_sft
-from llmos.training.spec import TrainingSpec
 
 log = logging.getLogger("llmos.worker")
 HEARTBEAT_S = 2.0
-EXIT_STOPPED = 3
-# A job's task (chosen from its base model and training file, see kernel.jobs.TRAINABLE) -> its trainer.
-TRAINERS = {
-    "chat": run_sft,
-    "dpo": run_dpo,
-    "sequence-classification": run_classification,
-    "token-classification": run_token_classification,
-    "pretrain": run_pretrain,
-}
 
 
 def _die_with_parent() -> None:
@@ -61,19 +40,20 @@ def _die_with_parent() -> None:
 
 
 class Heartbeat(threading.Thread):
-    """Every few seconds: prove we are alive, and read what the supervisor asks of us."""
+    """Every few seconds: prove we are alive, and read what the supervisor asks of us. Once the
+    platform is open, ``meter`` charges the CPU time used at each beat too."""
 
-    def __init__(self, platform: Platform, job: Job, parent: int) -> None:
+    def __init__(self, db: Database, job_id: str, attempt: int, parent: int) -> None:
         super().__init__(daemon=True, name="heartbeat")
-        self.platform, self.job, self.parent = platform, job, parent
+        self.db, self.job_id, self.attempt, self.parent = db, job_id, attempt, parent
         self.control: str | None = None
+        self.meter: CpuMeter | None = None
         self._stop = threading.Event()
-        self.meter = CpuMeter(platform.jobs, platform.training_quota, job.id)
 
     def beat(self) -> None:
-        self.control = self.platform.jobs.heartbeat(self.job.id, self.job.attempts)
-        if self.control == StopRequest.LOST:
-            return  # not ours any more: its CPU time from now on is no one's to charge
+        self.control = beat(self.db, self.job_id, self.attempt, datetime.now(UTC))
+        if self.control == StopRequest.LOST or self.meter is None:
+            return  # lost: its CPU time from now on is no one's to charge
         if self.meter.charge() is not None and self.control is None:
             self.control = QUOTA_STOP  # the training loop stops at its next step
 
@@ -88,136 +68,30 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self._stop.set()
+        if self.meter is None:
+            return
         try:
             self.meter.charge()  # the CPU time used since the last beat
         except Exception:
             log.exception("could not charge the job's last CPU time")
 
 
-def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat, base: ModelRecord | None) -> Hooks:
-    def checkpoint(step: int, epoch: int, data: dict[str, Any], path: Path) -> None:
-        platform.jobs.add_checkpoint(job.id, step=step, epoch=epoch, metrics=data, path=path)
-        if (path / SERVABLE).is_dir():
-            _register_checkpoint(platform, job, base, step, data, path / SERVABLE)
-
-    return Hooks(
-        metrics=lambda data: platform.jobs.record_metrics(job.id, data),
-        message=lambda m: platform.jobs.add_event(job.id, m),
-        checkpoint=checkpoint,
-        control=lambda: heartbeat.control,
-    )
-
-
-def _lineage(job: Job, base: ModelRecord | None, **extra: Any) -> Lineage:
-    """Where a job's model comes from: its base, or for pre-training, its corpus and recipe."""
-    pretrain = job.method.get("pretrain")
-    if pretrain is not None:
-        extra = {"corpus_sha256": pretrain["corpus_sha256"], "pretrain": pretrain, **extra}
-    return Lineage(
-        owner=job.tenant,
-        parent_id=base.id if base is not None else None,
-        base_id=(base.base_id or base.id) if base is not None else None,
-        extra={
-            "job_id": job.id,
-            "training_file": job.training_file,
-            "training_file_sha256": job.training_sha256,
-            "validation_file_sha256": job.validation_sha256,
-            "hyperparameters": job.method.get("resolved"),
-            "seed": job.seed,
-            **extra,
-        },
-    )
-
-
-def _register_checkpoint(
-    platform: Platform, job: Job, base: ModelRecord | None, step: int, metrics: dict[str, Any], directory: Path
-) -> None:
-    """Make a checkpoint servable as ``<fine-tuned model>:ckpt-step-N``; training goes on if it cannot be."""
-    name = checkpoint_name(fine_tuned_name(job, base.name if base is not None else job.model), step)
-    try:
-        platform.registry.pull(
-            f"file:{directory}", name=name, lineage=_lineage(job, base, checkpoint_step=step, metrics=metrics)
-        )
-    except Exception as exc:  # a checkpoint model is a convenience; the checkpoint itself is saved
-        log.exception("could not register checkpoint %s", name)
-        platform.jobs.add_event(job.id, f"Checkpoint {step} is not servable: {exc}"[:1000], level="warn")
-        return
-    platform.jobs.add_event(job.id, f"Checkpoint model {name} is ready to serve", data={"model": name})
-
-
-def _pretrain_inputs(platform: Platform, job: Job) -> PretrainInputs | None:
-    """A pre-training job's corpus files besides its training file, and the model lending its tokenizer."""
-    if "pretrain" not in job.method:
-        return None
-    spec = PretrainSpec.from_json(job.method["pretrain"])
-    source = platform.registry.get(spec.tokenizer_model_id) if spec.tokenizer_model_id else None
-    return PretrainInputs(
-        spec=spec,
-        more_training_paths=tuple(platform.registry.store.local_path(sha) for sha in spec.corpus_sha256[1:]),
-        tokenizer_dir=platform.registry.model_dir(source) if source is not None else None,
-    )
-
-
-def _failure(exc: Exception) -> tuple[str, str]:
-    """A failed job's error code and message: the platform's own code (e.g. ``disk_full``) where it has one."""
-    if isinstance(exc, LLMOSError):
-        return exc.code or "training_failed", exc.message
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return "disk_full", f"no space left on device: {exc}"
-    return "training_failed", f"{type(exc).__name__}: {exc}"
-
-
 def run(job_id: str) -> int:
     _die_with_parent()
     parent = os.getppid()
     settings = Settings()
-    if settings.training_threads:
-        torch.set_num_threads(settings.training_threads)
-    platform = Platform.open(settings)
-    job = platform.jobs.get(None, job_id)  # claimed by the supervisor: ``attempts`` is this run's
-    heartbeat = Heartbeat(platform, job, parent)
+    db = Database(settings.db_url, run_migrations=False)  # the server that claimed the job migrated it
+    heartbeat = Heartbeat(db, job_id, claimed_attempt(db, job_id), parent)
     heartbeat.beat()
+    if heartbeat.control == StopRequest.LOST:
+        return EXIT_STOPPED  # the job moved on before this worker started: not ours to run
     heartbeat.start()
-    work_dir = job_dir(settings, job_id)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    from llmos.training.job_training import train  # the training stack, imported while the heartbeat runs
+
     try:
-        base = platform.registry.get(job.base_model_id) if job.base_model_id else None  # pre-training: none
-        run = TrainingRun(
-            base_dir=platform.registry.model_dir(base) if base is not None else work_dir,
-            train_path=platform.registry.store.local_path(job.training_sha256),
-            valid_path=platform.registry.store.local_path(job.validation_sha256) if job.validation_sha256 else None,
-            spec=TrainingSpec(**job.method["resolved"]),
-            seed=job.seed,
-            work_dir=work_dir,
-            hooks=_hooks(platform, job, heartbeat, base),
-            bf16=detect_cpu().bf16_fast,
-            pretrain=_pretrain_inputs(platform, job),
-        )
-        result = TRAINERS[job.method.get("task", "chat")](run)
-        name = fine_tuned_name(job, base.name if base is not None else job.model)
-        platform.registry.pull(
-            f"file:{result.model_dir}", name=name, lineage=_lineage(job, base, metrics=result.metrics)
-        )
-    except Stopped as stopped:
-        if stopped.reason == QUOTA_STOP:
-            message = (
-                f"{heartbeat.meter.over_quota or 'Training CPU quota exceeded.'} The job was stopped; its last "
-                "checkpoint is kept, resume it once the quota resets."
-            )
-            platform.jobs.fail(job_id, job.attempts, QUOTA_STOP, message)
-            return 1
-        if stopped.reason != StopRequest.LOST:
-            platform.jobs.add_event(job_id, f"Training stopped: {stopped.reason}")
-        return EXIT_STOPPED
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        platform.jobs.fail(job_id, job.attempts, *_failure(exc))
-        return 1
+        return train(settings, job_id, heartbeat)
     finally:
-        heartbeat.stop()
-    platform.jobs.succeed(job_id, job.attempts, fine_tuned_model=name, trained_tokens=result.trained_tokens)
-    platform.close()
-    return 0
+        db.dispose()
 
 
 if __name__ == "__main__":
