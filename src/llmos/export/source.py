@@ -105,6 +105,10 @@ def load_torch(model_dir: Path, task: str, adapter_dir: Path | None = None) -> t
     model = getattr(transformers, auto).from_pretrained(
         model_dir, dtype=torch.float32, use_safetensors=True, attn_implementation="eager"
     )
+    if task == "sequence-classification":  # the export traces the forward that is served
+        from llmos.engine.torch_backend.head_pooling import install_pooling
+
+        model = install_pooling(model)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -102,6 +102,12 @@ def check_job_request(
             param=f"{spec.section}.augmentation",
             code="unsupported_method",
         )
+    if spec.pooling is not None and task != "sequence-classification":
+        raise InvalidRequestError(
+            "pooling applies to sequence-classification fine-tuning only",
+            param=f"{spec.section}.pooling",
+            code="unsupported_method",
+        )
     if spec.packing and task != "chat":
         raise InvalidRequestError(
             "packing applies to chat fine-tuning only", param=f"{spec.section}.packing", code="unsupported_method"

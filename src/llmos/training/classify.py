@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from llmos.engine.torch_backend.head_pooling import install_pooling, set_pooling
 from llmos.training.adapters import input_limit, wrap_model
 from llmos.training.augment import augment, embedding_synonyms
 from llmos.training.datasets import LABEL_COLUMNS, TEXT_COLUMNS, jsonl_objects, read_lines
@@ -118,6 +119,7 @@ def run_classification(run: TrainingRun) -> TrainingResult:
     data = encoder_inputs(run, load_classification_file)
     labels = label_names((x.label for x in data.train), (x.label for x in data.valid), "labels")
     model = encoder_with_head(AutoModelForSequenceClassification, run.base_dir, labels)
+    model = set_pooling(model, run.spec.pooling) if run.spec.pooling else install_pooling(model)
     if run.spec.augmentation_probability:
         words = {w.lower() for x in data.train for w in x.text.split()}
         synonyms = embedding_synonyms(words, data.tokenizer, model.get_input_embeddings().weight.detach())

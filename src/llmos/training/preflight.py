@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from llmos.engine.torch_backend.head_pooling import set_pooling
 from llmos.engine.torch_backend.prompted_encoder import PromptedEncoder
 from llmos.errors import InvalidRequestError, LLMOSError
 from llmos.kernel.jobs import TRAINABLE
@@ -101,6 +102,13 @@ def check_against_model(spec: TrainingSpec, task: str, model_dir: Path, *, name:
                 f"{positions} input positions hold the virtual tokens and the text",
                 param=f"{spec.section}.adapter.num_virtual_tokens",
             )
+    if spec.pooling == "mean" and task == "sequence-classification":
+        try:
+            set_pooling(model, spec.pooling)
+        except ValueError as exc:
+            raise InvalidRequestError(
+                f"{name}: {exc}", param=f"{spec.section}.pooling", code="unsupported_method"
+            ) from exc
     _try_wrapping(model, spec, task, name, examples)
 
 

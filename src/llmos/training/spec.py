@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from llmos.engine.torch_backend.head_pooling import POOLINGS
 from llmos.errors import InvalidRequestError
 
 ADAPTERS = ("lora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full")
@@ -49,6 +50,9 @@ class TrainingSpec:
     augmentation_probability: float | None = None
     """EDA augmentation of classification texts: each word is touched with this probability; None: off."""
     augmentation_copies: int = 1
+    pooling: str | None = None
+    """Sequence classification: what the head reads, ``cls`` or ``mean`` (engine head_pooling);
+    None: what the base was saved with (``cls`` for a fresh head)."""
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.0
     weight_decay: float | None = None
@@ -166,6 +170,9 @@ def parse_spec(
             param=f"{section}.packing",
         )
     group_by_length = _flag(supervised, "group_by_length", section)
+    pooling = supervised.get("pooling")
+    if pooling is not None and pooling not in POOLINGS:
+        raise InvalidRequestError(f"pooling must be one of {list(POOLINGS)}", param=f"{section}.pooling")
     fgm_epsilon = _switch(supervised, section, "adversarial", "fgm", "epsilon", 1.0, 1e-6, 100.0)
     augmentation = supervised.get("augmentation")
     probability = _switch(supervised, section, "augmentation", "eda", "probability", 0.1, 0.01, 0.5, extra={"copies"})
@@ -194,6 +201,7 @@ def parse_spec(
         fgm_epsilon=fgm_epsilon,
         augmentation_probability=probability,
         augmentation_copies=_number(copies, f"{section}.augmentation.copies", int, 1, 8, 1),
+        pooling=pooling,
         gradient_accumulation_steps=_number(
             supervised.get("gradient_accumulation_steps"), f"{section}.gradient_accumulation_steps", int, 1, 256, 1
         ),

@@ -11,6 +11,7 @@ from llmos.engine.config import EngineConfig
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.encoder import EncoderRunner, Pooling
+from llmos.engine.torch_backend.head_pooling import install_pooling
 from llmos.engine.torch_backend.prompted_encoder import load_prompted
 from llmos.engine.torch_backend.token_classifier import TokenClassifierRunner
 from llmos.errors import ModelLoadError
@@ -53,6 +54,8 @@ def load_runner(
             auto_name, runner_class = TASK_HEADS[task]
             auto_class = getattr(transformers, auto_name)
             head = auto_class.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+            if task == "sequence-classification":  # its head reads what it was trained on: a mean or [CLS]
+                head = install_pooling(head)
             head.eval()
             prompted = load_prompted(head, model_dir)  # prefix or prompt tuning keeps its virtual tokens
             return runner_class(prompted, tokenizer, max_length=context_length - getattr(prompted, "positions_used", 0))
