@@ -1,7 +1,7 @@
 """A cross-encoder trained by the platform reranks XQuAD retrieval: recall@1 before and after.
 
     python benchmarks/rerank_xquad.py [--train-share 0.6] [--negatives 2] [--epochs 1]
-        [--learning-rate-multiplier 4] [--test-questions N] [--rerank-model NAME]
+        [--learning-rate-multiplier 4] [--pooling mean] [--test-questions N] [--rerank-model NAME]
 
 Every distinct paragraph of ../shared/datasets/qa_xquad_en/test.jsonl goes into one vector store
 (all-minilm-l6-v2), as in benchmarks/retrieval.py, in chunks of at most 350 words (3 of the 240
@@ -14,7 +14,9 @@ other paragraphs of its vector search's top 20, the candidates a reranker orders
 one, then others drawn at random; label 0), with the gold pair repeated as often so that both labels
 are equally frequent (at 1 to 3 the model stayed at always answering 0). all-minilm-l6-v2 is
 fine-tuned on those pairs as a classifier through the fine-tuning API (a cross-encoder: question and
-paragraph read as one input, full fine-tuning with a warm-up, batches grouped by length). Each
+paragraph read as one input, full fine-tuning with a warm-up, batches grouped by length), its head
+over the mean of the token states (``--pooling mean``, the pooling the base was trained with; over
+``[CLS]``, the head stayed at chance for about 60 steps: docs/performance.md, Reranking). Each
 question about the other articles (``--test-questions`` of them, evenly spaced, or all) is then
 searched twice through the official ``openai`` client: by similarity alone, and reranked by the
 trained cross-encoder (``ranking_options.rerank_model``: the best 20 candidates read with the
@@ -100,7 +102,7 @@ def training_pairs(
 
 
 def fine_tune(
-    client: openai.OpenAI, pairs: list[dict[str, Any]], epochs: int, lr: float
+    client: openai.OpenAI, pairs: list[dict[str, Any]], epochs: int, lr: float, pooling: str
 ) -> tuple[str, float, list[Any]]:
     """The trained model's name, the seconds training took and its training metrics, in order."""
     data = "\n".join(json.dumps(p) for p in pairs).encode()
@@ -117,6 +119,7 @@ def fine_tune(
             "warmup_ratio": TRAINING["warmup_ratio"],
             "max_seq_length": TRAINING["max_seq_length"],
             "group_by_length": True,
+            "pooling": pooling,
         },
     }
     start = time.perf_counter()
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=2, help="wrong paragraphs of the top 20 per training question")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--learning-rate-multiplier", type=float, default=4.0, help="of full fine-tuning's 2e-5")
+    parser.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="what the classifier head reads")
     parser.add_argument("--test-questions", type=int, default=None, help="held-out questions searched (default all)")
     parser.add_argument("--rerank-model", default=None, help="a served model to rerank with; nothing is trained")
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-rerank-home")
@@ -183,7 +187,9 @@ def main() -> None:
         if reranker is None:
             pairs = training_pairs(client, store_id, files, paragraphs, train_rows, args.negatives)
             print(f"{len(pairs)} training pairs from {len(train_rows)} questions; fine-tuning {EMBED_MODEL} ...")
-            reranker, train_s, curve = fine_tune(client, pairs, args.epochs, args.learning_rate_multiplier)
+            reranker, train_s, curve = fine_tune(
+                client, pairs, args.epochs, args.learning_rate_multiplier, args.pooling
+            )
             print(f"trained {reranker} in {train_s:.0f} s; last training metrics: {curve[-1:]}")
             result |= {
                 "train_questions": len(train_rows),
@@ -191,6 +197,7 @@ def main() -> None:
                 "negatives_per_question": args.negatives,
                 "epochs": args.epochs,
                 "learning_rate_multiplier": args.learning_rate_multiplier,
+                "pooling": args.pooling,
                 **TRAINING,
                 "fine_tune_s": train_s,
                 "training_metrics": curve,
