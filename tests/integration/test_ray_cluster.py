@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,101 +24,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmos.config import Settings
 from llmos.platform import Platform
 from tests.integration.conftest import ADMIN_KEY, Server, start_server, stop_server
-from tests.live_server import free_port
+from tests.integration.ray_nodes import RayCluster, two_node_cluster, wait_for
 from tests.tiny_models import build_tiny_chat_model
 
 ray = pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
 
 pytestmark = pytest.mark.integration
 
-RAY = Path(sys.executable).with_name("ray")
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 LONG = {"max_tokens": 7000, "ignore_eos": True, "temperature": 0}  # a stream that outlasts the test's steps
 
 
-@dataclass
-class RayCluster:
-    address: str
-    node_ip: str
-    token: Path
-    nodes: list[subprocess.Popen[bytes]]
-    logs: Path
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float, nodes: Sequence[subprocess.Popen[bytes]] = ()) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for node in nodes:
-            if node.poll() is not None:
-                pytest.fail(f"a Ray node exited while waiting for {what}")
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def _stop(node: subprocess.Popen[bytes]) -> None:
-    """A node started with --block in its own session: its process group is the node's processes."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(node.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            node.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
-    root = Path(tempfile.mkdtemp(prefix="llmos-ray-", dir="/tmp"))  # Ray's socket paths must stay short
-    token = root / "token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    port = free_port()
-    # Ray 2.60 runs a multi-node cluster only on the machine's reachable address (a loopback one is
-    # replaced by it), its gRPC servers listening on every interface: token authentication guards them.
-    node_ip = ray.util.get_node_ip_address()
-    common = ["--block", "--node-ip-address", node_ip, "--num-cpus", "2", "--disable-usage-stats"]
-    nodes: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, *args: str) -> None:
-        with (root / f"{name}.log").open("wb") as log:
-            nodes.append(
-                subprocess.Popen(
-                    [str(RAY), "start", *common, *args],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-
-    try:
-        start("head", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", str(root / "ray"))
-        _wait("the Ray head", lambda: _accepts(node_ip, port), 120, nodes)
-        start("node2", "--address", f"{node_ip}:{port}")
-        yield RayCluster(f"{node_ip}:{port}", node_ip, token, nodes, root)
-    finally:
-        for node in reversed(nodes):
-            _stop(node)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _accepts(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((host, port)) == 0
+    with two_node_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +62,7 @@ def server(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) ->
         ray_replica_cpus="1",
     )
     try:
-        _wait("both Ray nodes", lambda: len([n for n in _cluster(server)["nodes"]["data"] if n["alive"]]) == 2, 120)
+        wait_for("both Ray nodes", lambda: len([n for n in _cluster(server)["nodes"]["data"] if n["alive"]]) == 2, 120)
         yield server
     finally:
         assert stop_server(server) == 0
@@ -247,12 +161,12 @@ def test_a_client_that_leaves_frees_its_row_on_the_replica(server: Server) -> No
     stream.started()
     assert sum(r["running_requests"] for r in _replicas(server)) == 1
     stream.close()  # thousands of tokens still to go: only the abort ends it
-    _wait("the replica to drop the request", lambda: sum(r["running_requests"] for r in _replicas(server)) == 0, 60)
+    wait_for("the replica to drop the request", lambda: sum(r["running_requests"] for r in _replicas(server)) == 0, 60)
     assert sum(r["queue_depth"] for r in _replicas(server)) == 0
 
 
 def test_a_replica_killed_mid_stream_fails_that_stream_and_the_other_serves(server: Server) -> None:
-    _wait("two ready replicas", lambda: [r["state"] for r in _replicas(server)] == ["ready", "ready"], 180)
+    wait_for("two ready replicas", lambda: [r["state"] for r in _replicas(server)] == ["ready", "ready"], 180)
     stream = Stream(server)
     try:
         stream.started()
@@ -279,7 +193,7 @@ def test_a_replica_killed_mid_stream_fails_that_stream_and_the_other_serves(serv
     assert reply.status_code == 200
     assert reply.json()["choices"][0]["message"]["role"] == "assistant"
     # the pool places a replacement; the model is back to two replicas
-    _wait("a replacement replica", lambda: [r["state"] for r in _replicas(server)] == ["ready", "ready"], 180)
+    wait_for("a replacement replica", lambda: [r["state"] for r in _replicas(server)] == ["ready", "ready"], 180)
     assert len({r["node_id"] for r in _replicas(server)}) == 2
 
 

@@ -1,0 +1,114 @@
+"""A real two-node Ray cluster on this machine for the Ray integration tests: a head and a second
+node started with token authentication, each in a session of its own (so a test can kill a node's
+processes at once), stopped and removed afterwards."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.live_server import free_port
+
+RAY = Path(sys.executable).with_name("ray")
+
+
+@dataclass
+class RayCluster:
+    address: str
+    node_ip: str
+    token: Path
+    nodes: list[subprocess.Popen[bytes]]
+    """The head, then the second node: each ``ray start --block``, leading its node's process group."""
+    logs: Path
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, nodes: Sequence[subprocess.Popen[bytes]] = ()) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for node in nodes:
+            if node.poll() is not None:
+                pytest.fail(f"a Ray node exited while waiting for {what}")
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _stop(node: subprocess.Popen[bytes]) -> None:
+    """A node started with --block in its own session: its process group is the node's processes."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(node.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            node.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def two_node_cluster() -> Iterator[RayCluster]:
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="llmos-ray-", dir="/tmp"))  # Ray's socket paths must stay short
+    token = root / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    port = free_port()
+    # Ray 2.60 runs a multi-node cluster only on the machine's reachable address (a loopback one is
+    # replaced by it), its gRPC servers listening on every interface: token authentication guards them.
+    node_ip = ray.util.get_node_ip_address()
+    common = ["--block", "--node-ip-address", node_ip, "--num-cpus", "2", "--disable-usage-stats"]
+    nodes: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *args: str) -> None:
+        with (root / f"{name}.log").open("wb") as log:
+            nodes.append(
+                subprocess.Popen(
+                    [str(RAY), "start", *common, *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    try:
+        start("head", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", str(root / "ray"))
+        wait_for("the Ray head", lambda: _accepts(node_ip, port), 120, nodes)
+        start("node2", "--address", f"{node_ip}:{port}")
+        yield RayCluster(f"{node_ip}:{port}", node_ip, token, nodes, root)
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _accepts(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
