@@ -287,7 +287,7 @@ class Settings(BaseSettings):
         "this off.",
     )
     prefill_chunk_tokens: int = Field(
-        default=256,
+        default=512,
         ge=1,
         description="Most prompt tokens prefilled between two decode steps (one packed pass); bounds the pause "
         "running streams see when new requests arrive. Less than `step_token_budget`.",
@@ -301,7 +301,7 @@ class Settings(BaseSettings):
         "keeps interactive first tokens closer to an idle server's, larger scores faster beside them.",
     )
     step_token_budget: int = Field(
-        default=320,
+        default=640,
         ge=2,
         le=65536,
         description="Tokens one engine step of a chat model computes on the torch backend: one for each row it "

@@ -15,11 +15,11 @@ from llmos.config import Settings
 class EngineConfig:
     max_batch_size: int = 32
     """Sequences the llama.cpp backend decodes together at most (its slots)."""
-    step_token_budget: int = 320
+    step_token_budget: int = 640
     """Tokens one torch engine step computes: a token per decoding row, then prompt chunks."""
     batch_wait_s: float = 0.005
     """How long an idle engine loop waits, from a first request's arrival, for company."""
-    prefill_chunk_tokens: int = 256
+    prefill_chunk_tokens: int = 512
     """Most prompt tokens prefilled per engine iteration (one pass), between decode steps."""
     scoring_step_tokens: int = 8
     """Most prompt tokens a step gives scoring requests while generating ones are about."""
