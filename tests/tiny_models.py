@@ -1,4 +1,4 @@
-"""Tiny random models built in the tests: a Llama chat model and a BERT sentence encoder.
+"""Tiny random models built in the tests: a Llama (or Qwen2) chat model and a BERT sentence encoder.
 
 The tokenizers are trained here on a few sentences, so nothing is downloaded.
 """
@@ -44,9 +44,11 @@ def _bpe_tokenizer(special: list[str]) -> object:
     return tok
 
 
-def build_tiny_chat_model(root: Path, *, seed: int = 0, context: int = 256) -> Path:
+def build_tiny_chat_model(root: Path, *, seed: int = 0, context: int = 256, architecture: str = "llama") -> Path:
+    """``architecture``: ``llama``, or ``qwen2`` (Llama with q/k/v biases, random here: transformers
+    initialises them to zero, which would hide a step that forgets them)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     root.mkdir(parents=True, exist_ok=True)
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -59,7 +61,10 @@ def build_tiny_chat_model(root: Path, *, seed: int = 0, context: int = 256) -> P
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(root)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        architecture
+    ]
+    config = config_class(
         vocab_size=len(tokenizer),
         **TINY_DECODER,
         max_position_embeddings=context,
@@ -68,7 +73,12 @@ def build_tiny_chat_model(root: Path, *, seed: int = 0, context: int = 256) -> P
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(root, safe_serialization=True)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(root, safe_serialization=True)
     return root
 
 

@@ -29,6 +29,12 @@ def _model(tiny_chat_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=dtype).eval()
 
 
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_decoder_dir(request: pytest.FixtureRequest) -> Path:
+    """A tiny model of each architecture the lean step reproduces (Qwen2: Llama with q/k/v biases)."""
+    return Path(request.getfixturevalue("tiny_chat_dir" if request.param == "llama" else "tiny_qwen2_dir"))
+
+
 def _padded_batch(model: torch.nn.Module, lengths: list[int], seed: int) -> tuple[object, torch.Tensor, torch.Tensor]:
     """Two identical caches of a left-padded prefill, its attention mask and each row's next position."""
     g = torch.Generator().manual_seed(seed)
@@ -83,8 +89,8 @@ def _decode_both(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lean_step_equals_the_models_forward(tiny_chat_dir: Path, dtype: torch.dtype) -> None:
-    model = _model(tiny_chat_dir, dtype)
+def test_lean_step_equals_the_models_forward(tiny_decoder_dir: Path, dtype: torch.dtype) -> None:
+    model = _model(tiny_decoder_dir, dtype)
     decoder = LeanDecoder.build(model, int8=False)
     assert decoder is not None
     lora = LoraBank(model, 1 << 20)
@@ -107,10 +113,10 @@ def _model_chunk(model: torch.nn.Module, prompt: list[int], start: int, end: int
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lean_prefill_equals_the_models_forward(tiny_chat_dir: Path, dtype: torch.dtype) -> None:
+def test_lean_prefill_equals_the_models_forward(tiny_decoder_dir: Path, dtype: torch.dtype) -> None:
     """A prompt prefilled in chunks (the first from an empty cache, the others after cached states)
     gives the model's logits and cache; the first chunk in bf16 bit for bit."""
-    model = _model(tiny_chat_dir, dtype)
+    model = _model(tiny_decoder_dir, dtype)
     decoder = LeanDecoder.build(model, int8=False)
     assert decoder is not None
     prompt = torch.randint(3, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -151,12 +157,12 @@ def _lean(model: torch.nn.Module, *, native: bool = True) -> LeanDecoder:
     ],
 )
 def test_packed_prefill_gives_each_prompt_what_it_gets_alone(
-    tiny_chat_dir: Path, dtype: torch.dtype, adapters: tuple[str | None, ...], fused: bool
+    tiny_decoder_dir: Path, dtype: torch.dtype, adapters: tuple[str | None, ...], fused: bool
 ) -> None:
     """Chunks of several prompts in one pass, each after its own cached states (none, a prefix,
     a one-token chunk) and with its own LoRA adapter or none: each gets the logits and cache
     the model's forward (with the adapted modules) gives it alone."""
-    model = _model(tiny_chat_dir, dtype)
+    model = _model(tiny_decoder_dir, dtype)
     decoder = _lean(model)
     lora = LoraBank(model, 1 << 20)
     for i, name in enumerate(("a", "b")):
@@ -202,8 +208,8 @@ def _random_adapter(
 
 
 @pytest.mark.parametrize(("fused", "native"), [(False, False), (True, False), (True, True)])
-def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_chat_dir: Path, fused: bool, native: bool) -> None:
-    model = _model(tiny_chat_dir, torch.float32)
+def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_decoder_dir: Path, fused: bool, native: bool) -> None:
+    model = _model(tiny_decoder_dir, torch.float32)
     decoder = _lean(model, native=native)
     lora = LoraBank(model, 1 << 20)
     for i, name in enumerate(("a", "b", "c")):
@@ -413,13 +419,21 @@ def test_the_lean_norm_is_transformers_rms_norm_bit_for_bit(dtype: torch.dtype) 
                 assert torch.equal(lean_decode._rms_norm(h, norm.weight, 1e-5), norm(h))
 
 
-def test_architectures_it_does_not_reproduce_keep_the_models_forward(tiny_chat_dir: Path) -> None:
+def test_architectures_it_does_not_reproduce_keep_the_models_forward(tiny_chat_dir: Path, tiny_qwen2_dir: Path) -> None:
     model = _model(tiny_chat_dir, torch.float32)
-    model.config.attention_bias = True
+    model.config.attention_bias = True  # Llama's biases include o_proj's
     assert LeanDecoder.build(model, int8=False) is None
     model.config.attention_bias = False
-    model.config.model_type = "qwen2"
+    model.config.model_type = "mistral"
     assert LeanDecoder.build(model, int8=False) is None
+    qwen2 = _model(tiny_qwen2_dir, torch.float32)
+    qwen2.config.layer_types = ["full_attention", "sliding_attention"]  # a sliding window from layer 1 on
+    assert LeanDecoder.build(qwen2, int8=False) is None
+    qwen2 = _model(tiny_qwen2_dir, torch.float32)
+    o_proj = qwen2.model.layers[1].self_attn.o_proj
+    o_proj.bias = torch.nn.Parameter(torch.ones(o_proj.out_features))
+    assert LeanDecoder.build(qwen2, int8=False) is None
+    assert LeanDecoder.build(_model(tiny_qwen2_dir, torch.float32), int8=False) is not None
 
 
 @pytest.mark.skipif(not int8_supported(torch.bfloat16), reason="this torch build has no int8 weight kernel")
@@ -453,8 +467,8 @@ def test_packed_copies_compute_what_f_linear_computes(tiny_chat_dir: Path) -> No
 
 
 @pytest.mark.skipif(not int8_supported(torch.bfloat16), reason="this torch build has no int8 weight kernel")
-def test_int8_decoding_stays_close_to_bf16(tiny_chat_dir: Path) -> None:
-    model = _model(tiny_chat_dir, torch.bfloat16)
+def test_int8_decoding_stays_close_to_bf16(tiny_decoder_dir: Path) -> None:
+    model = _model(tiny_decoder_dir, torch.bfloat16)
     reference = LeanDecoder(model, int8=False)
     (cache_a, cache_b), attention, positions = _padded_batch(model, [6], seed=1)
     tokens = torch.tensor([5])

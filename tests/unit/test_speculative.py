@@ -22,8 +22,6 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from llmos.api import create_app
@@ -175,32 +173,36 @@ def test_a_verify_gives_each_position_a_decode_steps_logits_bit_for_bit(cached: 
 
 
 # -- the runner ---------------------------------------------------------------------------------
-def _qwen2(tiny_chat_dir: Path) -> Any:
-    """A tiny random Qwen2 model (biased q/k/v: no lean layers) on the tiny chat model's tokenizer."""
+def _biased_llama(tiny_chat_dir: Path) -> Any:
+    """A tiny random Llama with biases on every attention projection, o_proj's too (no lean
+    layers), on the tiny chat model's tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
     torch.manual_seed(0)
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=len(tokenizer),
         **TINY_DECODER,
         max_position_embeddings=256,
+        attention_bias=True,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = Qwen2ForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(8.0)
     return model
 
 
-@pytest.fixture(params=["llama", "qwen2"])
+@pytest.fixture(params=["llama", "biased-llama"])
 def build(request: pytest.FixtureRequest, tiny_chat_dir: Path) -> Iterator[Any]:
-    """Runners of one tiny model: Llama (verified by the lean layers) or Qwen2 (by its forward)."""
+    """Runners of one tiny model: Llama (verified by the lean layers) or a Llama with attention
+    biases (by its forward)."""
     made: list[CausalRunner] = []
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
 
     def runner(mode: str, **options: Any) -> CausalRunner:
-        model = _model(tiny_chat_dir) if request.param == "llama" else _qwen2(tiny_chat_dir)  # a runner adapts it
+        # A new model a runner: a runner adapts it.
+        model = _model(tiny_chat_dir) if request.param == "llama" else _biased_llama(tiny_chat_dir)
         config = EngineConfig(**{"threads": 1, "speculative_decoding": mode, **options})
         made.append(CausalRunner(model, tokenizer, context_length=256, config=config))
         assert (made[-1].decoder is not None) == (request.param == "llama")

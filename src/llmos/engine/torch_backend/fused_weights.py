@@ -64,12 +64,15 @@ class Generation:
         return sum(m.nbytes * m.extra_rows // (m.out + m.extra_rows) for layer in self.layers for m in layer.values())
 
 
-def build_generation(base: list[dict[str, torch.Tensor]], layout: Layout, view: BankView) -> Generation:
-    """The matrices of ``base`` (per layer, group -> fused base weight) with ``view``'s ``A`` rows:
-    per group, the adapted modules' ``A`` stacked in layout order (as ``LoraGroups`` reads them)."""
+def build_generation(
+    base: list[dict[str, torch.Tensor]], layout: Layout, view: BankView, biases: list[dict[str, torch.Tensor]]
+) -> Generation:
+    """The matrices of ``base`` (per layer, group -> fused base weight; ``biases``: the groups that
+    have one) with ``view``'s ``A`` rows: per group, the adapted modules' ``A`` stacked in layout
+    order (as ``LoraGroups`` reads them)."""
     layers = []
-    for weights, groups in zip(base, layout, strict=True):
-        layers.append({g: Matrix(w, _a_rows(view, groups[g])) for g, w in weights.items()})
+    for weights, groups, bias in zip(base, layout, biases, strict=True):
+        layers.append({g: Matrix(w, _a_rows(view, groups[g]), bias.get(g)) for g, w in weights.items()})
     return Generation(dict(view.spans), dict(view.serials), view.width, frozenset(view.weights), layers)
 
 

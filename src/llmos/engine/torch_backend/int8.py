@@ -21,20 +21,22 @@ INT8_MAX_ROWS = 1
 class Int8Matrix:
     """``weight`` (out, in) quantised per output row; ``linear`` picks int8 or the original by rows."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         w = weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.scales = scales.to(weight.dtype)
         self.weight = weight
+        self.bias = bias
         self.nbytes = self.q.numel() + self.scales.numel() * self.scales.element_size()
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows > INT8_MAX_ROWS:
-            return F.linear(x, self.weight)
+            return F.linear(x, self.weight, self.bias)
         flat = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.q, self.scales)
-        return flat.view(*x.shape[:-1], self.q.shape[0])
+        out = flat.view(*x.shape[:-1], self.q.shape[0])
+        return out if self.bias is None else out + self.bias
 
 
 def int8_supported(dtype: torch.dtype) -> bool:

@@ -1,4 +1,5 @@
-"""One decode step of a Llama-family model, written out in a few dozen tensor operations.
+"""One decode step of a Llama-family model (Llama, and Qwen2 with its q/k/v biases), written out
+in a few dozen tensor operations.
 
 A decode step of a small model on a CPU is dominated by the cost of each operation, not its
 arithmetic: transformers' generic forward (mask builders, per-module hooks, separate q/k/v and
@@ -36,7 +37,8 @@ from llmos.engine.torch_backend.lora_bank import EMPTY_VIEW, BankView
 from llmos.engine.torch_backend.lora_expand import LoraExpand
 from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, Layout, LoraGroups
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama"})
+# Qwen2 is Llama with biases on the q/k/v projections (and optionally sliding windows, refused).
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2"})
 # Adapters' A rows are appended to the base matrices (fused_weights) while the resident adapters
 # have at most this many columns in all: every product then reads every resident adapter's A,
 # base rows included, and fused decode steps add the B products by the native kernel. Beyond, the
@@ -68,6 +70,10 @@ def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
         m.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)
         start += rows
     return fused
+
+
+def _qkv(layer: Any) -> list[nn.Linear]:
+    return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -117,7 +123,21 @@ class LeanDecoder:
             }
             for layer in inner.layers
         ] + [{OUTPUT_GROUP: model.lm_head.weight}]
-        self._int8 = [{g: Int8Matrix(w) for g, w in groups.items()} for groups in self._base] if int8 else None
+        # Per layer, the groups with a bias: Qwen2's q/k/v (``build`` refuses any other bias).
+        self._biases: list[dict[str, torch.Tensor]] = [
+            {"qkv": torch.cat([m.bias.detach() for m in _qkv(layer)])}
+            if layer.self_attn.q_proj.bias is not None
+            else {}
+            for layer in inner.layers
+        ] + [{}]
+        self._int8 = (
+            [
+                {g: Int8Matrix(w, biases.get(g)) for g, w in groups.items()}
+                for groups, biases in zip(self._base, self._biases, strict=True)
+            ]
+            if int8
+            else None
+        )
         names = {id(module): name for name, module in model.named_modules()}
 
         def named(*modules: nn.Linear) -> list[tuple[str, int]]:
@@ -134,7 +154,7 @@ class LeanDecoder:
         ] + [{OUTPUT_GROUP: named(model.lm_head)}]
         dtype = next(model.parameters()).dtype
         self.adapters = LoraGroups(self.layout, LoraExpand.load(dtype) if native else None)
-        self.weights: Generation = build_generation(self._base, self.layout, EMPTY_VIEW)
+        self.weights: Generation = build_generation(self._base, self.layout, EMPTY_VIEW, self._biases)
         # Only packed matrices are fused in the background: unpacked (float32, or a build without
         # oneDNN) a generation would be a second copy of every weight.
         self.can_fuse = all(m.packed is not None for layer in self.weights.layers for m in layer.values())
@@ -143,7 +163,7 @@ class LeanDecoder:
         self._plain_steps = 0  # decode steps in a row without adapters over fused products
 
     def _generation(self, view: BankView) -> Generation:
-        return build_generation(self._base, self.layout, view)
+        return build_generation(self._base, self.layout, view, self._biases)
 
     def _publish(self, generation: Generation) -> None:
         self.weights = generation  # one assignment: the engine thread reads it once a pass
@@ -160,6 +180,15 @@ class LeanDecoder:
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             return None
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            return None
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            return None  # a layer attending to a window of the cache, not all of it
+        for layer in model.model.layers:
+            biased = [m.bias is not None for m in _qkv(layer)]
+            others = (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+            if len(set(biased)) > 1 or any(m.bias is not None for m in others):
+                return None
+        if getattr(model.lm_head, "bias", None) is not None:
             return None
         if getattr(config, "pretraining_tp", 1) != 1:
             return None

@@ -34,29 +34,34 @@ class PackedMatrix:
             return None
         return cls(packed, weight.numel() * weight.element_size())
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # The bias goes into the product, as ``F.linear`` adds it: added after, bf16 rounds twice.
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
 class Matrix:
     """Products with ``[weight; extra]``: a base matrix and, appended as further output columns,
     extra rows (adapters' ``A``; see fused_weights), through a packed copy where this build packs
-    (else the concatenation as it is, a copy only when extended)."""
+    (else the concatenation as it is, a copy only when extended); ``bias``: the base matrix's
+    (the extra columns get none)."""
 
-    def __init__(self, weight: torch.Tensor, extra: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, extra: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> None:
         self.out = weight.shape[0]
         full = weight if extra is None else torch.cat([weight, extra.to(weight.dtype)])
         self.packed = PackedMatrix.of(full)
         self.plain = full if self.packed is None else None
         self.extra_rows = 0 if extra is None else extra.shape[0]
+        self.bias = None if bias is None else F.pad(bias.detach().to(weight.dtype), (0, self.extra_rows))
         self.nbytes = full.numel() * full.element_size() if (self.packed is not None or extra is not None) else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ [weight; extra].T``."""
+        """``x @ [weight; extra].T + [bias; 0]``."""
         if self.packed is not None:
-            return self.packed.linear(x)
+            return self.packed.linear(x, self.bias)
         assert self.plain is not None
-        return F.linear(x, self.plain)
+        return F.linear(x, self.plain, self.bias)
 
     def added_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + x @ weight.T`` for 2-d ``x`` and ``y`` (a new tensor), in one oneDNN call where packed."""
