@@ -131,10 +131,11 @@ def test_through_the_api_a_formatted_answer_beside_tools_is_the_answer_or_a_vali
 def test_masks_computed_ahead_of_the_step_leave_every_answer_unchanged(
     loaded_platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same constrained requests, batched, with masks computed during the forward pass and
-    with every mask computed on the engine thread, choose the same tokens; and the first run
-    really computed nearly all its masks ahead."""
+    """The same constrained requests, batched, with masks computed during the forward pass (a
+    core spare beside torch's threads) and with none spare, choose the same tokens; the first run
+    really computed nearly all its masks ahead, the second every mask on the engine thread."""
     computed: Counter[str] = Counter()
+    monkeypatch.setattr(grammar_module, "spare_cores", lambda: 1)
     fill = grammar_module.fill_masks
 
     def counting(matchers: Any) -> None:
@@ -167,18 +168,59 @@ def test_masks_computed_ahead_of_the_step_leave_every_answer_unchanged(
     for text in ahead:
         jsonschema.validate(json.loads(text), SCHEMAS[2])
     computed.clear()
-    monkeypatch.setattr(grammar_module.MaskPrefetch, "start", lambda self, matchers: None)
+    monkeypatch.setattr(grammar_module, "spare_cores", lambda: 0)
     assert asyncio.run(answers()) == ahead
     assert computed["grammar-masks_0"] == 0 and computed
 
 
-def test_masks_forbid_exactly_what_the_grammar_forbids_in_place_on_their_rows_only(tiny_chat_dir: Path) -> None:
+def test_with_no_core_spare_masks_are_computed_when_chosen_on_the_choosing_thread(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where torch's threads take every core, nothing is computed ahead of the step and no mask
+    goes through llguidance's pool (a thread that would take a core from torch's); with a core
+    spare, the masks are computed ahead."""
+    import llguidance.torch
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    compiled = _compiled(tokenizer, GrammarSpec("json_schema", json.dumps(SCHEMAS[2], sort_keys=True)))
+    matchers = [compiled.matcher() for _ in range(2)]
+    monkeypatch.setattr(grammar_module, "spare_cores", lambda: 0)
+    prefetch = grammar_module.MaskPrefetch()
+    prefetch.start(matchers)
+    prefetch.wait()
+    assert [m.mask for m in matchers] == [None, None]
+
+    def no_pool(*args: Any) -> None:
+        raise AssertionError("a mask went through llguidance's pool")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(llguidance.torch, "fill_next_token_bitmask_par", no_pool)
+        grammar_module.mask_logits(torch.zeros(2, compiled.vocab_size), [0, 1], matchers)
+    on_the_thread = [m.mask for m in matchers]
+    assert all(mask is not None for mask in on_the_thread)
+    for m in matchers:
+        m.mask = None
+    monkeypatch.setattr(grammar_module, "spare_cores", lambda: 1)
+    prefetch.start(matchers)
+    prefetch.wait()
+    assert all(
+        m.mask is not None and torch.equal(m.mask, mask) for m, mask in zip(matchers, on_the_thread, strict=True)
+    )
+
+
+@pytest.mark.parametrize("spare", [0, 1], ids=["on the calling thread", "in llguidance's pool"])
+def test_masks_forbid_exactly_what_the_grammar_forbids_in_place_on_their_rows_only(
+    tiny_chat_dir: Path, spare: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``mask_logits`` against llguidance's own per-token answer (``compute_logit_bias``): on the
     constrained rows a token keeps its logit exactly when the grammar allows it, and is -inf
     otherwise (ids past the tokenizer's vocabulary always); the other rows keep every logit; all
-    of it in the tensor given (no copy), for logits wider and narrower than the vocabulary."""
+    of it in the tensor given (no copy), for logits wider and narrower than the vocabulary; the
+    masks computed either where no core is spare or where one is."""
     import torch
 
+    monkeypatch.setattr(grammar_module, "spare_cores", lambda: spare)
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
     compiled = _compiled(tokenizer, GrammarSpec("json_schema", json.dumps(SCHEMAS[2], sort_keys=True)))
     vocab = compiled.vocab_size

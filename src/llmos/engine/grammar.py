@@ -4,14 +4,17 @@ row's token mask applied inside the batched sampler (ADR 0012: llguidance).
 A request's grammar is compiled when the API prepares it (``EngineClient.compile_grammar``),
 so a grammar that is invalid or over the compile budget is refused before any work is queued;
 the engine thread only copies the compiled matcher for each of the request's rows and asks it,
-each step, which tokens may come next. Those masks are computed by llguidance's thread pool
-while the step's forward pass runs (``MaskPrefetch``), and joined before the tokens are chosen.
+each step, which tokens may come next. Where a core is left beside torch's compute threads,
+those masks are computed by llguidance's thread pool while the step's forward pass runs
+(``MaskPrefetch``) and joined before the tokens are chosen; where torch's threads take every
+core, on the engine thread itself when the tokens are chosen (``spare_cores``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,7 +28,7 @@ import llguidance.torch
 import torch
 
 from llmos.engine.protocol import GrammarSpec
-from llmos.engine.threads import enter_helper_thread
+from llmos.engine.threads import compute_threads, enter_helper_thread
 from llmos.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -134,34 +137,49 @@ _prefetcher: ThreadPoolExecutor | None = None
 _start_lock = threading.Lock()
 
 
+def spare_cores() -> int:
+    """Cores this process may use beyond its compute threads' torch threads. With none, a thread
+    computing masks beside the forward pass can only take a core from torch's OpenMP team, whose
+    every operator then waits for the descheduled worker, and a mask needed at once waits for that
+    thread to be scheduled: the served steps grew far more than the masks cost (docs/performance.md)."""
+    return len(os.sched_getaffinity(0)) - compute_threads()
+
+
 def _shared() -> tuple[Any, ThreadPoolExecutor]:
-    """llguidance's thread pool (Rust threads: no OpenMP team), and the one Python thread that
-    waits on it so that the engine thread need not (torch on one core there, engine.threads)."""
+    """llguidance's thread pool (Rust threads: no OpenMP team) on the spare cores, and the one
+    Python thread that waits on it so that the engine thread need not (torch on one core there,
+    engine.threads)."""
     global _executor, _prefetcher
     with _start_lock:
         if _executor is None or _prefetcher is None:
-            _executor = llguidance.LLExecutor()
+            _executor = llguidance.LLExecutor(num_threads=max(1, spare_cores()))
             _prefetcher = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks", initializer=enter_helper_thread)
         return _executor, _prefetcher
 
 
 def fill_masks(matchers: Sequence[RowMatcher]) -> None:
-    """Compute the next-token mask of each matcher that has none, a batch at a time in
-    llguidance's thread pool (which computes without holding the GIL)."""
+    """Compute the next-token mask of each matcher that has none, a batch at a time: in
+    llguidance's thread pool where a core is spare, else one by one on the calling thread (no
+    hand-off to a thread that would take a core from torch's). Either computes without the GIL."""
     todo = [m for m in matchers if m.mask is None]
-    executor, _ = _shared()
+    executor = _shared()[0] if spare_cores() > 0 else None
     for vocab in {m.vocab_size for m in todo}:
         group = [m for m in todo if m.vocab_size == vocab]
         words = llguidance.torch.allocate_token_bitmask(len(group), vocab)
-        llguidance.torch.fill_next_token_bitmask_par(executor, [(m.state, i) for i, m in enumerate(group)], words)
+        if executor is not None:
+            llguidance.torch.fill_next_token_bitmask_par(executor, [(m.state, i) for i, m in enumerate(group)], words)
+        else:
+            for i, m in enumerate(group):
+                llguidance.torch.fill_next_token_bitmask(m.state, words, i)
         for i, m in enumerate(group):
             m.mask = words[i]
 
 
 class MaskPrefetch:
     """The masks of a step's constrained rows, computed while the engine thread runs the step's
-    forward pass: ``start`` once the rows' tokens are chosen, ``wait`` before any matcher reads
-    or takes a token (so a matcher is never used by two threads at once)."""
+    forward pass where a core is spare (else nothing is started, and ``mask_logits`` computes
+    them): ``start`` once the rows' tokens are chosen, ``wait`` before any matcher reads or takes
+    a token (so a matcher is never used by two threads at once)."""
 
     def __init__(self) -> None:
         self._pending: Future[None] | None = None
@@ -169,7 +187,7 @@ class MaskPrefetch:
     def start(self, matchers: Sequence[RowMatcher]) -> None:
         self.wait()
         todo = [m for m in matchers if m.mask is None and not m.state.is_stopped()]
-        if todo:
+        if todo and spare_cores() > 0:
             self._pending = _shared()[1].submit(fill_masks, todo)
 
     def wait(self) -> None:
