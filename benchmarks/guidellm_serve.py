@@ -82,8 +82,25 @@ def figures(report: dict[str, Any]) -> dict[str, float]:
         "ttft_p50_s": ttft["p50"] / 1000,
         "ttft_p95_s": ttft["p95"] / 1000,
         "itl_p50_ms": itl["p50"],
+        # The tail of the gaps between tokens: where running streams wait for a prefill pass.
+        "itl_p95_ms": itl["p95"],
+        "itl_p99_ms": itl["p99"],
         "requests": totals,
+        "errors": [str(_first_error(r))[:300] for r in report["benchmarks"][0].get("requests", {}).get("errored", [])],
     }
+
+
+def _first_error(node: Any) -> Any:
+    """The first ``error`` field in an errored request's record (guidellm nests it)."""
+    if isinstance(node, dict):
+        if node.get("error"):
+            return node["error"]
+        found = (_first_error(v) for v in node.values())
+    elif isinstance(node, list):
+        found = (_first_error(v) for v in node)
+    else:
+        return None
+    return next((f for f in found if f), None)
 
 
 def main() -> None:
@@ -128,14 +145,16 @@ def main() -> None:
                 rows[key] = {**figures(report), "peak_rss_mb": rss.peak / 2**20}
                 reports[key] = report
                 print(f"  {key}: {json.dumps({k: v for k, v in rows[key].items() if k != 'requests'})}")
+                if rows[key]["errors"]:
+                    print(f"  errored: {rows[key]['errors']}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    print(f"{'row':<26} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'RSS':>8}")
+    print(f"{'row':<26} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p99':>8} {'RSS':>8}")
     for key, row in rows.items():
         print(
             f"{key:<26} {row['output_tokens_per_s']:>7.1f} {row['ttft_p50_s']:>8.2f}s {row['ttft_p95_s']:>8.2f}s "
-            f"{row['itl_p50_ms']:>6.0f}ms {row['peak_rss_mb']:>6.0f}MB"
+            f"{row['itl_p50_ms']:>6.0f}ms {row['itl_p99_ms']:>6.0f}ms {row['peak_rss_mb']:>6.0f}MB"
         )
     # guidellm's own reports (every request's timings, megabytes) go beside it, not into the repository.
     path = write_result("guidellm_serve", {"settings": env, "rows": rows}, args.out)
