@@ -1,13 +1,21 @@
 """A decode step's attention computes softmax(q·kᵀ·scale + mask)·v: pinned against a float64
 reference within bf16 rounding, for SDPA's short single rows and the grouped products alike,
-with left padding, grouped query heads and cached keys that are a slice of a larger buffer."""
+with left padding, grouped query heads and cached keys that are a slice of a larger buffer; a
+step's window reads a cache layer in whole blocks and attends only the positions it sees."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llmos.engine.torch_backend.attention import SDPA_MAX_POSITIONS, grouped_attention, step_attention
+from llmos.engine.torch_backend.attention import (
+    SDPA_MAX_POSITIONS,
+    StepWindow,
+    block_width,
+    grouped_attention,
+    step_attention,
+)
+from llmos.engine.torch_backend.kv_cache import GrowingLayer
 
 HEADS, KV_HEADS = 6, 2
 
@@ -76,3 +84,22 @@ def test_grouped_attention_in_float32_is_the_formula_to_float32_rounding() -> No
     got = grouped_attention(q, keys, values, padding, 16**-0.5)
     want = _reference(q, keys, values, padding, 16**-0.5)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("limit", [None, 20])  # a buffer with room for the whole block, and one held short of it
+def test_a_window_attends_exactly_the_positions_it_sees(limit: int | None) -> None:
+    """A step's window reads a cache layer in whole blocks (as far as the buffer's limit lets it):
+    the positions past the attended ones, a state a truncation forgot and the zeros after it,
+    are excluded, and it computes the formula over the attended positions alone."""
+    rows, dim, seen = 3, 64, 17
+    q, keys, values, padding = _inputs(rows, seen + 1, dim, [0, 4, 0], seed=11)
+    assert padding is not None
+    layer = GrowingLayer()
+    layer._keys.limit = layer._values.limit = limit  # limit_growth
+    layer.update(keys, values)
+    layer._keys.length = layer._values.length = seen  # kv_cache.truncate: the last state forgotten
+    window = StepWindow.of(rows, seen, padding[:, :seen])
+    assert window.width == block_width(seen) > seen
+    got = window.attend(q, layer, dim**-0.5)
+    want = _reference(q, keys[:, :, :seen], values[:, :, :seen], padding[:, :seen], dim**-0.5)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)

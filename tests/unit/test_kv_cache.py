@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from llmos.engine.torch_backend.attention import WIDTH_BLOCK, block_width
 from llmos.engine.torch_backend.kv_cache import GrowingLayer, new_cache
 
 
@@ -66,3 +68,33 @@ def test_a_model_decodes_the_same_as_with_transformers_cache(tiny_chat_dir: Path
             steps.append(out.logits)
         logits.append(torch.cat(steps))
     assert torch.allclose(logits[0], logits[1], atol=1e-6)
+
+
+def test_the_room_past_the_filled_positions_holds_attentions_block_of_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step reads the filled positions rounded up to attention's block and masks the rest:
+    the buffers keep that room, and it holds zeros, never memory left as it was found (a masked
+    product multiplies it by a probability of zero, which a NaN would survive)."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))  # stale memory
+    layer = GrowingLayer()
+    layer.update(*_states(5, 0))
+    for step in range(2 * WIDTH_BLOCK):
+        layer.update(*_states(1, step + 1))
+        filled, width = 6 + step, block_width(6 + step)
+        keys, values = layer.read(width)
+        assert keys.shape[2] == values.shape[2] == width
+        assert torch.equal(keys[:, :, :filled], layer.keys) and torch.equal(values[:, :, :filled], layer.values)
+        assert torch.equal(keys[:, :, filled:], torch.zeros_like(keys[:, :, filled:]))
+        assert torch.equal(values[:, :, filled:], torch.zeros_like(values[:, :, filled:]))
+
+
+def test_a_limited_buffer_is_read_only_as_far_as_its_limit() -> None:
+    layer = GrowingLayer()
+    layer._keys.limit = layer._values.limit = 20  # limit_growth
+    layer.update(*_states(1, 0))
+    buffer = layer._keys.buffer
+    for step in range(17):
+        layer.update(*_states(1, step + 1))
+    keys, values = layer.read(block_width(18))
+    assert block_width(18) > 20 and keys.shape[2] == values.shape[2] == 20
+    assert layer._keys.buffer is buffer  # never grown again for a block it may not hold

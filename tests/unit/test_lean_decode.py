@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from llmos.engine.torch_backend import lean_decode
-from llmos.engine.torch_backend.attention import SDPA_MAX_POSITIONS
+from llmos.engine.torch_backend import attention, lean_decode
+from llmos.engine.torch_backend.attention import SDPA_MAX_POSITIONS, WIDTH_BLOCK, block_width
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
@@ -97,6 +97,38 @@ def test_lean_step_equals_the_models_forward(tiny_decoder_dir: Path, dtype: torc
     _decode_both(model, decoder, lora, [5], steps=6)  # one row, no padding: no mask at all
     _decode_both(model, decoder, lora, [3, 9, 6], steps=6)  # left padding, rows at their own positions
     _decode_both(model, decoder, lora, [SDPA_MAX_POSITIONS - 1], steps=3)  # one row past the SDPA length
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_reads_the_cache_in_whole_blocks(
+    tiny_chat_dir: Path, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grouped products see the cached width rounded up to a block, the same shape step after
+    step until a block fills (oneDNN compiles a primitive per shape), and the positions past the
+    filled ones are masked: the step still computes the model's forward. One row over a short
+    cache (SDPA) reads exactly its positions."""
+    widths: list[int] = []
+    step_attention = attention.step_attention
+
+    def recording(q: torch.Tensor, keys: torch.Tensor, *rest: object) -> torch.Tensor:
+        widths.append(keys.shape[2])
+        return step_attention(q, keys, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention, "step_attention", recording)
+    model = _model(tiny_chat_dir, dtype)
+    decoder = LeanDecoder.build(model, int8=False)
+    assert decoder is not None
+    lora = LoraBank(model, 1 << 20)
+    layers = model.config.num_hidden_layers
+    steps = WIDTH_BLOCK + 2
+    for lengths in ([3, 9, 6], [9, 9]):  # rows with left padding, and without (only the block's tail masked)
+        widths.clear()
+        _decode_both(model, decoder, lora, lengths, steps=steps)  # from 10 cached positions past a block
+        assert widths == [block_width(9 + step) for step in range(1, steps + 1) for _ in range(layers)]
+        assert len(set(widths)) == 2  # one block filled, a second begun
+    widths.clear()
+    _decode_both(model, decoder, lora, [5], steps=3)
+    assert widths == [5 + step for step in range(1, 4) for _ in range(layers)]
 
 
 def _model_chunk(model: torch.nn.Module, prompt: list[int], start: int, end: int, cache: object) -> torch.Tensor:

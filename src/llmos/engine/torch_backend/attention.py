@@ -6,9 +6,18 @@ key/value head with the softmax between them, each a single pass in the cache's 
 passes over rows, heads and cached positions are the part of a many-row step that grows with
 the rows (docs/performance.md, "Where a decode step's time goes"), so there are as few of them
 as the formula allows: no float32 copy of the scores, no scaling pass, no second cast.
+
+oneDNN compiles a primitive for every shape of a bf16 product, and the grouped products' shape
+follows the cached width, one position wider every step: each step compiled two new primitives,
+which cost more than running them. So they read the cache in whole blocks of ``WIDTH_BLOCK``
+positions (``StepWindow``), the positions past the attended ones masked, and consecutive steps
+meet the same primitives.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,25 +26,71 @@ import torch.nn.functional as F
 # bit-equal to the model's forward); beyond, SDPA's cost grows with the length and the grouped
 # products win (docs/performance.md, design measurements).
 SDPA_MAX_POSITIONS = 128
+# The grouped products read the cache in whole blocks of this many positions, so that oneDNN
+# compiles their primitives once a block, not once a step (docs/performance.md, "Where a decode
+# step's time goes"). Kept within the cache's ``MIN_SPARE``, so that a buffer's spare room holds
+# the block.
+WIDTH_BLOCK = 16
+
+
+def uses_sdpa(rows: int, positions: int) -> bool:
+    """Whether a step of ``rows`` rows over ``positions`` cached positions attends through SDPA."""
+    return rows == 1 and positions <= SDPA_MAX_POSITIONS
+
+
+def block_width(positions: int) -> int:
+    """``positions`` rounded up to a whole number of blocks."""
+    return -(-positions // WIDTH_BLOCK) * WIDTH_BLOCK
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """What a decode step's attention reads of every layer's cache: its first ``width`` positions
+    (the attended ``seen`` ones, rounded up to a whole block for the grouped products), of which
+    ``masked`` (rows, width) marks those not attended: a row's left padding and every position
+    from ``seen`` on (None where every position is attended). The products then multiply the
+    masked positions' values by a probability of exactly zero."""
+
+    width: int
+    masked: torch.Tensor | None
+
+    @classmethod
+    def of(cls, rows: int, seen: int, padding: torch.Tensor | None) -> StepWindow:
+        """The window of ``rows`` rows attending the first ``seen`` cached positions; ``padding``:
+        (rows, seen) bool, True at a row's left padding, or None where there is none."""
+        width = seen if uses_sdpa(rows, seen) else block_width(seen)
+        if width == seen:
+            return cls(width, padding)
+        if padding is None:
+            return cls(width, (torch.arange(width) >= seen).expand(rows, width))
+        return cls(width, F.pad(padding, (0, width - seen), value=True))
+
+    def attend(self, q: torch.Tensor, layer: Any, scale: float) -> torch.Tensor:
+        """``q``'s attention over ``layer``'s cache (a ``kv_cache.GrowingLayer``) through this window."""
+        keys, values = layer.read(self.width)
+        masked = self.masked
+        if masked is not None and keys.shape[2] < self.width:  # a buffer held back by its limit
+            masked = masked[:, : keys.shape[2]]
+        return step_attention(q, keys, values, masked, scale)
 
 
 def step_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding: torch.Tensor | None, scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """A decode step's attention of one new token per row (``q``: (rows, heads, 1, dim)) over
-    ``keys``/``values`` (rows, kv_heads, positions, dim); ``padding``: (rows, positions) bool,
-    True at a row's left padding (positions it does not attend), or None where there is none.
-    Returns (rows, 1, heads * dim)."""
+    ``keys``/``values`` (rows, kv_heads, positions, dim); ``masked``: (rows, positions) bool, True
+    at the positions a row does not attend (its left padding, a window's positions past the
+    attended ones), or None where it attends all. Returns (rows, 1, heads * dim)."""
     rows, heads, _, dim = q.shape
-    if rows == 1 and keys.shape[2] <= SDPA_MAX_POSITIONS:
-        mask = None if padding is None else ~padding[:, None, None, :]
+    if uses_sdpa(rows, keys.shape[2]):
+        mask = None if masked is None else ~masked[:, None, None, :]
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != heads)
         return o.transpose(1, 2).reshape(rows, 1, heads * dim)
-    return grouped_attention(q, keys, values, padding, scale)
+    return grouped_attention(q, keys, values, masked, scale)
 
 
 def grouped_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding: torch.Tensor | None, scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """``softmax(q·keysᵀ·scale + mask)·values`` for one query per row, written as two batched
     products per key/value head; arguments as ``step_attention``'s.
@@ -61,7 +116,7 @@ def grouped_attention(
     # slice is copied whole before the product, a copy of the layer's whole cache every step. The
     # scores' transpose is copied instead, a group's few numbers per position.
     scores = torch.matmul(keys, grouped.transpose(2, 3)).transpose(2, 3).contiguous()
-    if padding is not None:
-        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    if masked is not None:
+        scores.masked_fill_(masked[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, values).reshape(rows, 1, heads * dim)

@@ -5,7 +5,11 @@ layer's whole cache every decode step, a large share of a many-row step that gro
 cache (docs/performance.md, design measurements). ``GrowingLayer`` keeps the states in buffers
 with spare room along the sequence and writes each step's new position in place, copying only
 when the room runs out (then with half as much again to spare, but never past the ``limit``
-its batch's rows may grow to, so the spare room stays within the key/value budget). Everything
+its batch's rows may grow to, so the spare room stays within the key/value budget). A decode
+step's attention reads the filled positions rounded up to its block (``attention.StepWindow``),
+so a buffer keeps room for that block (its limit permitting), and the room past the filled
+positions holds zeros or states a truncation forgot, never uninitialised memory: the masked
+positions' values are multiplied by zero, which a NaN would survive. Everything
 else (batch_state's merge, trim and split, the prefix cache) reads and assigns ``keys``/``values`` as before: an
 assigned tensor becomes the buffer as it is, with no spare room, so a buffer that is shared with
 anyone else is never written into.
@@ -20,7 +24,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from llmos.engine.torch_backend.attention import WIDTH_BLOCK, block_width
+
 MIN_SPARE = 32
+assert MIN_SPARE >= WIDTH_BLOCK  # a buffer grown at ``end`` holds the block ``end`` ends in
 
 
 class _Growing:
@@ -41,7 +48,9 @@ class _Growing:
 
     def append(self, states: torch.Tensor) -> None:
         end = self.length + states.shape[2]
-        if self.buffer is None or end > self.buffer.shape[2]:
+        # Room for the block ``end`` ends in, except past the limit (attention then reads fewer).
+        wanted = block_width(end) if self.limit is None else max(end, min(block_width(end), self.limit))
+        if self.buffer is None or wanted > self.buffer.shape[2]:
             batch, heads, _, dim = states.shape
             size = end + max(MIN_SPARE, end // 2)
             if self.limit is not None:
@@ -49,9 +58,15 @@ class _Growing:
             grown = torch.empty((batch, heads, size, dim), dtype=states.dtype, device=states.device)
             if self.buffer is not None and self.length:
                 grown[:, :, : self.length] = self.buffer[:, :, : self.length]
+            grown[:, :, self.length :].zero_()
             self.buffer = grown
         self.buffer[:, :, self.length : end] = states
         self.length = end
+
+    def read(self, width: int) -> torch.Tensor:
+        """The buffer's first ``width`` positions, or all it holds where it holds fewer."""
+        assert self.buffer is not None
+        return self.buffer[:, :, :width]
 
 
 class GrowingLayer(DynamicLayer):
@@ -80,11 +95,21 @@ class GrowingLayer(DynamicLayer):
         self.is_initialized = True  # states assigned before the first update are kept
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.extend(key_states, value_states)
+        return self.keys, self.values
+
+    def extend(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """``update`` without handing the filled states back (a decode step ``read``s its window)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._keys.append(key_states)
         self._values.append(value_states)
-        return self.keys, self.values
+
+    def read(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of the first ``width`` positions, or of as many as the buffers hold
+        (their limit permitting no more; at least the filled ones). Positions past the filled
+        ones hold zeros or states a truncation forgot, finite numbers for a masked product."""
+        return self._keys.read(width), self._values.read(width)
 
 
 def new_cache(config: Any) -> DynamicCache:

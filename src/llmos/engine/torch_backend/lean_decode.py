@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from llmos.engine.torch_backend.attention import step_attention
+from llmos.engine.torch_backend.attention import StepWindow
 from llmos.engine.torch_backend.fused_weights import Generation, GenerationBuilder, build_generation
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.lora_bank import EMPTY_VIEW, BankView
@@ -211,12 +211,13 @@ class LeanDecoder:
     ) -> torch.Tensor:
         """One decode step: ``tokens`` (B,) at ``positions`` (B,) over ``cache``; (B, vocab) logits."""
         rows = tokens.shape[0]
-        # No mask when no row has padding: the step attends to every cached position anyway.
+        # No padding mask when no row has padding: the step attends to every cached position anyway.
         padding = None if bool(attention.all()) else attention == 0
+        window = StepWindow.of(rows, attention.shape[1], padding)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = cache.layers[layer].update(k, v)
-            return step_attention(q, keys, values, padding, self.scale)
+            cache.layers[layer].extend(k, v)
+            return window.attend(q, cache.layers[layer], self.scale)
 
         weights, adapters, fused = self._prepare(lora, rows, None, decode=True)
         int8 = self._int8 if rows <= INT8_MAX_ROWS and not fused else None
@@ -229,19 +230,18 @@ class LeanDecoder:
 
         Each position gets what a decode step of one row computes there, bit for bit in bf16 too:
         the weight products give a row the same result whatever the rows beside it, and each
-        position's attention is the step's own over exactly the positions up to it. A packed
-        prefill's attention (one masked call for all positions) rounds differently in bf16, by up
-        to half a logit on SmolLM2, and greedy verifies then flipped near ties, so answers drifted
-        from plain decoding's (docs/adr/0027)."""
+        position's attention is the step's own: the same window of the cache (``StepWindow``),
+        every position after it masked. A packed prefill's attention (one masked call for all
+        positions) rounds differently in bf16, by up to half a logit on SmolLM2, and greedy
+        verifies then flipped near ties, so answers drifted from plain decoding's (docs/adr/0027)."""
         count = len(tokens)
+        past = cache.get_seq_length()
+        windows = [StepWindow.of(1, past + i + 1, None) for i in range(count)]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = cache.layers[layer].update(k, v)
-            past = keys.shape[2] - count
-            seen = [
-                (q[:, :, i : i + 1], keys[:, :, : past + i + 1], values[:, :, : past + i + 1]) for i in range(count)
-            ]
-            return torch.cat([step_attention(*one, None, self.scale) for one in seen], dim=1)
+            states = cache.layers[layer]
+            states.extend(k, v)
+            return torch.cat([w.attend(q[:, :, i : i + 1], states, self.scale) for i, w in enumerate(windows)], dim=1)
 
         last = list(range(count))
         weights, adapters, fused = self._prepare(lora, count, last, decode=False)
