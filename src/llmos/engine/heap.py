@@ -125,7 +125,7 @@ def release_beyond(slack_bytes: int) -> bool:
     The check after a trim (here or when an engine went idle) takes the pile it finds as the new
     floor: a step's temporaries, freed
     at its end, are the working set of the next step as well, so giving them back would only have
-    every step fault them in again (a 64-row batch served 15-25% fewer tokens a second that
+    every step fault them in again (a 64-row batch served 14-26% fewer tokens a second that
     way, docs/performance.md). What is bounded is growth beyond the batches' working set.
 
     So the process's resident memory stays within its live blocks, what was resident beside them
