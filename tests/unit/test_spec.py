@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -83,3 +85,12 @@ def test_group_by_length_is_a_switch() -> None:
     with pytest.raises(InvalidRequestError) as err:
         parse_spec(_at("supervised.group_by_length", "yes"), None, training_records=10)
     assert err.value.param == "method.supervised.group_by_length"
+
+
+def test_validating_a_job_request_imports_no_model_stack() -> None:
+    """The CLI's HTTP commands and every module that reads job records validate specs: loading
+    transformers (or torch) there costs seconds a command."""
+    modules = "llmos.training.spec, llmos.kernel.job_record"
+    entry = f"import sys, {modules}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    shown = subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "[]"

@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from llmos.engine.grammar import CompiledGrammar
 
+HEAD_POOLINGS = ("cls", "mean")
+"""What a sequence classifier's head may read (``torch_backend/head_pooling.py``); here, where
+request validation can see it without importing the backend (torch, transformers)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:

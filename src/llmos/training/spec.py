@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llmos.engine.torch_backend.head_pooling import POOLINGS
+from llmos.engine.protocol import HEAD_POOLINGS
 from llmos.errors import InvalidRequestError
 
 ADAPTERS = ("lora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "full")
@@ -171,8 +171,8 @@ def parse_spec(
         )
     group_by_length = _flag(supervised, "group_by_length", section)
     pooling = supervised.get("pooling")
-    if pooling is not None and pooling not in POOLINGS:
-        raise InvalidRequestError(f"pooling must be one of {list(POOLINGS)}", param=f"{section}.pooling")
+    if pooling is not None and pooling not in HEAD_POOLINGS:
+        raise InvalidRequestError(f"pooling must be one of {list(HEAD_POOLINGS)}", param=f"{section}.pooling")
     fgm_epsilon = _switch(supervised, section, "adversarial", "fgm", "epsilon", 1.0, 1e-6, 100.0)
     augmentation = supervised.get("augmentation")
     probability = _switch(supervised, section, "augmentation", "eda", "probability", 0.1, 0.01, 0.5, extra={"copies"})

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmos.engine.protocol import HEAD_POOLINGS
 from llmos.engine.torch_backend.encoder import Pooling, pool
 
-POOLINGS = ("cls", "mean")
 CONFIG_KEY = "llmos_pooling"
 """The config.json entry (absent: ``cls``). Not ModernBERT's ``classifier_pooling``: that model
 pools by itself, and a name of its own keeps this forward off models that already do."""
@@ -34,8 +34,8 @@ def pooling_of(config: Any) -> str:
 def set_pooling(model: Any, pooling: str) -> Any:
     """Record ``pooling`` in ``model``'s config (saved with it) and install it; ``ValueError``
     when ``model``'s head cannot read a mean (see ``install_pooling``)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {list(POOLINGS)}, not {pooling!r}")
+    if pooling not in HEAD_POOLINGS:
+        raise ValueError(f"pooling must be one of {list(HEAD_POOLINGS)}, not {pooling!r}")
     setattr(model.config, CONFIG_KEY, pooling)
     return install_pooling(model)
 
@@ -49,8 +49,8 @@ def install_pooling(model: Any) -> Any:
     pooling = pooling_of(model.config)
     if pooling == "cls":
         return model
-    if pooling not in POOLINGS:
-        raise ValueError(f"{CONFIG_KEY} {pooling!r} in the model's config is none of {list(POOLINGS)}")
+    if pooling not in HEAD_POOLINGS:
+        raise ValueError(f"{CONFIG_KEY} {pooling!r} in the model's config is none of {list(HEAD_POOLINGS)}")
     head = getattr(model, "classifier", None)
     head = getattr(head, "original_module", head)  # PEFT's copy of a trained head wraps the linear layer
     parts = {name for name, _ in model.named_children()}
