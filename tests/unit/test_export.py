@@ -180,6 +180,9 @@ def test_a_model_lists_its_exports_to_each_tenant_its_own(loaded_platform: Platf
         "verification": mine["verification"],
     }
     assert [e["file_id"] for e in listed(acme)] == [theirs["file_id"]]
+    reader_key = loaded_platform.keys.create("acme-reader", tenant="acme", scopes=("inference",))[1]
+    shown = http.get("/v1/models/tiny-embed", headers={"Authorization": f"Bearer {reader_key}"}).json()
+    assert shown["exports"] is None  # an inference-only key sees no files
     assert listed(ADMIN, "tiny-chat") == []  # another model's version: none of these
     assert http.get("/v1/models", headers=ADMIN).json()["data"][0]["exports"] is None  # retrieve only
 

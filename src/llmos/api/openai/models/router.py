@@ -64,7 +64,12 @@ async def retrieve_model(model: str, platform: PlatformDep, key: InferenceKey) -
     record = await asyncio.to_thread(platform.registry.get, model, tenant=_visible_to(key))
     parent = await asyncio.to_thread(platform.registry.get, record.parent_id) if record.parent_id else None
     aliases = await asyncio.to_thread(_aliases, platform, key)
-    exports = await asyncio.to_thread(model_exports, platform.files, key.tenant, record.id)
+    # Exports are files: shown to keys that may read files or make exports, not to inference-only keys.
+    exports = (
+        await asyncio.to_thread(model_exports, platform.files, key.tenant, record.id)
+        if key.allows("files") or key.allows("models")
+        else None
+    )
     return ModelObject.from_record(
         record,
         parent_name=parent.name if parent else None,
