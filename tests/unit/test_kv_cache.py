@@ -98,3 +98,17 @@ def test_a_limited_buffer_is_read_only_as_far_as_its_limit() -> None:
     keys, values = layer.read(block_width(18))
     assert block_width(18) > 20 and keys.shape[2] == values.shape[2] == 20
     assert layer._keys.buffer is buffer  # never grown again for a block it may not hold
+
+
+def test_rows_leaving_keep_the_spare_room() -> None:
+    """Selecting rows (those still decoding) copies them once, with the buffer's room: the next
+    step appends in place instead of copying the selected cache again."""
+    layer = GrowingLayer()
+    keys, values = _states(5, 0)
+    layer.update(keys, values)
+    layer.batch_select_indices(torch.tensor([1]))
+    buffer = layer._keys.buffer
+    k, v = _states(1, 1)
+    got_k, got_v = layer.update(k[1:], v[1:])
+    assert layer._keys.buffer is buffer
+    assert torch.equal(got_k, torch.cat([keys[1:], k[1:]], 2)) and torch.equal(got_v, torch.cat([values[1:], v[1:]], 2))

@@ -105,6 +105,14 @@ class GrowingLayer(DynamicLayer):
         self._keys.append(key_states)
         self._values.append(value_states)
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows at ``indices`` (rows leaving a batch), spare room and all: transformers'
+        selection of the filled positions alone left no room, so the next step copied the
+        selected cache once more to grow it."""
+        for states in (self._keys, self._values):
+            if states.buffer is not None:
+                states.buffer = states.buffer[indices]
+
     def read(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of the first ``width`` positions, or of as many as the buffers hold
         (their limit permitting no more; at least the filled ones). Positions past the filled
