@@ -11,7 +11,8 @@
 3. each export is asked for with ``POST /v1/models/{model}/exports`` and followed on its events
    until it finishes: SmolLM2 as ``hf``, ``gguf-f16``, ``gguf-bf16`` and ``gguf-q8_0``, the
    adapter as ``hf`` and ``gguf-f16`` (merged into its base), MiniLM and the classifier as
-   ``onnx``; each offered file is downloaded and its sha256 checked against the file's.
+   ``onnx``; each offered file is downloaded and its sha256 checked against the file's, and
+   looked for in its model version's ``exports`` (``GET /v1/models/{model}``).
 
 The adapter and its base answer a few chat prompts greedily beforehand, so the table shows the
 fine-tune is not its base under another name. Prints per export the format, the file's size,
@@ -140,6 +141,8 @@ def export(http: httpx.Client, model: str, fmt: str) -> dict[str, Any]:
         row |= {"file_id": file["id"], "filename": file["filename"], "bytes": file["bytes"]}
         row["download_sha256_matches"] = download_sha256(http, file["id"]) == file["sha256"]
         row["lineage"] = {k: file["lineage"][k] for k in ("model", "format", "parent_id", "base_id")}
+        listed = call(http, "GET", f"/v1/models/{state['model']}")["exports"]
+        row["listed_on_model"] = file["id"] in [e["file_id"] for e in listed]
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items())
     print(f"{row['model']} {fmt}: {row['status']} in {row['seconds']:.0f} s ({spent})", flush=True)
     return row
