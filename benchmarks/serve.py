@@ -599,6 +599,8 @@ def main() -> None:
     model_dir = platform.registry.model_dir(record)
     platform.close()
     if "llmos-llamacpp" in args.systems and "gguf_file" not in record.extra:
+        if args.model != MODEL:
+            raise SystemExit(f"{args.model} has no original GGUF in the registry: pull it with benchmarks/models.py")
         # Pulled before pulls kept the original GGUF: pull again (a new version, the same conversion).
         subprocess.run(
             [sys.executable, "-m", "llmos", "pull", MODEL], check=True, env={**os.environ, "LLMOS_HOME": str(args.home)}
