@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.live_server import free_port
@@ -112,3 +113,10 @@ def two_node_cluster() -> Iterator[RayCluster]:
 def _accepts(host: str, port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex((host, port)) == 0
+
+
+def cluster_view(url: str, key: str) -> dict[str, Any]:
+    """The server's ``/v1/admin/cluster`` view (nodes, replicas, jobs)."""
+    reply = httpx.get(f"{url}/v1/admin/cluster", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    reply.raise_for_status()
+    return dict(reply.json())

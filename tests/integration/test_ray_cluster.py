@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmos.config import Settings
 from llmos.platform import Platform
 from tests.integration.conftest import ADMIN_KEY, Server, start_server, stop_server
-from tests.integration.ray_nodes import RayCluster, two_node_cluster, wait_for
+from tests.integration.ray_nodes import RayCluster, cluster_view, two_node_cluster, wait_for
 from tests.tiny_models import build_tiny_chat_model
 
 ray = pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
@@ -69,9 +69,7 @@ def server(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _cluster(server: Server) -> dict[str, Any]:
-    reply = httpx.get(f"{server.url}/v1/admin/cluster", headers=AUTH, timeout=30)
-    reply.raise_for_status()
-    return dict(reply.json())
+    return cluster_view(server.url, ADMIN_KEY)
 
 
 def _replicas(server: Server) -> list[dict[str, Any]]:

@@ -14,30 +14,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from llmos.config import Settings
 from llmos.platform import Platform
 from tests.integration.conftest import ADMIN_KEY, Server, start_server, stop_server
-from tests.integration.ray_nodes import RayCluster, two_node_cluster, wait_for
+from tests.integration.ray_nodes import RayCluster, cluster_view, two_node_cluster, wait_for
+from tests.unit.test_training_quota import ROWS
 
 pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
 
 pytestmark = pytest.mark.integration
 
-AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
-ROWS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"Say the word number {i}"},
-            {"role": "assistant", "content": "Paris is the capital of France."},
-        ]
-    }
-    for i in range(12)
-]
-TRAINING = "\n".join(json.dumps(r) for r in ROWS * 4).encode()
+# 600 steps an epoch: on an idle machine the tiny model trains about 90 steps a second, and the
+# job must still be running when the test kills its node after the first checkpoint.
+TRAINING = "\n".join(json.dumps(r) for r in ROWS * 100).encode()
 EPOCHS = 6
 METHOD = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": EPOCHS, "batch_size": 2}}}
 
@@ -74,9 +66,7 @@ def server(ray_cluster: RayCluster, tmp_path: Path, tiny_chat_dir: Path) -> Iter
 
 
 def _cluster(server: Server) -> dict[str, Any]:
-    reply = httpx.get(f"{server.url}/v1/admin/cluster", headers=AUTH, timeout=30)
-    reply.raise_for_status()
-    return dict(reply.json())
+    return cluster_view(server.url, ADMIN_KEY)
 
 
 def _nodes(server: Server) -> list[dict[str, Any]]:
@@ -110,6 +100,7 @@ def test_a_job_whose_node_dies_resumes_on_the_other_node_from_its_checkpoint(
     assert first != head, "the job goes to the node that is not the API server's"
     wait_for("the first checkpoint", lambda: client.fine_tuning.jobs.checkpoints.list(job_id).data, 600)
     assert _job_node(server, job_id) == first, "still running on the second node when it dies"
+    assert client.fine_tuning.jobs.retrieve(job_id).status == "running", "the job must outlast its first epoch"
 
     os.killpg(ray_cluster.nodes[1].pid, signal.SIGKILL)  # the second node: its raylet, actors, the worker
     wait_for("the job to run on the head", lambda: _job_node(server, job_id) == head, 600)
