@@ -66,7 +66,7 @@ def _stop(node: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def two_node_cluster() -> Iterator[RayCluster]:
-    import ray
+    from ray._private import services
 
     root = Path(tempfile.mkdtemp(prefix="llmos-ray-", dir="/tmp"))  # Ray's socket paths must stay short
     token = root / "token"
@@ -83,7 +83,9 @@ def two_node_cluster() -> Iterator[RayCluster]:
     port = free_port()
     # Ray 2.60 runs a multi-node cluster only on the machine's reachable address (a loopback one is
     # replaced by it), its gRPC servers listening on every interface: token authentication guards them.
-    node_ip = ray.util.get_node_ip_address()
+    # From the network, not from Ray's in-process state: after a single-machine head in this process
+    # (test_ray_cluster's auto head), Ray's answer can be the loopback address it used then.
+    node_ip = services.node_ip_address_from_perspective()
     common = ["--block", "--node-ip-address", node_ip, "--num-cpus", "2", "--disable-usage-stats"]
     nodes: list[subprocess.Popen[bytes]] = []
 
