@@ -122,3 +122,27 @@ def cluster_view(url: str, key: str) -> dict[str, Any]:
     reply = httpx.get(f"{url}/v1/admin/cluster", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     reply.raise_for_status()
     return dict(reply.json())
+
+
+@contextmanager
+def cluster_server(cluster: RayCluster, home: Path, **settings: str) -> Iterator[Any]:
+    """An API server of ``home`` joined to ``cluster`` (this machine's address, by consent, and the
+    cluster's token), with ``settings`` beside; yielded once it sees both nodes alive."""
+    from tests.integration.conftest import ADMIN_KEY, start_server, stop_server
+
+    server = start_server(
+        home,
+        default_models="[]",
+        dtype="float32",
+        ray_address=cluster.address,
+        ray_bind_host=cluster.node_ip,
+        ray_allow_remote_bind="true",
+        ray_auth_token_file=str(cluster.token),
+        **settings,
+    )
+    try:
+        alive = lambda: [n for n in cluster_view(server.url, ADMIN_KEY)["nodes"]["data"] if n["alive"]]  # noqa: E731
+        wait_for("both Ray nodes", lambda: len(alive()) == 2, 120)
+        yield server
+    finally:
+        assert stop_server(server) == 0

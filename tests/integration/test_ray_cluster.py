@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmos.config import Settings
 from llmos.platform import Platform
-from tests.integration.conftest import ADMIN_KEY, Server, start_server, stop_server
-from tests.integration.ray_nodes import RayCluster, cluster_view, two_node_cluster, wait_for
+from tests.integration.conftest import ADMIN_KEY, Server
+from tests.integration.ray_nodes import RayCluster, cluster_server, cluster_view, two_node_cluster, wait_for
 from tests.tiny_models import build_tiny_chat_model
 
 ray = pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
@@ -45,24 +45,10 @@ def server(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) ->
     platform = Platform.open(Settings(home=home))
     platform.registry.pull(f"file:{model}", name="tiny-chat")
     platform.close()
-    server = start_server(
-        home,
-        default_models="[]",
-        dtype="float32",
-        max_concurrent_jobs="0",
-        max_tokens_cap="8000",
-        ray_address=ray_cluster.address,
-        ray_bind_host=ray_cluster.node_ip,  # joining a multi-node cluster: this machine's address, by consent
-        ray_allow_remote_bind="true",
-        ray_auth_token_file=str(ray_cluster.token),
-        ray_min_replicas="2",
-        ray_replica_cpus="1",
-    )
-    try:
-        wait_for("both Ray nodes", lambda: len([n for n in _cluster(server)["nodes"]["data"] if n["alive"]]) == 2, 120)
+    with cluster_server(
+        ray_cluster, home, max_concurrent_jobs="0", max_tokens_cap="8000", ray_min_replicas="2", ray_replica_cpus="1"
+    ) as server:
         yield server
-    finally:
-        assert stop_server(server) == 0
 
 
 def _cluster(server: Server) -> dict[str, Any]:

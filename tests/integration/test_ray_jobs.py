@@ -19,8 +19,8 @@ import pytest
 
 from llmos.config import Settings
 from llmos.platform import Platform
-from tests.integration.conftest import ADMIN_KEY, Server, start_server, stop_server
-from tests.integration.ray_nodes import RayCluster, cluster_view, two_node_cluster, wait_for
+from tests.integration.conftest import ADMIN_KEY, Server
+from tests.integration.ray_nodes import RayCluster, cluster_server, cluster_view, two_node_cluster, wait_for
 from tests.unit.test_training_quota import ROWS
 
 pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
@@ -46,31 +46,14 @@ def server(ray_cluster: RayCluster, tmp_path: Path, tiny_chat_dir: Path) -> Iter
     platform = Platform.open(Settings(home=home))
     platform.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
     platform.close()
-    server = start_server(
-        home,
-        default_models="[]",
-        dtype="float32",
-        max_concurrent_jobs="1",
-        ray_address=ray_cluster.address,
-        ray_bind_host=ray_cluster.node_ip,
-        ray_allow_remote_bind="true",
-        ray_auth_token_file=str(ray_cluster.token),
-        ray_job_cpus="1",
-        ray_job_memory_mb="256",
-    )
-    try:
-        wait_for("both Ray nodes", lambda: len([n for n in _nodes(server) if n["alive"]]) == 2, 120)
+    with cluster_server(
+        ray_cluster, home, max_concurrent_jobs="1", ray_job_cpus="1", ray_job_memory_mb="256"
+    ) as server:
         yield server
-    finally:
-        assert stop_server(server) == 0
 
 
 def _cluster(server: Server) -> dict[str, Any]:
     return cluster_view(server.url, ADMIN_KEY)
-
-
-def _nodes(server: Server) -> list[dict[str, Any]]:
-    return list(_cluster(server)["nodes"]["data"])
 
 
 def _job_node(server: Server, job_id: str) -> str | None:
