@@ -1,7 +1,8 @@
 """Where a decode step's time goes: the torch engine's runner decoding ``rows`` requests of
-SmolLM2-135M-Instruct under ``torch.profiler``, its operators grouped by kind.
+SmolLM2-135M-Instruct (or ``--model``) under ``torch.profiler``, its operators grouped by kind.
 
     python benchmarks/decode_profile.py [--rows 1 16 64] [--seconds 3]
+    python benchmarks/decode_profile.py --model qwen2.5-coder-0.5b-instruct --rows 1 16  # benchmarks/models.py pulls it
 
 For each row count: ``rows`` requests with the same 128-token prompt (the prefix cache off, so
 each has its own cache) decode with ``ignore_eos``; once every row has its first token the
@@ -83,7 +84,9 @@ class EngineThreadProfile:
         self.runner._execute = self.execute
 
 
-def profile_rows(runner: Any, tokenizer: Any, rows: int, max_tokens: int, seconds: float) -> dict[str, Any]:
+def profile_rows(
+    runner: Any, tokenizer: Any, rows: int, max_tokens: int, seconds: float, model: str = MODEL
+) -> dict[str, Any]:
     from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
 
     text = "The history of the printing press begins with " * 40
@@ -105,7 +108,7 @@ def profile_rows(runner: Any, tokenizer: Any, rows: int, max_tokens: int, second
         return on_delta
 
     for i in range(rows):
-        runner.submit(GenerationRequest(f"r{rows}-{i}", MODEL, list(prompt), params), sink())
+        runner.submit(GenerationRequest(f"r{rows}-{i}", model, list(prompt), params), sink())
     for _ in range(rows):
         assert started.acquire(timeout=600)
     with EngineThreadProfile(runner) as recording:
@@ -139,6 +142,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=3.0, help="profiled time of each row count")
     parser.add_argument("--max-tokens", type=int, default=0, help="tokens each row decodes (0: enough for --seconds)")
+    parser.add_argument("--model", default=MODEL, help="a registered model of --home (benchmarks/models.py)")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default=None, help="weights' dtype (default: the server's)"
+    )
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
@@ -152,10 +159,10 @@ def main() -> None:
     from llmos.engine.torch_backend.causal import CausalRunner
     from llmos.platform import Platform
 
-    settings = Settings(home=args.home, prefix_cache_mb=0)
+    settings = Settings(home=args.home, prefix_cache_mb=0, **({"dtype": args.dtype} if args.dtype else {}))
     configure_process(settings)
     platform = Platform.open(settings)
-    model_dir = platform.registry.model_dir(platform.registry.get(MODEL))
+    model_dir = platform.registry.model_dir(platform.registry.get(args.model))
     platform.close()
     dtype = resolve_dtype(settings.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
@@ -167,11 +174,11 @@ def main() -> None:
     try:
         for rows in args.rows:
             max_tokens = args.max_tokens or int(60 * args.seconds) + 64
-            results.append(profile_rows(runner, tokenizer, rows, max_tokens, args.seconds))
+            results.append(profile_rows(runner, tokenizer, rows, max_tokens, args.seconds, args.model))
     finally:
         runner.close()
     names = [*GROUPS, "other tensor work"]
-    print(f"{MODEL} ({str(dtype).removeprefix('torch.')}), ms per decode step")
+    print(f"{args.model} ({str(dtype).removeprefix('torch.')}), ms per decode step")
     print(f"{'rows':>5} {'step':>7} {'tok/s':>7} " + " ".join(f"{n[:14]:>14}" for n in names) + f" {'outside ops':>12}")
     for r in results:
         cells = " ".join(f"{r['groups_ms_per_step'][n]:>14.2f}" for n in names)
@@ -183,7 +190,7 @@ def main() -> None:
             {k: round(v, 2) for k, v in r["top_operators_ms_per_step"].items()},
         )
     result = {
-        "model": MODEL,
+        "model": args.model,
         "dtype": str(dtype).removeprefix("torch."),
         "prompt_tokens": PROMPT_TOKENS,
         "rows": results,
