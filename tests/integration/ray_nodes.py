@@ -4,6 +4,7 @@ processes at once), stopped and removed afterwards."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -25,6 +26,8 @@ import pytest
 from tests.live_server import free_port
 
 RAY = Path(sys.executable).with_name("ray")
+LONG = {"max_tokens": 7000, "ignore_eos": True, "temperature": 0}
+"""A stream that outlasts a test's steps (the tiny chat model of the Ray tests has a context of 8192)."""
 
 
 @dataclass
@@ -146,3 +149,40 @@ def cluster_server(cluster: RayCluster, home: Path, **settings: str) -> Iterator
         yield server
     finally:
         assert stop_server(server) == 0
+
+
+class Stream:
+    """A streamed chat completion read event by event."""
+
+    def __init__(self, server: Any) -> None:
+        from tests.integration.conftest import ADMIN_KEY
+
+        self._client = httpx.Client(timeout=120)
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "go"}], "stream": True, **LONG}
+        request = self._client.build_request(
+            "POST", f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, json=body
+        )
+        self._response = self._client.send(request, stream=True)
+        assert self._response.status_code == 200
+        self._lines = self._response.iter_lines()
+
+    def next_event(self) -> dict[str, Any] | None:
+        for line in self._lines:
+            if line.startswith("data: "):
+                payload = line.removeprefix("data: ")
+                return None if payload == "[DONE]" else dict(json.loads(payload))
+        return None
+
+    def started(self) -> None:
+        """Read until the first generated text: the request is then on a replica (the opening chunk,
+        the assistant's role, is sent before the engine is asked)."""
+        while (event := self.next_event()) is not None:
+            if "error" in event:
+                pytest.fail(f"the stream failed: {event}")
+            if event["choices"] and event["choices"][0]["delta"].get("content"):
+                return
+        pytest.fail("the stream ended before any text")
+
+    def close(self) -> None:
+        self._response.close()
+        self._client.close()

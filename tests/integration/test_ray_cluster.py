@@ -8,7 +8,6 @@ bind needs the explicit setting."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Iterator
@@ -21,7 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmos.config import Settings
 from llmos.platform import Platform
 from tests.integration.conftest import ADMIN_KEY, Server
-from tests.integration.ray_nodes import RayCluster, cluster_server, cluster_view, two_node_cluster, wait_for
+from tests.integration.ray_nodes import (
+    RayCluster,
+    Stream,
+    cluster_server,
+    cluster_view,
+    two_node_cluster,
+    wait_for,
+)
 from tests.tiny_models import build_tiny_chat_model
 
 ray = pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
@@ -29,7 +35,6 @@ ray = pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (p
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
-LONG = {"max_tokens": 7000, "ignore_eos": True, "temperature": 0}  # a stream that outlasts the test's steps
 
 
 @pytest.fixture(scope="module")
@@ -62,39 +67,6 @@ def _replicas(server: Server) -> list[dict[str, Any]]:
 def _chat(server: Server, text: str, **extra: Any) -> httpx.Response:
     body = {"model": "tiny-chat", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
     return httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, json=body, timeout=300)
-
-
-class Stream:
-    """A streamed chat completion read event by event."""
-
-    def __init__(self, server: Server) -> None:
-        self._client = httpx.Client(timeout=120)
-        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "go"}], "stream": True, **LONG}
-        request = self._client.build_request("POST", f"{server.url}/v1/chat/completions", headers=AUTH, json=body)
-        self._response = self._client.send(request, stream=True)
-        assert self._response.status_code == 200
-        self._lines = self._response.iter_lines()
-
-    def next_event(self) -> dict[str, Any] | None:
-        for line in self._lines:
-            if line.startswith("data: "):
-                payload = line.removeprefix("data: ")
-                return None if payload == "[DONE]" else dict(json.loads(payload))
-        return None
-
-    def started(self) -> None:
-        """Read until the first generated text: the request is then on a replica (the opening chunk,
-        the assistant's role, is sent before the engine is asked)."""
-        while (event := self.next_event()) is not None:
-            if "error" in event:
-                pytest.fail(f"the stream failed: {event}")
-            if event["choices"] and event["choices"][0]["delta"].get("content"):
-                return
-        pytest.fail("the stream ended before any text")
-
-    def close(self) -> None:
-        self._response.close()
-        self._client.close()
 
 
 def test_two_replicas_on_two_nodes_answer(server: Server) -> None:

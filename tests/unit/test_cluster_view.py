@@ -175,7 +175,7 @@ def test_the_pool_reads_each_ready_replicas_own_counts() -> None:
     failing = _Actor(_Method(RuntimeError("the actor died")))
     starting = _Actor(_Method({"pending_requests": 0, "models": {}}))
     pool = _pool(
-        Replica("r-a", "m-1", answering, NODE, ReplicaNeed(1, 1), queue_depth=3, state="ready"),
+        Replica("r-a", "m-1", answering, NODE, ReplicaNeed(1, 1), mine=3, state="ready"),
         Replica("r-b", "m-1", failing, NODE, ReplicaNeed(1, 1), state="ready"),
         Replica("r-c", "m-1", starting, NODE, ReplicaNeed(1, 1)),
     )

@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError, RayError
 
 from llmos.cluster.connect import ClusterSession, connect, disconnect
 from llmos.cluster.pool import Replica, ReplicaPool
+from llmos.cluster.replica import ReplicaStopping
 from llmos.cluster.routing import ReplicaNeed
 from llmos.cluster.scaling import Autoscaler
 from llmos.cluster.view import ClusterView
@@ -42,6 +43,9 @@ from llmos.registry import ModelRegistry
 
 PING_TIMEOUT_S = 10.0
 """A replica that does not answer a ping in this long after a failed call is taken for dead."""
+
+STOPPING_RETRIES = 2
+"""A request that reaches a replica another server is scaling down is routed again this often."""
 
 
 class RayEngine:
@@ -93,27 +97,42 @@ class RayEngine:
         except BaseException:
             self._pending -= 1
             raise
-        replica.queue_depth += 1
+        replica.mine += 1
         self.scaler.observe(served.key)
         return replica
 
     def _done(self, replica: Replica) -> None:
-        replica.queue_depth -= 1
+        replica.mine -= 1
         self._pending -= 1
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
         handle = request.handle or await self.resolve(request.model)
-        replica = await self._route(handle)
+        for attempt in range(STOPPING_RETRIES + 1):
+            replica = await self._route(handle)
+            try:
+                async for delta in self._generate_on(replica, request, handle):
+                    yield delta
+                return
+            except ReplicaStopping:  # another server scaled it down as this request was sent
+                if attempt == STOPPING_RETRIES:
+                    raise
+
+    async def _generate_on(
+        self, replica: Replica, request: GenerationRequest, handle: ModelHandle
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        """The request's deltas from ``replica``, to which ``_route`` sent it."""
         finished: set[int] = set()
         self._inflight[request.request_id] = replica
         stream = replica.actor.generate.options(num_returns="streaming").remote(
-            to_wire(request, resolution(handle).record.id)
+            to_wire(request, resolution(handle).record.id), self.pool.server_id
         )
         try:
             try:
                 async for ref in stream:
                     item = await ref
                     if isinstance(item, LLMOSError):
+                        if isinstance(item, ReplicaStopping):
+                            replica.stopping = True  # routed again by ``generate``
                         raise item
                     if item.finish_reason is not None:
                         finished.add(item.index)
@@ -131,7 +150,8 @@ class RayEngine:
                         finished.add(index)
                         yield GenerationDelta(index=index, text="", finish_reason=FinishReason.ERROR, error=message)
         finally:
-            if len(finished) < request.params.n and replica.state == "ready":
+            stopping = replica.stopping
+            if len(finished) < request.params.n and replica.state == "ready" and not stopping:
                 replica.actor.abort.remote(request.request_id)  # client gone or consumer stopped early
             self._inflight.pop(request.request_id, None)
             self._done(replica)
@@ -149,9 +169,21 @@ class RayEngine:
         return True
 
     async def _call(self, model: ModelHandle, method: str, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(STOPPING_RETRIES + 1):
+            result = await self._call_once(model, method, *args, **kwargs)
+            if not isinstance(result, ReplicaStopping) or attempt == STOPPING_RETRIES:
+                break
+        if isinstance(result, LLMOSError):
+            raise result
+        return result
+
+    async def _call_once(self, model: ModelHandle, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``method``'s result on the replica ``_route`` chooses, or the platform error it returned."""
         replica = await self._route(model)
         try:
-            result = await replica.actor.call.remote(method, resolution(model).record.id, *args, **kwargs)
+            result = await replica.actor.call.remote(
+                method, self.pool.server_id, resolution(model).record.id, *args, **kwargs
+            )
         except RayError as exc:
             if await self._lost(replica, exc):
                 raise ServiceUnavailableError(
@@ -160,8 +192,8 @@ class RayEngine:
             raise EngineError(f"the engine replica failed this request ({type(exc).__name__})") from exc
         finally:
             self._done(replica)
-        if isinstance(result, LLMOSError):
-            raise result
+        if isinstance(result, ReplicaStopping):
+            replica.stopping = True
         return result
 
     async def embed(self, model: ModelHandle, inputs: list[str] | list[list[int]]) -> EmbeddingResult:
@@ -229,6 +261,6 @@ class RayEngine:
 
     async def shutdown(self) -> None:
         self.scaler.close()
-        self.pool.close()
+        self.pool.close(stop_replicas=self.session.started_head)
         await self.local.shutdown()
         await asyncio.to_thread(disconnect)

@@ -5,11 +5,18 @@ A model gets ``ray_min_replicas`` replicas on its first request. Each is placed 
 memory the backend estimates for the model, the figure the memory manager budgets by), pinned
 there with Ray's node affinity, and loads its model before it takes requests. A replica whose
 actor dies is dropped at once (the requests it held end with an error) and a new one is placed.
+
+Every API server of the cluster shares them (ADR 0038): a replica is a detached actor named after
+its model and a slot number (``replica_name``), so a server finds the others' replicas by name, and
+two servers placing the same slot at once get one actor (Ray refuses the second name). Each server
+polls the replicas it knows every ``POLL_S`` for their own counts of requests in flight, by
+server, and routes by them; a server that stops leaves them running for the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import Callable
@@ -18,10 +25,12 @@ from typing import Any
 
 import ray
 from ray._private import state as ray_state
+from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from llmos.cluster.replica import EngineReplica
 from llmos.cluster.routing import (
+    POLL_S,
     NodeCapacity,
     ReplicaLoad,
     ReplicaNeed,
@@ -41,6 +50,13 @@ STATS_TIMEOUT_S = 5.0
 REPLICA_START_TIMEOUT_S = 600.0
 """A replica loads its model before it is routed to; a large model on a slow disk takes minutes."""
 
+NAME_PREFIX = "llmos-replica:"
+
+
+def replica_name(model_key: str, slot: int) -> str:
+    """The Ray actor name of ``model_key``'s replica in ``slot`` (in the ``llmos`` namespace)."""
+    return f"{NAME_PREFIX}{model_key}:{slot}"
+
 
 @dataclass(eq=False)
 class Replica:
@@ -50,15 +66,39 @@ class Replica:
     actor: Any
     node: NodeCapacity
     need: ReplicaNeed
-    queue_depth: int = 0
+    slot: int = 0
+    mine: int = 0
+    """Requests this server sent it that have not finished."""
+    others: int = 0
+    """Requests the other servers have in flight on it, as it last reported (``POLL_S`` old at most)."""
     adapters: set[str] = field(default_factory=set)
+    """Adapters this server routed to it and those it reported holding."""
     state: str = "starting"
     pid: int | None = None
+    placed_here: bool = True
+    """This server placed it (False: found by its name, placed by another server)."""
+    stopping: bool = False
     report: dict[str, Any] = field(default_factory=dict)
     """Its engine's latest ``stats()`` (``refresh``); empty until it answers, and when it last did not."""
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests in flight on it from every server: what routing and scaling go by."""
+        return self.mine + self.others
+
     def load(self) -> ReplicaLoad:
         return ReplicaLoad(self.replica_id, self.queue_depth, frozenset(self.adapters))
+
+    def take_report(self, report: dict[str, Any], server: str) -> None:
+        """Its ``report_load`` answer: the other servers' requests and the adapters it holds."""
+        in_flight: dict[str, int] = report["in_flight"]
+        self.replica_id = report["replica_id"]
+        self.others = sum(n for s, n in in_flight.items() if s != server)
+        self.adapters.update(report["adapters"])
+        self.stopping = bool(report["stopping"])
+        self.pid = report["pid"]
+        if report["ready"] and self.state == "starting" and not self.placed_here:
+            self.state = "ready"  # another server's replica finished loading
 
 
 class ReplicaPool:
@@ -71,23 +111,28 @@ class ReplicaPool:
         self.name_of = name_of
         self.replicas: list[Replica] = []
         self.replaced = 0
+        self.server_id = f"server-{uuid.uuid4().hex[:12]}"
+        """This server, as replicas count their requests by sender."""
         self._starting: dict[str, asyncio.Lock] = {}
         self._watching: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._claimed: set[str] = set()
+        """Replica names this server is placing right now."""
         self._actor_class = ray.remote(EngineReplica)
 
     def ready(self, model_key: str) -> list[Replica]:
-        return [r for r in self.replicas if r.model_key == model_key and r.state == "ready"]
+        return [r for r in self.live(model_key) if r.state == "ready" and not r.stopping]
 
     def live(self, model_key: str) -> list[Replica]:
-        """Its replicas that are ready or starting."""
-        return [r for r in self.replicas if r.model_key == model_key]
+        """Its replicas that are ready or starting, by slot."""
+        return sorted((r for r in self.replicas if r.model_key == model_key), key=lambda r: r.slot)
 
     async def route(self, model_key: str, adapter: str | None) -> Replica:
         """The replica a request for ``model_key`` (and ``adapter`` on it) goes to, starting the
         model's replicas first if it has none ready."""
         ready = self.ready(model_key)
         if not ready:
-            await self.ensure(model_key)
+            await self.ensure(model_key)  # finds other servers' replicas first
             ready = self.ready(model_key)
             if not ready:
                 raise ServiceUnavailableError(f"no engine replica of {self.name_of(model_key)} is ready; retry shortly")
@@ -102,13 +147,16 @@ class ReplicaPool:
         one model's starts are serialised."""
         lock = self._starting.setdefault(model_key, asyncio.Lock())
         async with lock:
+            await self.discover()
             missing = (wanted or self.settings.ray_min_replicas) - len(self.live(model_key))
             capacity = await asyncio.to_thread(self.nodes_capacity) if missing > 0 else []
             placed: list[Replica] = []
             failures: list[BaseException] = []
-            for _ in range(missing):
+            taken = {r.slot for r in self.live(model_key)}
+            free_slots = (slot for slot in itertools.count() if slot not in taken)
+            for slot in itertools.islice(free_slots, max(0, missing)):
                 try:
-                    placed.append(self._place(model_key, capacity))
+                    placed.append(await asyncio.to_thread(self._place, model_key, capacity, slot))
                 except ServiceUnavailableError as exc:  # no room for more: start those that fit
                     failures.append(exc)
                     break
@@ -117,7 +165,9 @@ class ReplicaPool:
         if failures and not self.ready(model_key):
             raise failures[0]
 
-    def _place(self, model_key: str, capacity: list[NodeCapacity]) -> Replica:
+    def _place(self, model_key: str, capacity: list[NodeCapacity], slot: int) -> Replica:
+        """A replica of ``model_key`` in ``slot``: placed here, or, if another server has just
+        placed that slot, theirs (waited for like one of ours)."""
         need = self.need_of(model_key)
         node = choose_node(capacity, self._held(), need, model_key)
         if node is None:
@@ -126,32 +176,117 @@ class ReplicaPool:
                 f"({need.cpus:g} CPUs, {need.memory_bytes >> 20} MB)",
                 retry_after=30.0,
             )
-        actor = self._actor_class.options(
-            num_cpus=need.cpus,
-            num_gpus=need.gpus,
-            memory=max(1, need.memory_bytes),
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-            max_restarts=0,  # a dead replica is replaced by the pool, which knows what it held
-            namespace="llmos",
-        ).remote(self.settings)
-        replica = Replica(f"replica-{uuid.uuid4().hex[:12]}", model_key, actor, node, need)
+        replica_id = f"replica-{uuid.uuid4().hex[:12]}"
+        name = replica_name(model_key, slot)
+        placed_here = True
+        self._claimed.add(name)  # not taken in by ``discover`` meanwhile
+        try:
+            actor = self._actor_class.options(
+                name=name,
+                namespace="llmos",
+                lifetime="detached",  # outlives this server: the others may be streaming from it
+                num_cpus=need.cpus,
+                num_gpus=need.gpus,
+                memory=max(1, need.memory_bytes),
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+                max_restarts=0,  # a dead replica is replaced by a pool, which knows what it held
+            ).remote(self.settings, replica_id, model_key, slot, node.node_id)
+        except ValueError:  # the name is taken: another server placed this slot a moment ago
+            try:
+                actor = ray.get_actor(name, namespace="llmos")
+            except ValueError as exc:  # and it is gone already
+                raise ServiceUnavailableError(
+                    f"an engine replica of {self.name_of(model_key)} was stopped as it was placed; retry shortly",
+                    retry_after=1.0,
+                ) from exc
+            placed_here = False  # its id and node come with its first report (``_start``)
+        finally:
+            self._claimed.discard(name)
+        known = self._by_name(name)
+        if known is not None:  # ``discover`` took it in first
+            return known
+        replica = Replica(replica_id, model_key, actor, node, need, slot=slot, placed_here=placed_here)
         self.replicas.append(replica)  # its reservation counts from now on
         return replica
 
+    def _by_name(self, name: str) -> Replica | None:
+        return next((r for r in self.replicas if replica_name(r.model_key, r.slot) == name), None)
+
+    def _node(self, node_id: str) -> NodeCapacity | None:
+        return next((n for n in self.nodes_capacity() if n.node_id == node_id), None)
+
     async def _start(self, replica: Replica) -> None:
         try:
-            await asyncio.wait_for(replica.actor.load.remote(replica.model_key, False), REPLICA_START_TIMEOUT_S)
-            replica.pid = await replica.actor.pid.remote()
+            if replica.placed_here:
+                await asyncio.wait_for(replica.actor.load.remote(replica.model_key, False), REPLICA_START_TIMEOUT_S)
+            else:  # the server that placed it is loading it: wait until it says so
+                await asyncio.wait_for(self._until_ready(replica), REPLICA_START_TIMEOUT_S)
+            report: dict[str, Any] = await replica.actor.report_load.remote()
+            replica.take_report(report, self.server_id)
+            if not replica.placed_here:
+                found = await asyncio.to_thread(self._node, report["node_id"])
+                replica.node = found or replica.node
         except BaseException:
             log.exception("engine replica %s of %s failed to start", replica.replica_id, replica.model_key)
             self._drop(replica)
             raise
         replica.state = "ready"
-        if self._watching is None:  # from the first replica on: there is nothing to read before
-            self._watching = asyncio.get_running_loop().create_task(self.watch(self.settings.metrics_sample_interval_s))
+        self._watch()
         log.info(
             "engine replica %s of %s ready on node %s", replica.replica_id, replica.model_key, replica.node.address
         )
+
+    async def _until_ready(self, replica: Replica) -> None:
+        while not (await replica.actor.report_load.remote())["ready"]:
+            await asyncio.sleep(POLL_S)
+
+    def _watch(self) -> None:
+        if self._watching is None:  # from the first replica on: there is nothing to read before
+            self._watching = asyncio.get_running_loop().create_task(self.watch(self.settings.metrics_sample_interval_s))
+
+    async def discover(self) -> None:
+        """Take in the replicas other servers placed (by their names) that this server does not know."""
+        known = {replica_name(r.model_key, r.slot) for r in self.replicas} | self._claimed
+        found = await asyncio.to_thread(_replica_names)
+        for name in sorted(set(found) - known):
+            try:
+                actor = await asyncio.to_thread(ray.get_actor, name, "llmos")
+                report: dict[str, Any] = await asyncio.wait_for(actor.report_load.remote(), STATS_TIMEOUT_S)
+            except (ValueError, RayError, TimeoutError):  # gone meanwhile, or busy dying: the next round
+                continue
+            node = await asyncio.to_thread(self._node, report["node_id"])
+            if report["stopping"] or node is None or self._by_name(name) is not None or name in self._claimed:
+                continue  # stopping, on a node gone, or placed or taken in here meanwhile
+            replica = Replica(
+                report["replica_id"],
+                report["model_key"],
+                actor,
+                node,
+                self.need_of(report["model_key"]),
+                slot=report["slot"],
+                placed_here=False,
+            )
+            replica.take_report(report, self.server_id)
+            self.replicas.append(replica)
+            log.info("found engine replica %s of %s on node %s", replica.replica_id, replica.model_key, node.address)
+        if self.replicas:
+            self._watch()
+
+    async def poll(self) -> None:
+        """Each known replica's own counts; a replica that is gone is dropped (and, if it was not
+        being scaled down, replaced up to the model's minimum)."""
+        known = list(self.replicas)
+        replies = await asyncio.gather(
+            *(asyncio.wait_for(r.actor.report_load.remote(), STATS_TIMEOUT_S) for r in known), return_exceptions=True
+        )
+        for replica, reply in zip(known, replies, strict=True):
+            if isinstance(reply, dict):
+                replica.take_report(reply, self.server_id)
+            elif isinstance(reply, RayActorError):
+                if replica.stopping:  # a server scaled it down
+                    self._forget(replica)
+                else:
+                    self.lost(replica, reply)
 
     def lost(self, replica: Replica, reason: BaseException) -> None:
         """``replica``'s actor died: stop routing to it and place a replacement in the background."""
@@ -169,14 +304,31 @@ class ReplicaPool:
             log.exception("replacing an engine replica of %s failed; the next request tries again", model_key)
 
     def stop(self, replica: Replica) -> None:
-        """Stop an idle replica the model no longer needs (scaling down)."""
-        log.info("stopping idle engine replica %s of %s", replica.replica_id, replica.model_key)
-        self._drop(replica)
+        """Stop an idle replica the model no longer needs (scaling down), unless it has taken a
+        request meanwhile (from any server) or another server is stopping it."""
+        replica.stopping = True  # no more routing to it here
+        task = asyncio.get_running_loop().create_task(self._stop(replica))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
-    def _drop(self, replica: Replica) -> None:
+    async def _stop(self, replica: Replica) -> None:
+        try:
+            stopped = await asyncio.wait_for(replica.actor.stop_if_idle.remote(), STATS_TIMEOUT_S)
+        except (RayError, TimeoutError):
+            stopped = False
+        if stopped:
+            log.info("stopping idle engine replica %s of %s", replica.replica_id, replica.model_key)
+            self._drop(replica)
+        else:
+            replica.stopping = False  # its next report says whether someone else is stopping it
+
+    def _forget(self, replica: Replica) -> None:
         replica.state = "dead"
         if replica in self.replicas:
             self.replicas.remove(replica)
+
+    def _drop(self, replica: Replica) -> None:
+        self._forget(replica)
         ray.kill(replica.actor, no_restart=True)
 
     async def retire(self, model_key: str) -> None:
@@ -225,13 +377,18 @@ class ReplicaPool:
             replica.report = reply if isinstance(reply, dict) else {}
 
     async def watch(self, interval_s: float) -> None:
-        """``refresh`` every ``interval_s`` (the metrics sampler reads the reports), until cancelled."""
-        while True:
+        """``poll`` and ``discover`` every ``POLL_S``, ``refresh`` every ``interval_s`` (the metrics
+        sampler reads the reports), until cancelled."""
+        every = max(1, round(interval_s / POLL_S))
+        for tick in itertools.count():
             try:
-                await self.refresh()
+                await self.poll()
+                await self.discover()
+                if tick % every == 0:
+                    await self.refresh()
             except Exception:  # a failed round must not end the reports
-                log.exception("reading the engine replicas' stats failed")
-            await asyncio.sleep(interval_s)
+                log.exception("reading the engine replicas' loads and stats failed")
+            await asyncio.sleep(POLL_S)
 
     def view(self, r: Replica) -> ReplicaView:
         """``r`` with its engine's counts as of the last ``refresh``."""
@@ -246,11 +403,17 @@ class ReplicaPool:
             EngineCounts.of(r.report) if r.report else None,
         )
 
-    def close(self) -> None:
+    def close(self, *, stop_replicas: bool) -> None:
+        """Stop polling. The replicas stay for the other servers (each ends itself once no server
+        has polled it for ``replica.LEASE_S``), unless ``stop_replicas`` (this server started the
+        cluster, which ends with it)."""
         if self._watching is not None:
             self._watching.cancel()
-        for replica in list(self.replicas):
-            self._drop(replica)
+        for task in list(self._stopping):
+            task.cancel()
+        if stop_replicas:
+            for replica in list(self.replicas):
+                self._drop(replica)
 
 
 def cluster_nodes() -> list[NodeView]:
@@ -271,6 +434,11 @@ def cluster_nodes() -> list[NodeView]:
             )
         )
     return views
+
+
+def _replica_names() -> list[str]:
+    """The names of the replicas alive in the ``llmos`` namespace (each server's driver joins it)."""
+    return [n for n in ray.util.list_named_actors() if n.startswith(NAME_PREFIX)]
 
 
 def _amounts(resources: dict[str, Any]) -> dict[str, float]:

@@ -1,13 +1,18 @@
 """Which replica serves a request, and which node a new replica or a training job goes to: pure decisions.
 
-The API server routes every request itself (it counts what it has sent each replica and not yet
-seen finish), so these functions take plain views and are tested without Ray.
+Each API server routes its requests itself, by each replica's requests in flight from every
+server: its own counted exactly, the other servers' as the replica last reported them (ADR 0038).
+These functions take plain views and are tested without Ray.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+POLL_S = 1.0
+"""How often a server asks the replicas for their loads (and looks for replicas other servers
+placed): the other servers' share of a replica's load is at most this old when routed by."""
 
 
 @dataclass(frozen=True)
@@ -16,7 +21,7 @@ class ReplicaLoad:
 
     replica_id: str
     queue_depth: int
-    """Requests sent to it and not finished."""
+    """Requests sent to it and not finished, by every server."""
     adapters: frozenset[str] = frozenset()
     """Adapter model ids it has been asked to serve (so it holds them, unless it evicted them since)."""
 

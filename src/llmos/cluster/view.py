@@ -63,7 +63,7 @@ class ReplicaView:
     """The name of the model whose runner it holds."""
     node_id: str
     queue_depth: int | None
-    """Requests this server sent it that have not finished (None in single-process mode)."""
+    """Requests in flight on it from every API server of the cluster (None in single-process mode)."""
     adapters: list[str]
     state: str
     """``starting`` (loading its model) or ``ready``; a replica whose actor died is dropped at once."""
