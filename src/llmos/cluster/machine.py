@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.cluster.view import SINGLE_PROCESS_MODE, ClusterView, EngineCounts, NodeView, ReplicaView
-from llmos.kernel.devices import detect_cpu
+from llmos.kernel.devices import detect_cpu, detect_gpus
 
 LOCAL_NODE = "local"
 """The node id of this machine in single-process mode."""
@@ -18,13 +18,14 @@ LOCAL_NODE = "local"
 
 def this_machine() -> NodeView:
     """This machine's cores, memory and GPUs, and what is free of them now: the memory Linux can
-    give without swapping (``MemAvailable``) and the cores the 1-minute load average leaves idle."""
+    give without swapping (``MemAvailable``), the cores the 1-minute load average leaves idle, and
+    each GPU's free memory and utilisation (``kernel.devices``)."""
     cores = detect_cpu().cores
     total, available = _memory()
-    gpus = float(_gpu_count())
-    resources = {"CPU": float(cores), "GPU": gpus, "memory": float(total)}
+    gpus = detect_gpus()
+    resources = {"CPU": float(cores), "GPU": float(len(gpus)), "memory": float(total)}
     free = {"CPU": max(0.0, round(cores - os.getloadavg()[0], 2)), "memory": float(available)}
-    return NodeView(LOCAL_NODE, socket.gethostname(), True, resources, free)
+    return NodeView(LOCAL_NODE, socket.gethostname(), True, resources, free, [gpu.public() for gpu in gpus])
 
 
 def _memory() -> tuple[int, int]:
@@ -39,12 +40,6 @@ def _memory() -> tuple[int, int]:
 
 def _kib(value: str) -> int:
     return int(value.split()[0]) * 1024
-
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def single_process_view(stats: dict[str, Any]) -> ClusterView:

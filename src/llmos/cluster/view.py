@@ -22,6 +22,9 @@ class NodeView:
     available: dict[str, float] | None = None
     """What is left of them: Ray's unreserved amounts, or this machine's free memory and idle
     cores (single-process mode). None: not known (a dead node)."""
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    """Each GPU's name, memory total and free, utilisation (``kernel.devices.GpuInfo``): this
+    machine's in single-process mode; in Ray mode only the count, in ``resources``."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -31,6 +34,7 @@ class NodeView:
             "alive": self.alive,
             "resources": self.resources,
             "available": self.available,
+            "gpus": self.gpus,
         }
 
 
