@@ -35,6 +35,10 @@ def _config_file() -> Path:
     return Path(explicit).expanduser() if explicit else _default_home() / "config.toml"
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The LoRA ranks vLLM's kernels are built for (its ``max_lora_rank`` must be one)."""
+
+
 class Settings(BaseSettings):
     """Platform settings. Environment variables are the field names upper-cased with ``LLMOS_``."""
 
@@ -225,6 +229,26 @@ class Settings(BaseSettings):
         "many clients) or llama.cpp (the original quantised file through llama-cpp-python, `pip install "
         "llmos[gguf]`; about 3x faster for one client, slower with many; adapters of such a model run on a torch "
         "runner loaded beside it). Other models always use torch.",
+    )
+    gpu_backend: Literal["auto", "vllm", "torch"] = Field(
+        default="auto",
+        description="Backend of chat and completion models when an NVIDIA GPU is present: auto serves a model with "
+        "vLLM (`pip install llmos[vllm]`) where vllm imports, a GPU has the free memory vLLM is given "
+        "(vllm_gpu_memory_utilization) and vLLM knows the model's architecture, else with torch on the CPU; vllm "
+        "forces vLLM (start-up fails without a GPU or the extra; a model vLLM cannot serve fails to load); torch "
+        "never uses vLLM.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.85,
+        gt=0.0,
+        le=0.98,
+        description="Fraction of a GPU's memory each model vLLM serves takes (its weights and key/value cache); "
+        "a GPU with less than this fraction free is passed over.",
+    )
+    vllm_max_lora_rank: int = Field(
+        default=64,
+        description="Largest LoRA rank vLLM can apply to a model it serves (one of the ranks vLLM compiles for; "
+        "sized at load; a request for an adapter of a larger rank fails).",
     )
     llamacpp_cache_tokens: int = Field(
         default=16384,
@@ -546,6 +570,13 @@ class Settings(BaseSettings):
                 "(use 'auto', which speculates where the backend can)"
             )
         return self
+
+    @field_validator("vllm_max_lora_rank", mode="after")
+    @classmethod
+    def _a_rank_vllm_compiles_for(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"vllm_max_lora_rank must be one of {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return value
 
     @field_validator("home", mode="after")
     @classmethod

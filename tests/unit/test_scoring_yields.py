@@ -1,6 +1,8 @@
 """Scoring prompts (prompt logprobs, at most one token generated) yield each step to prompts that
-generate: those are planned first, and while generating work is about scoring takes at most
-``scoring_step_tokens`` of a step, so an interactive first token waits behind short steps."""
+generate: those are planned first, while generating work is about scoring takes at most
+``scoring_step_tokens`` of a step, so an interactive first token waits behind short steps, and the
+step that prefills a generating prompt holds no scoring tokens unless the step before it held
+none either."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from llmos.engine.torch_backend.causal import CausalRunner
 
 GENERATE = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 SCORE = SamplingParams(max_tokens=0, prompt_logprobs=1)
+FIRST_ONLY = SamplingParams(max_tokens=1, temperature=0.0)  # generates: its one token ends it in its prefill's step
 
 
 def _job(tokens: int, params: SamplingParams, name: str = "r") -> prefill.Prefill:
@@ -51,6 +54,66 @@ def test_generating_prompts_are_planned_first_and_scoring_ones_get_their_share()
     planned = prefill.plan_chunks(two, 256, 256, 16)  # the share is the step's, not each prompt's
     assert [t for _, t in planned] == [10, 5]  # 10 and the row's decode token, then the rest of 16
     assert [t for _, t in prefill.plan_chunks(two, 256, 256, None)] == [10, 10]  # alone: the whole step
+
+
+def test_a_step_that_prefills_a_generating_prompt_yields_all_of_it_unless_the_last_one_did() -> None:
+    scoring, generating = _job(60, SCORE, "s"), _job(20, GENERATE, "g")
+    yielded = prefill.plan_chunks([scoring, generating], 256, 256, 16, yield_step=True)
+    assert [(j.pending.request.request_id, t) for j, t in yielded] == [("g", 20)]
+    # After a step that yielded, scoring keeps its share beside the next arrival: it never starves.
+    kept = prefill.plan_chunks([scoring, generating], 256, 256, 16, yield_step=False)
+    assert [(j.pending.request.request_id, t) for j, t in kept] == [("g", 20), ("s", 16)]
+    # With no generating prompt to prefill there is nothing to yield to.
+    assert [t for _, t in prefill.plan_chunks([scoring], 256, 256, 16, yield_step=True)] == [16]
+
+
+def _recording_passes(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, int]]]:
+    """Every packed prefill pass the runner runs, as ``(request id, tokens)`` per chunk."""
+    passes: list[list[tuple[str, int]]] = []
+    packed = causal.run_packed
+
+    def recording(decoder: object, planned: list[tuple[prefill.Prefill, int]], lora: object = None) -> None:
+        passes.append([(job.pending.request.request_id, take) for job, take in planned])
+        packed(decoder, planned, lora)
+
+    monkeypatch.setattr(causal, "run_packed", recording)
+    return passes
+
+
+def test_an_arrival_is_prefilled_without_scoring_tokens_and_scoring_still_progresses(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes = _recording_passes(monkeypatch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=64, scoring_step_tokens=8)
+    runner = CausalRunner(model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128, config=config)
+    done = threading.Semaphore(0)
+    arrivals = iter(["gen2", "gen3"])  # each first token brings the next request, prefilled the step after
+
+    def finished(delta: GenerationDelta) -> None:
+        if delta.finish_reason is not None:
+            done.release()
+
+    def then_next(delta: GenerationDelta) -> None:
+        """A generating request's sink: its delta submits the next arrival (on the engine thread)."""
+        following = next(arrivals, None)
+        if following is not None:
+            runner.submit(GenerationRequest(following, "m", list(range(5, 15)), FIRST_ONLY), then_next)
+        finished(delta)
+
+    try:
+        runner.submit(GenerationRequest("score", "m", list(range(5, 85)), SCORE), finished)
+        runner.submit(GenerationRequest("gen1", "m", list(range(5, 15)), FIRST_ONLY), then_next)
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+    finally:
+        runner.close()
+    with_gen = [p for p in passes if any(rid.startswith("gen") for rid, _ in p)]
+    assert [rid for rid, _ in with_gen[0]] == ["gen1"]  # the first arrival's pass holds no scoring tokens
+    # gen2 arrives in the very next step: scoring, which just yielded, keeps its share beside it.
+    assert with_gen[1] == [("gen2", 10), ("score", 8)]
+    assert [rid for rid, _ in with_gen[2]] == ["gen3"]  # and yields again the step after
+    assert sum(t for p in passes for rid, t in p if rid == "score") == 80
 
 
 def test_a_scoring_prompt_takes_small_chunks_while_a_request_generates(

@@ -1,8 +1,9 @@
 """The registry of backends: each says which models it serves and what they cost in memory.
 
 A backend registers itself with ``register`` and a priority; the engine serves a model with the
-highest-priority backend whose ``serves`` says yes (so a specialised backend, such as llama.cpp
-for chat models kept as GGUF, is asked before the general torch backend). No if-chain over
+highest-priority backend whose ``serves`` says yes (so a specialised backend, such as vLLM for
+chat models on a GPU or llama.cpp for chat models kept as GGUF, is asked before the general torch
+backend). No if-chain over
 backend names lives anywhere else.
 """
 
@@ -57,6 +58,11 @@ class Backend(ABC):
         """Positions a prompt and its answer may take on this backend."""
         return record.context_length or 2048
 
+    def applies(self, adapter: ModelRecord) -> bool:
+        """Whether its runner applies ``adapter`` (of a model it serves) itself; if not, the
+        adapter's requests run on a torch runner of the base beside it (``engine.models``)."""
+        return True
+
 
 _REGISTERED: list[type[Backend]] = []
 
@@ -74,7 +80,8 @@ class Backends:
     def __init__(self, registry: ModelRegistry, config: EngineConfig, dtype: torch.dtype) -> None:
         # Importing the backends registers them.
         import llmos.engine.llamacpp_backend.backend
-        import llmos.engine.torch_backend.backend  # noqa: F401
+        import llmos.engine.torch_backend.backend
+        import llmos.engine.vllm_backend.backend  # noqa: F401
 
         self.all = [cls(registry, config, dtype) for cls in _REGISTERED]
 

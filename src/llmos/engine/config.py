@@ -42,6 +42,12 @@ class EngineConfig:
     """Cells of the llama.cpp backend's unified key/value cache, allocated at load."""
     gguf_backend: str = "torch"
     """Which backend serves chat models pulled from GGUF: ``torch`` or ``llama.cpp``."""
+    gpu_backend: str = "auto"
+    """Whether chat models go to vLLM on a GPU: ``auto`` (where it can serve them), ``vllm`` or ``torch``."""
+    vllm_gpu_memory_utilization: float = 0.85
+    """Fraction of a GPU's memory a model vLLM serves takes."""
+    vllm_max_lora_rank: int = 64
+    """Largest LoRA rank vLLM applies."""
     threads: int = 0
     """Cores a compute thread uses (0: torch's default)."""
     dtype: str = "auto"
@@ -78,6 +84,9 @@ class EngineConfig:
             native_kernels=settings.native_kernels,
             llamacpp_cache_tokens=settings.llamacpp_cache_tokens,
             gguf_backend=settings.gguf_backend,
+            gpu_backend=settings.gpu_backend,
+            vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            vllm_max_lora_rank=settings.vllm_max_lora_rank,
             threads=settings.threads,
             dtype=settings.dtype,
             memory_budget_bytes=settings.memory_budget_mb << 20,

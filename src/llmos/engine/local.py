@@ -39,6 +39,7 @@ from llmos.engine.torch_backend import CausalRunner, EncoderRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.lora import LoraWeights, load_lora
 from llmos.engine.torch_backend.token_classifier import TokenClassifierRunner
+from llmos.engine.vllm_backend import VllmRunner
 from llmos.errors import InvalidRequestError, ServiceUnavailableError
 from llmos.kernel import ModelResidency, detect_cpu
 from llmos.registry import ModelRecord, ModelRegistry
@@ -128,6 +129,8 @@ class LocalEngine:
             runner.check_fits(request, served.virtual)
             if served.lora and isinstance(runner, CausalRunner):  # loaded beside its base, off the engine thread
                 await self._off_loop(runner.lora.acquire, served.record.id, partial(self._load_adapter, served.record))
+                adapter = served.record.id
+            elif served.lora and isinstance(runner, VllmRunner):  # vLLM loads it at its first request
                 adapter = served.record.id
 
             def deliver(delta: GenerationDelta) -> None:  # called on the engine thread
@@ -220,7 +223,7 @@ class LocalEngine:
                 "pinned": key in self._pinned,
             }
             if key.endswith(TORCH_TWIN):
-                entry["serves"] = "adapters"  # the torch runner beside a model llama.cpp serves
+                entry["serves"] = "adapters"  # the torch runner beside a model served by llama.cpp or vLLM
             if isinstance(runner, GenerationRunner):
                 entry.update(runner.stats())
                 if "adapters" in entry:

@@ -19,7 +19,6 @@ from transformers import AutoConfig
 
 from llmos.engine.backends import Backend, Backends
 from llmos.engine.grammar import GrammarCompiler
-from llmos.engine.llamacpp_backend.backend import LlamaCppBackend
 from llmos.engine.protocol import ModelHandle, ModelInfo
 from llmos.engine.tool_prompt import chat_with_tools
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, load_tokenizer
@@ -31,7 +30,8 @@ from llmos.registry.adapters import ADAPTER_FORMATS, PREFIX_FORMAT
 log = logging.getLogger(__name__)
 
 TORCH_TWIN = "+torch"
-"""Residency key suffix of the torch runner beside a model llama.cpp serves (for its adapters)."""
+"""Residency key suffix of the torch runner beside a model whose backend does not apply an
+adapter of it (llama.cpp's adapters, vLLM's prefix- and prompt-tuning ones)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class ModelResolver:
         base = self._serving_base(record)
         backend = self.backends.for_model(base)
         key = base.id
-        if base is not record and isinstance(backend, LlamaCppBackend):  # llama.cpp applies no adapters
+        if base is not record and not backend.applies(record):  # llama.cpp's adapters, vLLM's prefix tuning
             backend, key = self.backends.named("torch"), base.id + TORCH_TWIN
         tokenizer = self._tokenizer(record, base)
         virtual = self._virtual_tokens(record, base)

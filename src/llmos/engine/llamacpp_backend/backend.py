@@ -36,6 +36,9 @@ class LlamaCppBackend(Backend):
     def context_length(self, record: ModelRecord) -> int:
         return min(super().context_length(record), self.config.llamacpp_cache_tokens)
 
+    def applies(self, adapter: ModelRecord) -> bool:
+        return False  # llama.cpp applies none of this platform's adapters
+
     def estimate_bytes(self, record: ModelRecord) -> int:
         """Its file (mapped) and its cache, allocated at load."""
         config = read_json(self.registry.model_dir(record) / "config.json")

@@ -107,6 +107,7 @@ class CausalRunner(GenerationRunner):
         self._prefill_passes = 0  # _advance_prefills calls that computed anything (prefill_order's clock)
         self.scoring_step_tokens = config.scoring_step_tokens
         self._generating_at = -math.inf  # when an interactive generating request was last seen here
+        self._scoring_yielded = False  # the last step planned no scoring tokens, scoring prompts waiting
 
     @property
     def adapter_copy_bytes(self) -> int:
@@ -265,7 +266,16 @@ class CausalRunner(GenerationRunner):
         again one by one."""
         decoding = sum(not row.finished for row in self._state.rows) if self._state is not None else 0
         budget = min(self.prefill_budget, self.step_budget - decoding)
-        planned = plan_chunks(self._prefill_jobs, budget, self.prefill_budget, self._scoring_tokens())
+        planned = plan_chunks(
+            self._prefill_jobs,
+            budget,
+            self.prefill_budget,
+            self._scoring_tokens(),
+            yield_step=not self._scoring_yielded,
+        )
+        self._scoring_yielded = any(job.pending.request.scoring for job in self._prefill_jobs) and not any(
+            job.pending.request.scoring for job, _ in planned
+        )
         # With the lean layers every chunk runs in one packed pass, each token with its prompt's
         # adapter; without them, one pass a prompt through the model's forward.
         passes = [planned] if self.decoder is not None and planned else [[p] for p in planned]

@@ -95,12 +95,16 @@ def prefill_order(jobs: Iterable[Prefill], budget: int) -> list[Prefill]:
 
 
 def plan_chunks(
-    jobs: Iterable[Prefill], budget: int, pass_budget: int, scoring_tokens: int | None
+    jobs: Iterable[Prefill], budget: int, pass_budget: int, scoring_tokens: int | None, *, yield_step: bool = False
 ) -> list[tuple[Prefill, int]]:
     """The chunk of each job this step prefills, ``(job, tokens)``, within ``budget`` tokens:
     prompts that generate first, then scoring ones (``GenerationRequest.scoring``), each part in
     ``prefill_order`` (``pass_budget`` its ageing unit); scoring prompts take at most
-    ``scoring_tokens`` of the step when it is given (generating work is about).
+    ``scoring_tokens`` of the step when it is given (generating work is about), and none at all
+    when ``yield_step`` and a generating prompt is planned: the pass that computes an arrival's
+    first token then holds no scored positions (their every-position logits, log-softmax and top-k
+    would be computed before that first token is chosen). The caller gives ``yield_step`` only
+    when the previous step did not yield, so scoring keeps at least every other step.
 
     A job whose prompt ends in the step has its rows decode in it too, so each of them is kept a
     token of the budget (its chunk stops a token short where there is none)."""
@@ -108,6 +112,8 @@ def plan_chunks(
     scoring_left = budget if scoring_tokens is None else min(budget, scoring_tokens)
     for job in sorted(prefill_order(jobs, pass_budget), key=lambda job: job.pending.request.scoring):
         scoring = job.pending.request.scoring
+        if scoring and yield_step and planned:  # ``planned`` holds generating prompts only, here
+            break
         room = min(budget, scoring_left) if scoring else budget
         take = min(job.remaining, room)
         if take == job.remaining and take + job.pending.rows > room:
