@@ -147,7 +147,9 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path, monkey
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt-epoch-0").iterdir()} == good
 
     fresh, fresh_opt, fresh_sched = _trainer()
-    state = checkpoints.resume_latest(tmp_path, fresh, fresh_opt, fresh_sched, lambda message: None)
+    state = checkpoints.resume_latest(
+        checkpoints.LocalCheckpoints(tmp_path), fresh, fresh_opt, fresh_sched, lambda message: None
+    )
     assert state == {"step": 3, "epoch": 0}
     weights = {k: v for k, v in fresh.state_dict().items()}
     assert not torch.equal(weights["weight"], model.weight.detach())  # the epoch-0 weights, not the lost ones

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
+from llmos.kernel.job_heartbeat import EXIT_STOPPED
 from llmos.kernel.job_record import Job
 from llmos.kernel.job_status import JobStatus, StopRequest
 from llmos.kernel.job_workers import Placement
@@ -75,13 +76,16 @@ class _Launcher:
 
     offers: list[Placement | None]
     started: list[tuple[str, Placement, _Worker]] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    """The attempt each worker was started for."""
 
     def place(self, job: Job) -> Placement | None:
         return self.offers.pop(0)
 
-    def start(self, job_id: str, placement: Placement) -> _Worker:
+    def start(self, job_id: str, attempt: int, placement: Placement) -> _Worker:
         worker = _Worker()
         self.started.append((job_id, placement, worker))
+        self.attempts.append(attempt)
         return worker
 
 
@@ -131,6 +135,7 @@ def test_a_worker_lost_with_its_node_resumes_elsewhere_and_only_the_new_attempt_
     assert "Worker exited unexpectedly (-9) on node 10.0.0.2; resuming from the last checkpoint" in messages
     assert "Fine-tuning job started (attempt 2) on node 10.0.0.1" in messages
     assert [placement for _, placement, _ in launcher.started] == [NODE_2, HEAD]
+    assert launcher.attempts == [1, 2]  # each worker is told the attempt it was claimed for
     assert supervisor.placements == {job_id: HEAD}
     # the lease: the first attempt's worker, were it still alive somewhere, is told it lost the job
     assert p.jobs.heartbeat(job_id, 1) == StopRequest.LOST
@@ -276,17 +281,24 @@ def test_the_host_answers_started_only_once_run_has_started_the_worker(
         def poll(self) -> int | None:
             return 0
 
-    monkeypatch.setattr(jobs, "start_worker_process", lambda *args: _Process())
+    launched: list[tuple[Any, ...]] = []
+
+    def start_worker_process(*args: Any) -> _Process:
+        launched.append(args)
+        return _Process()
+
+    monkeypatch.setattr(jobs, "start_worker_process", start_worker_process)
 
     async def started_before_run() -> tuple[bool, int]:
         host = jobs.JobWorkerHost()
         asked = asyncio.create_task(host.started())
         await asyncio.sleep(0.01)
         answered_early = asked.done()
-        assert await host.run("ftjob-x", {}, str(tmp_path)) == 0
+        assert await host.run("ftjob-x", 3, {}, str(tmp_path)) == 0
         return answered_early, await asked
 
     assert asyncio.run(started_before_run()) == (False, 4242)
+    assert [args[:2] for args in launched] == [("ftjob-x", 3)]  # the worker is started for its attempt
 
 
 def test_a_hung_worker_killed_leaves_its_node_open_and_a_lost_actor_does_not(
@@ -335,5 +347,44 @@ def test_the_worker_beats_before_it_imports_the_training_stack(
     monkeypatch.setitem(sys.modules, "llmos.training.job_training", training)
     monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
     monkeypatch.setenv("LLMOS_HOME", str(p.settings.home))
-    assert worker.run(job_id) == 0
+    assert worker.run(job_id, 1) == 0
     assert silence_at_training[0] < STALE_AFTER
+
+
+def test_a_worker_started_for_an_attempt_the_job_has_moved_past_writes_nothing(
+    loaded_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its supervisor gave the job up and another claimed it again before this worker's first beat:
+    the worker, started for the first attempt, must not adopt the second (and so run the job twice)."""
+    from llmos.training import worker
+
+    p = loaded_platform
+    job_id = _new_job(p)
+    assert p.jobs.claim(job_id) == 1
+    assert p.jobs.settle_stopped(job_id, "its worker went silent")
+    assert p.jobs.claim(job_id) == 2
+    _last_beat(p, job_id, seconds_ago=120)
+    with p.db.session() as s:
+        before = s.get(JobRow, job_id)
+        assert before is not None
+        beat_before = before.heartbeat_at
+    events_before = _messages(p, job_id)
+    trained: list[int] = []
+
+    def train(settings: object, job_id: str, heartbeat: worker.Heartbeat) -> int:
+        trained.append(heartbeat.attempt)
+        heartbeat.stop()
+        return 0
+
+    training = types.ModuleType("llmos.training.job_training")
+    training.train = train  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "llmos.training.job_training", training)
+    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
+    monkeypatch.setenv("LLMOS_HOME", str(p.settings.home))
+    assert worker.run(job_id, 1) == EXIT_STOPPED
+    assert trained == []
+    with p.db.session() as s:
+        after = s.get(JobRow, job_id)
+        assert after is not None
+        assert (after.status, after.attempts, after.heartbeat_at) == (JobStatus.RUNNING, 2, beat_before)
+    assert _messages(p, job_id) == events_before

@@ -34,7 +34,7 @@ def sleepers() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def supervisor(platform: Platform, sleepers: list[subprocess.Popen[bytes]], jobs: int = 2) -> JobSupervisor:
-    def spawn(job_id: str, settings: Settings) -> subprocess.Popen[bytes]:
+    def spawn(job_id: str, attempt: int, settings: Settings) -> subprocess.Popen[bytes]:
         sleepers.append(subprocess.Popen(["sleep", "300"]))
         return sleepers[-1]
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from llmos.training.adapters import merged, regularization, wrap_model
-from llmos.training.checkpoints import resume_latest, save_epoch
+from llmos.training.checkpoints import LocalCheckpoints, resume_latest, save_epoch
 from llmos.training.classify import run_classification
 from llmos.training.optim import Optimization
 from llmos.training.run import Hooks, TrainingRun
@@ -97,7 +97,9 @@ def test_a_resumed_adalora_run_keeps_its_rank_allocation(tiny_chat_dir: Path, tm
     _train_until(model, opt, state, total, ids)
 
     resumed, resumed_opt = _adalora(tiny_chat_dir, total)
-    saved = resume_latest(tmp_path, resumed, resumed_opt.optimizer, resumed_opt.scheduler, lambda m: None)
+    saved = resume_latest(
+        LocalCheckpoints(tmp_path), resumed, resumed_opt.optimizer, resumed_opt.scheduler, lambda m: None
+    )
     resumed_state = TrainingState.from_json(saved)
     assert resumed_state.step == stop
     _train_until(resumed, resumed_opt, resumed_state, total, ids)

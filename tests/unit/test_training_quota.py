@@ -165,7 +165,7 @@ def test_disk_full_at_a_checkpoint_fails_the_job_clearly_and_it_resumes(
     monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}}
     job = p.jobs.create(tenant="default", body={"model": "tiny-chat", "training_file": _upload(p), "method": method})
-    assert p.jobs.claim(job.id) == 1  # as the supervisor does
+    assert p.jobs.claim(job.id) == 1  # as the supervisor does, which starts the worker for that attempt
 
     real_write = Path.write_bytes
     writes = 0
@@ -179,7 +179,7 @@ def test_disk_full_at_a_checkpoint_fails_the_job_clearly_and_it_resumes(
         return real_write(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", filling_write)
-    assert worker.run(job.id) == 1
+    assert worker.run(job.id, 1) == 1
     monkeypatch.setattr(Path, "write_bytes", real_write)
     failed = p.jobs.get(None, job.id)
     assert failed.status == "failed" and writes == 1
@@ -190,7 +190,7 @@ def test_disk_full_at_a_checkpoint_fails_the_job_clearly_and_it_resumes(
 
     assert p.jobs.resume("default", job.id).status == "queued"  # space freed: resume it
     assert p.jobs.claim(job.id) == 2
-    assert worker.run(job.id) == 0
+    assert worker.run(job.id, 2) == 0
     done = p.jobs.get(None, job.id)
     assert done.status == "succeeded" and done.error is None and done.fine_tuned_model
     messages = [e["message"] for e in p.jobs.events("default", job.id, limit=100)[0]]

@@ -4,14 +4,14 @@
 chooses a node (``routing.choose_job_node``: room for ``ray_job_cpus`` and ``ray_job_memory_mb``
 in what nothing has reserved there, a node other than the API server's first) and starts on it,
 pinned by Ray's node affinity with that reservation, a ``JobWorkerHost`` actor, which runs the job's
-worker, ``python -m llmos.training.worker JOB_ID``, as a local supervisor does. The worker reports
+worker, ``python -m llmos.training.worker JOB_ID ATTEMPT``, as a local supervisor does. The worker reports
 heartbeats, events, checkpoints and its result to the database itself and dies with the actor, so
 only its exit code comes back through Ray. An actor that dies with its node is reported by Ray;
 the supervisor then settles the job as for any dead worker, and it resumes from its last checkpoint
-wherever it is placed next (its work directory is shared by the nodes, docs/scaling.md).
+wherever it is placed next (the checkpoints are in the artifact store, ``kernel.job_checkpoints``).
 
-What crosses to the actor is plain data: the job id, the worker's environment (strings) and its
-log directory. Ray pickles it within the cluster's trust domain; nothing a client sent is unpickled.
+What crosses to the actor is plain data: the job id, its claimed attempt, the worker's environment
+(strings) and its log directory. Ray pickles it within the cluster's trust domain; nothing a client sent is unpickled.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ class JobWorkerHost:
         self.process: subprocess.Popen[bytes] | None = None
         self._launched = asyncio.Event()
 
-    async def run(self, job_id: str, env: dict[str, str], log_dir: str) -> int:
-        """Start the job's worker with ``env`` over this node's environment; its exit code."""
-        self.process = start_worker_process(job_id, {**os.environ, **env}, Path(log_dir))
+    async def run(self, job_id: str, attempt: int, env: dict[str, str], log_dir: str) -> int:
+        """Start the worker of the job's ``attempt`` with ``env`` over this node's environment; its exit code."""
+        self.process = start_worker_process(job_id, attempt, {**os.environ, **env}, Path(log_dir))
         self._launched.set()
         while (code := self.process.poll()) is None:
             await asyncio.sleep(POLL_S)
@@ -199,7 +199,7 @@ class RayJobLauncher:
             gpus=available.get("GPU", 0.0),
         )
 
-    def start(self, job_id: str, placement: Placement) -> RayWorker:
+    def start(self, job_id: str, attempt: int, placement: Placement) -> RayWorker:
         assert placement.node_id is not None, "a Ray placement names its node"
         options: dict[str, Any] = {
             "num_cpus": self.need.cpus,
@@ -210,7 +210,7 @@ class RayJobLauncher:
         if self.need.memory_bytes:
             options["memory"] = self.need.memory_bytes
         host: Any = self._host_class.options(**options).remote()  # Ray's handle types no coroutine methods
-        exit_ref = host.run.remote(job_id, self._env(), str(job_dir(self.settings, job_id)))
+        exit_ref = host.run.remote(job_id, attempt, self._env(), str(job_dir(self.settings, job_id)))
         worker = RayWorker(host, exit_ref, host.started.remote(), partial(self.node_lost, placement.node_id))
         self._starting.append(_Start(placement.node_id, worker))
         return worker

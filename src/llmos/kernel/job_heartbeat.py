@@ -9,7 +9,6 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 
-from llmos.errors import NotFoundError
 from llmos.kernel.job_status import JobStatus, StopRequest
 from llmos.registry.db import Database
 from llmos.registry.tables import JobRow
@@ -30,12 +29,3 @@ def beat(db: Database, job_id: str, attempt: int, now: datetime) -> str | None:
         if not getattr(recorded, "rowcount", 0):
             return StopRequest.LOST
         return s.scalar(select(JobRow.control).where(JobRow.id == job_id))
-
-
-def claimed_attempt(db: Database, job_id: str) -> int:
-    """The attempt the supervisor claimed ``job_id`` for: the lease its worker beats with."""
-    with db.session() as s:
-        attempt = s.scalar(select(JobRow.attempts).where(JobRow.id == job_id))
-    if attempt is None:
-        raise NotFoundError(f"no fine-tuning job {job_id}", param="fine_tuning_job_id")
-    return int(attempt)

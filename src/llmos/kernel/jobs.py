@@ -1,6 +1,7 @@
 """The durable job store: the one owner of fine-tuning jobs' state.
 
-Jobs, their events and checkpoints live in the database. The API creates jobs and asks for
+Jobs, their events and checkpoints live in the database (the checkpoints' files in the artifact
+store: ``stored_checkpoints``, ``kernel.job_checkpoints``). The API creates jobs and asks for
 cancel, pause and resume; the supervisor claims queued jobs and settles those whose worker
 stopped; the worker reports heartbeats, CPU time, events, metrics, checkpoints and its result.
 All of them do it through this store's methods, and every status change goes through ``_move``:
@@ -15,13 +16,13 @@ import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from llmos.errors import ConflictError, InvalidRequestError, LLMOSError, NotFoundError
+from llmos.kernel.job_checkpoints import JobCheckpoints
 from llmos.kernel.job_heartbeat import beat
 from llmos.kernel.job_queries import JobQueries
 from llmos.kernel.job_record import Job, checkpoint_name, fine_tuned_name, metrics_csv
@@ -38,7 +39,7 @@ from llmos.registry.db import Database
 from llmos.registry.files import FileStore
 from llmos.registry.idempotency import find_earlier, insert_once
 from llmos.registry.service import ModelRegistry
-from llmos.registry.tables import JobCheckpointRow, JobEventRow, JobRow
+from llmos.registry.tables import JobEventRow, JobRow
 
 __all__ = ["TRAINABLE", "Job", "JobStatus", "JobStore", "checkpoint_name", "fine_tuned_name"]
 
@@ -67,6 +68,8 @@ class JobStore(JobQueries):
         self.files = files
         self.registry = registry
         self.pretrain_memory_mb = pretrain_memory_mb
+        self.stored_checkpoints = JobCheckpoints(db, registry.store, clock)
+        """Checkpoints as the artifact store keeps them: recorded by workers, restored on resume."""
 
     # -- creation --------------------------------------------------------------------------
     def create(
@@ -263,21 +266,6 @@ class JobStore(JobQueries):
         """A training or validation report (``step`` and numbers), shown as a ``metrics`` event."""
         shown = ", ".join(f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float))
         self.add_event(job_id, f"Step {data.get('step')}: {shown}", type="metrics", data=data)
-
-    def add_checkpoint(self, job_id: str, *, step: int, epoch: int, metrics: dict[str, Any], path: Path) -> None:
-        with self.db.session() as s:
-            s.add(
-                JobCheckpointRow(
-                    id=f"ftckpt-{uuid.uuid4().hex[:24]}",
-                    job_id=job_id,
-                    step=step,
-                    epoch=epoch,
-                    metrics=metrics,
-                    path=str(path),
-                    created_at=self.clock(),
-                )
-            )
-            s.add(self._event(job_id, f"Checkpoint saved at step {step} (epoch {epoch})", data=metrics))
 
     def succeed(self, job_id: str, attempt: int, *, fine_tuned_model: str, trained_tokens: int) -> Job:
         """running -> succeeded, with the registered model and the metrics file as its result."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -20,6 +19,7 @@ from llmos.errors import NotFoundError
 from llmos.kernel.job_status import StopRequest
 from llmos.kernel.job_workers import (
     Placement,
+    Spawn,
     WorkerLauncher,
     WorkerProcess,
     default_launcher,
@@ -53,7 +53,7 @@ class JobSupervisor:
         jobs: JobStore,
         quota: TrainingQuota,
         settings: Settings,
-        spawn: Callable[[str, Settings], WorkerProcess] = spawn_worker,
+        spawn: Spawn = spawn_worker,
         stale_after: timedelta = STALE_AFTER,
         launcher: WorkerLauncher | None = None,
     ) -> None:
@@ -191,7 +191,7 @@ class JobSupervisor:
             attempt = self.jobs.claim(job.id)
             if attempt is None:
                 continue  # another supervisor took it
-            process = self.launcher.start(job.id, placement)
+            process = self.launcher.start(job.id, attempt, placement)
             self._workers[job.id] = _Worker(job.id, attempt, process, placement)
             self.jobs.attach_worker(job.id, attempt, process.pid, node=placement.node_address)
             _count(per_tenant.setdefault(job.tenant, {}), job.key_id)

@@ -1,6 +1,6 @@
-"""Blob garbage collection. A blob's references are the model artifacts and files naming its digest,
-and the claims of writes in progress (``claiming``), counted in the database; a blob goes when the
-count is zero. A blob is placed with its reference
+"""Blob garbage collection. A blob's references are the model artifacts, files and job checkpoints
+naming its digest, and the claims of writes in progress (``claiming``), counted in the database; a
+blob goes when the count is zero. A blob is placed with its reference
 under the store's ``placing`` lock and judged unreferenced and deleted under its ``collecting`` lock,
 which exclude each other on every machine sharing the blobs (a database advisory lock where servers
 share PostgreSQL), so a tenant deleting its copy never removes a blob another tenant's upload, on
@@ -19,7 +19,7 @@ from sqlalchemy import delete, select
 
 from llmos.registry.db import Database
 from llmos.registry.store import ArtifactStore
-from llmos.registry.tables import ArtifactRow, BlobClaimRow, FileRow
+from llmos.registry.tables import ArtifactRow, BlobClaimRow, FileRow, JobCheckpointFileRow
 
 _QUERY_BATCH = 500  # digests per IN (...) query
 BLOB_LOCK = "llmos.artifact-store"
@@ -33,13 +33,13 @@ class Collected:
 
 
 def referenced(db: Database, digests: Iterable[str]) -> set[str]:
-    """Those of ``digests`` that a model artifact, a file or a write in progress refers to."""
+    """Those of ``digests`` that a model artifact, a file, a job checkpoint or a write in progress refers to."""
     pending = list(set(digests))
     used: set[str] = set()
     with db.session() as s:
         for start in range(0, len(pending), _QUERY_BATCH):
             batch = pending[start : start + _QUERY_BATCH]
-            for column in (ArtifactRow.sha256, FileRow.sha256, BlobClaimRow.sha256):
+            for column in (ArtifactRow.sha256, FileRow.sha256, JobCheckpointFileRow.sha256, BlobClaimRow.sha256):
                 used.update(s.scalars(select(column).where(column.in_(batch))))
     return used
 

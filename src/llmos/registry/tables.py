@@ -216,6 +216,21 @@ class JobCheckpointRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class JobCheckpointFileRow(Base):
+    """A file of a job checkpoint, as a blob of the artifact store. A checkpoint's rows are written
+    with it in one transaction, after every blob is stored, so a checkpoint either has all its files
+    or is not there (``kernel.job_checkpoints``); blob collection counts them as references."""
+
+    __tablename__ = "fine_tuning_job_checkpoint_files"
+
+    checkpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("fine_tuning_job_checkpoints.id", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[str] = mapped_column(String(512), primary_key=True)
+    """Relative to the checkpoint's directory."""
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+
+
 class BatchRow(Base):
     """A batch of requests (OpenAI's Batches API): durable, so a restarted server resumes it."""
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save
 
 from llmos.errors import InsufficientStorageError
 from llmos.training.adapters import MethodState, method_state, restore_method_state
+from llmos.training.run import CheckpointSource
 
 SERVABLE = "model"
 """A checkpoint's sub-directory holding the model as the engine serves it (where the method allows)."""
@@ -123,8 +124,27 @@ def load_checkpoint(
     return dict(meta["state"])
 
 
-def _epoch_of(directory: Path) -> int:
-    return int(directory.name.rsplit("-", 1)[1])
+def epoch_dir(work_dir: Path, epoch: int) -> Path:
+    """Where the checkpoint at the end of ``epoch`` is written in a run's work directory."""
+    return work_dir / f"ckpt-epoch-{epoch}"
+
+
+class LocalCheckpoints:
+    """The complete checkpoints in a run's work directory (a ``.tmp`` one never counts)."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+
+    def latest_epoch(self) -> int | None:
+        epochs = [
+            int(p.name.rsplit("-", 1)[1])
+            for p in self.work_dir.glob("ckpt-epoch-*")
+            if p.name.rsplit("-", 1)[1].isdigit()
+        ]
+        return max(epochs, default=None)
+
+    def fetch(self, epoch: int) -> Path:
+        return epoch_dir(self.work_dir, epoch)
 
 
 def save_epoch(
@@ -138,7 +158,7 @@ def save_epoch(
 ) -> Path:
     """The checkpoint at the end of ``epoch``: the trainable weights only (an adapter is small)."""
     return save_checkpoint(
-        work_dir / f"ckpt-epoch-{epoch}",
+        epoch_dir(work_dir, epoch),
         weights={n: p for n, p in model.named_parameters() if p.requires_grad},
         optimizer=optimizer,
         scheduler=scheduler,
@@ -148,12 +168,12 @@ def save_epoch(
 
 
 def resume_latest(
-    work_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, report: Any
+    source: CheckpointSource, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, report: Any
 ) -> dict[str, Any] | None:
-    """Load the newest complete checkpoint in ``work_dir`` (a ``.tmp`` one never counts)."""
-    done = sorted((p for p in work_dir.glob("ckpt-epoch-*") if p.name.rsplit("-", 1)[1].isdigit()), key=_epoch_of)
-    if not done:
+    """Load the newest complete checkpoint ``source`` has."""
+    epoch = source.latest_epoch()
+    if epoch is None:
         return None
-    state = load_checkpoint(done[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+    state = load_checkpoint(source.fetch(epoch), model=model, optimizer=optimizer, scheduler=scheduler)
     report(f"Resumed from checkpoint at step {state['step']} (epoch {state['epoch']})")
     return state

@@ -15,13 +15,14 @@ import torch
 from llmos.config import Settings
 from llmos.errors import LLMOSError
 from llmos.kernel.devices import detect_cpu
+from llmos.kernel.job_checkpoints import JobCheckpoints
 from llmos.kernel.job_heartbeat import EXIT_STOPPED
 from llmos.kernel.job_status import StopRequest
 from llmos.kernel.job_workers import job_dir
 from llmos.kernel.jobs import Job, checkpoint_name, fine_tuned_name
 from llmos.platform import Platform
 from llmos.registry.service import Lineage, ModelRecord
-from llmos.training.checkpoints import SERVABLE
+from llmos.training.checkpoints import SERVABLE, epoch_dir
 from llmos.training.classify import run_classification
 from llmos.training.dpo import run_dpo
 from llmos.training.metering import QUOTA_STOP, CpuMeter
@@ -46,9 +47,30 @@ TRAINERS = {
 }
 
 
+class StoredCheckpoints:
+    """A job's checkpoints as the artifact store keeps them, each restored into the job's work
+    directory on this node when the run asks for it (a resume here of a job another node began)."""
+
+    def __init__(self, checkpoints: JobCheckpoints, job_id: str, work_dir: Path) -> None:
+        self.checkpoints = checkpoints
+        self.job_id = job_id
+        self.work_dir = work_dir
+
+    def latest_epoch(self) -> int | None:
+        return self.checkpoints.latest_epoch(self.job_id)
+
+    def fetch(self, epoch: int) -> Path:
+        return self.checkpoints.restore(self.job_id, epoch, epoch_dir(self.work_dir, epoch))
+
+
 def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat, base: ModelRecord | None) -> Hooks:
     def checkpoint(step: int, epoch: int, data: dict[str, Any], path: Path) -> None:
-        platform.jobs.add_checkpoint(job.id, step=step, epoch=epoch, metrics=data, path=path)
+        # The servable copy is registered as a model of its own below; a resume needs only the rest.
+        stored = platform.jobs.stored_checkpoints.record(
+            job.id, heartbeat.attempt, step=step, epoch=epoch, metrics=data, directory=path, leave_out=(SERVABLE,)
+        )
+        if not stored:
+            raise Stopped(StopRequest.LOST)  # the job moved on to another attempt: nothing more of ours
         if (path / SERVABLE).is_dir():
             _register_checkpoint(platform, job, base, step, data, path / SERVABLE)
 
@@ -124,7 +146,8 @@ def train(settings: Settings, job_id: str, heartbeat: Heartbeat) -> int:
     if settings.training_threads:
         torch.set_num_threads(settings.training_threads)
     platform = Platform.open(settings)
-    job = platform.jobs.get(None, job_id)  # claimed by the supervisor: ``attempts`` is this run's
+    job = platform.jobs.get(None, job_id)
+    attempt = heartbeat.attempt  # the one its supervisor claimed; ``job.attempts`` may have moved on since
     heartbeat.meter = meter = CpuMeter(platform.jobs, platform.training_quota, job.id)
     work_dir = job_dir(settings, job_id)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +163,7 @@ def train(settings: Settings, job_id: str, heartbeat: Heartbeat) -> int:
             hooks=_hooks(platform, job, heartbeat, base),
             bf16=detect_cpu().bf16_fast,
             pretrain=_pretrain_inputs(platform, job),
+            checkpoints=StoredCheckpoints(platform.jobs.stored_checkpoints, job_id, work_dir),
         )
         result = TRAINERS[job.method.get("task", "chat")](run)
         name = fine_tuned_name(job, base.name if base is not None else job.model)
@@ -152,17 +176,17 @@ def train(settings: Settings, job_id: str, heartbeat: Heartbeat) -> int:
                 f"{meter.over_quota or 'Training CPU quota exceeded.'} The job was stopped; its last "
                 "checkpoint is kept, resume it once the quota resets."
             )
-            platform.jobs.fail(job_id, job.attempts, QUOTA_STOP, message)
+            platform.jobs.fail(job_id, attempt, QUOTA_STOP, message)
             return 1
         if stopped.reason != StopRequest.LOST:
             platform.jobs.add_event(job_id, f"Training stopped: {stopped.reason}")
         return EXIT_STOPPED
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        platform.jobs.fail(job_id, job.attempts, *_failure(exc))
+        platform.jobs.fail(job_id, attempt, *_failure(exc))
         return 1
     finally:
         heartbeat.stop()
-    platform.jobs.succeed(job_id, job.attempts, fine_tuned_model=name, trained_tokens=result.trained_tokens)
+    platform.jobs.succeed(job_id, attempt, fine_tuned_model=name, trained_tokens=result.trained_tokens)
     platform.close()
     return 0

@@ -23,9 +23,9 @@ import torch
 
 from llmos.training.adapters import regularization
 from llmos.training.adversarial import FGM
-from llmos.training.checkpoints import SERVABLE, load_weights, resume_latest, save_epoch
+from llmos.training.checkpoints import SERVABLE, LocalCheckpoints, load_weights, resume_latest, save_epoch
 from llmos.training.optim import Accumulation, Optimization
-from llmos.training.run import Stopped, TrainingResult, TrainingRun
+from llmos.training.run import CheckpointSource, Stopped, TrainingResult, TrainingRun
 from llmos.training.state import TrainingState
 
 E = TypeVar("E")
@@ -120,13 +120,14 @@ def shuffled_batches(
 
 def fit(task: TrainingTask[E], run: TrainingRun) -> TrainingResult:
     """Train ``task.model`` on ``task.train`` for the run's epochs, resuming from the newest
-    complete checkpoint in ``run.work_dir``; save the result there (``result``)."""
+    complete checkpoint (``run.checkpoints``, by default those in ``run.work_dir``); write each epoch's
+    checkpoint and the result (``result``) in ``run.work_dir``."""
     spec, hooks, model = run.spec, run.hooks, task.model
     total_steps = spec.total_steps(len(task.train))
     weight_decay = task.weight_decay if spec.weight_decay is None else spec.weight_decay
     opt = Optimization(model, spec, total_steps, weight_decay=weight_decay)
     fgm = FGM(model, spec.fgm_epsilon) if spec.fgm_epsilon else None
-    saved = resume_latest(run.work_dir, model, opt.optimizer, opt.scheduler, hooks.message)
+    saved = resume_latest(_checkpoints(run), model, opt.optimizer, opt.scheduler, hooks.message)
     state = TrainingState() if saved is None else TrainingState.from_json(saved)
     hooks.message(
         f"Training {spec.adapter} {task.description}, {spec.n_epochs} epochs ({total_steps} steps, "
@@ -211,9 +212,13 @@ def _keep_best(task: TrainingTask[E], state: TrainingState, run: TrainingRun, la
     if not task.selection.keep_best or best is None:
         return last
     if best.epoch != state.epoch:
-        load_weights(run.work_dir / f"ckpt-epoch-{best.epoch}", task.model)
+        load_weights(_checkpoints(run).fetch(best.epoch), task.model)
     run.hooks.message(f"Keeping epoch {best.epoch}, the best on validation ({task.selection.metric}={best.value:.4f})")
     return {**best.metrics, "best_epoch": best.epoch}
+
+
+def _checkpoints(run: TrainingRun) -> CheckpointSource:
+    return run.checkpoints or LocalCheckpoints(run.work_dir)
 
 
 def _scaled_loss(task: TrainingTask[E], batch: list[E], scale: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from llmos.training.pretrain_spec import PretrainSpec
 from llmos.training.spec import TrainingSpec
@@ -29,6 +29,17 @@ class Hooks:
     control: Callable[[], str | None]
 
 
+class CheckpointSource(Protocol):
+    """Where a run's complete checkpoints are found again: its own work directory
+    (``checkpoints.LocalCheckpoints``), or for a job the artifact store, from any node."""
+
+    def latest_epoch(self) -> int | None:
+        """The newest epoch with a complete checkpoint; None: none has one."""
+
+    def fetch(self, epoch: int) -> Path:
+        """A local directory holding the checkpoint of ``epoch`` (one ``latest_epoch`` counted)."""
+
+
 @dataclass(frozen=True)
 class TrainingRun:
     base_dir: Path
@@ -43,6 +54,8 @@ class TrainingRun:
     """Autocast to bfloat16 (CPUs with AMX / AVX-512 BF16)."""
     pretrain: PretrainInputs | None = None
     """What only pre-training takes (its ``base_dir`` is unused: it builds a new model)."""
+    checkpoints: CheckpointSource | None = None
+    """Where a resume finds the checkpoints; None: those in ``work_dir``."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
-"""A training worker process: `python -m llmos.training.worker JOB_ID`.
+"""A training worker process: `python -m llmos.training.worker JOB_ID ATTEMPT`.
 
-Started and watched by the kernel's job supervisor. It reports heartbeats, events, metrics,
+Started and watched by the kernel's job supervisor, with the attempt it claimed the job for: the
+lease the worker beats with. A worker whose attempt is no longer the job's (its supervisor gave it
+up and the job was claimed again before the worker's first beat) exits at once, having written
+nothing. It reports heartbeats, events, metrics,
 checkpoints and its result through the job store, stops at the next step when asked to cancel
 or pause, dies with its supervisor (so a job never runs twice), and registers the fine-tuned
 model at the end.
@@ -23,7 +26,7 @@ import threading
 from datetime import UTC, datetime
 
 from llmos.config import Settings
-from llmos.kernel.job_heartbeat import EXIT_STOPPED, beat, claimed_attempt
+from llmos.kernel.job_heartbeat import EXIT_STOPPED, beat
 from llmos.kernel.job_status import StopRequest
 from llmos.registry.db import Database
 from llmos.security.private import restrict_umask
@@ -76,14 +79,16 @@ class Heartbeat(threading.Thread):
             log.exception("could not charge the job's last CPU time")
 
 
-def run(job_id: str) -> int:
+def run(job_id: str, attempt: int) -> int:
+    """Run attempt ``attempt`` of the claimed job ``job_id``; the worker's exit code."""
     _die_with_parent()
     parent = os.getppid()
     settings = Settings()
     db = Database(settings.db_url, run_migrations=False)  # the server that claimed the job migrated it
-    heartbeat = Heartbeat(db, job_id, claimed_attempt(db, job_id), parent)
+    heartbeat = Heartbeat(db, job_id, attempt, parent)
     heartbeat.beat()
     if heartbeat.control == StopRequest.LOST:
+        db.dispose()
         return EXIT_STOPPED  # the job moved on before this worker started: not ours to run
     heartbeat.start()
     from llmos.training.job_training import train  # the training stack, imported while the heartbeat runs
@@ -97,4 +102,5 @@ def run(job_id: str) -> int:
 if __name__ == "__main__":
     restrict_umask()  # checkpoints, results and logs are the owner's alone
     logging.basicConfig(level=logging.INFO)
-    sys.exit(run(sys.argv[1]))
+    job_id, attempt = sys.argv[1:3]
+    sys.exit(run(job_id, int(attempt)))

@@ -1,0 +1,215 @@
+"""Fine-tuning jobs' checkpoints in the artifact store (issue 21): recorded only whole and only by the
+attempt holding the job, counted as blob references, restored into any node's work directory; and a
+job whose node died resumes on another node, with a home of its own, from an S3 bucket (moto's server)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmos.config import Settings
+from llmos.kernel.job_status import JobStatus
+from llmos.platform import Platform
+from llmos.registry.gc import referenced
+from llmos.registry.store import ArtifactStore, sha256_file
+from llmos.registry.tables import JobCheckpointFileRow, JobCheckpointRow
+from llmos.training import worker
+
+ROWS = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(4)]
+THREE_EPOCHS = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}}
+
+
+def _upload(platform: Platform) -> str:
+    data = "\n".join(json.dumps(r) for r in ROWS).encode()
+    record, _ = platform.files.create(
+        tenant="default", purpose="fine-tune", filename="t.jsonl", chunks=[data], max_bytes=1 << 20
+    )
+    return record.id
+
+
+def _running_job(platform: Platform) -> str:
+    job = platform.jobs.create(tenant="default", body={"model": "tiny-chat", "training_file": _upload(platform)})
+    assert platform.jobs.claim(job.id) == 1
+    return job.id
+
+
+def _checkpoint_dir(root: Path, epoch: int) -> Path:
+    """A checkpoint as the training loop leaves it: state files and the servable copy."""
+    directory = root / f"ckpt-epoch-{epoch}"
+    (directory / "model").mkdir(parents=True)
+    (directory / "trainable.safetensors").write_bytes(f"weights of epoch {epoch}".encode())
+    (directory / "trainer_state.json").write_text(json.dumps({"epoch": epoch}))
+    (directory / "model" / "config.json").write_text("{}")
+    return directory
+
+
+def _rows(platform: Platform, job_id: str) -> list[tuple[int, dict[str, str]]]:
+    with platform.db.session() as s:
+        rows = s.query(JobCheckpointRow).filter_by(job_id=job_id).order_by(JobCheckpointRow.epoch).all()
+        return [
+            (
+                row.epoch,
+                {f.path: f.sha256 for f in s.query(JobCheckpointFileRow).filter_by(checkpoint_id=row.id)},
+            )
+            for row in rows
+        ]
+
+
+class _Crash(BaseException):
+    """The worker's process dying (its node lost) in the middle of something."""
+
+
+def test_a_checkpoint_is_stored_whole_referenced_and_restored_elsewhere(
+    loaded_platform: Platform, tmp_path: Path
+) -> None:
+    p = loaded_platform
+    job_id = _running_job(p)
+    checkpoints = p.jobs.stored_checkpoints
+    assert checkpoints.latest_epoch(job_id) is None
+    written = _checkpoint_dir(tmp_path / "node-a", 1)
+    assert checkpoints.record(
+        job_id, 1, step=4, epoch=1, metrics={"train_loss": 0.5}, directory=written, leave_out=("model",)
+    )
+    ((epoch, files),) = _rows(p, job_id)
+    assert epoch == 1 and sorted(files) == ["trainable.safetensors", "trainer_state.json"]  # no servable copy
+    assert referenced(p.db, files.values()) == set(files.values())  # blob collection keeps them
+    assert checkpoints.latest_epoch(job_id) == 1
+    assert "Checkpoint saved at step 4 (epoch 1)" in [e["message"] for e in p.jobs.events("default", job_id)[0]]
+
+    target = tmp_path / "node-b" / "ckpt-epoch-1"
+    target.mkdir(parents=True)
+    (target / "stale.bin").write_bytes(b"left by an older attempt on this node")
+    restored = checkpoints.restore(job_id, 1, target)
+    assert sorted(f.name for f in restored.iterdir()) == ["trainable.safetensors", "trainer_state.json"]
+    assert (restored / "trainable.safetensors").read_bytes() == b"weights of epoch 1"
+
+
+def test_a_crash_mid_upload_leaves_the_last_complete_checkpoint_the_latest(
+    loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = loaded_platform
+    job_id = _running_job(p)
+    checkpoints = p.jobs.stored_checkpoints
+    assert checkpoints.record(job_id, 1, step=4, epoch=1, metrics={}, directory=_checkpoint_dir(tmp_path, 1))
+    second = _checkpoint_dir(tmp_path, 2)
+    real_put = ArtifactStore.put_file
+    uploads: list[Path] = []
+
+    def dying_put(store: ArtifactStore, src: Path, **kwargs: Any) -> str:
+        uploads.append(src)
+        if len(uploads) == 2:  # the second file of the checkpoint: one blob is up, the rest never will be
+            raise _Crash
+        return real_put(store, src, **kwargs)
+
+    monkeypatch.setattr(ArtifactStore, "put_file", dying_put)
+    with pytest.raises(_Crash):
+        checkpoints.record(job_id, 1, step=8, epoch=2, metrics={}, directory=second)
+    assert len(uploads) == 2
+    assert [epoch for epoch, _ in _rows(p, job_id)] == [1]
+    assert checkpoints.latest_epoch(job_id) == 1
+
+
+def test_a_worker_that_lost_its_job_records_no_checkpoint(loaded_platform: Platform, tmp_path: Path) -> None:
+    p = loaded_platform
+    job_id = _running_job(p)
+    assert p.jobs.settle_stopped(job_id, "its worker went silent")
+    assert p.jobs.claim(job_id) == 2
+    events = p.jobs.events("default", job_id, limit=100)[0]
+    directory = _checkpoint_dir(tmp_path, 1)
+    digest = sha256_file(directory / "trainable.safetensors")
+    assert not p.jobs.stored_checkpoints.record(job_id, 1, step=4, epoch=1, metrics={}, directory=directory)
+    assert _rows(p, job_id) == [] and p.jobs.stored_checkpoints.latest_epoch(job_id) is None
+    assert p.jobs.events("default", job_id, limit=100)[0] == events
+    assert not p.registry.store.exists(digest)  # its blobs, referred to by nothing, are gone again
+
+
+# -- across nodes: an S3 bucket, one database, a home for each node ------------------------------------------
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto.server")
+
+from tests.unit.test_object_store import BUCKET, bucket, s3_endpoint  # noqa: E402, F401
+
+
+@pytest.fixture
+def node_settings(
+    tmp_path: Path,
+    s3_endpoint: str,  # noqa: F811
+    bucket: object,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Settings]:
+    """Two nodes' settings: their own home each, the database and the bucket shared."""
+    shared = {
+        "database_url": f"sqlite:///{tmp_path / 'shared.db'}",
+        "artifact_store": f"s3://{BUCKET}/cluster",
+        "s3_endpoint_url": s3_endpoint,
+    }
+    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
+    return {name: Settings(home=tmp_path / name, **shared) for name in ("node-a", "node-b")}
+
+
+def _as_worker_on(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment a worker on that node starts with (``job_workers.worker_env``)."""
+    monkeypatch.setenv("LLMOS_HOME", str(settings.home))
+    monkeypatch.setenv("LLMOS_DATABASE_URL", str(settings.database_url))
+    monkeypatch.setenv("LLMOS_ARTIFACT_STORE", settings.artifact_store)
+    monkeypatch.setenv("LLMOS_S3_ENDPOINT_URL", str(settings.s3_endpoint_url))
+
+
+@pytest.mark.slow
+def test_a_job_whose_node_died_mid_upload_resumes_on_another_node_from_the_bucket(
+    node_settings: dict[str, Settings], tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node A trains epoch 1, and dies while uploading epoch 2's checkpoint; its home is gone with
+    it. Node B, with a home of its own, resumes the job from epoch 1, read from the bucket."""
+    a, b = node_settings["node-a"], node_settings["node-b"]
+    server = Platform.open(a)
+    server.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
+    body = {"model": "tiny-chat", "training_file": _upload(server), "method": THREE_EPOCHS}
+    job = server.jobs.create(tenant="default", body=body)
+    server.close()
+
+    real_put = ArtifactStore.put_file
+    epoch_2_uploads: list[str] = []
+
+    def dying_in_epoch_2(store: ArtifactStore, src: Path, **kwargs: Any) -> str:
+        if src.parent.name == "ckpt-epoch-2":
+            epoch_2_uploads.append(src.name)
+            if len(epoch_2_uploads) == 2:
+                raise _Crash  # the node dies after the first of epoch 2's files went up
+        return real_put(store, src, **kwargs)
+
+    monkeypatch.setattr(ArtifactStore, "put_file", dying_in_epoch_2)
+    _as_worker_on(a, monkeypatch)
+    node_b = Platform.open(b)
+    assert node_b.jobs.claim(job.id) == 1
+    with pytest.raises(_Crash):
+        worker.run(job.id, 1)
+    monkeypatch.setattr(ArtifactStore, "put_file", real_put)
+    assert len(epoch_2_uploads) == 2
+    assert node_b.jobs.stored_checkpoints.latest_epoch(job.id) == 1  # epoch 2's is not there
+    shutil.rmtree(a.home)  # the node, its disk and its work directory are gone
+    assert node_b.jobs.settle_stopped(job.id, "its node was lost", attempt=1, exit_code=-9, max_attempts=3)
+
+    _as_worker_on(b, monkeypatch)
+    assert node_b.jobs.claim(job.id) == 2
+    assert worker.run(job.id, 2) == 0
+    done = node_b.jobs.get(None, job.id)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    messages = [e["message"] for e in node_b.jobs.events("default", job.id, limit=200)[0]]
+    resumed = [m for m in messages if m.startswith("Resumed from checkpoint")]
+    assert resumed and resumed[0].endswith("(epoch 1)")
+    assert [epoch for epoch, _ in _rows(node_b, job.id)] == [1, 2, 3]  # each epoch recorded once
+    assert (b.home / "jobs" / job.id / "ckpt-epoch-1" / "trainable.safetensors").is_file()  # restored on B
+    keys = {o["Key"] for o in bucket_objects(b)}
+    for _, files in _rows(node_b, job.id):
+        assert all(f"cluster/sha256/{d[:2]}/{d}" in keys for d in files.values())
+    node_b.close()
+
+
+def bucket_objects(settings: Settings) -> list[dict[str, Any]]:
+    client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url)
+    return list(client.list_objects_v2(Bucket=BUCKET).get("Contents", []))
