@@ -1,6 +1,6 @@
 """A cross-encoder trained by the platform reranks XQuAD retrieval: recall@1 before and after.
 
-    python benchmarks/rerank_xquad.py [--train-share 0.6] [--negatives 2] [--epochs 1]
+    python benchmarks/rerank_xquad.py [--train-share 0.6] [--negatives 2] [--epochs 2]
         [--learning-rate-multiplier 4] [--pooling mean] [--test-questions N] [--rerank-model NAME]
 
 Every distinct paragraph of ../shared/datasets/qa_xquad_en/test.jsonl goes into one vector store
@@ -161,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-share", type=float, default=0.6, help="share of the articles whose questions train")
     parser.add_argument("--negatives", type=int, default=2, help="wrong paragraphs of the top 20 per training question")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--learning-rate-multiplier", type=float, default=4.0, help="of full fine-tuning's 2e-5")
     parser.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="what the classifier head reads")
     parser.add_argument("--test-questions", type=int, default=None, help="held-out questions searched (default all)")
