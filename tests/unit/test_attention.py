@@ -40,6 +40,11 @@ def _inputs(
     return q, keys, values, mask
 
 
+def _per_head(padding: torch.Tensor | None) -> torch.Tensor | None:
+    """A (rows, positions) mask as the attention takes it: (rows, 1, 1, positions)."""
+    return None if padding is None else padding[:, None, None, :]
+
+
 def _reference(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padding: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
@@ -70,7 +75,7 @@ def test_step_attention_is_the_float64_formula_within_bf16_rounding(
 ) -> None:
     q, keys, values, padding = _inputs(rows, positions, dim, padding, seed=rows * positions + dim)
     scale = dim**-0.5
-    got = step_attention(q, keys, values, padding, scale)
+    got = step_attention(q, keys, values, _per_head(padding), scale)
     want = _reference(q, keys, values, padding, scale)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 1, HEADS * dim)
     # bf16 keeps 8 bits: the scores, the probabilities and the output are each rounded once.
@@ -81,7 +86,7 @@ def test_grouped_attention_in_float32_is_the_formula_to_float32_rounding() -> No
     """The same passes in float32 (float32 models) leave nothing but float32 rounding."""
     q, keys, values, padding = _inputs(3, 50, 16, [0, 4, 49], seed=7)
     q, keys, values = q.float(), keys.float(), values.float()
-    got = grouped_attention(q, keys, values, padding, 16**-0.5)
+    got = grouped_attention(q, keys, values, _per_head(padding), 16**-0.5)
     want = _reference(q, keys, values, padding, 16**-0.5)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 

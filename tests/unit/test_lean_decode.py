@@ -6,10 +6,12 @@ prompt's chunks computes what the model's forward computes too."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -564,3 +566,44 @@ def test_background_fusing_is_for_packed_weights_and_stops_with_the_runner(tiny_
     thread = decoder.fuser._thread
     decoder.fuser.close()
     assert thread is not None and not thread.is_alive()
+
+
+# What a one-row decode step may call a layer, counted as torch's Python dispatch sees them.
+LAYER_OPERATOR_CALLS = 42
+
+
+class _OperatorCalls(TorchDispatchMode):
+    """Counts the tensor operators called while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_one_row_step_calls_few_operators_a_layer(tiny_chat_dir: Path) -> None:
+    """At one row a decode step's operators cost more to call than to run (a layer's vectors are a
+    few hundred numbers; docs/performance.md, "What a single stream's token costs"), so what a layer
+    calls is counted: the model with one layer less calls that many fewer. The cache is past SDPA's
+    length, so the step takes the grouped products, as a served stream's longer answers do."""
+    calls = []
+    for layers in (2, 1):
+        model = _model(tiny_chat_dir, torch.bfloat16)
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        decoder = LeanDecoder.build(model, int8=False)
+        assert decoder is not None
+        decoder.fuser = None
+        cache = new_cache(model.config)
+        prompt = list(range(3, 3 + SDPA_MAX_POSITIONS + 5))
+        decoder.prefill([(prompt, 0, cache)])
+        seen = len(prompt) + 1
+        with _OperatorCalls() as counted:
+            decoder(
+                torch.tensor([3]), torch.tensor([len(prompt)]), torch.ones((1, seen), dtype=torch.long), cache, None
+            )
+        calls.append(counted.calls)
+    assert calls[0] - calls[1] <= LAYER_OPERATOR_CALLS

@@ -47,9 +47,11 @@ def block_width(positions: int) -> int:
 class StepWindow:
     """What a decode step's attention reads of every layer's cache: its first ``width`` positions
     (the attended ``seen`` ones, rounded up to a whole block for the grouped products), of which
-    ``masked`` (rows, width) marks those not attended: a row's left padding and every position
-    from ``seen`` on (None where every position is attended). The products then multiply the
-    masked positions' values by a probability of exactly zero."""
+    ``masked`` (rows, 1, 1, width) marks those not attended: a row's left padding and every
+    position from ``seen`` on (None where every position is attended). The products then multiply
+    the masked positions' values by a probability of exactly zero. It is shaped to broadcast over
+    the heads once a step, not once a layer: at one row a step's operators cost more to call than
+    to run."""
 
     width: int
     masked: torch.Tensor | None
@@ -60,17 +62,19 @@ class StepWindow:
         (rows, seen) bool, True at a row's left padding, or None where there is none."""
         width = seen if uses_sdpa(rows, seen) else block_width(seen)
         if width == seen:
-            return cls(width, padding)
-        if padding is None:
-            return cls(width, (torch.arange(width) >= seen).expand(rows, width))
-        return cls(width, F.pad(padding, (0, width - seen), value=True))
+            masked = padding
+        elif padding is None:
+            masked = (torch.arange(width) >= seen).expand(rows, width)
+        else:
+            masked = F.pad(padding, (0, width - seen), value=True)
+        return cls(width, None if masked is None else masked[:, None, None, :])
 
     def attend(self, q: torch.Tensor, layer: Any, scale: float) -> torch.Tensor:
         """``q``'s attention over ``layer``'s cache (a ``kv_cache.GrowingLayer``) through this window."""
         keys, values = layer.read(self.width)
         masked = self.masked
         if masked is not None and keys.shape[2] < self.width:  # a buffer held back by its limit
-            masked = masked[:, : keys.shape[2]]
+            masked = masked[..., : keys.shape[2]]
         return step_attention(q, keys, values, masked, scale)
 
 
@@ -78,12 +82,12 @@ def step_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """A decode step's attention of one new token per row (``q``: (rows, heads, 1, dim)) over
-    ``keys``/``values`` (rows, kv_heads, positions, dim); ``masked``: (rows, positions) bool, True
-    at the positions a row does not attend (its left padding, a window's positions past the
+    ``keys``/``values`` (rows, kv_heads, positions, dim); ``masked``: (rows, 1, 1, positions) bool,
+    True at the positions a row does not attend (its left padding, a window's positions past the
     attended ones), or None where it attends all. Returns (rows, 1, heads * dim)."""
     rows, heads, _, dim = q.shape
     if uses_sdpa(rows, keys.shape[2]):
-        mask = None if masked is None else ~masked[:, None, None, :]
+        mask = None if masked is None else ~masked
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != heads)
         return o.transpose(1, 2).reshape(rows, 1, heads * dim)
     return grouped_attention(q, keys, values, masked, scale)
@@ -117,6 +121,6 @@ def grouped_attention(
     # scores' transpose is copied instead, a group's few numbers per position.
     scores = torch.matmul(keys, grouped.transpose(2, 3)).transpose(2, 3).contiguous()
     if masked is not None:
-        scores.masked_fill_(masked[:, None, None, :], float("-inf"))
+        scores.masked_fill_(masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, values).reshape(rows, 1, heads * dim)
