@@ -250,8 +250,10 @@ def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_decoder_dir: P
         lora.acquire(name, lambda shapes, name=name, i=i: _random_adapter(shapes, name, 4, seed=i))
     if fused:
         decoder.refresh(lora.view)
-    # The kernel sums each output's adapter terms in another order than the modules' products.
-    tolerance = 1e-4 if native else 1e-5
+    # The kernel, and the CPU's own float32 products (their blocking differs between AVX-512 and
+    # AVX2 machines: up to 2e-5 apart here), sum each output's adapter terms in another order than
+    # the modules' products; an adapter left out or applied twice is off by far more.
+    tolerance = 1e-4
 
     def decode(lengths: list[int], steps: int) -> None:
         _decode_both(model, decoder, lora, lengths, steps, float32_tolerance=tolerance)
@@ -404,7 +406,8 @@ def test_idle_adapters_give_the_plain_matrices_back(tiny_chat_dir: Path, monkeyp
     step(None)
     assert decoder.fuser.wait() and decoder.weights.width == 0  # the plain matrices, published
     step("a")  # the adapter's step runs apart and asks for the fused matrices again
-    assert decoder.fuser.wait() and decoder.weights.covers(lora.view)
+    # ... where the weights are packed for oneDNN (AVX-512); elsewhere fusing would copy every weight.
+    assert decoder.fuser.wait() and decoder.weights.covers(lora.view) == decoder.can_fuse
     decoder.fuser.close()
 
 
