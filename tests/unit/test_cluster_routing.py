@@ -116,6 +116,7 @@ def test_the_cluster_view_lists_nodes_and_replicas(loaded_platform: Platform) ->
         "alive": True,
         "resources": {"CPU": 2.0, "memory": float(GB)},
         "available": None,
+        "gpus": [],  # in Ray mode a node's GPUs are only counted, in its resources
     }
     replica = body["replicas"]["data"][0]
     assert replica["model"] == "tiny-chat"
