@@ -131,6 +131,7 @@ class LocalEngine:
                 await self._off_loop(runner.lora.acquire, served.record.id, partial(self._load_adapter, served.record))
                 adapter = served.record.id
             elif served.lora and isinstance(runner, VllmRunner):  # vLLM loads it at its first request
+                await self._off_loop(runner.check_adapter, served.record.id)
                 adapter = served.record.id
 
             def deliver(delta: GenerationDelta) -> None:  # called on the engine thread

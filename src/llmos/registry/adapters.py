@@ -138,3 +138,8 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     if not (directory / ADAPTER_WEIGHTS).is_file():
         raise ArtifactError(f"the adapter has no {ADAPTER_WEIGHTS}", code="unsupported_artifact")
     return config
+
+
+def adapter_rank(config: dict[str, Any]) -> int:
+    """The largest LoRA rank of a checked LoRA adapter config: ``r``, or a larger one in its ``rank_pattern``."""
+    return int(max([config["r"], *(config.get("rank_pattern") or {}).values()]))

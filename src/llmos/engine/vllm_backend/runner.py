@@ -30,7 +30,8 @@ from llmos.engine.vllm_backend.mapping import (
     sampling_kwargs,
     token_logprobs,
 )
-from llmos.errors import EngineError
+from llmos.errors import EngineError, InvalidRequestError
+from llmos.registry.adapters import adapter_rank, read_adapter_config
 
 log = logging.getLogger(__name__)
 VLLM_ROWS = 256
@@ -73,6 +74,7 @@ class VllmRunner(GenerationRunner):
         self._scored: dict[str, tuple[PromptLogprob, ...]] = {}  # request id -> its scored prompt
         self._unopened: dict[str, set[int]] = {}  # request id -> choices whose first delta is not sent yet
         self._loras: dict[str, Any] = {}  # adapter id -> its LoRARequest (vLLM keys adapters by int id)
+        self._ranks: dict[str, int] = {}  # adapter id -> its largest LoRA rank (checked before it is used)
 
     # -- admission -------------------------------------------------------------------------
     def check_fits(self, request: GenerationRequest, virtual: Any = None) -> None:
@@ -105,7 +107,7 @@ class VllmRunner(GenerationRunner):
             lora = self._lora(pending.adapter) if pending.adapter is not None else None
             prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
             self.engine.add_request(request.request_id, prompt, params, lora_request=lora)
-        except Exception as exc:  # vLLM's refusal (a LoRA rank over vllm_max_lora_rank...) fails this request alone
+        except Exception as exc:  # vLLM's refusal of this request's inputs fails it alone
             pending.fail(exc)
             return
         text = IncrementalText(self._decode)
@@ -134,17 +136,10 @@ class VllmRunner(GenerationRunner):
             for request_id in lost:
                 self._forget(request_id)
             return
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:
-            log.exception("vLLM's step failed for %s", self.name)
-            held = list(self._requests)
-            self._fail_rows(self._rows(), exc)
-            with contextlib.suppress(Exception):
-                self.engine.abort_request(held)
-            for request_id in held:
-                self._forget(request_id)
-            return
+        # A step is the whole batch in vLLM's engine core: its failure (EngineDeadError after an
+        # out-of-memory or a CUDA fault) is no one request's fault and leaves the core unusable, so it
+        # escapes the loop, which crashes and is reloaded (engine.crash) with every request failed.
+        outputs = self.engine.step()
         fresh = 0
         for output in outputs:
             rows = self._requests.get(output.request_id)
@@ -217,6 +212,21 @@ class VllmRunner(GenerationRunner):
             else:
                 row.pending.sink(delta)
         return fresh
+
+    def check_adapter(self, adapter_id: str) -> None:
+        """Refuse (400) an adapter of a rank over ``vllm_max_lora_rank``: vLLM would only find out
+        inside its engine core's worker, at the step that loads it, which kills the core."""
+        if adapter_id in self._ranks:
+            rank = self._ranks[adapter_id]
+        else:
+            rank = self._ranks[adapter_id] = adapter_rank(read_adapter_config(self.adapter_dir(adapter_id)))
+        limit = self.config.vllm_max_lora_rank
+        if rank > limit:
+            raise InvalidRequestError(
+                f"the adapter {adapter_id} has LoRA rank {rank}, over the {limit} vLLM serves "
+                f"{self.name} with (vllm_max_lora_rank)",
+                param="model",
+            )
 
     def _lora(self, adapter_id: str) -> Any:
         lora = self._loras.get(adapter_id)
