@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,91 @@ def test_a_worker_that_lost_its_job_records_no_checkpoint(loaded_platform: Platf
     assert _rows(p, job_id) == [] and p.jobs.stored_checkpoints.latest_epoch(job_id) is None
     assert p.jobs.events("default", job_id, limit=100)[0] == events
     assert not p.registry.store.exists(digest)  # its blobs, referred to by nothing, are gone again
+
+
+# -- on the node that wrote them, and for jobs paused before the store kept checkpoints ---------------------
+def _stored(platform: Platform, job_id: str, work_dir: Path) -> Any:
+    from llmos.training.job_training import StoredCheckpoints  # imports torch: only these tests need it
+
+    return StoredCheckpoints(platform.jobs.stored_checkpoints, job_id, work_dir)
+
+
+def test_a_job_paused_before_the_upgrade_resumes_from_its_local_checkpoints(
+    loaded_platform: Platform, tmp_path: Path
+) -> None:
+    """Its checkpoints have rows (listed by the API) but no files in the store: the work directory's
+    complete ones count, as they did before."""
+    p = loaded_platform
+    job_id = _running_job(p)
+    work_dir = tmp_path / "jobs" / job_id
+    for epoch in (1, 2):
+        _checkpoint_dir(work_dir, epoch)
+        with p.db.session() as s:
+            s.add(
+                JobCheckpointRow(
+                    id=f"ftckpt-old{epoch}",
+                    job_id=job_id,
+                    step=4 * epoch,
+                    epoch=epoch,
+                    metrics={},
+                    path=str(work_dir / f"ckpt-epoch-{epoch}"),
+                    created_at=datetime.now(UTC),
+                )
+            )
+    (work_dir / "ckpt-epoch-3.tmp").mkdir()  # an unfinished one never counts
+    source = _stored(p, job_id, work_dir)
+    assert source.latest_epoch() == 2
+    assert source.fetch(2) == work_dir / "ckpt-epoch-2"
+    assert (work_dir / "ckpt-epoch-2" / "trainable.safetensors").read_bytes() == b"weights of epoch 2"
+    assert source.fetch(1) == work_dir / "ckpt-epoch-1"  # keep-best's earlier epoch too
+
+
+def test_a_resume_on_the_node_that_wrote_the_checkpoint_reads_nothing_from_the_store(
+    loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = loaded_platform
+    job_id = _running_job(p)
+    work_dir = tmp_path / "jobs" / job_id
+    written = _checkpoint_dir(work_dir, 1)
+    assert p.jobs.stored_checkpoints.record(
+        job_id, 1, step=4, epoch=1, metrics={}, directory=written, leave_out=("model",)
+    )
+
+    def no_reads(store: ArtifactStore, digest: str) -> Path:
+        raise AssertionError(f"read {digest} from the store")
+
+    monkeypatch.setattr(type(p.registry.store), "local_path", no_reads)
+    source = _stored(p, job_id, work_dir)
+    assert source.latest_epoch() == 1
+    assert source.fetch(1) == written
+    assert (written / "trainable.safetensors").read_bytes() == b"weights of epoch 1"
+    assert (written / "model" / "config.json").is_file()  # the servable copy stays where it was
+
+
+def test_a_corrupted_local_copy_is_replaced_from_the_store(
+    loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = loaded_platform
+    job_id = _running_job(p)
+    work_dir = tmp_path / "jobs" / job_id
+    written = _checkpoint_dir(work_dir, 1)
+    assert p.jobs.stored_checkpoints.record(
+        job_id, 1, step=4, epoch=1, metrics={}, directory=written, leave_out=("model",)
+    )
+    (written / "trainable.safetensors").write_bytes(b"a bit flipped on this disk")
+    store_type = type(p.registry.store)
+    real_local_path = store_type.local_path
+    reads: list[str] = []
+
+    def counted(store: ArtifactStore, digest: str) -> Path:
+        reads.append(digest)
+        return real_local_path(store, digest)
+
+    monkeypatch.setattr(store_type, "local_path", counted)
+    restored = _stored(p, job_id, work_dir).fetch(1)
+    assert (restored / "trainable.safetensors").read_bytes() == b"weights of epoch 1"
+    assert json.loads((restored / "trainer_state.json").read_text()) == {"epoch": 1}
+    assert reads == [_rows(p, job_id)[0][1]["trainable.safetensors"]]  # only the damaged file was read
 
 
 # -- across nodes: an S3 bucket, one database, a home for each node ------------------------------------------

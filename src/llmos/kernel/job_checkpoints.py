@@ -9,7 +9,9 @@ go at the next collection. Only the attempt holding the job's lease records one,
 transaction, so a worker that lost its job never adds a checkpoint the next attempt could resume from.
 
 A resume asks for the newest recorded epoch (``latest_epoch``) and lays that checkpoint's files out
-in a local directory (``restore``), read through the store, which verifies what it downloads.
+in a local directory (``restore``): the files already there whose digests match the record stay (a
+resume on the node that wrote them downloads nothing), the others are read through the store, which
+verifies what it downloads.
 """
 
 from __future__ import annotations
@@ -135,15 +137,27 @@ class JobCheckpoints:
                 .limit(1)
             )
 
+    def has_epoch(self, job_id: str, epoch: int) -> bool:
+        """Whether a checkpoint of the job's ``epoch`` is recorded in the store."""
+        return bool(self._files(job_id, epoch))
+
     def restore(self, job_id: str, epoch: int, target: Path) -> Path:
-        """Lay out the job's checkpoint of ``epoch`` as the directory ``target`` (replacing what was
-        there: the store's copy is the one recorded), its files read through the store."""
+        """Lay out the job's checkpoint of ``epoch`` as the directory ``target``: the recorded files
+        ``target`` already holds with the recorded digests are kept, the others (missing, changed, or
+        left by another attempt) are read through the store. Files the record does not name go,
+        but when every recorded file is there as recorded, ``target`` is left as it is."""
         files = self._files(job_id, epoch)
         if not files:
             raise NotFoundError(f"job {job_id} has no checkpoint of epoch {epoch} in the artifact store")
+        local = {rel for rel, digest in files.items() if _holds(target / rel, digest)}
+        if len(local) == len(files):
+            return target
         partial = target.with_name(target.name + ".restoring")
         shutil.rmtree(partial, ignore_errors=True)
-        self.store.materialize(files, partial)
+        for rel in local:  # linked, not copied: the replace below drops only the old name
+            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(target / rel, partial / rel)
+        self.store.materialize({rel: d for rel, d in files.items() if rel not in local}, partial)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
         return target
@@ -166,3 +180,8 @@ class JobCheckpoints:
                 )
             )
             return {path: digest for path, digest in rows}
+
+
+def _holds(path: Path, digest: str) -> bool:
+    """Whether ``path`` is a file whose content has ``digest``."""
+    return path.is_file() and not path.is_symlink() and sha256_file(path) == digest

@@ -22,7 +22,7 @@ from llmos.kernel.job_workers import job_dir
 from llmos.kernel.jobs import Job, checkpoint_name, fine_tuned_name
 from llmos.platform import Platform
 from llmos.registry.service import Lineage, ModelRecord
-from llmos.training.checkpoints import SERVABLE, epoch_dir
+from llmos.training.checkpoints import SERVABLE, LocalCheckpoints
 from llmos.training.classify import run_classification
 from llmos.training.dpo import run_dpo
 from llmos.training.metering import QUOTA_STOP, CpuMeter
@@ -49,18 +49,25 @@ TRAINERS = {
 
 class StoredCheckpoints:
     """A job's checkpoints as the artifact store keeps them, each restored into the job's work
-    directory on this node when the run asks for it (a resume here of a job another node began)."""
+    directory on this node when the run asks for it (a resume here of a job another node began; on
+    the node that wrote it, its local copy is used where it matches the record). A job with no
+    checkpoint recorded in the store (one paused before checkpoints went there) resumes from its
+    work directory's complete checkpoints, as it did then."""
 
     def __init__(self, checkpoints: JobCheckpoints, job_id: str, work_dir: Path) -> None:
         self.checkpoints = checkpoints
         self.job_id = job_id
-        self.work_dir = work_dir
+        self.local = LocalCheckpoints(work_dir)
 
     def latest_epoch(self) -> int | None:
-        return self.checkpoints.latest_epoch(self.job_id)
+        stored = self.checkpoints.latest_epoch(self.job_id)
+        return stored if stored is not None else self.local.latest_epoch()
 
     def fetch(self, epoch: int) -> Path:
-        return self.checkpoints.restore(self.job_id, epoch, epoch_dir(self.work_dir, epoch))
+        target = self.local.fetch(epoch)
+        if not self.checkpoints.has_epoch(self.job_id, epoch) and target.is_dir():
+            return target  # written before the store kept checkpoints (keep-best may ask for one)
+        return self.checkpoints.restore(self.job_id, epoch, target)
 
 
 def _hooks(platform: Platform, job: Job, heartbeat: Heartbeat, base: ModelRecord | None) -> Hooks:
