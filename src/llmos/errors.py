@@ -89,6 +89,11 @@ class ServiceUnavailableError(LLMOSError):
         self.retry_after = retry_after
 
 
+class ReplicaStopping(ServiceUnavailableError):
+    """A request reached an engine replica a server is scaling down or retiring (ADR 0038): the
+    server routes it again; when its retries run out the client retries a second later."""
+
+
 class NotInstalledError(LLMOSError):
     """A feature whose optional dependencies are not installed (501; the message names the extra)."""
 

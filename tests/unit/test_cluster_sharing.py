@@ -6,6 +6,7 @@ with the actors faked at the boundary."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,13 +14,14 @@ import pytest
 
 pytest.importorskip("ray", reason='the replica pool needs the ray extra (pip install "llmos[ray]")')
 
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from llmos.cluster import pool as pool_module
 from llmos.cluster.pool import Replica, ReplicaPool, replica_name
-from llmos.cluster.replica import ReplicaLedger, ReplicaStopping
-from llmos.cluster.routing import NodeCapacity, ReplicaNeed
+from llmos.cluster.replica import STOP_GRACE_S, ReplicaLedger
+from llmos.cluster.routing import POLL_S, NodeCapacity, ReplicaNeed
 from llmos.config import Settings
+from llmos.errors import ReplicaStopping
 
 NODE = NodeCapacity("n1", "10.0.0.1", cpus=4, memory_bytes=1 << 33)
 NEED = ReplicaNeed(1, 1)
@@ -46,8 +48,9 @@ def test_a_replica_is_stopped_only_when_idle_and_only_once() -> None:
     ledger.release("server-b")
     assert ledger.stop_if_idle()
     assert not ledger.stop_if_idle(), "a second server scaling down at once stops nothing more"
-    with pytest.raises(ReplicaStopping):
+    with pytest.raises(ReplicaStopping) as refused:
         ledger.admit("server-a", "base")
+    assert refused.value.retry_after >= 1, "a client whose retries ran out waits a second at least"
     assert ledger.report()["stopping"]
 
 
@@ -55,6 +58,7 @@ def test_a_replica_whose_servers_stopped_polling_lapses_once_idle(monkeypatch: p
     now = [1000.0]
     monkeypatch.setattr("llmos.cluster.replica.time.monotonic", lambda: now[0])
     ledger = ReplicaLedger("replica-1", "base", 0, "n1")
+    ledger.loaded()
     ledger.admit("server-a", "base")
     now[0] += 61
     assert not ledger.lapsed(), "a request is still in flight"
@@ -62,6 +66,31 @@ def test_a_replica_whose_servers_stopped_polling_lapses_once_idle(monkeypatch: p
     assert ledger.lapsed()
     ledger.report()  # a server polled: the lease is renewed
     assert not ledger.lapsed()
+
+
+def test_a_replica_does_not_lapse_while_its_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("llmos.cluster.replica.time.monotonic", lambda: now[0])
+    ledger = ReplicaLedger("replica-1", "base", 0, "n1")
+    now[0] += 300  # a long load: no server polls it before it is ready
+    assert not ledger.over()
+    ledger.loaded()  # its lease runs from now
+    assert not ledger.over()
+    now[0] += 61
+    assert ledger.over()
+
+
+def test_a_stopped_replica_ends_itself_only_after_the_servers_have_polled_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("llmos.cluster.replica.time.monotonic", lambda: now[0])
+    ledger = ReplicaLedger("replica-1", "base", 0, "n1")
+    ledger.loaded()
+    assert ledger.stop_if_idle()
+    assert not ledger.over(), "the other servers have not seen it stopping yet"
+    now[0] += 2 * POLL_S
+    assert not ledger.over()
+    now[0] += STOP_GRACE_S
+    assert ledger.over()
 
 
 # -- the pool, with actors faked -----------------------------------------------------------------
@@ -86,24 +115,32 @@ class _Method:
 class _Actor:
     ledger: ReplicaLedger
     broken: BaseException | None = None
+    ready: bool = True
     report_load: _Method = field(init=False)
     stop_if_idle: _Method = field(init=False)
+    retire: _Method = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ledger.ready = True
+        self.ledger.ready = self.ready
         self.report_load = _Method(lambda: self.broken or self.ledger.report())
-        self.stop_if_idle = _Method(lambda: self.ledger.stop_if_idle())
+        self.stop_if_idle = _Method(lambda: self.broken or self.ledger.stop_if_idle())
+        self.retire = _Method(lambda: self.broken or self.ledger.retire())
 
 
-def _actor(replica_id: str, slot: int) -> _Actor:
-    return _Actor(ReplicaLedger(replica_id, "m-1", slot, NODE.node_id))
+def _actor(replica_id: str, slot: int, *, ready: bool = True) -> _Actor:
+    return _Actor(ReplicaLedger(replica_id, "m-1", slot, NODE.node_id), ready=ready)
 
 
 @pytest.fixture
 def killed(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The actors the pool kills (none is real)."""
+    """The actors the pool kills (none is real): each answers RayActorError from then on."""
     kills: list[Any] = []
-    monkeypatch.setattr(pool_module.ray, "kill", lambda actor, no_restart=True: kills.append(actor))
+
+    def kill(actor: Any, no_restart: bool = True) -> None:
+        kills.append(actor)
+        actor.broken = RayActorError()
+
+    monkeypatch.setattr(pool_module.ray, "kill", kill)
     return kills
 
 
@@ -219,7 +256,120 @@ def test_scaling_down_stops_a_replica_only_if_no_server_has_a_request_on_it(
     asyncio.run(stop(replica_b))
     assert killed == [] and replica_b in pool.replicas and not replica_b.stopping
     asyncio.run(stop(replica_a))
-    assert killed == [a] and pool.replicas == [replica_b]
+    assert pool.replicas == [replica_b] and a.ledger.stopping
+    assert killed == [], "the replica ends itself, once the other servers have seen it stopping"
+
+
+def _two_servers(monkeypatch: pytest.MonkeyPatch) -> tuple[_Actor, ReplicaPool, ReplicaPool]:
+    """A replica placed by one server and found by another, both having polled it once."""
+    a = _actor("replica-a", 0)
+    named = {replica_name("m-1", 0): a}
+    placer, other = _pool(monkeypatch, named), _pool(monkeypatch, named)
+    placer.replicas.append(_replica(a))
+    asyncio.run(other.discover())
+    asyncio.run(placer.poll())
+    return a, placer, other
+
+
+def _end_itself(actor: _Actor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the replica's own lease task does once ``over()``: checked, then it is gone."""
+    later = actor.ledger.stopped_at + STOP_GRACE_S if actor.ledger.stopped_at is not None else 0.0
+    monkeypatch.setattr("llmos.cluster.replica.time.monotonic", lambda: later)
+    assert actor.ledger.over()
+    actor.broken = RayActorError()
+
+
+def test_a_replica_another_server_scales_down_is_not_replaced(
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any]
+) -> None:
+    a, placer, other = _two_servers(monkeypatch)
+
+    async def stop() -> None:
+        placer.stop(placer.replicas[0])
+        await asyncio.gather(*placer._stopping)
+
+    asyncio.run(stop())
+    assert killed == [] and placer.replicas == []
+    asyncio.run(other.poll())  # its next poll, before the replica ends itself
+    assert other.ready("m-1") == []
+    _end_itself(a, monkeypatch)
+    asyncio.run(other.poll())
+    assert other.replicas == [] and other.replaced == 0
+
+
+def test_a_model_another_server_unloaded_is_not_placed_again(
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any]
+) -> None:
+    a, placer, other = _two_servers(monkeypatch)
+    asyncio.run(other.retire("m-1"))  # unloaded through the server that did not place it
+    assert killed == [] and other.replicas == [] and a.ledger.stopping
+    asyncio.run(placer.poll())
+    assert placer.ready("m-1") == []
+    _end_itself(a, monkeypatch)
+    asyncio.run(placer.poll())
+    assert placer.replicas == [] and placer.replaced == 0
+
+
+def test_a_replica_that_does_not_answer_its_retirement_is_killed(
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any]
+) -> None:
+    a, placer, _ = _two_servers(monkeypatch)
+    a.broken = RayError()
+    asyncio.run(placer.retire("m-1"))
+    assert killed == [a] and placer.replicas == []
+
+
+def test_the_poller_starts_when_a_replica_is_placed(monkeypatch: pytest.MonkeyPatch, killed: list[Any]) -> None:
+    """A replica loading for longer than its lease is polled meanwhile: its lease runs once it is loaded."""
+    pool = ReplicaPool(Settings(), lambda key: NEED, lambda key: key)
+    loading = asyncio.Event()
+    watching: list[float] = []
+
+    async def watch(interval_s: float) -> None:
+        watching.append(interval_s)
+        await asyncio.Event().wait()
+
+    class Loading:
+        class load:  # an actor method
+            @staticmethod
+            async def remote(model_key: str, pin: bool) -> None:
+                loading.set()
+                await asyncio.Event().wait()
+
+    monkeypatch.setattr(pool, "watch", watch)
+
+    async def go() -> None:
+        starting = asyncio.create_task(pool._start(Replica("replica-a", "m-1", Loading(), NODE, NEED)))
+        await loading.wait()
+        await asyncio.sleep(0)
+        assert watching, "no poller while the replica loads"
+        starting.cancel()
+        pool._watching.cancel()  # type: ignore[union-attr]
+
+    asyncio.run(go())
+
+
+def test_a_found_replica_that_never_becomes_ready_is_replaced(
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any]
+) -> None:
+    stuck = _actor("replica-a", 0, ready=False)
+    pool = _pool(monkeypatch, {replica_name("m-1", 0): stuck})
+    placed: list[int] = []
+    monkeypatch.setattr(pool, "_place", lambda key, capacity, slot: placed.append(slot) or _replica(_actor("r", slot)))
+    monkeypatch.setattr(pool, "_start", lambda replica: asyncio.sleep(0))
+
+    async def go() -> None:
+        await pool.discover()
+        await pool.poll()
+        assert [r.state for r in pool.replicas] == ["starting"]
+        found = pool.replicas[0]
+        assert found.ready_by is not None and found.ready_by > time.monotonic() + 500
+        found.ready_by = time.monotonic() - 1  # REPLICA_START_TIMEOUT_S later (asyncio's clock is left alone)
+        await pool.poll()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not asyncio.current_task()))  # the replacement
+
+    asyncio.run(go())
+    assert killed == [stuck] and pool.replaced == 1 and 0 in placed
 
 
 def test_a_server_that_stops_leaves_the_replicas_running(monkeypatch: pytest.MonkeyPatch, killed: list[Any]) -> None:

@@ -18,7 +18,6 @@ from ray.exceptions import RayActorError, RayError
 
 from llmos.cluster.connect import ClusterSession, connect, disconnect
 from llmos.cluster.pool import Replica, ReplicaPool
-from llmos.cluster.replica import ReplicaStopping
 from llmos.cluster.routing import ReplicaNeed
 from llmos.cluster.scaling import Autoscaler
 from llmos.cluster.view import ClusterView
@@ -38,7 +37,7 @@ from llmos.engine.protocol import (
     ModelHandle,
     PairScores,
 )
-from llmos.errors import EngineError, LLMOSError, ServiceUnavailableError
+from llmos.errors import EngineError, LLMOSError, ReplicaStopping, ServiceUnavailableError
 from llmos.registry import ModelRegistry
 
 PING_TIMEOUT_S = 10.0

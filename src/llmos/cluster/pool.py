@@ -10,7 +10,9 @@ Every API server of the cluster shares them (ADR 0038): a replica is a detached 
 its model and a slot number (``replica_name``), so a server finds the others' replicas by name, and
 two servers placing the same slot at once get one actor (Ray refuses the second name). Each server
 polls the replicas it knows every ``POLL_S`` for their own counts of requests in flight, by
-server, and routes by them; a server that stops leaves them running for the others.
+server, and routes by them; a server that stops leaves them running for the others. A server that
+scales a replica down or unloads its model asks the replica to stop (it reports itself stopping,
+then ends itself, ``replica.STOP_GRACE_S`` later); only a replica that ends unannounced is replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +80,9 @@ class Replica:
     pid: int | None = None
     placed_here: bool = True
     """This server placed it (False: found by its name, placed by another server)."""
+    ready_by: float | None = None
+    """Found still loading: the ``time.monotonic()`` by which it must be ready, or it is replaced
+    (its placing server, which would time it out, may be gone)."""
     stopping: bool = False
     report: dict[str, Any] = field(default_factory=dict)
     """Its engine's latest ``stats()`` (``refresh``); empty until it answers, and when it last did not."""
@@ -216,6 +222,7 @@ class ReplicaPool:
         return next((n for n in self.nodes_capacity() if n.node_id == node_id), None)
 
     async def _start(self, replica: Replica) -> None:
+        self._watch()  # from placement on, not from the first ready replica: loading ones are polled too
         try:
             if replica.placed_here:
                 await asyncio.wait_for(replica.actor.load.remote(replica.model_key, False), REPLICA_START_TIMEOUT_S)
@@ -267,6 +274,8 @@ class ReplicaPool:
                 placed_here=False,
             )
             replica.take_report(report, self.server_id)
+            if replica.state == "starting":
+                replica.ready_by = time.monotonic() + REPLICA_START_TIMEOUT_S
             self.replicas.append(replica)
             log.info("found engine replica %s of %s on node %s", replica.replica_id, replica.model_key, node.address)
         if self.replicas:
@@ -282,6 +291,8 @@ class ReplicaPool:
         for replica, reply in zip(known, replies, strict=True):
             if isinstance(reply, dict):
                 replica.take_report(reply, self.server_id)
+                if replica.state == "starting" and replica.ready_by is not None and time.monotonic() > replica.ready_by:
+                    self.lost(replica, TimeoutError(f"not ready {REPLICA_START_TIMEOUT_S:g} s after it was found"))
             elif isinstance(reply, RayActorError):
                 if replica.stopping:  # a server scaled it down
                     self._forget(replica)
@@ -316,9 +327,9 @@ class ReplicaPool:
             stopped = await asyncio.wait_for(replica.actor.stop_if_idle.remote(), STATS_TIMEOUT_S)
         except (RayError, TimeoutError):
             stopped = False
-        if stopped:
+        if stopped:  # it ends itself once every server has polled it as stopping
             log.info("stopping idle engine replica %s of %s", replica.replica_id, replica.model_key)
-            self._drop(replica)
+            self._forget(replica)
         else:
             replica.stopping = False  # its next report says whether someone else is stopping it
 
@@ -332,9 +343,19 @@ class ReplicaPool:
         ray.kill(replica.actor, no_restart=True)
 
     async def retire(self, model_key: str) -> None:
-        """Stop every replica of ``model_key`` (the model was unloaded)."""
-        for replica in [r for r in self.replicas if r.model_key == model_key]:
-            self._drop(replica)
+        """Stop every replica of ``model_key`` (the model was unloaded): each reports itself
+        stopping, so the other servers forget it rather than replace it, and ends itself; one that
+        does not answer within ``STATS_TIMEOUT_S`` is killed."""
+        retiring = [r for r in self.replicas if r.model_key == model_key]
+        for replica in retiring:
+            replica.stopping = True
+            self._forget(replica)
+        replies = await asyncio.gather(
+            *(asyncio.wait_for(r.actor.retire.remote(), STATS_TIMEOUT_S) for r in retiring), return_exceptions=True
+        )
+        for replica, reply in zip(retiring, replies, strict=True):
+            if isinstance(reply, BaseException):
+                ray.kill(replica.actor, no_restart=True)
 
     def forget_adapter(self, adapter: str) -> None:
         for replica in self.replicas:

@@ -10,8 +10,10 @@ values and are raised again on the API server with their status and code intact.
 Every API server of the cluster may route to a replica (ADR 0038), so the replica counts its own
 requests in flight, per server, and the adapters it has been asked for, and reports them
 (``report_load``); the servers route by those counts. Its actor is detached (a server that stops
-does not take it down), so it ends itself once no server has asked for its load in
-``LEASE_S`` and it holds no request.
+does not take it down), so it ends itself once it is loaded, no server has asked for its load in
+``LEASE_S`` and it holds no request. A server that scales it down or unloads its model does not
+kill it either: it reports itself stopping and ends itself ``STOP_GRACE_S`` later, so every
+server polls it as stopping first and forgets it instead of replacing it as crashed.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+from llmos.cluster.routing import POLL_S
 from llmos.cluster.wire import ReplicaRequest
 from llmos.config import Settings
 from llmos.engine.local import LocalEngine
 from llmos.engine.process import configure_process
 from llmos.engine.protocol import GenerationDelta
-from llmos.errors import LLMOSError, ServiceUnavailableError
+from llmos.errors import LLMOSError, ReplicaStopping
 from llmos.platform import open_registry
 
 CALLS = frozenset({"embed", "classify", "extract_entities", "score_pairs"})
@@ -39,9 +42,9 @@ LEASE_S = 60.0
 """A replica no API server has polled for this long (every server polls the replicas it routes to
 each ``routing.POLL_S``) and that holds no request stops itself: its servers are gone."""
 
-
-class ReplicaStopping(ServiceUnavailableError):
-    """A request reached a replica a server is scaling down: the server routes it again."""
+STOP_GRACE_S = 3 * POLL_S
+"""A replica being stopped reports so for this long before it ends itself: at least two polls of
+every server, which then forget it rather than take its end for a crash and replace it."""
 
 
 class ReplicaLedger:
@@ -56,6 +59,7 @@ class ReplicaLedger:
         self.node_id = node_id
         self.ready = False
         self.stopping = False
+        self.stopped_at: float | None = None
         self.in_flight: Counter[str] = Counter()
         self.adapters: set[str] = set()
         self.polled = time.monotonic()
@@ -63,7 +67,7 @@ class ReplicaLedger:
     def admit(self, server: str, model_id: str) -> None:
         """A request from ``server`` for ``model_id`` (the base or an adapter of it) starts here."""
         if self.stopping:
-            raise ReplicaStopping("this engine replica is being stopped; retry", retry_after=0.0)
+            raise ReplicaStopping("this engine replica is being stopped; retry")
         self.in_flight[server] += 1
         if model_id != self.model_key:
             self.adapters.add(model_id)
@@ -88,17 +92,34 @@ class ReplicaLedger:
             "pid": os.getpid(),
         }
 
+    def loaded(self) -> None:
+        """Its model is resident: it takes requests, and its lease runs from now."""
+        self.ready = True
+        self.polled = time.monotonic()
+
     def stop_if_idle(self) -> bool:
         """Scaling down: refuse new requests from now on if it holds none (True), so two servers
         scaling down at once cannot both stop it, nor stop it under another's request."""
         if self.stopping or self.in_flight:
             return False
-        self.stopping = True
+        self.retire()
         return True
 
+    def retire(self) -> None:
+        """Its model was unloaded (or it was scaled down): refuse new requests and end in ``STOP_GRACE_S``."""
+        if not self.stopping:
+            self.stopping = True
+            self.stopped_at = time.monotonic()
+
     def lapsed(self) -> bool:
-        """No server has asked for ``LEASE_S`` and nothing is in flight: its servers are gone."""
-        return time.monotonic() - self.polled > LEASE_S and not self.in_flight
+        """Loaded, no server has asked for ``LEASE_S`` and nothing is in flight: its servers are
+        gone. Never while it loads: no server polls it before (``REPLICA_START_TIMEOUT_S`` bounds that)."""
+        return self.ready and time.monotonic() - self.polled > LEASE_S and not self.in_flight
+
+    def over(self) -> bool:
+        """It should end now: its lease lapsed, or it was stopped ``STOP_GRACE_S`` ago."""
+        stopped = self.stopped_at is not None and time.monotonic() - self.stopped_at >= STOP_GRACE_S
+        return stopped or self.lapsed()
 
 
 class EngineReplica:
@@ -153,6 +174,9 @@ class EngineReplica:
     async def stop_if_idle(self) -> bool:
         return self.ledger.stop_if_idle()
 
+    async def retire(self) -> None:
+        self.ledger.retire()
+
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
@@ -161,12 +185,13 @@ class EngineReplica:
         if self._lease is None:
             self._lease = asyncio.get_running_loop().create_task(self._keep_lease())
         await self.engine.load(await self.engine.resolve(model_id), pin=pin)
-        self.ledger.ready = True
+        if not self.ledger.ready:
+            self.ledger.loaded()
 
     async def _keep_lease(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_S / 4)
-            if self.ledger.lapsed():
+            await asyncio.sleep(POLL_S)
+            if self.ledger.over():
                 import ray
 
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
