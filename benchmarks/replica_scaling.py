@@ -13,7 +13,8 @@ router is the platform's own (``llmos.cluster.routing.choose_replica``).
    its first token. ``--decode-profile`` takes the decode steps from a result of
    ``benchmarks/decode_profile.py`` (the same engine and model, measured the same way) instead,
    and measures only the prefill passes: a quiet earlier measurement is worth more than one taken
-   while the machine is busy.
+   while the machine is busy. A profile taken on another CPU (model or instruction sets) or in
+   another dtype is refused.
 2. The simulation: ``clients`` closed-loop clients, each sending its next request (the same prompt,
    ``--output-tokens`` tokens to generate on average, each drawn evenly from half to one and a half
    times that) when its previous answer ends. Each request is routed
@@ -50,13 +51,33 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
-from benchmarks.harness import MODEL, ROOT, percentile, write_result
+from benchmarks.harness import MODEL, ROOT, percentile, run_facts, write_result
 from llmos.cluster.routing import POLL_S, ReplicaLoad, choose_replica
 
 PROMPT_TOKENS = 128
 
 
 # -- 1. the service curve, measured --------------------------------------------------------------
+def refuse_foreign_profile(profile: dict[str, Any], curve: dict[str, Any], name: str) -> None:
+    """Exit unless ``profile``'s decode steps were measured here: the same CPU model and
+    instruction sets, model and dtype as the prefill just measured (a step of another CPU or
+    dtype differs by several times, and the figures would say "this machine")."""
+    here = run_facts()["cpu"]
+    there = profile.get("run", {}).get("cpu", {})
+    differences = [
+        f"{what}: {theirs!r} there, {ours!r} here"
+        for what, theirs, ours in (
+            ("CPU", there.get("model"), here["model"]),
+            ("CPU flags", there.get("flags"), here["flags"]),
+            ("model", profile.get("model"), curve["model"]),
+            ("dtype", profile.get("dtype"), curve["dtype"]),
+        )
+        if theirs != ours
+    ]
+    if differences:
+        raise SystemExit(f"{name} was not measured on this machine as this run is: " + "; ".join(differences))
+
+
 def measure_curve(
     rows_list: Sequence[int], prefill_counts: Sequence[int], seconds: float, home: Path
 ) -> dict[str, Any]:
@@ -297,6 +318,7 @@ def main() -> None:
     elif args.decode_profile:
         profile = json.loads(args.decode_profile.read_text())
         curve = measure_curve([], args.prefill, args.seconds, args.home)
+        refuse_foreign_profile(profile, curve, args.decode_profile.name)
         steps = [{k: r[k] for k in ("rows", "step_ms", "tokens_per_s")} for r in profile["rows"]]
         curve |= {"decode": steps, "decode_from": {"file": args.decode_profile.name, "run": profile["run"]}}
     else:
