@@ -165,16 +165,23 @@ def test_a_job_paused_before_the_upgrade_resumes_from_its_local_checkpoints(
     assert source.fetch(1) == work_dir / "ckpt-epoch-1"  # keep-best's earlier epoch too
 
 
-def test_a_resume_on_the_node_that_wrote_the_checkpoint_reads_nothing_from_the_store(
-    loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    p = loaded_platform
+def _epoch_one_recorded(p: Platform, tmp_path: Path) -> tuple[str, Path, Path]:
+    """A running job whose epoch 1 was written in its work directory and recorded in the store:
+    the job, its work directory and that checkpoint's directory."""
     job_id = _running_job(p)
     work_dir = tmp_path / "jobs" / job_id
     written = _checkpoint_dir(work_dir, 1)
     assert p.jobs.stored_checkpoints.record(
         job_id, 1, step=4, epoch=1, metrics={}, directory=written, leave_out=("model",)
     )
+    return job_id, work_dir, written
+
+
+def test_a_resume_on_the_node_that_wrote_the_checkpoint_reads_nothing_from_the_store(
+    loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = loaded_platform
+    job_id, work_dir, written = _epoch_one_recorded(p, tmp_path)
 
     def no_reads(store: ArtifactStore, digest: str) -> Path:
         raise AssertionError(f"read {digest} from the store")
@@ -191,12 +198,7 @@ def test_a_corrupted_local_copy_is_replaced_from_the_store(
     loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = loaded_platform
-    job_id = _running_job(p)
-    work_dir = tmp_path / "jobs" / job_id
-    written = _checkpoint_dir(work_dir, 1)
-    assert p.jobs.stored_checkpoints.record(
-        job_id, 1, step=4, epoch=1, metrics={}, directory=written, leave_out=("model",)
-    )
+    job_id, work_dir, written = _epoch_one_recorded(p, tmp_path)
     (written / "trainable.safetensors").write_bytes(b"a bit flipped on this disk")
     store_type = type(p.registry.store)
     real_local_path = store_type.local_path
