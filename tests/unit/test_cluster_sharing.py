@@ -379,3 +379,40 @@ def test_a_server_that_stops_leaves_the_replicas_running(monkeypatch: pytest.Mon
     assert killed == []
     pool.close(stop_replicas=True)  # a server that started the cluster takes it down with it
     assert len(killed) == 2
+
+
+def test_a_replica_being_placed_is_not_taken_in_by_discover_as_well(
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any]
+) -> None:
+    """``_place`` runs in a thread while ``discover`` runs on the event loop: a discover that looks
+    at the very moment the placed replica is being listed must not list the same actor again."""
+    actor = _actor("replica-a", 0)
+    named = {replica_name("m-1", 0): actor}  # the actor is on the cluster by name once created
+    pool = ReplicaPool(Settings(ray_min_replicas=1), lambda key: NEED, lambda key: key)
+    monkeypatch.setattr(pool_module, "_replica_names", lambda: list(named))
+    monkeypatch.setattr(pool_module.ray, "get_actor", lambda name, namespace=None: named[name])
+    monkeypatch.setattr(pool, "nodes_capacity", lambda: [NODE])
+    monkeypatch.setattr(pool, "_watch", lambda: None)
+
+    class Placing:  # the actor class: creating one gives the named actor
+        @staticmethod
+        def options(**kwargs: Any) -> Any:
+            return Placing
+
+        @staticmethod
+        def remote(*args: Any) -> _Actor:
+            return actor
+
+    monkeypatch.setattr(pool, "_actor_class", Placing)
+    looked: list[bool] = []
+
+    class Listing(list[Replica]):
+        def append(self, replica: Replica) -> None:
+            if not looked:  # the event loop's discover, just as the placing thread lists its replica
+                looked.append(True)
+                asyncio.run(pool.discover())
+            super().append(replica)
+
+    pool.replicas = Listing()
+    placed = pool._place("m-1", [NODE], 0)
+    assert looked and [r.replica_id for r in pool.replicas] == [placed.replica_id]

@@ -185,35 +185,38 @@ class ReplicaPool:
         replica_id = f"replica-{uuid.uuid4().hex[:12]}"
         name = replica_name(model_key, slot)
         placed_here = True
-        self._claimed.add(name)  # not taken in by ``discover`` meanwhile
+        # Claimed until the replica is in ``replicas``: ``discover`` (on the event loop, while this
+        # runs in a thread) looks at the claims before the list, so it sees the name in one of them.
+        self._claimed.add(name)
         try:
-            actor = self._actor_class.options(
-                name=name,
-                namespace="llmos",
-                lifetime="detached",  # outlives this server: the others may be streaming from it
-                num_cpus=need.cpus,
-                num_gpus=need.gpus,
-                memory=max(1, need.memory_bytes),
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-                max_restarts=0,  # a dead replica is replaced by a pool, which knows what it held
-            ).remote(self.settings, replica_id, model_key, slot, node.node_id)
-        except ValueError:  # the name is taken: another server placed this slot a moment ago
             try:
-                actor = ray.get_actor(name, namespace="llmos")
-            except ValueError as exc:  # and it is gone already
-                raise ServiceUnavailableError(
-                    f"an engine replica of {self.name_of(model_key)} was stopped as it was placed; retry shortly",
-                    retry_after=1.0,
-                ) from exc
-            placed_here = False  # its id and node come with its first report (``_start``)
+                actor = self._actor_class.options(
+                    name=name,
+                    namespace="llmos",
+                    lifetime="detached",  # outlives this server: the others may be streaming from it
+                    num_cpus=need.cpus,
+                    num_gpus=need.gpus,
+                    memory=max(1, need.memory_bytes),
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+                    max_restarts=0,  # a dead replica is replaced by a pool, which knows what it held
+                ).remote(self.settings, replica_id, model_key, slot, node.node_id)
+            except ValueError:  # the name is taken: another server placed this slot a moment ago
+                try:
+                    actor = ray.get_actor(name, namespace="llmos")
+                except ValueError as exc:  # and it is gone already
+                    raise ServiceUnavailableError(
+                        f"an engine replica of {self.name_of(model_key)} was stopped as it was placed; retry shortly",
+                        retry_after=1.0,
+                    ) from exc
+                placed_here = False  # its id and node come with its first report (``_start``)
+            known = self._by_name(name)
+            if known is not None:  # ``discover`` took it in first
+                return known
+            replica = Replica(replica_id, model_key, actor, node, need, slot=slot, placed_here=placed_here)
+            self.replicas.append(replica)  # its reservation counts from now on
+            return replica
         finally:
             self._claimed.discard(name)
-        known = self._by_name(name)
-        if known is not None:  # ``discover`` took it in first
-            return known
-        replica = Replica(replica_id, model_key, actor, node, need, slot=slot, placed_here=placed_here)
-        self.replicas.append(replica)  # its reservation counts from now on
-        return replica
 
     def _by_name(self, name: str) -> Replica | None:
         return next((r for r in self.replicas if replica_name(r.model_key, r.slot) == name), None)
@@ -262,7 +265,8 @@ class ReplicaPool:
             except (ValueError, RayError, TimeoutError):  # gone meanwhile, or busy dying: the next round
                 continue
             node = await asyncio.to_thread(self._node, report["node_id"])
-            if report["stopping"] or node is None or self._by_name(name) is not None or name in self._claimed:
+            # The claims before the list: ``_place`` lets go of its claim only once its replica is listed.
+            if report["stopping"] or node is None or name in self._claimed or self._by_name(name) is not None:
                 continue  # stopping, on a node gone, or placed or taken in here meanwhile
             replica = Replica(
                 report["replica_id"],
