@@ -342,13 +342,20 @@ def test_the_worker_beats_before_it_imports_the_training_stack(
         heartbeat.stop()
         return 0
 
+    _worker_training(monkeypatch, p, train)
+    assert worker.run(job_id, 1) == 0
+    assert silence_at_training[0] < STALE_AFTER
+
+
+def _worker_training(monkeypatch: pytest.MonkeyPatch, p: Platform, train: Any) -> None:
+    """The worker, run in this process for ``p``'s home, trains by ``train`` (no model stack)."""
+    from llmos.training import worker
+
     training = types.ModuleType("llmos.training.job_training")
     training.train = train  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "llmos.training.job_training", training)
     monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
     monkeypatch.setenv("LLMOS_HOME", str(p.settings.home))
-    assert worker.run(job_id, 1) == 0
-    assert silence_at_training[0] < STALE_AFTER
 
 
 def test_a_worker_started_for_an_attempt_the_job_has_moved_past_writes_nothing(
@@ -376,11 +383,7 @@ def test_a_worker_started_for_an_attempt_the_job_has_moved_past_writes_nothing(
         heartbeat.stop()
         return 0
 
-    training = types.ModuleType("llmos.training.job_training")
-    training.train = train  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "llmos.training.job_training", training)
-    monkeypatch.setattr(worker, "_die_with_parent", lambda: None)
-    monkeypatch.setenv("LLMOS_HOME", str(p.settings.home))
+    _worker_training(monkeypatch, p, train)
     assert worker.run(job_id, 1) == EXIT_STOPPED
     assert trained == []
     with p.db.session() as s:
