@@ -43,8 +43,9 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
+# The slowest tests are listed at the end, so a run that nears CI's time limit says where the time went.
 test: lint typecheck
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q tests --durations=40
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/serve.py
