@@ -1,29 +1,35 @@
 """A cross-encoder trained by the platform reranks XQuAD retrieval: recall@1 before and after.
 
-    python benchmarks/rerank_xquad.py [--train-share 0.6] [--negatives 2] [--epochs 2]
-        [--learning-rate-multiplier 4] [--pooling mean] [--test-questions N] [--rerank-model NAME]
+    python benchmarks/rerank_xquad.py [--train-share 0.6] [--validation-articles 5] [--negatives 2]
+        [--epochs 3] [--learning-rate-multiplier 4] [--pooling mean] [--test-questions N]
+        [--rerank-model NAME]
 
 Every distinct paragraph of ../shared/datasets/qa_xquad_en/test.jsonl goes into one vector store
 (all-minilm-l6-v2), as in benchmarks/retrieval.py, in chunks of at most 350 words (3 of the 240
 paragraphs become two chunks): the server's cross-encoder refuses a (question, chunk) pair longer
 than its 512 positions rather than read part of it, and the longest paragraph has 619 of its tokens.
 
-The articles are split in two (by title, in file order). Each question about the first
-``--train-share`` of them makes the training pairs: its gold paragraph (label 1) and ``--negatives``
+The articles are split three ways (by title, in file order): the first ``--train-share`` of them
+are the training articles, the last ``--validation-articles`` of which are kept out of training to
+choose the number of epochs; the other articles are the test set. Each question about a training
+article makes the training pairs: its gold paragraph (label 1) and ``--negatives``
 other paragraphs of its vector search's top 20, the candidates a reranker orders (the best ranked
 one, then others drawn at random; label 0), with the gold pair repeated as often so that both labels
 are equally frequent (at 1 to 3 the model stayed at always answering 0). all-minilm-l6-v2 is
 fine-tuned on those pairs as a classifier through the fine-tuning API (a cross-encoder: question and
 paragraph read as one input, full fine-tuning with a warm-up, batches grouped by length), its head
 over the mean of the token states (``--pooling mean``, the pooling the base was trained with; over
-``[CLS]``, the head stayed at chance for about 60 steps: docs/performance.md, Reranking). Each
-question about the other articles (``--test-questions`` of them, evenly spaced, or all) is then
-searched twice through the official ``openai`` client: by similarity alone, and reranked by the
-trained cross-encoder (``ranking_options.rerank_model``: the best 20 candidates read with the
-question, /v1/rerank's scoring path). ``--rerank-model`` names a served model to rerank with instead
-of training one (a chat model reranks by the yes/no prompt of docs/api.md). Prints recall@1 and
-recall@5 of the gold paragraph both ways, the training time and the search latency; writes a new
-benchmarks/results/rerank_xquad-*.json.
+``[CLS]``, the head stayed at chance for about 60 steps: docs/performance.md, Reranking). One job
+trains ``--epochs`` epochs; each epoch's checkpoint is served as a model of its own
+(``<model>:ckpt-step-N``), and every validation question is reranked by each of them. The
+checkpoint with the best validation recall@1 (the earliest of equals) is the reranker; the test
+questions (``--test-questions`` of them, evenly spaced, or all) are searched only then, once,
+through the official ``openai`` client: by similarity alone, and reranked by that checkpoint
+(``ranking_options.rerank_model``: the best 20 candidates read with the question, /v1/rerank's
+scoring path). ``--rerank-model`` names a served model to rerank with instead of training one (a
+chat model reranks by the yes/no prompt of docs/api.md; no validation then). Prints recall@1 and
+recall@5 of the gold paragraph both ways and the exact McNemar test of their difference, the
+training time and the search latency; writes a new benchmarks/results/rerank_xquad-*.json.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import random
 import signal
 import sys
@@ -54,10 +61,29 @@ TRAINING = {
 }
 
 
-def split_by_article(rows: list[dict[str, Any]], share: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_by_article(
+    rows: list[dict[str, Any]], share: float, validation_articles: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training, validation and test rows, no article in two of them: the first ``share`` of the
+    articles (in file order) less their last ``validation_articles`` train, those choose the
+    epochs, the rest test (the same test articles whatever ``validation_articles`` is)."""
     titles = list(dict.fromkeys(r["title"] for r in rows))
-    trained = set(titles[: round(len(titles) * share)])
-    return [r for r in rows if r["title"] in trained], [r for r in rows if r["title"] not in trained]
+    cut = round(len(titles) * share)
+    if not 0 < validation_articles < cut or cut == len(titles):
+        raise SystemExit(f"{len(titles)} articles: {cut} for training cannot keep {validation_articles} to validate")
+    part = {t: 0 for t in titles[: cut - validation_articles]} | {t: 1 for t in titles[cut - validation_articles : cut]}
+    split: tuple[list[dict[str, Any]], ...] = ([], [], [])
+    for row in rows:
+        split[part.get(row["title"], 2)].append(row)
+    return split[0], split[1], split[2]
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar test: the chance of a split of the discordant pairs at least this
+    uneven if either order were as likely to win each of them."""
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def evenly(rows: list[dict[str, Any]], count: int | None) -> list[dict[str, Any]]:
@@ -103,8 +129,8 @@ def training_pairs(
 
 def fine_tune(
     client: openai.OpenAI, pairs: list[dict[str, Any]], epochs: int, lr: float, pooling: str
-) -> tuple[str, float, list[Any]]:
-    """The trained model's name, the seconds training took and its training metrics, in order."""
+) -> tuple[list[str], float, list[Any]]:
+    """Each epoch's checkpoint model, in order, the seconds training took and its training metrics."""
     data = "\n".join(json.dumps(p) for p in pairs).encode()
     training = client.files.create(file=("xquad-pairs.jsonl", io.BytesIO(data)), purpose="fine-tune").id
     method = {
@@ -130,7 +156,11 @@ def fine_tune(
     if job.status != "succeeded" or not job.fine_tuned_model:
         raise SystemExit(f"fine-tuning {job.status}: {job.error}")
     events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data  # newest first
-    return job.fine_tuned_model, seconds, [e.data for e in reversed(events) if e.type == "metrics"]
+    checkpoints = sorted(client.fine_tuning.jobs.checkpoints.list(job.id, limit=100).data, key=lambda c: c.step_number)
+    if len(checkpoints) != epochs:
+        raise SystemExit(f"{epochs} epochs left {len(checkpoints)} checkpoints")
+    models = [c.fine_tuned_model_checkpoint for c in checkpoints]
+    return models, seconds, [e.data for e in reversed(events) if e.type == "metrics"]
 
 
 def evaluate(
@@ -160,8 +190,11 @@ def evaluate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-share", type=float, default=0.6, help="share of the articles whose questions train")
+    parser.add_argument(
+        "--validation-articles", type=int, default=5, help="of the training articles, kept out to choose the epochs"
+    )
     parser.add_argument("--negatives", type=int, default=2, help="wrong paragraphs of the top 20 per training question")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3, help="the most epochs; each epoch's checkpoint is a candidate")
     parser.add_argument("--learning-rate-multiplier", type=float, default=4.0, help="of full fine-tuning's 2e-5")
     parser.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="what the classifier head reads")
     parser.add_argument("--test-questions", type=int, default=None, help="held-out questions searched (default all)")
@@ -170,7 +203,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
     paragraphs, rows = load(10_000)
-    train_rows, test_rows = split_by_article(rows, args.train_share)
+    train_rows, validation_rows, test_rows = split_by_article(rows, args.train_share, args.validation_articles)
     test_rows = evenly(test_rows, args.test_questions)
     # A model trained here is in --home already; a catalog model to rerank with is pulled at start.
     pulled = [EMBED_MODEL, *([args.rerank_model] if args.rerank_model and ":" not in args.rerank_model else [])]
@@ -187,15 +220,32 @@ def main() -> None:
         if reranker is None:
             pairs = training_pairs(client, store_id, files, paragraphs, train_rows, args.negatives)
             print(f"{len(pairs)} training pairs from {len(train_rows)} questions; fine-tuning {EMBED_MODEL} ...")
-            reranker, train_s, curve = fine_tune(
+            checkpoints, train_s, curve = fine_tune(
                 client, pairs, args.epochs, args.learning_rate_multiplier, args.pooling
             )
-            print(f"trained {reranker} in {train_s:.0f} s; last training metrics: {curve[-1:]}")
+            print(f"trained {len(checkpoints)} epochs in {train_s:.0f} s; last training metrics: {curve[-1:]}")
+            # The epochs are chosen on the validation articles alone; the test set is searched after.
+            validation = [evaluate(client, store_id, files, paragraphs, validation_rows, None)]
+            validation += [evaluate(client, store_id, files, paragraphs, validation_rows, m) for m in checkpoints]
+            for v in validation:
+                del v["first"]
+            recalls = [v["recall@1"] for v in validation[1:]]
+            chosen = recalls.index(max(recalls))
+            reranker = checkpoints[chosen]
+            print(f"validation recall@1 by epoch {recalls} (vectors alone {validation[0]['recall@1']:.3f})")
+            print(f"chosen: epoch {chosen + 1}, {reranker}")
             result |= {
                 "train_questions": len(train_rows),
+                "validation_questions": len(validation_rows),
+                "validation_articles": args.validation_articles,
+                "validation": {
+                    "vector": validation[0],
+                    "epochs": {str(epoch): v for epoch, v in enumerate(validation[1:], 1)},
+                },
+                "chosen_epoch": chosen + 1,
                 "training_pairs": len(pairs),
                 "negatives_per_question": args.negatives,
-                "epochs": args.epochs,
+                "epochs_tried": list(range(1, args.epochs + 1)),
                 "learning_rate_multiplier": args.learning_rate_multiplier,
                 "pooling": args.pooling,
                 **TRAINING,
@@ -207,11 +257,13 @@ def main() -> None:
         reranked = evaluate(client, store_id, files, paragraphs, test_rows, reranker)
         # Paired: the questions reranking put first that similarity did not, and the reverse.
         both = list(zip(vector.pop("first"), reranked.pop("first"), strict=True))
+        gained, lost = sum(r and not v for v, r in both), sum(v and not r for v, r in both)
         result |= {
             "vector": vector,
             "reranked": reranked,
-            "first_only_after_reranking": sum(r and not v for v, r in both),
-            "first_only_by_similarity": sum(v and not r for v, r in both),
+            "first_only_after_reranking": gained,
+            "first_only_by_similarity": lost,
+            "mcnemar_exact_p": mcnemar_p(gained, lost),
         }
         client.vector_stores.delete(store_id)
     finally:
@@ -227,7 +279,8 @@ def main() -> None:
         )
     print(
         f"first only after reranking: {result['first_only_after_reranking']}; "
-        f"first only by similarity: {result['first_only_by_similarity']}"
+        f"first only by similarity: {result['first_only_by_similarity']}; "
+        f"exact McNemar p = {result['mcnemar_exact_p']:.3f}"
     )
     write_result("rerank_xquad", result, args.out)
 
