@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import MODEL, ROOT, write_result
+from benchmarks.harness import MODEL, PROMPT_TOKENS, ROOT, InProcessRunner, load_runner, write_result
 
 # The lean step's weight products are oneDNN linear calls; its attention over many rows is batched
 # products (bmm) with the scores scaled, masked and soft-maxed in float32 (lean_decode).
@@ -36,7 +36,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "copies and casts": ("copy_", "_to_copy", "cat", "clone", "index_copy", "index_put", "slice_scatter"),
     "sampling": ("argmax", "topk", "sort", "multinomial", "log_softmax", "cumsum", "gather"),
 }
-PROMPT_TOKENS = 128
 
 
 def group_of(op: str) -> str:
@@ -85,12 +84,11 @@ class EngineThreadProfile:
 
 
 def profile_rows(
-    runner: Any, tokenizer: Any, rows: int, max_tokens: int, seconds: float, model: str = MODEL
+    loaded: InProcessRunner, rows: int, max_tokens: int, seconds: float, model: str = MODEL
 ) -> dict[str, Any]:
     from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
 
-    text = "The history of the printing press begins with " * 40
-    prompt = tokenizer(text)["input_ids"][:PROMPT_TOKENS]
+    runner, prompt = loaded.runner, loaded.prompt()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     started = threading.Semaphore(0)
     ended = threading.Semaphore(0)
@@ -150,35 +148,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmos.config import Settings
-    from llmos.engine.config import EngineConfig
-    from llmos.engine.local import resolve_dtype
-    from llmos.engine.process import configure_process
-    from llmos.engine.torch_backend.causal import CausalRunner
-    from llmos.platform import Platform
-
-    settings = Settings(home=args.home, prefix_cache_mb=0, **({"dtype": args.dtype} if args.dtype else {}))
-    configure_process(settings)
-    platform = Platform.open(settings)
-    model_dir = platform.registry.model_dir(platform.registry.get(args.model))
-    platform.close()
-    dtype = resolve_dtype(settings.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = EngineConfig.from_settings(settings)
-    config = EngineConfig(**{**vars(config), "max_batch_size": max(config.max_batch_size, *args.rows)})
-    runner = CausalRunner(model, tokenizer, context_length=2048, config=config)
+    loaded = load_runner(args.home, args.model, dtype=args.dtype)
     results = []
     try:
         for rows in args.rows:
             max_tokens = args.max_tokens or int(60 * args.seconds) + 64
-            results.append(profile_rows(runner, tokenizer, rows, max_tokens, args.seconds, args.model))
+            results.append(profile_rows(loaded, rows, max_tokens, args.seconds, args.model))
     finally:
-        runner.close()
+        loaded.runner.close()
     names = [*GROUPS, "other tensor work"]
-    print(f"{args.model} ({str(dtype).removeprefix('torch.')}), ms per decode step")
+    print(f"{args.model} ({loaded.dtype}), ms per decode step")
     print(f"{'rows':>5} {'step':>7} {'tok/s':>7} " + " ".join(f"{n[:14]:>14}" for n in names) + f" {'outside ops':>12}")
     for r in results:
         cells = " ".join(f"{r['groups_ms_per_step'][n]:>14.2f}" for n in names)
@@ -191,11 +170,11 @@ def main() -> None:
         )
     result = {
         "model": args.model,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": loaded.dtype,
         "prompt_tokens": PROMPT_TOKENS,
         "rows": results,
     }
-    print(f"wrote {write_result('decode_profile', result, args.out)}")
+    write_result("decode_profile", result, args.out)  # prints where
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What the serving benchmarks share: the model, prompts, a server on loopback, and measurements."""
+"""What the serving benchmarks share: the model, prompts, a server on loopback, the engine's runner
+in this process, and measurements."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 DATASET = ROOT.parent / "shared" / "datasets" / "sft_self_instruct" / "test.jsonl"
 MODEL = "smollm2-135m-instruct"
 KEY = "bench-admin-key-0123456789"
+PROMPT_TOKENS = 128
+"""The prompt length of the benchmarks that drive the engine's runner in this process."""
 
 
 def prompts(n: int) -> list[list[dict[str, str]]]:
@@ -119,6 +123,57 @@ def start_server(home: Path, env: dict[str, str] | None = None) -> tuple[subproc
     url = f"http://127.0.0.1:{port}"
     settings = {"LLMOS_HOME": str(home), "LLMOS_ADMIN_KEY": KEY, "LLMOS_PORT": str(port), "HF_HUB_OFFLINE": "1"}
     return launch([sys.executable, "-m", "llmos", "serve"], url, env={**settings, **(env or {})}), url
+
+
+@dataclass(frozen=True)
+class InProcessRunner:
+    """The torch engine's runner of a registered model, in this process (no server, no HTTP)."""
+
+    runner: Any
+    """A ``CausalRunner``, closed by its user."""
+    tokenizer: Any
+    dtype: str
+    """The weights' dtype, e.g. ``float32`` (``auto`` resolved on this CPU)."""
+    config: Any
+    """The runner's ``EngineConfig``: a server's of these settings, the prefix cache off."""
+
+    def prompt(self) -> list[int]:
+        """The benchmarks' prompt: ``PROMPT_TOKENS`` tokens of one repeated sentence."""
+        ids: list[int] = self.tokenizer("The history of the printing press begins with " * 40)["input_ids"]
+        return ids[:PROMPT_TOKENS]
+
+
+def load_runner(home: Path, model: str = MODEL, *, dtype: str | None = None) -> InProcessRunner:
+    """``model`` of ``home``'s registry in the engine's runner, built as the server builds it (its
+    settings, thread configuration and dtype; ``dtype`` overrides the setting) but with the prefix
+    cache off, so each request computes and keeps its own cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmos.config import Settings
+    from llmos.engine.config import EngineConfig
+    from llmos.engine.local import resolve_dtype
+    from llmos.engine.process import configure_process
+    from llmos.engine.torch_backend.causal import CausalRunner
+    from llmos.platform import Platform
+
+    overrides: dict[str, Any] = {"dtype": dtype} if dtype else {}
+    settings = Settings(home=home, prefix_cache_mb=0, **overrides)
+    configure_process(settings)
+    platform = Platform.open(settings)
+    try:
+        model_dir = platform.registry.model_dir(platform.registry.get(model))
+    finally:
+        platform.close()
+    torch_dtype = resolve_dtype(settings.dtype)
+    weights = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = EngineConfig.from_settings(settings)
+    return InProcessRunner(
+        runner=CausalRunner(weights, tokenizer, context_length=2048, config=config),
+        tokenizer=tokenizer,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        config=config,
+    )
 
 
 def _git(*args: str) -> str:

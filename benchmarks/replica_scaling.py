@@ -51,10 +51,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itertools
 
-from benchmarks.harness import MODEL, ROOT, percentile, run_facts, write_result
+from benchmarks.harness import MODEL, PROMPT_TOKENS, ROOT, load_runner, percentile, run_facts, write_result
 from llmos.cluster.routing import POLL_S, ReplicaLoad, choose_replica
-
-PROMPT_TOKENS = 128
 
 
 # -- 1. the service curve, measured --------------------------------------------------------------
@@ -81,28 +79,11 @@ def refuse_foreign_profile(profile: dict[str, Any], curve: dict[str, Any], name:
 def measure_curve(
     rows_list: Sequence[int], prefill_counts: Sequence[int], seconds: float, home: Path
 ) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmos.config import Settings
-    from llmos.engine.config import EngineConfig
-    from llmos.engine.local import resolve_dtype
-    from llmos.engine.process import configure_process
     from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
-    from llmos.engine.torch_backend.causal import CausalRunner
-    from llmos.platform import Platform
 
-    settings = Settings(home=home, prefix_cache_mb=0)
-    configure_process(settings)
-    platform = Platform.open(settings)
-    model_dir = platform.registry.model_dir(platform.registry.get(MODEL))
-    platform.close()
-    dtype = resolve_dtype(settings.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = EngineConfig.from_settings(settings)
-    config = EngineConfig(**{**vars(base), "max_batch_size": max([base.max_batch_size, *rows_list])})
-    runner = CausalRunner(model, tokenizer, context_length=2048, config=config)
-    prompt = tokenizer("The history of the printing press begins with " * 40)["input_ids"][:PROMPT_TOKENS]
+    loaded = load_runner(home)
+    runner, base = loaded.runner, loaded.config
+    prompt = loaded.prompt()
     serial = iter(range(10**9))
 
     def submit(count: int, max_tokens: int) -> tuple[list[str], threading.Semaphore, threading.Semaphore]:
@@ -154,7 +135,7 @@ def measure_curve(
         runner.close()
     return {
         "model": MODEL,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": loaded.dtype,
         "prompt_tokens": PROMPT_TOKENS,
         "max_batch_size": base.max_batch_size,
         "prefill_chunk_tokens": base.prefill_chunk_tokens,
