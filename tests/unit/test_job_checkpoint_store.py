@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from llmos.config import Settings
+from llmos.errors import ArtifactError
 from llmos.kernel.job_status import JobStatus
 from llmos.platform import Platform
 from llmos.registry.gc import referenced
@@ -89,6 +90,32 @@ def test_a_checkpoint_is_stored_whole_referenced_and_restored_elsewhere(
     assert (restored / "trainable.safetensors").read_bytes() == b"weights of epoch 1"
 
 
+def test_a_local_store_keeps_each_checkpoint_file_once_on_disk(loaded_platform: Platform, tmp_path: Path) -> None:
+    """With the store on this disk, a checkpoint's blobs are its work directory's files themselves
+    (hard links), not copies: its bytes are written once."""
+    p = loaded_platform
+    job_id, _, written = _epoch_one_recorded(p, tmp_path)
+    ((_, files),) = _rows(p, job_id)
+    for rel, digest in files.items():
+        blob, local = p.registry.store.local_path(digest).stat(), (written / rel).stat()
+        assert (blob.st_dev, blob.st_ino) == (local.st_dev, local.st_ino), rel
+        assert sha256_file(p.registry.store.local_path(digest)) == digest  # still named by its content
+
+
+def test_a_checkpoint_damaged_in_place_is_refused_on_restore(loaded_platform: Platform, tmp_path: Path) -> None:
+    """One copy on disk means a file damaged in place is damaged in the store too: a restore finds
+    the damage by the recorded digest and refuses it, instead of resuming from it."""
+    p = loaded_platform
+    job_id, _, written = _epoch_one_recorded(p, tmp_path)
+    with (written / "trainable.safetensors").open("r+b") as f:
+        f.write(b"W")  # a byte changed where it lies: the blob shares the file
+    elsewhere = tmp_path / "node-b" / "ckpt-epoch-1"
+    with pytest.raises(ArtifactError, match=r"corrupt in the artifact store: trainable\.safetensors") as caught:
+        p.jobs.stored_checkpoints.restore(job_id, 1, elsewhere)
+    assert caught.value.code == "hash_mismatch"
+    assert not elsewhere.exists() and not elsewhere.with_name("ckpt-epoch-1.restoring").exists()
+
+
 def test_a_crash_mid_upload_leaves_the_last_complete_checkpoint_the_latest(
     loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -97,16 +124,17 @@ def test_a_crash_mid_upload_leaves_the_last_complete_checkpoint_the_latest(
     checkpoints = p.jobs.stored_checkpoints
     assert checkpoints.record(job_id, 1, step=4, epoch=1, metrics={}, directory=_checkpoint_dir(tmp_path, 1))
     second = _checkpoint_dir(tmp_path, 2)
-    real_put = ArtifactStore.put_file
+    store_type = type(p.registry.store)
+    real_adopt = store_type.adopt_file
     uploads: list[Path] = []
 
-    def dying_put(store: ArtifactStore, src: Path, **kwargs: Any) -> str:
+    def dying_adopt(store: ArtifactStore, src: Path, **kwargs: Any) -> str:
         uploads.append(src)
         if len(uploads) == 2:  # the second file of the checkpoint: one blob is up, the rest never will be
             raise _Crash
-        return real_put(store, src, **kwargs)
+        return real_adopt(store, src, **kwargs)
 
-    monkeypatch.setattr(ArtifactStore, "put_file", dying_put)
+    monkeypatch.setattr(store_type, "adopt_file", dying_adopt)
     with pytest.raises(_Crash):
         checkpoints.record(job_id, 1, step=8, epoch=2, metrics={}, directory=second)
     assert len(uploads) == 2
@@ -194,12 +222,15 @@ def test_a_resume_on_the_node_that_wrote_the_checkpoint_reads_nothing_from_the_s
     assert (written / "model" / "config.json").is_file()  # the servable copy stays where it was
 
 
-def test_a_corrupted_local_copy_is_replaced_from_the_store(
+def test_a_local_copy_that_is_not_the_recorded_file_is_replaced_from_the_store(
     loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = loaded_platform
     job_id, work_dir, written = _epoch_one_recorded(p, tmp_path)
-    (written / "trainable.safetensors").write_bytes(b"a bit flipped on this disk")
+    # Another file in its place (a later attempt's), not the recorded one changed where it lies:
+    # with the store on this disk, that one is the blob itself (see the test above).
+    (written / "trainable.safetensors").unlink()
+    (written / "trainable.safetensors").write_bytes(b"left by another attempt")
     store_type = type(p.registry.store)
     real_local_path = store_type.local_path
     reads: list[str] = []

@@ -2,7 +2,8 @@
 ``s3://`` store, from the bucket) rather than from the directory of the node that wrote them.
 
 A worker writes a checkpoint to its local work directory first (``training.checkpoints``, atomic
-there), then ``record`` stores each of its files as a content-addressed blob and only then writes
+there), then ``record`` stores each of its files as a content-addressed blob (a local store links
+the file in rather than copying it: checkpoint files are never rewritten) and only then writes
 the checkpoint's row and its file rows in one transaction. A crash or a failed upload before that
 transaction leaves no row: the checkpoint does not exist for a resume, and its blobs, unreferenced,
 go at the next collection. Only the attempt holding the job's lease records one, checked in the same
@@ -10,8 +11,8 @@ transaction, so a worker that lost its job never adds a checkpoint the next atte
 
 A resume asks for the newest recorded epoch (``latest_epoch``) and lays that checkpoint's files out
 in a local directory (``restore``): the files already there whose digests match the record stay (a
-resume on the node that wrote them downloads nothing), the others are read through the store, which
-verifies what it downloads.
+resume on the node that wrote them downloads nothing), the others are read through the store and
+checked against the record (an S3 store also verifies what it downloads).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from llmos.errors import NotFoundError
+from llmos.errors import ArtifactError, NotFoundError
 from llmos.kernel.job_status import JobStatus
 from llmos.registry.db import Database
 from llmos.registry.gc import claiming, collect_unreferenced
@@ -69,7 +70,7 @@ class JobCheckpoints:
             with claiming(self.db, self.store, digests.values()):
                 for rel, path in files.items():
                     if not self.store.exists(digests[rel]):
-                        self.store.put_file(path, expected_sha256=digests[rel])
+                        self.store.adopt_file(path, expected_sha256=digests[rel])
                         added.add(digests[rel])
                 recorded = self._insert(job_id, attempt, step, epoch, metrics, directory, digests)
         except BaseException:
@@ -157,7 +158,18 @@ class JobCheckpoints:
         for rel in local:  # linked, not copied: the replace below drops only the old name
             (partial / rel).parent.mkdir(parents=True, exist_ok=True)
             os.link(target / rel, partial / rel)
-        self.store.materialize({rel: d for rel, d in files.items() if rel not in local}, partial)
+        read = {rel: d for rel, d in files.items() if rel not in local}
+        self.store.materialize(read, partial)
+        # Verified on read: a local store's blob is the very file the job wrote (adopt_file), so a
+        # file damaged in place is damaged in the store too, and is refused rather than trained on.
+        damaged = sorted(rel for rel, digest in read.items() if not _holds(partial / rel, digest))
+        if damaged:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ArtifactError(
+                f"job {job_id}'s checkpoint of epoch {epoch} is corrupt in the artifact store: {', '.join(damaged)} "
+                "no longer hash to the digests recorded",
+                code="hash_mismatch",
+            )
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
         return target

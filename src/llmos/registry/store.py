@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -118,11 +119,21 @@ class ArtifactStore(ABC):
 
         return self.put_chunks(chunks(), expected_sha256=expected_sha256)
 
+    def adopt_file(self, src: Path, *, expected_sha256: str) -> str:
+        """Store ``src``, a file its writer never changes again (a checkpoint's), and return its
+        digest. Here, as ``put_file``, a copy; a local store takes the file itself
+        (``LocalArtifactStore.adopt_file``), so its bytes are not on the disk twice."""
+        return self.put_file(src, expected_sha256=expected_sha256)
+
     def put_chunks(self, chunks: Iterable[bytes], *, expected_sha256: str | None = None) -> str:
         """Store a byte stream and return its digest."""
         if expected_sha256 is not None:
             check_digest(expected_sha256)
-        staged = self.stage(chunks)
+        return self._keep(self.stage(chunks), expected_sha256)
+
+    def _keep(self, staged: StagedBlob, expected_sha256: str | None) -> str:
+        """Place ``staged`` under its name if that is the digest expected, and return it; the
+        staged file is gone afterwards either way."""
         try:
             if expected_sha256 is not None and staged.digest != expected_sha256:
                 raise ArtifactError(
@@ -245,6 +256,27 @@ class LocalArtifactStore(ArtifactStore):
             if _DIGEST.fullmatch(path.name) and not path.is_symlink():
                 with contextlib.suppress(FileNotFoundError):
                     yield path.name, path.stat().st_mtime
+
+    def adopt_file(self, src: Path, *, expected_sha256: str) -> str:
+        """Store ``src`` as a hard link to it, not a copy: the blob and ``src`` are then one file,
+        which is why its writer must never change it in place. It is hashed through the link, so
+        the blob holds what its name says even if ``src`` changed since ``expected_sha256`` was
+        taken (then nothing is stored). Copied where it cannot be linked (another filesystem)."""
+        check_digest(expected_sha256)
+        link = self._tmp / f"blob-{uuid.uuid4().hex}"
+        try:
+            os.link(src, link)
+        except OSError:
+            return self.put_file(src, expected_sha256=expected_sha256)
+        try:
+            # A staged file's time is when it was staged: a collector takes older ones for
+            # abandoned writes, and a placed blob's time starts its grace period.
+            os.utime(link)
+            staged = StagedBlob(path=link, digest=sha256_file(link), size=link.stat().st_size)
+        except BaseException:
+            link.unlink(missing_ok=True)
+            raise
+        return self._keep(staged, expected_sha256)
 
     def exists(self, digest: str) -> bool:
         return self._blob_path(digest).is_file()
