@@ -5,8 +5,11 @@ step's window reads a cache layer in whole blocks and attends only the positions
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmos.engine.torch_backend.attention import (
     SDPA_MAX_POSITIONS,
@@ -108,3 +111,32 @@ def test_a_window_attends_exactly_the_positions_it_sees(limit: int | None) -> No
     got = window.attend(q, layer, dim**-0.5)
     want = _reference(q, keys[:, :, :seen], values[:, :, :seen], padding[:, :seen], dim**-0.5)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
+class _Copies(TorchDispatchMode):
+    """Counts the copying operators called inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten.clone, torch.ops.aten._to_copy):
+            self.copies.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_grouped_attention_in_float32_copies_neither_the_scores_nor_the_cache() -> None:
+    """The part of a many-row step that grows with rows and cached positions is attention's passes
+    over them, so a float32 step makes none but the two products, the mask and the softmax: no
+    transposed copy of the scores, and the cached keys (a slice of a buffer with spare room) are
+    read where they lie."""
+    q, keys, values, padding = _inputs(4, 40, 64, [0, 3, 0, 0], seed=5)
+    layer = GrowingLayer()  # float32 keys and values as the cache hands them out
+    layer.update(keys.float(), values.float())
+    keys, values = layer.read(40)
+    assert not keys.is_contiguous()  # a slice of a buffer with spare room
+    q = q.float()
+    with _Copies() as counted:
+        grouped_attention(q, keys, values, _per_head(padding), 0.125)
+    assert counted.copies == []

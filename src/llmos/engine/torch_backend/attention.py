@@ -26,6 +26,11 @@ import torch.nn.functional as F
 # bit-equal to the model's forward); beyond, SDPA's cost grows with the length and the grouped
 # products win (docs/performance.md, design measurements).
 SDPA_MAX_POSITIONS = 128
+# Torch's CPU build runs float32 batched products through BLAS, which reads the cached keys'
+# transposed slice in place: the scores then come out in the order the softmax reads, with no copy
+# (docs/performance.md, "Where a decode step's time goes"). A bf16 product goes through
+# oneDNN where the CPU has bf16 instructions, and torch copies such a slice for it first.
+READS_TRANSPOSED_SLICES = frozenset({torch.float32})
 # The grouped products read the cache in whole blocks of this many positions, so that oneDNN
 # compiles their primitives once a block, not once a step (docs/performance.md, "Where a decode
 # step's time goes"). Kept within the cache's ``MIN_SPARE``, so that a buffer's spare room holds
@@ -111,15 +116,19 @@ def grouped_attention(
     reads bf16 and computes in float32 by itself, rounding once on output, so the float32 copy of
     the scores and the cast of the probabilities back (the largest copies of a many-row step) are
     gone. Its probabilities are those of a float32 softmax rounded to bf16 but for an occasional
-    last bit (its exponent and sum are vectorised differently).
+    last bit (its exponent and sum are vectorised differently). In float32 the step copies nothing:
+    the scores are the product ``q·keysᵀ`` as it comes out.
     """
     rows, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
     grouped = (q * scale).reshape(rows, kv_heads, heads // kv_heads, dim)  # head h reads kv head h // group
-    # keys @ q.T, not q @ keys.T: the cached keys are a slice of a growing buffer, and a transposed
-    # slice is copied whole before the product, a copy of the layer's whole cache every step. The
-    # scores' transpose is copied instead, a group's few numbers per position.
-    scores = torch.matmul(keys, grouped.transpose(2, 3)).transpose(2, 3).contiguous()
+    if keys.dtype in READS_TRANSPOSED_SLICES:
+        scores = torch.matmul(grouped, keys.transpose(2, 3))
+    else:
+        # keys @ q.T, not q @ keys.T: oneDNN takes an operand only dense or densely transposed, so
+        # torch copies the cached keys' transposed slice of a growing buffer whole, the layer's whole
+        # cache every step. The scores' transpose is copied instead, a group's few numbers a position.
+        scores = torch.matmul(keys, grouped.transpose(2, 3)).transpose(2, 3).contiguous()
     if masked is not None:
         scores.masked_fill_(masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
