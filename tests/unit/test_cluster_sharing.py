@@ -6,8 +6,10 @@ with the actors faked at the boundary."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,7 +25,9 @@ from llmos.cluster.routing import POLL_S, NodeCapacity, ReplicaNeed
 from llmos.config import Settings
 from llmos.errors import ReplicaStopping
 
-NODE = NodeCapacity("n1", "10.0.0.1", cpus=4, memory_bytes=1 << 33)
+N1, N2 = "a1" * 28, "b2" * 28
+"""Node ids as Ray writes them (28 bytes in hex): ``NodeAffinitySchedulingStrategy`` refuses others."""
+NODE = NodeCapacity(N1, "10.0.0.1", cpus=4, memory_bytes=1 << 33)
 NEED = ReplicaNeed(1, 1)
 
 
@@ -119,9 +123,11 @@ class _Actor:
     report_load: _Method = field(init=False)
     stop_if_idle: _Method = field(init=False)
     retire: _Method = field(init=False)
+    load: _Method = field(init=False)
 
     def __post_init__(self) -> None:
         self.ledger.ready = self.ready
+        self.load = _Method(lambda: self.broken)
         self.report_load = _Method(lambda: self.broken or self.ledger.report())
         self.stop_if_idle = _Method(lambda: self.broken or self.ledger.stop_if_idle())
         self.retire = _Method(lambda: self.broken or self.ledger.retire())
@@ -416,3 +422,97 @@ def test_a_replica_being_placed_is_not_taken_in_by_discover_as_well(
     pool.replicas = Listing()
     placed = pool._place("m-1", [NODE], 0)
     assert looked and [r.replica_id for r in pool.replicas] == [placed.replica_id]
+
+
+# -- placements at the same time ---------------------------------------------------------------
+class _Cluster:
+    """Ray's named actors as the pools see them: creating a name that is taken is refused
+    (``ValueError``, as Ray does), and each creation waits at ``barrier`` until as many placing
+    threads are creating, so the placements overlap however the threads are scheduled."""
+
+    def __init__(self, overlapping: int) -> None:
+        self.named: dict[str, _Actor] = {}
+        self.created: list[_Actor] = []
+        self.barrier = threading.Barrier(overlapping, timeout=10)
+        self._lock = threading.Lock()
+
+    def actor_class(self) -> Any:
+        cluster = self
+
+        class Creating:  # ``options(...).remote(...)`` of the replica's actor class
+            def __init__(self, **options: Any) -> None:
+                self.options = options
+
+            def remote(self, settings: Any, replica_id: str, model_key: str, slot: int, node_id: str) -> _Actor:
+                cluster.barrier.wait()
+                with cluster._lock:
+                    if self.options["name"] in cluster.named:
+                        raise ValueError(f"actor name {self.options['name']} is taken")
+                    actor = _Actor(ReplicaLedger(replica_id, model_key, slot, node_id))
+                    cluster.named[self.options["name"]] = actor
+                    cluster.created.append(actor)
+                    return actor
+
+        return SimpleNamespace(options=Creating)
+
+    def pool(self, monkeypatch: pytest.MonkeyPatch, nodes: list[NodeCapacity], min_replicas: int) -> ReplicaPool:
+        pool = ReplicaPool(Settings(ray_min_replicas=min_replicas), lambda key: NEED, lambda key: key)
+        monkeypatch.setattr(pool, "nodes_capacity", lambda: nodes)
+        monkeypatch.setattr(pool, "_watch", lambda: None)
+        monkeypatch.setattr(pool, "_actor_class", self.actor_class())
+        return pool
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(pool_module, "_replica_names", lambda: list(self.named))
+        monkeypatch.setattr(pool_module.ray, "get_actor", lambda name, namespace=None: self.named[name])
+
+
+def test_two_servers_placing_a_model_at_once_share_one_actor_per_slot(
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any]
+) -> None:
+    """Two servers' first requests for a model at once: each places slots 0 and 1 while the other
+    does. Each slot gets one actor (Ray refuses the second name and the loser takes the winner's),
+    each server lists each actor once, and both servers end with both replicas ready."""
+    cluster = _Cluster(overlapping=2)
+    cluster.install(monkeypatch)
+    nodes = [NODE, NodeCapacity(N2, "10.0.0.2", cpus=4, memory_bytes=1 << 33)]
+    first, second = cluster.pool(monkeypatch, nodes, 2), cluster.pool(monkeypatch, nodes, 2)
+
+    async def go() -> None:
+        await asyncio.gather(first.ensure("m-1"), second.ensure("m-1"))
+        await asyncio.gather(first.discover(), second.discover())  # a later round takes in nothing more
+
+    asyncio.run(go())
+    assert [a.ledger.slot for a in cluster.created] in ([0, 1], [1, 0]), "one actor per slot"
+    for pool in (first, second):
+        assert [(r.slot, r.state) for r in pool.live("m-1")] == [(0, "ready"), (1, "ready")]
+        assert sorted(id(r.actor) for r in pool.replicas) == sorted(id(a) for a in cluster.created)
+        assert [r.replica_id for r in pool.live("m-1")] == [
+            cluster.named[replica_name("m-1", s)].ledger.replica_id for s in (0, 1)
+        ]
+    for slot in (0, 1):
+        assert sorted(p.live("m-1")[slot].placed_here for p in (first, second)) == [False, True]
+    assert killed == []
+
+
+def test_two_models_placed_at_once_do_not_take_the_same_room(
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any]
+) -> None:
+    """One server placing two models at once (each ``_place`` in a thread of its own): each
+    placement counts the other's reservation, so two nodes with room for one replica each get
+    one each, rather than both going to the node that looked emptier."""
+    cluster = _Cluster(overlapping=2)
+    cluster.install(monkeypatch)
+    room_for_one = [
+        NodeCapacity(N1, "10.0.0.1", cpus=1, memory_bytes=1 << 30),
+        NodeCapacity(N2, "10.0.0.2", cpus=1, memory_bytes=1 << 29),
+    ]
+    pool = cluster.pool(monkeypatch, room_for_one, 1)
+
+    async def go() -> None:
+        await asyncio.gather(pool.ensure("m-1"), pool.ensure("m-2"))
+
+    asyncio.run(go())
+    assert sorted((r.model_key, r.state) for r in pool.replicas) == [("m-1", "ready"), ("m-2", "ready")]
+    assert sorted(r.node.node_id for r in pool.replicas) == [N1, N2]
+    assert sorted(a.ledger.node_id for a in cluster.created) == [N1, N2]

@@ -3,8 +3,10 @@
 A model gets ``ray_min_replicas`` replicas on its first request. Each is placed by
 ``routing.choose_node`` on a node with room for its reservation (``ray_replica_cpus`` CPUs and the
 memory the backend estimates for the model, the figure the memory manager budgets by), pinned
-there with Ray's node affinity, and loads its model before it takes requests. A replica whose
-actor dies is dropped at once (the requests it held end with an error) and a new one is placed.
+there with Ray's node affinity, and loads its model before it takes requests; a placement under
+way counts as reserved, so two models placed at once do not both take the room left on one node.
+A replica whose actor dies is dropped at once (the requests it held end with an error) and a new
+one is placed.
 
 Every API server of the cluster shares them (ADR 0038): a replica is a detached actor named after
 its model and a slot number (``replica_name``), so a server finds the others' replicas by name, and
@@ -20,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 from ray._private import state as ray_state
@@ -59,6 +62,14 @@ NAME_PREFIX = "llmos-replica:"
 def replica_name(model_key: str, slot: int) -> str:
     """The Ray actor name of ``model_key``'s replica in ``slot`` (in the ``llmos`` namespace)."""
     return f"{NAME_PREFIX}{model_key}:{slot}"
+
+
+class Claim(NamedTuple):
+    """What a replica reserves, and where."""
+
+    model_key: str
+    node_id: str
+    need: ReplicaNeed
 
 
 @dataclass(eq=False)
@@ -122,8 +133,11 @@ class ReplicaPool:
         self._starting: dict[str, asyncio.Lock] = {}
         self._watching: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
-        self._claimed: set[str] = set()
-        """Replica names this server is placing right now."""
+        self._claimed: dict[str, Claim] = {}
+        """The replicas this server is placing right now, by name (from ``_place``'s threads)."""
+        self._choosing = threading.Lock()
+        """Held while a placement chooses its node and claims it: placements running at once (two
+        models' ``ensure``, each ``_place`` in a thread) each count the other's reservation."""
         self._actor_class = ray.remote(EngineReplica)
 
     def ready(self, model_key: str) -> list[Replica]:
@@ -175,31 +189,34 @@ class ReplicaPool:
         """A replica of ``model_key`` in ``slot``: placed here, or, if another server has just
         placed that slot, theirs (waited for like one of ours)."""
         need = self.need_of(model_key)
-        node = choose_node(capacity, self._held(), need, model_key)
-        if node is None:
-            raise ServiceUnavailableError(
-                f"no node of the Ray cluster has room for a replica of {self.name_of(model_key)} "
-                f"({need.cpus:g} CPUs, {need.memory_bytes >> 20} MB)",
-                retry_after=30.0,
-            )
-        replica_id = f"replica-{uuid.uuid4().hex[:12]}"
         name = replica_name(model_key, slot)
+        with self._choosing:
+            node = choose_node(capacity, self._held(), need, model_key)
+            if node is None:
+                raise ServiceUnavailableError(
+                    f"no node of the Ray cluster has room for a replica of {self.name_of(model_key)} "
+                    f"({need.cpus:g} CPUs, {need.memory_bytes >> 20} MB)",
+                    retry_after=30.0,
+                )
+            # Claimed until the replica is in ``replicas``: ``_held`` counts the claim (the next
+            # placement sees its room taken), and ``discover`` (on the event loop, while this runs
+            # in a thread) looks at the claims before the list, so it sees the name in one of them.
+            self._claimed[name] = Claim(model_key, node.node_id, need)
+        replica_id = f"replica-{uuid.uuid4().hex[:12]}"
         placed_here = True
-        # Claimed until the replica is in ``replicas``: ``discover`` (on the event loop, while this
-        # runs in a thread) looks at the claims before the list, so it sees the name in one of them.
-        self._claimed.add(name)
         try:
-            try:
-                actor = self._actor_class.options(
-                    name=name,
-                    namespace="llmos",
-                    lifetime="detached",  # outlives this server: the others may be streaming from it
-                    num_cpus=need.cpus,
-                    num_gpus=need.gpus,
-                    memory=max(1, need.memory_bytes),
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-                    max_restarts=0,  # a dead replica is replaced by a pool, which knows what it held
-                ).remote(self.settings, replica_id, model_key, slot, node.node_id)
+            creating = self._actor_class.options(
+                name=name,
+                namespace="llmos",
+                lifetime="detached",  # outlives this server: the others may be streaming from it
+                num_cpus=need.cpus,
+                num_gpus=need.gpus,
+                memory=max(1, need.memory_bytes),
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+                max_restarts=0,  # a dead replica is replaced by a pool, which knows what it held
+            )
+            try:  # only the creation: Ray refuses a taken name there, with a ValueError
+                actor = creating.remote(self.settings, replica_id, model_key, slot, node.node_id)
             except ValueError:  # the name is taken: another server placed this slot a moment ago
                 try:
                     actor = ray.get_actor(name, namespace="llmos")
@@ -216,7 +233,7 @@ class ReplicaPool:
             self.replicas.append(replica)  # its reservation counts from now on
             return replica
         finally:
-            self._claimed.discard(name)
+            self._claimed.pop(name, None)
 
     def _by_name(self, name: str) -> Replica | None:
         return next((r for r in self.replicas if replica_name(r.model_key, r.slot) == name), None)
@@ -256,7 +273,7 @@ class ReplicaPool:
 
     async def discover(self) -> None:
         """Take in the replicas other servers placed (by their names) that this server does not know."""
-        known = {replica_name(r.model_key, r.slot) for r in self.replicas} | self._claimed
+        known = {replica_name(r.model_key, r.slot) for r in self.replicas} | set(self._claimed)
         found = await asyncio.to_thread(_replica_names)
         for name in sorted(set(found) - known):
             try:
@@ -366,13 +383,19 @@ class ReplicaPool:
             replica.adapters.discard(adapter)
 
     def _held(self) -> dict[str, Reservation]:
+        """What the listed replicas and the placements under way reserve on each node."""
+        replicas = list(self.replicas)  # a copy: the event loop lists and drops while this runs in a thread
+        listed = [Claim(r.model_key, r.node.node_id, r.need) for r in replicas]
+        names = {replica_name(r.model_key, r.slot) for r in replicas}
+        # A claim whose replica is listed already (its placement is just ending) counts once.
+        placing = [claim for name, claim in list(self._claimed.items()) if name not in names]
         held: dict[str, Reservation] = {}
-        for r in self.replicas:
-            reservation = held.setdefault(r.node.node_id, Reservation())
-            reservation.cpus += r.need.cpus
-            reservation.memory_bytes += r.need.memory_bytes
-            reservation.gpus += r.need.gpus
-            reservation.models.append(r.model_key)
+        for claim in listed + placing:
+            reservation = held.setdefault(claim.node_id, Reservation())
+            reservation.cpus += claim.need.cpus
+            reservation.memory_bytes += claim.need.memory_bytes
+            reservation.gpus += claim.need.gpus
+            reservation.models.append(claim.model_key)
         return held
 
     def nodes(self) -> list[NodeView]:
