@@ -156,3 +156,107 @@ def test_a_scoring_prompt_takes_small_chunks_while_a_request_generates(
     (delta,) = scored
     assert [p.token_id for p in delta.prompt_logprobs] == prompt
     assert delta.prompt_logprobs[0].logprob is None and all(p.logprob is not None for p in delta.prompt_logprobs[1:])
+
+
+def _score_and_generate(config: EngineConfig, tiny_chat_dir: Path) -> CausalRunner:
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    return CausalRunner(model, AutoTokenizer.from_pretrained(tiny_chat_dir), context_length=128, config=config)
+
+
+def _recording_pauses(runner: CausalRunner, monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], threading.Event]:
+    """The timeout of every pause the runner's engine takes for arrivals, and an event set at the first."""
+    pauses: list[float] = []
+    paused = threading.Event()
+    wait_for = runner.scheduler.wait_for
+
+    def recording(wanted: object, timeout: float) -> bool:
+        pauses.append(timeout)
+        paused.set()
+        return wait_for(wanted, timeout)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner.scheduler, "wait_for", recording)
+    return pauses, paused
+
+
+def test_the_scheduler_waits_for_a_generating_arrival_and_wakes_at_once() -> None:
+    from llmos.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(8, 0.0, 0)
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(scheduler.wait_for(causal._generating, 600)))
+    waiter.start()
+    scheduler.put(Pending(GenerationRequest("s", "m", [1, 2], SCORE), sink=lambda d: None, reserve=2))
+    waiter.join(0.2)
+    assert waiter.is_alive()  # a scoring arrival does not end it
+    scheduler.put(Pending(GenerationRequest("g", "m", [1, 2], GENERATE), sink=lambda d: None, reserve=26))
+    waiter.join(30)
+    assert not waiter.is_alive() and results == [True]  # a generating one does, long before its 600 s
+    assert len(scheduler.queue) == 2  # nothing was taken: the loop admits them next
+    closing = threading.Thread(target=lambda: results.append(Scheduler(8, 0.0, 0).wait_for(causal._generating, 0)))
+    closing.start()
+    closing.join(30)
+    assert results == [True, False]  # nothing queued and no time to wait
+    scheduler = Scheduler(8, 0.0, 0)
+    waiter = threading.Thread(target=lambda: results.append(scheduler.wait_for(causal._generating, 600)))
+    waiter.start()
+    scheduler.wake()  # close ends the wait too
+    waiter.join(30)
+    assert not waiter.is_alive() and results == [True, False, True]
+
+
+def test_scoring_steps_pause_for_arrivals_only_while_generating_work_is_about(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(causal, "RECENT_S", 600.0)  # "about" however slowly a loaded machine steps
+    config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=32, scoring_step_tokens=8)
+    alone = _score_and_generate(config, tiny_chat_dir)
+    pauses, _ = _recording_pauses(alone, monkeypatch)
+    passes = _recording_passes(monkeypatch)
+    done = threading.Semaphore(0)
+    try:
+        for name in ("s1", "s2"):
+            alone.submit(GenerationRequest(name, "m", list(range(5, 85)), SCORE), lambda d: done.release())
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        alone.close()
+    assert len(passes) >= 5 and pauses == []  # scoring alone runs step after step: its throughput is kept
+    passes.clear()
+
+    beside = _score_and_generate(config, tiny_chat_dir)
+    pauses, _ = _recording_pauses(beside, monkeypatch)
+    try:
+        # The generating request first: whether or not the scoring one comes in the same step, it
+        # finds generating work about.
+        beside.submit(GenerationRequest("gen", "m", list(range(5, 15)), FIRST_ONLY), lambda d: done.release())
+        beside.submit(GenerationRequest("score", "m", list(range(5, 85)), SCORE), lambda d: done.release())
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        beside.close()
+    scoring_only = [p for p in passes if all(rid == "score" for rid, _ in p)]
+    assert len(scoring_only) >= 10  # at most 8 tokens a step: generating work was about all along
+    # A pause after every scoring-only step with scoring left (the last one had none), as long as it took.
+    assert len(pauses) == len(scoring_only) - 1 and all(p > 0 for p in pauses)
+
+
+def test_a_pause_ends_when_a_generating_request_arrives(tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pauses a million times their step: one that did not end on the arrival would outlast the test.
+    monkeypatch.setattr(causal, "RECENT_S", 600.0)  # "about" however slowly a loaded machine steps
+    config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=32, scoring_step_tokens=8, scoring_pause_ratio=1e6)
+    runner = _score_and_generate(config, tiny_chat_dir)
+    pauses, paused = _recording_pauses(runner, monkeypatch)
+    answered = threading.Semaphore(0)
+
+    def answer(delta: GenerationDelta) -> None:
+        if delta.finish_reason is not None:
+            answered.release()
+
+    try:
+        runner.submit(GenerationRequest("score", "m", list(range(5, 85)), SCORE), lambda d: None)
+        runner.submit(GenerationRequest("gen1", "m", list(range(5, 15)), FIRST_ONLY), answer)
+        assert answered.acquire(timeout=60)
+        assert paused.wait(timeout=60)  # the scoring step after gen1's answer pauses
+        runner.submit(GenerationRequest("gen2", "m", list(range(5, 15)), FIRST_ONLY), answer)
+        assert answered.acquire(timeout=60)  # answered in the pause, not after it
+        assert len(pauses) >= 1
+    finally:
+        runner.close()  # ends the pause the scoring step after gen2 took

@@ -23,6 +23,9 @@ class EngineConfig:
     """Most prompt tokens prefilled per engine iteration (one pass), between decode steps."""
     scoring_step_tokens: int = 8
     """Most prompt tokens a step gives scoring requests while generating ones are about."""
+    scoring_pause_ratio: float = 1.0
+    """After a scoring-only step while generating requests are about, the engine waits this many
+    times the step's time for a generating arrival (0: never)."""
     tenant_rows_when_shared: int = 0
     """Rows each tenant may hold while a light tenant is active (0: no caps; ``kernel.fair_share``)."""
     kv_cache_bytes: int = 4096 << 20
@@ -75,6 +78,7 @@ class EngineConfig:
             batch_wait_s=settings.batch_wait_ms / 1000,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             scoring_step_tokens=settings.scoring_step_tokens,
+            scoring_pause_ratio=settings.scoring_pause_ratio,
             tenant_rows_when_shared=settings.tenant_rows_when_shared,
             kv_cache_bytes=settings.kv_cache_mb << 20,
             prefix_cache_bytes=settings.prefix_cache_mb << 20,

@@ -212,6 +212,11 @@ class Scheduler:
             pending.end(abort_delta)
         return True
 
+    def wait_for(self, wanted: Callable[[GenerationRequest], bool], timeout: float) -> bool:
+        """Whether a request for which ``wanted`` holds is queued (or the loop is asked to close),
+        waiting up to ``timeout`` for one; nothing is taken."""
+        return self.queue.wait_for(lambda item: item is None or wanted(item.request), timeout)
+
     def caps(self, held: Counter[str]) -> dict[str, int]:
         """Row limits for every active share: ``held`` rows (running, parked, prefilling) plus its
         queued requests; a tenant seen lately without work counts as a light tenant. Background

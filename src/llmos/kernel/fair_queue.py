@@ -52,6 +52,18 @@ class FairQueue(Generic[T]):
                 self._queues[tenant] = items  # back of the line: the others go first
             return item
 
+    def wait_for(self, matches: Callable[[T], bool], timeout: float) -> bool:
+        """Whether an item for which ``matches`` holds is queued, waiting up to ``timeout`` for one
+        (each ``put`` wakes the wait to look); nothing is taken."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(matches(item) for items in self._queues.values() for item in items):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
     def put_back(self, tenant: str, item: T) -> None:
         """Return an item just taken: first in its tenant's line, and the tenant's turn restored."""
         with self._cond:

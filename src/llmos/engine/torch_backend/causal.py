@@ -106,6 +106,7 @@ class CausalRunner(GenerationRunner):
         self._prefill_jobs: deque[Prefill] = deque()
         self._prefill_passes = 0  # _advance_prefills calls that computed anything (prefill_order's clock)
         self.scoring_step_tokens = config.scoring_step_tokens
+        self.scoring_pause_ratio = config.scoring_pause_ratio
         self._generating_at = -math.inf  # when an interactive generating request was last seen here
         self._scoring_yielded = False  # the last step planned no scoring tokens, scoring prompts waiting
 
@@ -190,6 +191,15 @@ class CausalRunner(GenerationRunner):
         self._state = self.share.rebalance(self._state, caps)
 
     def _execute(self) -> None:
+        """One step (``_run_step``), then, if it held nothing that generates, the pause that gives
+        generating arrivals an idle engine (``_pause_for_arrivals``)."""
+        started = time.perf_counter()
+        generating = self._note_generating()
+        self._run_step()
+        if not generating:
+            self._pause_for_arrivals(time.perf_counter() - started)
+
+    def _run_step(self) -> None:
         """Make room in the key/value budget (preempting the youngest), prefill what the step's
         token budget leaves after its decoding rows, then advance every running row by one token.
 
@@ -245,18 +255,42 @@ class CausalRunner(GenerationRunner):
             pending.fail(exc)
             return None
 
-    def _scoring_tokens(self) -> int | None:
-        """What a step gives scoring prompts: ``scoring_step_tokens`` while an interactive request
-        that generates is prefilling or decoding, or was within ``RECENT_S`` (the moment between a
-        client's answer and its next question), so that its first token waits behind a short step;
-        None (no limit beyond the step's) otherwise."""
-        now = time.monotonic()
+    def _note_generating(self) -> bool:
+        """Whether an interactive request that generates is prefilling or decoding now (noted in
+        ``_generating_at``)."""
         rows = self._state.rows if self._state is not None else []
-        if any(_generating(job.pending.request) for job in self._prefill_jobs) or any(
+        now = any(_generating(job.pending.request) for job in self._prefill_jobs) or any(
             not row.finished and _generating(row.pending.request) for row in rows
-        ):
-            self._generating_at = now
-        return self.scoring_step_tokens if now - self._generating_at < RECENT_S else None
+        )
+        if now:
+            self._generating_at = time.monotonic()
+        return now
+
+    def _generating_about(self) -> bool:
+        """Whether generating work is about: an interactive request that generates was prefilling
+        or decoding within ``RECENT_S`` (the moment between a client's answer and its next question
+        counts as busy)."""
+        return time.monotonic() - self._generating_at < RECENT_S
+
+    def _scoring_tokens(self) -> int | None:
+        """What a step gives scoring prompts: ``scoring_step_tokens`` while generating work is
+        about, so that an arriving first token waits behind a short step; None (no limit beyond
+        the step's) otherwise."""
+        return self.scoring_step_tokens if self._generating_about() else None
+
+    def _pause_for_arrivals(self, step_s: float) -> None:
+        """After a step without generating work, while scoring prompts are being prefilled and
+        generating work is about: stay idle for ``scoring_pause_ratio`` times the step's ``step_s``,
+        or until a generating request is queued (the queue wakes the wait; it is admitted next).
+
+        Why: a generating request that arrives mid-step is admitted only when the step ends, and
+        under scoring traffic steps run back to back, so every arrival found one in flight (about a
+        decode step's time, ADR 0026). Idle as long as it computed (ratio 1), the engine is found
+        idle half the time and an arrival's mean wait for the step halves. Scoring beside
+        interactive clients goes at 1 / (1 + ratio) of its speed; scoring with nothing generating
+        lately never pauses (the throughput goal's measure)."""
+        if self.scoring_pause_ratio > 0 and self._prefill_jobs and self._generating_about():
+            self.scheduler.wait_for(_generating, self.scoring_pause_ratio * step_s)
 
     @torch.inference_mode()
     def _advance_prefills(self) -> list[BatchState[Row]]:
