@@ -252,6 +252,39 @@ def test_a_ray_engines_stats_carry_each_replicas_report_to_the_metrics() -> None
     assert _value("llmos_replica_generation_tokens_total", **labels) is None
 
 
+def test_each_server_exports_its_own_requests_on_each_ready_replica() -> None:
+    """A replica's running and waiting requests are its own counts, every server's (the same on
+    each server); ``llmos_replica_server_requests_in_flight`` is this server's share of them, for
+    the replicas it lists as ready (one another server is still placing has no id here yet)."""
+    shared = {"pending_requests": 3, "models": {"m-1": _runner("tiny-chat", 3, 0, 50)}}
+    need = ReplicaNeed(1, 1)
+    busy = Replica("replica-a", "m-1", _Actor(_Method(shared)), NODE, need, mine=2, others=1, state="ready")
+    idle = Replica("replica-b", "m-1", _Actor(_Method(shared)), NODE, need, state="ready")
+    theirs = Replica("replica-provisional", "m-1", _Actor(_Method(shared)), NODE, need, placed_here=False)
+    pool = _pool(busy, idle, theirs)
+    engine = RayEngine.__new__(RayEngine)  # the pool faked at the actors; no cluster to connect to
+    engine.pool, engine.session, engine._pending = pool, ClusterSession("10.0.0.1:6379", False), 0
+    asyncio.run(pool.refresh())
+    sampler = MetricsSampler(engine.stats, None, 5.0)
+    sampler.sample()
+
+    def series(replica: str) -> dict[str, str]:
+        return {"model_name": "tiny-chat", "replica": replica, "node": "10.0.0.1"}
+
+    assert _value("llmos_replica_num_requests_running", **series("replica-a")) == 3  # another server's too
+    assert _value("llmos_replica_server_requests_in_flight", **series("replica-a")) == 2
+    assert _value("llmos_replica_server_requests_in_flight", **series("replica-b")) == 0
+    assert _value("llmos_replica_server_requests_in_flight", **series("replica-provisional")) is None
+    busy.mine = 1  # one of this server's requests finished
+    pool.replicas.remove(idle)  # scaled down
+    sampler.sample()
+    assert _value("llmos_replica_server_requests_in_flight", **series("replica-a")) == 1
+    assert _value("llmos_replica_server_requests_in_flight", **series("replica-b")) is None
+    pool.replicas.clear()
+    sampler.sample()
+    assert _value("llmos_replica_server_requests_in_flight", **series("replica-a")) is None
+
+
 def test_single_process_mode_exports_no_replica_series() -> None:
     stats = {"models": {"m-9": _runner("solo-chat", 1, 0, 9)}}
     sampler = MetricsSampler(lambda: stats, None, 5.0)

@@ -234,10 +234,15 @@ class RayEngine:
 
     def stats(self) -> dict[str, Any]:
         """This server's own counts, and each replica with its engine's latest report (its
-        ``models``, read every ``metrics_sample_interval_s``): the metrics sampler exports them
-        per replica and summed per model."""
+        ``models``, read every ``metrics_sample_interval_s``) and the requests this server has in
+        flight on it: the metrics sampler exports them per replica and summed per model."""
         replicas = [  # a copy: the sampler's thread reads while the event loop places and drops
-            {**self.pool.view(r).public(), "node_address": r.node.address, "models": r.report.get("models", {})}
+            {
+                **self.pool.view(r).public(),
+                "node_address": r.node.address,
+                "server_in_flight": r.mine,
+                "models": r.report.get("models", {}),
+            }
             for r in list(self.pool.replicas)
         ]
         return {

@@ -106,6 +106,11 @@ REPLICA_REQUESTS_RUNNING = Gauge(
 REPLICA_REQUESTS_WAITING = Gauge(
     "llmos_replica_num_requests_waiting", "Requests queued for the batch of one engine replica.", REPLICA_LABELS
 )
+REPLICA_SERVER_IN_FLIGHT = Gauge(
+    "llmos_replica_server_requests_in_flight",
+    "Requests this API server has in flight on one ready engine replica (the others' are on theirs).",
+    REPLICA_LABELS,
+)
 REPLICA_GENERATION_TOKENS = Counter(
     "llmos_replica_generation_tokens",
     "Tokens one engine replica generated (also for requests later aborted).",

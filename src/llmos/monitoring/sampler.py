@@ -105,6 +105,7 @@ class MetricsSampler:
                 metrics.MODEL_MEMORY,
                 metrics.REPLICA_REQUESTS_RUNNING,
                 metrics.REPLICA_REQUESTS_WAITING,
+                metrics.REPLICA_SERVER_IN_FLIGHT,
                 metrics.TRAINING_TOKENS_PER_SECOND,
                 metrics.TRAINING_LOSS,
                 metrics.TRAINING_ACCURACY,
@@ -181,12 +182,19 @@ class MetricsSampler:
         self._sample_replicas(stats.get("replicas", []))
 
     def _sample_replicas(self, replicas: list[dict[str, Any]]) -> None:
-        """Each engine replica's running and waiting requests and generated tokens (Ray cluster
-        mode; the in-process engine reports no replicas)."""
+        """Each engine replica's running and waiting requests and generated tokens, as it reports
+        them (every server's requests), and the requests this server has in flight on it (Ray
+        cluster mode; the in-process engine reports no replicas)."""
         running: dict[tuple[str, ...], float] = {}
         waiting: dict[tuple[str, ...], float] = {}
+        in_flight: dict[tuple[str, ...], float] = {}
         tokens: dict[str, tuple[tuple[str, ...], int]] = {}
         for replica in replicas:
+            # Ready ones only: a replica another server is still placing has this server's
+            # provisional id and node until its first report (``pool.Replica.take_report``).
+            if replica.get("state") == "ready" and "server_in_flight" in replica:
+                where = (str(replica["model"]), str(replica["id"]), str(replica.get("node_address", "")))
+                in_flight[where] = float(replica["server_in_flight"])
             for key, entry in replica.get("models", {}).items():
                 labels: tuple[str, ...] = (
                     str(entry.get("name", key)),
@@ -198,6 +206,7 @@ class MetricsSampler:
                 tokens[f"{replica['id']}/{key}"] = (labels, int(entry.get("tokens_generated", 0)))
         self._set(metrics.REPLICA_REQUESTS_RUNNING, running)
         self._set(metrics.REPLICA_REQUESTS_WAITING, waiting)
+        self._set(metrics.REPLICA_SERVER_IN_FLIGHT, in_flight)
         for runner, (labels, count) in tokens.items():
             last = self._replica_tokens_seen.get(runner, (labels, 0))[1]
             metrics.REPLICA_GENERATION_TOKENS.labels(*labels).inc(_grown(last, count))
