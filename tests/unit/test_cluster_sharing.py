@@ -427,10 +427,13 @@ def test_a_replica_being_placed_is_not_taken_in_by_discover_as_well(
 # -- placements at the same time ---------------------------------------------------------------
 class _Cluster:
     """Ray's named actors as the pools see them: creating a name that is taken is refused
-    (``ValueError``, as Ray does), and each creation waits at ``barrier`` until as many placing
-    threads are creating, so the placements overlap however the threads are scheduled."""
+    (``ValueError``, as Ray does), or with ``racy`` gives a handle to an actor that never starts
+    (both creations passed Ray's check of the name, and the control store refused the second);
+    each creation waits at ``barrier`` until as many placing threads are creating, so the
+    placements overlap however the threads are scheduled."""
 
-    def __init__(self, overlapping: int) -> None:
+    def __init__(self, overlapping: int, *, racy: bool = False) -> None:
+        self.racy = racy
         self.named: dict[str, _Actor] = {}
         self.created: list[_Actor] = []
         self.barrier = threading.Barrier(overlapping, timeout=10)
@@ -447,6 +450,8 @@ class _Cluster:
                 cluster.barrier.wait()
                 with cluster._lock:
                     if self.options["name"] in cluster.named:
+                        if cluster.racy:
+                            return _Actor(ReplicaLedger(replica_id, model_key, slot, node_id), RayActorError())
                         raise ValueError(f"actor name {self.options['name']} is taken")
                     actor = _Actor(ReplicaLedger(replica_id, model_key, slot, node_id))
                     cluster.named[self.options["name"]] = actor
@@ -467,22 +472,27 @@ class _Cluster:
         monkeypatch.setattr(pool_module.ray, "get_actor", lambda name, namespace=None: self.named[name])
 
 
+@pytest.mark.parametrize("racy", [False, True], ids=["name-refused", "second-creation-dies"])
 def test_two_servers_placing_a_model_at_once_share_one_actor_per_slot(
-    monkeypatch: pytest.MonkeyPatch, killed: list[Any]
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any], racy: bool
 ) -> None:
     """Two servers' first requests for a model at once: each places slots 0 and 1 while the other
-    does. Each slot gets one actor (Ray refuses the second name and the loser takes the winner's),
-    each server lists each actor once, and both servers end with both replicas ready."""
-    cluster = _Cluster(overlapping=2)
+    does. Each slot gets one actor (Ray refuses the second name, or the second creation dies, and
+    the loser takes the winner's), each server lists each actor once, and both servers end with
+    both replicas ready."""
+    cluster = _Cluster(overlapping=2, racy=racy)
     cluster.install(monkeypatch)
     nodes = [NODE, NodeCapacity(N2, "10.0.0.2", cpus=4, memory_bytes=1 << 33)]
     first, second = cluster.pool(monkeypatch, nodes, 2), cluster.pool(monkeypatch, nodes, 2)
 
-    async def go() -> None:
+    async def go() -> list[list[tuple[int, str]]]:
         await asyncio.gather(first.ensure("m-1"), second.ensure("m-1"))
+        placed = [[(r.slot, r.state) for r in p.live("m-1")] for p in (first, second)]
         await asyncio.gather(first.discover(), second.discover())  # a later round takes in nothing more
+        return placed
 
-    asyncio.run(go())
+    placed = asyncio.run(go())
+    assert placed == [[(0, "ready"), (1, "ready")]] * 2, "each server has both as its first request goes on"
     assert [a.ledger.slot for a in cluster.created] in ([0, 1], [1, 0]), "one actor per slot"
     for pool in (first, second):
         assert [(r.slot, r.state) for r in pool.live("m-1")] == [(0, "ready"), (1, "ready")]
@@ -492,7 +502,8 @@ def test_two_servers_placing_a_model_at_once_share_one_actor_per_slot(
         ]
     for slot in (0, 1):
         assert sorted(p.live("m-1")[slot].placed_here for p in (first, second)) == [False, True]
-    assert killed == []
+    assert not any(k is a for k in killed for a in cluster.created), "only the losers' handles are killed"
+    assert len(killed) == (2 if racy else 0)
 
 
 def test_two_models_placed_at_once_do_not_take_the_same_room(

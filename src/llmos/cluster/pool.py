@@ -10,11 +10,12 @@ one is placed.
 
 Every API server of the cluster shares them (ADR 0038): a replica is a detached actor named after
 its model and a slot number (``replica_name``), so a server finds the others' replicas by name, and
-two servers placing the same slot at once get one actor (Ray refuses the second name). Each server
-polls the replicas it knows every ``POLL_S`` for their own counts of requests in flight, by
-server, and routes by them; a server that stops leaves them running for the others. A server that
-scales a replica down or unloads its model asks the replica to stop (it reports itself stopping,
-then ends itself, ``replica.STOP_GRACE_S`` later); only a replica that ends unannounced is replaced.
+two servers placing the same slot at once get one actor (Ray refuses the second name, or the
+second creation dies as Ray registers it: ``_load``). Each server polls the replicas it knows
+every ``POLL_S`` for their own counts of requests in flight, by server, and routes by them; a
+server that stops leaves them running for the others. A server that scales a replica down or
+unloads its model asks the replica to stop (it reports itself stopping, then ends itself,
+``replica.STOP_GRACE_S`` later); only a replica that ends unannounced is replaced.
 """
 
 from __future__ import annotations
@@ -244,9 +245,9 @@ class ReplicaPool:
     async def _start(self, replica: Replica) -> None:
         self._watch()  # from placement on, not from the first ready replica: loading ones are polled too
         try:
-            if replica.placed_here:
-                await asyncio.wait_for(replica.actor.load.remote(replica.model_key, False), REPLICA_START_TIMEOUT_S)
-            else:  # the server that placed it is loading it: wait until it says so
+            if replica.placed_here and not await self._load(replica):
+                replica.placed_here = False
+            if not replica.placed_here:  # the server that placed it is loading it: wait until it says so
                 await asyncio.wait_for(self._until_ready(replica), REPLICA_START_TIMEOUT_S)
             report: dict[str, Any] = await replica.actor.report_load.remote()
             replica.take_report(report, self.server_id)
@@ -262,6 +263,22 @@ class ReplicaPool:
         log.info(
             "engine replica %s of %s ready on node %s", replica.replica_id, replica.model_key, replica.node.address
         )
+
+    async def _load(self, replica: Replica) -> bool:
+        """Load its model. False: its actor lost the name to another server's, created at the
+        same moment, and ``replica`` now holds theirs. Ray checks that a name is free before it
+        creates the actor, so two servers can both pass the check; the second creation then fails
+        in Ray's control store, and the handle it gave answers ``RayActorError``."""
+        try:
+            await asyncio.wait_for(replica.actor.load.remote(replica.model_key, False), REPLICA_START_TIMEOUT_S)
+            return True
+        except RayActorError:
+            theirs = await asyncio.to_thread(_named_actor, replica_name(replica.model_key, replica.slot))
+            if theirs is None:  # nobody holds the name: ours died loading
+                raise
+            ray.kill(replica.actor, no_restart=True)  # ours, if it exists at all
+            replica.actor = theirs
+            return False
 
     async def _until_ready(self, replica: Replica) -> None:
         while not (await replica.actor.report_load.remote())["ready"]:
@@ -482,6 +499,14 @@ def cluster_nodes() -> list[NodeView]:
             )
         )
     return views
+
+
+def _named_actor(name: str) -> Any:
+    """The live actor named ``name`` in the ``llmos`` namespace (None: there is none)."""
+    try:
+        return ray.get_actor(name, namespace="llmos")
+    except ValueError:
+        return None
 
 
 def _replica_names() -> list[str]:
