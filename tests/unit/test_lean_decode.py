@@ -283,8 +283,8 @@ def test_lean_step_applies_adapters_like_the_adapted_modules(tiny_decoder_dir: P
     assert decoder.adapters.columns == tuple(range(start, end))  # groups over its columns only
     decode([4, 7], steps=2)
     kept = decoder.adapters._groups[0]["o"]
-    assert kept is not None and kept.block is not None and kept.block.plain is not None
-    assert kept.block.plain.shape[1] == 4 < lora.view.width
+    assert kept is not None and kept.block is not None
+    assert kept.block.inputs == 4 < lora.view.width
     assert decoder.adapters.copy_bytes > 0  # the blocks at least (one adapter's A and B are views)
     assert (kept.a is None) == fused  # fused: the base product computes every resident A
     lora.prepare([None, None])  # the base alone, with the resident adapters' A rows in its products
@@ -498,9 +498,26 @@ def test_packed_copies_compute_what_f_linear_computes(tiny_chat_dir: Path) -> No
     for shape in [(1, 64), (1, 1, 64), (3, 1, 64), (1, 300, 64)]:  # a row, a step of rows, a packed prefill
         x = torch.randn(*shape, generator=g).to(torch.bfloat16)
         assert torch.equal(packed.linear(x), F.linear(x, weight))
-    assert PackedMatrix.of(weight.float()) is None  # float32 keeps F.linear
     decoder = LeanDecoder.build(_model(tiny_chat_dir, torch.bfloat16), int8=False)
     assert decoder is not None and decoder.packed_bytes > 0  # the lean step reads the packed copies
+
+
+def test_float32_packed_copies_give_each_row_one_result_whatever_its_batch(tiny_chat_dir: Path) -> None:
+    # float32 products sum in oneDNN's order, not MKL's: within rounding of F.linear, and a row's
+    # result is the same alone or among others (a speculative verify's rows are decode steps').
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=g) * 0.05
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    packed = PackedMatrix.of(weight)
+    assert packed is not None
+    rows = torch.randn(16, 64, generator=g)
+    together = packed.linear(rows)
+    torch.testing.assert_close(together, F.linear(rows, weight), rtol=1e-5, atol=1e-6)
+    alone = torch.cat([packed.linear(rows[i : i + 1]) for i in range(16)])
+    assert torch.equal(alone, together)
+    decoder = LeanDecoder.build(_model(tiny_chat_dir, torch.float32), int8=False)
+    assert decoder is not None and decoder.packed_bytes > 0  # the float32 lean step reads them too
 
 
 @pytest.mark.skipif(not int8_supported(torch.bfloat16), reason="this torch build has no int8 weight kernel")
@@ -547,15 +564,19 @@ def test_stale_and_dropped_generations_still_decode_like_the_adapted_modules(tin
     _decode_both(model, decoder, lora, [5, 4], steps=3)
 
 
-def test_background_fusing_is_for_packed_weights_and_stops_with_the_runner(tiny_chat_dir: Path) -> None:
-    assert not _lean(_model(tiny_chat_dir, torch.float32)).can_fuse  # it would copy every weight
-    model = _model(tiny_chat_dir, torch.bfloat16)
+def test_background_fusing_is_for_packed_weights_and_stops_with_the_runner(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as unpacked:  # as on a torch build without oneDNN
+        unpacked.setattr(PackedMatrix, "of", classmethod(lambda cls, weight: None))
+        assert not _lean(_model(tiny_chat_dir, torch.float32)).can_fuse  # it would copy every weight
+    model = _model(tiny_chat_dir, torch.float32)
     decoder = LeanDecoder.build(model, int8=False)
     assert decoder is not None and decoder.fuser is not None
     if not decoder.can_fuse:
         pytest.skip("this torch build cannot pack weights for oneDNN")
     lora = LoraBank(model, 1 << 20)
-    lora.acquire("a", lambda shapes: _random_adapter(shapes, "a", 4, seed=0, dtype=torch.bfloat16))
+    lora.acquire("a", lambda shapes: _random_adapter(shapes, "a", 4, seed=0, dtype=torch.float32))
     (cache, _), attention, positions = _padded_batch(model, [3, 5], seed=4)
     attention = torch.cat([attention, torch.ones((2, 1), dtype=torch.long)], 1)
     lora.prepare(["a", None])

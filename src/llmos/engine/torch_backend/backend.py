@@ -23,8 +23,8 @@ class TorchBackend(Backend):
         encoder = record.task == "embedding" or record.task in TASK_HEADS  # these load in float32
         width = 4 if encoder else _DTYPE_BYTES.get(self.dtype, 4)
         params = record.parameter_count or record.size_bytes // 2
-        if record.task in CAUSAL_TASKS and self.dtype == torch.bfloat16:
-            width += 2  # the lean step's oneDNN-packed copies (see torch_backend.packed)
+        if record.task in CAUSAL_TASKS:
+            width += _DTYPE_BYTES.get(self.dtype, 4)  # the lean step's oneDNN-packed copies (see torch_backend.packed)
         if record.task in CAUSAL_TASKS and self.config.decode_int8:
             width += 1  # the int8 copies read by single-row decode steps
         return int(params * width * 1.1) + LOAD_OVERHEAD_BYTES

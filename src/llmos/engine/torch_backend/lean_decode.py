@@ -157,8 +157,8 @@ class LeanDecoder:
         dtype = next(model.parameters()).dtype
         self.adapters = LoraGroups(self.layout, LoraExpand.load(dtype) if native else None)
         self.weights: Generation = build_generation(self._base, self.layout, EMPTY_VIEW, self._biases)
-        # Only packed matrices are fused in the background: unpacked (float32, or a build without
-        # oneDNN) a generation would be a second copy of every weight.
+        # Only packed matrices are fused in the background: unpacked (a build without oneDNN) a
+        # generation would be a second copy of every weight.
         self.can_fuse = all(m.packed is not None for layer in self.weights.layers for m in layer.values())
         # None: no background builds (tests choose the path with ``refresh``).
         self.fuser: GenerationBuilder | None = GenerationBuilder(self._generation, self._publish)

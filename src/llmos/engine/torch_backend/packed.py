@@ -1,19 +1,28 @@
-"""Weight matrices pre-packed for oneDNN, the library torch's CPU bf16 products run on.
+"""Weight matrices pre-packed for oneDNN, one of the libraries torch's CPU products run on.
 
-``F.linear`` hands oneDNN a plain (out, in) matrix, and oneDNN reorders it into its blocked
+bf16: ``F.linear`` hands oneDNN a plain (out, in) matrix, and oneDNN reorders it into its blocked
 layout on every call: for a decode step's few rows that reorder costs as much as the product
 (pre-packed, one row's product takes less than half the time, and a whole decode step about a
 third less; docs/performance.md, design measurements). Packing once,
 with ``torch.ops.mkldnn._reorder_linear_weight``, and multiplying with ``_linear_pointwise``
-gives the same result bit for bit (tested from 1 to 1,000 rows). The packed copy is an opaque
-oneDNN tensor beside the original (which the model's own forward still reads), so it costs the
-matrix's memory once more.
+gives the same result bit for bit (tested from 1 to 1,000 rows).
+
+float32: ``F.linear`` runs MKL's sgemm, which for two or more rows packs the matrix on every call
+as oneDNN's bf16 path did; oneDNN's pre-packed float32 product skips that (docs/performance.md).
+It sums in another order than MKL (results within float32 rounding of ``F.linear``, not equal),
+and gives each row the same result whatever the rows beside it, which ``F.linear`` does not (one
+row runs MKL's matrix-vector kernel): a speculative verify's rows are then the decode steps'.
+
+The packed copy is an opaque oneDNN tensor beside the original (which the model's own forward
+still reads), so it costs the matrix's memory once more.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class PackedMatrix:
@@ -25,8 +34,8 @@ class PackedMatrix:
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> PackedMatrix | None:
-        """A packed copy of a bf16 CPU matrix, or None where this torch build cannot pack it."""
-        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        """A packed copy of a bf16 or float32 CPU matrix, or None where this torch build cannot pack it."""
+        if weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return None
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
@@ -48,7 +57,7 @@ class Matrix:
     def __init__(
         self, weight: torch.Tensor, extra: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> None:
-        self.out = weight.shape[0]
+        self.out, self.inputs = weight.shape
         full = weight if extra is None else torch.cat([weight, extra.to(weight.dtype)])
         self.packed = PackedMatrix.of(full)
         self.plain = full if self.packed is None else None
