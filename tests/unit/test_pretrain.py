@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,12 +22,14 @@ from llmos.errors import InvalidRequestError
 from llmos.kernel.jobs import JobStore
 from llmos.kernel.supervisor import JobSupervisor
 from llmos.platform import Platform
+from llmos.training import pretrain as pretraining
+from llmos.training.checkpoints import SERVABLE
 from llmos.training.corpus import split_corpus, validate_corpus
 from llmos.training.datasets import DatasetError
 from llmos.training.model_presets import ModelDims
-from llmos.training.pretrain import positions, run_pretrain
+from llmos.training.pretrain import TOKENIZER_DIR, positions, run_pretrain
 from llmos.training.pretrain_spec import PretrainSpec
-from llmos.training.run import Hooks, PretrainInputs, Stopped, TrainingResult, TrainingRun
+from llmos.training.run import CheckpointSource, Hooks, PretrainInputs, Stopped, TrainingResult, TrainingRun
 from llmos.training.spec import TrainingSpec
 from llmos.training.tokenizer_training import END_OF_TEXT, encode_documents, train_bpe
 from tests.conftest import ADMIN_KEY
@@ -130,6 +133,8 @@ def _run(
     *,
     epochs: int = 3,
     lines: int = 1200,
+    checkpoint: Callable[[int, int, dict, Path], None] = lambda *a: None,
+    checkpoints: CheckpointSource | None = None,
 ) -> TrainingResult:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "corpus.txt").write_text(corpus(lines))
@@ -150,12 +155,12 @@ def _run(
     hooks = Hooks(
         metrics=log.append,
         message=lambda m: log.append({"message": m}),
-        checkpoint=lambda *a: None,
+        checkpoint=checkpoint,
         control=control,
     )
     run = TrainingRun(
         tmp, tmp / "corpus.txt", None, spec, seed=3, work_dir=tmp / "work", hooks=hooks, bf16=False,
-        pretrain=PretrainInputs(spec=pretrain),
+        pretrain=PretrainInputs(spec=pretrain), checkpoints=checkpoints,
     )  # fmt: skip
     return run_pretrain(run)
 
@@ -197,6 +202,47 @@ def test_a_resumed_pretraining_run_ends_with_the_weights_of_an_unstopped_one(tmp
     assert a.keys() == b.keys()
     for name, value in a.items():
         assert torch.equal(value, b[name]), name
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_resumed_on_another_node_takes_the_tokenizer_stored_with_its_checkpoint(
+    tmp_path: Path, loaded_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node A trains a BPE and epoch 1, and is lost; node B, its work directory empty, resumes from
+    the artifact store with the very tokenizer the restored weights were trained with."""
+    from llmos.training.job_training import StoredCheckpoints
+    from tests.unit.test_job_checkpoint_store import _running_job
+
+    p = loaded_platform
+    job_id = _running_job(p)
+
+    def record(step: int, epoch: int, metrics: dict, path: Path) -> None:
+        stored = p.jobs.stored_checkpoints
+        assert stored.record(job_id, 1, step=step, epoch=epoch, metrics=metrics, directory=path, leave_out=(SERVABLE,))
+
+    def on(node: Path) -> StoredCheckpoints:
+        return StoredCheckpoints(p.jobs.stored_checkpoints, job_id, node / "work")
+
+    node_a, node_b, after = tmp_path / "a", tmp_path / "b", iter(range(10_000))
+
+    def pause_in_epoch_2() -> str | None:
+        return "pause" if (node_a / "work" / "ckpt-epoch-1").is_dir() and next(after) == 3 else None
+
+    with pytest.raises(Stopped):
+        _run(node_a, pause_in_epoch_2, epochs=2, lines=600, checkpoint=record, checkpoints=on(node_a))
+    trained = (node_a / "work" / TOKENIZER_DIR / "tokenizer.json").read_bytes()
+    shutil.rmtree(node_a)  # the node and its disk are gone
+
+    def train_bpe_again(*args: object) -> None:
+        raise AssertionError("trained a tokenizer again: it matches the restored weights only by chance")
+
+    monkeypatch.setattr(pretraining, "train_bpe", train_bpe_again)
+    events: list[dict] = []
+    result = _run(node_b, events=events, epochs=2, lines=600, checkpoint=record, checkpoints=on(node_b))
+    assert any(str(e.get("message", "")).startswith("Resumed from checkpoint") for e in events)
+    assert (node_b / "work" / TOKENIZER_DIR / "tokenizer.json").read_bytes() == trained
+    served = json.loads((result.model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    assert served == json.loads(trained)["model"]["vocab"]
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -215,16 +215,10 @@ class ArtifactStore(ABC):
         target.mkdir(parents=True, exist_ok=True)
         for rel, digest in files.items():
             dest = safe_join(target, rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 continue
-            src = self.local_path(digest)
-            try:
-                os.link(src, dest)
-            except FileExistsError:  # another request laid out the same model at the same moment
-                continue
-            except OSError:
-                shutil.copyfile(src, dest)
+            with contextlib.suppress(FileExistsError):  # another request laid out the same model at once
+                link_or_copy(self.local_path(digest), dest)
         return target
 
 
@@ -289,6 +283,18 @@ class LocalArtifactStore(ArtifactStore):
 
     def delete(self, digest: str) -> None:
         self._blob_path(digest).unlink(missing_ok=True)
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """``dest`` (its directory made) as a hard link to ``src``, or a copy where no link can be made
+    (another filesystem); FileExistsError if ``dest`` exists."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        raise
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def safe_join(root: Path, rel: str) -> Path:

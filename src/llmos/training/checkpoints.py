@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from llmos.errors import InsufficientStorageError
+from llmos.registry.store import link_or_copy, safe_join
 from llmos.training.adapters import MethodState, method_state, restore_method_state
 from llmos.training.run import CheckpointSource
 
@@ -32,11 +33,13 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     method: MethodState | None = None,
+    files: dict[str, Path] | None = None,
 ) -> Path:
+    """Write the checkpoint ``directory``; ``files`` (relative path -> a file) are linked into it."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, weights, optimizer, scheduler, state, method or MethodState())
+        _write(tmp, weights, optimizer, scheduler, state, method or MethodState(), files or {})
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint left behind
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -63,8 +66,11 @@ def _write(
     scheduler: Any,
     state: dict[str, Any],
     method: MethodState,
+    files: dict[str, Path],
 ) -> None:
     tmp.mkdir(parents=True)
+    for rel, src in files.items():
+        link_or_copy(src, safe_join(tmp, rel))
     _write_safetensors({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "trainable.safetensors")
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -86,9 +92,10 @@ def _write(
         "method": method.meta,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(meta, default=float))
-    for f in tmp.iterdir():  # durable before the rename makes the checkpoint visible
-        with f.open("rb") as handle:
-            os.fsync(handle.fileno())
+    for f in tmp.rglob("*"):  # durable before the rename makes the checkpoint visible
+        if f.is_file():
+            with f.open("rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def load_weights(directory: Path, model: torch.nn.Module) -> None:
@@ -155,8 +162,10 @@ def save_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
+    files: dict[str, Path] | None = None,
 ) -> Path:
-    """The checkpoint at the end of ``epoch``: the trainable weights only (an adapter is small)."""
+    """The checkpoint at the end of ``epoch``: the trainable weights only (an adapter is small),
+    and the task's ``files`` (``TrainingTask.checkpoint_files``)."""
     return save_checkpoint(
         epoch_dir(work_dir, epoch),
         weights={n: p for n, p in model.named_parameters() if p.requires_grad},
@@ -164,6 +173,7 @@ def save_epoch(
         scheduler=scheduler,
         state=state,
         method=method_state(model),
+        files=files,
     )
 
 

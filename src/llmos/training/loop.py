@@ -96,6 +96,11 @@ class TrainingTask(ABC, Generic[E]):
     def save_result(self, directory: Path) -> None:
         """Write the final model as the engine serves it."""
 
+    def checkpoint_files(self) -> dict[str, Path]:
+        """Files each checkpoint carries besides the training state (relative path -> the file),
+        which a resume needs with the weights they belong to, on whichever node it runs; none here."""
+        return {}
+
 
 def shuffled_batches(
     examples: Sequence[E], size: int, rng: random.Random, length: Callable[[E], int] | None = None
@@ -127,7 +132,7 @@ def fit(task: TrainingTask[E], run: TrainingRun) -> TrainingResult:
     weight_decay = task.weight_decay if spec.weight_decay is None else spec.weight_decay
     opt = Optimization(model, spec, total_steps, weight_decay=weight_decay)
     fgm = FGM(model, spec.fgm_epsilon) if spec.fgm_epsilon else None
-    saved = resume_latest(_checkpoints(run), model, opt.optimizer, opt.scheduler, hooks.message)
+    saved = resume_latest(checkpoint_source(run), model, opt.optimizer, opt.scheduler, hooks.message)
     state = TrainingState() if saved is None else TrainingState.from_json(saved)
     hooks.message(
         f"Training {spec.adapter} {task.description}, {spec.n_epochs} epochs ({total_steps} steps, "
@@ -178,6 +183,7 @@ def fit(task: TrainingTask[E], run: TrainingRun) -> TrainingResult:
             optimizer=opt.optimizer,
             scheduler=opt.scheduler,
             state=state.to_json(),
+            files=task.checkpoint_files(),
         )
         task.save_checkpoint_model(directory / SERVABLE)  # served as <model>:ckpt-step-N
         hooks.checkpoint(state.step, state.epoch, metrics, directory)
@@ -212,12 +218,13 @@ def _keep_best(task: TrainingTask[E], state: TrainingState, run: TrainingRun, la
     if not task.selection.keep_best or best is None:
         return last
     if best.epoch != state.epoch:
-        load_weights(_checkpoints(run).fetch(best.epoch), task.model)
+        load_weights(checkpoint_source(run).fetch(best.epoch), task.model)
     run.hooks.message(f"Keeping epoch {best.epoch}, the best on validation ({task.selection.metric}={best.value:.4f})")
     return {**best.metrics, "best_epoch": best.epoch}
 
 
-def _checkpoints(run: TrainingRun) -> CheckpointSource:
+def checkpoint_source(run: TrainingRun) -> CheckpointSource:
+    """Where the run's complete checkpoints are found: ``run.checkpoints``, else its work directory."""
     return run.checkpoints or LocalCheckpoints(run.work_dir)
 
 

@@ -14,14 +14,17 @@ per token, per character and in bits per byte of the held-out text, and sample c
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmos.registry.store import link_or_copy
 from llmos.training.corpus import read_text, split_corpus
-from llmos.training.loop import Selection, StepOutput, fit
+from llmos.training.loop import Selection, StepOutput, checkpoint_source, fit
 from llmos.training.model_presets import llama_config
 from llmos.training.pretrain_spec import PretrainSpec
 from llmos.training.run import PretrainInputs, TrainingResult, TrainingRun
@@ -35,7 +38,7 @@ from llmos.training.tokenizer_training import (
 )
 
 TOKENIZER_DIR = "tokenizer"
-"""Where in the job's directory its trained tokenizer is kept, for a resumed run to read."""
+"""Where in the job's directory, and in each of its checkpoints, its trained tokenizer is kept."""
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_PROMPT_CHARS = 64
 
@@ -55,8 +58,11 @@ class PretrainTask(CausalLMTask[int]):
         tokenizer: Any,
         train: TokenStream,
         valid: TokenStream,
+        trained_tokenizer: Path | None = None,
     ) -> None:
         self.run, self.pretrain, self.model, self.tokenizer = run, pretrain, model, tokenizer
+        self.trained_tokenizer = trained_tokenizer
+        """The directory of the tokenizer this job trained (None: a registered model's)."""
         self.context = run.spec.max_seq_length
         if len(train) < self.context + 2:
             raise ValueError(
@@ -75,6 +81,12 @@ class PretrainTask(CausalLMTask[int]):
             f"{pretrain.model} from scratch ({parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}) on "
             f"{len(train)} tokens ({train.characters / max(1, len(train)):.2f} characters a token)"
         )
+
+    def checkpoint_files(self) -> dict[str, Path]:
+        """A tokenizer the job trained goes with each checkpoint: its weights mean nothing with another."""
+        if self.trained_tokenizer is None:
+            return {}
+        return {f"{TOKENIZER_DIR}/{f.name}": f for f in sorted(self.trained_tokenizer.iterdir()) if f.is_file()}
 
     @property
     def generator(self) -> Any:
@@ -177,7 +189,7 @@ def run_pretrain(run: TrainingRun) -> TrainingResult:
             f"Held out {sum(map(len, valid_texts))} of {sum(map(len, texts + valid_texts))} characters for "
             f"validation ({len(valid_texts)} blocks drawn with the job's seed)"
         )
-    tokenizer = _tokenizer(run, inputs, texts)
+    tokenizer, trained = _tokenizer(run, inputs, texts)
     train, valid = encode_documents(tokenizer, texts), encode_documents(tokenizer, valid_texts)
     del texts, valid_texts
     torch.manual_seed(run.seed)  # the initial weights
@@ -185,17 +197,37 @@ def run_pretrain(run: TrainingRun) -> TrainingResult:
         spec.dims, len(tokenizer), run.spec.max_seq_length, bos_id=tokenizer.bos_token_id, eos_id=end_of_text(tokenizer)
     )
     model = LlamaForCausalLM(config)
-    return fit(PretrainTask(run, spec, model, tokenizer, train, valid), run)
+    return fit(PretrainTask(run, spec, model, tokenizer, train, valid, trained), run)
 
 
-def _tokenizer(run: TrainingRun, inputs: PretrainInputs, texts: list[str]) -> Any:
-    """The registered model's tokenizer, or the BPE this job trained (read back on resume)."""
+def _tokenizer(run: TrainingRun, inputs: PretrainInputs, texts: list[str]) -> tuple[Any, Path | None]:
+    """The registered model's tokenizer; or the BPE this job trained, and where it is kept in the
+    work directory. A resume takes the one stored with the checkpoint it resumes from (on any
+    node), else the one the work directory kept (checkpoints written before they carried it), and
+    trains one only when neither is there."""
     if inputs.tokenizer_dir is not None:
-        return load_tokenizer(inputs.tokenizer_dir)
+        return load_tokenizer(inputs.tokenizer_dir), None
     saved = run.work_dir / TOKENIZER_DIR
+    source = checkpoint_source(run)
+    epoch = source.latest_epoch()
+    stored = source.fetch(epoch) / TOKENIZER_DIR if epoch is not None else None
+    if stored is not None and stored.is_dir():
+        _replace_dir(stored, saved)
     if saved.is_dir():
-        return load_tokenizer(saved)
+        return load_tokenizer(saved), saved
     vocab = inputs.spec.vocab_size or 0
-    tokenizer = train_bpe(texts, vocab, Path(saved))
+    tokenizer = train_bpe(texts, vocab, saved)
     run.hooks.message(f"Trained a byte-level BPE tokenizer of {len(tokenizer)} tokens (asked {vocab})")
-    return tokenizer
+    return tokenizer, saved
+
+
+def _replace_dir(src: Path, target: Path) -> None:
+    """``target`` becomes a copy of ``src``'s files (linked where it can be), atomically."""
+    partial = target.with_name(target.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            link_or_copy(f, partial / f.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)

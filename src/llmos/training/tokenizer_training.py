@@ -1,8 +1,9 @@
 """A pre-training job's tokenizer: a byte-level BPE trained on its corpus with ``tokenizers``, or a
 registered model's own; and the corpus turned into one stream of token ids.
 
-The trained tokenizer is written once into the job's directory (atomically), so a resumed run
-reads the very tokenizer the interrupted one trained rather than training it again."""
+The trained tokenizer is written once into the job's directory (atomically) and goes with each
+checkpoint (``pretrain.PretrainTask.checkpoint_files``), so a resumed run, on any node, reads the
+very tokenizer the interrupted one trained rather than training it again."""
 
 from __future__ import annotations
 
