@@ -22,7 +22,7 @@ router is the platform's own (``llmos.cluster.routing.choose_replica``).
    own exactly, the other servers' (``--servers`` above 1, the clients spread over them) as the
    replica last reported them, polled every ``routing.POLL_S``. A replica is the engine's loop: an
    iteration prefills the waiting prompts (at most ``prefill_chunk_tokens``) and then takes one
-   decode step of every running row (at most ``max_batch_size``), each part costing what the
+   decode step of every running row (at most the runner's row cap), each part costing what the
    measured curves say (linear between the measured row counts, beyond the last by its slope).
    Throughput is the tokens generated over the simulated time after a warm-up.
 
@@ -137,7 +137,7 @@ def measure_curve(
         "model": MODEL,
         "dtype": loaded.dtype,
         "prompt_tokens": PROMPT_TOKENS,
-        "max_batch_size": base.max_batch_size,
+        "max_batch_size": runner.max_batch_size,  # the runner's own row cap (torch: step_token_budget - 1)
         "prefill_chunk_tokens": base.prefill_chunk_tokens,
         "decode": decode,
         "prefill": prefill,
