@@ -137,7 +137,7 @@ def measure_curve(
         "model": MODEL,
         "dtype": loaded.dtype,
         "prompt_tokens": PROMPT_TOKENS,
-        "max_batch_size": runner.max_batch_size,  # the runner's own row cap (torch: step_token_budget - 1)
+        "max_rows": runner.max_batch_size,  # the runner's own row cap (torch: step_token_budget - 1)
         "prefill_chunk_tokens": base.prefill_chunk_tokens,
         "decode": decode,
         "prefill": prefill,
@@ -179,7 +179,7 @@ class Simulation:
     def __init__(self, curve: dict[str, Any], replicas: int, clients: int, servers: int, output_tokens: int) -> None:
         self.step = [(float(d["rows"]), d["step_ms"] / 1e3) for d in curve["decode"]]
         self.prefill = [(float(p["tokens"]), p["ms"] / 1e3) for p in curve["prefill"]]
-        self.max_rows = curve["max_batch_size"]
+        self.max_rows = curve["max_rows"]
         self.chunk = curve["prefill_chunk_tokens"]
         self.replicas = [SimReplica(f"replica-{i}") for i in range(replicas)]
         self.clients, self.servers, self.output_tokens = clients, servers, output_tokens
@@ -296,6 +296,8 @@ def main() -> None:
 
     if args.curve:
         curve = json.loads(args.curve.read_text())["curve"]
+        if "max_rows" not in curve:  # earlier results capped rows at max_batch_size, a llama.cpp setting
+            raise SystemExit(f"{args.curve.name} predates the runner's row cap in the curve: measure it again")
     elif args.decode_profile:
         profile = json.loads(args.decode_profile.read_text())
         curve = measure_curve([], args.prefill, args.seconds, args.home)

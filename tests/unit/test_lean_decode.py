@@ -564,19 +564,20 @@ def test_stale_and_dropped_generations_still_decode_like_the_adapted_modules(tin
     _decode_both(model, decoder, lora, [5, 4], steps=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_background_fusing_is_for_packed_weights_and_stops_with_the_runner(
-    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
     with monkeypatch.context() as unpacked:  # as on a torch build without oneDNN
         unpacked.setattr(PackedMatrix, "of", classmethod(lambda cls, weight: None))
-        assert not _lean(_model(tiny_chat_dir, torch.float32)).can_fuse  # it would copy every weight
-    model = _model(tiny_chat_dir, torch.float32)
+        assert not _lean(_model(tiny_chat_dir, dtype)).can_fuse  # it would copy every weight
+    model = _model(tiny_chat_dir, dtype)
     decoder = LeanDecoder.build(model, int8=False)
     assert decoder is not None and decoder.fuser is not None
     if not decoder.can_fuse:
-        pytest.skip("this torch build cannot pack weights for oneDNN")
+        pytest.skip(f"this CPU or torch build cannot pack {dtype} weights for oneDNN")
     lora = LoraBank(model, 1 << 20)
-    lora.acquire("a", lambda shapes: _random_adapter(shapes, "a", 4, seed=0, dtype=torch.float32))
+    lora.acquire("a", lambda shapes: _random_adapter(shapes, "a", 4, seed=0, dtype=dtype))
     (cache, _), attention, positions = _padded_batch(model, [3, 5], seed=4)
     attention = torch.cat([attention, torch.ones((2, 1), dtype=torch.long)], 1)
     lora.prepare(["a", None])
