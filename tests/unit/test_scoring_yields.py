@@ -208,7 +208,7 @@ def test_scoring_steps_pause_for_arrivals_only_while_generating_work_is_about(
     tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(causal, "RECENT_S", 600.0)  # "about" however slowly a loaded machine steps
-    config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=32, scoring_step_tokens=8)
+    config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=32, scoring_step_tokens=8, scoring_pause_ratio=1.0)
     alone = _score_and_generate(config, tiny_chat_dir)
     pauses, _ = _recording_pauses(alone, monkeypatch)
     passes = _recording_passes(monkeypatch)
@@ -236,6 +236,20 @@ def test_scoring_steps_pause_for_arrivals_only_while_generating_work_is_about(
     assert len(scoring_only) >= 10  # at most 8 tokens a step: generating work was about all along
     # A pause after every scoring-only step with scoring left (the last one had none), as long as it took.
     assert len(pauses) == len(scoring_only) - 1 and all(p > 0 for p in pauses)
+
+    batch = _score_and_generate(config, tiny_chat_dir)
+    pauses, _ = _recording_pauses(batch, monkeypatch)
+    try:
+        # A batch's line beside generating work: no scoring prompt, so nothing is scoring's to pause.
+        batch.submit(GenerationRequest("gen", "m", list(range(5, 15)), FIRST_ONLY), lambda d: done.release())
+        batch.submit(
+            GenerationRequest("line", "m", list(range(5, 85)), GENERATE, background=True),
+            lambda d: done.release() if d.finish_reason is not None else None,
+        )
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        batch.close()
+    assert pauses == []
 
 
 def test_a_pause_ends_when_a_generating_request_arrives(tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -289,8 +289,18 @@ class CausalRunner(GenerationRunner):
         idle half the time and an arrival's mean wait for the step halves. Scoring beside
         interactive clients goes at 1 / (1 + ratio) of its speed; scoring with nothing generating
         lately never pauses (the throughput goal's measure)."""
-        if self.scoring_pause_ratio > 0 and self._prefill_jobs and self._generating_about():
+        if self.scoring_pause_ratio > 0 and self._only_scoring() and self._generating_about():
             self.scheduler.wait_for(_generating, self.scoring_pause_ratio * step_s)
+
+    def _only_scoring(self) -> bool:
+        """Whether all the engine holds is scoring: prompts to score waiting to be prefilled and no
+        row decoding for anyone else (a batch's lines neither: the pause is scoring's to take)."""
+        rows = self._state.rows if self._state is not None else []
+        return (
+            bool(self._prefill_jobs)
+            and all(job.pending.request.scoring for job in self._prefill_jobs)
+            and not any(not row.finished and not row.pending.request.scoring for row in rows)
+        )
 
     @torch.inference_mode()
     def _advance_prefills(self) -> list[BatchState[Row]]:
