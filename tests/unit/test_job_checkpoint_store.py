@@ -246,6 +246,36 @@ def test_a_local_copy_that_is_not_the_recorded_file_is_replaced_from_the_store(
     assert reads == [_rows(p, job_id)[0][1]["trainable.safetensors"]]  # only the damaged file was read
 
 
+def test_a_resume_skips_a_newest_checkpoint_damaged_in_place_for_the_earlier_one(
+    loaded_platform: Platform, tmp_path: Path
+) -> None:
+    """The newest checkpoint's one copy on disk (its blob too) damaged in place: the resume takes
+    the epoch before it, and the job's events say which epoch was skipped and why."""
+    from llmos.training.checkpoints import latest_restorable
+
+    p = loaded_platform
+    job_id, work_dir, _ = _epoch_one_recorded(p, tmp_path)
+    second = _checkpoint_dir(work_dir, 2)
+    assert p.jobs.stored_checkpoints.record(job_id, 1, step=8, epoch=2, metrics={}, directory=second)
+    with (second / "trainable.safetensors").open("r+b") as f:
+        f.write(b"W")
+    shutil.rmtree(work_dir / "ckpt-epoch-1")  # resumed on another node: epoch 1 comes from the store
+    source = _stored(p, job_id, tmp_path / "node-b" / "jobs" / job_id)
+    found = latest_restorable(source, lambda m: p.jobs.add_event(job_id, m))
+    assert found is not None and found[0] == 1
+    assert (found[1] / "trainable.safetensors").read_bytes() == b"weights of epoch 1"
+    messages = [e["message"] for e in p.jobs.events("default", job_id)[0]]
+    skipped = [m for m in messages if m.startswith("Skipped the checkpoint of epoch 2")]
+    assert skipped and "corrupt in the artifact store: trainable.safetensors" in skipped[0]
+    assert skipped[0].endswith("trying epoch 1")
+
+    with (tmp_path / "node-b" / "jobs" / job_id / "ckpt-epoch-1" / "trainable.safetensors").open("r+b") as f:
+        f.write(b"W")  # now every checkpoint is damaged: the newest one's error, not a fresh start
+    with pytest.raises(ArtifactError, match="epoch 2 is corrupt") as caught:
+        latest_restorable(_stored(p, job_id, tmp_path / "node-c" / "jobs" / job_id), lambda m: None)
+    assert caught.value.code == "hash_mismatch"
+
+
 # -- across nodes: an S3 bucket, one database, a home for each node ------------------------------------------
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")

@@ -12,7 +12,9 @@ transaction, so a worker that lost its job never adds a checkpoint the next atte
 A resume asks for the newest recorded epoch (``latest_epoch``) and lays that checkpoint's files out
 in a local directory (``restore``): the files already there whose digests match the record stay (a
 resume on the node that wrote them downloads nothing), the others are read through the store and
-checked against the record (an S3 store also verifies what it downloads).
+checked against the record (an S3 store verifies what it downloads). A checkpoint found damaged
+(``hash_mismatch``) is skipped by a resume for the newest earlier one that is whole
+(``training.checkpoints.latest_restorable``).
 """
 
 from __future__ import annotations
@@ -127,13 +129,15 @@ class JobCheckpoints:
             )
         return True
 
-    def latest_epoch(self, job_id: str) -> int | None:
-        """The newest epoch a checkpoint of the job is recorded for in the store; None: none is."""
+    def latest_epoch(self, job_id: str, before: int | None = None) -> int | None:
+        """The newest epoch (earlier than ``before`` when given) a checkpoint of the job is recorded
+        for in the store; None: none is."""
+        earlier = () if before is None else (JobCheckpointRow.epoch < before,)
         with self.db.session() as s:
             return s.scalar(
                 select(JobCheckpointRow.epoch)
                 .join(JobCheckpointFileRow, JobCheckpointFileRow.checkpoint_id == JobCheckpointRow.id)
-                .where(JobCheckpointRow.job_id == job_id)
+                .where(JobCheckpointRow.job_id == job_id, *earlier)
                 .order_by(JobCheckpointRow.epoch.desc())
                 .limit(1)
             )
@@ -160,9 +164,11 @@ class JobCheckpoints:
             os.link(target / rel, partial / rel)
         read = {rel: d for rel, d in files.items() if rel not in local}
         self.store.materialize(read, partial)
-        # Verified on read: a local store's blob is the very file the job wrote (adopt_file), so a
-        # file damaged in place is damaged in the store too, and is refused rather than trained on.
-        damaged = sorted(rel for rel, digest in read.items() if not _holds(partial / rel, digest))
+        # A local store's blob is the very file the job wrote (adopt_file), so a file damaged in
+        # place is damaged in the store too: checked here and refused rather than trained on (a
+        # resume then takes an earlier epoch). Other stores verify what they download themselves.
+        checked = read if self.store.adopts_in_place else {}
+        damaged = sorted(rel for rel, digest in checked.items() if not _holds(partial / rel, digest))
         if damaged:
             shutil.rmtree(partial, ignore_errors=True)
             raise ArtifactError(

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from llmos.errors import ArtifactError, InsufficientStorageError
 
@@ -78,6 +78,11 @@ class ArtifactStore(ABC):
     S3-compatible bucket: ``registry.object_store``). Every write is staged in a private local
     file, hashed on the way, and only then placed under its name; where blobs then live is the
     subclass's business."""
+
+    adopts_in_place: ClassVar[bool] = False
+    """Whether ``adopt_file`` makes the blob the adopted file itself (a local store's hard link):
+    damage to that file where it lies is then damage to the blob, which only a reader checking
+    the content against the digest it expects finds."""
 
     def __init__(self, staging: Path, lock: Path) -> None:
         self._tmp = staging
@@ -224,6 +229,8 @@ class ArtifactStore(ABC):
 
 class LocalArtifactStore(ArtifactStore):
     """Blobs as files under ``root/sha256/<first two hex digits>/<digest>``."""
+
+    adopts_in_place = True
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()

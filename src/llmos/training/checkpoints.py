@@ -8,13 +8,14 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
 
-from llmos.errors import InsufficientStorageError
+from llmos.errors import ArtifactError, InsufficientStorageError
 from llmos.registry.store import link_or_copy, safe_join
 from llmos.training.adapters import MethodState, method_state, restore_method_state
 from llmos.training.run import CheckpointSource
@@ -142,13 +143,13 @@ class LocalCheckpoints:
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
 
-    def latest_epoch(self) -> int | None:
+    def latest_epoch(self, before: int | None = None) -> int | None:
         epochs = [
             int(p.name.rsplit("-", 1)[1])
             for p in self.work_dir.glob("ckpt-epoch-*")
             if p.name.rsplit("-", 1)[1].isdigit()
         ]
-        return max(epochs, default=None)
+        return max((e for e in epochs if before is None or e < before), default=None)
 
     def fetch(self, epoch: int) -> Path:
         return epoch_dir(self.work_dir, epoch)
@@ -177,13 +178,39 @@ def save_epoch(
     )
 
 
-def resume_latest(
-    source: CheckpointSource, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, report: Any
-) -> dict[str, Any] | None:
-    """Load the newest complete checkpoint ``source`` has."""
+def latest_restorable(source: CheckpointSource, report: Callable[[str], None]) -> tuple[int, Path] | None:
+    """The newest checkpoint ``source`` lays out whole: its epoch and directory. One found damaged
+    in the store (``hash_mismatch``) is skipped, and said so through ``report``, for the newest
+    earlier one; when every one is damaged, the newest one's error is raised."""
     epoch = source.latest_epoch()
-    if epoch is None:
+    first_damage: ArtifactError | None = None
+    while epoch is not None:
+        try:
+            return epoch, source.fetch(epoch)
+        except ArtifactError as exc:
+            if exc.code != "hash_mismatch":
+                raise
+            first_damage = first_damage or exc
+            earlier = source.latest_epoch(before=epoch)
+            instead = f"trying epoch {earlier}" if earlier is not None else "no earlier checkpoint"
+            report(f"Skipped the checkpoint of epoch {epoch}: {exc}; {instead}")
+            epoch = earlier
+    if first_damage is not None:
+        raise first_damage
+    return None
+
+
+def resume_latest(
+    source: CheckpointSource,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    report: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """Load the newest checkpoint ``source`` lays out whole (``latest_restorable``)."""
+    found = latest_restorable(source, report)
+    if found is None:
         return None
-    state = load_checkpoint(source.fetch(epoch), model=model, optimizer=optimizer, scheduler=scheduler)
+    state = load_checkpoint(found[1], model=model, optimizer=optimizer, scheduler=scheduler)
     report(f"Resumed from checkpoint at step {state['step']} (epoch {state['epoch']})")
     return state

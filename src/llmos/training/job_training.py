@@ -59,9 +59,12 @@ class StoredCheckpoints:
         self.job_id = job_id
         self.local = LocalCheckpoints(work_dir)
 
-    def latest_epoch(self) -> int | None:
-        stored = self.checkpoints.latest_epoch(self.job_id)
-        return stored if stored is not None else self.local.latest_epoch()
+    def latest_epoch(self, before: int | None = None) -> int | None:
+        if self.checkpoints.latest_epoch(self.job_id) is None:
+            return self.local.latest_epoch(before)
+        # A job the store keeps checkpoints for resumes from those only: a local one the store
+        # lacks may be an unrecorded write of an attempt that lost the job.
+        return self.checkpoints.latest_epoch(self.job_id, before)
 
     def fetch(self, epoch: int) -> Path:
         target = self.local.fetch(epoch)

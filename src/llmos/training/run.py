@@ -33,8 +33,9 @@ class CheckpointSource(Protocol):
     """Where a run's complete checkpoints are found again: its own work directory
     (``checkpoints.LocalCheckpoints``), or for a job the artifact store, from any node."""
 
-    def latest_epoch(self) -> int | None:
-        """The newest epoch with a complete checkpoint; None: none has one."""
+    def latest_epoch(self, before: int | None = None) -> int | None:
+        """The newest epoch (earlier than ``before`` when given) with a complete checkpoint; None:
+        none has one."""
 
     def fetch(self, epoch: int) -> Path:
         """A local directory holding the checkpoint of ``epoch`` (one ``latest_epoch`` counted)."""
