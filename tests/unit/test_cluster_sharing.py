@@ -472,9 +472,13 @@ class _Cluster:
         monkeypatch.setattr(pool_module.ray, "get_actor", lambda name, namespace=None: self.named[name])
 
 
-@pytest.mark.parametrize("racy", [False, True], ids=["name-refused", "second-creation-dies"])
+@pytest.mark.parametrize(
+    ("racy", "kill_fails"),
+    [(False, False), (True, False), (True, True)],
+    ids=["name-refused", "second-creation-dies", "second-creation-dies-and-its-kill-fails"],
+)
 def test_two_servers_placing_a_model_at_once_share_one_actor_per_slot(
-    monkeypatch: pytest.MonkeyPatch, killed: list[Any], racy: bool
+    monkeypatch: pytest.MonkeyPatch, killed: list[Any], racy: bool, kill_fails: bool
 ) -> None:
     """Two servers' first requests for a model at once: each places slots 0 and 1 while the other
     does. Each slot gets one actor (Ray refuses the second name, or the second creation dies, and
@@ -482,6 +486,13 @@ def test_two_servers_placing_a_model_at_once_share_one_actor_per_slot(
     both replicas ready."""
     cluster = _Cluster(overlapping=2, racy=racy)
     cluster.install(monkeypatch)
+    if kill_fails:  # Ray refusing to kill a handle whose actor was never created
+
+        def failing_kill(actor: Any, no_restart: bool = True) -> None:
+            killed.append(actor)
+            raise ValueError("ray.kill() only supported for actors")
+
+        monkeypatch.setattr(pool_module.ray, "kill", failing_kill)
     nodes = [NODE, NodeCapacity(N2, "10.0.0.2", cpus=4, memory_bytes=1 << 33)]
     first, second = cluster.pool(monkeypatch, nodes, 2), cluster.pool(monkeypatch, nodes, 2)
 

@@ -21,6 +21,7 @@ unloads its model asks the replica to stop (it reports itself stopping, then end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -276,7 +277,10 @@ class ReplicaPool:
             theirs = await asyncio.to_thread(_named_actor, replica_name(replica.model_key, replica.slot))
             if theirs is None:  # nobody holds the name: ours died loading
                 raise
-            ray.kill(replica.actor, no_restart=True)  # ours, if it exists at all
+            # Ours, if it exists at all: a handle whose creation was refused may make Ray's kill
+            # fail, which must not lose the slot we just found held.
+            with contextlib.suppress(RayError, ValueError):
+                await asyncio.to_thread(ray.kill, replica.actor, no_restart=True)
             replica.actor = theirs
             return False
 
