@@ -20,23 +20,9 @@ from llmos.registry.gc import referenced
 from llmos.registry.store import ArtifactStore, sha256_file
 from llmos.registry.tables import JobCheckpointFileRow, JobCheckpointRow
 from llmos.training import worker
+from tests.fine_tune_jobs import running_job, upload_chat_file
 
-ROWS = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(4)]
 THREE_EPOCHS = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}}
-
-
-def _upload(platform: Platform) -> str:
-    data = "\n".join(json.dumps(r) for r in ROWS).encode()
-    record, _ = platform.files.create(
-        tenant="default", purpose="fine-tune", filename="t.jsonl", chunks=[data], max_bytes=1 << 20
-    )
-    return record.id
-
-
-def _running_job(platform: Platform) -> str:
-    job = platform.jobs.create(tenant="default", body={"model": "tiny-chat", "training_file": _upload(platform)})
-    assert platform.jobs.claim(job.id) == 1
-    return job.id
 
 
 def _checkpoint_dir(root: Path, epoch: int) -> Path:
@@ -69,7 +55,7 @@ def test_a_checkpoint_is_stored_whole_referenced_and_restored_elsewhere(
     loaded_platform: Platform, tmp_path: Path
 ) -> None:
     p = loaded_platform
-    job_id = _running_job(p)
+    job_id = running_job(p)
     checkpoints = p.jobs.stored_checkpoints
     assert checkpoints.latest_epoch(job_id) is None
     written = _checkpoint_dir(tmp_path / "node-a", 1)
@@ -120,7 +106,7 @@ def test_a_crash_mid_upload_leaves_the_last_complete_checkpoint_the_latest(
     loaded_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     p = loaded_platform
-    job_id = _running_job(p)
+    job_id = running_job(p)
     checkpoints = p.jobs.stored_checkpoints
     assert checkpoints.record(job_id, 1, step=4, epoch=1, metrics={}, directory=_checkpoint_dir(tmp_path, 1))
     second = _checkpoint_dir(tmp_path, 2)
@@ -144,7 +130,7 @@ def test_a_crash_mid_upload_leaves_the_last_complete_checkpoint_the_latest(
 
 def test_a_worker_that_lost_its_job_records_no_checkpoint(loaded_platform: Platform, tmp_path: Path) -> None:
     p = loaded_platform
-    job_id = _running_job(p)
+    job_id = running_job(p)
     assert p.jobs.settle_stopped(job_id, "its worker went silent")
     assert p.jobs.claim(job_id) == 2
     events = p.jobs.events("default", job_id, limit=100)[0]
@@ -169,7 +155,7 @@ def test_a_job_paused_before_the_upgrade_resumes_from_its_local_checkpoints(
     """Its checkpoints have rows (listed by the API) but no files in the store: the work directory's
     complete ones count, as they did before."""
     p = loaded_platform
-    job_id = _running_job(p)
+    job_id = running_job(p)
     work_dir = tmp_path / "jobs" / job_id
     for epoch in (1, 2):
         _checkpoint_dir(work_dir, epoch)
@@ -196,7 +182,7 @@ def test_a_job_paused_before_the_upgrade_resumes_from_its_local_checkpoints(
 def _epoch_one_recorded(p: Platform, tmp_path: Path) -> tuple[str, Path, Path]:
     """A running job whose epoch 1 was written in its work directory and recorded in the store:
     the job, its work directory and that checkpoint's directory."""
-    job_id = _running_job(p)
+    job_id = running_job(p)
     work_dir = tmp_path / "jobs" / job_id
     written = _checkpoint_dir(work_dir, 1)
     assert p.jobs.stored_checkpoints.record(
@@ -317,7 +303,7 @@ def test_a_job_whose_node_died_mid_upload_resumes_on_another_node_from_the_bucke
     a, b = node_settings["node-a"], node_settings["node-b"]
     server = Platform.open(a)
     server.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
-    body = {"model": "tiny-chat", "training_file": _upload(server), "method": THREE_EPOCHS}
+    body = {"model": "tiny-chat", "training_file": upload_chat_file(server), "method": THREE_EPOCHS}
     job = server.jobs.create(tenant="default", body=body)
     server.close()
 

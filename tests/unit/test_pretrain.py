@@ -210,11 +210,12 @@ def test_a_run_resumed_on_another_node_takes_the_tokenizer_stored_with_its_check
 ) -> None:
     """Node A trains a BPE and epoch 1, and is lost; node B, its work directory empty, resumes from
     the artifact store with the very tokenizer the restored weights were trained with."""
+    from llmos.kernel.job_checkpoints import JobCheckpoints
     from llmos.training.job_training import StoredCheckpoints
-    from tests.unit.test_job_checkpoint_store import _running_job
+    from tests.fine_tune_jobs import running_job
 
     p = loaded_platform
-    job_id = _running_job(p)
+    job_id = running_job(p)
 
     def record(step: int, epoch: int, metrics: dict, path: Path) -> None:
         stored = p.jobs.stored_checkpoints
@@ -237,8 +238,17 @@ def test_a_run_resumed_on_another_node_takes_the_tokenizer_stored_with_its_check
         raise AssertionError("trained a tokenizer again: it matches the restored weights only by chance")
 
     monkeypatch.setattr(pretraining, "train_bpe", train_bpe_again)
+    restores: list[int] = []
+    real_restore = JobCheckpoints.restore
+
+    def counted(checkpoints: JobCheckpoints, job: str, epoch: int, target: Path) -> Path:
+        restores.append(epoch)
+        return real_restore(checkpoints, job, epoch, target)
+
+    monkeypatch.setattr(JobCheckpoints, "restore", counted)
     events: list[dict] = []
     result = _run(node_b, events=events, epochs=2, lines=600, checkpoint=record, checkpoints=on(node_b))
+    assert restores[:1] == [1] and restores.count(1) == 1, "the checkpoint resumed from is restored once"
     assert any(str(e.get("message", "")).startswith("Resumed from checkpoint") for e in events)
     assert (node_b / "work" / TOKENIZER_DIR / "tokenizer.json").read_bytes() == trained
     served = json.loads((result.model_dir / "tokenizer.json").read_text())["model"]["vocab"]

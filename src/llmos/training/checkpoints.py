@@ -200,6 +200,21 @@ def latest_restorable(source: CheckpointSource, report: Callable[[str], None]) -
     return None
 
 
+class Restored:
+    """``source`` with the checkpoint a resume starts from already laid out, so a run that needed
+    it early (pre-training's tokenizer) and the training loop restore it once: its ``latest_epoch``
+    is that checkpoint's (a newer one was found damaged)."""
+
+    def __init__(self, source: CheckpointSource, epoch: int, directory: Path) -> None:
+        self.source, self.epoch, self.directory = source, epoch, directory
+
+    def latest_epoch(self, before: int | None = None) -> int | None:
+        return self.epoch if before is None or self.epoch < before else self.source.latest_epoch(before)
+
+    def fetch(self, epoch: int) -> Path:
+        return self.directory if epoch == self.epoch else self.source.fetch(epoch)
+
+
 def resume_latest(
     source: CheckpointSource,
     model: torch.nn.Module,

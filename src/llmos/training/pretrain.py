@@ -17,12 +17,14 @@ import math
 import os
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmos.registry.store import link_or_copy
+from llmos.training.checkpoints import Restored, latest_restorable
 from llmos.training.corpus import read_text, split_corpus
 from llmos.training.loop import Selection, StepOutput, checkpoint_source, fit
 from llmos.training.model_presets import llama_config
@@ -189,7 +191,10 @@ def run_pretrain(run: TrainingRun) -> TrainingResult:
             f"Held out {sum(map(len, valid_texts))} of {sum(map(len, texts + valid_texts))} characters for "
             f"validation ({len(valid_texts)} blocks drawn with the job's seed)"
         )
-    tokenizer, trained = _tokenizer(run, inputs, texts)
+    checkpoint: Path | None = None
+    if inputs.tokenizer_dir is None:  # its tokenizer may be stored with the checkpoint resumed from
+        run, checkpoint = _resume_point(run)
+    tokenizer, trained = _tokenizer(run, inputs, texts, checkpoint)
     train, valid = encode_documents(tokenizer, texts), encode_documents(tokenizer, valid_texts)
     del texts, valid_texts
     torch.manual_seed(run.seed)  # the initial weights
@@ -200,17 +205,27 @@ def run_pretrain(run: TrainingRun) -> TrainingResult:
     return fit(PretrainTask(run, spec, model, tokenizer, train, valid, trained), run)
 
 
-def _tokenizer(run: TrainingRun, inputs: PretrainInputs, texts: list[str]) -> tuple[Any, Path | None]:
+def _resume_point(run: TrainingRun) -> tuple[TrainingRun, Path | None]:
+    """The checkpoint a resume starts from, laid out now (for its tokenizer), and ``run`` reading
+    it from there: the training loop's resume then restores nothing again."""
+    source = checkpoint_source(run)
+    found = latest_restorable(source, run.hooks.message)
+    if found is None:
+        return run, None
+    return replace(run, checkpoints=Restored(source, *found)), found[1]
+
+
+def _tokenizer(
+    run: TrainingRun, inputs: PretrainInputs, texts: list[str], checkpoint: Path | None
+) -> tuple[Any, Path | None]:
     """The registered model's tokenizer; or the BPE this job trained, and where it is kept in the
-    work directory. A resume takes the one stored with the checkpoint it resumes from (on any
-    node), else the one the work directory kept (checkpoints written before they carried it), and
-    trains one only when neither is there."""
+    work directory. A resume takes the one stored with ``checkpoint``, the one it resumes from (on
+    any node), else the one the work directory kept (checkpoints written before they carried it),
+    and trains one only when neither is there."""
     if inputs.tokenizer_dir is not None:
         return load_tokenizer(inputs.tokenizer_dir), None
     saved = run.work_dir / TOKENIZER_DIR
-    source = checkpoint_source(run)
-    epoch = source.latest_epoch()
-    stored = source.fetch(epoch) / TOKENIZER_DIR if epoch is not None else None
+    stored = checkpoint / TOKENIZER_DIR if checkpoint is not None else None
     if stored is not None and stored.is_dir():
         _replace_dir(stored, saved)
     if saved.is_dir():
