@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmos.errors import ArtifactError
+from llmos.training.checkpoints import LocalCheckpoints
 from llmos.training.loop import Selection, StepOutput, TrainingTask, fit
 from llmos.training.run import Hooks, Stopped, TrainingResult, TrainingRun
 from llmos.training.spec import TrainingSpec
@@ -103,6 +105,54 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path: Path) -> None:
     assert [(m["step"], m["epoch"]) for m in validation] == [(4, 1), (8, 2), (12, 3), (16, 4)]
     assert all("valid_report" not in m for m in validation)  # events carry scalars; checkpoints everything
     assert checkpoints[1][3]["valid_report"] == {"note": "toy"} and checkpoints[1][3]["step"] == 8
+
+
+class _StoreDamage:
+    """The run's checkpoints as the artifact store lays them out, the epochs of ``damaged`` found
+    corrupt there (as ``JobCheckpoints.restore`` reports a blob that no longer hashes to its name)."""
+
+    def __init__(self, work: Path, damaged: set[int]) -> None:
+        self.local, self.damaged = LocalCheckpoints(work), damaged
+
+    def latest_epoch(self, before: int | None = None) -> int | None:
+        return self.local.latest_epoch(before)
+
+    def fetch(self, epoch: int) -> Path:
+        if epoch in self.damaged:
+            raise ArtifactError(f"checkpoint of epoch {epoch} is corrupt in the artifact store", code="hash_mismatch")
+        return self.local.fetch(epoch)
+
+
+@pytest.mark.parametrize("where", ["store", "file"])
+@pytest.mark.parametrize(("damaged", "kept"), [({2}, 3), ({2, 3}, 4)])
+def test_keep_best_passes_over_a_damaged_best_checkpoint(
+    tmp_path: Path, where: str, damaged: set[int], kept: int
+) -> None:
+    """Epoch 2 is the best and epoch 3 the next: with epoch 2's checkpoint damaged (in the store, or
+    its file in the work directory) the job still completes, keeping epoch 3; with epoch 3's damaged
+    too, the last epoch's weights, in memory already."""
+
+    def damage(step: int, epoch: int, metrics: dict[str, Any], directory: Path) -> None:
+        if epoch == 4 and where == "file":  # after the last checkpoint: keep-best comes next
+            for bad in damaged:
+                (tmp_path / f"ckpt-epoch-{bad}" / "trainable.safetensors").write_bytes(b"not a safetensors file")
+
+    log: list[Any] = []
+    hooks = Hooks(metrics=log.append, message=log.append, checkpoint=damage, control=lambda: None)
+    source = _StoreDamage(tmp_path, damaged if where == "store" else set())
+    run = TrainingRun(
+        tmp_path, tmp_path / "train", None, SPEC, seed=5, work_dir=tmp_path, hooks=hooks, bf16=False, checkpoints=source
+    )
+    result = fit(ToyTask(iter([0.9, 0.5, 0.6, 0.7])), run)
+    assert result.metrics["best_epoch"] == kept and result.metrics["epoch"] == kept
+    assert sorted(result.metrics["unrestorable_epochs"]) == sorted(str(e) for e in damaged)
+    (message,) = [m for m in log if isinstance(m, str) and m.startswith("Keeping epoch")]
+    assert (
+        message.startswith(f"Keeping epoch {kept} (valid_loss=0.") and "passed over as unrestorable: epoch 2" in message
+    )
+    weights = load_file(tmp_path / f"ckpt-epoch-{kept}" / "model" / "model.safetensors")
+    final = load_file(result.model_dir / "model.safetensors")
+    assert all(torch.equal(final[k], weights[k]) for k in weights)
 
 
 def test_without_validation_every_epoch_runs_and_the_last_is_kept(tmp_path: Path) -> None:

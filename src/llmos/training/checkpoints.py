@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from llmos.errors import ArtifactError, InsufficientStorageError
+from llmos.errors import ArtifactError, InsufficientStorageError, LLMOSError
 from llmos.registry.store import link_or_copy, safe_join
 from llmos.training.adapters import MethodState, method_state, restore_method_state
 from llmos.training.run import CheckpointSource
@@ -24,6 +25,10 @@ SERVABLE = "model"
 """A checkpoint's sub-directory holding the model as the engine serves it (where the method allows)."""
 METHOD = "method.safetensors"
 """A checkpoint's file of the PEFT method's own training state, when it has one (AdaLoRA's importance scores)."""
+UNRESTORABLE = (LLMOSError, OSError, SafetensorError, ValueError)
+"""What fetching and loading a checkpoint raise when it is damaged or gone: the store's damage
+(``hash_mismatch``) or missing record or blob, a missing local file, a file that is no safetensors,
+weights that do not fit the model."""
 
 
 def save_checkpoint(

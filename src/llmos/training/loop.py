@@ -23,10 +23,17 @@ import torch
 
 from llmos.training.adapters import regularization
 from llmos.training.adversarial import FGM
-from llmos.training.checkpoints import SERVABLE, LocalCheckpoints, load_weights, resume_latest, save_epoch
+from llmos.training.checkpoints import (
+    SERVABLE,
+    UNRESTORABLE,
+    LocalCheckpoints,
+    load_weights,
+    resume_latest,
+    save_epoch,
+)
 from llmos.training.optim import Accumulation, Optimization
 from llmos.training.run import CheckpointSource, Stopped, TrainingResult, TrainingRun
-from llmos.training.state import TrainingState
+from llmos.training.state import EpochScore, TrainingState
 
 E = TypeVar("E")
 """One training example of a task (a tokenised conversation, a labelled text...)."""
@@ -213,14 +220,38 @@ def _end_of_epoch(
 
 
 def _keep_best(task: TrainingTask[E], state: TrainingState, run: TrainingRun, last: dict[str, Any]) -> dict[str, Any]:
-    """The result's metrics; where the task keeps its best epoch, that epoch's weights loaded back."""
-    best = state.best
-    if not task.selection.keep_best or best is None:
+    """The result's metrics; where the task keeps its best epoch, the weights of the best validated
+    epoch whose checkpoint can be restored loaded back. One that cannot be (damaged in the store,
+    gone) is passed over for the next best, and the result and a message say which and why; the
+    last epoch's weights, which the model holds already, need no checkpoint."""
+    selection = task.selection
+    if not selection.keep_best or state.best is None:
         return last
-    if best.epoch != state.epoch:
-        load_weights(checkpoint_source(run).fetch(best.epoch), task.model)
-    run.hooks.message(f"Keeping epoch {best.epoch}, the best on validation ({task.selection.metric}={best.value:.4f})")
-    return {**best.metrics, "best_epoch": best.epoch}
+    unrestorable: dict[str, str] = {}
+    kept: EpochScore | None = None
+    for score in state.ranked(selection.higher_is_better):
+        try:
+            if score.epoch != state.epoch:
+                load_weights(checkpoint_source(run).fetch(score.epoch), task.model)
+        except UNRESTORABLE as exc:
+            unrestorable[str(score.epoch)] = str(exc)[:500]
+            continue
+        kept = score
+        break
+    if not unrestorable and kept is not None:
+        run.hooks.message(f"Keeping epoch {kept.epoch}, the best on validation ({selection.metric}={kept.value:.4f})")
+        return {**kept.metrics, "best_epoch": kept.epoch}
+    why = "; ".join(f"epoch {epoch}: {error}" for epoch, error in unrestorable.items())
+    if kept is None:  # the last epoch was not validated (an older checkpoint's state): its weights stay
+        run.hooks.message(
+            f"Keeping the last epoch, {state.epoch}: no validated epoch's checkpoint could be restored ({why})"[:2000]
+        )
+        return {**last, "best_epoch": state.epoch, "unrestorable_epochs": unrestorable}
+    run.hooks.message(
+        f"Keeping epoch {kept.epoch} ({selection.metric}={kept.value:.4f}), the best on validation whose checkpoint "
+        f"could be restored; passed over as unrestorable: {why}"[:2000]
+    )
+    return {**kept.metrics, "best_epoch": kept.epoch, "unrestorable_epochs": unrestorable}
 
 
 def checkpoint_source(run: TrainingRun) -> CheckpointSource:

@@ -29,15 +29,25 @@ class TrainingState:
     """The best validation epoch so far; None before the first validation (or without validation data)."""
     bad_epochs: int = 0
     """Validated epochs since ``best`` last improved (early stopping counts these)."""
+    scores: list[EpochScore] = field(default_factory=list)
+    """Every validated epoch, in order: keep-best falls back on the next best when the best one's
+    checkpoint cannot be restored."""
 
     def score(self, epoch: int, metrics: dict[str, Any], metric: str, higher_is_better: bool) -> None:
         """Rank a validated epoch against the best so far: it becomes the best, or counts as a bad epoch."""
         value = float(metrics[metric])
+        self.scores.append(EpochScore(epoch, value, dict(metrics)))
         better = self.best is None or (value > self.best.value if higher_is_better else value < self.best.value)
         if better:
             self.best, self.bad_epochs = EpochScore(epoch, value, dict(metrics)), 0
         else:
             self.bad_epochs += 1
+
+    def ranked(self, higher_is_better: bool) -> list[EpochScore]:
+        """The validated epochs, best first (of equal values, the earlier). A state read from an
+        older checkpoint knows only ``best`` of the epochs before it."""
+        known = self.scores if self.best is None or self.best in self.scores else [self.best, *self.scores]
+        return sorted(known, key=lambda s: (-s.value if higher_is_better else s.value, s.epoch))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +68,7 @@ class TrainingState:
             trained_tokens=_count(data, "trained_tokens"),
             best=None if best is None else _score(best),
             bad_epochs=_count(data, "bad_epochs"),
+            scores=[_score(score) for score in _list(data, "scores")],
         )
 
 
@@ -65,6 +76,13 @@ def _count(data: dict[str, Any], name: str) -> int:
     value = data.get(name, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"checkpoint state: {name} must be a non-negative integer")
+    return value
+
+
+def _list(data: dict[str, Any], name: str) -> list[Any]:
+    value = data.get(name, [])
+    if not isinstance(value, list):
+        raise ValueError(f"checkpoint state: {name} must be a list")
     return value
 
 
