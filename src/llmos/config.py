@@ -329,9 +329,10 @@ class Settings(BaseSettings):
         ge=0,
         le=100,
         description="While requests that generate were prefilling or decoding in the last 2 s, a chat model's "
-        "engine on the torch backend stays idle after each step that only scored prompts, for this many times "
-        "that step's time or until a generating request arrives (taken at once), so that an arrival finds it "
-        "idle rather than mid-step: ratio / (1 + ratio) of the time. Scoring beside them goes at 1 / (1 + ratio) "
+        "engine on the torch backend stays idle before each step that would only score prompts, for this many "
+        "times the last step's time or until a generating request arrives (taken at once), so that an arrival "
+        "finds it idle rather than mid-step: ratio / (1 + ratio) of the time, and a client's next request, sent "
+        "as its answer ends, finds it idle. Scoring beside them goes at 1 / (1 + ratio) "
         "of its speed; scoring with nothing generating never pauses, nor do steps that decode or prefill "
         "anything else (a batch's lines). 0 (the default until its effect is measured, docs/performance.md) "
         "turns this off.",

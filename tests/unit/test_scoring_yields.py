@@ -234,8 +234,8 @@ def test_scoring_steps_pause_for_arrivals_only_while_generating_work_is_about(
         beside.close()
     scoring_only = [p for p in passes if all(rid == "score" for rid, _ in p)]
     assert len(scoring_only) >= 10  # at most 8 tokens a step: generating work was about all along
-    # A pause after every scoring-only step with scoring left (the last one had none), as long as it took.
-    assert len(pauses) == len(scoring_only) - 1 and all(p > 0 for p in pauses)
+    # A pause before every scoring-only step, as long as the step before it took.
+    assert len(pauses) == len(scoring_only) and all(p > 0 for p in pauses)
 
     batch = _score_and_generate(config, tiny_chat_dir)
     pauses, _ = _recording_pauses(batch, monkeypatch)
@@ -258,6 +258,7 @@ def test_a_pause_ends_when_a_generating_request_arrives(tiny_chat_dir: Path, mon
     config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=32, scoring_step_tokens=8, scoring_pause_ratio=1e6)
     runner = _score_and_generate(config, tiny_chat_dir)
     pauses, paused = _recording_pauses(runner, monkeypatch)
+    passes = _recording_passes(monkeypatch)
     answered = threading.Semaphore(0)
 
     def answer(delta: GenerationDelta) -> None:
@@ -265,12 +266,48 @@ def test_a_pause_ends_when_a_generating_request_arrives(tiny_chat_dir: Path, mon
             answered.release()
 
     try:
-        runner.submit(GenerationRequest("score", "m", list(range(5, 85)), SCORE), lambda d: None)
         runner.submit(GenerationRequest("gen1", "m", list(range(5, 15)), FIRST_ONLY), answer)
+        runner.submit(GenerationRequest("score", "m", list(range(5, 85)), SCORE), lambda d: None)
         assert answered.acquire(timeout=60)
-        assert paused.wait(timeout=60)  # the scoring step after gen1's answer pauses
+        assert paused.wait(timeout=60)  # the scoring step after gen1's answer waits first
         runner.submit(GenerationRequest("gen2", "m", list(range(5, 15)), FIRST_ONLY), answer)
         assert answered.acquire(timeout=60)  # answered in the pause, not after it
         assert len(pauses) >= 1
     finally:
-        runner.close()  # ends the pause the scoring step after gen2 took
+        runner.close()  # ends the pause before the scoring step after gen2
+    ids = [{rid for rid, _ in p} for p in passes]
+    first_gen2 = next(i for i, p in enumerate(ids) if "gen2" in p)
+    # The request that follows an answer is prefilled next: no scoring step began in between.
+    assert ids[first_gen2 - 1] == {"gen1"}, ids
+
+
+def test_a_generating_request_left_waiting_for_room_does_not_stop_scoring(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(causal, "RECENT_S", 600.0)
+    config = EngineConfig(batch_wait_s=0.5, prefill_chunk_tokens=32, scoring_step_tokens=8, scoring_pause_ratio=1e6)
+    runner = _score_and_generate(config, tiny_chat_dir)
+    monkeypatch.setattr(runner, "_fits", lambda reserved: len(reserved) <= 1)  # room for one row at a time
+    _, paused = _recording_pauses(runner, monkeypatch)
+    answered, scored = threading.Semaphore(0), threading.Event()
+    try:
+        runner.submit(
+            GenerationRequest("gen1", "m", list(range(5, 15)), FIRST_ONLY),
+            lambda d: answered.release() if d.finish_reason is not None else None,
+        )
+        assert answered.acquire(timeout=60)
+        runner.submit(
+            GenerationRequest("score", "m", list(range(5, 85)), SCORE),
+            lambda d: scored.set() if d.finish_reason is not None else None,
+        )
+        assert paused.wait(timeout=60)
+        runner.submit(
+            GenerationRequest("gen2", "m", list(range(5, 15)), FIRST_ONLY),
+            lambda d: answered.release() if d.finish_reason is not None else None,
+        )
+        # gen2 ends the pause but cannot be admitted while the scoring row holds the room: the
+        # scoring steps go on rather than pausing for it again and again, and then gen2 is answered.
+        assert scored.wait(timeout=60)
+        assert answered.acquire(timeout=60)
+    finally:
+        runner.close()

@@ -24,8 +24,8 @@ class EngineConfig:
     scoring_step_tokens: int = 8
     """Most prompt tokens a step gives scoring requests while generating ones are about."""
     scoring_pause_ratio: float = 0.0
-    """After a scoring-only step while generating requests are about, the engine waits this many
-    times the step's time for a generating arrival (0: never)."""
+    """Before a scoring-only step while generating requests are about, the engine waits this many
+    times the last step's time for a generating arrival (0: never)."""
     tenant_rows_when_shared: int = 0
     """Rows each tenant may hold while a light tenant is active (0: no caps; ``kernel.fair_share``)."""
     kv_cache_bytes: int = 4096 << 20

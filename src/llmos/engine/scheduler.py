@@ -212,6 +212,10 @@ class Scheduler:
             pending.end(abort_delta)
         return True
 
+    def queued(self, wanted: Callable[[GenerationRequest], bool]) -> bool:
+        """Whether a request for which ``wanted`` holds is queued now."""
+        return self.queue.wait_for(lambda item: item is not None and wanted(item.request), 0)
+
     def wait_for(self, wanted: Callable[[GenerationRequest], bool], timeout: float) -> bool:
         """Whether a request for which ``wanted`` holds is queued (or the loop is asked to close),
         waiting up to ``timeout`` for one; nothing is taken."""

@@ -108,6 +108,7 @@ class CausalRunner(GenerationRunner):
         self.scoring_step_tokens = config.scoring_step_tokens
         self.scoring_pause_ratio = config.scoring_pause_ratio
         self._generating_at = -math.inf  # when an interactive generating request was last seen here
+        self._step_s = 0.0  # how long the last step took: a pause before scoring lasts a multiple of it
         self._scoring_yielded = False  # the last step planned no scoring tokens, scoring prompts waiting
 
     @property
@@ -191,13 +192,14 @@ class CausalRunner(GenerationRunner):
         self._state = self.share.rebalance(self._state, caps)
 
     def _execute(self) -> None:
-        """One step (``_run_step``), then, if it held nothing that generates, the pause that gives
-        generating arrivals an idle engine (``_pause_for_arrivals``)."""
+        """One step (``_run_step``), unless it would hold only scoring and a generating request
+        arrives in the pause before it (``_pause_for_arrivals``): the loop then admits that one
+        first."""
+        if not self._note_generating() and self._pause_for_arrivals():
+            return
         started = time.perf_counter()
-        generating = self._note_generating()
         self._run_step()
-        if not generating:
-            self._pause_for_arrivals(time.perf_counter() - started)
+        self._step_s = time.perf_counter() - started
 
     def _run_step(self) -> None:
         """Make room in the key/value budget (preempting the youngest), prefill what the step's
@@ -278,19 +280,26 @@ class CausalRunner(GenerationRunner):
         the step's) otherwise."""
         return self.scoring_step_tokens if self._generating_about() else None
 
-    def _pause_for_arrivals(self, step_s: float) -> None:
-        """After a step without generating work, while scoring prompts are being prefilled and
-        generating work is about: stay idle for ``scoring_pause_ratio`` times the step's ``step_s``,
-        or until a generating request is queued (the queue wakes the wait; it is admitted next).
+    def _pause_for_arrivals(self) -> bool:
+        """Before a step that would hold only scoring prompts, while generating work is about: stay
+        idle for ``scoring_pause_ratio`` times the last step's time, or until a generating request
+        is queued; whether one came (or the loop is closing). One queued already was left there
+        by admission (no room for it yet): the step runs at once, or neither would ever move.
 
         Why: a generating request that arrives mid-step is admitted only when the step ends, and
         under scoring traffic steps run back to back, so every arrival found one in flight (about a
         decode step's time, ADR 0026). Idle as long as it computed (ratio 1), the engine is found
-        idle half the time and an arrival's mean wait for the step halves. Scoring beside
-        interactive clients goes at 1 / (1 + ratio) of its speed; scoring with nothing generating
-        lately never pauses (the throughput goal's measure)."""
-        if self.scoring_pause_ratio > 0 and self._only_scoring() and self._generating_about():
-            self.scheduler.wait_for(_generating, self.scoring_pause_ratio * step_s)
+        idle half the time and an arrival's mean wait for the step halves. The pause comes before
+        the step, not after it: the moment a generating request ends is the moment its client's
+        next one is likeliest (a conversation's turns, a harness's items), and a step started then
+        would make that request wait for all of it. Scoring beside interactive clients goes at
+        1 / (1 + ratio) of its speed; scoring with nothing generating lately never pauses (the
+        throughput goal's measure)."""
+        if self.scoring_pause_ratio <= 0 or not self._only_scoring() or not self._generating_about():
+            return False
+        if self.scheduler.queued(_generating):
+            return False
+        return self.scheduler.wait_for(_generating, self.scoring_pause_ratio * self._step_s)
 
     def _only_scoring(self) -> bool:
         """Whether all the engine holds is scoring: prompts to score waiting to be prefilled and no
