@@ -20,7 +20,7 @@ from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
 from llmos.kernel.job_heartbeat import EXIT_STOPPED
 from llmos.kernel.job_record import Job
 from llmos.kernel.job_status import JobStatus, StopRequest
-from llmos.kernel.job_workers import Placement
+from llmos.kernel.job_workers import NoRoom, Placement
 from llmos.kernel.supervisor import STALE_AFTER, START_WAITS, JobSupervisor
 from llmos.platform import Platform
 from llmos.registry.tables import JobRow
@@ -72,14 +72,14 @@ class _Worker:
 
 @dataclass
 class _Launcher:
-    """Offers the next node of ``offers`` (None: no room) and records what it starts."""
+    """Offers the next node of ``offers`` (or why none has room) and records what it starts."""
 
-    offers: list[Placement | None]
+    offers: list[Placement | NoRoom]
     started: list[tuple[str, Placement, _Worker]] = field(default_factory=list)
     attempts: list[int] = field(default_factory=list)
     """The attempt each worker was started for."""
 
-    def place(self, job: Job) -> Placement | None:
+    def place(self, job: Job) -> Placement | NoRoom:
         return self.offers.pop(0)
 
     def start(self, job_id: str, attempt: int, placement: Placement) -> _Worker:
@@ -91,6 +91,8 @@ class _Launcher:
 
 NODE_2 = Placement("node-2", "10.0.0.2")
 HEAD = Placement("head", "10.0.0.1")
+BUSY = NoRoom("Waiting for a node with 2048 MiB of memory and 1 CPU unreserved for this job's worker", later=True)
+TOO_BIG = NoRoom("No node of the cluster has 9000 MiB of memory and 1 CPU in all", later=False)
 
 
 def _new_job(platform: Platform) -> str:
@@ -107,17 +109,39 @@ def _messages(platform: Platform, job_id: str) -> list[str]:
 
 def test_a_job_waits_in_the_queue_while_no_node_has_room(loaded_platform: Platform) -> None:
     p = loaded_platform
-    launcher = _Launcher([None, NODE_2])
+    launcher = _Launcher([BUSY, BUSY, NODE_2])
     supervisor = JobSupervisor(p.jobs, p.training_quota, p.settings, launcher=launcher)
     job_id = _new_job(p)
+    supervisor.tick()
     supervisor.tick()
     job = p.jobs.get(None, job_id)
     assert job.status is JobStatus.QUEUED and job.attempts == 0  # not claimed: no attempt spent
     assert supervisor.placements == {} and launcher.started == []
+    assert _messages(p, job_id).count(BUSY.reason) == 1  # said once, not at every tick
     supervisor.tick()
     assert [(j, placement) for j, placement, _ in launcher.started] == [(job_id, NODE_2)]
     assert supervisor.placements == {job_id: NODE_2}
     assert "Fine-tuning job started (attempt 1) on node 10.0.0.2" in _messages(p, job_id)
+
+
+def test_a_job_too_big_for_every_node_stays_queued_and_holds_up_no_other(loaded_platform: Platform) -> None:
+    p = loaded_platform
+    big, small = _new_job(p), _new_job(p)
+    launcher = _Launcher([TOO_BIG, NODE_2, TOO_BIG])
+    settings = p.settings.model_copy(update={"max_concurrent_jobs": 4})
+    supervisor = JobSupervisor(p.jobs, p.training_quota, settings, launcher=launcher)
+    supervisor.tick()
+    assert [j for j, _, _ in launcher.started] == [small]  # the job behind it started meanwhile
+    supervisor.tick()
+    job = p.jobs.get(None, big)
+    assert job.status is JobStatus.QUEUED and job.attempts == 0  # never failed, no attempt spent
+    assert _messages(p, big).count(TOO_BIG.reason) == 1
+    # A job that only waits for room holds the ones behind it: the queue keeps its order.
+    waiting, behind = _new_job(p), _new_job(p)
+    launcher.offers = [TOO_BIG, BUSY]
+    supervisor.tick()
+    assert p.jobs.get(None, behind).status is JobStatus.QUEUED and launcher.offers == []
+    assert BUSY.reason in _messages(p, waiting)
 
 
 def test_a_worker_lost_with_its_node_resumes_elsewhere_and_only_the_new_attempt_counts(
@@ -158,17 +182,51 @@ def test_the_ray_launcher_places_on_the_alive_nodes_unreserved_resources() -> No
     settings = Settings(ray_job_cpus=2, ray_job_memory_mb=4096)
     now = [0.0]
     launcher = RayJobLauncher(settings, nodes=lambda: nodes, server_node=lambda: "head", clock=lambda: now[0])
-    job = object()
-    assert launcher.place(job) == Placement("free", "10.0.0.4")  # type: ignore[arg-type]
+    job: Any = types.SimpleNamespace(method={})  # no estimate of its own: ray_job_memory_mb
+    four_gb = 4 * GB
+    assert launcher.place(job) == Placement("free", "10.0.0.4", four_gb)
     # A worker lost there: Ray may not have declared the node dead yet, so it gets no job for a while.
     launcher.node_lost("free")
-    assert launcher.place(job) == Placement("head", "10.0.0.1")  # type: ignore[arg-type]
+    assert launcher.place(job) == Placement("head", "10.0.0.1", four_gb)
     now[0] += LOST_NODE_PAUSE_S
-    assert launcher.place(job) == Placement("free", "10.0.0.4")  # type: ignore[arg-type]
+    assert launcher.place(job) == Placement("free", "10.0.0.4", four_gb)
     nodes[3] = NodeView("free", "10.0.0.4", True, {"CPU": 2.0}, {"CPU": 2.0, "memory": 3.0 * GB})
-    assert launcher.place(job) == Placement("head", "10.0.0.1")  # type: ignore[arg-type]
+    assert launcher.place(job) == Placement("head", "10.0.0.1", four_gb)
     nodes[0] = NodeView("head", "10.0.0.1", True, {"CPU": 4.0}, {"CPU": 1.0, "memory": 8.0 * GB})
-    assert launcher.place(job) is None  # type: ignore[arg-type]
+    assert isinstance(launcher.place(job), NoRoom)
+
+
+def test_the_ray_launcher_reserves_each_jobs_own_estimate() -> None:
+    """A big job is not placed on a node with too little memory unreserved but on one with room; a
+    small one takes the node with the most free CPUs; one too big for every node waits, saying so."""
+    pytest.importorskip("ray", reason="the Ray launcher needs the ray extra")
+    from llmos.cluster.jobs import RayJobLauncher
+    from llmos.cluster.view import NodeView
+    from llmos.config import Settings
+
+    nodes = [
+        NodeView("head", "10.0.0.1", True, {"CPU": 4.0, "memory": 16.0 * GB}, {"CPU": 4.0, "memory": 16.0 * GB}),
+        NodeView("small", "10.0.0.2", True, {"CPU": 8.0, "memory": 4.0 * GB}, {"CPU": 8.0, "memory": 4.0 * GB}),
+        NodeView("large", "10.0.0.3", True, {"CPU": 2.0, "memory": 12.0 * GB}, {"CPU": 2.0, "memory": 12.0 * GB}),
+    ]
+    launcher = RayJobLauncher(
+        Settings(ray_job_cpus=1, ray_job_memory_mb=2048), nodes=lambda: nodes, server_node=lambda: "head"
+    )
+
+    def job(memory: int) -> Any:
+        return types.SimpleNamespace(method={"memory_bytes": memory})
+
+    assert launcher.place(job(GB)) == Placement("small", "10.0.0.2", GB)  # the most free CPUs
+    assert launcher.place(job(6 * GB)) == Placement("large", "10.0.0.3", 6 * GB)  # not on "small": 4 GB
+    nodes[2] = NodeView("large", "10.0.0.3", True, {"CPU": 2.0, "memory": 12.0 * GB}, {"CPU": 2.0, "memory": 5 * GB})
+    assert launcher.place(job(6 * GB)) == Placement("head", "10.0.0.1", 6 * GB)  # the server's node, the one with room
+    nodes[0] = NodeView("head", "10.0.0.1", True, {"CPU": 4.0, "memory": 16.0 * GB}, {"CPU": 4.0, "memory": GB})
+    waits = launcher.place(job(6 * GB))
+    assert isinstance(waits, NoRoom) and waits.later  # "large" and "head" are big enough once their jobs end
+    assert waits.reason.startswith("Waiting for a node with 6144 MiB of memory and 1 CPU unreserved")
+    never = launcher.place(job(20 * GB))
+    assert isinstance(never, NoRoom) and not never.later
+    assert never.reason.startswith("No node of the cluster has 20480 MiB of memory and 1 CPU in all")
 
 
 def _starting_on_node_2(p: Platform) -> tuple[JobSupervisor, str, _Worker]:

@@ -1,9 +1,10 @@
 """Fine-tuning jobs on a Ray cluster: each job's worker runs on a node with room for it.
 
 ``RayJobLauncher`` is the job supervisor's launcher in cluster mode (``kernel.job_workers``). It
-chooses a node (``routing.choose_job_node``: room for ``ray_job_cpus`` and ``ray_job_memory_mb``
-in what nothing has reserved there, a node other than the API server's first) and starts on it,
-pinned by Ray's node affinity with that reservation, a ``JobWorkerHost`` actor, which runs the job's
+chooses a node (``routing.choose_job_node``: room for ``ray_job_cpus`` and the job's own memory
+estimate, made when it was created (``training.finetune_memory``; ``ray_job_memory_mb`` for a job
+without one), in what nothing has reserved there, a node other than the API server's first) and
+starts on it, pinned by Ray's node affinity with that reservation, a ``JobWorkerHost`` actor, which runs the job's
 worker, ``python -m llmos.training.worker JOB_ID ATTEMPT``, as a local supervisor does. The worker reports
 heartbeats, events, checkpoints and its result to the database itself and dies with the actor, so
 only its exit code comes back through Ray. An actor that dies with its node is reported by Ray;
@@ -38,7 +39,7 @@ from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
 from llmos.cluster.view import NodeView
 from llmos.config import Settings
 from llmos.kernel.job_record import Job
-from llmos.kernel.job_workers import Placement, job_dir, start_worker_process, worker_env
+from llmos.kernel.job_workers import NoRoom, Placement, job_dir, start_worker_process, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class RayWorker:
 class _Start:
     node_id: str
     worker: RayWorker
+    memory_bytes: int
 
 
 def _this_node() -> str:
@@ -165,7 +167,6 @@ class RayJobLauncher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self.need = ReplicaNeed(cpus=settings.ray_job_cpus, memory_bytes=settings.ray_job_memory_mb << 20)
         self._nodes = nodes
         self._server_node = server_node
         self._clock = clock
@@ -174,13 +175,32 @@ class RayJobLauncher:
         """Node id -> when a worker there was last lost."""
         self._host_class = ray.remote(JobWorkerHost)
 
-    def place(self, job: Job) -> Placement | None:
+    def need(self, job: Job) -> ReplicaNeed:
+        """What ``job``'s worker reserves: ``ray_job_cpus``, and the peak memory estimated for it when
+        it was created (``ray_job_memory_mb`` for a job without an estimate: its model's shapes
+        could not be read, or it was queued before jobs had one)."""
+        estimate = job.method.get("memory_bytes")
+        if isinstance(estimate, bool) or not isinstance(estimate, int) or estimate <= 0:
+            estimate = self.settings.ray_job_memory_mb << 20
+        return ReplicaNeed(cpus=self.settings.ray_job_cpus, memory_bytes=estimate)
+
+    def place(self, job: Job) -> Placement | NoRoom:
         self._starting = [s for s in self._starting if not s.worker.started]
         now = self._clock()
         self._lost = {node: at for node, at in self._lost.items() if now - at < LOST_NODE_PAUSE_S}
-        alive = [n for n in self._nodes() if n.alive and n.available is not None and n.node_id not in self._lost]
-        node = choose_job_node([self._free(n) for n in alive], self.need, self._server_node())
-        return Placement(node.node_id, node.address) if node is not None else None
+        alive = [n for n in self._nodes() if n.alive and n.available is not None]
+        need, server = self.need(job), self._server_node()
+        node = choose_job_node([self._free(n) for n in alive if n.node_id not in self._lost], need, server)
+        if node is not None:
+            return Placement(node.node_id, node.address, memory_bytes=need.memory_bytes)
+        wanted = f"{need.memory_bytes / 2**20:.0f} MiB of memory and {need.cpus:g} CPU"
+        if choose_job_node([_total(n) for n in alive], need, server) is not None:
+            return NoRoom(f"Waiting for a node with {wanted} unreserved for this job's worker", later=True)
+        return NoRoom(
+            f"No node of the cluster has {wanted} in all, which this job's worker needs: it stays queued "
+            "until a node that large joins",
+            later=False,
+        )
 
     def node_lost(self, node_id: str) -> None:
         """A worker on ``node_id`` was lost: no job goes there for ``LOST_NODE_PAUSE_S``."""
@@ -190,34 +210,45 @@ class RayJobLauncher:
         """What nothing has reserved on ``node``: Ray's figure, less the workers started there that
         Ray may not count yet."""
         available = node.available or {}
-        pending = sum(1 for s in self._starting if s.node_id == node.node_id)
+        pending = [s for s in self._starting if s.node_id == node.node_id]
         return NodeCapacity(
             node.node_id,
             node.address,
-            cpus=available.get("CPU", 0.0) - pending * self.need.cpus,
-            memory_bytes=int(available.get("memory", 0)) - pending * self.need.memory_bytes,
+            cpus=available.get("CPU", 0.0) - len(pending) * self.settings.ray_job_cpus,
+            memory_bytes=int(available.get("memory", 0)) - sum(s.memory_bytes for s in pending),
             gpus=available.get("GPU", 0.0),
         )
 
     def start(self, job_id: str, attempt: int, placement: Placement) -> RayWorker:
         assert placement.node_id is not None, "a Ray placement names its node"
         options: dict[str, Any] = {
-            "num_cpus": self.need.cpus,
+            "num_cpus": self.settings.ray_job_cpus,
             "scheduling_strategy": NodeAffinitySchedulingStrategy(placement.node_id, soft=False),
             "max_restarts": 0,  # the supervisor resumes the job; Ray must not run it a second time
             "namespace": "llmos",
         }
-        if self.need.memory_bytes:
-            options["memory"] = self.need.memory_bytes
+        if placement.memory_bytes:
+            options["memory"] = placement.memory_bytes
         host: Any = self._host_class.options(**options).remote()  # Ray's handle types no coroutine methods
         exit_ref = host.run.remote(job_id, attempt, self._env(), str(job_dir(self.settings, job_id)))
         worker = RayWorker(host, exit_ref, host.started.remote(), partial(self.node_lost, placement.node_id))
-        self._starting.append(_Start(placement.node_id, worker))
+        self._starting.append(_Start(placement.node_id, worker, placement.memory_bytes))
         return worker
 
     def _env(self) -> dict[str, str]:
         """The server's own ``LLMOS_*`` settings, as a local worker inherits them, and the threads the
         reservation pays for."""
         env = worker_env(self.settings, {k: v for k, v in os.environ.items() if k.startswith("LLMOS_")})
-        env.setdefault("OMP_NUM_THREADS", str(max(1, math.floor(self.need.cpus))))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, math.floor(self.settings.ray_job_cpus))))
         return env
+
+
+def _total(node: NodeView) -> NodeCapacity:
+    """All of ``node``'s resources, as if nothing ran there."""
+    return NodeCapacity(
+        node.node_id,
+        node.address,
+        cpus=node.resources.get("CPU", 0.0),
+        memory_bytes=int(node.resources.get("memory", 0)),
+        gpus=node.resources.get("GPU", 0.0),
+    )

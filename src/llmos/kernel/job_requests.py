@@ -15,6 +15,7 @@ from llmos.registry.files import FileRecord, FileStore
 from llmos.registry.metadata import check_metadata
 from llmos.registry.service import ModelRecord, ModelRegistry
 from llmos.training.corpus import CORPUS_PURPOSE
+from llmos.training.finetune_memory import WORKER_RUNTIME_BYTES, fine_tuning_memory
 from llmos.training.model_presets import estimate_memory
 from llmos.training.pretrain_spec import SECTION, PretrainSpec, is_pretrain, parse_pretrain
 from llmos.training.spec import TrainingSpec, parse_spec
@@ -50,6 +51,8 @@ class JobRequest:
     priority: int
     metadata: dict[str, str] | None
     pretrain: PretrainSpec | None = None
+    memory_bytes: int | None = None
+    """The job's worker's estimated peak memory (what a cluster reserves for it); None: not known."""
 
     @property
     def model(self) -> str:
@@ -122,6 +125,14 @@ def check_job_request(
         seed=seed,
         priority=check_priority(body.get("priority", 0)),
         metadata=check_metadata(body.get("metadata")),
+        memory_bytes=fine_tuning_memory(
+            registry.model_dir(base),
+            base.parameter_count,
+            spec,
+            task,
+            data_bytes=training.bytes + (validation.bytes if validation is not None else 0),
+            labels=len(training.summary.get("labels") or ()),
+        ),
     )
 
 
@@ -243,6 +254,7 @@ def check_pretrain_request(
             tokenizer_model_id=source_id,
             corpus_sha256=tuple(f.sha256 for f in [training, *more]),
         ),
+        memory_bytes=memory.total + WORKER_RUNTIME_BYTES,
     )
 
 

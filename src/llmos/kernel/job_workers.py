@@ -47,14 +47,26 @@ class Placement:
     """The cluster node the worker runs on; None: the API server's own machine."""
     node_address: str | None = None
     """That node's address, as the job's events name it."""
+    memory_bytes: int = 0
+    """The memory reserved for the worker there (0: none, as for a child of the API server)."""
 
 
 LOCAL = Placement()
 
 
+@dataclass(frozen=True)
+class NoRoom:
+    """Why no node takes a job now: it stays queued (no attempt spent), and its events say why."""
+
+    reason: str
+    later: bool
+    """Some node has room for it once what runs there ends, so the jobs queued behind it wait their
+    turn; False: no node is that large at all, and they may start meanwhile."""
+
+
 class WorkerLauncher(Protocol):
-    def place(self, job: Job) -> Placement | None:
-        """Where ``job``'s worker would start now; None: nowhere has room (the job stays queued)."""
+    def place(self, job: Job) -> Placement | NoRoom:
+        """Where ``job``'s worker would start now, or why nowhere has room (the job stays queued)."""
 
     def start(self, job_id: str, attempt: int, placement: Placement) -> WorkerProcess:
         """Start the worker of ``job_id``, claimed already for ``attempt``, at ``placement``."""

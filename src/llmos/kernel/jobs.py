@@ -82,9 +82,11 @@ class JobStore(JobQueries):
             if earlier is not None:
                 return Job.from_row(earlier)
         request = check_job_request(self.registry, self.files, tenant, body, pretrain_memory_mb=self.pretrain_memory_mb)
-        method = {"type": request.spec.method, "task": request.task, "resolved": request.spec.as_dict()}
+        method: dict[str, Any] = {"type": request.spec.method, "task": request.task, "resolved": request.spec.as_dict()}
         if request.pretrain is not None:
             method["pretrain"] = request.pretrain.as_dict()
+        if request.memory_bytes is not None:
+            method["memory_bytes"] = request.memory_bytes  # what a cluster reserves for its worker
         row = JobRow(
             id=f"ftjob-{uuid.uuid4().hex[:24]}",
             tenant=tenant,

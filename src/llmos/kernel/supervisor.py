@@ -18,6 +18,7 @@ from llmos.config import Settings
 from llmos.errors import NotFoundError
 from llmos.kernel.job_status import StopRequest
 from llmos.kernel.job_workers import (
+    NoRoom,
     Placement,
     Spawn,
     WorkerLauncher,
@@ -65,6 +66,8 @@ class JobSupervisor:
         self.stale_after = stale_after
         self.launcher = launcher or default_launcher(settings, spawn)
         self._workers: dict[str, _Worker] = {}
+        self._waiting: dict[str, str] = {}
+        """Queued job id -> why no node took it, as its events last said (said again only when it changes)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-supervisor", daemon=True)
 
@@ -175,6 +178,8 @@ class JobSupervisor:
             _count(per_tenant.setdefault(tenant, {}), key_id)
         # Fair share: among equal priorities, the tenant with the fewest running jobs goes first.
         queued.sort(key=lambda j: (-j.priority, per_tenant.get(j.tenant, {}).get(None, 0), j.created_at))
+        still_queued = {job.id for job in queued}
+        self._waiting = {job_id: why for job_id, why in self._waiting.items() if job_id in still_queued}
         disabled: dict[str, bool] = {}
         for job in queued:
             if free <= 0:
@@ -186,8 +191,14 @@ class JobSupervisor:
             if self.quota.cpu_error(job.tenant, job.key_id) is not None:
                 continue  # waits in the queue until the training CPU window resets
             placement = self.launcher.place(job)
-            if placement is None:
-                break  # no node has room now: the queue waits, no attempt spent
+            if isinstance(placement, NoRoom):
+                if self._waiting.get(job.id) != placement.reason:
+                    self._waiting[job.id] = placement.reason
+                    self.jobs.add_event(job.id, placement.reason, level="warn")
+                if placement.later:
+                    break  # no node has room now: the queue waits in its order, no attempt spent
+                continue  # no node is large enough at all: the jobs behind it need not wait for it
+            self._waiting.pop(job.id, None)
             attempt = self.jobs.claim(job.id)
             if attempt is None:
                 continue  # another supervisor took it

@@ -115,12 +115,18 @@ def llama_config(dims: ModelDims, vocab_size: int, context: int, *, bos_id: int 
     )
 
 
+FP32, BF16 = 4, 2
+STEPPED_BYTES = 3 * FP32
+"""Per trained parameter beside its weight: its gradient and AdamW's two moments, each kept in fp32."""
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes a pre-training run holds at its peak, by what holds them."""
+    """Bytes a training run holds at its peak, by what holds them."""
 
     model: int
-    """Weights, gradients, AdamW's two moments (fp32) and autocast's bf16 copies."""
+    """Weights (fp32, and autocast's bf16 copies), and for each trained parameter its gradient and
+    AdamW's two moments (fp32)."""
     activations: int
     """Saved for the backward pass: per layer and token, and the logits of a batch."""
     vocabulary: int
@@ -134,17 +140,32 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    dims: ModelDims, vocab_size: int, *, batch_size: int, context: int, corpus_bytes: int
+    dims: ModelDims,
+    vocab_size: int,
+    *,
+    batch_size: int,
+    context: int,
+    corpus_bytes: int,
+    parameters: int | None = None,
+    trainable: int | None = None,
+    logits: bool = True,
+    bytes_per_corpus_byte: int = 8,
 ) -> MemoryEstimate:
-    """An upper estimate of a run's peak memory, from its shapes alone."""
-    params = dims.parameters(vocab_size)
+    """An upper estimate of a run's peak memory, from its shapes alone: batches of ``batch_size``
+    rows padded to ``context`` tokens. ``parameters``: the model's (default: what ``dims`` and the
+    vocabulary make, embeddings tied); ``trainable``: those the optimizer steps (default: all, as
+    pre-training and a full fine-tune do; an adapter method steps a few). ``logits``: the model
+    scores the vocabulary at every token (a language model; a classifier does not).
+    ``bytes_per_corpus_byte``: what the training data holds in memory per byte of its file."""
+    params = dims.parameters(vocab_size) if parameters is None else parameters
+    stepped = params if trainable is None else trainable
     tokens = batch_size * context
     per_layer_token = 4 * (12 * dims.hidden_size + 4 * dims.intermediate_size) + 2 * dims.num_attention_heads * context
-    logits = tokens * vocab_size * 14  # bf16 logits, their fp32 copy, softmax and its gradient
-    embedding = vocab_size * dims.hidden_size * 18
+    logit_bytes = tokens * vocab_size * 14 if logits else 0  # bf16 logits, their fp32 copy, softmax and its gradient
+    embedding = vocab_size * dims.hidden_size * (FP32 + BF16 + (STEPPED_BYTES if stepped >= params else 0))
     return MemoryEstimate(
-        model=params * 18,
-        activations=tokens * dims.num_hidden_layers * per_layer_token + logits,
-        vocabulary=embedding + logits,
-        corpus=corpus_bytes * 8,
+        model=params * (FP32 + BF16) + stepped * STEPPED_BYTES,
+        activations=tokens * dims.num_hidden_layers * per_layer_token + logit_bytes,
+        vocabulary=embedding + logit_bytes,
+        corpus=corpus_bytes * bytes_per_corpus_byte,
     )

@@ -1,0 +1,87 @@
+"""A fine-tuning job's memory estimate (what a Ray cluster reserves for its worker): it grows with
+the base model and the method, falls back (None) where the model's shapes cannot be read, is the
+pre-training formula with fewer parameters trained, and is stored with the job when it is created."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmos.platform import Platform
+from llmos.training.finetune_memory import WORKER_RUNTIME_BYTES, fine_tuning_memory, model_shapes
+from llmos.training.model_presets import PRESETS, estimate_memory
+from llmos.training.spec import TrainingSpec
+
+SMALL = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3}
+LARGE = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2}
+
+
+def _model(tmp_path: Path, name: str, shapes: dict[str, int], intermediate: int, vocab: int) -> Path:
+    directory = tmp_path / name
+    directory.mkdir()
+    config = {**shapes, "intermediate_size": intermediate, "vocab_size": vocab, "model_type": "llama"}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _estimate(model: Path, parameters: int, adapter: str, task: str = "chat") -> int:
+    spec = TrainingSpec(batch_size=4, max_seq_length=256, adapter=adapter)
+    estimate = fine_tuning_memory(model, parameters, spec, task, data_bytes=1 << 20)
+    assert estimate is not None
+    return estimate
+
+
+def test_the_estimate_grows_with_the_model_and_the_method(tmp_path: Path) -> None:
+    small = _model(tmp_path, "small", SMALL, 1536, 49152)
+    large = _model(tmp_path, "large", LARGE, 4864, 151936)
+    small_params, large_params = 134_515_008, 494_032_768
+    methods = ("full", "lora", "adalora", "ia3", "prefix_tuning", "prompt_tuning")
+    for adapter in methods:
+        assert _estimate(large, large_params, adapter) > _estimate(small, small_params, adapter), adapter
+    full, lora = _estimate(small, small_params, "full"), _estimate(small, small_params, "lora")
+    # A full fine-tune keeps a gradient and AdamW's two moments (fp32) for every parameter; LoRA for its own.
+    assert full - lora > small_params * 11
+    assert lora > _estimate(small, small_params, "ia3") > WORKER_RUNTIME_BYTES + small_params * 6
+    assert _estimate(small, small_params, "lora", "dpo") > lora  # both sides of a pair in one batch
+
+
+def test_unreadable_shapes_give_no_estimate(tmp_path: Path) -> None:
+    spec = TrainingSpec()
+    assert fine_tuning_memory(tmp_path, 1000, spec, "chat", data_bytes=0) is None  # no config.json
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"n_embd": 768, "n_layer": 12, "vocab_size": 50257}))
+    assert model_shapes(gpt2) is None
+    (gpt2 / "config.json").write_text("[1, 2]")
+    assert model_shapes(gpt2) is None
+
+
+def test_pre_training_is_the_same_formula_with_every_parameter_trained() -> None:
+    dims, vocab = PRESETS["tiny"], 8000
+    everything = estimate_memory(dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20)
+    assert everything.model == dims.parameters(vocab) * 18  # fp32 weight, bf16 copy, gradient, two moments
+    explicit = estimate_memory(
+        dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20, trainable=dims.parameters(vocab)
+    )
+    assert explicit == everything
+    adapter = estimate_memory(dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20, trainable=1000)
+    assert adapter.model == dims.parameters(vocab) * 6 + 1000 * 12 and adapter.activations == everything.activations
+
+
+def test_a_created_job_carries_its_estimate(loaded_platform: Platform) -> None:
+    p = loaded_platform
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 4
+    record, _ = p.files.create(
+        tenant="default",
+        purpose="fine-tune",
+        filename="t.jsonl",
+        chunks=["\n".join(json.dumps(r) for r in rows).encode()],
+        max_bytes=1 << 20,
+    )
+    body = {"model": "tiny-chat", "training_file": record.id}
+    lora = p.jobs.create(tenant="default", body=body)
+    full = p.jobs.create(
+        tenant="default", body={**body, "method": {"type": "supervised", "supervised": {"adapter": {"type": "full"}}}}
+    )
+    assert WORKER_RUNTIME_BYTES < lora.method["memory_bytes"] < full.method["memory_bytes"]
+    assert "memory_bytes" not in json.dumps(full.public())  # the platform's own figure, not OpenAI's object
