@@ -166,6 +166,7 @@ def main() -> None:
     platform = Platform.open(Settings(home=args.home))
     model_dir = platform.registry.model_dir(platform.registry.get(MODEL))
     dtype = resolve_dtype(platform.settings.dtype)
+    pause_ratio = platform.settings.scoring_pause_ratio  # the server's: it reads the same environment
     platform.close()
     every = choice_prompts(AutoTokenizer.from_pretrained(model_dir), args.prompts + args.load_prompts)
     texts, load_texts = every[: args.prompts], every[args.prompts :]  # the load's prompts are not cached
@@ -207,12 +208,16 @@ def main() -> None:
         "scoring_beside_interactive": loads,
         "load_outlasted_interactive": outlasted,
         "load_niceness": args.load_niceness,
+        "scoring_pause_ratio": pause_ratio,
         "ttft_rounds": args.ttft_rounds,
         "ttft_p50_idle_s": statistics.median(idle),
         "ttft_p50_while_scoring_s": statistics.median(loaded),
     }
     result["ttft_ratio"] = result["ttft_p50_while_scoring_s"] / result["ttft_p50_idle_s"]
-    print(f"{len(texts)} prompts, {MODEL} ({result['dtype']}), {args.clients} clients / batches of {args.batch}")
+    print(
+        f"{len(texts)} prompts, {MODEL} ({result['dtype']}), {args.clients} clients / batches of {args.batch}, "
+        f"scoring_pause_ratio {pause_ratio:g}"
+    )
     print(f"{'':<30} {'prompts/s':>10} {'tokens/s':>10}")
     for name in ("served", "in_process"):
         print(f"{name:<30} {result[name]['prompts_per_s']:>10.1f} {result[name]['tokens_per_s']:>10.0f}")

@@ -23,7 +23,7 @@ class EngineConfig:
     """Most prompt tokens prefilled per engine iteration (one pass), between decode steps."""
     scoring_step_tokens: int = 8
     """Most prompt tokens a step gives scoring requests while generating ones are about."""
-    scoring_pause_ratio: float = 0.0
+    scoring_pause_ratio: float = 1.0
     """Before a scoring-only step while generating requests are about, the engine waits this many
     times the last step's time for a generating arrival (0: never)."""
     tenant_rows_when_shared: int = 0
