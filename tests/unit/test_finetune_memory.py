@@ -24,8 +24,8 @@ def _model(tmp_path: Path, name: str, shapes: dict[str, int], intermediate: int,
     return directory
 
 
-def _estimate(model: Path, parameters: int, adapter: str, task: str = "chat") -> int:
-    spec = TrainingSpec(batch_size=4, max_seq_length=256, adapter=adapter)
+def _estimate(model: Path, parameters: int, adapter: str, task: str = "chat", dropout: float = 0.05) -> int:
+    spec = TrainingSpec(batch_size=4, max_seq_length=256, adapter=adapter, lora_dropout=dropout)
     estimate = fine_tuning_memory(model, parameters, spec, task, data_bytes=1 << 20)
     assert estimate is not None
     return estimate
@@ -38,9 +38,10 @@ def test_the_estimate_grows_with_the_model_and_the_method(tmp_path: Path) -> Non
     methods = ("full", "lora", "adalora", "ia3", "prefix_tuning", "prompt_tuning")
     for adapter in methods:
         assert _estimate(large, large_params, adapter) > _estimate(small, small_params, adapter), adapter
-    full, lora = _estimate(small, small_params, "full"), _estimate(small, small_params, "lora")
+    full, lora = _estimate(small, small_params, "full"), _estimate(small, small_params, "lora", dropout=0.0)
     # A full fine-tune keeps a gradient and AdamW's two moments (fp32) for every parameter; LoRA for its own.
     assert full - lora > small_params * 11
+    assert full > _estimate(small, small_params, "lora") > lora  # LoRA's dropout saves copies of its inputs
     assert lora > _estimate(small, small_params, "ia3") > WORKER_RUNTIME_BYTES + small_params * 6
     assert _estimate(small, small_params, "lora", "dpo") > lora  # both sides of a pair in one batch
 
@@ -60,12 +61,14 @@ def test_pre_training_is_the_same_formula_with_every_parameter_trained() -> None
     dims, vocab = PRESETS["tiny"], 8000
     everything = estimate_memory(dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20)
     assert everything.model == dims.parameters(vocab) * 18  # fp32 weight, bf16 copy, gradient, two moments
+    assert everything.checkpoint == dims.parameters(vocab) * 16  # weight and moments serialised, servable copy
     explicit = estimate_memory(
         dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20, trainable=dims.parameters(vocab)
     )
     assert explicit == everything
     adapter = estimate_memory(dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20, trainable=1000)
     assert adapter.model == dims.parameters(vocab) * 6 + 1000 * 12 and adapter.activations == everything.activations
+    assert adapter.checkpoint == 1000 * 16
 
 
 def test_a_created_job_carries_its_estimate(loaded_platform: Platform) -> None:
@@ -83,5 +86,12 @@ def test_a_created_job_carries_its_estimate(loaded_platform: Platform) -> None:
     full = p.jobs.create(
         tenant="default", body={**body, "method": {"type": "supervised", "supervised": {"adapter": {"type": "full"}}}}
     )
-    assert WORKER_RUNTIME_BYTES < lora.method["memory_bytes"] < full.method["memory_bytes"]
+    base = p.registry.get("tiny-chat")
+    for job in (lora, full):
+        spec = TrainingSpec(**job.method["resolved"])
+        expected = fine_tuning_memory(
+            p.registry.model_dir(base), base.parameter_count, spec, "chat", data_bytes=record.bytes
+        )
+        assert job.method["memory_bytes"] == expected and expected > WORKER_RUNTIME_BYTES
+    assert lora.method["memory_bytes"] != full.method["memory_bytes"]
     assert "memory_bytes" not in json.dumps(full.public())  # the platform's own figure, not OpenAI's object

@@ -96,8 +96,17 @@ def fine_tuning_memory(
         trainable=trainable_parameters(dims, spec, params, labels=labels),
         logits=task in LANGUAGE_MODEL_TASKS,
         bytes_per_corpus_byte=BYTES_PER_DATA_BYTE,
+        method_per_layer_token=_dropout_copies(dims, spec),
     )
     return estimate.total + WORKER_RUNTIME_BYTES
+
+
+def _dropout_copies(dims: ModelDims, spec: TrainingSpec) -> int:
+    """Bytes per layer and token LoRA's dropout saves: a dropped copy of each adapted layer's input
+    (fp32) and its mask, for q, k, v, o, gate and up (hidden-sized) and down (intermediate)."""
+    if spec.adapter not in ("lora", "adalora") or not spec.lora_dropout:
+        return 0
+    return (4 + 1) * (6 * dims.hidden_size + dims.intermediate_size)
 
 
 def _positive(value: Any) -> TypeGuard[int]:

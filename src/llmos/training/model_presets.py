@@ -133,10 +133,14 @@ class MemoryEstimate:
     """The part of ``model`` and ``activations`` that grows with the vocabulary."""
     corpus: int
     """The tokenised corpus and the largest file's text while it is encoded."""
+    checkpoint: int = 0
+    """An epoch's checkpoint as it is written: the trained weights and AdamW's moments serialised,
+    and the servable copy of what was trained, on top of the rest (what a step freed, the
+    allocator keeps)."""
 
     @property
     def total(self) -> int:
-        return self.model + self.activations + self.corpus
+        return self.model + self.activations + self.corpus + self.checkpoint
 
 
 def estimate_memory(
@@ -150,22 +154,32 @@ def estimate_memory(
     trainable: int | None = None,
     logits: bool = True,
     bytes_per_corpus_byte: int = 8,
+    method_per_layer_token: int = 0,
 ) -> MemoryEstimate:
     """An upper estimate of a run's peak memory, from its shapes alone: batches of ``batch_size``
     rows padded to ``context`` tokens. ``parameters``: the model's (default: what ``dims`` and the
     vocabulary make, embeddings tied); ``trainable``: those the optimizer steps (default: all, as
     pre-training and a full fine-tune do; an adapter method steps a few). ``logits``: the model
     scores the vocabulary at every token (a language model; a classifier does not).
-    ``bytes_per_corpus_byte``: what the training data holds in memory per byte of its file."""
+    ``bytes_per_corpus_byte``: what the training data holds in memory per byte of its file;
+    ``method_per_layer_token``: what an adapter method saves for the backward pass beside the
+    model's own, per layer and token."""
     params = dims.parameters(vocab_size) if parameters is None else parameters
     stepped = params if trainable is None else trainable
     tokens = batch_size * context
-    per_layer_token = 4 * (12 * dims.hidden_size + 4 * dims.intermediate_size) + 2 * dims.num_attention_heads * context
-    logit_bytes = tokens * vocab_size * 14 if logits else 0  # bf16 logits, their fp32 copy, softmax and its gradient
+    # fp32 throughout (autocast only where the CPU has fast bf16): the layers' saved inputs and
+    # outputs, and the attention's scores and probabilities, materialised where a padding mask is given
+    per_layer_token = (
+        4 * (12 * dims.hidden_size + 4 * dims.intermediate_size)
+        + 12 * dims.num_attention_heads * context
+        + method_per_layer_token
+    )
+    logit_bytes = tokens * vocab_size * 20 if logits else 0  # logits, their shifted copy, log-softmax, two gradients
     embedding = vocab_size * dims.hidden_size * (FP32 + BF16 + (STEPPED_BYTES if stepped >= params else 0))
     return MemoryEstimate(
         model=params * (FP32 + BF16) + stepped * STEPPED_BYTES,
         activations=tokens * dims.num_hidden_layers * per_layer_token + logit_bytes,
         vocabulary=embedding + logit_bytes,
         corpus=corpus_bytes * bytes_per_corpus_byte,
+        checkpoint=stepped * (STEPPED_BYTES + FP32),
     )
