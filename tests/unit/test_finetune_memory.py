@@ -61,14 +61,31 @@ def test_pre_training_is_the_same_formula_with_every_parameter_trained() -> None
     dims, vocab = PRESETS["tiny"], 8000
     everything = estimate_memory(dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20)
     assert everything.model == dims.parameters(vocab) * 18  # fp32 weight, bf16 copy, gradient, two moments
-    assert everything.checkpoint == dims.parameters(vocab) * 16  # weight and moments serialised, servable copy
+    assert everything.checkpoint == 0  # pre-training's refusal counts the steps alone, as it always did
+    # A fine-tuning worker's checkpoint: the trained weights and moments serialised, their servable copy.
+    written = estimate_memory(dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20, checkpointed=True)
+    assert written.checkpoint == dims.parameters(vocab) * 16
     explicit = estimate_memory(
         dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20, trainable=dims.parameters(vocab)
     )
     assert explicit == everything
-    adapter = estimate_memory(dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20, trainable=1000)
+    adapter = estimate_memory(
+        dims, vocab, batch_size=8, context=256, corpus_bytes=1 << 20, trainable=1000, checkpointed=True
+    )
     assert adapter.model == dims.parameters(vocab) * 6 + 1000 * 12 and adapter.activations == everything.activations
     assert adapter.checkpoint == 1000 * 16
+
+
+def test_fine_tuning_attention_grows_with_tokens_not_with_the_context_squared() -> None:
+    dims, vocab = PRESETS["tiny"], 8000
+
+    def activations(context: int, rows: int, **kwargs: int) -> int:
+        return estimate_memory(dims, vocab, batch_size=rows, context=context, corpus_bytes=0, **kwargs).activations
+
+    fixed = {"attention_per_head_token": 3072}
+    # Four times the context in a quarter of the rows: the same tokens, the same memory.
+    assert activations(1024, 2, **fixed) == activations(256, 8, **fixed)
+    assert activations(1024, 2) > activations(256, 8)  # pre-training's score matrices do grow with the square
 
 
 def test_a_created_job_carries_its_estimate(loaded_platform: Platform) -> None:

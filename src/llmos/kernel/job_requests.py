@@ -233,8 +233,7 @@ def check_pretrain_request(
         )
         raise InvalidRequestError(
             f"this run would need about {memory.total // 2**20} MiB (model and optimizer {memory.model // 2**20}, "
-            f"activations {memory.activations // 2**20}, corpus {memory.corpus // 2**20}, checkpoint writing "
-            f"{memory.checkpoint // 2**20}; the vocabulary's share "
+            f"activations {memory.activations // 2**20}, corpus {memory.corpus // 2**20}; the vocabulary's share "
             f"{memory.vocabulary // 2**20}) and pre-training may use {memory_mb} MiB (pretrain_memory_mb): "
             "choose a smaller model, vocabulary, batch_size, max_seq_length or corpus",
             param=param,

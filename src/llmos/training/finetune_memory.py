@@ -22,6 +22,13 @@ platform imported, the tokenizer, and the allocator's slack (measured in docs/sc
 BYTES_PER_DATA_BYTE = 24
 """Memory per byte of a fine-tuning file: its lines parsed, and each example's token ids and
 labels as Python lists (about 70 bytes per token of about 4 bytes of text)."""
+ATTENTION_PER_HEAD_TOKEN = 12 * 256
+"""Bytes per attention head, layer and token held beyond the layers' counted inputs and outputs:
+what the measured 256-token runs needed (docs/scaling.md), the size of an fp32 score row of that
+context and its two companions. Taken as linear in tokens, not as the context's square: the
+attention kernel torch 2.13 runs on CPU (scaled_dot_product_attention, padding mask or not) keeps
+no score matrix for the backward pass (2,048 tokens: 52-64 MiB a layer, not the 144 MiB of one fp32
+copy). Longer contexts than 256 are not measured."""
 LANGUAGE_MODEL_TASKS = ("chat", "dpo")
 """Tasks whose model scores the vocabulary at every token (encoders' heads score a few labels)."""
 
@@ -97,6 +104,9 @@ def fine_tuning_memory(
         logits=task in LANGUAGE_MODEL_TASKS,
         bytes_per_corpus_byte=BYTES_PER_DATA_BYTE,
         method_per_layer_token=_dropout_copies(dims, spec),
+        attention_per_head_token=ATTENTION_PER_HEAD_TOKEN,
+        logit_bytes_per_score=20,  # fp32 logits, their shifted copy, log-softmax and two gradients
+        checkpointed=True,
     )
     return estimate.total + WORKER_RUNTIME_BYTES
 

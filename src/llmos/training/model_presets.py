@@ -155,6 +155,9 @@ def estimate_memory(
     logits: bool = True,
     bytes_per_corpus_byte: int = 8,
     method_per_layer_token: int = 0,
+    attention_per_head_token: int | None = None,
+    logit_bytes_per_score: int = 14,
+    checkpointed: bool = False,
 ) -> MemoryEstimate:
     """An upper estimate of a run's peak memory, from its shapes alone: batches of ``batch_size``
     rows padded to ``context`` tokens. ``parameters``: the model's (default: what ``dims`` and the
@@ -163,23 +166,26 @@ def estimate_memory(
     scores the vocabulary at every token (a language model; a classifier does not).
     ``bytes_per_corpus_byte``: what the training data holds in memory per byte of its file;
     ``method_per_layer_token``: what an adapter method saves for the backward pass beside the
-    model's own, per layer and token."""
+    model's own, per layer and token. ``attention_per_head_token``: what attention holds per head,
+    layer and token (None: 2 bytes per position of the context, pre-training's score matrices,
+    which grow with its square). ``logit_bytes_per_score``: per vocabulary score of every token;
+    ``checkpointed``: an epoch's checkpoint is written on top of the rest (fine-tuning's workers).
+    The defaults are pre-training's, whose refusal (``pretrain_memory_mb``) they were set for."""
     params = dims.parameters(vocab_size) if parameters is None else parameters
     stepped = params if trainable is None else trainable
     tokens = batch_size * context
-    # fp32 throughout (autocast only where the CPU has fast bf16): the layers' saved inputs and
-    # outputs, and the attention's scores and probabilities, materialised where a padding mask is given
+    attention = 2 * context if attention_per_head_token is None else attention_per_head_token
     per_layer_token = (
         4 * (12 * dims.hidden_size + 4 * dims.intermediate_size)
-        + 12 * dims.num_attention_heads * context
+        + dims.num_attention_heads * attention
         + method_per_layer_token
     )
-    logit_bytes = tokens * vocab_size * 20 if logits else 0  # logits, their shifted copy, log-softmax, two gradients
+    logit_bytes = tokens * vocab_size * logit_bytes_per_score if logits else 0
     embedding = vocab_size * dims.hidden_size * (FP32 + BF16 + (STEPPED_BYTES if stepped >= params else 0))
     return MemoryEstimate(
         model=params * (FP32 + BF16) + stepped * STEPPED_BYTES,
         activations=tokens * dims.num_hidden_layers * per_layer_token + logit_bytes,
         vocabulary=embedding + logit_bytes,
         corpus=corpus_bytes * bytes_per_corpus_byte,
-        checkpoint=stepped * (STEPPED_BYTES + FP32),
+        checkpoint=stepped * (STEPPED_BYTES + FP32) if checkpointed else 0,
     )
