@@ -337,8 +337,7 @@ class Settings(BaseSettings):
         "finds it idle rather than mid-step: ratio / (1 + ratio) of the time, and a client's next request, sent "
         "as its answer ends, finds it idle. Scoring beside them goes at 1 / (1 + ratio) "
         "of its speed; scoring with nothing generating never pauses, nor do steps that decode or prefill "
-        "anything else (a batch's lines). At 1, the default, first tokens beside scoring took 1.02-1.14x an idle "
-        "server's, at 0 1.27-1.32x (docs/performance.md); 0 turns this off.",
+        "anything else (a batch's lines). 1 is the default, measured in docs/performance.md; 0 turns this off.",
     )
     step_token_budget: int = Field(
         default=640,
