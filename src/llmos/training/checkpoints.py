@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from llmos.errors import ArtifactError, InsufficientStorageError, LLMOSError
+from llmos.errors import ArtifactError, InsufficientStorageError, NotFoundError
 from llmos.registry.store import link_or_copy, safe_join
 from llmos.training.adapters import MethodState, method_state, restore_method_state
 from llmos.training.run import CheckpointSource
@@ -25,10 +25,11 @@ SERVABLE = "model"
 """A checkpoint's sub-directory holding the model as the engine serves it (where the method allows)."""
 METHOD = "method.safetensors"
 """A checkpoint's file of the PEFT method's own training state, when it has one (AdaLoRA's importance scores)."""
-UNRESTORABLE = (LLMOSError, OSError, SafetensorError, ValueError)
+UNRESTORABLE = (ArtifactError, NotFoundError, FileNotFoundError, SafetensorError, ValueError)
 """What fetching and loading a checkpoint raise when it is damaged or gone: the store's damage
 (``hash_mismatch``) or missing record or blob, a missing local file, a file that is no safetensors,
-weights that do not fit the model."""
+weights that do not fit the model. Not a full disk or an I/O error: those are no verdict on the
+checkpoint, and keeping a worse epoch for them would be wrong."""
 
 
 def save_checkpoint(
