@@ -33,6 +33,7 @@ from llmos.training.corpus import CORPUS_PURPOSE, validate_corpus
 from llmos.training.datasets import check_training_file
 
 if TYPE_CHECKING:
+    from llmos.cluster.view import NodeView
     from llmos.engine.protocol import EngineClient
 
 
@@ -83,7 +84,13 @@ class Platform:
             usage=UsageLedger(db),
             limiter=RateLimiter() if settings.limits_store == "memory" else DatabaseRateLimiter(db),
             files=files,
-            jobs=JobStore(db, files, registry, pretrain_memory_mb=settings.pretrain_memory_mb),
+            jobs=JobStore(
+                db,
+                files,
+                registry,
+                pretrain_memory_mb=settings.pretrain_memory_mb,
+                cluster_nodes=_cluster_nodes if settings.ray_address is not None else None,
+            ),
             completions=completions,
             feedback=FeedbackStore(db, completions),
             vector_stores=VectorStores(db, settings.home / "vector_stores"),
@@ -117,6 +124,12 @@ class Platform:
         self.vector_stores.close()
         self.limiter.close()  # the shared limits' queued releases
         self.db.dispose()
+
+
+def _cluster_nodes() -> list[NodeView]:
+    from llmos.cluster.pool import joined_cluster_nodes  # only cluster mode needs Ray
+
+    return joined_cluster_nodes()
 
 
 def open_registry(settings: Settings) -> ModelRegistry:

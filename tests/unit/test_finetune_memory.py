@@ -7,10 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fastapi.testclient import TestClient
+
+from llmos.cluster.view import NodeView
 from llmos.platform import Platform
+from llmos.registry.files import FileRecord
 from llmos.training.finetune_memory import WORKER_RUNTIME_BYTES, fine_tuning_memory, model_shapes
 from llmos.training.model_presets import PRESETS, estimate_memory
 from llmos.training.spec import TrainingSpec
+from tests.conftest import ADMIN_KEY
 
 SMALL = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3}
 LARGE = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2}
@@ -88,8 +93,7 @@ def test_fine_tuning_attention_grows_with_tokens_not_with_the_context_squared() 
     assert activations(1024, 2) > activations(256, 8)  # pre-training's score matrices do grow with the square
 
 
-def test_a_created_job_carries_its_estimate(loaded_platform: Platform) -> None:
-    p = loaded_platform
+def _chat_file(p: Platform) -> FileRecord:
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 4
     record, _ = p.files.create(
         tenant="default",
@@ -98,6 +102,12 @@ def test_a_created_job_carries_its_estimate(loaded_platform: Platform) -> None:
         chunks=["\n".join(json.dumps(r) for r in rows).encode()],
         max_bytes=1 << 20,
     )
+    return record
+
+
+def test_a_created_job_carries_its_estimate(loaded_platform: Platform) -> None:
+    p = loaded_platform
+    record = _chat_file(p)
     body = {"model": "tiny-chat", "training_file": record.id}
     lora = p.jobs.create(tenant="default", body=body)
     full = p.jobs.create(
@@ -112,3 +122,29 @@ def test_a_created_job_carries_its_estimate(loaded_platform: Platform) -> None:
         assert job.method["memory_bytes"] == expected and expected > WORKER_RUNTIME_BYTES
     assert lora.method["memory_bytes"] != full.method["memory_bytes"]
     assert "memory_bytes" not in json.dumps(full.public())  # the platform's own figure, not OpenAI's object
+
+
+def test_a_job_larger_than_every_live_node_is_refused_in_cluster_mode(
+    loaded_platform: Platform, quiet_http: TestClient
+) -> None:
+    p = loaded_platform
+    body = {"model": "tiny-chat", "training_file": _chat_file(p).id}
+    estimate = p.jobs.create(tenant="default", body=body).method["memory_bytes"]  # not in cluster mode: queued
+    small = estimate // 2
+    nodes = [
+        NodeView("head", "10.0.0.1", True, {"CPU": 4.0, "memory": float(small)}, {"CPU": 4.0, "memory": 0.0}),
+        NodeView("gone", "10.0.0.2", False, {"CPU": 8.0, "memory": float(4 * estimate)}, None),  # dead: no room
+    ]
+    p.jobs.cluster_nodes = lambda: nodes
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    refused = quiet_http.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "exceeds_cluster_memory"
+    assert f"about {estimate >> 20} MiB" in error["message"] and f"has {small >> 20} MiB in all" in error["message"]
+    assert error["param"] == "method.supervised.hyperparameters.batch_size"  # the tiny model's activations lead
+    assert len(p.jobs.list("default", limit=100)[0]) == 1  # nothing queued
+    # A live node as large as the estimate takes it, however busy it is now (the job waits its turn).
+    nodes.append(NodeView("big", "10.0.0.3", True, {"CPU": 1.0, "memory": float(estimate)}, {"CPU": 0.0}))
+    assert quiet_http.post("/v1/fine_tuning/jobs", json=body, headers=headers).status_code == 200
+    assert not p.jobs.list("default", limit=100)[1]

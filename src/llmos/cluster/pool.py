@@ -505,6 +505,12 @@ def cluster_nodes() -> list[NodeView]:
     return views
 
 
+def joined_cluster_nodes() -> list[NodeView]:
+    """``cluster_nodes`` once this process has joined the cluster; none before (a command that
+    opens the platform without serving)."""
+    return cluster_nodes() if ray.is_initialized() else []
+
+
 def _named_actor(name: str) -> Any:
     """The live actor named ``name`` in the ``llmos`` namespace (None: there is none)."""
     try:

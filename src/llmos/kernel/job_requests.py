@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmos.config import Settings
 from llmos.errors import InvalidRequestError, NotFoundError
@@ -15,10 +16,13 @@ from llmos.registry.files import FileRecord, FileStore
 from llmos.registry.metadata import check_metadata
 from llmos.registry.service import ModelRecord, ModelRegistry
 from llmos.training.corpus import CORPUS_PURPOSE
-from llmos.training.finetune_memory import WORKER_RUNTIME_BYTES, fine_tuning_memory
-from llmos.training.model_presets import estimate_memory
+from llmos.training.finetune_memory import WORKER_RUNTIME_BYTES, fine_tuning_estimate
+from llmos.training.model_presets import MemoryEstimate, estimate_memory
 from llmos.training.pretrain_spec import SECTION, PretrainSpec, is_pretrain, parse_pretrain
 from llmos.training.spec import TrainingSpec, parse_spec
+
+if TYPE_CHECKING:
+    from llmos.cluster.view import NodeView
 
 PRETRAIN_MEMORY_MB: int = Settings.model_fields["pretrain_memory_mb"].default
 """The budget a caller that names none checks pre-training jobs against: the setting's default."""
@@ -53,6 +57,8 @@ class JobRequest:
     pretrain: PretrainSpec | None = None
     memory_bytes: int | None = None
     """The job's worker's estimated peak memory (what a cluster reserves for it); None: not known."""
+    memory_param: str = "model"
+    """The request's field whose change shrinks ``memory_bytes`` most: what a refusal for size names."""
 
     @property
     def model(self) -> str:
@@ -115,6 +121,14 @@ def check_job_request(
         raise InvalidRequestError(
             "packing applies to chat fine-tuning only", param=f"{spec.section}.packing", code="unsupported_method"
         )
+    memory = fine_tuning_estimate(
+        registry.model_dir(base),
+        base.parameter_count,
+        spec,
+        task,
+        data_bytes=training.bytes + (validation.bytes if validation is not None else 0),
+        labels=len(training.summary.get("labels") or ()),
+    )
     return JobRequest(
         base=base,
         training=training,
@@ -125,14 +139,42 @@ def check_job_request(
         seed=seed,
         priority=check_priority(body.get("priority", 0)),
         metadata=check_metadata(body.get("metadata")),
-        memory_bytes=fine_tuning_memory(
-            registry.model_dir(base),
-            base.parameter_count,
-            spec,
-            task,
-            data_bytes=training.bytes + (validation.bytes if validation is not None else 0),
-            labels=len(training.summary.get("labels") or ()),
-        ),
+        memory_bytes=memory.total + WORKER_RUNTIME_BYTES if memory is not None else None,
+        memory_param=_fine_tuning_shrink(spec, memory) if memory is not None else "model",
+    )
+
+
+def _fine_tuning_shrink(spec: TrainingSpec, memory: MemoryEstimate) -> str:
+    """The field that shrinks a fine-tuning job's largest share of memory: the data's, the
+    activations' (the batch, or a single row's length), or the weights' and optimizer's (an adapter
+    rather than a full fine-tune, else a smaller model)."""
+    weights = memory.model + memory.checkpoint
+    if memory.corpus >= max(weights, memory.activations):
+        return "training_file"
+    if memory.activations >= weights:
+        return f"{spec.section}.{'hyperparameters.batch_size' if spec.batch_size > 1 else 'max_seq_length'}"
+    return f"{spec.section}.adapter.type" if spec.adapter == "full" else "model"
+
+
+def check_fits_cluster(request: JobRequest, nodes: Sequence[NodeView]) -> None:
+    """400 for a job whose estimated memory is more than any live node of the cluster has in all:
+    none could ever start its worker, and it would wait in the queue for a larger node to join.
+    A job without an estimate (it reserves ``ray_job_memory_mb``) and a cluster with no live node
+    known are let through."""
+    largest = max((int(n.resources.get("memory", 0)) for n in nodes if n.alive), default=None)
+    if request.memory_bytes is None or largest is None or request.memory_bytes <= largest:
+        return
+    smaller = (
+        "a smaller model, vocabulary, batch_size, max_seq_length or corpus"
+        if request.pretrain is not None
+        else "a smaller batch_size or max_seq_length, an adapter rather than a full fine-tune, a smaller model "
+        "or less data"
+    )
+    raise InvalidRequestError(
+        f"this job's worker would need about {request.memory_bytes >> 20} MiB (its memory estimate) and the "
+        f"largest live node of the cluster has {largest >> 20} MiB in all: choose {smaller}",
+        param=request.memory_param,
+        code="exceeds_cluster_memory",
     )
 
 
@@ -222,15 +264,14 @@ def check_pretrain_request(
         context=spec.max_seq_length,
         corpus_bytes=sum(f.bytes for f in corpus),
     )
-    budget = memory_mb * 1024 * 1024
-    if memory.total > budget:
-        param = (
-            "training_file"
-            if memory.corpus * 2 > memory.total
-            else f"{SECTION}.tokenizer"
-            if memory.vocabulary * 2 > memory.total
-            else f"{SECTION}.architecture"
-        )
+    param = (
+        "training_file"
+        if memory.corpus * 2 > memory.total
+        else f"{SECTION}.tokenizer"
+        if memory.vocabulary * 2 > memory.total
+        else f"{SECTION}.architecture"
+    )
+    if memory.total > memory_mb * 1024 * 1024:
         raise InvalidRequestError(
             f"this run would need about {memory.total // 2**20} MiB (model and optimizer {memory.model // 2**20}, "
             f"activations {memory.activations // 2**20}, corpus {memory.corpus // 2**20}; the vocabulary's share "
@@ -255,6 +296,7 @@ def check_pretrain_request(
             corpus_sha256=tuple(f.sha256 for f in [training, *more]),
         ),
         memory_bytes=memory.total + WORKER_RUNTIME_BYTES,
+        memory_param=param,
     )
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -26,7 +26,7 @@ from llmos.kernel.job_checkpoints import JobCheckpoints
 from llmos.kernel.job_heartbeat import beat
 from llmos.kernel.job_queries import JobQueries
 from llmos.kernel.job_record import Job, checkpoint_name, fine_tuned_name, metrics_csv
-from llmos.kernel.job_requests import PRETRAIN_MEMORY_MB, TRAINABLE, check_job_request
+from llmos.kernel.job_requests import PRETRAIN_MEMORY_MB, TRAINABLE, check_fits_cluster, check_job_request
 from llmos.kernel.job_status import (
     RESUMABLE_ERRORS,
     TERMINAL,
@@ -40,6 +40,9 @@ from llmos.registry.files import FileStore
 from llmos.registry.idempotency import find_earlier, insert_once
 from llmos.registry.service import ModelRegistry
 from llmos.registry.tables import JobEventRow, JobRow
+
+if TYPE_CHECKING:
+    from llmos.cluster.view import NodeView
 
 __all__ = ["TRAINABLE", "Job", "JobStatus", "JobStore", "checkpoint_name", "fine_tuned_name"]
 
@@ -63,11 +66,15 @@ class JobStore(JobQueries):
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         *,
         pretrain_memory_mb: int = PRETRAIN_MEMORY_MB,
+        cluster_nodes: Callable[[], Sequence[NodeView]] | None = None,
     ) -> None:
         super().__init__(db, clock)
         self.files = files
         self.registry = registry
         self.pretrain_memory_mb = pretrain_memory_mb
+        self.cluster_nodes = cluster_nodes
+        """The nodes of the Ray cluster this server has joined (None: not in cluster mode): a job
+        larger than every live one is refused at creation rather than queued for ever."""
         self.stored_checkpoints = JobCheckpoints(db, registry.store, clock)
         """Checkpoints as the artifact store keeps them: recorded by workers, restored on resume."""
 
@@ -82,6 +89,8 @@ class JobStore(JobQueries):
             if earlier is not None:
                 return Job.from_row(earlier)
         request = check_job_request(self.registry, self.files, tenant, body, pretrain_memory_mb=self.pretrain_memory_mb)
+        if self.cluster_nodes is not None:
+            check_fits_cluster(request, self.cluster_nodes())
         method: dict[str, Any] = {"type": request.spec.method, "task": request.task, "resolved": request.spec.as_dict()}
         if request.pretrain is not None:
             method["pretrain"] = request.pretrain.as_dict()

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from llmos.training.model_presets import ModelDims, estimate_memory
+from llmos.training.model_presets import MemoryEstimate, ModelDims, estimate_memory
 from llmos.training.spec import VIRTUAL_TOKEN_ADAPTERS, TrainingSpec
 
 WORKER_RUNTIME_BYTES = 768 << 20
@@ -85,6 +85,14 @@ def fine_tuning_memory(
     upper estimate; None where the model's shapes cannot be read (the caller falls back to a fixed
     figure). ``parameters``: the model's, as registered (None: counted from its shapes);
     ``data_bytes``: the training and validation files'; ``labels``: a classifier's classes."""
+    estimate = fine_tuning_estimate(model_dir, parameters, spec, task, data_bytes=data_bytes, labels=labels)
+    return None if estimate is None else estimate.total + WORKER_RUNTIME_BYTES
+
+
+def fine_tuning_estimate(
+    model_dir: Path, parameters: int | None, spec: TrainingSpec, task: str, *, data_bytes: int, labels: int = 0
+) -> MemoryEstimate | None:
+    """``fine_tuning_memory`` by what holds it, without the worker's runtime."""
     shapes = model_shapes(model_dir)
     if shapes is None:
         return None
@@ -93,7 +101,7 @@ def fine_tuning_memory(
     rows = spec.batch_size * (2 if task == "dpo" else 1)  # a preference pair is scored on both sides at once
     virtual = spec.num_virtual_tokens if spec.adapter in VIRTUAL_TOKEN_ADAPTERS else 0
     copies = 1 + (spec.augmentation_copies if spec.augmentation_probability else 0)
-    estimate = estimate_memory(
+    return estimate_memory(
         dims,
         vocab,
         batch_size=rows,
@@ -108,7 +116,6 @@ def fine_tuning_memory(
         logit_bytes_per_score=20,  # fp32 logits, their shifted copy, log-softmax and two gradients
         checkpointed=True,
     )
-    return estimate.total + WORKER_RUNTIME_BYTES
 
 
 def _dropout_copies(dims: ModelDims, spec: TrainingSpec) -> int:
