@@ -12,10 +12,12 @@ from fastapi.testclient import TestClient
 from llmos.cluster.view import NodeView
 from llmos.platform import Platform
 from llmos.registry.files import FileRecord
+from llmos.registry.service import Lineage
 from llmos.training.finetune_memory import WORKER_RUNTIME_BYTES, fine_tuning_memory, model_shapes
 from llmos.training.model_presets import PRESETS, estimate_memory
 from llmos.training.spec import TrainingSpec
 from tests.conftest import ADMIN_KEY
+from tests.unit.test_adapters import make_lora
 
 SMALL = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3}
 LARGE = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2}
@@ -148,3 +150,23 @@ def test_a_job_larger_than_every_live_node_is_refused_in_cluster_mode(
     nodes.append(NodeView("big", "10.0.0.3", True, {"CPU": 1.0, "memory": float(estimate)}, {"CPU": 0.0}))
     assert quiet_http.post("/v1/fine_tuning/jobs", json=body, headers=headers).status_code == 200
     assert not p.jobs.list("default", limit=100)[1]
+
+
+def test_a_job_on_an_adapter_is_estimated_on_the_model_it_runs_on(
+    loaded_platform: Platform, tiny_chat_dir: Path, tmp_path: Path
+) -> None:
+    p = loaded_platform
+    base = p.registry.get("tiny-chat")
+    made = make_lora(tiny_chat_dir, tmp_path / "adapter", seed=1)
+    adapter = p.registry.pull(f"file:{made}", name="tiny-adapter", lineage=Lineage(parent_id=base.id))
+    assert not (p.registry.model_dir(adapter) / "config.json").exists() and adapter.parameter_count
+    training = _chat_file(p).id
+    for method in ({"type": "supervised"}, {"type": "supervised", "supervised": {"adapter": {"type": "full"}}}):
+        on_base, on_adapter = (
+            p.jobs.create(tenant="default", body={"model": model, "training_file": training, "method": method})
+            for model in ("tiny-chat", "tiny-adapter")
+        )
+        # Not the fixed fallback (no estimate): the base's, with the adapter's weights loaded beside it
+        # (at most 34 bytes a parameter: fp32 and bf16 copies, gradient, two moments, checkpoint).
+        extra = on_adapter.method["memory_bytes"] - on_base.method["memory_bytes"]
+        assert 0 < extra <= 34 * adapter.parameter_count

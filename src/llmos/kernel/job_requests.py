@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmos.config import Settings
 from llmos.errors import InvalidRequestError, NotFoundError
+from llmos.registry.adapters import ADAPTER_FORMATS
 from llmos.registry.files import FileRecord, FileStore
 from llmos.registry.metadata import check_metadata
 from llmos.registry.service import ModelRecord, ModelRegistry
@@ -121,9 +122,10 @@ def check_job_request(
         raise InvalidRequestError(
             "packing applies to chat fine-tuning only", param=f"{spec.section}.packing", code="unsupported_method"
         )
+    shaped, parameters = _estimated_model(registry, base)
     memory = fine_tuning_estimate(
-        registry.model_dir(base),
-        base.parameter_count,
+        registry.model_dir(shaped),
+        parameters,
         spec,
         task,
         data_bytes=training.bytes + (validation.bytes if validation is not None else 0),
@@ -142,6 +144,23 @@ def check_job_request(
         memory_bytes=memory.total + WORKER_RUNTIME_BYTES if memory is not None else None,
         memory_param=_fine_tuning_shrink(spec, memory) if memory is not None else "model",
     )
+
+
+def _estimated_model(registry: ModelRegistry, base: ModelRecord) -> tuple[ModelRecord, int | None]:
+    """The model whose ``config.json`` gives a job's shapes, and the parameters the job loads: the
+    base's own; for an adapter (whose folder has no ``config.json``), the model it runs on (its
+    parent, else its lineage's root) and its parameters with the adapter's."""
+    if base.format not in ADAPTER_FORMATS:
+        return base, base.parameter_count
+    for model_id in (base.parent_id, base.base_id):
+        try:
+            under = registry.get(model_id) if model_id else None
+        except NotFoundError:
+            continue  # deleted since the adapter was made
+        if under is not None:
+            counted = under.parameter_count
+            return under, counted + (base.parameter_count or 0) if counted else None
+    return base, base.parameter_count  # no config to read: the caller's fixed fallback
 
 
 def _fine_tuning_shrink(spec: TrainingSpec, memory: MemoryEstimate) -> str:
