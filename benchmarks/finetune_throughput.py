@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.finetune_chat_sst2 import LABELS, MODEL, PROMPT, sentences
 from benchmarks.finetune_quality import ROOT, SHARED
-from benchmarks.harness import write_result
+from benchmarks.harness import print_child_result, registered_model, run_child, write_result
 
 SYSTEMS = ("peft-trainer", "llmos", "llmos-grouped", "llmos-packing")
 
@@ -138,23 +137,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from llmos.config import Settings
-    from llmos.platform import Platform
 
-    platform = Platform.open(Settings(home=args.home))
-    base_dir = platform.registry.model_dir(platform.registry.get(MODEL))
-    platform.close()
+    _, base_dir = registered_model(Settings(home=args.home), MODEL)
     if args.system:
-        print("RESULT " + json.dumps(one_system(args.system, base_dir, args.data, args.batch_size)), flush=True)
+        print_child_result(one_system(args.system, base_dir, args.data, args.batch_size))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         write_chat_file(data, args.train)
         for system in args.systems:
-            command = [sys.executable, __file__, "--system", system, "--data", str(data), "--home", str(args.home)]
-            command += ["--batch-size", str(args.batch_size)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+            child = ["--system", system, "--data", str(data), "--home", str(args.home)]
+            rows.append(run_child(__file__, [*child, "--batch-size", str(args.batch_size)]))
             print(f"{system}: {rows[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
     baseline = rows[0]["tokens_per_s"]
     print(f"\n{'system':16} {'train s':>8} {'tokens':>8} {'tok/s':>7} {'x PEFT+Trainer':>14} {'peak MB':>8}")

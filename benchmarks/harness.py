@@ -154,16 +154,11 @@ def load_runner(home: Path, model: str = MODEL, *, dtype: str | None = None) -> 
     from llmos.engine.local import resolve_dtype
     from llmos.engine.process import configure_process
     from llmos.engine.torch_backend.causal import CausalRunner
-    from llmos.platform import Platform
 
     overrides: dict[str, Any] = {"dtype": dtype} if dtype else {}
     settings = Settings(home=home, prefix_cache_mb=0, **overrides)
     configure_process(settings)
-    platform = Platform.open(settings)
-    try:
-        model_dir = platform.registry.model_dir(platform.registry.get(model))
-    finally:
-        platform.close()
+    _, model_dir = registered_model(settings, model)
     torch_dtype = resolve_dtype(settings.dtype)
     weights = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -174,6 +169,36 @@ def load_runner(home: Path, model: str = MODEL, *, dtype: str | None = None) -> 
         dtype=str(torch_dtype).removeprefix("torch."),
         config=config,
     )
+
+
+def registered_model(settings: Any, model: str = MODEL) -> tuple[Any, Path]:
+    """``model``'s registry record in the home of ``settings`` (``llmos.config.Settings``), and a
+    local directory holding its files."""
+    from llmos.platform import Platform
+
+    platform = Platform.open(settings)
+    try:
+        record = platform.registry.get(model)
+        return record, platform.registry.model_dir(record)
+    finally:
+        platform.close()
+
+
+RESULT_PREFIX = "RESULT "
+
+
+def print_child_result(result: dict[str, Any]) -> None:
+    """What a benchmark run by ``run_child`` hands back: one line of JSON on its stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(script: str, args: list[str]) -> dict[str, Any]:
+    """``script`` run again in a child process with ``args`` (one measurement in a process of its
+    own, so its peak memory is its own): the result it printed with ``print_child_result``."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith(RESULT_PREFIX))
+    result: dict[str, Any] = json.loads(line.removeprefix(RESULT_PREFIX))
+    return result
 
 
 def _git(*args: str) -> str:
