@@ -8,8 +8,10 @@ Part 1 (in process, the model's lean layers): a decode step of one row and verif
 ``k`` drafts (``k + 1`` tokens with every position's logits) over the same cache, median of
 ``--repeats`` each; the ratios are the cost model of ``auto``'s rule. Part 2 (one ``llmos serve``
 per mode, the bench-home registry, all running): each prompt answered by each server in turn,
-tokens/s over the requests' wall time, the acceptance rate from the usage's accepted and rejected
-prediction tokens, and whether every answer is the same as with speculation off.
+tokens/s over the requests' wall time and over their decoding (streamed, from the first token
+to the last: what speculation changes, without the prompt's prefill), the acceptance rate from
+the usage's accepted and rejected prediction tokens, and whether every answer is the same as
+with speculation off.
 """
 
 from __future__ import annotations
@@ -93,7 +95,16 @@ def served(
     taking turns prompt by prompt (so that the machine's other load weighs on each alike)."""
     servers = {}
     runs: dict[str, dict[str, Any]] = {
-        mode: {"tokens": 0, "seconds": 0.0, "draft_tokens": 0, "accepted_tokens": 0, "answers": []} for mode in modes
+        mode: {
+            "tokens": 0,
+            "seconds": 0.0,
+            "decode_tokens": 0,
+            "decode_seconds": 0.0,
+            "draft_tokens": 0,
+            "accepted_tokens": 0,
+            "answers": [],
+        }
+        for mode in modes
     }
     try:
         for mode in modes:
@@ -101,28 +112,47 @@ def served(
             servers[mode] = start_server(home, settings)
         with httpx.Client(timeout=900, headers={"Authorization": f"Bearer {KEY}"}) as client:
 
-            def ask(url: str, text: str) -> dict[str, Any]:
+            def ask(url: str, text: str) -> tuple[str, dict[str, Any], float, float]:
+                """The streamed answer, its usage, and the seconds to its first and last token."""
                 body = {
                     "model": MODEL,
                     "messages": [{"role": "user", "content": text}],
                     "max_tokens": max_tokens,
                     "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
                 }
-                resp = client.post(f"{url}/v1/chat/completions", json=body)
-                resp.raise_for_status()
-                return dict(resp.json())
+                start = time.perf_counter()
+                first = last = 0.0
+                parts: list[str] = []
+                usage: dict[str, Any] = {}
+                with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+                    resp.raise_for_status()
+                    for line in resp.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[len("data: ") :])
+                        usage = chunk.get("usage") or usage
+                        for choice in chunk.get("choices", []):
+                            if choice["delta"].get("content"):
+                                last = time.perf_counter() - start
+                                first = first or last
+                                parts.append(choice["delta"]["content"])
+                return "".join(parts), usage, first, last
 
             for _, url in servers.values():
                 ask(url, "Hello")  # the model loads
             for text in texts:
                 for mode, (_, url) in servers.items():
                     start = time.perf_counter()
-                    out = ask(url, text)
+                    answer, usage, first, last = ask(url, text)
                     run = runs[mode]
                     run["seconds"] += time.perf_counter() - start
-                    usage = out["usage"]
+                    # After the first token: the decoding that speculation changes, without the prompt's prefill.
+                    run["decode_seconds"] += last - first
+                    run["decode_tokens"] += usage["completion_tokens"] - 1
                     details = usage.get("completion_tokens_details") or {}
-                    run["answers"].append(out["choices"][0]["message"]["content"])
+                    run["answers"].append(answer)
                     run["tokens"] += usage["completion_tokens"]
                     run["accepted_tokens"] += details.get("accepted_prediction_tokens", 0)
                     run["draft_tokens"] += details.get("accepted_prediction_tokens", 0)
@@ -134,6 +164,7 @@ def served(
             proc.wait(timeout=60)
     for run in runs.values():
         run["tokens_per_s"] = run["tokens"] / run["seconds"]
+        run["decode_tokens_per_s"] = run["decode_tokens"] / run["decode_seconds"]
         run["acceptance_rate"] = run["accepted_tokens"] / run["draft_tokens"] if run["draft_tokens"] else None
     return runs
 
@@ -180,18 +211,24 @@ def main() -> None:
     }
     for mode, run in runs.items():
         result["served"][mode]["speedup"] = run["tokens_per_s"] / base["tokens_per_s"]
+        result["served"][mode]["decode_speedup"] = run["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         same = [a == b for a, b in zip(run["answers"], base["answers"], strict=True)]
         result["served"][mode]["identical_answers"] = sum(same)
     print(f"{MODEL} ({result['dtype']}), 1 client, greedy, {len(texts)} SciTLDR summaries to {args.max_tokens} tokens")
     print(f"verify cost over a {cost['cache_tokens']}-token cache (decode step {cost['decode_step_s'] * 1000:.1f} ms):")
     print("  " + "  ".join(f"k={k}: {cost['verify_over_step'][str(k)]:.2f}x" for k in DRAFTS))
     print(f"  fit: {cost['fit_base']:.3f} + {cost['fit_per_draft']:.4f} k")
-    print(f"{'mode':<8} {'tokens':>7} {'tokens/s':>9} {'speedup':>8} {'accepted':>9} {'identical':>10}")
+    print("whole requests (prefill included) and decoding after the first token:")
+    print(
+        f"{'mode':<8} {'tokens':>7} {'tokens/s':>9} {'speedup':>8} {'decode tok/s':>13} {'speedup':>8} "
+        f"{'accepted':>9} {'identical':>10}"
+    )
     for mode in modes:
         row = result["served"][mode]
         rate = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.0%}"
         print(
-            f"{mode:<8} {row['tokens']:>7} {row['tokens_per_s']:>9.1f} {row['speedup']:>7.2f}x {rate:>9} "
+            f"{mode:<8} {row['tokens']:>7} {row['tokens_per_s']:>9.1f} {row['speedup']:>7.2f}x "
+            f"{row['decode_tokens_per_s']:>13.1f} {row['decode_speedup']:>7.2f}x {rate:>9} "
             f"{row['identical_answers']:>6}/{len(texts)}"
         )
     write_result("speculative", result, args.out)

@@ -147,15 +147,18 @@ def test_sampled_rows_keep_the_models_distribution(tiny_chat_dir: Path) -> None:
     assert max(run(_broken_accept)) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("cached", [20, 124, 150])  # steps through SDPA, across its limit (128), grouped
-def test_a_verify_gives_each_position_a_decode_steps_logits_bit_for_bit(cached: int) -> None:
-    """In bf16: each row of a verify is what a decode step of one row computes at that position, bit
-    for bit (a packed prefill's rows round differently in bf16, and greedy verifies then flipped
-    near ties: served bf16 answers differed from plain decoding's, ADR 0027). The model is wider
-    than the tiny one: oneDNN's bf16 product over 32 inputs is not the same for 1 row and 9."""
+def test_a_verify_gives_each_position_a_decode_steps_logits_bit_for_bit(cached: int, dtype: torch.dtype) -> None:
+    """Each row of a verify is what a decode step of one row computes at that position, bit for bit
+    (a packed prefill's rows round differently in bf16, and greedy verifies then flipped near ties:
+    served bf16 answers differed from plain decoding's, ADR 0027); in float32 too, where BLAS's
+    product of a head group's 3 query rows and of 27 differ in their last bits, so that one call for
+    all positions would not do. The model is wider than the tiny one: oneDNN's bf16 product over 32
+    inputs is not the same for 1 row and 9."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=400, **{**TINY_DECODER, "hidden_size": 64, "intermediate_size": 128})
-    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    model = LlamaForCausalLM(config).eval().to(dtype)
     decoder = LeanDecoder.build(model, int8=False, native=False)
     assert decoder is not None
     tokens = torch.randint(3, model.config.vocab_size, (cached + 9,), generator=torch.Generator().manual_seed(cached))
