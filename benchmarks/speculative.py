@@ -2,7 +2,8 @@
 summarising SciTLDR abstracts (answers that copy their input), served with speculation off and
 on in the same run, and the cost of a verify pass against a decode step.
 
-    python -m benchmarks.speculative [--prompts 8] [--max-tokens 128] [--modes off,auto,ngram] [--dtype auto]
+    python -m benchmarks.speculative [--prompts 8] [--workload summaries|chat] [--max-tokens 128]
+        [--modes off,auto,ngram] [--dtype auto]
 
 Part 1 (in process, the model's lean layers): a decode step of one row and verify passes of
 ``k`` drafts (``k + 1`` tokens with every position's logits) over the same cache, median of
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import torch
 
-from benchmarks.harness import KEY, MODEL, ROOT, start_server, write_result
+from benchmarks.harness import KEY, MODEL, ROOT, prompts, start_server, write_result
 
 DATASET = ROOT.parent / "shared" / "datasets" / "sum_scitldr" / "test.jsonl"
 INSTRUCTION = "Summarise this abstract in two or three sentences, keeping its own wording:\n\n"
@@ -37,6 +38,15 @@ DRAFTS = (1, 2, 4, 8, 16)
 def summaries(n: int) -> list[str]:
     rows = [json.loads(line) for line in DATASET.read_text().splitlines() if line.strip()]
     return [INSTRUCTION + " ".join(s.strip() for s in row["source"]) for row in rows[:n]]
+
+
+def workload(name: str, n: int) -> list[str]:
+    """The user messages of ``name``: ``summaries`` (answers that copy their input, where drafts
+    pay) or ``chat`` (Self-Instruct's instructions, answers that mostly do not: what ``auto``
+    costs where there is little to draft)."""
+    if name == "summaries":
+        return summaries(n)
+    return [conversation[0]["content"] for conversation in prompts(n)]
 
 
 def verify_cost(model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, threads: int) -> dict[str, Any]:
@@ -172,6 +182,7 @@ def served(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--workload", default="summaries", choices=["summaries", "chat"])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--modes", default="off,auto,ngram", help="speculative_decoding values; off first")
     parser.add_argument("--repeats", type=int, default=30, help="timed passes of each verify length")
@@ -193,7 +204,7 @@ def main() -> None:
     model_dir = platform.registry.model_dir(platform.registry.get(MODEL))
     dtype = resolve_dtype(args.dtype)
     platform.close()
-    texts = summaries(args.prompts)
+    texts = workload(args.workload, args.prompts)
     cost = verify_cost(model_dir, dtype, texts[0], args.repeats, args.threads)
     if args.cost_only:
         print(json.dumps(cost, indent=2))
@@ -203,6 +214,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "model": MODEL,
         "dtype": str(dtype).removeprefix("torch."),
+        "workload": args.workload,
         "prompts": len(texts),
         "max_tokens": args.max_tokens,
         "threads": args.threads,
@@ -214,7 +226,8 @@ def main() -> None:
         result["served"][mode]["decode_speedup"] = run["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         same = [a == b for a, b in zip(run["answers"], base["answers"], strict=True)]
         result["served"][mode]["identical_answers"] = sum(same)
-    print(f"{MODEL} ({result['dtype']}), 1 client, greedy, {len(texts)} SciTLDR summaries to {args.max_tokens} tokens")
+    what = "SciTLDR summaries" if args.workload == "summaries" else "Self-Instruct chat answers"
+    print(f"{MODEL} ({result['dtype']}), 1 client, greedy, {len(texts)} {what} to {args.max_tokens} tokens")
     print(f"verify cost over a {cost['cache_tokens']}-token cache (decode step {cost['decode_step_s'] * 1000:.1f} ms):")
     print("  " + "  ".join(f"k={k}: {cost['verify_over_step'][str(k)]:.2f}x" for k in DRAFTS))
     print(f"  fit: {cost['fit_base']:.3f} + {cost['fit_per_draft']:.4f} k")
