@@ -138,6 +138,14 @@ class Settings(BaseSettings):
         description="CPUs Ray reserves for each fine-tuning job's worker on its node (its torch threads, "
         "unless `training_threads` is set).",
     )
+    ray_job_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        le=64,
+        description="GPUs Ray reserves for each fine-tuning job's worker on its node in Ray cluster mode, for a "
+        "job that does not say (`method.<type>.gpus`); a job asking for GPUs starts only on a node with that many "
+        "unreserved, and trains on the GPU Ray gives it. 0: jobs train on CPUs.",
+    )
     ray_job_memory_mb: int = Field(
         default=2048,
         ge=0,

@@ -96,7 +96,7 @@ def _cluster(url: str) -> dict[str, Any]:
     return dict(reply.json())
 
 
-def _queued_job(url: str, tiny_chat_dir: Path, platform: Platform) -> str:
+def _queued_jobs(url: str, tiny_chat_dir: Path, platform: Platform, count: int) -> list[str]:
     platform.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}] * 12
     data = "\n".join(json.dumps(r) for r in rows).encode()
@@ -104,7 +104,10 @@ def _queued_job(url: str, tiny_chat_dir: Path, platform: Platform) -> str:
         f"{url}/v1/files", headers=AUTH, files={"file": ("t.jsonl", data)}, data={"purpose": "fine-tune"}, timeout=30
     )
     body = {"model": "tiny-chat", "training_file": upload.json()["id"]}
-    return str(httpx.post(f"{url}/v1/fine_tuning/jobs", headers=AUTH, json=body, timeout=30).json()["id"])
+    return [
+        str(httpx.post(f"{url}/v1/fine_tuning/jobs", headers=AUTH, json=body, timeout=30).json()["id"])
+        for _ in range(count)
+    ]
 
 
 def test_the_page_shows_the_ray_clusters_nodes_replicas_and_jobs_and_follows_them(
@@ -114,8 +117,9 @@ def test_the_page_shows_the_ray_clusters_nodes_replicas_and_jobs_and_follows_the
         replicas=[_replica("replica-a", "n-head", 2, 1, 40), _replica("replica-b", "n-gpu", 0, 0, 7)]
     )
     with _serve(tmp_path / "home", engine) as server:
-        job = _queued_job(server.url, tiny_chat_dir, server.platform)
-        server.app.state.supervisor = _Supervisor({job: LOCAL})  # its worker runs on this server's node
+        job, on_gpu = _queued_jobs(server.url, tiny_chat_dir, server.platform, 2)
+        # One worker runs on this server's node (reserving nothing), one on the GPU node with its reservation.
+        server.app.state.supervisor = _Supervisor({job: LOCAL, on_gpu: Placement("n-gpu", "10.0.0.2", 3 << 30, 1.0)})
         view = _cluster(server.url)
         page = _signed_in(browser, server.url)
         page.goto(f"{server.url}/ui/cluster")
@@ -136,7 +140,10 @@ def test_the_page_shows_the_ray_clusters_nodes_replicas_and_jobs_and_follows_the
         ]
         assert _rows(page, "cluster-replicas") == expected
         assert expected[0][:8] == ["replica-a", "tiny-chat", "10.0.0.1", "ready", "3", "2", "1", "40"]
-        assert _rows(page, "cluster-jobs") == [[job, "tiny-chat", "default", "queued", "10.0.0.1"]]
+        assert _rows(page, "cluster-jobs") == [
+            [job, "tiny-chat", "default", "queued", "10.0.0.1", "-", "-"],
+            [on_gpu, "tiny-chat", "default", "queued", "10.0.0.2", "3.0 GB", "1"],
+        ]
 
         # The page polls: a replica lost and another busier shows without a reload.
         engine.replicas = [_replica("replica-a", "n-head", 5, 4, 90)]

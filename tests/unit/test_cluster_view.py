@@ -108,14 +108,17 @@ class _Supervisor:
 
 
 def test_each_job_this_server_runs_is_shown_on_its_node() -> None:
-    """A local worker runs on the server's node; a job placed on a cluster node is shown there."""
+    """A local worker runs on the server's node, reserving nothing; a job placed on a cluster node is
+    shown there with the memory and GPUs its worker reserves."""
     jobs = _Jobs(
         {
             "ftjob-1": _Job("ftjob-1", "tiny-chat", "acme", JobStatus.RUNNING),
             "ftjob-2": _Job("ftjob-2", "tiny-chat", "acme", JobStatus.RUNNING),
         }
     )
-    supervisor = _Supervisor({"ftjob-1": LOCAL, "ftjob-2": Placement("node-b", "10.0.0.2"), "ftjob-deleted": LOCAL})
+    supervisor = _Supervisor(
+        {"ftjob-1": LOCAL, "ftjob-2": Placement("node-b", "10.0.0.2", 3 << 30, 1.0), "ftjob-deleted": LOCAL}
+    )
     placed = _jobs_here(jobs, supervisor, "node-a")  # type: ignore[arg-type]
     assert [j.public() for j in placed] == [
         {
@@ -125,6 +128,8 @@ def test_each_job_this_server_runs_is_shown_on_its_node() -> None:
             "tenant": "acme",
             "status": "running",
             "node_id": "node-a",
+            "memory_bytes": 0,
+            "gpus": 0.0,
         },
         {
             "object": "cluster.job",
@@ -133,6 +138,8 @@ def test_each_job_this_server_runs_is_shown_on_its_node() -> None:
             "tenant": "acme",
             "status": "running",
             "node_id": "node-b",
+            "memory_bytes": 3 << 30,
+            "gpus": 1.0,
         },
     ]
     assert _jobs_here(jobs, None, "node-a") == []  # type: ignore[arg-type]

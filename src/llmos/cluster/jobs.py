@@ -1,11 +1,12 @@
 """Fine-tuning jobs on a Ray cluster: each job's worker runs on a node with room for it.
 
 ``RayJobLauncher`` is the job supervisor's launcher in cluster mode (``kernel.job_workers``). It
-chooses a node (``routing.choose_job_node``: room for ``ray_job_cpus`` and the job's own memory
+chooses a node (``routing.choose_job_node``: room for ``ray_job_cpus``, the job's own memory
 estimate, made when it was created (``training.finetune_memory``; ``ray_job_memory_mb`` for a job
-without one), in what nothing has reserved there, a node other than the API server's first) and
-starts on it, pinned by Ray's node affinity with that reservation, a ``JobWorkerHost`` actor, which runs the job's
-worker, ``python -m llmos.training.worker JOB_ID ATTEMPT``, as a local supervisor does. The worker reports
+without one), and the GPUs it asks for (``job_workers.job_gpus``), in what nothing has reserved
+there, a node other than the API server's first) and starts on it, pinned by Ray's node affinity
+with that reservation, a ``JobWorkerHost`` actor, which runs the job's worker,
+``python -m llmos.training.worker JOB_ID ATTEMPT``, as a local supervisor does. The worker reports
 heartbeats, events, checkpoints and its result to the database itself and dies with the actor, so
 only its exit code comes back through Ray. An actor that dies with its node is reported by Ray;
 the supervisor then settles the job as for any dead worker, and it resumes from its last checkpoint
@@ -39,7 +40,7 @@ from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
 from llmos.cluster.view import NodeView
 from llmos.config import Settings
 from llmos.kernel.job_record import Job
-from llmos.kernel.job_workers import NoRoom, Placement, job_dir, start_worker_process, worker_env
+from llmos.kernel.job_workers import NoRoom, Placement, job_dir, job_gpus, start_worker_process, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ class JobWorkerHost:
         self._launched = asyncio.Event()
 
     async def run(self, job_id: str, attempt: int, env: dict[str, str], log_dir: str) -> int:
-        """Start the worker of the job's ``attempt`` with ``env`` over this node's environment; its exit code."""
+        """Start the worker of the job's ``attempt`` with ``env`` over this actor's environment; its
+        exit code. That environment holds the ``CUDA_VISIBLE_DEVICES`` Ray set for the GPUs it gave
+        the actor (none: empty), which ``env`` never names, so the worker sees those GPUs only."""
         self.process = start_worker_process(job_id, attempt, {**os.environ, **env}, Path(log_dir))
         self._launched.set()
         while (code := self.process.poll()) is None:
@@ -151,6 +154,7 @@ class _Start:
     node_id: str
     worker: RayWorker
     memory_bytes: int
+    gpus: float
 
 
 def _this_node() -> str:
@@ -176,13 +180,13 @@ class RayJobLauncher:
         self._host_class = ray.remote(JobWorkerHost)
 
     def need(self, job: Job) -> ReplicaNeed:
-        """What ``job``'s worker reserves: ``ray_job_cpus``, and the peak memory estimated for it when
+        """What ``job``'s worker reserves: ``ray_job_cpus``, the peak memory estimated for it when
         it was created (``ray_job_memory_mb`` for a job without an estimate: its model's shapes
-        could not be read, or it was queued before jobs had one)."""
+        could not be read, or it was queued before jobs had one), and the GPUs it asks for."""
         estimate = job.method.get("memory_bytes")
         if isinstance(estimate, bool) or not isinstance(estimate, int) or estimate <= 0:
             estimate = self.settings.ray_job_memory_mb << 20
-        return ReplicaNeed(cpus=self.settings.ray_job_cpus, memory_bytes=estimate)
+        return ReplicaNeed(cpus=self.settings.ray_job_cpus, memory_bytes=estimate, gpus=job_gpus(job, self.settings))
 
     def place(self, job: Job) -> Placement | NoRoom:
         self._starting = [s for s in self._starting if not s.worker.started]
@@ -192,8 +196,10 @@ class RayJobLauncher:
         need, server = self.need(job), self._server_node()
         node = choose_job_node([self._free(n) for n in alive if n.node_id not in self._lost], need, server)
         if node is not None:
-            return Placement(node.node_id, node.address, memory_bytes=need.memory_bytes)
-        wanted = f"{need.memory_bytes / 2**20:.0f} MiB of memory and {need.cpus:g} CPU"
+            return Placement(node.node_id, node.address, memory_bytes=need.memory_bytes, gpus=need.gpus)
+        parts = [f"{need.memory_bytes / 2**20:.0f} MiB of memory", f"{need.cpus:g} CPU"]
+        parts += [f"{need.gpus:g} GPU"] if need.gpus else []
+        wanted = f"{', '.join(parts[:-1])} and {parts[-1]}"
         if choose_job_node([_total(n) for n in alive], need, server) is not None:
             return NoRoom(f"Waiting for a node with {wanted} unreserved for this job's worker", later=True)
         return NoRoom(
@@ -216,7 +222,7 @@ class RayJobLauncher:
             node.address,
             cpus=available.get("CPU", 0.0) - len(pending) * self.settings.ray_job_cpus,
             memory_bytes=int(available.get("memory", 0)) - sum(s.memory_bytes for s in pending),
-            gpus=available.get("GPU", 0.0),
+            gpus=available.get("GPU", 0.0) - sum(s.gpus for s in pending),
         )
 
     def start(self, job_id: str, attempt: int, placement: Placement) -> RayWorker:
@@ -229,10 +235,12 @@ class RayJobLauncher:
         }
         if placement.memory_bytes:
             options["memory"] = placement.memory_bytes
+        if placement.gpus:
+            options["num_gpus"] = placement.gpus
         host: Any = self._host_class.options(**options).remote()  # Ray's handle types no coroutine methods
         exit_ref = host.run.remote(job_id, attempt, self._env(), str(job_dir(self.settings, job_id)))
         worker = RayWorker(host, exit_ref, host.started.remote(), partial(self.node_lost, placement.node_id))
-        self._starting.append(_Start(placement.node_id, worker, placement.memory_bytes))
+        self._starting.append(_Start(placement.node_id, worker, placement.memory_bytes, placement.gpus))
         return worker
 
     def _env(self) -> dict[str, str]:

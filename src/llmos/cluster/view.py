@@ -104,6 +104,10 @@ class JobView:
     tenant: str
     status: str
     node_id: str
+    memory_bytes: int = 0
+    """The memory its worker reserves on its node (0: none, a child of the API server)."""
+    gpus: float = 0.0
+    """The GPUs its worker reserves there (0: none; a child of the API server reserves none)."""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -113,6 +117,8 @@ class JobView:
             "tenant": self.tenant,
             "status": self.status,
             "node_id": self.node_id,
+            "memory_bytes": self.memory_bytes,
+            "gpus": self.gpus,
         }
 
 

@@ -49,6 +49,9 @@ class Placement:
     """That node's address, as the job's events name it."""
     memory_bytes: int = 0
     """The memory reserved for the worker there (0: none, as for a child of the API server)."""
+    gpus: float = 0.0
+    """The GPUs reserved for the worker there (Ray's ``num_gpus``; 0: none, as for a child of the
+    API server, which sees whatever GPUs its machine has)."""
 
 
 LOCAL = Placement()
@@ -77,6 +80,13 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     result, the worker's log). Nothing in it is needed elsewhere: a resume restores the checkpoints
     from the artifact store (``kernel.job_checkpoints``)."""
     return settings.home / "jobs" / job_id
+
+
+def job_gpus(job: Job, settings: Settings) -> float:
+    """The GPUs ``job``'s worker asks for: its own ``gpus`` setting (``method.<type>.gpus``), else
+    the server's ``ray_job_gpus``."""
+    asked = job.method.get("resolved", {}).get("gpus")
+    return settings.ray_job_gpus if asked is None else float(asked)
 
 
 def worker_env(settings: Settings, base: Mapping[str, str]) -> dict[str, str]:

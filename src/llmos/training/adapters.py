@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llmos.training.device import model_device
 from llmos.training.spec import VIRTUAL_TOKEN_ADAPTERS, TrainingSpec
 
 AdapterBuilder = Callable[[TrainingSpec, Any, int], Any]  # (spec, PEFT task type, total steps) -> config
@@ -131,7 +132,7 @@ def regularization(model: Any) -> torch.Tensor | None:
     for name, param in model.named_parameters():
         if param.requires_grad and ("lora_A" in name or "lora_B" in name):
             cov = param @ param.T if "lora_A" in name else param.T @ param
-            total = total + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0]), "fro")
+            total = total + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device), "fro")
             count += 1
     return config.orth_reg_weight * total / max(1, count)
 
@@ -178,7 +179,7 @@ def restore_method_state(model: Any, saved: MethodState) -> None:
     allocator.reset_ipt()
     for key, value in saved.tensors.items():
         kind, name = key.split("/", 1)
-        getattr(allocator, kind)[name] = value
+        getattr(allocator, kind)[name] = value.to(model_device(model))
     model.peft_config[allocator.adapter_name].rank_pattern = saved.meta.get("rank_pattern")
 
 

@@ -15,6 +15,7 @@ from llmos.engine.torch_backend.head_pooling import install_pooling, set_pooling
 from llmos.training.adapters import input_limit, wrap_model
 from llmos.training.augment import augment, embedding_synonyms
 from llmos.training.datasets import LABEL_COLUMNS, TEXT_COLUMNS, jsonl_objects, read_lines
+from llmos.training.device import to_model
 from llmos.training.encoder_task import EncoderData, EncoderTask, encoder_inputs, encoder_with_head, label_names
 from llmos.training.loop import Selection, StepOutput, fit
 from llmos.training.run import TrainingResult, TrainingRun
@@ -77,7 +78,8 @@ def _predict(model: Any, tokenizer: Any, examples: list[LabelledText], max_len: 
     model.eval()
     out: list[int] = []
     for k in range(0, len(examples), batch_size):
-        out.extend(model(**encode(tokenizer, examples[k : k + batch_size], max_len)).logits.argmax(-1).tolist())
+        inputs = to_model(model, encode(tokenizer, examples[k : k + batch_size], max_len))
+        out.extend(model(**inputs).logits.argmax(-1).tolist())
     model.train()
     return out
 
@@ -136,5 +138,5 @@ def run_classification(run: TrainingRun) -> TrainingResult:
             f"Augmented {len(data.train)} training examples with {len(train) - len(data.train)} EDA variants"
         )
         data = replace(data, train=train)
-    model = wrap_model(model, run.spec, "SEQ_CLS", run.spec.total_steps(len(data.train)))
+    model = wrap_model(model, run.spec, "SEQ_CLS", run.spec.total_steps(len(data.train))).to(run.device)
     return fit(ClassificationTask(run, model, data, labels), run)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from llmos.training.chat_data import IGNORE, Example, template_messages
+from llmos.training.device import bf16_autocast, to_model
 from llmos.training.loop import Selection, StepOutput, fit
 from llmos.training.run import TrainingResult, TrainingRun
 from llmos.training.sft import CausalLMTask, collate, load_causal_model, pad_id
@@ -81,11 +82,12 @@ def load_pairs(path: Path, tokenizer: Any, max_len: int) -> list[Pair]:
 def completion_logps(model: Any, sequences: list[Example], pad: int, autocast: bool) -> torch.Tensor:
     """Each sequence's summed log-probability of its labelled (completion) tokens."""
     ids, labels, masking = collate(sequences, pad)
+    ids, labels, masking = to_model(model, ids), to_model(model, labels), to_model(model, masking)
     # Logits only from the position before the earliest completion token on: the output layer is a
     # large share of a small model's compute, and prompts are most of a preference pair.
     start = int((labels != IGNORE).int().argmax(dim=1).min())
     keep = ids.shape[1] - start + 1
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(model, autocast):
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep, **masking).logits.float()
     targets = labels[:, start:]
     logps = logits[:, -keep:-1].log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -113,8 +115,8 @@ class Preferences:
 
 def score(model: Any, pairs: list[Pair], beta: float, pad: int, autocast: bool) -> Preferences:
     logps = completion_logps(model, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad, autocast)
-    chosen = beta * (logps[: len(pairs)] - torch.tensor([p.reference_chosen for p in pairs]))
-    rejected = beta * (logps[len(pairs) :] - torch.tensor([p.reference_rejected for p in pairs]))
+    chosen = beta * (logps[: len(pairs)] - torch.tensor([p.reference_chosen for p in pairs], device=logps.device))
+    rejected = beta * (logps[len(pairs) :] - torch.tensor([p.reference_rejected for p in pairs], device=logps.device))
     loss = -torch.nn.functional.logsigmoid(chosen - rejected)
     return Preferences(loss, chosen.detach(), rejected.detach())
 

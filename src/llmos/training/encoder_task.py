@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from llmos.training.adapters import merged, save_merged_copy
+from llmos.training.device import bf16_autocast, to_model
 from llmos.training.loop import StepOutput, TrainingTask
 from llmos.training.run import TrainingRun
 
@@ -77,7 +78,8 @@ class EncoderTask(TrainingTask[E]):
         """Cross-entropy of the head's logits against ``labels`` (one per example, or one per token
         with ``IGNORE`` where nothing is learnt), with how many it got right."""
         tokens = int(inputs["attention_mask"].sum())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.run.bf16):
+        inputs, labels = to_model(self.model, inputs), to_model(self.model, labels)
+        with bf16_autocast(self.model, self.run.bf16):
             logits = self.model(**inputs).logits
         counted = labels != IGNORE
         if not counted.any():  # every word cut off or untokenizable: nothing to learn, and no NaN

@@ -14,16 +14,16 @@ import torch
 
 from llmos.config import Settings
 from llmos.errors import LLMOSError
-from llmos.kernel.devices import detect_cpu
 from llmos.kernel.job_checkpoints import JobCheckpoints
 from llmos.kernel.job_heartbeat import EXIT_STOPPED
 from llmos.kernel.job_status import StopRequest
-from llmos.kernel.job_workers import job_dir
+from llmos.kernel.job_workers import job_dir, job_gpus
 from llmos.kernel.jobs import Job, checkpoint_name, fine_tuned_name
 from llmos.platform import Platform
 from llmos.registry.service import Lineage, ModelRecord
 from llmos.training.checkpoints import SERVABLE, LocalCheckpoints
 from llmos.training.classify import run_classification
+from llmos.training.device import bf16_fast, training_device
 from llmos.training.dpo import run_dpo
 from llmos.training.metering import QUOTA_STOP, CpuMeter
 from llmos.training.ner import run_token_classification
@@ -163,6 +163,8 @@ def train(settings: Settings, job_id: str, heartbeat: Heartbeat) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         base = platform.registry.get(job.base_model_id) if job.base_model_id else None  # pre-training: none
+        hooks = _hooks(platform, job, heartbeat, base)
+        device = training_device(job_gpus(job, settings), hooks.message)
         run = TrainingRun(
             base_dir=platform.registry.model_dir(base) if base is not None else work_dir,
             train_path=platform.registry.store.local_path(job.training_sha256),
@@ -170,10 +172,11 @@ def train(settings: Settings, job_id: str, heartbeat: Heartbeat) -> int:
             spec=TrainingSpec(**job.method["resolved"]),
             seed=job.seed,
             work_dir=work_dir,
-            hooks=_hooks(platform, job, heartbeat, base),
-            bf16=detect_cpu().bf16_fast,
+            hooks=hooks,
+            bf16=bf16_fast(device),
             pretrain=_pretrain_inputs(platform, job),
             checkpoints=StoredCheckpoints(platform.jobs.stored_checkpoints, job_id, work_dir),
+            device=device,
         )
         result = TRAINERS[job.method.get("task", "chat")](run)
         name = fine_tuned_name(job, base.name if base is not None else job.model)

@@ -14,6 +14,7 @@ import torch
 
 from llmos.training.adapters import input_limit, wrap_model
 from llmos.training.datasets import conll_sentences, jsonl_objects, read_lines
+from llmos.training.device import to_model
 from llmos.training.encoder_task import IGNORE, EncoderData, EncoderTask, encoder_inputs, encoder_with_head, label_names
 from llmos.training.loop import Selection, StepOutput, fit
 from llmos.training.run import TrainingResult, TrainingRun
@@ -102,7 +103,7 @@ class WordTagger:
         for k in range(0, len(sentences), batch_size):
             batch = sentences[k : k + batch_size]
             enc, _ = self.encode(batch)
-            best = self.model(**enc).logits.argmax(-1).tolist()
+            best = self.model(**to_model(self.model, enc)).logits.argmax(-1).tolist()
             for i, sentence in enumerate(batch):
                 words = [OUTSIDE] * len(sentence.tokens)
                 previous: int | None = None
@@ -156,6 +157,6 @@ def run_token_classification(run: TrainingRun) -> TrainingResult:
     data = encoder_inputs(run, load_token_file)
     tags = label_names((t for s in data.train for t in s.tags), (t for s in data.valid for t in s.tags), "tags")
     model = encoder_with_head(AutoModelForTokenClassification, run.base_dir, tags)
-    model = wrap_model(model, run.spec, "TOKEN_CLS", run.spec.total_steps(len(data.train)))
+    model = wrap_model(model, run.spec, "TOKEN_CLS", run.spec.total_steps(len(data.train))).to(run.device)
     tagger = WordTagger(model, data.tokenizer, tags, input_limit(model, run.spec))
     return fit(TokenClassificationTask(run, tagger, data), run)

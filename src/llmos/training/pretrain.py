@@ -26,6 +26,7 @@ import torch
 from llmos.registry.store import link_or_copy
 from llmos.training.checkpoints import Restored, latest_restorable
 from llmos.training.corpus import read_text, split_corpus
+from llmos.training.device import bf16_autocast, to_model
 from llmos.training.loop import Selection, StepOutput, checkpoint_source, fit
 from llmos.training.model_presets import llama_config
 from llmos.training.pretrain_spec import PretrainSpec
@@ -110,7 +111,8 @@ class PretrainTask(CausalLMTask[int]):
         return rows[:, :-1], rows[:, 1:]
 
     def _loss(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str) -> tuple[torch.Tensor, int]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.run.bf16):
+        ids, targets = to_model(self.model, ids), to_model(self.model, targets)
+        with bf16_autocast(self.model, self.run.bf16):
             logits = self.model(input_ids=ids, position_ids=positions(ids, self.eos), use_cache=False).logits
         logits = logits.float()
         loss = torch.nn.functional.cross_entropy(
@@ -151,10 +153,10 @@ class PretrainTask(CausalLMTask[int]):
         new = min(self.pretrain.sample_tokens, self.context - 1)
         for prompt in self.pretrain.sample_prompts or (self.first_line,):
             ids = [self.eos, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]][-(self.context - new) :]
-            with torch.random.fork_rng(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.run.bf16):
+            with torch.random.fork_rng(), bf16_autocast(self.model, self.run.bf16):
                 torch.manual_seed(self.run.seed)
                 out = self.generator.generate(
-                    torch.tensor([ids]),
+                    to_model(self.model, torch.tensor([ids])),
                     max_new_tokens=new,
                     do_sample=True,
                     temperature=SAMPLE_TEMPERATURE,
@@ -170,7 +172,7 @@ def positions(ids: torch.Tensor, eos: int) -> torch.Tensor:
     """Position ids of packed rows: counting from each row's start, and from 0 again at each
     end-of-text token, which opens the next document's segment: the document's first token is
     predicted from that token alone, as a served prompt (which starts with it) predicts it."""
-    index = torch.arange(ids.shape[1]).expand_as(ids)
+    index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     starts = ids == eos
     starts[:, 0] = True
     return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
@@ -201,7 +203,8 @@ def run_pretrain(run: TrainingRun) -> TrainingResult:
     config = llama_config(
         spec.dims, len(tokenizer), run.spec.max_seq_length, bos_id=tokenizer.bos_token_id, eos_id=end_of_text(tokenizer)
     )
-    model = LlamaForCausalLM(config)
+    model: Any = LlamaForCausalLM(config)
+    model = model.to(run.device)
     return fit(PretrainTask(run, spec, model, tokenizer, train, valid, trained), run)
 
 

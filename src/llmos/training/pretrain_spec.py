@@ -10,7 +10,7 @@ from typing import Any
 
 from llmos.errors import InvalidRequestError
 from llmos.training.model_presets import ModelDims, resolve_dims
-from llmos.training.spec import SCHEDULES, TrainingSpec, _hyperparameters, _number
+from llmos.training.spec import SCHEDULES, TrainingSpec, _hyperparameters, _number, parse_gpus
 from llmos.training.tokenizer_training import MIN_VOCAB
 
 SECTION = "method.pretrain"
@@ -131,6 +131,7 @@ def parse_pretrain(
         early_stopping_patience=None if patience is None else setting("early_stopping_patience", int, 1, 50, None),
         weight_decay=setting("weight_decay", float, 0.0, 1.0, 0.1),
         method="pretrain",
+        gpus=parse_gpus(options.get("gpus"), f"{SECTION}.gpus"),
     )
     preset, dims = resolve_dims(model, options.get("architecture"), f"{SECTION}.architecture")
     prompts, tokens = _samples(options.get("samples"))

@@ -52,11 +52,14 @@ class TrainingRun:
     """Checkpoints and the result are written here."""
     hooks: Hooks
     bf16: bool
-    """Autocast to bfloat16 (CPUs with AMX / AVX-512 BF16)."""
+    """Autocast to bfloat16 (CPUs with AMX / AVX-512 BF16, GPUs that compute in it: ``device.bf16_fast``)."""
     pretrain: PretrainInputs | None = None
     """What only pre-training takes (its ``base_dir`` is unused: it builds a new model)."""
     checkpoints: CheckpointSource | None = None
     """Where a resume finds the checkpoints; None: those in ``work_dir``."""
+    device: str = "cpu"
+    """Where the model trains: ``cpu`` or ``cuda`` (``device.training_device``); the trainers move
+    each batch to the model's device."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Supervised chat fine-tuning of a causal LM: LoRA / IA3 through PEFT or full fine-tuning,
-loss only on assistant tokens, bf16 autocast on CPUs where it is fast; validation by loss and
+loss only on assistant tokens, bf16 autocast where it is fast (CPU or GPU); validation by loss and
 token accuracy. The loop (checkpoints, resume, early stopping) is the shared one (see loop)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 
 from llmos.training.adapters import save_for_serving, wrap_model
 from llmos.training.chat_data import IGNORE, Example, load_chat_file
+from llmos.training.device import bf16_autocast, to_model
 from llmos.training.loop import E, Selection, StepOutput, TrainingTask, fit
 from llmos.training.packing import pack
 from llmos.training.run import TrainingResult, TrainingRun
@@ -38,13 +39,14 @@ def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 def _loss_and_accuracy(model: Any, batch: list[Example], pad_id: int, autocast: bool) -> tuple[torch.Tensor, int, int]:
     ids, labels, masking = collate(batch, pad_id)
+    ids, labels, masking = to_model(model, ids), to_model(model, labels), to_model(model, masking)
     # Logits only where a label follows (the assistant's tokens): the output layer is a fifth of
     # SmolLM2's weights, and most positions of a chat example are the prompt.
     keep = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
     if len(keep) == 0:
-        keep = torch.tensor([0])
+        keep = torch.tensor([0], device=labels.device)
     targets = labels[:, keep + 1]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(model, autocast):
         # No cache: transformers builds the packed rows' block-diagonal mask only when there is none.
         logits = model(
             input_ids=ids, use_cache=False, logits_to_keep=keep + _virtual_tokens(model), **masking
@@ -152,4 +154,4 @@ def load_causal_model(run: TrainingRun, examples: int) -> Any:
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return model
+    return model.to(run.device)

@@ -63,6 +63,9 @@ class TrainingSpec:
     """OpenAI's method.type: ``supervised``, ``dpo`` or ``pretrain`` (see pretrain_spec)."""
     beta: float | None = None
     """DPO: how far the policy may move from the reference (None for supervised jobs)."""
+    gpus: float | None = None
+    """GPUs the job's worker asks for (its trainer then runs on one, ``training.device``); None:
+    the server's ``ray_job_gpus``."""
 
     @property
     def section(self) -> str:
@@ -213,7 +216,14 @@ def parse_spec(
         else _number(patience, f"{section}.early_stopping_patience", int, 1, 50, None),
         method=kind,
         beta=hyperparameter("beta", float, 1e-3, 10.0, DPO_BETA) if kind == "dpo" else None,
+        gpus=parse_gpus(supervised.get("gpus"), f"{section}.gpus"),
     )
+
+
+def parse_gpus(value: Any, param: str) -> float | None:
+    """A job's own ``gpus`` (``param`` names where it was written): a number of GPUs from 0 (train
+    on CPUs) to 64, a fraction sharing one; None or "auto": the server's ``ray_job_gpus``."""
+    return _number(value, param, float, 0.0, 64.0, None)
 
 
 def _switch(

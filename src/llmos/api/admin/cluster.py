@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 @router.get("/cluster")
 async def cluster_view(request: Request, engine: EngineDep, platform: PlatformDep, _key: AdminKey) -> dict[str, Any]:
     """Nodes with their resources, each engine replica's model, node, queue depth and adapters, and
-    the jobs this server runs with the node each runs on."""
+    the jobs this server runs with the node each runs on and the memory and GPUs it reserves there."""
     if isinstance(engine, ClusterEngine):
         view = await engine.cluster_view()
     else:
@@ -34,13 +34,17 @@ async def cluster_view(request: Request, engine: EngineDep, platform: PlatformDe
 
 
 def _jobs_here(jobs: JobStore, supervisor: JobSupervisor | None, server_node: str) -> list[JobView]:
-    """The jobs whose workers this server's supervisor runs, each on its node: a Ray cluster node in
-    cluster mode, else the server's own (another server on the database lists its own)."""
+    """The jobs whose workers this server's supervisor runs, each on its node (a Ray cluster node in
+    cluster mode, else the server's own; another server on the database lists its own), with what
+    its worker reserves there."""
     placed = []
     for job_id, placement in (supervisor.placements if supervisor is not None else {}).items():
         try:
             job = jobs.get(None, job_id)
         except NotFoundError:  # deleted since
             continue
-        placed.append(JobView(job.id, job.model, job.tenant, job.status.value, placement.node_id or server_node))
+        node = placement.node_id or server_node
+        placed.append(
+            JobView(job.id, job.model, job.tenant, job.status.value, node, placement.memory_bytes, placement.gpus)
+        )
     return placed

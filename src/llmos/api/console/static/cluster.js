@@ -1,5 +1,6 @@
 // Cluster (admin): the nodes with their CPUs, GPUs and memory (total and what is left), the engine
-// replicas on them with their queues, and the jobs this server runs with their nodes, read from
+// replicas on them with their queues, and the jobs this server runs with their nodes and what
+// their workers reserve there (memory, GPUs), read from
 // /v1/admin/cluster every few seconds. In single-process mode the one node is this machine and
 // each resident model is a replica.
 "use strict";
@@ -57,6 +58,9 @@
       { title: "tenant", cell: (j) => j.tenant },
       { title: "status", cell: (j) => j.status },
       { title: "node", cell: (j) => where(j.node_id) },
+      // A worker started as a child of the API server reserves nothing: "-".
+      { title: "memory reserved", cell: (j) => (j.memory_bytes ? bytes(j.memory_bytes) : "-") },
+      { title: "GPUs reserved", cell: (j) => (j.gpus ? number(j.gpus) : "-") },
     ], view.jobs.data, "No job runs on this server's node."));
   }
 
