@@ -120,7 +120,10 @@ def fine_tuning_estimate(
 
 def _dropout_copies(dims: ModelDims, spec: TrainingSpec) -> int:
     """Bytes per layer and token LoRA's dropout saves: a dropped copy of each adapted layer's input
-    (fp32) and its mask, for q, k, v, o, gate and up (hidden-sized) and down (intermediate)."""
+    (fp32) and its mask, for q, k, v, o, gate and up (hidden-sized) and down (intermediate). Added
+    to the model's own activations whole, the frozen layers' inputs not taken out: measured, a LoRA
+    job at long contexts holds more than a full fine-tune, and without them its estimate falls
+    below its peak (docs/scaling.md)."""
     if spec.adapter not in ("lora", "adalora") or not spec.lora_dropout:
         return 0
     return (4 + 1) * (6 * dims.hidden_size + dims.intermediate_size)
