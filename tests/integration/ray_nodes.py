@@ -68,7 +68,9 @@ def _stop(node: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def two_node_cluster() -> Iterator[RayCluster]:
+def two_node_cluster(head_gpus: int | None = None) -> Iterator[RayCluster]:
+    """``head_gpus``: GPUs the head advertises, and the second node none (Ray takes the number it is
+    given, whether this machine has them or not); None: the GPUs Ray finds on each."""
     from ray._private import services
 
     root = Path(tempfile.mkdtemp(prefix="llmos-ray-", dir="/tmp"))  # Ray's socket paths must stay short
@@ -105,9 +107,13 @@ def two_node_cluster() -> Iterator[RayCluster]:
             )
 
     try:
-        start("head", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", str(root / "ray"))
+        start(
+            "head",
+            *("--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", str(root / "ray")),
+            *(() if head_gpus is None else ("--num-gpus", str(head_gpus))),
+        )
         wait_for("the Ray head", lambda: _accepts(node_ip, port), 120, nodes)
-        start("node2", "--address", f"{node_ip}:{port}")
+        start("node2", "--address", f"{node_ip}:{port}", *(() if head_gpus is None else ("--num-gpus", "0")))
         yield RayCluster(f"{node_ip}:{port}", node_ip, token, nodes, root)
     finally:
         for node in reversed(nodes):
