@@ -357,12 +357,12 @@ class Settings(BaseSettings):
         "`prefill_chunk_tokens`, so that a step holds a whole chunk and a decoding row.",
     )
     speculative_decoding: Literal["auto", "off", "ngram"] = Field(
-        default="off",
+        default="auto",
         description="Speculative decoding of a single stream (one decoding row, no prompt waiting) of a chat model "
         "on the torch backend: its next tokens are drafted from the latest earlier occurrence of its last "
-        "tokens in its prompt and output (prompt lookup) and verified in one pass. auto: a row drafts while its "
-        "acceptance makes a verify pay for its cost (docs/adr/0027); ngram: whenever a draft is found; off "
-        "(the default): never. Greedy output is unchanged (bit for bit on Llama-family models where the CPU's "
+        "tokens in its prompt and output (prompt lookup) and verified in one pass. auto (the default): a row "
+        "drafts while its acceptance makes a verify pay for its cost (docs/adr/0027); ngram: whenever a draft "
+        "is found; off: never. Greedy output is unchanged (bit for bit on Llama-family models where the CPU's "
         "bf16 products round a row alike alone and in the verify, as measured for SmolLM2 without adapters; up "
         "to rounding otherwise in bf16), sampled output keeps its distribution.",
     )

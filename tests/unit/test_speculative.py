@@ -350,7 +350,7 @@ def test_bad_speculation_settings_are_refused_at_start_up(tmp_path: Path) -> Non
         Settings(home=tmp_path, speculative_decoding="ngram", gguf_backend="llama.cpp")
     for mode in ("auto", "ngram"):
         assert Settings(home=tmp_path, speculative_decoding=mode).speculative_decoding == mode  # type: ignore[arg-type]
-    assert Settings(home=tmp_path).speculative_decoding == "off"
+    assert Settings(home=tmp_path).speculative_decoding == "auto"
 
 
 # -- counts in usage and metrics ---------------------------------------------------------------------
@@ -393,7 +393,7 @@ CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture
 def speculating_http(loaded_platform: Platform) -> Iterator[TestClient]:
-    """The app with ``speculative_decoding = "ngram"`` (its default is off)."""
+    """The app with ``speculative_decoding = "ngram"`` (drafting wherever a draft is found, not only where it pays)."""
     settings = loaded_platform.settings.model_copy(update={"speculative_decoding": "ngram"})
     with TestClient(create_app(platform=dataclasses.replace(loaded_platform, settings=settings))) as client:
         yield client

@@ -65,7 +65,7 @@ class EngineConfig:
     """Compiled grammars kept per model tokenizer."""
     metrics: bool = True
     """Observe the engine's own metrics (queue time); ``metrics_enabled``."""
-    speculative_decoding: str = "off"
+    speculative_decoding: str = "auto"
     """Single streams speculate: ``auto`` (where it pays, ``speculative``), ``ngram`` (always) or ``off``."""
     speculative_tokens: int = 8
     """Most draft tokens one verify pass checks."""
