@@ -15,7 +15,7 @@ the same ones for every system at one concurrency. Systems:
 - ``naive``: what a user without a server writes, one ``model.generate`` per request, one after
   another (transformers, float32), in this process;
 - ``transformers`` / ``transformers-cb``: ``transformers serve`` on the same weights, without and
-  with ``--continuous-batching``;
+  with ``--continuous-batching``, in the dtype LLM OS serves on this CPU (``--peer-dtype``);
 - ``llamacpp``: llama-cpp-python's server on the original GGUF (SmolLM2's Q4_1, Qwen's Q4_K_M; install it with
   ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
   -DGGML_AMX_BF16=OFF" pip install "llama-cpp-python[server]"``; native builds crash here);
@@ -325,11 +325,12 @@ def original_gguf(home: Path, model_dir: Path, extra: dict[str, Any]) -> Path:
     return out
 
 
-def peer_command(system: str, model_dir: Path, gguf: Path, port: int) -> tuple[list[str], str, str]:
-    """(command, model name to request, health path) of a peer server."""
+def peer_command(system: str, model_dir: Path, gguf: Path, port: int, dtype: str) -> tuple[list[str], str, str]:
+    """(command, model name to request, health path) of a peer server; ``dtype``: transformers' weights."""
     if system.startswith("transformers"):
         transformers_cli = str(Path(sys.executable).with_name("transformers"))
         command = [transformers_cli, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--dtype", dtype]
         if system == "transformers-cb":
             command.append("--continuous-batching")
         return command, str(model_dir), "/health"
@@ -339,11 +340,17 @@ def peer_command(system: str, model_dir: Path, gguf: Path, port: int) -> tuple[l
 
 
 def run_peer(
-    system: str, model_dir: Path, gguf: Path, chats: list[list[dict[str, str]]], clients: list[int], max_tokens: int
+    system: str,
+    model_dir: Path,
+    gguf: Path,
+    chats: list[list[dict[str, str]]],
+    clients: list[int],
+    max_tokens: int,
+    dtype: str,
 ) -> dict[str, dict[str, Any]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command, model, health = peer_command(system, model_dir, gguf, port)
+    command, model, health = peer_command(system, model_dir, gguf, port, dtype)
     proc = launch(command, url, health=health, env={"HF_HUB_OFFLINE": "1"})
     rows = {}
     try:
@@ -586,6 +593,13 @@ def main() -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--model", choices=MODELS, default=MODEL, help="the model every system serves")
+    parser.add_argument(
+        "--peer-dtype",
+        choices=["engine", "auto", "float32", "bfloat16"],
+        default="engine",
+        help="transformers' weights: engine (what LLM OS's dtype auto serves on this CPU: bf16 where it computes "
+        "bf16 fast, else float32), auto (the checkpoint's own), or one named",
+    )
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
@@ -609,6 +623,11 @@ def main() -> None:
             [sys.executable, "-m", "llmos", "pull", MODEL], check=True, env={**os.environ, "LLMOS_HOME": str(args.home)}
         )
 
+    from llmos.engine.local import resolve_dtype
+
+    # Each system in the dtype this CPU computes fast: transformers would otherwise serve the
+    # checkpoint's bf16 on a CPU without bf16 instructions, where LLM OS serves float32.
+    peer_dtype = str(resolve_dtype("auto")).removeprefix("torch.") if args.peer_dtype == "engine" else args.peer_dtype
     rows: dict[str, dict[str, Any]] = {}
     if "naive" in args.systems:
         print("naive model.generate ...")
@@ -620,7 +639,7 @@ def main() -> None:
             print(f"{system} ...")
             clients = [c for c in args.clients if c in (1, 16)] if system in SERIALISING else args.clients
             gguf = original_gguf(args.home, model_dir, record.extra) if system == "llamacpp" else Path()
-            rows.update(run_peer(system, model_dir, gguf, chats, clients, args.max_tokens))
+            rows.update(run_peer(system, model_dir, gguf, chats, clients, args.max_tokens, peer_dtype))
     servers = [("llmos", "llmos", None)] if "llmos" in args.systems else []
     servers += [(system, label, env) for system, (label, env) in SERVER_VARIANTS.items() if system in args.systems]
     for repeat in range(args.server_repeats):
@@ -653,7 +672,7 @@ def main() -> None:
     add_ratios(rows)
     print()
     print_table(rows)
-    result = {"model": args.model, "max_tokens": args.max_tokens, "rows": rows}
+    result = {"model": args.model, "max_tokens": args.max_tokens, "peer_dtype": peer_dtype, "rows": rows}
     if structured_compile is not None:
         result["grammar_compile"] = structured_compile
         result["structured_ratios"] = structured_ratios(structured_rows)
