@@ -21,6 +21,9 @@ from sqlalchemy import or_, select, update
 
 from llmos.registry.db import Database
 
+STALE_AFTER = timedelta(seconds=30)
+"""A claim whose server has not renewed it this long is taken over by the next server that looks."""
+
 
 class Leases:
     """Claims on the rows of ``table``, whose columns ``id``, ``status``, ``owner`` and

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from llmos.errors import LLMOSError
 from llmos.kernel.job_status import TERMINAL, JobStatus
 from llmos.kernel.jobs import Job, JobStore
+from llmos.kernel.leases import STALE_AFTER
 from llmos.registry.service import ModelRegistry
 from llmos.training.search import study as studies
 from llmos.training.search.results import write_results
@@ -30,8 +31,6 @@ from llmos.training.search.space import apply_point
 from llmos.training.search.store import Search, SearchStatus
 
 log = logging.getLogger(__name__)
-STALE_AFTER = timedelta(seconds=30)
-"""A runner silent this long has stopped: another takes its searches over."""
 
 
 class SearchRunner:

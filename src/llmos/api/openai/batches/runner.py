@@ -26,14 +26,12 @@ from llmos.engine.protocol import EngineClient
 from llmos.errors import LLMOSError, NotFoundError, ServiceUnavailableError
 from llmos.kernel.batch_status import BatchStatus
 from llmos.kernel.batches import Batch, BatchStore
-from llmos.kernel.leases import new_owner
+from llmos.kernel.leases import STALE_AFTER, new_owner
 from llmos.platform import Platform
 from llmos.security import ApiKeyInfo
 from llmos.training.datasets import iter_lines, jsonl_objects
 
 log = logging.getLogger(__name__)
-STALE_AFTER = timedelta(seconds=30)
-"""A batch whose server has not renewed its hold this long is taken over by another."""
 _READ_AHEAD = 256
 """Input lines read from disk at a time (off the event loop)."""
 

@@ -26,15 +26,13 @@ from llmos.errors import LLMOSError, ServiceUnavailableError
 from llmos.evals.grading import grade_item
 from llmos.evals.runs import UNFINISHED, Run, RunStatus, RunStore
 from llmos.evals.store import Eval, EvalStore
-from llmos.kernel.leases import Leases, new_owner
+from llmos.kernel.leases import STALE_AFTER, Leases, new_owner
 from llmos.platform import Platform
 from llmos.registry.eval_tables import EvalRunRow
 from llmos.security import ApiKeyInfo
 
 log = logging.getLogger(__name__)
 USAGE_KIND = "eval"
-STALE_AFTER = timedelta(seconds=30)
-"""A run whose server has not renewed its hold this long is taken over by another server."""
 
 
 class EngineModels:
