@@ -125,6 +125,14 @@ class Settings(BaseSettings):
     ray_replica_cpus: float = Field(
         default=1.0, gt=0, le=1024, description="CPUs Ray reserves for each engine replica on its node."
     )
+    ray_replica_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        le=64,
+        description="GPUs Ray reserves for each engine replica of a chat or completion model in Ray cluster mode "
+        "(a fraction shares one); it is placed only on a node with that many unreserved and sees only the GPUs Ray "
+        "gives it. Replicas of other models, and all replicas when 0, reserve none and see no GPU: they serve on CPUs.",
+    )
     ray_adapter_queue_limit: int = Field(
         default=4,
         ge=1,

@@ -37,6 +37,7 @@ from llmos.engine.protocol import (
     ModelHandle,
     PairScores,
 )
+from llmos.engine.vllm_backend.capability import GENERATING_TASKS
 from llmos.errors import EngineError, LLMOSError, ReplicaStopping, ServiceUnavailableError
 from llmos.registry import ModelRegistry
 
@@ -60,8 +61,11 @@ class RayEngine:
         self._inflight: dict[str, Replica] = {}  # request id -> the replica generating it
 
     def _need_of(self, model_key: str) -> ReplicaNeed:
+        """A replica's reservation: ``ray_replica_cpus``, its backend's memory estimate, and
+        ``ray_replica_gpus`` for a generating model, the only kind a GPU backend (vLLM) serves."""
         record, backend = self.local.models.served(model_key)
-        return ReplicaNeed(cpus=self.settings.ray_replica_cpus, memory_bytes=backend.estimate_bytes(record))
+        gpus = self.settings.ray_replica_gpus if record.task in GENERATING_TASKS else 0.0
+        return ReplicaNeed(cpus=self.settings.ray_replica_cpus, memory_bytes=backend.estimate_bytes(record), gpus=gpus)
 
     def _name_of(self, model_id: str) -> str:
         return self.local.models.names.get(model_id, model_id)

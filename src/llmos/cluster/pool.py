@@ -1,8 +1,9 @@
 """The engine replicas of each model: placed on the cluster's nodes, routed to, replaced when they die.
 
 A model gets ``ray_min_replicas`` replicas on its first request. Each is placed by
-``routing.choose_node`` on a node with room for its reservation (``ray_replica_cpus`` CPUs and the
-memory the backend estimates for the model, the figure the memory manager budgets by), pinned
+``routing.choose_node`` on a node with room for its reservation (``ray_replica_cpus`` CPUs, the
+memory the backend estimates for the model, the figure the memory manager budgets by, and for a
+generating model ``ray_replica_gpus``; it sees only the GPUs it reserved: ``gpu_options``), pinned
 there with Ray's node affinity, and loads its model before it takes requests; a placement under
 way counts as reserved, so two models placed at once do not both take the room left on one node.
 A replica whose actor dies is dropped at once (the requests it held end with an error) and a new
@@ -64,6 +65,18 @@ NAME_PREFIX = "llmos-replica:"
 def replica_name(model_key: str, slot: int) -> str:
     """The Ray actor name of ``model_key``'s replica in ``slot`` (in the ``llmos`` namespace)."""
     return f"{NAME_PREFIX}{model_key}:{slot}"
+
+
+def gpu_options(need: ReplicaNeed) -> dict[str, Any]:
+    """The actor options that give a replica the GPUs of ``need`` and no others. Ray sets
+    ``CUDA_VISIBLE_DEVICES`` to the GPUs it assigns an actor, but leaves the node's value alone
+    for an actor that asked for none (Ray issue 54868; so in Ray 2.60), so such a replica would
+    see every GPU of its node and its backend choice (ADR 0037) could start vLLM on one that a job
+    or another replica reserved; an empty ``CUDA_VISIBLE_DEVICES`` hides them all, and it serves
+    on CPUs."""
+    if need.gpus:
+        return {"num_gpus": need.gpus}
+    return {"num_gpus": 0, "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
 
 
 class Claim(NamedTuple):
@@ -195,9 +208,10 @@ class ReplicaPool:
         with self._choosing:
             node = choose_node(capacity, self._held(), need, model_key)
             if node is None:
+                gpus = f", {need.gpus:g} GPU" if need.gpus else ""
                 raise ServiceUnavailableError(
                     f"no node of the Ray cluster has room for a replica of {self.name_of(model_key)} "
-                    f"({need.cpus:g} CPUs, {need.memory_bytes >> 20} MB)",
+                    f"({need.cpus:g} CPUs, {need.memory_bytes >> 20} MB{gpus})",
                     retry_after=30.0,
                 )
             # Claimed until the replica is in ``replicas``: ``_held`` counts the claim (the next
@@ -212,8 +226,8 @@ class ReplicaPool:
                 namespace="llmos",
                 lifetime="detached",  # outlives this server: the others may be streaming from it
                 num_cpus=need.cpus,
-                num_gpus=need.gpus,
                 memory=max(1, need.memory_bytes),
+                **gpu_options(need),
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
                 max_restarts=0,  # a dead replica is replaced by a pool, which knows what it held
             )
