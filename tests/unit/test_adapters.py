@@ -70,6 +70,34 @@ def test_adapter_is_registered_as_a_small_child_of_its_base(loaded_platform: Pla
     assert {r.name for r in loaded_platform.registry.adapters_of(base.id)} == {"ad-a", "ad-b", "ad-c"}
 
 
+def test_an_adapters_requests_are_not_speculated(loaded_platform: Platform, adapters: dict) -> None:
+    """A LoRA adapter's rows decode one token at a time (a verify rounds their adapter products
+    differently in float32), so its chat requests' ``prediction`` is refused, the base's taken."""
+    from fastapi.testclient import TestClient
+
+    from llmos.api import create_app
+    from tests.conftest import ADMIN_KEY
+
+    engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
+
+    async def main() -> tuple[bool, bool]:
+        base, adapter = await engine.resolve("tiny-chat"), await engine.resolve("ad-a")
+        await engine.shutdown()
+        return base.info.speculates, adapter.info.speculates
+
+    assert asyncio.run(main()) == (True, False)
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    with TestClient(create_app(platform=loaded_platform)) as http:
+        for model, status in (("tiny-chat", 200), ("ad-a", 400)):
+            resp = http.post(
+                "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                json={**body, "model": model, "prediction": {"type": "content", "content": "Hello"}},
+            )
+            assert resp.status_code == status, resp.text
+    assert resp.json()["error"]["param"] == "prediction" and "LoRA adapter" in resp.json()["error"]["message"]
+
+
 def test_adapter_output_equals_the_merged_model(loaded_platform: Platform, adapters: dict, tiny_chat_dir: Path) -> None:
     engine = LocalEngine(loaded_platform.registry, loaded_platform.settings)
 

@@ -10,6 +10,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -312,6 +313,33 @@ def test_speculates_only_rows_whose_decoding_it_reproduces() -> None:
     assert not speculates(row(temperature=0.7, seed=3))
     assert not speculates(row(temperature=0.0, presence_penalty=0.1))
     assert not speculates(row(temperature=0.0, logprobs=True))
+    request = GenerationRequest("r", "tiny", [1], SamplingParams(temperature=0.0))
+    assert not speculates(Row(Pending(request, lambda d: None, 10, adapter="ad"), 0, None))  # type: ignore[arg-type]
+
+
+def test_auto_speculates_only_where_the_verify_reproduces_the_decode_step(tiny_chat_dir: Path, tmp_path: Path) -> None:
+    """``auto`` (the default) needs the lean layers, whose verify is the decode step bit for bit; a
+    model verified through its own forward (equal only up to rounding) speculates under ``ngram``
+    alone, and the backend says so before loading it, as a chat request's ``prediction`` needs."""
+    from llmos.engine.torch_backend.backend import TorchBackend
+
+    model = _biased_llama(tiny_chat_dir)
+    for mode, built in (("auto", False), ("ngram", True), ("off", False)):
+        config = EngineConfig(speculative_decoding=mode)
+        assert (Speculation.build(config, model, None, None, "past_key_values") is not None) == built  # type: ignore[arg-type]
+    biased = tmp_path / "biased"
+    model.config.save_pretrained(biased)
+
+    class Registry:
+        def model_dir(self, record: Any) -> Path:
+            return tiny_chat_dir if record.id == "plain" else biased
+
+    def speculates(mode: str, model_id: str, **options: Any) -> bool:
+        backend = TorchBackend(Registry(), EngineConfig(speculative_decoding=mode, **options), torch.float32)  # type: ignore[arg-type]
+        return backend.speculates(SimpleNamespace(id=model_id, task="chat"))  # type: ignore[arg-type]
+
+    assert speculates("auto", "plain") and speculates("ngram", "plain") and speculates("ngram", "biased")
+    assert not speculates("auto", "biased") and not speculates("off", "plain")
 
 
 # -- when it pays ----------------------------------------------------------------------------------

@@ -54,6 +54,11 @@ class Backend(ABC):
     def load(self, record: ModelRecord) -> Runner:
         """A runner serving ``record`` (raises ModelLoadError)."""
 
+    def speculates(self, record: ModelRecord) -> bool:
+        """Whether a single stream of ``record``, a model this backend serves, drafts and verifies
+        tokens (speculative decoding)."""
+        return False
+
     def context_length(self, record: ModelRecord) -> int:
         """Positions a prompt and its answer may take on this backend."""
         return record.context_length or 2048

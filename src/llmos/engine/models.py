@@ -93,6 +93,8 @@ class ModelResolver:
             has_chat_template=record.task in CAUSAL_TASKS and bool(getattr(tokenizer, "chat_template", None)),
             vocab_size=len(tokenizer),
             scores_prompts=backend.scores_prompts,
+            # A LoRA adapter's rows decode one token at a time (``speculative.speculates``).
+            speculates=backend.speculates(base) and (record is base or virtual is not None),
         )
         return ModelHandle(name=model, info=info, ref=Resolution(record, base, key, backend, tokenizer, virtual))
 

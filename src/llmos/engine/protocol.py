@@ -145,6 +145,9 @@ class ModelInfo:
     """Token ids a prompt may use are below this (0: unknown)."""
     scores_prompts: bool = False
     """Whether its backend returns prompt logprobs (``SamplingParams.prompt_logprobs``)."""
+    speculates: bool = False
+    """Whether a single stream of it drafts and verifies tokens (speculative decoding), which a chat
+    request's ``prediction`` is drafted from."""
 
 
 @dataclass(frozen=True)

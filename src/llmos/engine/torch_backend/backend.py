@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from transformers import AutoConfig
 
 from llmos.engine.backends import LOAD_OVERHEAD_BYTES, Backend, Runner, register
+from llmos.engine.config import EngineConfig
+from llmos.engine.torch_backend.int8 import int8_supported
+from llmos.engine.torch_backend.lean_decode import reproduces
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, TASK_HEADS, load_runner
-from llmos.registry import ModelRecord
+from llmos.registry import ModelRecord, ModelRegistry
 
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 
@@ -15,6 +21,10 @@ _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 class TorchBackend(Backend):
     name = "torch"
     scores_prompts = True
+
+    def __init__(self, registry: ModelRegistry, config: EngineConfig, dtype: torch.dtype) -> None:
+        super().__init__(registry, config, dtype)
+        self._configs: dict[str, Any] = {}  # model id -> its transformers config, read once
 
     def serves(self, record: ModelRecord) -> bool:
         return record.task in CAUSAL_TASKS or record.task in TASK_HEADS or record.task == "embedding"
@@ -28,6 +38,20 @@ class TorchBackend(Backend):
         if record.task in CAUSAL_TASKS and self.config.decode_int8:
             width += 1  # the int8 copies read by single-row decode steps
         return int(params * width * 1.1) + LOAD_OVERHEAD_BYTES
+
+    def speculates(self, record: ModelRecord) -> bool:
+        """As ``Speculation.build`` decides for the loaded model: not when off, not when single rows
+        decode int8 weights; under ``auto`` where the lean layers reproduce the model, under
+        ``ngram`` wherever its cache can be rolled back (no sliding-window layers)."""
+        mode = self.config.speculative_decoding
+        if mode == "off" or record.task not in CAUSAL_TASKS or (self.config.decode_int8 and int8_supported(self.dtype)):
+            return False
+        config = self._configs.get(record.id)
+        if config is None:
+            config = self._configs[record.id] = AutoConfig.from_pretrained(self.registry.model_dir(record))
+        if mode == "ngram":
+            return "sliding_attention" not in (getattr(config, "layer_types", None) or [])
+        return reproduces(config)
 
     def load(self, record: ModelRecord) -> Runner:
         return load_runner(

@@ -92,6 +92,18 @@ def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     return torch.roll(x, x.shape[-1] // 2, dims=-1)
 
 
+def reproduces(config: Any) -> bool:
+    """Whether the lean step reproduces a model of ``config`` exactly, as far as its config says
+    (``LeanDecoder.build`` also checks the loaded layers' biases)."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return False
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return False
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        return False  # a layer attending to a window of the cache, not all of it
+    return getattr(config, "pretraining_tp", 1) == 1
+
+
 class LeanDecoder:
     """``decoder(tokens, positions, attention, cache) -> (B, vocab) float32 logits``."""
 
@@ -178,21 +190,14 @@ class LeanDecoder:
     def build(cls, model: Any, *, int8: bool, native: bool = True) -> LeanDecoder | None:
         """A decoder for ``model``, or None when its architecture is not one this step reproduces
         exactly (the engine then decodes with the model's own forward)."""
-        config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
+        if not reproduces(model.config):
             return None
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-            return None
-        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-            return None  # a layer attending to a window of the cache, not all of it
         for layer in model.model.layers:
             biased = [m.bias is not None for m in _qkv(layer)]
             others = (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
             if len(set(biased)) > 1 or any(m.bias is not None for m in others):
                 return None
         if getattr(model.lm_head, "bias", None) is not None:
-            return None
-        if getattr(config, "pretraining_tp", 1) != 1:
             return None
         dtype = next(model.parameters()).dtype
         return cls(model, int8=int8 and int8_supported(dtype), native=native)

@@ -24,7 +24,10 @@ time: grammar-constrained rows (the mask depends on each accepted token), rows w
 frequency penalties (the counts change with each token), rows that report logprobs, and seeded
 sampled rows, whose tokens come from their own generator one draw a token, so that a seed gives
 the same output whether or not its request ran alone. So do rows whose cache cannot be rolled
-back (sliding-window layers).
+back (sliding-window layers), and a LoRA adapter's rows, whose adapter products the verify rounds
+differently. ``auto`` speculates only on models with the lean layers, whose verify reproduces the
+decode step bit for bit; ``ngram`` also verifies through other models' forward (equal to the
+step only up to rounding).
 
 ``auto`` speculates only where it pays: a verify of ``m`` drafts costs ``VERIFY_BASE_COST +
 VERIFY_COST_PER_DRAFT * m`` decode steps and yields one token plus the accepted ones, so a row
@@ -146,11 +149,14 @@ def best_length(rate: float, available: int) -> int:
 
 
 def speculates(row: Row) -> bool:
-    """Whether the verify's acceptance rule reproduces this row's decoding (see the module's docstring)."""
+    """Whether the verify's acceptance rule reproduces this row's decoding (see the module's
+    docstring). Not for a LoRA adapter's rows: the verify computes their adapter products over all
+    its positions at once, which in float32 round differently from a decode step's one row."""
     request = row.pending.request
     params = request.params
     return (
-        request.grammar is None
+        row.pending.adapter is None
+        and request.grammar is None
         and params.presence_penalty == 0
         and params.frequency_penalty == 0
         and not params.logprobs
@@ -205,10 +211,13 @@ class Speculation:
         cls, config: EngineConfig, model: Any, decoder: Any, streamer: Streamer, cache_name: str
     ) -> Speculation | None:
         """Speculation for a runner whose decode steps run ``decoder`` (the lean layers) or, when
-        it is None, the model's forward; None when it is off or single rows decode with int8
+        it is None, the model's forward; None when it is off, when single rows decode with int8
         weights (a verify reads the model's own, so accepted tokens would differ from those the
-        int8 steps choose)."""
-        if config.speculative_decoding == "off" or (decoder is not None and decoder.int8):
+        int8 steps choose), and under ``auto`` (the default) where there are no lean layers: the
+        forward's verify matches a decode step only up to rounding, in float32 too, so greedy
+        answers could differ from plain decoding's; ``ngram`` asks for it anyway."""
+        mode = config.speculative_decoding
+        if mode == "off" or (decoder is not None and decoder.int8) or (mode == "auto" and decoder is None):
             return None
         # The lean layers' verify reproduces their decode steps bit for bit; the model's forward only up to rounding.
         verify = decoder.verify if decoder is not None else forward_verify(model, cache_name)

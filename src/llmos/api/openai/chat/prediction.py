@@ -24,6 +24,13 @@ async def prediction_tokens(
             "prediction needs speculative decoding, which this server has off (speculative_decoding)",
             param="prediction",
         )
+    if not handle.info.speculates:
+        raise InvalidRequestError(
+            f"prediction needs speculative decoding, which {handle.name} is not served with (its backend, "
+            "a LoRA adapter, int8 decode weights, or under speculative_decoding 'auto' an architecture "
+            "whose verify would not reproduce its decode steps exactly)",
+            param="prediction",
+        )
     sampled = req.temperature is None or req.temperature > 0
     combined = {
         "n": (req.n or 1) > 1,
