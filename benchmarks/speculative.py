@@ -99,7 +99,7 @@ def verify_cost(model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, 
 
 
 def served(
-    home: Path, modes: list[str], texts: list[str], max_tokens: int, dtype: str, threads: int
+    home: Path, modes: list[str], texts: list[str], max_tokens: int, dtype: str, threads: int, temperature: float
 ) -> dict[str, dict[str, Any]]:
     """Every text answered by one server per ``speculative_decoding`` mode, all running, the modes
     taking turns prompt by prompt (so that the machine's other load weighs on each alike)."""
@@ -128,7 +128,7 @@ def served(
                     "model": MODEL,
                     "messages": [{"role": "user", "content": text}],
                     "max_tokens": max_tokens,
-                    "temperature": 0,
+                    "temperature": temperature,
                     "stream": True,
                     "stream_options": {"include_usage": True},
                 }
@@ -183,6 +183,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--workload", default="summaries", choices=["summaries", "chat"])
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (answers compared); above, sampled (unseeded)"
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--modes", default="off,auto,ngram", help="speculative_decoding values; off first")
     parser.add_argument("--repeats", type=int, default=30, help="timed passes of each verify length")
@@ -209,7 +212,7 @@ def main() -> None:
     if args.cost_only:
         print(json.dumps(cost, indent=2))
         return
-    runs = served(args.home, modes, texts, args.max_tokens, args.dtype, args.threads)
+    runs = served(args.home, modes, texts, args.max_tokens, args.dtype, args.threads, args.temperature)
     base = runs["off"]
     result: dict[str, Any] = {
         "model": MODEL,
@@ -217,6 +220,7 @@ def main() -> None:
         "workload": args.workload,
         "prompts": len(texts),
         "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
         "threads": args.threads,
         "verify_cost": cost,
         "served": {mode: {k: v for k, v in run.items() if k != "answers"} for mode, run in runs.items()},
@@ -225,9 +229,11 @@ def main() -> None:
         result["served"][mode]["speedup"] = run["tokens_per_s"] / base["tokens_per_s"]
         result["served"][mode]["decode_speedup"] = run["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         same = [a == b for a, b in zip(run["answers"], base["answers"], strict=True)]
-        result["served"][mode]["identical_answers"] = sum(same)
+        # Sampled answers differ from run to run whatever the mode: only greedy ones are compared.
+        result["served"][mode]["identical_answers"] = sum(same) if args.temperature == 0 else None
     what = "SciTLDR summaries" if args.workload == "summaries" else "Self-Instruct chat answers"
-    print(f"{MODEL} ({result['dtype']}), 1 client, greedy, {len(texts)} {what} to {args.max_tokens} tokens")
+    how = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature:g}"
+    print(f"{MODEL} ({result['dtype']}), 1 client, {how}, {len(texts)} {what} to {args.max_tokens} tokens")
     print(f"verify cost over a {cost['cache_tokens']}-token cache (decode step {cost['decode_step_s'] * 1000:.1f} ms):")
     print("  " + "  ".join(f"k={k}: {cost['verify_over_step'][str(k)]:.2f}x" for k in DRAFTS))
     print(f"  fit: {cost['fit_base']:.3f} + {cost['fit_per_draft']:.4f} k")
@@ -239,10 +245,11 @@ def main() -> None:
     for mode in modes:
         row = result["served"][mode]
         rate = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.0%}"
+        same = "-" if row["identical_answers"] is None else f"{row['identical_answers']}/{len(texts)}"
         print(
             f"{mode:<8} {row['tokens']:>7} {row['tokens_per_s']:>9.1f} {row['speedup']:>7.2f}x "
             f"{row['decode_tokens_per_s']:>13.1f} {row['decode_speedup']:>7.2f}x {rate:>9} "
-            f"{row['identical_answers']:>6}/{len(texts)}"
+            f"{same:>10}"
         )
     write_result("speculative", result, args.out)
 
