@@ -89,6 +89,7 @@ class Platform:
                 files,
                 registry,
                 pretrain_memory_mb=settings.pretrain_memory_mb,
+                job_gpus=settings.ray_job_gpus,
                 cluster_nodes=_cluster_nodes if settings.ray_address is not None else None,
             ),
             completions=completions,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import types
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,11 +134,25 @@ def test_a_job_asks_for_gpus_in_its_method(loaded_platform: Platform) -> None:
     p = loaded_platform
     job = _create(p, {"type": "supervised", "supervised": {"gpus": 1}})
     assert job.method["resolved"]["gpus"] == 1.0 and job_gpus(job, p.settings) == 1.0
-    assert _create(p, {"type": "supervised"}).method["resolved"]["gpus"] is None  # the server's setting
+    assert _create(p, {"type": "supervised"}).method["resolved"]["gpus"] == 0.0  # the server's ray_job_gpus
     for bad in (-1, 65, "one", True):
         with pytest.raises(InvalidRequestError) as refused:
             _create(p, {"type": "supervised", "supervised": {"gpus": bad}})
         assert refused.value.param == "method.supervised.gpus"
+
+
+def test_the_servers_ray_job_gpus_is_written_into_the_job_for_its_worker_elsewhere(
+    settings: Settings, tiny_chat_dir: Path
+) -> None:
+    # The server's ray_job_gpus reaches a worker on another node only through the job: that worker
+    # reads its own settings (no LLMOS_RAY_JOB_GPUS in its environment, its node's config.toml).
+    with closing(Platform.open(settings.model_copy(update={"ray_job_gpus": 1.0}))) as server:
+        server.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
+        job = _create(server, {"type": "supervised"})
+        own = _create(server, {"type": "supervised", "supervised": {"gpus": 0}})  # a job's own figure is kept
+    assert job.method["resolved"]["gpus"] == 1.0 and job.public()["method"]["supervised"]["gpus"] == 1.0
+    worker_settings = Settings(home=settings.home, ray_job_gpus=0)
+    assert job_gpus(job, worker_settings) == 1.0 and job_gpus(own, Settings(ray_job_gpus=1)) == 0.0
 
 
 def test_a_worker_that_sees_no_gpu_trains_on_the_cpu_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 PRETRAIN_MEMORY_MB: int = Settings.model_fields["pretrain_memory_mb"].default
 """The budget a caller that names none checks pre-training jobs against: the setting's default."""
+JOB_GPUS: float = Settings.model_fields["ray_job_gpus"].default
+"""The GPUs of a job that does not say, where the caller names none: the setting's default."""
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 # Base model task -> {training-file format -> what a job on it learns}. Causal models learn chat;
 # an encoder learns whatever head its training file's detected format calls for.
@@ -144,6 +146,15 @@ def check_job_request(
         memory_bytes=memory.total + WORKER_RUNTIME_BYTES if memory is not None else None,
         memory_param=_fine_tuning_shrink(spec, memory) if memory is not None else "model",
     )
+
+
+def with_gpus(request: JobRequest, server_gpus: float) -> JobRequest:
+    """``request`` with its GPUs decided: its own, else ``server_gpus`` (the server's ``ray_job_gpus``).
+    Decided once, when the job is created, so that what the job shows is what its worker is given
+    and computes on wherever it runs (a worker on another node has that node's settings, not the server's)."""
+    if request.spec.gpus is not None:
+        return request
+    return replace(request, spec=replace(request.spec, gpus=server_gpus))
 
 
 def _estimated_model(registry: ModelRegistry, base: ModelRecord) -> tuple[ModelRecord, int | None]:

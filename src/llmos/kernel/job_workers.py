@@ -83,8 +83,9 @@ def job_dir(settings: Settings, job_id: str) -> Path:
 
 
 def job_gpus(job: Job, settings: Settings) -> float:
-    """The GPUs ``job``'s worker asks for: its own ``gpus`` setting (``method.<type>.gpus``), else
-    the server's ``ray_job_gpus``."""
+    """The GPUs ``job``'s worker asks for: those its method holds (its own ``method.<type>.gpus``,
+    else the server's ``ray_job_gpus`` written there at creation); for a job queued before jobs held
+    them, ``settings.ray_job_gpus``."""
     asked = job.method.get("resolved", {}).get("gpus")
     return settings.ray_job_gpus if asked is None else float(asked)
 

@@ -26,7 +26,14 @@ from llmos.kernel.job_checkpoints import JobCheckpoints
 from llmos.kernel.job_heartbeat import beat
 from llmos.kernel.job_queries import JobQueries
 from llmos.kernel.job_record import Job, checkpoint_name, fine_tuned_name, metrics_csv
-from llmos.kernel.job_requests import PRETRAIN_MEMORY_MB, TRAINABLE, check_fits_cluster, check_job_request
+from llmos.kernel.job_requests import (
+    JOB_GPUS,
+    PRETRAIN_MEMORY_MB,
+    TRAINABLE,
+    check_fits_cluster,
+    check_job_request,
+    with_gpus,
+)
 from llmos.kernel.job_status import (
     RESUMABLE_ERRORS,
     TERMINAL,
@@ -66,12 +73,16 @@ class JobStore(JobQueries):
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         *,
         pretrain_memory_mb: int = PRETRAIN_MEMORY_MB,
+        job_gpus: float = JOB_GPUS,
         cluster_nodes: Callable[[], Sequence[NodeView]] | None = None,
     ) -> None:
         super().__init__(db, clock)
         self.files = files
         self.registry = registry
         self.pretrain_memory_mb = pretrain_memory_mb
+        self.job_gpus = job_gpus
+        """The GPUs of a job whose method does not say (``ray_job_gpus``), written into the job at
+        creation: its worker, maybe on another node with other settings, reads them from the job."""
         self.cluster_nodes = cluster_nodes
         """The nodes of the Ray cluster this server has joined (None: not in cluster mode): a job
         larger than every live one is refused at creation rather than queued for ever."""
@@ -88,7 +99,10 @@ class JobStore(JobQueries):
             earlier = find_earlier(self.db, JobRow, tenant, idempotency_key, request_hash)
             if earlier is not None:
                 return Job.from_row(earlier)
-        request = check_job_request(self.registry, self.files, tenant, body, pretrain_memory_mb=self.pretrain_memory_mb)
+        request = with_gpus(
+            check_job_request(self.registry, self.files, tenant, body, pretrain_memory_mb=self.pretrain_memory_mb),
+            self.job_gpus,
+        )
         if self.cluster_nodes is not None:
             check_fits_cluster(request, self.cluster_nodes())
         method: dict[str, Any] = {"type": request.spec.method, "task": request.task, "resolved": request.spec.as_dict()}
