@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from llmos.cluster.routing import NodeCapacity, ReplicaNeed, choose_job_node
 from llmos.config import Settings
@@ -21,6 +22,7 @@ from llmos.errors import InvalidRequestError
 from llmos.kernel.job_workers import NoRoom, Placement, job_gpus
 from llmos.platform import Platform
 from llmos.training.device import training_device
+from tests.conftest import ADMIN_KEY
 
 GB = 1 << 30
 ROWS = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(4)]
@@ -153,6 +155,43 @@ def test_the_servers_ray_job_gpus_is_written_into_the_job_for_its_worker_elsewhe
     assert job.method["resolved"]["gpus"] == 1.0 and job.public()["method"]["supervised"]["gpus"] == 1.0
     worker_settings = Settings(home=settings.home, ray_job_gpus=0)
     assert job_gpus(job, worker_settings) == 1.0 and job_gpus(own, Settings(ray_job_gpus=1)) == 0.0
+
+
+def test_a_job_asking_for_more_gpus_than_any_live_node_has_is_refused_at_creation(
+    loaded_platform: Platform, quiet_http: TestClient
+) -> None:
+    from llmos.cluster.view import NodeView
+
+    p = loaded_platform
+    data = "\n".join(json.dumps(r) for r in ROWS).encode()
+    record, _ = p.files.create(
+        tenant="default", purpose="fine-tune", filename="t.jsonl", chunks=[data], max_bytes=1 << 20
+    )
+    nodes = [
+        NodeView("head", "10.0.0.1", True, {"CPU": 4.0, "memory": 64.0 * GB}, {"CPU": 4.0}),
+        NodeView("one", "10.0.0.2", True, {"CPU": 4.0, "memory": 64.0 * GB, "GPU": 1.0}, {"CPU": 4.0, "GPU": 0.0}),
+        NodeView("gone", "10.0.0.3", False, {"CPU": 4.0, "memory": 64.0 * GB, "GPU": 8.0}, None),  # dead
+    ]
+    p.jobs.cluster_nodes = lambda: nodes
+
+    def create(gpus: float) -> Any:
+        body = {
+            "model": "tiny-chat",
+            "training_file": record.id,
+            "method": {"type": "supervised", "supervised": {"gpus": gpus}},
+        }
+        return quiet_http.post("/v1/fine_tuning/jobs", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+    refused = create(2)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "exceeds_cluster_gpus"
+    assert error["param"] == "method.supervised.gpus"
+    assert "asks for 2 GPUs" in error["message"] and "has more than 1:" in error["message"]
+    assert not p.jobs.list("default", limit=100)[0]  # nothing queued
+    # As many as the node with most has, busy or not, is queued (the job waits its turn), and so is a
+    # job asking for none.
+    assert create(1).status_code == 200 and create(0).status_code == 200
 
 
 def test_a_worker_that_sees_no_gpu_trains_on_the_cpu_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -187,11 +187,21 @@ def _fine_tuning_shrink(spec: TrainingSpec, memory: MemoryEstimate) -> str:
 
 
 def check_fits_cluster(request: JobRequest, nodes: Sequence[NodeView]) -> None:
-    """400 for a job whose estimated memory is more than any live node of the cluster has in all:
-    none could ever start its worker, and it would wait in the queue for a larger node to join.
-    A job without an estimate (it reserves ``ray_job_memory_mb``) and a cluster with no live node
-    known are let through."""
-    largest = max((int(n.resources.get("memory", 0)) for n in nodes if n.alive), default=None)
+    """400 for a job asking for more GPUs, or with more estimated memory, than any live node of the
+    cluster has in all: none could ever start its worker, and it would wait in the queue for a larger
+    node to join. A job without an estimate (it reserves ``ray_job_memory_mb``) is checked for its
+    GPUs only; a cluster with no live node known lets every job through."""
+    live = [n for n in nodes if n.alive]
+    most_gpus = max((n.resources.get("GPU", 0.0) for n in live), default=None)
+    gpus = request.spec.gpus or 0.0
+    if most_gpus is not None and gpus > most_gpus:
+        raise InvalidRequestError(
+            f"this job asks for {gpus:g} GPUs and no live node of the cluster has more than {most_gpus:g}: "
+            f"ask for at most {most_gpus:g} ({request.spec.section}.gpus; 0 trains on CPUs)",
+            param=f"{request.spec.section}.gpus",
+            code="exceeds_cluster_gpus",
+        )
+    largest = max((int(n.resources.get("memory", 0)) for n in live), default=None)
     if request.memory_bytes is None or largest is None or request.memory_bytes <= largest:
         return
     smaller = (
