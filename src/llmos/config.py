@@ -150,9 +150,10 @@ class Settings(BaseSettings):
         default=0.0,
         ge=0,
         le=64,
-        description="GPUs Ray reserves for each fine-tuning job's worker on its node in Ray cluster mode, for a "
-        "job that does not say (`method.<type>.gpus`); a job asking for GPUs starts only on a node with that many "
-        "unreserved, and trains on the GPU Ray gives it. 0: jobs train on CPUs.",
+        description="GPUs a fine-tuning job asks for when its method does not say (`method.<type>.gpus`), written "
+        "into the job at creation. A job asking for GPUs trains on a GPU where torch sees one (else on CPUs, "
+        "saying so); in Ray cluster mode it starts only on a node with that many unreserved, and trains on the "
+        "GPU Ray gives it. 0: jobs train on CPUs.",
     )
     ray_job_memory_mb: int = Field(
         default=2048,
