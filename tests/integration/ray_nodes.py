@@ -157,6 +157,20 @@ def cluster_server(cluster: RayCluster, home: Path, **settings: str) -> Iterator
         assert stop_server(server) == 0
 
 
+@contextmanager
+def job_server(cluster: RayCluster, home: Path, chat_dir: Path) -> Iterator[Any]:
+    """A server of ``home`` joined to ``cluster`` that runs one fine-tuning job at a time, each
+    reserving 1 CPU and 256 MB, with the chat model of ``chat_dir`` registered as ``tiny-chat``."""
+    from llmos.config import Settings
+    from llmos.platform import Platform
+
+    platform = Platform.open(Settings(home=home))
+    platform.registry.pull(f"file:{chat_dir}", name="tiny-chat")
+    platform.close()
+    with cluster_server(cluster, home, max_concurrent_jobs="1", ray_job_cpus="1", ray_job_memory_mb="256") as server:
+        yield server
+
+
 class Stream:
     """A streamed chat completion read event by event."""
 

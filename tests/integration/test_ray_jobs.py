@@ -17,10 +17,8 @@ from typing import Any
 import openai
 import pytest
 
-from llmos.config import Settings
-from llmos.platform import Platform
 from tests.integration.conftest import ADMIN_KEY, Server
-from tests.integration.ray_nodes import RayCluster, cluster_server, cluster_view, two_node_cluster, wait_for
+from tests.integration.ray_nodes import RayCluster, cluster_view, job_server, two_node_cluster, wait_for
 from tests.unit.test_training_quota import ROWS
 
 pytest.importorskip("ray", reason='Ray cluster mode needs the ray extra (pip install "llmos[ray]")')
@@ -42,13 +40,7 @@ def ray_cluster() -> Iterator[RayCluster]:
 
 @pytest.fixture
 def server(ray_cluster: RayCluster, tmp_path: Path, tiny_chat_dir: Path) -> Iterator[Server]:
-    home = tmp_path / "home"
-    platform = Platform.open(Settings(home=home))
-    platform.registry.pull(f"file:{tiny_chat_dir}", name="tiny-chat")
-    platform.close()
-    with cluster_server(
-        ray_cluster, home, max_concurrent_jobs="1", ray_job_cpus="1", ray_job_memory_mb="256"
-    ) as server:
+    with job_server(ray_cluster, tmp_path / "home", tiny_chat_dir) as server:
         yield server
 
 
