@@ -16,6 +16,7 @@ pytest.importorskip("ray", reason='the replica pool needs the ray extra (pip ins
 from llmos.cluster.engine import RayEngine
 from llmos.cluster.pool import ReplicaPool
 from llmos.cluster.routing import NodeCapacity, ReplicaNeed
+from llmos.cluster.view import NodeView
 from llmos.config import Settings
 from llmos.errors import ServiceUnavailableError
 
@@ -87,6 +88,26 @@ def test_a_replica_reserving_gpus_is_made_with_them_and_goes_to_a_node_with_them
     with pytest.raises(ServiceUnavailableError, match=r"no node of the Ray cluster has room .*1 GPU\)"):
         pool._place("m", NODES, 1)
     assert len(pool.replicas) == 1 and len(actors.options_given) == 1
+
+
+def test_what_a_jobs_worker_holds_on_a_node_is_not_offered_to_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray counts a fine-tuning job's worker as reserving its CPU, memory and GPU; the pool offers
+    replicas a node's totals less that (its own replicas it subtracts itself, once)."""
+    pool, _ = _pool(ReplicaNeed(cpus=1, memory_bytes=GB, gpus=1.0))
+    resources = {"CPU": 4.0, "memory": 16.0 * GB, "GPU": 1.0}
+    job_holds = {"CPU": 3.0, "memory": 14.0 * GB, "GPU": 0.0}  # a job's worker: 1 CPU, 2 GB and the GPU
+    seen = [NodeView(GPU_NODE, "10.0.0.2", True, resources, job_holds)]
+    monkeypatch.setattr(pool, "nodes", lambda: seen)
+    assert pool.nodes_capacity() == [NodeCapacity(GPU_NODE, "10.0.0.2", cpus=3.0, memory_bytes=14 * GB, gpus=0.0)]
+    with pytest.raises(ServiceUnavailableError, match="1 GPU"):
+        pool._place("m", pool.nodes_capacity(), 0)
+    # The job ends: Ray's figures are the totals again, and a replica placed there is counted once.
+    seen[0] = NodeView(GPU_NODE, "10.0.0.2", True, resources, dict(resources))
+    placed = pool._place("m", pool.nodes_capacity(), 0)
+    seen[0] = NodeView(GPU_NODE, "10.0.0.2", True, resources, {"CPU": 3.0, "memory": 15.0 * GB, "GPU": 0.0})
+    # Ray now counts the replica too: the pool offers the totals, and its node choice subtracts the replica.
+    assert placed.node.node_id == GPU_NODE
+    assert pool.nodes_capacity() == [NodeCapacity(GPU_NODE, "10.0.0.2", cpus=4.0, memory_bytes=16 * GB, gpus=1.0)]
 
 
 def test_a_replica_reserving_no_gpu_is_made_to_see_none() -> None:

@@ -437,17 +437,31 @@ class ReplicaPool:
         return cluster_nodes()
 
     def nodes_capacity(self) -> list[NodeCapacity]:
-        return [
-            NodeCapacity(
-                n.node_id,
-                n.address,
-                cpus=n.resources.get("CPU", 0.0),
-                memory_bytes=int(n.resources.get("memory", 0)),
-                gpus=n.resources.get("GPU", 0.0),
+        """Each live node's resources for replicas: its totals less what other Ray actors hold there
+        (fine-tuning jobs' workers, whose CPUs, memory and GPUs Ray counts as reserved), so that a
+        replica is not placed on a GPU a job holds and then waits for it. The replicas themselves
+        are subtracted by the node choice (``_held``), placements Ray may not count yet included."""
+        listed: dict[str, Reservation] = {}
+        for replica in list(self.replicas):
+            reservation = listed.setdefault(replica.node.node_id, Reservation())
+            reservation.cpus += replica.need.cpus
+            reservation.memory_bytes += replica.need.memory_bytes
+            reservation.gpus += replica.need.gpus
+        capacity = []
+        for n in self.nodes():
+            if not n.alive:
+                continue
+            mine = listed.get(n.node_id, Reservation())
+            capacity.append(
+                NodeCapacity(
+                    n.node_id,
+                    n.address,
+                    cpus=_left_by_others(n, "CPU", mine.cpus),
+                    memory_bytes=int(_left_by_others(n, "memory", mine.memory_bytes)),
+                    gpus=_left_by_others(n, "GPU", mine.gpus),
+                )
             )
-            for n in self.nodes()
-            if n.alive
-        ]
+        return capacity
 
     async def refresh(self) -> None:
         """Ask each ready replica's engine for its stats (those that answer within ``STATS_TIMEOUT_S``;
@@ -497,6 +511,15 @@ class ReplicaPool:
         if stop_replicas:
             for replica in list(self.replicas):
                 self._drop(replica)
+
+
+def _left_by_others(node: NodeView, key: str, replicas: float) -> float:
+    """``node``'s total of resource ``key`` less what Ray counts reserved there beyond ``replicas``
+    (the listed replicas' share): what other actors leave. The total where Ray says nothing."""
+    total = node.resources.get(key, 0.0)
+    if node.available is None:
+        return total
+    return total - max(0.0, total - node.available.get(key, 0.0) - replicas)
 
 
 def cluster_nodes() -> list[NodeView]:
