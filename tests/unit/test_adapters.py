@@ -298,3 +298,19 @@ def test_bank_reuses_freed_columns_and_keeps_every_row_exact() -> None:
     torch.testing.assert_close(model(x), expected(x, rows))
     bank.prepare(["b", "b", "b"])  # one adapter: only its columns are computed
     torch.testing.assert_close(model(x), expected(x, ["b", "b", "b"]))
+
+
+def test_an_adapter_is_not_fine_tuned_into_an_adapter_of_an_adapter(client: Any, adapters: dict) -> None:
+    """A LoRA fine-tune of a LoRA adapter would train in full, then fail to register (an adapter's
+    base must be a plain model): it is refused at creation, naming ``model``."""
+    import openai
+
+    from tests.unit.test_fine_tuning import LORA, upload
+
+    training = upload(client)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model="ad-a", training_file=training, method=LORA)
+    error = refused.value.body
+    assert (error["param"], error["code"]) == ("model", "unsupported_model")
+    assert "adapter of an adapter" in error["message"]
+    assert client.fine_tuning.jobs.list().data == []

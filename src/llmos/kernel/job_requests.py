@@ -16,6 +16,7 @@ from llmos.registry.adapters import ADAPTER_FORMATS
 from llmos.registry.files import FileRecord, FileStore
 from llmos.registry.metadata import check_metadata
 from llmos.registry.service import ModelRecord, ModelRegistry
+from llmos.training.adapters import SERVED_AS_ADAPTERS
 from llmos.training.corpus import CORPUS_PURPOSE
 from llmos.training.finetune_memory import WORKER_RUNTIME_BYTES, fine_tuning_estimate
 from llmos.training.model_presets import MemoryEstimate, estimate_memory
@@ -123,6 +124,14 @@ def check_job_request(
     if spec.packing and task != "chat":
         raise InvalidRequestError(
             "packing applies to chat fine-tuning only", param=f"{spec.section}.packing", code="unsupported_method"
+        )
+    if base.format in ADAPTER_FORMATS and spec.adapter in SERVED_AS_ADAPTERS:
+        # Its result would be an adapter of an adapter, which the registry refuses once it has trained.
+        raise InvalidRequestError(
+            f"model {base.name} is an adapter, and a {spec.adapter} fine-tune of it would be an adapter of an "
+            "adapter, which cannot be served; fine-tune its base model instead",
+            param="model",
+            code="unsupported_model",
         )
     shaped, parameters = _estimated_model(registry, base)
     memory = fine_tuning_estimate(
