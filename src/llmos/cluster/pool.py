@@ -424,14 +424,7 @@ class ReplicaPool:
         names = {replica_name(r.model_key, r.slot) for r in replicas}
         # A claim whose replica is listed already (its placement is just ending) counts once.
         placing = [claim for name, claim in list(self._claimed.items()) if name not in names]
-        held: dict[str, Reservation] = {}
-        for claim in listed + placing:
-            reservation = held.setdefault(claim.node_id, Reservation())
-            reservation.cpus += claim.need.cpus
-            reservation.memory_bytes += claim.need.memory_bytes
-            reservation.gpus += claim.need.gpus
-            reservation.models.append(claim.model_key)
-        return held
+        return _reserved(listed + placing)
 
     def nodes(self) -> list[NodeView]:
         return cluster_nodes()
@@ -441,12 +434,7 @@ class ReplicaPool:
         (fine-tuning jobs' workers, whose CPUs, memory and GPUs Ray counts as reserved), so that a
         replica is not placed on a GPU a job holds and then waits for it. The replicas themselves
         are subtracted by the node choice (``_held``), placements Ray may not count yet included."""
-        listed: dict[str, Reservation] = {}
-        for replica in list(self.replicas):
-            reservation = listed.setdefault(replica.node.node_id, Reservation())
-            reservation.cpus += replica.need.cpus
-            reservation.memory_bytes += replica.need.memory_bytes
-            reservation.gpus += replica.need.gpus
+        listed = _reserved([Claim(r.model_key, r.node.node_id, r.need) for r in list(self.replicas)])
         capacity = []
         for n in self.nodes():
             if not n.alive:
@@ -511,6 +499,18 @@ class ReplicaPool:
         if stop_replicas:
             for replica in list(self.replicas):
                 self._drop(replica)
+
+
+def _reserved(claims: list[Claim]) -> dict[str, Reservation]:
+    """What ``claims`` reserve on each node, by node id."""
+    held: dict[str, Reservation] = {}
+    for claim in claims:
+        reservation = held.setdefault(claim.node_id, Reservation())
+        reservation.cpus += claim.need.cpus
+        reservation.memory_bytes += claim.need.memory_bytes
+        reservation.gpus += claim.need.gpus
+        reservation.models.append(claim.model_key)
+    return held
 
 
 def _left_by_others(node: NodeView, key: str, replicas: float) -> float:
