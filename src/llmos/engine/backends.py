@@ -17,8 +17,10 @@ import torch
 from llmos.engine.runner import GenerationRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
 from llmos.engine.torch_backend.encoder import EncoderRunner
+from llmos.engine.torch_backend.loader import CAUSAL_TASKS
 from llmos.engine.torch_backend.token_classifier import TokenClassifierRunner
-from llmos.errors import ModelLoadError
+from llmos.errors import ModelLoadError, ModelNotFoundError
+from llmos.registry.adapters import ADAPTER_FORMATS
 
 if TYPE_CHECKING:
     from llmos.engine.config import EngineConfig
@@ -58,6 +60,33 @@ class Backend(ABC):
         """Whether a single stream of ``record``, a model this backend serves, drafts and verifies
         tokens (speculative decoding)."""
         return False
+
+    drafts: ClassVar[bool] = False
+    """Whether its chat models' single streams can speculate with a draft model (``draft_models``)."""
+
+    def draft_for(self, record: ModelRecord) -> ModelRecord | None:
+        """The model ``draft_models`` gives ``record`` to draft for it, or None; raises
+        ModelLoadError where that cannot work: a draft model that is not registered, not a chat or
+        completion model, an adapter, or a target this backend does not speculate with."""
+        name = self.config.draft_models.get(record.name)
+        if name is None:
+            return None
+        if not self.drafts:
+            raise ModelLoadError(
+                f"draft_models: {record.name} is served by the {self.name} backend, which does not draft with a model"
+            )
+        try:
+            draft = self.registry.get(name)
+        except ModelNotFoundError as exc:
+            raise ModelLoadError(f"draft_models: {name}, the draft model of {record.name}, is not registered") from exc
+        if draft.task not in CAUSAL_TASKS or draft.format in ADAPTER_FORMATS:
+            raise ModelLoadError(f"draft_models: {name} is not a chat or completion model, so it cannot draft")
+        if not self.speculates(record):
+            raise ModelLoadError(
+                f"draft_models gives {record.name} a draft model, but {record.name} does not speculate here "
+                "(speculative_decoding, decode_weights int8, or under 'auto' no lean layers for its architecture)"
+            )
+        return draft
 
     def context_length(self, record: ModelRecord) -> int:
         """Positions a prompt and its answer may take on this backend."""

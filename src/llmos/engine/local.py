@@ -65,6 +65,7 @@ class LocalEngine:
         self.dtype = resolve_dtype(self.config.dtype)
         self._helpers = threads.helper_pool()
         self.models = ModelResolver(registry, Backends(registry, self.config, self.dtype), self.dtype)
+        self.models.check_drafts(self.config.draft_models)  # a pairing that cannot work stops the start
         self.residency: ModelResidency[Runner] = ModelResidency(
             self.config.memory_budget_bytes, self._load, _unload, self._estimate_size
         )

@@ -21,9 +21,9 @@ from llmos.engine.backends import Backend, Backends
 from llmos.engine.grammar import GrammarCompiler
 from llmos.engine.protocol import ModelHandle, ModelInfo
 from llmos.engine.tool_prompt import chat_with_tools
-from llmos.engine.torch_backend.loader import CAUSAL_TASKS, load_tokenizer
+from llmos.engine.torch_backend.loader import CAUSAL_TASKS, check_draft_tokenizer, load_tokenizer
 from llmos.engine.torch_backend.virtual_tokens import VirtualTokens, load_virtual_tokens
-from llmos.errors import InvalidRequestError, ModelLoadError
+from llmos.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from llmos.registry import ModelRecord, ModelRegistry
 from llmos.registry.adapters import ADAPTER_FORMATS, PREFIX_FORMAT
 
@@ -97,6 +97,19 @@ class ModelResolver:
             speculates=backend.speculates(base) and (record is base or virtual is not None),
         )
         return ModelHandle(name=model, info=info, ref=Resolution(record, base, key, backend, tokenizer, virtual))
+
+    def check_drafts(self, pairs: dict[str, str]) -> None:
+        """Raises ModelLoadError for a ``draft_models`` entry that cannot work (``Backend.draft_for``,
+        and tokenizers whose ids differ). A target not registered yet is checked when it loads."""
+        for target_name in pairs:
+            try:
+                target = self.registry.get(target_name)
+            except ModelNotFoundError:
+                continue
+            draft = self.backends.for_model(target).draft_for(target)
+            if draft is not None:
+                tokenizers = self._tokenizer(target, target), self._tokenizer(draft, draft)
+                check_draft_tokenizer(target.name, tokenizers[0], draft.name, tokenizers[1])
 
     def served(self, key: str) -> tuple[ModelRecord, Backend]:
         """What the runner under residency ``key`` serves, and with which backend (a key no

@@ -21,6 +21,7 @@ _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 class TorchBackend(Backend):
     name = "torch"
     scores_prompts = True
+    drafts = True
 
     def __init__(self, registry: ModelRegistry, config: EngineConfig, dtype: torch.dtype) -> None:
         super().__init__(registry, config, dtype)
@@ -30,6 +31,10 @@ class TorchBackend(Backend):
         return record.task in CAUSAL_TASKS or record.task in TASK_HEADS or record.task == "embedding"
 
     def estimate_bytes(self, record: ModelRecord) -> int:
+        draft = self.draft_for(record) if record.task in CAUSAL_TASKS else None
+        return self._own_bytes(record) + (self._own_bytes(draft) - LOAD_OVERHEAD_BYTES if draft else 0)
+
+    def _own_bytes(self, record: ModelRecord) -> int:
         encoder = record.task == "embedding" or record.task in TASK_HEADS  # these load in float32
         width = 4 if encoder else _DTYPE_BYTES.get(self.dtype, 4)
         params = record.parameter_count or record.size_bytes // 2
@@ -54,6 +59,7 @@ class TorchBackend(Backend):
         return reproduces(config)
 
     def load(self, record: ModelRecord) -> Runner:
+        draft = self.draft_for(record) if record.task in CAUSAL_TASKS else None
         return load_runner(
             self.registry.model_dir(record),
             record.task,
@@ -61,4 +67,5 @@ class TorchBackend(Backend):
             context_length=self.context_length(record),
             config=self.config,
             name=record.name,
+            draft=(draft.name, self.registry.model_dir(draft)) if draft else None,
         )

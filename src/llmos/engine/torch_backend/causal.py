@@ -29,6 +29,7 @@ from llmos.engine.runner import GenerationRunner
 from llmos.engine.scheduler import RECENT_S, Pending, Row
 from llmos.engine.threads import enter_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
+from llmos.engine.torch_backend.draft_model import DraftModel
 from llmos.engine.torch_backend.kv_budget import KvBudget
 from llmos.engine.torch_backend.kv_cache import cache_argument, limit_growth, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
@@ -64,7 +65,9 @@ class CausalRunner(GenerationRunner):
         context_length: int,
         config: EngineConfig | None = None,
         name: str = "model",
+        draft: DraftModel | None = None,
     ) -> None:
+        """``draft``: a smaller model of the family drafting for single streams (``draft_models``)."""
         config = config or EngineConfig()
         # Every decoding row takes a token of a step, and a step keeps one for the prompts: the budget bounds the rows.
         super().__init__(name, config, max(1, config.step_token_budget - 1))
@@ -80,7 +83,12 @@ class CausalRunner(GenerationRunner):
         self.lora = LoraBank(model, config.adapter_memory_bytes)
         # Decode steps run the lean step where the architecture has one, else the model's forward.
         self.decoder = LeanDecoder.build(model, int8=config.decode_int8, native=config.native_kernels)
-        self.speculation = Speculation.build(config, model, self.decoder, self.streamer, self.cache_name)
+        self.speculation = Speculation.build(config, model, self.decoder, self.streamer, self.cache_name, draft)
+        if draft is not None and self.speculation is None:
+            raise ModelLoadError(
+                f"draft_models gives {name} the draft model {draft.name}, but {name} does not speculate here "
+                "(speculative_decoding 'off', int8 decode weights, or under 'auto' no lean layers)"
+            )
         self.virtual = VirtualPrefixes(config.adapter_memory_bytes)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         width = kv_width(model.config.to_dict()) * next(model.parameters()).element_size()

@@ -10,6 +10,7 @@ import torch
 from llmos.engine.config import EngineConfig
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.classifier import ClassifierRunner
+from llmos.engine.torch_backend.draft_model import DraftModel, same_tokenizer
 from llmos.engine.torch_backend.encoder import EncoderRunner, Pooling
 from llmos.engine.torch_backend.head_pooling import install_pooling
 from llmos.engine.torch_backend.prompted_encoder import load_prompted
@@ -31,6 +32,15 @@ def load_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def check_draft_tokenizer(name: str, tokenizer: Any, draft_name: str, draft_tokenizer: Any) -> None:
+    """Raises ModelLoadError unless the draft model's token ids mean what the target's do."""
+    if not same_tokenizer(tokenizer, draft_tokenizer):
+        raise ModelLoadError(
+            f"draft_models: {draft_name} cannot draft for {name}: their tokenizers differ "
+            f"({len(draft_tokenizer)} and {len(tokenizer)} tokens, or the same ids for other text)"
+        )
+
+
 def load_runner(
     model_dir: Path,
     task: str,
@@ -39,7 +49,9 @@ def load_runner(
     context_length: int,
     config: EngineConfig,
     name: str,
+    draft: tuple[str, Path] | None = None,
 ) -> CausalRunner | EncoderRunner | ClassifierRunner | TokenClassifierRunner:
+    """``draft``: the name and directory of a chat model's draft model (``draft_models``)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     try:
@@ -47,7 +59,15 @@ def load_runner(
         if task in CAUSAL_TASKS:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
             model.eval()
-            return CausalRunner(model, tokenizer, context_length=context_length, config=config, name=name)
+            drafter = None
+            if draft is not None:
+                draft_name, draft_dir = draft
+                check_draft_tokenizer(name, tokenizer, draft_name, load_tokenizer(draft_dir))
+                small = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype, use_safetensors=True).eval()
+                drafter = DraftModel(small, name=draft_name, target=model)
+            return CausalRunner(
+                model, tokenizer, context_length=context_length, config=config, name=name, draft=drafter
+            )
         if task in TASK_HEADS:
             import transformers
 

@@ -29,6 +29,11 @@ differently. ``auto`` speculates only on models with the lean layers, whose veri
 decode step bit for bit; ``ngram`` also verifies through other models' forward (equal to the
 step only up to rounding).
 
+Where prompt lookup finds nothing worth verifying and the model has a draft model
+(``draft_models``: a smaller model of its family, ``draft_model``), that model proposes the
+tokens instead, by its own greedy steps; its drafts keep an acceptance rate of their own, and a
+draft token's cost (its weight bytes over the target's) joins the verify's in the rule below.
+
 ``auto`` speculates only where it pays: a verify of ``m`` drafts costs ``VERIFY_BASE_COST +
 VERIFY_COST_PER_DRAFT * m`` decode steps and yields one token plus the accepted ones, so a row
 drafts the length that maximises its expected tokens per unit of cost, from its own recent
@@ -39,7 +44,7 @@ of drafting steps before one probing verify.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +54,7 @@ from llmos.engine.config import EngineConfig
 from llmos.engine.sampling import sampling_probs
 from llmos.engine.scheduler import Row
 from llmos.engine.torch_backend.batch_state import BatchState
+from llmos.engine.torch_backend.draft_model import DraftModel
 from llmos.engine.torch_backend.kv_cache import grows_in_place, truncate
 
 MODES = ("auto", "ngram", "off")
@@ -137,12 +143,13 @@ def expected_tokens(rate: float, drafts: int) -> float:
     return sum(rate**i for i in range(drafts + 1))
 
 
-def best_length(rate: float, available: int) -> int:
-    """The draft length (at most ``available``) with the most tokens per unit of a verify's cost,
-    or 0 when no length beats a plain decode step (one token for a cost of one)."""
+def best_length(rate: float, available: int, draft_cost: float = 0.0) -> int:
+    """The draft length (at most ``available``) with the most tokens per unit of cost (a verify's,
+    and ``draft_cost`` decode steps a draft token to draft it), or 0 when no length beats a plain
+    decode step (one token for a cost of one)."""
     best, gain = 0, 1.0
     for m in range(1, available + 1):
-        per_cost = expected_tokens(rate, m) / (VERIFY_BASE_COST + VERIFY_COST_PER_DRAFT * m)
+        per_cost = expected_tokens(rate, m) / (VERIFY_BASE_COST + (VERIFY_COST_PER_DRAFT + draft_cost) * m)
         if per_cost > gain:
             best, gain = m, per_cost
     return best
@@ -165,17 +172,26 @@ def speculates(row: Row) -> bool:
 
 
 @dataclass
+class _Rate:
+    """A draft source's recent acceptance for one row, and its wait after refusals."""
+
+    accepted: float = PRIOR_ACCEPTED
+    tested: float = PRIOR_TESTED
+    wait: int = 0  # drafting steps left before the next probe
+    gap: int = 2  # the wait after the next refusal
+
+
+@dataclass
 class _Tracked:
-    """What speculation keeps of the row it serves: its tokens so far and its recent acceptance."""
+    """What speculation keeps of the row it serves: its tokens so far and its recent acceptance
+    of each source's drafts (prompt lookup's, the draft model's)."""
 
     key: tuple[str, int]
     history: torch.Tensor
     length: int
     start: int  # where its output begins in ``history`` (after its prompt and prediction)
-    accepted: float = PRIOR_ACCEPTED
-    tested: float = PRIOR_TESTED
-    wait: int = 0  # drafting steps left before the next probe
-    gap: int = 2  # the wait after the next refusal
+    lookup: _Rate = field(default_factory=_Rate)
+    model: _Rate = field(default_factory=_Rate)
 
     def sync(self, row: Row) -> torch.Tensor:
         """Its prompt, prediction and output, with the tokens streamed since the last call appended."""
@@ -194,21 +210,31 @@ class _Tracked:
 class Speculation:
     """Speculative decoding for one runner; ``step`` advances a row decoding alone."""
 
-    def __init__(self, mode: str, tokens: int, verify: Verify, streamer: Streamer) -> None:
+    def __init__(
+        self, mode: str, tokens: int, verify: Verify, streamer: Streamer, draft_model: DraftModel | None = None
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"speculative_decoding must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
         self.tokens = tokens
         self.verify = verify
         self.streamer = streamer
+        self.draft_model = draft_model
         self._tracked: _Tracked | None = None
         self.verifies = 0
         self.drafted = 0
         self.accepted = 0
+        self.modeled = 0  # draft tokens the draft model proposed
 
     @classmethod
     def build(
-        cls, config: EngineConfig, model: Any, decoder: Any, streamer: Streamer, cache_name: str
+        cls,
+        config: EngineConfig,
+        model: Any,
+        decoder: Any,
+        streamer: Streamer,
+        cache_name: str,
+        draft_model: DraftModel | None = None,
     ) -> Speculation | None:
         """Speculation for a runner whose decode steps run ``decoder`` (the lean layers) or, when
         it is None, the model's forward; None when it is off, when single rows decode with int8
@@ -221,13 +247,14 @@ class Speculation:
             return None
         # The lean layers' verify reproduces their decode steps bit for bit; the model's forward only up to rounding.
         verify = decoder.verify if decoder is not None else forward_verify(model, cache_name)
-        return cls(config.speculative_decoding, config.speculative_tokens, verify, streamer)
+        return cls(config.speculative_decoding, config.speculative_tokens, verify, streamer, draft_model)
 
     def stats(self) -> dict[str, int]:
         return {
             "spec_verifies": self.verifies,
             "spec_draft_tokens": self.drafted,
             "spec_accepted_tokens": self.accepted,
+            "spec_model_draft_tokens": self.modeled,
         }
 
     def step(self, state: BatchState[Row], token: int, limit: int, lora: Any, decode: Callable[[], None]) -> int:
@@ -251,8 +278,17 @@ class Speculation:
             decode()
             return 0
         tracked = self._track(row)
-        draft = propose(tracked.sync(row), room)
-        length = self._length(tracked, len(draft))
+        history = tracked.sync(row)
+        draft = propose(history, room)
+        rate, length = tracked.lookup, self._length(tracked.lookup, len(draft))
+        model = self.draft_model
+        if length == 0 and model is not None:  # no copy to draft from (or none worth it): the model's guess
+            written = [*row.pending.request.prompt_token_ids, *row.output_ids]  # the prediction is not text
+            if model.fits(len(written), room):
+                rate, length = tracked.model, self._length(tracked.model, room, model.cost)
+                if length:
+                    draft = model.propose(written, length)
+                    self.modeled += length
         if length == 0:
             decode()
             return 0
@@ -263,7 +299,7 @@ class Speculation:
             logits, draft, float(sampling.temperature[0]), float(sampling.top_p[0]), sampling.generators[0]
         )
         truncate(state.cache, position + 1 + taken)
-        self._record(tracked, taken, len(draft))
+        self._record(rate, taken, len(draft))
         row.drafted += len(draft)
         streamed = 0
         for i, emitted in enumerate([*draft[:taken], after]):
@@ -287,26 +323,27 @@ class Speculation:
             self._tracked = _Tracked(key, known, len(known), len(known))
         return self._tracked
 
-    def _length(self, tracked: _Tracked, available: int) -> int:
-        """How many of the ``available`` draft tokens to verify now (0: decode plainly)."""
+    def _length(self, source: _Rate, available: int, draft_cost: float = 0.0) -> int:
+        """How many of the ``available`` draft tokens of a source (costing ``draft_cost`` decode
+        steps each to draft) to verify now (0: decode plainly)."""
         if available == 0 or self.mode == "ngram":
             return available
-        if tracked.wait > 0:
-            tracked.wait -= 1
-            return available if tracked.wait == 0 else 0  # a probe, whatever the rate says
-        rate = tracked.accepted / tracked.tested
-        if best_length(rate, self.tokens) == 0:  # not even a whole draft would pay: wait, then probe
-            tracked.wait, tracked.gap = tracked.gap, min(2 * tracked.gap, MAX_WAIT)
+        if source.wait > 0:
+            source.wait -= 1
+            return available if source.wait == 0 else 0  # a probe, whatever the rate says
+        rate = source.accepted / source.tested
+        if best_length(rate, self.tokens, draft_cost) == 0:  # not even a whole draft would pay: wait, then probe
+            source.wait, source.gap = source.gap, min(2 * source.gap, MAX_WAIT)
             return 0
-        return best_length(rate, available)  # a short draft may not pay where a whole one would
+        return best_length(rate, available, draft_cost)  # a short draft may not pay where a whole one would
 
-    def _record(self, tracked: _Tracked, taken: int, drafted: int) -> None:
+    def _record(self, source: _Rate, taken: int, drafted: int) -> None:
         """A verify of ``drafted`` tokens accepted ``taken``: every position up to the first
         rejection was a trial."""
         self.verifies += 1
         self.drafted += drafted
         self.accepted += taken
-        tracked.accepted = MEMORY * tracked.accepted + taken
-        tracked.tested = MEMORY * tracked.tested + min(taken + 1, drafted)
+        source.accepted = MEMORY * source.accepted + taken
+        source.tested = MEMORY * source.tested + min(taken + 1, drafted)
         if taken:
-            tracked.gap = 2
+            source.gap = 2

@@ -1,0 +1,89 @@
+"""A small model of the target's family that drafts a single stream's next tokens.
+
+Prompt lookup drafts only where the answer copies its context; a draft model proposes tokens
+anywhere, at the cost of its own decode steps. The draft model keeps one cache, for the row
+being speculated, holding the tokens it has read: each call rolls it back to what the row's
+tokens still share with it (a rejected draft's tail, or another request's whole history past a
+common system prompt), reads the rest in one pass, and then decodes greedily, one token a step.
+Greedy (point-mass) drafts keep the verify's acceptance rule as it is: exact for greedy rows,
+each sampled row's distribution unchanged (``speculative.accept``). Its steps run the lean layers,
+so a draft token costs about its weights' bytes read (decode on a CPU is bound by memory
+bandwidth): ``cost``, a fraction of the target's step, enters ``auto``'s rule (docs/adr/0027).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmos.engine.torch_backend.kv_cache import new_cache, truncate
+from llmos.engine.torch_backend.lean_decode import LeanDecoder
+from llmos.errors import ModelLoadError
+
+CATCH_UP_CHUNK = 512
+"""Most tokens one pass of the draft model reads while catching up with a row (a new prompt)."""
+
+
+def same_tokenizer(target: Any, draft: Any) -> bool:
+    """Whether every token id means the same text to both tokenizers (drafts are token ids)."""
+    return bool(len(target) == len(draft) and target.get_vocab() == draft.get_vocab())
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes a decode step reads: every parameter once (a tied embedding and output layer once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class DraftModel:
+    """``propose(tokens, count)``: the draft model's ``count`` greedy next tokens after ``tokens``."""
+
+    def __init__(self, model: Any, *, name: str, target: Any) -> None:
+        decoder = LeanDecoder.build(model, int8=False, native=False)
+        if decoder is None:
+            raise ModelLoadError(
+                f"draft model {name} is not an architecture the lean decode step serves (Llama or Qwen2 "
+                "without extra biases or sliding windows), so it cannot draft (draft_models)"
+            )
+        decoder.fuser = None  # no adapters: never a background rebuild of its matrices
+        self.name = name
+        self.model = model
+        self.decoder = decoder
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.vocab = int(target.config.vocab_size)
+        self.cost = weight_bytes(model) / weight_bytes(target)
+        """A draft token's cost in the target's decode steps, by the weight bytes each reads."""
+        self._cache = new_cache(model.config)
+        self._read: list[int] = []  # the tokens whose states the cache holds, in order
+
+    def fits(self, length: int, count: int) -> bool:
+        """Whether ``count`` drafts after ``length`` tokens stay within the draft model's context."""
+        return not self.context_length or length + count <= self.context_length
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], count: int) -> list[int]:
+        shared = 0
+        limit = min(len(self._read), len(tokens) - 1)  # the last token is read again: its logits are wanted
+        while shared < limit and self._read[shared] == tokens[shared]:
+            shared += 1
+        if shared:
+            truncate(self._cache, shared)
+        else:  # nothing in common: a new cache, the old one's memory freed
+            self._cache = new_cache(self.model.config)
+        del self._read[shared:]
+        logits = None
+        while shared < len(tokens):
+            chunk = tokens[shared : shared + CATCH_UP_CHUNK]
+            logits = self.decoder.prefill([(chunk, shared, self._cache)])[-1]
+            shared += len(chunk)
+        self._read = list(tokens)
+        assert logits is not None
+        draft = [int(logits[: self.vocab].argmax())]
+        attention = torch.ones((1, len(tokens) + count), dtype=torch.long)
+        for position in range(len(tokens), len(tokens) + count - 1):
+            step = self.decoder(
+                torch.tensor([draft[-1]]), torch.tensor([position]), attention[:, : position + 1], self._cache, None
+            )
+            self._read.append(draft[-1])
+            draft.append(int(step[0, : self.vocab].argmax()))
+        return draft

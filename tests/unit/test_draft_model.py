@@ -1,0 +1,204 @@
+"""Speculative decoding with a draft model (``draft_models``, docs/adr/0027): its proposals are its
+own greedy continuation however its cache was left, the target's output is unchanged by them
+(accepted and rejected), ``auto`` counts a draft token's cost, and pairings that cannot work are
+refused when the engine starts or the model loads, with the setting named."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from llmos.config import Settings
+from llmos.engine.backends import LOAD_OVERHEAD_BYTES
+from llmos.engine.config import EngineConfig
+from llmos.engine.local import LocalEngine
+from llmos.engine.torch_backend.causal import CausalRunner
+from llmos.engine.torch_backend.draft_model import DraftModel
+from llmos.engine.torch_backend.kv_cache import new_cache
+from llmos.engine.torch_backend.lean_decode import LeanDecoder
+from llmos.engine.torch_backend.speculative import best_length
+from llmos.errors import ModelLoadError
+from llmos.platform import Platform
+from tests.unit.test_speculative import PROMPT, generate, settled
+
+
+def _greedy(model: Any, tokens: list[int], count: int) -> list[int]:
+    """``count`` greedy tokens after ``tokens``, one plain decode step at a time, from scratch."""
+    decoder = LeanDecoder.build(model, int8=False, native=False)
+    assert decoder is not None
+    cache = new_cache(model.config)
+    out = [int(decoder.prefill([(tokens, 0, cache)])[-1].argmax())]
+    for position in range(len(tokens), len(tokens) + count - 1):
+        attention = torch.ones((1, position + 1), dtype=torch.long)
+        out.append(int(decoder(torch.tensor([out[-1]]), torch.tensor([position]), attention, cache, None)[0].argmax()))
+    return out
+
+
+def _untied(tiny_chat_dir: Path, root: Path, seed: int) -> Path:
+    """A tiny random Llama on the tiny chat model's tokenizer with an output layer of its own: the
+    tied tiny model's greedy answer repeats its last token, which any draft guesses."""
+    config = AutoConfig.from_pretrained(tiny_chat_dir)
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # sharper: each token depends on its context
+    model.save_pretrained(root)
+    AutoTokenizer.from_pretrained(tiny_chat_dir).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def target_dir(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _untied(tiny_chat_dir, tmp_path_factory.mktemp("target"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_dir(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another model on the same tokenizer (other weights): a draft the target mostly rejects."""
+    return _untied(tiny_chat_dir, tmp_path_factory.mktemp("draft"), seed=1)
+
+
+def _load(directory: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def test_a_proposal_is_the_draft_models_greedy_continuation_whatever_its_cache_held(target_dir: Path) -> None:
+    """Rolled back to what the new tokens share with what it read (a rejected draft, another
+    request), or started again: always what it would propose from scratch."""
+    model = _load(target_dir)
+    draft = DraftModel(model, name="d", target=model)
+    assert draft.cost == pytest.approx(1.0)  # itself: as dear as a target step
+    first = draft.propose(PROMPT, 4)
+    assert first == _greedy(model, PROMPT, 4)
+    for tokens in (
+        PROMPT + first[:2] + [7],  # two drafts accepted, then another token
+        [*PROMPT, 99, 98, 97],  # the whole draft rejected
+        [*PROMPT[:3], 50, 51],  # an earlier divergence (another request after a shared start)
+        [60, 61, 62, 63],  # nothing in common
+        [60, 61, 62, 63],  # exactly what it read: the last token read again
+    ):
+        assert draft.propose(tokens, 3) == _greedy(model, tokens, 3), tokens
+    assert draft.fits(250, 6) and not draft.fits(252, 6)  # its context: 256 positions
+
+
+@pytest.fixture
+def runners(target_dir: Path) -> Iterator[Any]:
+    made: list[CausalRunner] = []
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+
+    def runner(mode: str, draft_dir: Path | None) -> CausalRunner:
+        target = _load(target_dir)
+        draft = None if draft_dir is None else DraftModel(_load(draft_dir), name="draft", target=target)
+        config = EngineConfig(threads=1, speculative_decoding=mode)
+        made.append(CausalRunner(target, tokenizer, context_length=256, config=config, draft=draft))
+        return made[-1]
+
+    yield runner
+    for r in made:
+        r.close()
+
+
+@pytest.mark.parametrize("which", ["same weights", "other weights"])
+def test_greedy_output_is_unchanged_by_a_draft_model(
+    runners: Any, target_dir: Path, other_dir: Path, which: str
+) -> None:
+    """A prompt with nothing to copy: the draft model drafts. A draft of the target's own weights
+    is accepted throughout, another model's mostly rejected; the output is the plain one either
+    way, to ``max_tokens`` and a stop sequence."""
+    plain = runners("off", None)
+    spec = runners("ngram", target_dir if which == "same weights" else other_dir)
+    for limit in (30, 11):
+        want = generate(plain, PROMPT, max_tokens=limit, ignore_eos=True)
+        got = generate(spec, PROMPT, max_tokens=limit, ignore_eos=True)
+        assert (got.tokens, got.finish) == (want.tokens, want.finish)
+    text = "".join(d.text for d in want.deltas)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    want = generate(plain, PROMPT, max_tokens=30, stop=(stop,))
+    assert generate(spec, PROMPT, max_tokens=30, stop=(stop,)).tokens == want.tokens
+    stats = settled(spec).stats()
+    assert stats["spec_model_draft_tokens"] > 0 and stats["spec_verifies"] > 0
+    rejected = stats["spec_draft_tokens"] - stats["spec_accepted_tokens"]
+    assert rejected == 0 if which == "same weights" else rejected > 0
+    # A sampled row keeps drafting with the model and finishes.
+    assert len(generate(spec, PROMPT, max_tokens=20, temperature=1.0, ignore_eos=True).tokens) == 20
+
+
+def test_auto_counts_what_a_draft_token_costs_to_draft() -> None:
+    assert best_length(0.6, 8) > 0  # drafts that cost nothing pay at 60% accepted
+    assert best_length(0.6, 8, draft_cost=0.5) == 0  # a draft model half the target's cost does not
+    assert 0 < best_length(0.85, 8, draft_cost=0.3) < best_length(0.85, 8)  # shorter drafts where each costs
+
+
+# -- pairings that cannot work -------------------------------------------------------------------
+def test_draft_settings_are_checked_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="needs speculative_decoding"):
+        Settings(home=tmp_path, speculative_decoding="off", draft_models={"a": "b"})
+    with pytest.raises(ValidationError, match="two different models"):
+        Settings(home=tmp_path, draft_models={"a": "a"})
+
+
+@pytest.fixture
+def paired(settings: Settings, target_dir: Path, other_dir: Path, tmp_path: Path) -> Iterator[Platform]:
+    """tiny-chat, a draft of it (other weights, same tokenizer), one with another tokenizer, and an encoder."""
+    platform = Platform.open(settings)
+    registry = platform.registry
+    registry.pull(f"file:{target_dir}", name="tiny-chat")
+    registry.pull(f"file:{other_dir}", name="tiny-draft")
+    strange = tmp_path / "strange"
+    shutil.copytree(other_dir, strange)
+    tokenizer = AutoTokenizer.from_pretrained(strange)
+    tokenizer.add_tokens(["<|strange|>"])
+    tokenizer.save_pretrained(strange)
+    registry.pull(f"file:{strange}", name="tiny-strange")
+    yield platform
+    platform.close()
+
+
+def _engine(platform: Platform, **options: Any) -> LocalEngine:
+    return LocalEngine(platform.registry, platform.settings.model_copy(update=options))
+
+
+def test_a_pairing_that_cannot_work_stops_the_start(paired: Platform, tiny_encoder_dir: Path) -> None:
+    """A draft with another tokenizer, one not registered, or not a generating model: the engine
+    does not start, and the error names the setting; a target registered later is checked when it loads."""
+    paired.registry.pull(f"file:{tiny_encoder_dir}", name="tiny-embed")
+    for draft, message in (
+        ("tiny-strange", "draft_models: tiny-strange cannot draft for tiny-chat: their tokenizers differ"),
+        ("nowhere", "draft_models: nowhere, the draft model of tiny-chat, is not registered"),
+        ("tiny-embed", "draft_models: tiny-embed is not a chat or completion model"),
+    ):
+        with pytest.raises(ModelLoadError, match=message):
+            _engine(paired, draft_models={"tiny-chat": draft})
+    engine = _engine(paired, draft_models={"tiny-chat": "tiny-draft", "later-model": "tiny-strange"})
+    with pytest.raises(ModelLoadError, match=r"served by the llama\.cpp backend, which does not draft"):
+        engine.models.backends.named("llama.cpp").draft_for(paired.registry.get("tiny-chat"))
+
+
+def test_a_runner_that_does_not_speculate_refuses_a_draft(runners: Any, other_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="draft_models gives model the draft model draft, but model does not"):
+        runners("off", other_dir)
+
+
+def test_a_paired_model_loads_with_its_draft_and_counts_its_memory(paired: Platform) -> None:
+    plain = _engine(paired).models.backends.named("torch")
+    drafting = _engine(paired, draft_models={"tiny-chat": "tiny-draft"}).models.backends.named("torch")
+    record, draft = paired.registry.get("tiny-chat"), paired.registry.get("tiny-draft")
+    # The draft's weights (and packed copies) beside the target's; one load overhead.
+    assert (
+        drafting.estimate_bytes(record)
+        == plain.estimate_bytes(record) + plain.estimate_bytes(draft) - LOAD_OVERHEAD_BYTES
+    )
+    runner = drafting.load(record)
+    try:
+        assert isinstance(runner, CausalRunner) and runner.speculation is not None
+        assert runner.speculation.draft_model is not None and runner.speculation.draft_model.name == "tiny-draft"
+    finally:
+        runner.close()
