@@ -21,6 +21,8 @@ import argparse
 import json
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,21 @@ from typing import Any
 import httpx
 import torch
 
-from benchmarks.harness import KEY, MODEL, ROOT, prompts, start_server, write_result
+from benchmarks.harness import (
+    KEY,
+    MODEL,
+    RESULT_PREFIX,
+    ROOT,
+    print_child_result,
+    prompts,
+    start_server,
+    write_result,
+)
 
 DATASET = ROOT.parent / "shared" / "datasets" / "sum_scitldr" / "test.jsonl"
 INSTRUCTION = "Summarise this abstract in two or three sentences, keeping its own wording:\n\n"
 DRAFTS = (1, 2, 4, 8, 16)
+CHILD: dict[str, Any] = {"capture_output": True, "text": True, "check": True, "cwd": ROOT}
 
 
 def summaries(n: int) -> list[str]:
@@ -49,12 +61,16 @@ def workload(name: str, n: int) -> list[str]:
     return [conversation[0]["content"] for conversation in prompts(n)]
 
 
-def verify_cost(model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, threads: int) -> dict[str, Any]:
+def verify_cost(
+    model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, threads: int, draft_dir: Path | None = None
+) -> dict[str, Any]:
     """Median seconds of a one-row decode step and of verifies of each draft length, over a cache
-    holding ``prompt`` (rolled back after every pass, so each runs over the same cache)."""
+    holding ``prompt`` (rolled back after every pass, so each runs over the same cache); with
+    ``draft_dir``, a draft model's decode step too, against the cost its ``DraftModel`` estimates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmos.engine.threads import configure, enter_compute_thread
+    from llmos.engine.torch_backend.draft_model import DraftModel
     from llmos.engine.torch_backend.kv_cache import new_cache, truncate
     from llmos.engine.torch_backend.lean_decode import LeanDecoder
 
@@ -75,6 +91,14 @@ def verify_cost(model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, 
     passes: dict[int, Any] = {0: lambda: decoder(token, torch.tensor([length]), attention, cache, None)}
     for k in DRAFTS:
         passes[k] = lambda k=k: decoder.verify(ids[-k - 1 :], length, cache)
+    estimated = None
+    if draft_dir is not None:
+        small = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype, use_safetensors=True).eval()
+        drafter = DraftModel(small, name="draft", target=model)
+        estimated = drafter.cost
+        drafter.propose(ids, 1)  # its cache holds the prompt
+        draft_cache = drafter._cache
+        passes[-1] = lambda: drafter.decoder(token, torch.tensor([length]), attention, draft_cache, None)
     times: dict[int, list[float]] = {k: [] for k in passes}
     for _ in range(repeats + 2):  # each kind of pass in turn, so that the machine's load weighs on all alike
         for k, run in passes.items():
@@ -82,6 +106,8 @@ def verify_cost(model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, 
             run()
             times[k].append(time.perf_counter() - start)
             truncate(cache, length)
+            if draft_dir is not None:
+                truncate(draft_cache, length)
     step = statistics.median(times[0][2:])  # the first two rounds warm up
     verifies = {k: statistics.median(times[k][2:]) for k in DRAFTS}
     ratios = {k: verifies[k] / step for k in DRAFTS}
@@ -95,15 +121,27 @@ def verify_cost(model_dir: Path, dtype: torch.dtype, prompt: str, repeats: int, 
         "verify_over_step": {str(k): ratios[k] for k in DRAFTS},
         "fit_base": mean_r - per_draft * mean_k,
         "fit_per_draft": per_draft,
+        "draft_step_over_step": statistics.median(times[-1][2:]) / step if draft_dir is not None else None,
+        "draft_cost_estimated": estimated,
     }
 
 
 def served(
-    home: Path, modes: list[str], texts: list[str], max_tokens: int, dtype: str, threads: int, temperature: float
+    home: Path,
+    model: str,
+    draft: str | None,
+    modes: list[str],
+    texts: list[str],
+    max_tokens: int,
+    dtype: str,
+    threads: int,
+    temperature: float,
+    together: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Every text answered by one server per ``speculative_decoding`` mode, all running, the modes
-    taking turns prompt by prompt (so that the machine's other load weighs on each alike)."""
-    servers = {}
+    """Every text answered by one server per ``speculative_decoding`` mode (``draft``: ``auto``
+    with ``draft`` as ``model``'s draft model), all running, the modes taking turns prompt by
+    prompt (so that the machine's other load weighs on each alike); not ``together``, one server
+    after another (models too large for several in memory)."""
     runs: dict[str, dict[str, Any]] = {
         mode: {
             "tokens": 0,
@@ -116,62 +154,70 @@ def served(
         }
         for mode in modes
     }
-    try:
-        for mode in modes:
-            settings = {"LLMOS_SPECULATIVE_DECODING": mode, "LLMOS_DTYPE": dtype, "LLMOS_THREADS": str(threads)}
-            servers[mode] = start_server(home, settings)
-        with httpx.Client(timeout=900, headers={"Authorization": f"Bearer {KEY}"}) as client:
-
-            def ask(url: str, text: str) -> tuple[str, dict[str, Any], float, float]:
-                """The streamed answer, its usage, and the seconds to its first and last token."""
-                body = {
-                    "model": MODEL,
-                    "messages": [{"role": "user", "content": text}],
-                    "max_tokens": max_tokens,
-                    "temperature": temperature,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
+    for group in [modes] if together else [[mode] for mode in modes]:
+        servers = {}
+        try:
+            for mode in group:
+                settings = {
+                    "LLMOS_SPECULATIVE_DECODING": "auto" if mode == "draft" else mode,
+                    "LLMOS_DTYPE": dtype,
+                    "LLMOS_THREADS": str(threads),
                 }
-                start = time.perf_counter()
-                first = last = 0.0
-                parts: list[str] = []
-                usage: dict[str, Any] = {}
-                with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
-                    resp.raise_for_status()
-                    for line in resp.iter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[len("data: ") :])
-                        usage = chunk.get("usage") or usage
-                        for choice in chunk.get("choices", []):
-                            if choice["delta"].get("content"):
-                                last = time.perf_counter() - start
-                                first = first or last
-                                parts.append(choice["delta"]["content"])
-                return "".join(parts), usage, first, last
+                if mode == "draft":
+                    settings["LLMOS_DRAFT_MODELS"] = json.dumps({model: draft})
+                servers[mode] = start_server(home, settings)
+            with httpx.Client(timeout=900, headers={"Authorization": f"Bearer {KEY}"}) as client:
 
-            for _, url in servers.values():
-                ask(url, "Hello")  # the model loads
-            for text in texts:
-                for mode, (_, url) in servers.items():
+                def ask(url: str, text: str) -> tuple[str, dict[str, Any], float, float]:
+                    """The streamed answer, its usage, and the seconds to its first and last token."""
+                    body = {
+                        "model": model,
+                        "messages": [{"role": "user", "content": text}],
+                        "max_tokens": max_tokens,
+                        "temperature": temperature,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    }
                     start = time.perf_counter()
-                    answer, usage, first, last = ask(url, text)
-                    run = runs[mode]
-                    run["seconds"] += time.perf_counter() - start
-                    # After the first token: the decoding that speculation changes, without the prompt's prefill.
-                    run["decode_seconds"] += last - first
-                    run["decode_tokens"] += usage["completion_tokens"] - 1
-                    details = usage.get("completion_tokens_details") or {}
-                    run["answers"].append(answer)
-                    run["tokens"] += usage["completion_tokens"]
-                    run["accepted_tokens"] += details.get("accepted_prediction_tokens", 0)
-                    run["draft_tokens"] += details.get("accepted_prediction_tokens", 0)
-                    run["draft_tokens"] += details.get("rejected_prediction_tokens", 0)
-    finally:
-        for proc, _ in servers.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc, _ in servers.values():
-            proc.wait(timeout=60)
+                    first = last = 0.0
+                    parts: list[str] = []
+                    usage: dict[str, Any] = {}
+                    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+                        resp.raise_for_status()
+                        for line in resp.iter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[len("data: ") :])
+                            usage = chunk.get("usage") or usage
+                            for choice in chunk.get("choices", []):
+                                if choice["delta"].get("content"):
+                                    last = time.perf_counter() - start
+                                    first = first or last
+                                    parts.append(choice["delta"]["content"])
+                    return "".join(parts), usage, first, last
+
+                for _, url in servers.values():
+                    ask(url, "Hello")  # the model loads
+                for text in texts:
+                    for mode, (_, url) in servers.items():
+                        start = time.perf_counter()
+                        answer, usage, first, last = ask(url, text)
+                        run = runs[mode]
+                        run["seconds"] += time.perf_counter() - start
+                        # After the first token: the decoding that speculation changes, without the prompt's prefill.
+                        run["decode_seconds"] += last - first
+                        run["decode_tokens"] += usage["completion_tokens"] - 1
+                        details = usage.get("completion_tokens_details") or {}
+                        run["answers"].append(answer)
+                        run["tokens"] += usage["completion_tokens"]
+                        run["accepted_tokens"] += details.get("accepted_prediction_tokens", 0)
+                        run["draft_tokens"] += details.get("accepted_prediction_tokens", 0)
+                        run["draft_tokens"] += details.get("rejected_prediction_tokens", 0)
+        finally:
+            for proc, _ in servers.values():
+                proc.send_signal(signal.SIGTERM)
+            for proc, _ in servers.values():
+                proc.wait(timeout=60)
     for run in runs.values():
         run["tokens_per_s"] = run["tokens"] / run["seconds"]
         run["decode_tokens_per_s"] = run["decode_tokens"] / run["decode_seconds"]
@@ -187,35 +233,60 @@ def main() -> None:
         "--temperature", type=float, default=0.0, help="0: greedy (answers compared); above, sampled (unseeded)"
     )
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--modes", default="off,auto,ngram", help="speculative_decoding values; off first")
+    parser.add_argument(
+        "--modes", default="off,auto,ngram", help="speculative_decoding values, off first; draft: auto with --draft"
+    )
+    parser.add_argument("--model", default=MODEL, help="the served model (bench-home registry)")
+    parser.add_argument("--draft", default=None, help="its draft model, for the draft mode (draft_models)")
     parser.add_argument("--repeats", type=int, default=30, help="timed passes of each verify length")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the engine (0: torch's default)")
     parser.add_argument("--cost-only", action="store_true", help="measure the verify's cost only (part 1)")
+    parser.add_argument(
+        "--one-server-at-a-time", action="store_true", help="the modes' servers in turn (a model too large for two)"
+    )
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     if modes[0] != "off":
         raise SystemExit("--modes must start with off (the answers the others are compared with)")
+    if ("draft" in modes) != (args.draft is not None):
+        raise SystemExit("the draft mode and --draft go together")
 
     from llmos.config import Settings
     from llmos.engine.local import resolve_dtype
     from llmos.platform import Platform
 
     platform = Platform.open(Settings(home=args.home))
-    model_dir = platform.registry.model_dir(platform.registry.get(MODEL))
+    model_dir = platform.registry.model_dir(platform.registry.get(args.model))
+    draft_dir = platform.registry.model_dir(platform.registry.get(args.draft)) if args.draft else None
     dtype = resolve_dtype(args.dtype)
     platform.close()
     texts = workload(args.workload, args.prompts)
-    cost = verify_cost(model_dir, dtype, texts[0], args.repeats, args.threads)
     if args.cost_only:
-        print(json.dumps(cost, indent=2))
+        print_child_result(verify_cost(model_dir, dtype, texts[0], args.repeats, args.threads, draft_dir))
         return
-    runs = served(args.home, modes, texts, args.max_tokens, args.dtype, args.threads, args.temperature)
+    # In a process of its own: its models' memory is gone before the servers load theirs.
+    child = [a for a in sys.argv[1:] if a != "--one-server-at-a-time"]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.speculative", *child, "--cost-only"], **CHILD).stdout
+    cost = json.loads(next(line for line in out.splitlines() if line.startswith(RESULT_PREFIX))[len(RESULT_PREFIX) :])
+    runs = served(
+        args.home,
+        args.model,
+        args.draft,
+        modes,
+        texts,
+        args.max_tokens,
+        args.dtype,
+        args.threads,
+        args.temperature,
+        together=not args.one_server_at_a_time,
+    )
     base = runs["off"]
     result: dict[str, Any] = {
-        "model": MODEL,
+        "model": args.model,
+        "draft_model": args.draft,
         "dtype": str(dtype).removeprefix("torch."),
         "workload": args.workload,
         "prompts": len(texts),
@@ -233,10 +304,16 @@ def main() -> None:
         result["served"][mode]["identical_answers"] = sum(same) if args.temperature == 0 else None
     what = "SciTLDR summaries" if args.workload == "summaries" else "Self-Instruct chat answers"
     how = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature:g}"
-    print(f"{MODEL} ({result['dtype']}), 1 client, {how}, {len(texts)} {what} to {args.max_tokens} tokens")
+    drafting = f", draft model {args.draft}" if args.draft else ""
+    print(f"{args.model} ({result['dtype']}){drafting}, 1 client, {how}, {len(texts)} {what}, {args.max_tokens} tokens")
     print(f"verify cost over a {cost['cache_tokens']}-token cache (decode step {cost['decode_step_s'] * 1000:.1f} ms):")
     print("  " + "  ".join(f"k={k}: {cost['verify_over_step'][str(k)]:.2f}x" for k in DRAFTS))
     print(f"  fit: {cost['fit_base']:.3f} + {cost['fit_per_draft']:.4f} k")
+    if args.draft:
+        print(
+            f"draft model's decode step: {cost['draft_step_over_step']:.2f}x the target's "
+            f"(estimated by weight bytes: {cost['draft_cost_estimated']:.2f}x)"
+        )
     print("whole requests (prefill included) and decoding after the first token:")
     print(
         f"{'mode':<8} {'tokens':>7} {'tokens/s':>9} {'speedup':>8} {'decode tok/s':>13} {'speedup':>8} "

@@ -31,8 +31,13 @@ def same_tokenizer(target: Any, draft: Any) -> bool:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes a decode step reads: every parameter once (a tied embedding and output layer once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes a decode step reads: every parameter once (a tied embedding and output layer once),
+    but for an input embedding of its own only its rows looked up, next to nothing."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    if embedding is not model.get_output_embeddings().weight:
+        total -= embedding.numel() * embedding.element_size()
+    return total
 
 
 class DraftModel:
