@@ -20,13 +20,14 @@ from llmos.engine.backends import LOAD_OVERHEAD_BYTES
 from llmos.engine.config import EngineConfig
 from llmos.engine.local import LocalEngine
 from llmos.engine.torch_backend.causal import CausalRunner
-from llmos.engine.torch_backend.draft_model import DraftModel
+from llmos.engine.torch_backend.draft_model import CATCH_UP_TOKENS, DraftModel
 from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
-from llmos.engine.torch_backend.speculative import best_length
+from llmos.engine.torch_backend.speculative import PROBE_DRAFTS, best_length
 from llmos.errors import ModelLoadError
 from llmos.platform import Platform
-from tests.unit.test_speculative import PROMPT, generate, settled
+from llmos.registry.adapters import kv_width
+from tests.unit.test_speculative import PROMPT, _biased_llama, generate, settled
 
 
 def _greedy(model: Any, tokens: list[int], count: int) -> list[int]:
@@ -74,10 +75,18 @@ def test_a_proposal_is_the_draft_models_greedy_continuation_whatever_its_cache_h
     """Rolled back to what the new tokens share with what it read (a rejected draft, another
     request), or started again: always what it would propose from scratch."""
     model = _load(target_dir)
-    draft = DraftModel(model, name="d", target=model)
+    draft = DraftModel(model, name="d", target=model, positions=256)
     assert draft.cost == pytest.approx(1.0)  # itself: as dear as a target step
-    first = draft.propose(PROMPT, 4)
+
+    def proposed(tokens: list[int], count: int) -> list[int]:
+        out = draft.propose(tokens, count)
+        # Its cache holds what it read: the tokens and every draft token but the last.
+        assert len(draft._read) == draft._cache.get_seq_length() == len(tokens) + count - 1
+        return out
+
+    first = proposed(PROMPT, 4)
     assert first == _greedy(model, PROMPT, 4)
+    assert proposed(PROMPT, 1) == first[:1]
     for tokens in (
         PROMPT + first[:2] + [7],  # two drafts accepted, then another token
         [*PROMPT, 99, 98, 97],  # the whole draft rejected
@@ -85,7 +94,11 @@ def test_a_proposal_is_the_draft_models_greedy_continuation_whatever_its_cache_h
         [60, 61, 62, 63],  # nothing in common
         [60, 61, 62, 63],  # exactly what it read: the last token read again
     ):
-        assert draft.propose(tokens, 3) == _greedy(model, tokens, 3), tokens
+        assert proposed(tokens, 3) == _greedy(model, tokens, 3), tokens
+    # A long new prompt is read CATCH_UP_TOKENS a call, nothing proposed until it is all read.
+    long = [(7 * i) % 300 + 5 for i in range(CATCH_UP_TOKENS * 2 + 10)]
+    assert draft.propose(long, 3) == [] and draft.propose(long, 3) == []
+    assert proposed(long, 3) == _greedy(model, long, 3)
     assert draft.fits(250, 6) and not draft.fits(252, 6)  # its context: 256 positions
 
 
@@ -96,7 +109,9 @@ def runners(target_dir: Path) -> Iterator[Any]:
 
     def runner(mode: str, draft_dir: Path | None) -> CausalRunner:
         target = _load(target_dir)
-        draft = None if draft_dir is None else DraftModel(_load(draft_dir), name="draft", target=target)
+        draft = None
+        if draft_dir is not None:
+            draft = DraftModel(_load(draft_dir), name="draft", target=target, positions=256)
         config = EngineConfig(threads=1, speculative_decoding=mode)
         made.append(CausalRunner(target, tokenizer, context_length=256, config=config, draft=draft))
         return made[-1]
@@ -131,10 +146,21 @@ def test_greedy_output_is_unchanged_by_a_draft_model(
     assert len(generate(spec, PROMPT, max_tokens=20, temperature=1.0, ignore_eos=True).tokens) == 20
 
 
-def test_auto_counts_what_a_draft_token_costs_to_draft() -> None:
+def test_auto_counts_what_a_draft_token_costs_to_draft(runners: Any, target_dir: Path) -> None:
     assert best_length(0.6, 8) > 0  # drafts that cost nothing pay at 60% accepted
     assert best_length(0.6, 8, draft_cost=0.5) == 0  # a draft model half the target's cost does not
     assert 0 < best_length(0.85, 8, draft_cost=0.3) < best_length(0.85, 8)  # shorter drafts where each costs
+    want = generate(runners("off", None), PROMPT, max_tokens=40, ignore_eos=True).tokens
+    drafted = {}
+    for cost in (0.1, 20.0):  # a cheap draft model, and one dearer than any draft could repay
+        spec = runners("auto", target_dir)
+        assert spec.speculation is not None and spec.speculation.draft_model is not None
+        spec.speculation.draft_model.cost = cost
+        assert generate(spec, PROMPT, max_tokens=40, ignore_eos=True).tokens == want
+        drafted[cost] = settled(spec).stats()["spec_model_draft_tokens"]
+    # Cheap: it drafts while the answer has nothing to copy; dear: only short probes, ever rarer.
+    # (Once the answer repeats itself, prompt lookup drafts instead.)
+    assert drafted[0.1] >= 2 * drafted[20.0] and 0 < drafted[20.0] <= 3 * PROBE_DRAFTS
 
 
 # -- pairings that cannot work -------------------------------------------------------------------
@@ -166,11 +192,19 @@ def _engine(platform: Platform, **options: Any) -> LocalEngine:
     return LocalEngine(platform.registry, platform.settings.model_copy(update=options))
 
 
-def test_a_pairing_that_cannot_work_stops_the_start(paired: Platform, tiny_encoder_dir: Path) -> None:
-    """A draft with another tokenizer, one not registered, or not a generating model: the engine
-    does not start, and the error names the setting; a target registered later is checked when it loads."""
+def test_a_pairing_that_cannot_work_stops_the_start(
+    paired: Platform, tiny_chat_dir: Path, tiny_encoder_dir: Path, tmp_path: Path
+) -> None:
+    """A draft with another tokenizer, one not registered, not a generating model, or of an
+    architecture the lean layers do not serve: the engine does not start, and the error names the
+    setting; a target registered later is checked when it loads."""
     paired.registry.pull(f"file:{tiny_encoder_dir}", name="tiny-embed")
+    biased = tmp_path / "biased"
+    _biased_llama(tiny_chat_dir).save_pretrained(biased)
+    AutoTokenizer.from_pretrained(tiny_chat_dir).save_pretrained(biased)
+    paired.registry.pull(f"file:{biased}", name="tiny-biased")
     for draft, message in (
+        ("tiny-biased", "draft_models: tiny-biased is not an architecture the lean decode step serves"),
         ("tiny-strange", "draft_models: tiny-strange cannot draft for tiny-chat: their tokenizers differ"),
         ("nowhere", "draft_models: nowhere, the draft model of tiny-chat, is not registered"),
         ("tiny-embed", "draft_models: tiny-embed is not a chat or completion model"),
@@ -180,6 +214,18 @@ def test_a_pairing_that_cannot_work_stops_the_start(paired: Platform, tiny_encod
     engine = _engine(paired, draft_models={"tiny-chat": "tiny-draft", "later-model": "tiny-strange"})
     with pytest.raises(ModelLoadError, match=r"served by the llama\.cpp backend, which does not draft"):
         engine.models.backends.named("llama.cpp").draft_for(paired.registry.get("tiny-chat"))
+    # A load checks too, whichever the backend (here the torch one, made one that does not draft
+    # and whose own load would not look).
+    backend = engine.models.backends.named("torch")
+    backend.drafts = False  # type: ignore[misc]
+    backend.load = lambda record: pytest.fail("loaded")  # type: ignore[method-assign]
+    with pytest.raises(ModelLoadError, match="served by the torch backend, which does not draft"):
+        engine._load(paired.registry.get("tiny-chat").id)
+    # A cluster replica leaves the pairings to its loads: one broken later stops no replica.
+    broken = paired.settings.model_copy(update={"draft_models": {"tiny-chat": "tiny-strange"}})
+    replica = LocalEngine(paired.registry, broken, check_drafts=False)
+    with pytest.raises(ModelLoadError, match="their tokenizers differ"):
+        replica._load(paired.registry.get("tiny-chat").id)
 
 
 def test_a_runner_that_does_not_speculate_refuses_a_draft(runners: Any, other_dir: Path) -> None:
@@ -191,10 +237,11 @@ def test_a_paired_model_loads_with_its_draft_and_counts_its_memory(paired: Platf
     plain = _engine(paired).models.backends.named("torch")
     drafting = _engine(paired, draft_models={"tiny-chat": "tiny-draft"}).models.backends.named("torch")
     record, draft = paired.registry.get("tiny-chat"), paired.registry.get("tiny-draft")
-    # The draft's weights (and packed copies) beside the target's; one load overhead.
-    assert (
-        drafting.estimate_bytes(record)
-        == plain.estimate_bytes(record) + plain.estimate_bytes(draft) - LOAD_OVERHEAD_BYTES
+    # The draft's weights (and packed copies) beside the target's, one load overhead, and its
+    # cache of one row as long as the target's context.
+    cache = kv_width(AutoConfig.from_pretrained(paired.registry.model_dir(draft)).to_dict()) * 4 * 256
+    assert drafting.estimate_bytes(record) == (
+        plain.estimate_bytes(record) + plain.estimate_bytes(draft) - LOAD_OVERHEAD_BYTES + cache
     )
     runner = drafting.load(record)
     try:

@@ -129,7 +129,7 @@ class EngineReplica:
     def __init__(self, settings: Settings, replica_id: str, model_key: str, slot: int, node_id: str) -> None:
         """``node_id``: the node it was pinned to (strict node affinity), reported to the servers that find it."""
         configure_process(settings)
-        self.engine = LocalEngine(open_registry(settings), settings)
+        self.engine = LocalEngine(open_registry(settings), settings, check_drafts=False)
         self.ledger = ReplicaLedger(replica_id, model_key, slot, node_id)
         self._lease: asyncio.Task[None] | None = None
 

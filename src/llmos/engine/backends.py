@@ -68,7 +68,7 @@ class Backend(ABC):
         """The model ``draft_models`` gives ``record`` to draft for it, or None; raises
         ModelLoadError where that cannot work: a draft model that is not registered, not a chat or
         completion model, an adapter, or a target this backend does not speculate with."""
-        name = self.config.draft_models.get(record.name) if self.config.draft_models else None
+        name = dict(self.config.draft_models).get(record.name) if self.config.draft_models else None
         if name is None:
             return None
         if not self.drafts:

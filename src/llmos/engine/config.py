@@ -6,7 +6,7 @@ one place instead of being threaded as a keyword through three layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmos.config import Settings
 
@@ -69,8 +69,8 @@ class EngineConfig:
     """Single streams speculate: ``auto`` (where it pays, ``speculative``), ``ngram`` (always) or ``off``."""
     speculative_tokens: int = 8
     """Most draft tokens one verify pass checks."""
-    draft_models: dict[str, str] = field(default_factory=dict)
-    """A chat model's name -> the model that drafts for its single streams."""
+    draft_models: tuple[tuple[str, str], ...] = ()
+    """Pairs of a chat model's name and the model that drafts for its single streams."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
@@ -102,5 +102,5 @@ class EngineConfig:
             metrics=settings.metrics_enabled,
             speculative_decoding=settings.speculative_decoding,
             speculative_tokens=settings.speculative_tokens,
-            draft_models=dict(settings.draft_models),
+            draft_models=tuple(settings.draft_models.items()),
         )

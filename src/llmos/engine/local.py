@@ -57,15 +57,25 @@ def resolve_dtype(setting: str) -> torch.dtype:
 class LocalEngine:
     """Implements ``EngineClient`` in this process."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings, *, on_restart: RestartHook | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        *,
+        on_restart: RestartHook | None = None,
+        check_drafts: bool = True,
+    ) -> None:
         """``on_restart(model, reason, restarted)`` is told each time a crashed engine loop has been
-        restarted, or the restart failed (the platform writes it to the audit log)."""
+        restarted, or the restart failed (the platform writes it to the audit log). ``check_drafts``:
+        check every ``draft_models`` pairing now (a server's start; a cluster replica leaves it to
+        the loads of its own model, so that a pairing broken later stops no replica of another)."""
         self.registry = registry
         self.config = EngineConfig.from_settings(settings)
         self.dtype = resolve_dtype(self.config.dtype)
         self._helpers = threads.helper_pool()
         self.models = ModelResolver(registry, Backends(registry, self.config, self.dtype), self.dtype)
-        self.models.check_drafts(self.config.draft_models)  # a pairing that cannot work stops the start
+        if check_drafts:  # a pairing that cannot work stops the start
+            self.models.check_drafts(dict(self.config.draft_models))
         self.residency: ModelResidency[Runner] = ModelResidency(
             self.config.memory_budget_bytes, self._load, _unload, self._estimate_size
         )
@@ -279,6 +289,7 @@ class LocalEngine:
 
     def _load(self, key: str) -> Runner:
         record, backend = self.models.served(key)
+        backend.draft_for(record)  # a pairing that cannot work fails the load, whichever the backend
         runner = backend.load(record)
         if isinstance(runner, GenerationRunner):  # its thread starts with its first request
             self.crashes.watch(key, runner)

@@ -12,7 +12,9 @@ from llmos.engine.config import EngineConfig
 from llmos.engine.torch_backend.int8 import int8_supported
 from llmos.engine.torch_backend.lean_decode import reproduces
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, TASK_HEADS, load_runner
+from llmos.errors import ModelLoadError
 from llmos.registry import ModelRecord, ModelRegistry
+from llmos.registry.adapters import kv_width
 
 _DTYPE_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 
@@ -32,7 +34,26 @@ class TorchBackend(Backend):
 
     def estimate_bytes(self, record: ModelRecord) -> int:
         draft = self.draft_for(record) if record.task in CAUSAL_TASKS else None
-        return self._own_bytes(record) + (self._own_bytes(draft) - LOAD_OVERHEAD_BYTES if draft else 0)
+        if draft is None:
+            return self._own_bytes(record)
+        # Its weights and packed copies, and its cache of one row, the length of the target's context.
+        cache = kv_width(self._config(draft).to_dict()) * _DTYPE_BYTES.get(self.dtype, 4) * self.context_length(record)
+        return self._own_bytes(record) + self._own_bytes(draft) - LOAD_OVERHEAD_BYTES + cache
+
+    def draft_for(self, record: ModelRecord) -> ModelRecord | None:
+        draft = super().draft_for(record)
+        if draft is not None and not reproduces(self._config(draft)):
+            raise ModelLoadError(
+                f"draft_models: {draft.name} is not an architecture the lean decode step serves (Llama or Qwen2 "
+                "without extra biases or sliding windows), so it cannot draft"
+            )
+        return draft
+
+    def _config(self, record: ModelRecord) -> Any:
+        config = self._configs.get(record.id)
+        if config is None:
+            config = self._configs[record.id] = AutoConfig.from_pretrained(self.registry.model_dir(record))
+        return config
 
     def _own_bytes(self, record: ModelRecord) -> int:
         encoder = record.task == "embedding" or record.task in TASK_HEADS  # these load in float32
@@ -51,9 +72,7 @@ class TorchBackend(Backend):
         mode = self.config.speculative_decoding
         if mode == "off" or record.task not in CAUSAL_TASKS or (self.config.decode_int8 and int8_supported(self.dtype)):
             return False
-        config = self._configs.get(record.id)
-        if config is None:
-            config = self._configs[record.id] = AutoConfig.from_pretrained(self.registry.model_dir(record))
+        config = self._config(record)
         if mode == "ngram":
             return "sliding_attention" not in (getattr(config, "layer_types", None) or [])
         return reproduces(config)

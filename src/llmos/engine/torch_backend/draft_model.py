@@ -5,6 +5,9 @@ anywhere, at the cost of its own decode steps. The draft model keeps one cache, 
 being speculated, holding the tokens it has read: each call rolls it back to what the row's
 tokens still share with it (a rejected draft's tail, or another request's whole history past a
 common system prompt), reads the rest in one pass, and then decodes greedily, one token a step.
+A new prompt is read ``CATCH_UP_TOKENS`` a call, proposing nothing until it is all read, so that
+no engine step stalls on a long prompt's prefill (a request arriving meanwhile waits one such
+pass at most).
 Greedy (point-mass) drafts keep the verify's acceptance rule as it is: exact for greedy rows,
 each sampled row's distribution unchanged (``speculative.accept``). Its steps run the lean layers,
 so a draft token costs about its weights' bytes read (decode on a CPU is bound by memory
@@ -17,12 +20,12 @@ from typing import Any
 
 import torch
 
-from llmos.engine.torch_backend.kv_cache import new_cache, truncate
+from llmos.engine.torch_backend.kv_cache import limit_growth, new_cache, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.errors import ModelLoadError
 
-CATCH_UP_CHUNK = 512
-"""Most tokens one pass of the draft model reads while catching up with a row (a new prompt)."""
+CATCH_UP_TOKENS = 64
+"""Most tokens the draft model reads in one call while catching up with a row (a new prompt)."""
 
 
 def same_tokenizer(target: Any, draft: Any) -> bool:
@@ -43,7 +46,8 @@ def weight_bytes(model: Any) -> int:
 class DraftModel:
     """``propose(tokens, count)``: the draft model's ``count`` greedy next tokens after ``tokens``."""
 
-    def __init__(self, model: Any, *, name: str, target: Any) -> None:
+    def __init__(self, model: Any, *, name: str, target: Any, positions: int) -> None:
+        """``positions``: the most its cache holds (the target's context)."""
         decoder = LeanDecoder.build(model, int8=False, native=False)
         if decoder is None:
             raise ModelLoadError(
@@ -54,12 +58,18 @@ class DraftModel:
         self.name = name
         self.model = model
         self.decoder = decoder
-        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        own = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.context_length = min(own, positions) if own else positions
         self.vocab = int(target.config.vocab_size)
         self.cost = weight_bytes(model) / weight_bytes(target)
         """A draft token's cost in the target's decode steps, by the weight bytes each reads."""
-        self._cache = new_cache(model.config)
+        self._cache = self._new_cache()
         self._read: list[int] = []  # the tokens whose states the cache holds, in order
+
+    def _new_cache(self) -> Any:
+        cache = new_cache(self.model.config)
+        limit_growth(cache, self.context_length)  # its spare room never past what a row can take
+        return cache
 
     def fits(self, length: int, count: int) -> bool:
         """Whether ``count`` drafts after ``length`` tokens stay within the draft model's context."""
@@ -67,6 +77,9 @@ class DraftModel:
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], count: int) -> list[int]:
+        """Empty while it is still reading ``tokens`` (a new prompt, ``CATCH_UP_TOKENS`` a call)."""
+        if not tokens or count < 1:
+            return []
         shared = 0
         limit = min(len(self._read), len(tokens) - 1)  # the last token is read again: its logits are wanted
         while shared < limit and self._read[shared] == tokens[shared]:
@@ -74,15 +87,12 @@ class DraftModel:
         if shared:
             truncate(self._cache, shared)
         else:  # nothing in common: a new cache, the old one's memory freed
-            self._cache = new_cache(self.model.config)
-        del self._read[shared:]
-        logits = None
-        while shared < len(tokens):
-            chunk = tokens[shared : shared + CATCH_UP_CHUNK]
-            logits = self.decoder.prefill([(chunk, shared, self._cache)])[-1]
-            shared += len(chunk)
-        self._read = list(tokens)
-        assert logits is not None
+            self._cache = self._new_cache()
+        chunk = tokens[shared : shared + CATCH_UP_TOKENS]
+        logits = self.decoder.prefill([(chunk, shared, self._cache)])[-1]
+        self._read = list(tokens[: shared + len(chunk)])
+        if len(self._read) < len(tokens):
+            return []
         draft = [int(logits[: self.vocab].argmax())]
         attention = torch.ones((1, len(tokens) + count), dtype=torch.long)
         for position in range(len(tokens), len(tokens) + count - 1):

@@ -64,7 +64,7 @@ def load_runner(
                 draft_name, draft_dir = draft
                 check_draft_tokenizer(name, tokenizer, draft_name, load_tokenizer(draft_dir))
                 small = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype, use_safetensors=True).eval()
-                drafter = DraftModel(small, name=draft_name, target=model)
+                drafter = DraftModel(small, name=draft_name, target=model, positions=context_length)
             return CausalRunner(
                 model, tokenizer, context_length=context_length, config=config, name=name, draft=drafter
             )

@@ -43,6 +43,7 @@ of drafting steps before one probing verify.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,7 @@ from llmos.engine.torch_backend.batch_state import BatchState
 from llmos.engine.torch_backend.draft_model import DraftModel
 from llmos.engine.torch_backend.kv_cache import grows_in_place, truncate
 
+log = logging.getLogger(__name__)
 MODES = ("auto", "ngram", "off")
 LONGEST_MATCH = 4
 """Suffix lengths looked up, longest first: a longer match predicts its continuation better."""
@@ -73,6 +75,8 @@ MEMORY = 0.7
 """Weight of a row's earlier verifies against its latest one (its acceptance rate follows what it
 is writing now: copying, then composing)."""
 MAX_WAIT = 64
+PROBE_DRAFTS = 2
+"""Draft tokens a probe of a draft model verifies (each costs its decode step)."""
 """Most drafting steps a row refused waits before its next probing verify."""
 Verify = Callable[[list[int], int, Any, Any], torch.Tensor]
 """``verify(tokens, position, cache, lora)``: ``tokens`` at positions ``position``... after the
@@ -287,7 +291,8 @@ class Speculation:
             if model.fits(len(written), room):
                 rate, length = tracked.model, self._length(tracked.model, room, model.cost)
                 if length:
-                    draft = model.propose(written, length)
+                    draft = self._propose(model, written, length)
+                    length = len(draft)  # none while it reads a new prompt
                     self.modeled += length
         if length == 0:
             decode()
@@ -315,6 +320,16 @@ class Speculation:
         state.logits = logits[taken : taken + 1]
         return streamed
 
+    def _propose(self, model: DraftModel, written: list[int], length: int) -> list[int]:
+        """The draft model's proposal; where it fails (its memory, say), it is given up and the
+        target decodes on without it, rather than the batch failing."""
+        try:
+            return model.propose(written, length)
+        except RuntimeError:
+            log.exception("draft model %s failed; speculating without it from now on", model.name)
+            self.draft_model = None
+            return []
+
     def _track(self, row: Row) -> _Tracked:
         key = (row.pending.request.request_id, row.index)
         if self._tracked is None or self._tracked.key != key:
@@ -330,7 +345,10 @@ class Speculation:
             return available
         if source.wait > 0:
             source.wait -= 1
-            return available if source.wait == 0 else 0  # a probe, whatever the rate says
+            if source.wait:
+                return 0
+            # A probe, whatever the rate says: whole where drafts cost nothing, else short.
+            return min(available, PROBE_DRAFTS) if draft_cost else available
         rate = source.accepted / source.tested
         if best_length(rate, self.tokens, draft_cost) == 0:  # not even a whole draft would pay: wait, then probe
             source.wait, source.gap = source.gap, min(2 * source.gap, MAX_WAIT)
