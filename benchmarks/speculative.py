@@ -94,9 +94,10 @@ def verify_cost(
     estimated = None
     if draft_dir is not None:
         small = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype, use_safetensors=True).eval()
-        drafter = DraftModel(small, name="draft", target=model)
+        drafter = DraftModel(small, name="draft", target=model, positions=model.config.max_position_embeddings)
         estimated = drafter.cost
-        drafter.propose(ids, 1)  # its cache holds the prompt
+        while not drafter.propose(ids, 1):  # until its cache holds the prompt (read in parts)
+            pass
         draft_cache = drafter._cache
         passes[-1] = lambda: drafter.decoder(token, torch.tensor([length]), attention, draft_cache, None)
     times: dict[int, list[float]] = {k: [] for k in passes}
