@@ -23,7 +23,7 @@ from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.draft_model import CATCH_UP_TOKENS, DraftModel
 from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
-from llmos.engine.torch_backend.speculative import PROBE_DRAFTS, best_length
+from llmos.engine.torch_backend.speculative import best_length
 from llmos.errors import ModelLoadError
 from llmos.platform import Platform
 from llmos.registry.adapters import kv_width
@@ -158,9 +158,9 @@ def test_auto_counts_what_a_draft_token_costs_to_draft(runners: Any, target_dir:
         spec.speculation.draft_model.cost = cost
         assert generate(spec, PROMPT, max_tokens=40, ignore_eos=True).tokens == want
         drafted[cost] = settled(spec).stats()["spec_model_draft_tokens"]
-    # Cheap: it drafts while the answer has nothing to copy; dear: only short probes, ever rarer.
+    # Cheap: it drafts while the answer has nothing to copy; dear: only probes, ever rarer.
     # (Once the answer repeats itself, prompt lookup drafts instead.)
-    assert drafted[0.1] >= 2 * drafted[20.0] and 0 < drafted[20.0] <= 3 * PROBE_DRAFTS
+    assert drafted[0.1] > drafted[20.0] > 0
 
 
 # -- pairings that cannot work -------------------------------------------------------------------

@@ -75,8 +75,6 @@ MEMORY = 0.7
 """Weight of a row's earlier verifies against its latest one (its acceptance rate follows what it
 is writing now: copying, then composing)."""
 MAX_WAIT = 64
-PROBE_DRAFTS = 2
-"""Draft tokens a probe of a draft model verifies (each costs its decode step)."""
 """Most drafting steps a row refused waits before its next probing verify."""
 Verify = Callable[[list[int], int, Any, Any], torch.Tensor]
 """``verify(tokens, position, cache, lora)``: ``tokens`` at positions ``position``... after the
@@ -345,10 +343,9 @@ class Speculation:
             return available
         if source.wait > 0:
             source.wait -= 1
-            if source.wait:
-                return 0
-            # A probe, whatever the rate says: whole where drafts cost nothing, else short.
-            return min(available, PROBE_DRAFTS) if draft_cost else available
+            # A whole draft probes, whatever the rate says (2-token probes of a draft model kept
+            # rows refused longer: 1.38x against 1.57x, docs/performance.md).
+            return available if source.wait == 0 else 0
         rate = source.accepted / source.tested
         if best_length(rate, self.tokens, draft_cost) == 0:  # not even a whole draft would pay: wait, then probe
             source.wait, source.gap = source.gap, min(2 * source.gap, MAX_WAIT)
