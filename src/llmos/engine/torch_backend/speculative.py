@@ -343,8 +343,8 @@ class Speculation:
             return available
         if source.wait > 0:
             source.wait -= 1
-            # A whole draft probes, whatever the rate says (2-token probes of a draft model kept
-            # rows refused longer: 1.38x against 1.57x, docs/performance.md).
+            # A whole draft probes, whatever the rate says (shorter probes of a draft model kept
+            # rows refused longer, docs/performance.md).
             return available if source.wait == 0 else 0
         rate = source.accepted / source.tested
         if best_length(rate, self.tokens, draft_cost) == 0:  # not even a whole draft would pay: wait, then probe
