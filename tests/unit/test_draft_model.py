@@ -19,15 +19,17 @@ from llmos.config import Settings
 from llmos.engine.backends import LOAD_OVERHEAD_BYTES
 from llmos.engine.config import EngineConfig
 from llmos.engine.local import LocalEngine
+from llmos.engine.sampling import sampling_probs
+from llmos.engine.torch_backend import speculative
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.draft_model import CATCH_UP_TOKENS, DraftModel
 from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
-from llmos.engine.torch_backend.speculative import best_length
+from llmos.engine.torch_backend.speculative import accept, best_length
 from llmos.errors import ModelLoadError
 from llmos.platform import Platform
 from llmos.registry.adapters import kv_width
-from tests.unit.test_speculative import PROMPT, _biased_llama, generate, settled
+from tests.unit.test_speculative import PROMPT, _biased_llama, _chi_square_p, generate, settled
 
 
 def _greedy(model: Any, tokens: list[int], count: int) -> list[int]:
@@ -79,7 +81,8 @@ def test_a_proposal_is_the_draft_models_greedy_continuation_whatever_its_cache_h
     assert draft.cost == pytest.approx(1.0)  # itself: as dear as a target step
 
     def proposed(tokens: list[int], count: int) -> list[int]:
-        out = draft.propose(tokens, count)
+        out, drawn_from = draft.propose(tokens, count)
+        assert drawn_from is None  # greedy: no distribution to divide by
         # Its cache holds what it read: the tokens and every draft token but the last.
         assert len(draft._read) == draft._cache.get_seq_length() == len(tokens) + count - 1
         return out
@@ -97,9 +100,25 @@ def test_a_proposal_is_the_draft_models_greedy_continuation_whatever_its_cache_h
         assert proposed(tokens, 3) == _greedy(model, tokens, 3), tokens
     # A long new prompt is read CATCH_UP_TOKENS a call, nothing proposed until it is all read.
     long = [(7 * i) % 300 + 5 for i in range(CATCH_UP_TOKENS * 2 + 10)]
-    assert draft.propose(long, 3) == [] and draft.propose(long, 3) == []
+    assert draft.propose(long, 3) == ([], None) and draft.propose(long, 3) == ([], None)
     assert proposed(long, 3) == _greedy(model, long, 3)
     assert draft.fits(250, 6) and not draft.fits(252, 6)  # its context: 256 positions
+    # Sampled: each token drawn from the distribution returned for it, the row's temperature and
+    # top-p applied to the draft model's logits after the tokens before it.
+    tokens, drawn_from = draft.propose(PROMPT, 3, 0.8, 0.9, torch.Generator().manual_seed(0))
+    assert drawn_from is not None and drawn_from.shape == (3, model.config.vocab_size)
+    decoder = LeanDecoder.build(model, int8=False, native=False)
+    assert decoder is not None
+    logits = decoder.prefill([([*PROMPT, *tokens[:2]], 0, new_cache(model.config))], every=[True])[-3:]
+    want = sampling_probs(logits, torch.full((3,), 0.8), torch.full((3,), 0.9))
+    torch.testing.assert_close(drawn_from, want, rtol=1e-4, atol=1e-6)
+    assert all(float(drawn_from[i, token]) > 0 for i, token in enumerate(tokens))
+    # Drawn, not chosen: at a low temperature (a few likely tokens) the first draft token's
+    # frequencies over many calls fit its distribution.
+    generator = torch.Generator().manual_seed(1)
+    firsts = [draft.propose(PROMPT, 1, 0.1, 1.0, generator)[0][0] for _ in range(300)]
+    first = sampling_probs(logits[:1], torch.tensor([0.1]), torch.tensor([1.0]))[0]
+    assert float(first.max()) < 0.9 and _chi_square_p(torch.tensor(firsts), first) > 1e-3, first.topk(4)
 
 
 @pytest.fixture
@@ -144,6 +163,65 @@ def test_greedy_output_is_unchanged_by_a_draft_model(
     assert rejected == 0 if which == "same weights" else rejected > 0
     # A sampled row keeps drafting with the model and finishes.
     assert len(generate(spec, PROMPT, max_tokens=20, temperature=1.0, ignore_eos=True).tokens) == 20
+
+
+def test_sampled_drafts_are_divided_by_the_distribution_they_were_drawn_from(
+    runners: Any, target_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sampled row's drafts are drawn from the draft model's own distribution and accepted with
+    probability min(1, p/q): a draft model of the target's own weights (q = p) is accepted every
+    time, where a point-mass rule would accept each token with only its probability p."""
+    monkeypatch.setattr(speculative, "propose", lambda *args, **kwargs: [])  # the draft model's drafts only
+    spec = runners("ngram", target_dir)
+    assert len(generate(spec, PROMPT, max_tokens=40, temperature=1.0, ignore_eos=True).tokens) == 40
+    stats = settled(spec).stats()
+    assert stats["spec_model_draft_tokens"] == stats["spec_draft_tokens"] == stats["spec_accepted_tokens"] > 20
+
+
+def _undivided_rest(logits: torch.Tensor, draft: list[int], t: float, top_p: float, g: Any, q: Any) -> tuple[int, int]:
+    """The rule with one mistake: accepted with probability min(1, p/q), but a rejected token
+    replaced by a draw from ``p`` without it (the point-mass rule's rest), not from max(0, p - q)."""
+    probs = sampling_probs(logits, torch.full((len(logits),), t), torch.full((len(logits),), top_p))
+    for i, token in enumerate(draft):
+        if float(torch.rand((), generator=g)) * float(q[i, token]) >= float(probs[i, token]):
+            rest = probs[i].clone()
+            rest[token] = 0.0
+            return i, int(torch.multinomial(rest, 1, generator=g)[0])
+    return len(draft), int(torch.multinomial(probs[-1], 1, generator=g)[0])
+
+
+def test_sampled_drafts_keep_the_targets_distribution_and_are_accepted_more() -> None:
+    """Thousands of seeded verifies of two-token drafts drawn from another distribution ``q``
+    (one that puts mass where the target's top-p leaves none): the first token, and the second
+    given the first was the draft's, follow the target's distribution ``p`` by a chi-square test,
+    which a wrong rest fails. Dividing by ``q`` accepts more of the drafts than taking each as a
+    point mass (also exact, as any fixed draft is), as expected: sum min(p, q) against sum p q."""
+    temperature, top_p = 0.8, 0.9
+    target = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0], [-1.0, 0.0, 1.5, 1.5, 0.0, -2.0], [0.0] * 6])
+    drafted = torch.tensor([[0.0, 1.5, 2.0, 0.5, -1.0, 1.0], [1.0, 0.0, 0.5, 2.0, -1.0, 0.5]])
+    p = sampling_probs(target, torch.full((3,), temperature), torch.full((3,), top_p))
+    q = sampling_probs(drafted, torch.full((2,), temperature), torch.full((2,), top_p))
+    assert float(p[0, 5]) == 0 < float(q[0, 5])  # q drafts a token p never samples
+
+    def run(rule: Any, q_given: Any) -> tuple[float, float, float]:
+        generator = torch.Generator().manual_seed(1234)
+        firsts, seconds = [], []
+        for _ in range(6000):
+            draft = [int(torch.multinomial(q[i], 1, generator=generator)[0]) for i in range(2)]
+            taken, after = rule(target, draft, temperature, top_p, generator, q_given)
+            firsts.append(draft[0] if taken else after)
+            if taken:
+                seconds.append(draft[1] if taken == 2 else after)
+        fit = _chi_square_p(torch.tensor(firsts), p[0]), _chi_square_p(torch.tensor(seconds), p[1])
+        return *fit, len(seconds) / 6000  # the first draft token's acceptance
+
+    *fit, divided = run(accept, q)
+    assert min(fit) > 1e-3
+    assert divided == pytest.approx(float(torch.minimum(p[0], q[0]).sum()), abs=0.02)
+    *fit, point_mass = run(accept, None)
+    assert min(fit) > 1e-3
+    assert point_mass == pytest.approx(float((p[0] * q[0]).sum()), abs=0.02) and point_mass < divided - 0.1
+    assert max(run(_undivided_rest, q)[:2]) < 1e-6
 
 
 def test_auto_counts_what_a_draft_token_costs_to_draft(runners: Any, target_dir: Path) -> None:

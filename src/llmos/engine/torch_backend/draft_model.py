@@ -4,12 +4,14 @@ Prompt lookup drafts only where the answer copies its context; a draft model pro
 anywhere, at the cost of its own decode steps. The draft model keeps one cache, for the row
 being speculated, holding the tokens it has read: each call rolls it back to what the row's
 tokens still share with it (a rejected draft's tail, or another request's whole history past a
-common system prompt), reads the rest in one pass, and then decodes greedily, one token a step.
+common system prompt), reads the rest in one pass, and then decodes one token a step: greedily
+for a greedy row, and for a sampled row by drawing from its own distribution at the row's
+temperature and top-p, returning those distributions for the verify's rule.
 A new prompt is read ``CATCH_UP_TOKENS`` a call, proposing nothing until it is all read, so that
 no engine step stalls on a long prompt's prefill (a request arriving meanwhile waits one such
 pass at most).
-Greedy (point-mass) drafts keep the verify's acceptance rule as it is: exact for greedy rows,
-each sampled row's distribution unchanged (``speculative.accept``). Its steps run the lean layers,
+Greedy rows stay exact, and each sampled row keeps its own distribution (``speculative.accept``:
+a sampled draft token ``x`` is accepted with probability ``min(1, p(x) / q(x))``). Its steps run the lean layers,
 so a draft token costs about its weights' bytes read (decode on a CPU is bound by memory
 bandwidth): ``cost``, a fraction of the target's step, enters ``auto``'s rule (docs/adr/0027).
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from llmos.engine.sampling import sampling_probs
 from llmos.engine.torch_backend.kv_cache import limit_growth, new_cache, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.errors import ModelLoadError
@@ -44,7 +47,7 @@ def weight_bytes(model: Any) -> int:
 
 
 class DraftModel:
-    """``propose(tokens, count)``: the draft model's ``count`` greedy next tokens after ``tokens``."""
+    """``propose(tokens, count, ...)``: the draft model's ``count`` next tokens after ``tokens``."""
 
     def __init__(self, model: Any, *, name: str, target: Any, positions: int) -> None:
         """``positions``: the most its cache holds (the target's context)."""
@@ -76,10 +79,19 @@ class DraftModel:
         return not self.context_length or length + count <= self.context_length
 
     @torch.inference_mode()
-    def propose(self, tokens: list[int], count: int) -> list[int]:
-        """Empty while it is still reading ``tokens`` (a new prompt, ``CATCH_UP_TOKENS`` a call)."""
+    def propose(
+        self,
+        tokens: list[int],
+        count: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """The draft, and None where it is greedy (``temperature`` 0); sampled, the distributions
+        each token was drawn from, (len(draft), the target's vocabulary). Empty while it is still
+        reading ``tokens`` (a new prompt, ``CATCH_UP_TOKENS`` a call)."""
         if not tokens or count < 1:
-            return []
+            return [], None
         shared = 0
         limit = min(len(self._read), len(tokens) - 1)  # the last token is read again: its logits are wanted
         while shared < limit and self._read[shared] == tokens[shared]:
@@ -92,13 +104,36 @@ class DraftModel:
         logits = self.decoder.prefill([(chunk, shared, self._cache)])[-1]
         self._read = list(tokens[: shared + len(chunk)])
         if len(self._read) < len(tokens):
-            return []
-        draft = [int(logits[: self.vocab].argmax())]
+            return [], None
+        choose = _Chooser(self.vocab, temperature, top_p, generator)
+        draft = [choose(logits)]
         attention = torch.ones((1, len(tokens) + count), dtype=torch.long)
         for position in range(len(tokens), len(tokens) + count - 1):
             step = self.decoder(
                 torch.tensor([draft[-1]]), torch.tensor([position]), attention[:, : position + 1], self._cache, None
             )
             self._read.append(draft[-1])
-            draft.append(int(step[0, : self.vocab].argmax()))
-        return draft
+            draft.append(choose(step[0]))
+        return draft, torch.stack(choose.drawn_from) if choose.drawn_from else None
+
+
+class _Chooser:
+    """Chooses each draft token from the draft model's logits as the row chooses its own: the
+    argmax, or a draw at its temperature and top-p, keeping the distributions drawn from."""
+
+    def __init__(self, vocab: int, temperature: float, top_p: float, generator: torch.Generator | None) -> None:
+        self.vocab = vocab
+        self.temperature = torch.tensor([temperature])
+        self.top_p = torch.tensor([top_p])
+        self.generator = generator
+        self.drawn_from: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        logits = logits[: self.vocab]  # the target's vocabulary: ids past it are the output layer's padding
+        if float(self.temperature[0]) == 0:
+            return int(logits.argmax())
+        if logits.shape[0] < self.vocab:  # a narrower output layer: the ids it lacks are never drawn
+            logits = torch.nn.functional.pad(logits, (0, self.vocab - logits.shape[0]), value=-torch.inf)
+        probs = sampling_probs(logits[None].float(), self.temperature, self.top_p)[0]
+        self.drawn_from.append(probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator)[0])

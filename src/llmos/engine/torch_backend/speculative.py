@@ -31,8 +31,11 @@ step only up to rounding).
 
 Where prompt lookup finds nothing worth verifying and the model has a draft model
 (``draft_models``: a smaller model of its family, ``draft_model``), that model proposes the
-tokens instead, by its own greedy steps; its drafts keep an acceptance rate of their own, and a
-draft token's cost (its weight bytes over the target's) joins the verify's in the rule below.
+tokens instead, by its own decode steps (greedy for a greedy row; for a sampled row, drawn from
+its own distribution at the row's temperature and top-p, which the rule above then divides by:
+``min(1, p(x) / q(x))``, accepting more than a point-mass draft where the two models agree); its
+drafts keep an acceptance rate of their own, and a draft token's cost (its weight bytes over the
+target's) joins the verify's in the rule below.
 
 ``auto`` speculates only where it pays: a verify of ``m`` drafts costs ``VERIFY_BASE_COST +
 VERIFY_COST_PER_DRAFT * m`` decode steps and yields one token plus the accepted ones, so a row
@@ -115,13 +118,21 @@ def propose(
 
 
 def accept(
-    logits: torch.Tensor, draft: Sequence[int], temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    draft: Sequence[int],
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    draft_probs: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """How many of ``draft`` are accepted and the token after them, from ``logits`` (len(draft) + 1,
     vocab): row ``i`` is the distribution of the token after draft token ``i - 1`` (row 0: after
     the token the draft follows). Greedy (``temperature`` 0): the draft while it is the argmax,
-    then the argmax. Sampled: each draft token ``x`` accepted with probability ``p(x)``, the first
-    rejected replaced by a draw from ``p`` without ``x``; all accepted, one more draw from the last row."""
+    then the argmax. Sampled: draft token ``x``, drawn from ``q`` (row ``i`` of ``draft_probs``;
+    None: each token chosen outright, a point mass), is accepted with probability
+    ``min(1, p(x) / q(x))``, and the first rejected is replaced by a draw from ``max(0, p - q)``
+    (for a point mass: ``p`` without ``x``); all accepted, one more draw from the last row. Either
+    way every token keeps its probability ``p`` under the row's temperature and top-p."""
     if temperature == 0:
         best = logits.argmax(dim=-1).tolist()
         taken = 0
@@ -131,10 +142,16 @@ def accept(
     rows = logits.shape[0]
     probs = sampling_probs(logits, torch.full((rows,), temperature), torch.full((rows,), top_p))
     for i, token in enumerate(draft):
-        if float(torch.rand((), generator=generator)) < float(probs[i, token]):
+        drawn = 1.0 if draft_probs is None else float(draft_probs[i, token])
+        if float(torch.rand((), generator=generator)) * drawn < float(probs[i, token]):
             continue
         rest = probs[i].clone()
-        rest[token] = 0.0
+        if draft_probs is None:
+            rest[token] = 0.0
+        else:
+            rest = (rest - draft_probs[i]).clamp_(min=0.0)
+            if not bool(rest.any()):  # p within rounding of q: nothing left over, so p itself
+                rest = probs[i]
         return i, int(torch.multinomial(rest, 1, generator=generator)[0])
     return len(draft), int(torch.multinomial(probs[-1], 1, generator=generator)[0])
 
@@ -283,13 +300,20 @@ class Speculation:
         history = tracked.sync(row)
         draft = propose(history, room)
         rate, length = tracked.lookup, self._length(tracked.lookup, len(draft))
+        sampling = state.sampling
+        temperature, top_p, generator = (
+            float(sampling.temperature[0]),
+            float(sampling.top_p[0]),
+            sampling.generators[0],
+        )
+        drawn_from = None  # the draft model's distributions its sampled draft was drawn from
         model = self.draft_model
         if length == 0 and model is not None:  # no copy to draft from (or none worth it): the model's guess
             written = [*row.pending.request.prompt_token_ids, *row.output_ids]  # the prediction is not text
             if model.fits(len(written), room):
                 rate, length = tracked.model, self._length(tracked.model, room, model.cost)
                 if length:
-                    draft = self._propose(model, written, length)
+                    draft, drawn_from = self._propose(model, written, length, temperature, top_p, generator)
                     length = len(draft)  # none while it reads a new prompt
                     self.modeled += length
         if length == 0:
@@ -297,10 +321,7 @@ class Speculation:
             return 0
         draft = draft[:length]
         logits = self.verify([token, *draft], position, state.cache, lora)
-        sampling = state.sampling
-        taken, after = accept(
-            logits, draft, float(sampling.temperature[0]), float(sampling.top_p[0]), sampling.generators[0]
-        )
+        taken, after = accept(logits, draft, temperature, top_p, generator, drawn_from)
         truncate(state.cache, position + 1 + taken)
         self._record(rate, taken, len(draft))
         row.drafted += len(draft)
@@ -318,15 +339,24 @@ class Speculation:
         state.logits = logits[taken : taken + 1]
         return streamed
 
-    def _propose(self, model: DraftModel, written: list[int], length: int) -> list[int]:
-        """The draft model's proposal; where it fails (its memory, say), it is given up and the
-        target decodes on without it, rather than the batch failing."""
+    def _propose(
+        self,
+        model: DraftModel,
+        written: list[int],
+        length: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | None,
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """The draft model's proposal (and, for a sampled row, the distributions it was drawn
+        from); where it fails (its memory, say), it is given up and the target decodes on without
+        it, rather than the batch failing."""
         try:
-            return model.propose(written, length)
+            return model.propose(written, length, temperature, top_p, generator)
         except RuntimeError:
             log.exception("draft model %s failed; speculating without it from now on", model.name)
             self.draft_model = None
-            return []
+            return [], None
 
     def _track(self, row: Row) -> _Tracked:
         key = (row.pending.request.request_id, row.index)
