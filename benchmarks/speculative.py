@@ -12,17 +12,21 @@ per mode, the bench-home registry, all running): each prompt answered by each se
 tokens/s over the requests' wall time and over their decoding (streamed, from the first token
 to the last: what speculation changes, without the prompt's prefill), the acceptance rate from
 the usage's accepted and rejected prediction tokens, and whether every answer is the same as
-with speculation off.
+with speculation off. With ``--late-arrivals N``, each server then answers N one-token requests
+sent while another request's answer is decoding (0.5-2.5 s after its first token): how long a
+request arriving during a speculated step waits, against one arriving during plain steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,7 +100,7 @@ def verify_cost(
         small = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype, use_safetensors=True).eval()
         drafter = DraftModel(small, name="draft", target=model, positions=model.config.max_position_embeddings)
         estimated = drafter.cost
-        while not drafter.propose(ids, 1):  # until its cache holds the prompt (read in parts)
+        while not drafter.propose(ids, 1)[0]:  # until its cache holds the prompt (read in parts)
             pass
         draft_cache = drafter._cache
         passes[-1] = lambda: drafter.decoder(token, torch.tensor([length]), attention, draft_cache, None)
@@ -127,6 +131,36 @@ def verify_cost(
     }
 
 
+LATE_PROMPT = "Say OK."
+
+
+def late_wait(client: httpx.Client, url: str, body: dict[str, Any], seed: int) -> float:
+    """Seconds a one-token request takes when it is sent 0.5-2.5 s (by ``seed``) after the first
+    token of the streamed answer to ``body``, while that answer decodes."""
+    started = threading.Event()
+
+    def stream() -> None:
+        with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        started.set()
+        started.set()  # an answer with no content at all: the wait is still taken
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    started.wait(timeout=900)
+    time.sleep(random.Random(seed).uniform(0.5, 2.5))
+    late = {"model": body["model"], "messages": [{"role": "user", "content": LATE_PROMPT}], "max_tokens": 1}
+    start = time.perf_counter()
+    client.post(f"{url}/v1/chat/completions", json=late).raise_for_status()
+    waited = time.perf_counter() - start
+    thread.join()
+    return waited
+
+
 def served(
     home: Path,
     model: str,
@@ -138,11 +172,12 @@ def served(
     threads: int,
     temperature: float,
     together: bool = True,
+    late: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Every text answered by one server per ``speculative_decoding`` mode (``draft``: ``auto``
     with ``draft`` as ``model``'s draft model), all running, the modes taking turns prompt by
     prompt (so that the machine's other load weighs on each alike); not ``together``, one server
-    after another (models too large for several in memory)."""
+    after another (models too large for several in memory); ``late``: the late arrivals' waits."""
     runs: dict[str, dict[str, Any]] = {
         mode: {
             "tokens": 0,
@@ -214,6 +249,19 @@ def served(
                         run["accepted_tokens"] += details.get("accepted_prediction_tokens", 0)
                         run["draft_tokens"] += details.get("accepted_prediction_tokens", 0)
                         run["draft_tokens"] += details.get("rejected_prediction_tokens", 0)
+                for mode, (_, url) in servers.items():
+                    ask(url, LATE_PROMPT)  # its prefix cached, as for every later arrival
+                    bodies = [
+                        {
+                            "model": model,
+                            "messages": [{"role": "user", "content": texts[i % len(texts)]}],
+                            "max_tokens": max_tokens,
+                            "temperature": temperature,
+                            "stream": True,
+                        }
+                        for i in range(late)
+                    ]
+                    runs[mode]["late_waits"] = [late_wait(client, url, body, i) for i, body in enumerate(bodies)]
         finally:
             for proc, _ in servers.values():
                 proc.send_signal(signal.SIGTERM)
@@ -245,6 +293,9 @@ def main() -> None:
     parser.add_argument("--cost-only", action="store_true", help="measure the verify's cost only (part 1)")
     parser.add_argument(
         "--one-server-at-a-time", action="store_true", help="the modes' servers in turn (a model too large for two)"
+    )
+    parser.add_argument(
+        "--late-arrivals", type=int, default=0, help="one-token requests sent while an answer decodes, per mode"
     )
     parser.add_argument("--home", type=Path, default=ROOT / ".cache" / "bench-home")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: a new dated one; never replaced)")
@@ -283,6 +334,7 @@ def main() -> None:
         args.threads,
         args.temperature,
         together=not args.one_server_at_a_time,
+        late=args.late_arrivals,
     )
     base = runs["off"]
     result: dict[str, Any] = {
@@ -329,6 +381,11 @@ def main() -> None:
             f"{row['decode_tokens_per_s']:>13.1f} {row['decode_speedup']:>7.2f}x {rate:>9} "
             f"{same:>10}"
         )
+    if args.late_arrivals:
+        print(f"a one-token request arriving while an answer decodes ({args.late_arrivals} each), seconds:")
+        for mode in modes:
+            waits = result["served"][mode]["late_waits"]
+            print(f"{mode:<8} median {statistics.median(waits):.2f}  max {max(waits):.2f}")
     write_result("speculative", result, args.out)
 
 

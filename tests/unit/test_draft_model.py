@@ -90,6 +90,10 @@ def test_a_proposal_is_the_draft_models_greedy_continuation_whatever_its_cache_h
     first = proposed(PROMPT, 4)
     assert first == _greedy(model, PROMPT, 4)
     assert proposed(PROMPT, 1) == first[:1]
+    # A request arriving (asked before each further token) ends the draft: what was drafted so far.
+    arrivals = iter([False, True])
+    assert draft.propose(PROMPT, 4, arrived=lambda: next(arrivals)) == (first[:2], None)
+    assert len(draft._read) == draft._cache.get_seq_length() == len(PROMPT) + 1
     for tokens in (
         PROMPT + first[:2] + [7],  # two drafts accepted, then another token
         [*PROMPT, 99, 98, 97],  # the whole draft rejected
@@ -159,6 +163,8 @@ def test_greedy_output_is_unchanged_by_a_draft_model(
     assert generate(spec, PROMPT, max_tokens=30, stop=(stop,)).tokens == want.tokens
     stats = settled(spec).stats()
     assert stats["spec_model_draft_tokens"] > 0 and stats["spec_verifies"] > 0
+    # The draft model stops drafting when a request waits for the engine.
+    assert spec.speculation.arrived == spec._arrived and not spec._arrived()
     rejected = stats["spec_draft_tokens"] - stats["spec_accepted_tokens"]
     assert rejected == 0 if which == "same weights" else rejected > 0
     # A sampled row keeps drafting with the model and finishes.

@@ -83,7 +83,9 @@ class CausalRunner(GenerationRunner):
         self.lora = LoraBank(model, config.adapter_memory_bytes)
         # Decode steps run the lean step where the architecture has one, else the model's forward.
         self.decoder = LeanDecoder.build(model, int8=config.decode_int8, native=config.native_kernels)
-        self.speculation = Speculation.build(config, model, self.decoder, self.streamer, self.cache_name, draft)
+        self.speculation = Speculation.build(
+            config, model, self.decoder, self.streamer, self.cache_name, draft, self._arrived
+        )
         if draft is not None and self.speculation is None:
             raise ModelLoadError(
                 f"draft_models gives {name} the draft model {draft.name}, but {name} does not speculate here "
@@ -480,6 +482,10 @@ class CausalRunner(GenerationRunner):
         else:
             self._decode(state, tokens)
         return state
+
+    def _arrived(self) -> bool:
+        """Whether a request waits to be admitted (asked from within a speculated step)."""
+        return not self.scheduler.queue.empty()
 
     def _decode(self, state: BatchState[Row], tokens: torch.Tensor) -> None:
         """One token of every row of ``state``: its key/value states and the next logits."""

@@ -18,6 +18,7 @@ bandwidth): ``cost``, a fraction of the target's step, enters ``auto``'s rule (d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,10 +87,13 @@ class DraftModel:
         temperature: float = 0.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        arrived: Callable[[], bool] | None = None,
     ) -> tuple[list[int], torch.Tensor | None]:
         """The draft, and None where it is greedy (``temperature`` 0); sampled, the distributions
         each token was drawn from, (len(draft), the target's vocabulary). Empty while it is still
-        reading ``tokens`` (a new prompt, ``CATCH_UP_TOKENS`` a call)."""
+        reading ``tokens`` (a new prompt, ``CATCH_UP_TOKENS`` a call). Shorter than ``count`` once
+        ``arrived()`` (asked before each further token) says a request came in: its first token
+        waits for one of the draft model's steps then, not for a whole draft."""
         if not tokens or count < 1:
             return [], None
         shared = 0
@@ -109,6 +113,8 @@ class DraftModel:
         draft = [choose(logits)]
         attention = torch.ones((1, len(tokens) + count), dtype=torch.long)
         for position in range(len(tokens), len(tokens) + count - 1):
+            if arrived is not None and arrived():
+                break
             step = self.decoder(
                 torch.tensor([draft[-1]]), torch.tensor([position]), attention[:, : position + 1], self._cache, None
             )

@@ -230,8 +230,16 @@ class Speculation:
     """Speculative decoding for one runner; ``step`` advances a row decoding alone."""
 
     def __init__(
-        self, mode: str, tokens: int, verify: Verify, streamer: Streamer, draft_model: DraftModel | None = None
+        self,
+        mode: str,
+        tokens: int,
+        verify: Verify,
+        streamer: Streamer,
+        draft_model: DraftModel | None = None,
+        arrived: Callable[[], bool] | None = None,
     ) -> None:
+        """``arrived()``: whether a request is waiting for the engine (the draft model then stops
+        drafting, so that it waits for no whole draft)."""
         if mode not in MODES:
             raise ValueError(f"speculative_decoding must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
@@ -239,6 +247,7 @@ class Speculation:
         self.verify = verify
         self.streamer = streamer
         self.draft_model = draft_model
+        self.arrived = arrived
         self._tracked: _Tracked | None = None
         self.verifies = 0
         self.drafted = 0
@@ -254,6 +263,7 @@ class Speculation:
         streamer: Streamer,
         cache_name: str,
         draft_model: DraftModel | None = None,
+        arrived: Callable[[], bool] | None = None,
     ) -> Speculation | None:
         """Speculation for a runner whose decode steps run ``decoder`` (the lean layers) or, when
         it is None, the model's forward; None when it is off, when single rows decode with int8
@@ -266,7 +276,7 @@ class Speculation:
             return None
         # The lean layers' verify reproduces their decode steps bit for bit; the model's forward only up to rounding.
         verify = decoder.verify if decoder is not None else forward_verify(model, cache_name)
-        return cls(config.speculative_decoding, config.speculative_tokens, verify, streamer, draft_model)
+        return cls(config.speculative_decoding, config.speculative_tokens, verify, streamer, draft_model, arrived)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -352,7 +362,7 @@ class Speculation:
         from); where it fails (its memory, say), it is given up and the target decodes on without
         it, rather than the batch failing."""
         try:
-            return model.propose(written, length, temperature, top_p, generator)
+            return model.propose(written, length, temperature, top_p, generator, self.arrived)
         except RuntimeError:
             log.exception("draft model %s failed; speculating without it from now on", model.name)
             self.draft_model = None
