@@ -138,27 +138,35 @@ def late_wait(client: httpx.Client, url: str, body: dict[str, Any], seed: int) -
     """Seconds a one-token request takes when it is sent 0.5-2.5 s (by ``seed``) after the first
     token of the streamed answer to ``body``, while that answer decodes."""
     started = threading.Event()
+    failed: list[BaseException] = []
 
     def stream() -> None:
-        with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
-            resp.raise_for_status()
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
-                    if choices[0].get("delta", {}).get("content"):
-                        started.set()
-        started.set()  # an answer with no content at all: the wait is still taken
+        try:
+            with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
+                        if choices[0].get("delta", {}).get("content"):
+                            started.set()
+        except BaseException as error:  # re-raised in the caller: a wait on an idle server is no measurement
+            failed.append(error)
+        finally:
+            started.set()
 
     thread = threading.Thread(target=stream)
     thread.start()
-    started.wait(timeout=900)
-    time.sleep(random.Random(seed).uniform(0.5, 2.5))
-    late = {"model": body["model"], "messages": [{"role": "user", "content": LATE_PROMPT}], "max_tokens": 1}
-    start = time.perf_counter()
-    client.post(f"{url}/v1/chat/completions", json=late).raise_for_status()
-    waited = time.perf_counter() - start
-    thread.join()
-    return waited
+    try:
+        started.wait(timeout=900)
+        time.sleep(random.Random(seed).uniform(0.5, 2.5))
+        if failed or not thread.is_alive():
+            raise RuntimeError(f"the answer to wait behind failed or ended too soon: {failed}")
+        late = {"model": body["model"], "messages": [{"role": "user", "content": LATE_PROMPT}], "max_tokens": 1}
+        start = time.perf_counter()
+        client.post(f"{url}/v1/chat/completions", json=late).raise_for_status()
+        return time.perf_counter() - start
+    finally:
+        thread.join()
 
 
 def served(
@@ -249,7 +257,7 @@ def served(
                         run["accepted_tokens"] += details.get("accepted_prediction_tokens", 0)
                         run["draft_tokens"] += details.get("accepted_prediction_tokens", 0)
                         run["draft_tokens"] += details.get("rejected_prediction_tokens", 0)
-                for mode, (_, url) in servers.items():
+                for mode, (_, url) in servers.items() if late else []:
                     ask(url, LATE_PROMPT)  # its prefix cached, as for every later arrival
                     bodies = [
                         {

@@ -33,7 +33,7 @@ Where prompt lookup finds nothing worth verifying and the model has a draft mode
 (``draft_models``: a smaller model of its family, ``draft_model``), that model proposes the
 tokens instead, by its own decode steps (greedy for a greedy row; for a sampled row, drawn from
 its own distribution at the row's temperature and top-p, which the rule above then divides by:
-``min(1, p(x) / q(x))``, accepting more than a point-mass draft where the two models agree); its
+``min(1, p(x) / q(x))``, a token accepted with probability ``sum min(p, q)``); its
 drafts keep an acceptance rate of their own, and a draft token's cost (its weight bytes over the
 target's) joins the verify's in the rule below.
 
