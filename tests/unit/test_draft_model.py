@@ -22,7 +22,7 @@ from llmos.engine.local import LocalEngine
 from llmos.engine.sampling import sampling_probs
 from llmos.engine.torch_backend import speculative
 from llmos.engine.torch_backend.causal import CausalRunner
-from llmos.engine.torch_backend.draft_model import CATCH_UP_TOKENS, DraftModel
+from llmos.engine.torch_backend.draft_model import CATCH_UP_TOKENS, DraftModel, _Chooser
 from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.speculative import accept, best_length
@@ -169,6 +169,17 @@ def test_greedy_output_is_unchanged_by_a_draft_model(
     assert rejected == 0 if which == "same weights" else rejected > 0
     # A sampled row keeps drafting with the model and finishes.
     assert len(generate(spec, PROMPT, max_tokens=20, temperature=1.0, ignore_eos=True).tokens) == 20
+
+
+def test_a_draft_is_drawn_over_the_targets_vocabulary() -> None:
+    """A draft model's output layer narrower than the target's: the ids it lacks are never drawn
+    and have no probability in ``q``; a wider one: its extra ids (padding) are left out."""
+    for width in (5, 10):
+        choose = _Chooser(8, 1.0, 1.0, torch.Generator().manual_seed(0))
+        drawn = {choose(torch.zeros(width)) for _ in range(200)}
+        assert drawn == set(range(min(width, 8)))
+        assert all(q.shape == (8,) and float(q[min(width, 8) :].sum()) == 0 for q in choose.drawn_from)
+        assert choose.drawn_from[0].sum() == pytest.approx(1.0)
 
 
 def test_sampled_drafts_are_divided_by_the_distribution_they_were_drawn_from(
