@@ -129,6 +129,7 @@ class _Chooser:
 
     def __init__(self, vocab: int, temperature: float, top_p: float, generator: torch.Generator | None) -> None:
         self.vocab = vocab
+        self.greedy = temperature == 0
         self.temperature = torch.tensor([temperature])
         self.top_p = torch.tensor([top_p])
         self.generator = generator
@@ -136,7 +137,7 @@ class _Chooser:
 
     def __call__(self, logits: torch.Tensor) -> int:
         logits = logits[: self.vocab]  # the target's vocabulary: ids past it are the output layer's padding
-        if float(self.temperature[0]) == 0:
+        if self.greedy:
             return int(logits.argmax())
         if logits.shape[0] < self.vocab:  # a narrower output layer: the ids it lacks are never drawn
             logits = torch.nn.functional.pad(logits, (0, self.vocab - logits.shape[0]), value=-torch.inf)

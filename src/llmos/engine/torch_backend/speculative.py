@@ -145,11 +145,11 @@ def accept(
         drawn = 1.0 if draft_probs is None else float(draft_probs[i, token])
         if float(torch.rand((), generator=generator)) * drawn < float(probs[i, token]):
             continue
-        rest = probs[i].clone()
         if draft_probs is None:
+            rest = probs[i].clone()
             rest[token] = 0.0
         else:
-            rest = (rest - draft_probs[i]).clamp_(min=0.0)
+            rest = (probs[i] - draft_probs[i]).clamp_(min=0.0)
             if not bool(rest.any()):  # p within rounding of q: nothing left over, so p itself
                 rest = probs[i]
         return i, int(torch.multinomial(rest, 1, generator=generator)[0])
