@@ -146,8 +146,14 @@ class InProcessRunner:
 def load_runner(home: Path, model: str = MODEL, *, dtype: str | None = None) -> InProcessRunner:
     """``model`` of ``home``'s registry in the engine's runner, built as the server builds it (its
     settings, thread configuration and dtype; ``dtype`` overrides the setting) but with the prefix
-    cache off, so each request computes and keeps its own cache."""
+    cache off, so each request computes and keeps its own cache. The calling thread runs torch on
+    one core from here on, as the server's threads other than its engine loops do: a second
+    thread with a team of OpenMP workers (this one, loading the weights) stops libgomp's idle
+    workers from spinning, and every operator of the runner's steps then waits for sleeping
+    workers to wake (``llmos.engine.threads``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmos.engine import threads
 
     from llmos.config import Settings
     from llmos.engine.config import EngineConfig
@@ -158,6 +164,7 @@ def load_runner(home: Path, model: str = MODEL, *, dtype: str | None = None) -> 
     overrides: dict[str, Any] = {"dtype": dtype} if dtype else {}
     settings = Settings(home=home, prefix_cache_mb=0, **overrides)
     configure_process(settings)
+    threads.enter_helper_thread()
     _, model_dir = registered_model(settings, model)
     torch_dtype = resolve_dtype(settings.dtype)
     weights = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
