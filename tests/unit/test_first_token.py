@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from llmos.engine.config import EngineConfig
 from llmos.engine.protocol import GenerationDelta, GenerationRequest, SamplingParams
+from llmos.engine.sampling import draw_one
 from llmos.engine.torch_backend import causal, prefill
 from llmos.engine.torch_backend.causal import CausalRunner
 
@@ -119,7 +120,7 @@ def test_a_seeded_request_draws_once_per_token(runner: CausalRunner) -> None:
     with torch.no_grad():
         for _ in range(len(got)):
             logits = runner.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-            token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0])
+            token = draw_one(torch.softmax(logits, dim=-1), generator)
             expected.append(token)
             ids.append(token)
     assert got == expected

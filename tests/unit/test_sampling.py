@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import torch
 
+from scipy.stats import chisquare
+
 from llmos.engine.sampling import (
     BatchSampling,
     apply_penalties,
     apply_top_p,
+    draw,
     select_tokens,
     token_logprobs,
 )
@@ -71,3 +74,40 @@ def test_select_rows_keeps_parameters_aligned() -> None:
     kept = s.select(torch.tensor([0, 2]))
     assert kept.temperature.tolist() == [0.0, 1.0]
     assert kept.generators[1] is s.generators[2]
+
+
+def test_draws_follow_each_rows_weights_and_never_take_a_zero() -> None:
+    """20,000 draws from two rows of unnormalised weights (zeros at both ends and between, one
+    tiny weight): each row's counts fit its own distribution by a chi-square test, and no token
+    of weight 0 is ever drawn."""
+    weights = torch.tensor(
+        [[0.0, 3.0, 0.0, 1.0, 2.0, 1e-3, 0.0], [5.0, 0.0, 0.5, 0.5, 0.0, 4.0, 0.0]], dtype=torch.float32
+    )
+    generators: list[torch.Generator | None] = [torch.Generator().manual_seed(11), None]
+    torch.manual_seed(12)
+    counts = torch.zeros_like(weights)
+    for _ in range(20_000):
+        chosen = draw(weights, generators)
+        counts[torch.arange(2), chosen] += 1
+    assert bool((counts[weights == 0] == 0).all())
+    for row in range(2):
+        kept = weights[row] > 0.01
+        expected = weights[row][kept] / weights[row].sum() * 20_000
+        observed = counts[row][kept]
+        expected = expected * observed.sum() / expected.sum()  # the tiny weight's draws left out of the test
+        assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-4
+
+
+def test_a_draw_uses_its_rows_generator_only() -> None:
+    """Seeded rows draw the same tokens whatever other rows share the call, and the same seed gives
+    the same tokens again."""
+    weights = torch.rand(3, 50)
+
+    def tokens(seed: int, others: int) -> list[int]:
+        generator = torch.Generator().manual_seed(seed)
+        rows: list[torch.Generator | None] = [torch.Generator().manual_seed(99 + i) for i in range(others)]
+        got = [int(draw(torch.cat([weights[:1], weights[1 : 1 + others]]), [generator, *rows])[0]) for _ in range(20)]
+        return got
+
+    assert tokens(5, 0) == tokens(5, 2) == tokens(5, 1)
+    assert tokens(5, 0) != tokens(6, 0)

@@ -299,7 +299,9 @@ def test_rows_the_rule_cannot_serve_decode_one_token_at_a_time(build: Any) -> No
     ):
         generate(spec, PROMPT + passage + PROMPT, max_tokens=20, **params)
     assert settled(spec).stats()["spec_verifies"] == verifies
-    generate(spec, PROMPT + passage + PROMPT, max_tokens=20, temperature=1.0)  # unseeded: it speculates
+    # Unseeded, it speculates: at a low temperature its draws follow the greedy passage, which
+    # prompt lookup finds drafts in (at temperature 1 the tiny model's draws may leave it at once).
+    generate(spec, PROMPT + passage + PROMPT, max_tokens=20, temperature=0.05)
     assert settled(spec).stats()["spec_verifies"] > verifies
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from llmos.engine.sampling import sampling_probs
+from llmos.engine.sampling import draw_one, sampling_probs
 from llmos.engine.torch_backend.kv_cache import limit_growth, new_cache, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.errors import ModelLoadError
@@ -143,4 +143,4 @@ class _Chooser:
             logits = torch.nn.functional.pad(logits, (0, self.vocab - logits.shape[0]), value=-torch.inf)
         probs = sampling_probs(logits[None].float(), self.temperature, self.top_p)[0]
         self.drawn_from.append(probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator)[0])
+        return draw_one(probs, self.generator)

@@ -55,7 +55,7 @@ import torch
 
 from llmos.engine.choices import Streamer
 from llmos.engine.config import EngineConfig
-from llmos.engine.sampling import sampling_probs
+from llmos.engine.sampling import draw_one, sampling_probs
 from llmos.engine.scheduler import Row
 from llmos.engine.torch_backend.batch_state import BatchState
 from llmos.engine.torch_backend.draft_model import DraftModel
@@ -152,8 +152,8 @@ def accept(
             rest = (probs[i] - draft_probs[i]).clamp_(min=0.0)
             if not bool(rest.any()):  # p within rounding of q: nothing left over, so p itself
                 rest = probs[i]
-        return i, int(torch.multinomial(rest, 1, generator=generator)[0])
-    return len(draft), int(torch.multinomial(probs[-1], 1, generator=generator)[0])
+        return i, draw_one(rest, generator)
+    return len(draft), draw_one(probs[-1], generator)
 
 
 def expected_tokens(rate: float, drafts: int) -> float:
