@@ -153,9 +153,8 @@ def load_runner(home: Path, model: str = MODEL, *, dtype: str | None = None) -> 
     workers to wake (``llmos.engine.threads``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmos.engine import threads
-
     from llmos.config import Settings
+    from llmos.engine import threads
     from llmos.engine.config import EngineConfig
     from llmos.engine.local import resolve_dtype
     from llmos.engine.process import configure_process

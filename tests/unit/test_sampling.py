@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import torch
-
 from scipy.stats import chisquare
 
 from llmos.engine.sampling import (
