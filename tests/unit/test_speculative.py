@@ -35,7 +35,14 @@ from llmos.engine.scheduler import Pending, Row
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.kv_cache import new_cache, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
-from llmos.engine.torch_backend.speculative import Speculation, accept, best_length, propose, speculates
+from llmos.engine.torch_backend.speculative import (
+    Speculation,
+    accept,
+    best_length,
+    propose,
+    speculates,
+    verify_matches_steps,
+)
 from llmos.monitoring import metrics
 from llmos.monitoring.requests import GenerationMetrics
 from llmos.platform import Platform
@@ -317,6 +324,34 @@ def test_speculates_only_rows_whose_decoding_it_reproduces() -> None:
     assert not speculates(row(temperature=0.0, logprobs=True))
     request = GenerationRequest("r", "tiny", [1], SamplingParams(temperature=0.0))
     assert not speculates(Row(Pending(request, lambda d: None, 10, adapter="ad"), 0, None))  # type: ignore[arg-type]
+
+
+def test_auto_asks_the_cpu_whether_a_verify_reproduces_the_decode_step(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``auto`` probes the lean layers at load: where a verify's logits differ from the decode
+    steps' in any bit (as bf16 and float32 did on one AVX-512 CPU), it does not speculate and says
+    why; ``ngram`` speculates anyway. The tiny model's verify matches, so it speculates."""
+    model = _model(tiny_chat_dir)
+    decoder = LeanDecoder.build(model, int8=False, native=False)
+    assert decoder is not None
+    config = EngineConfig(speculative_decoding="auto")
+    assert verify_matches_steps(model, decoder)
+    assert Speculation.build(config, model, decoder, None, "past_key_values") is not None  # type: ignore[arg-type]
+    verify = decoder.verify
+
+    def off_by_a_bit(*args: Any, **kwargs: Any) -> torch.Tensor:
+        logits = verify(*args, **kwargs)
+        logits[-1, 0] = torch.nextafter(logits[-1, 0], torch.tensor(torch.inf, dtype=logits.dtype))
+        return logits
+
+    monkeypatch.setattr(decoder, "verify", off_by_a_bit)
+    assert not verify_matches_steps(model, decoder)
+    with caplog.at_level("WARNING"):
+        assert Speculation.build(config, model, decoder, None, "past_key_values") is None  # type: ignore[arg-type]
+    assert "does not give each position a decode step's logits bit for bit" in caplog.text
+    ngram = EngineConfig(speculative_decoding="ngram")
+    assert Speculation.build(ngram, model, decoder, None, "past_key_values") is not None  # type: ignore[arg-type]
 
 
 def test_auto_speculates_only_where_the_verify_reproduces_the_decode_step(tiny_chat_dir: Path, tmp_path: Path) -> None:

@@ -89,7 +89,8 @@ class CausalRunner(GenerationRunner):
         if draft is not None and self.speculation is None:
             raise ModelLoadError(
                 f"draft_models gives {name} the draft model {draft.name}, but {name} does not speculate here "
-                "(speculative_decoding 'off', int8 decode weights, or under 'auto' no lean layers)"
+                "(speculative_decoding 'off', int8 decode weights, or under 'auto' no lean layers or, on this CPU, "
+                "a verify that does not reproduce the decode step bit for bit: the log says which)"
             )
         self.virtual = VirtualPrefixes(config.adapter_memory_bytes)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)

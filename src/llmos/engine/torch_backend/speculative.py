@@ -59,7 +59,7 @@ from llmos.engine.sampling import draw_one, sampling_probs
 from llmos.engine.scheduler import Row
 from llmos.engine.torch_backend.batch_state import BatchState
 from llmos.engine.torch_backend.draft_model import DraftModel
-from llmos.engine.torch_backend.kv_cache import grows_in_place, truncate
+from llmos.engine.torch_backend.kv_cache import grows_in_place, new_cache, truncate
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "ngram", "off")
@@ -154,6 +154,35 @@ def accept(
                 rest = probs[i]
         return i, draw_one(rest, generator)
     return len(draft), draw_one(probs[-1], generator)
+
+
+PROBE_CACHED, PROBE_POSITIONS = 40, 6
+"""The probe's prompt and draft lengths: on the CPU where it found a difference, verifies after a
+40-token prompt differed from the second position on (after 5 tokens, from the fifth)."""
+
+
+@torch.inference_mode()
+def verify_matches_steps(model: Any, decoder: Any) -> bool:
+    """Whether ``decoder.verify`` gives each position the logits that a one-row decode step
+    computes there, bit for bit, for ``model`` on this CPU: ``PROBE_POSITIONS`` steps after a
+    prompt of ``PROBE_CACHED`` random tokens in a scratch cache, against one verify of the same
+    tokens. Greedy rows accept a draft token when it is the argmax of the verify's logits, so
+    where these differ in their last bits a near tie resolves another way than plain decoding
+    would and the answer changes. The lean layers are written so that they match (each position's
+    attention is the step's own), and they did on the CPUs this was built on, float32 and bf16;
+    on a 2-core AMD EPYC with AVX-512 BF16 (2026-12-07) bf16 verifies differed by up to half a
+    logit and 33 of 48 served summaries changed (docs/performance.md), so ``auto`` asks first."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (PROBE_CACHED + PROBE_POSITIONS,), generator=generator)
+    cache = new_cache(model.config)
+    decoder.prefill([(tokens[:PROBE_CACHED].tolist(), 0, cache)])
+    steps = []
+    for position in range(PROBE_CACHED, PROBE_CACHED + PROBE_POSITIONS):
+        attention = torch.ones((1, position + 1), dtype=torch.long)
+        steps.append(decoder(tokens[position : position + 1], torch.tensor([position]), attention, cache, None)[0])
+    truncate(cache, PROBE_CACHED)
+    verified = decoder.verify(tokens[PROBE_CACHED:].tolist(), PROBE_CACHED, cache)
+    return all(torch.equal(row, step) for row, step in zip(verified, steps, strict=True))
 
 
 def expected_tokens(rate: float, drafts: int) -> float:
@@ -273,6 +302,14 @@ class Speculation:
         answers could differ from plain decoding's; ``ngram`` asks for it anyway."""
         mode = config.speculative_decoding
         if mode == "off" or (decoder is not None and decoder.int8) or (mode == "auto" and decoder is None):
+            return None
+        if mode == "auto" and not verify_matches_steps(model, decoder):
+            log.warning(
+                "speculative decoding is off for %s: on this CPU, in %s, a verify does not give each position "
+                "a decode step's logits bit for bit, so greedy answers could change ('ngram' speculates anyway)",
+                getattr(model.config, "name_or_path", "this model"),
+                next(model.parameters()).dtype,
+            )
             return None
         # The lean layers' verify reproduces their decode steps bit for bit; the model's forward only up to rounding.
         verify = decoder.verify if decoder is not None else forward_verify(model, cache_name)
