@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from scipy.stats import chisquare
 
@@ -43,8 +44,9 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(apply_top_p(logits, torch.tensor([0.7])))
     assert kept.tolist() == [[True, True, False, False]]
-    # The most likely token always survives, even at a tiny top_p.
+    # The most likely token always survives, even at a tiny top_p, and at 0 (the API admits it).
     assert torch.isfinite(apply_top_p(logits, torch.tensor([0.01])))[0, 0]
+    assert torch.isfinite(apply_top_p(logits, torch.tensor([0.0]))).tolist() == [[True, False, False, False]]
 
 
 def test_tiny_top_p_sampling_is_greedy() -> None:
@@ -75,14 +77,16 @@ def test_select_rows_keeps_parameters_aligned() -> None:
     assert kept.generators[1] is s.generators[2]
 
 
-def test_draws_follow_each_rows_weights_and_never_take_a_zero() -> None:
+@pytest.mark.parametrize("seeded", [True, False], ids=["a-seeded-row", "torch's-generator-only"])
+def test_draws_follow_each_rows_weights_and_never_take_a_zero(seeded: bool) -> None:
     """20,000 draws from two rows of unnormalised weights (zeros at both ends and between, one
     tiny weight): each row's counts fit its own distribution by a chi-square test, and no token
-    of weight 0 is ever drawn."""
+    of weight 0 is ever drawn; with a seeded row beside one that uses torch's generator, and with
+    torch's generator alone (the batched path)."""
     weights = torch.tensor(
         [[0.0, 3.0, 0.0, 1.0, 2.0, 1e-3, 0.0], [5.0, 0.0, 0.5, 0.5, 0.0, 4.0, 0.0]], dtype=torch.float32
     )
-    generators: list[torch.Generator | None] = [torch.Generator().manual_seed(11), None]
+    generators: list[torch.Generator | None] = [torch.Generator().manual_seed(11) if seeded else None, None]
     torch.manual_seed(12)
     counts = torch.zeros_like(weights)
     for _ in range(20_000):
@@ -110,3 +114,25 @@ def test_a_draw_uses_its_rows_generator_only() -> None:
 
     assert tokens(5, 0) == tokens(5, 2) == tokens(5, 1)
     assert tokens(5, 0) != tokens(6, 0)
+
+
+def test_rows_that_are_not_distributions_raise_instead_of_drawing() -> None:
+    """NaN, all-zero or negative weights raise (the engine then fails that row alone), where a
+    search would have returned an index past the vocabulary."""
+    for bad in ([float("nan"), 1.0], [0.0, 0.0], [-1.0, 2.0]):
+        with pytest.raises(ValueError, match="not a distribution"):
+            draw(torch.tensor([[1.0, 1.0], bad]), [None, None])
+
+
+def test_each_row_gets_its_own_choice_among_greedy_fixed_and_sampled_rows() -> None:
+    """Sampled rows whose distribution is one token get that token, at their own positions between
+    greedy and fixed rows; greedy and fixed rows draw nothing from their generators."""
+    logits = torch.full((5, 6), -1e4)
+    logits[0, 2] = logits[1, 4] = logits[2, 1] = logits[3, 5] = logits[4, 0] = 0.0
+    logits[0, 3] = -0.5  # greedy row 0: its argmax is 2
+    sampling = _sampling([0.0, 1.0, 0.7, 1.0, 0.0], seeds=[1, 2, 3, 4, 5])
+    states = [g.get_state() for g in sampling.generators if g is not None]
+    chosen = select_tokens(logits, sampling, fixed={3: 0})
+    assert chosen.tolist() == [2, 4, 1, 0, 0]
+    after = [g.get_state() for g in sampling.generators if g is not None]
+    assert [torch.equal(a, b) for a, b in zip(states, after, strict=True)] == [True, False, False, True, True]

@@ -72,6 +72,7 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(sorted_logits, dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
     drop_sorted = before >= top_p[:, None]
+    drop_sorted[..., 0] = False  # the most likely token stays, at top_p 0 too (the API admits 0)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -90,14 +91,19 @@ def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> t
     float64) exceeds one uniform number times the row's total, so a token of weight 0 is never
     drawn. Each row draws a single number from its generator: ``torch.multinomial`` draws one per
     vocabulary entry, about a millisecond a row for a 49k vocabulary on a CPU, which made sampling
-    a third of a 16-row decode step (docs/performance.md)."""
+    a third of a 16-row decode step (docs/performance.md). A row whose weights do not sum to a
+    positive finite number (NaN logits, everything masked) raises, as ``torch.multinomial`` did:
+    the caller fails that row instead of streaming a made-up token."""
     if all(generator is None for generator in generators):
         uniform = torch.rand(len(generators), 1, dtype=torch.float64)
     else:
         uniform = torch.stack([torch.rand(1, dtype=torch.float64, generator=g) for g in generators])
     cumulative = probs.to(torch.float64).cumsum(-1)
-    chosen = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
-    return chosen.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    totals = cumulative[:, -1:]
+    if not bool(((totals > 0) & torch.isfinite(totals)).all()) or bool((probs < 0).any()):
+        raise ValueError("a row's sampling weights are not a distribution (NaN, negative, or all zero)")
+    # uniform < 1, so each value is below its row's total and the index within the vocabulary.
+    return torch.searchsorted(cumulative, uniform * totals, right=True).squeeze(-1)
 
 
 def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> int:

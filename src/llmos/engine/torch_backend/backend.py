@@ -12,6 +12,7 @@ from llmos.engine.config import EngineConfig
 from llmos.engine.torch_backend.int8 import int8_supported
 from llmos.engine.torch_backend.lean_decode import reproduces
 from llmos.engine.torch_backend.loader import CAUSAL_TASKS, TASK_HEADS, load_runner
+from llmos.engine.torch_backend.speculative import verify_failed
 from llmos.errors import ModelLoadError
 from llmos.registry import ModelRecord, ModelRegistry
 from llmos.registry.adapters import kv_width
@@ -75,7 +76,8 @@ class TorchBackend(Backend):
         config = self._config(record)
         if mode == "ngram":
             return "sliding_attention" not in (getattr(config, "layer_types", None) or [])
-        return reproduces(config)
+        # A probe at its load found that a verify does not reproduce its decode steps on this CPU.
+        return reproduces(config) and not verify_failed(self.registry.model_dir(record))
 
     def load(self, record: ModelRecord) -> Runner:
         draft = self.draft_for(record) if record.task in CAUSAL_TASKS else None

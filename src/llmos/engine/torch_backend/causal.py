@@ -86,11 +86,13 @@ class CausalRunner(GenerationRunner):
         self.speculation = Speculation.build(
             config, model, self.decoder, self.streamer, self.cache_name, draft, self._arrived
         )
-        if draft is not None and self.speculation is None:
+        probed_out = config.speculative_decoding == "auto" and self.decoder is not None and not self.decoder.int8
+        if draft is not None and self.speculation is None and probed_out:
+            log.warning("the draft model %s is not used: %s does not speculate on this CPU", draft.name, name)
+        elif draft is not None and self.speculation is None:
             raise ModelLoadError(
                 f"draft_models gives {name} the draft model {draft.name}, but {name} does not speculate here "
-                "(speculative_decoding 'off', int8 decode weights, or under 'auto' no lean layers or, on this CPU, "
-                "a verify that does not reproduce the decode step bit for bit: the log says which)"
+                "(speculative_decoding 'off', int8 decode weights, or under 'auto' no lean layers)"
             )
         self.virtual = VirtualPrefixes(config.adapter_memory_bytes)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)

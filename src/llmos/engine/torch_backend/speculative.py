@@ -26,7 +26,8 @@ sampled rows, whose tokens come from their own generator one draw a token, so th
 the same output whether or not its request ran alone. So do rows whose cache cannot be rolled
 back (sliding-window layers), and a LoRA adapter's rows, whose adapter products the verify rounds
 differently. ``auto`` speculates only on models with the lean layers, whose verify reproduces the
-decode step bit for bit; ``ngram`` also verifies through other models' forward (equal to the
+decode step bit for bit where a probe at load finds that it does on this CPU
+(``verify_matches_steps``); ``ngram`` also verifies through other models' forward (equal to the
 step only up to rounding).
 
 Where prompt lookup finds nothing worth verifying and the model has a draft model
@@ -48,11 +49,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmos.engine import threads
 from llmos.engine.choices import Streamer
 from llmos.engine.config import EngineConfig
 from llmos.engine.sampling import draw_one, sampling_probs
@@ -156,33 +160,60 @@ def accept(
     return len(draft), draw_one(probs[-1], generator)
 
 
-PROBE_CACHED, PROBE_POSITIONS = 40, 6
-"""The probe's prompt and draft lengths: on the CPU where it found a difference, verifies after a
-40-token prompt differed from the second position on (after 5 tokens, from the fifth)."""
+PROBE_CACHED = 40
+"""The probe's prompt: on the CPU where it found a difference, verifies after a 40-token prompt
+differed from the second position on (after 5 tokens, from the fifth)."""
+
+_probed: dict[tuple[str, str, int, int], bool] = {}
+"""Probe results by (model directory, dtype, compute threads, verify length): a model loaded again
+(after an eviction, a crash) is not probed again."""
+
+
+def verify_matches_steps(model: Any, decoder: Any, positions: int) -> bool:
+    """Whether ``decoder.verify`` gives each position the logits that a one-row decode step
+    computes there, bit for bit, for ``model`` on this CPU: decode steps of ``positions`` random
+    tokens after a prompt of ``PROBE_CACHED`` in a scratch cache, against a verify of the first two
+    and one of them all, run on a compute thread (the engine's thread count: oneDNN may choose its
+    kernels by it). Greedy rows accept a draft token when it is the argmax of the verify's logits,
+    so where these differ in their last bits a near tie resolves another way than plain decoding
+    would and the answer changes. The lean layers are written so that they match (each position's
+    attention is the step's own), and they did on the CPUs this was built on, float32 and bf16;
+    on a 2-core AMD EPYC with AVX-512 BF16 (2026-12-07) oneDNN's one-row product over 1,536 inputs
+    summed in another order than its product of several rows, and 33 of 48 served summaries
+    changed (docs/adr/0027, sixth addendum), so ``auto`` asks first."""
+    path = str(getattr(model.config, "name_or_path", "") or "")
+    key = (path, str(next(model.parameters()).dtype), threads.compute_threads(), positions)
+    if path and key in _probed:
+        return _probed[key]
+    with ThreadPoolExecutor(max_workers=1, initializer=threads.enter_compute_thread) as pool:
+        matches = pool.submit(_probe, model, decoder, max(2, positions)).result()
+    if path:
+        _probed[key] = matches
+    return matches
+
+
+def verify_failed(model_dir: str | Path) -> bool:
+    """Whether a probe found that the model loaded from ``model_dir`` does not reproduce its decode
+    steps in a verify (so ``auto`` does not speculate on it)."""
+    return any(not matches for (path, *_), matches in list(_probed.items()) if path == str(model_dir))
 
 
 @torch.inference_mode()
-def verify_matches_steps(model: Any, decoder: Any) -> bool:
-    """Whether ``decoder.verify`` gives each position the logits that a one-row decode step
-    computes there, bit for bit, for ``model`` on this CPU: ``PROBE_POSITIONS`` steps after a
-    prompt of ``PROBE_CACHED`` random tokens in a scratch cache, against one verify of the same
-    tokens. Greedy rows accept a draft token when it is the argmax of the verify's logits, so
-    where these differ in their last bits a near tie resolves another way than plain decoding
-    would and the answer changes. The lean layers are written so that they match (each position's
-    attention is the step's own), and they did on the CPUs this was built on, float32 and bf16;
-    on a 2-core AMD EPYC with AVX-512 BF16 (2026-12-07) bf16 verifies differed by up to half a
-    logit and 33 of 48 served summaries changed (docs/performance.md), so ``auto`` asks first."""
+def _probe(model: Any, decoder: Any, positions: int) -> bool:
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.config.vocab_size, (PROBE_CACHED + PROBE_POSITIONS,), generator=generator)
+    tokens = torch.randint(0, model.config.vocab_size, (PROBE_CACHED + positions,), generator=generator)
     cache = new_cache(model.config)
     decoder.prefill([(tokens[:PROBE_CACHED].tolist(), 0, cache)])
     steps = []
-    for position in range(PROBE_CACHED, PROBE_CACHED + PROBE_POSITIONS):
+    for position in range(PROBE_CACHED, PROBE_CACHED + positions):
         attention = torch.ones((1, position + 1), dtype=torch.long)
         steps.append(decoder(tokens[position : position + 1], torch.tensor([position]), attention, cache, None)[0])
-    truncate(cache, PROBE_CACHED)
-    verified = decoder.verify(tokens[PROBE_CACHED:].tolist(), PROBE_CACHED, cache)
-    return all(torch.equal(row, step) for row, step in zip(verified, steps, strict=True))
+    for count in (2, positions):
+        truncate(cache, PROBE_CACHED)
+        verified = decoder.verify(tokens[PROBE_CACHED : PROBE_CACHED + count].tolist(), PROBE_CACHED, cache)
+        if not all(torch.equal(row, step) for row, step in zip(verified, steps[:count], strict=True)):
+            return False
+    return True
 
 
 def expected_tokens(rate: float, drafts: int) -> float:
@@ -303,7 +334,7 @@ class Speculation:
         mode = config.speculative_decoding
         if mode == "off" or (decoder is not None and decoder.int8) or (mode == "auto" and decoder is None):
             return None
-        if mode == "auto" and not verify_matches_steps(model, decoder):
+        if mode == "auto" and not verify_matches_steps(model, decoder, config.speculative_tokens + 1):
             log.warning(
                 "speculative decoding is off for %s: on this CPU, in %s, a verify does not give each position "
                 "a decode step's logits bit for bit, so greedy answers could change ('ngram' speculates anyway)",
@@ -311,7 +342,7 @@ class Speculation:
                 next(model.parameters()).dtype,
             )
             return None
-        # The lean layers' verify reproduces their decode steps bit for bit; the model's forward only up to rounding.
+        # The lean layers' verify reproduces their decode steps (probed under auto); the forward only up to rounding.
         verify = decoder.verify if decoder is not None else forward_verify(model, cache_name)
         return cls(config.speculative_decoding, config.speculative_tokens, verify, streamer, draft_model, arrived)
 
