@@ -27,8 +27,8 @@ async def prediction_tokens(
     if not handle.info.speculates:
         raise InvalidRequestError(
             f"prediction needs speculative decoding, which {handle.name} is not served with (its backend, "
-            "a LoRA adapter, int8 decode weights, or under speculative_decoding 'auto' an architecture "
-            "whose verify would not reproduce its decode steps exactly)",
+            "a LoRA adapter, int8 decode weights, or under speculative_decoding 'auto' a verify that would not "
+            "reproduce its decode steps exactly: its architecture, or this CPU's products)",
             param="prediction",
         )
     sampled = req.temperature is None or req.temperature > 0
