@@ -76,8 +76,9 @@ class TorchBackend(Backend):
         config = self._config(record)
         if mode == "ngram":
             return "sliding_attention" not in (getattr(config, "layer_types", None) or [])
-        # A probe at its load found that a verify does not reproduce its decode steps on this CPU.
-        return reproduces(config) and not verify_failed(self.registry.model_dir(record))
+        # A probe at its load found that a verify does not reproduce its decode steps on this CPU
+        # (the config read once names its directory: no materialising on every resolve).
+        return reproduces(config) and not verify_failed(config.name_or_path)
 
     def load(self, record: ModelRecord) -> Runner:
         draft = self.draft_for(record) if record.task in CAUSAL_TASKS else None

@@ -238,8 +238,8 @@ class LeanDecoder:
         Each position gets what a decode step of one row computes there, bit for bit in bf16 too,
         where the weight products give a row the same result whatever the rows beside it (not on
         every CPU: ``speculative.verify_matches_steps`` checks at load, docs/adr/0027 sixth
-        addendum), since each position's attention is the step's own: the same window of the cache (``StepWindow``),
-        every position after it masked. A packed prefill's attention (one masked call for all
+        addendum), since each position's attention is the step's own: the same window of the
+        cache (``StepWindow``), every position after it masked. A packed prefill's attention (one masked call for all
         positions) rounds differently in bf16, by up to half a logit on SmolLM2, and greedy
         verifies then flipped near ties, so answers drifted from plain decoding's (docs/adr/0027)."""
         count = len(tokens)
