@@ -30,18 +30,26 @@ def parse_db_int(text: str, *, param: str) -> int:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets the API read while a writer commits; foreign keys are off by default in SQLite.
+    # Foreign keys are off by default in SQLite; both settings belong to the connection.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _use_wal(engine: Engine) -> None:
+    """Put the file in WAL mode (kept in the file), so the API reads while a writer commits. Done
+    once, on one connection, before any other: connections that switch a file's mode at the same
+    time fail with "database is locked" whatever their busy timeout."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
 
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
+        _use_wal(engine)
         return engine
     return create_engine(url, pool_pre_ping=True)
 
