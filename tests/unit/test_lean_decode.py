@@ -15,16 +15,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from llmos.engine.torch_backend import attention, lean_decode
+from llmos.engine.torch_backend import attention, lean_decode, speculative
 from llmos.engine.torch_backend.attention import SDPA_MAX_POSITIONS, WIDTH_BLOCK, block_width
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.kv_cache import new_cache
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
 from llmos.engine.torch_backend.lora import LoraWeights
-from llmos.engine.torch_backend.lora_bank import BankView, LoraBank, _zero_b
+from llmos.engine.torch_backend.lora_bank import EMPTY_VIEW, BankView, LoraBank, _zero_b
 from llmos.engine.torch_backend.lora_expand import LoraExpand
 from llmos.engine.torch_backend.lora_groups import SHRINK_AFTER
-from llmos.engine.torch_backend.packed import PackedMatrix
+from llmos.engine.torch_backend.packed import Matrix, PackedMatrix
 
 
 def _model(tiny_chat_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -518,6 +518,54 @@ def test_float32_packed_copies_give_each_row_one_result_whatever_its_batch(tiny_
     assert torch.equal(alone, together)
     decoder = LeanDecoder.build(_model(tiny_chat_dir, torch.float32), int8=False)
     assert decoder is not None and decoder.packed_bytes > 0  # the float32 lean step reads them too
+
+
+def test_a_lone_row_over_1536_inputs_gets_the_bits_it_gets_among_other_rows() -> None:
+    """On a 2-core AMD EPYC with AVX-512 BF16, oneDNN's product of one row over 1,536 inputs summed
+    in another order than its product of several rows (every float32 row, some bf16 rows).
+    ``one_row_differs`` finds such a matrix, and a lone row padded to two then gets its bits."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        matrix = Matrix((torch.randn(96, 1536, generator=g) * 0.05).to(dtype))
+        matrix.pad_one_row = matrix.one_row_differs()
+        rows = torch.randn(64, 1536, generator=g).to(dtype)
+        together = matrix(rows)
+        assert torch.equal(torch.cat([matrix(rows[i : i + 1]) for i in range(64)]), together)
+        assert torch.equal(matrix(rows[:1, None]), together[:1, None])  # (1, 1, inputs): a decode step's
+
+
+def test_the_decoder_pads_the_lone_row_products_this_cpu_sums_otherwise(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU whose lone-row product over 64 inputs (the tiny model's down product) comes out a float
+    step higher, as the EPYC's over 1,536 did: ``match_lone_rows`` pads that shape alone, a verify's
+    rows are then the decode steps' bit for bit (the speculative probe passes), and matrices built
+    again (when adapters come or go) keep the padding."""
+    product = Matrix._product
+
+    def lone_rows_differ(self: Matrix, x: torch.Tensor) -> torch.Tensor:
+        y = product(self, x)
+        return torch.nextafter(y, torch.full_like(y, torch.inf)) if self.inputs == 64 and x.numel() == 64 else y
+
+    monkeypatch.setattr(Matrix, "_product", lone_rows_differ)
+    model = _model(tiny_chat_dir, torch.float32)
+    decoder = LeanDecoder.build(model, int8=False, native=False)
+    assert decoder is not None
+
+    def verify_matches() -> bool:
+        monkeypatch.setattr(speculative, "_probed", {})  # probed anew
+        return speculative.verify_matches_steps(model, decoder, 9)
+
+    assert not verify_matches()  # the simulated CPU: a verify's rows are not the lone decode steps
+    decoder.match_lone_rows()
+    assert decoder.padded_shapes == {(32, 64)}
+    assert verify_matches()
+    decoder.refresh(EMPTY_VIEW)
+    assert [m.pad_one_row for layer in decoder.weights.layers for m in layer.values()] == [
+        m.inputs == 64 for layer in decoder.weights.layers for m in layer.values()
+    ]
 
 
 @pytest.mark.skipif(not int8_supported(torch.bfloat16), reason="this torch build has no int8 weight kernel")

@@ -36,6 +36,7 @@ from llmos.engine.torch_backend import speculative
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.kv_cache import new_cache, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
+from llmos.engine.torch_backend.packed import Matrix
 from llmos.engine.torch_backend.speculative import (
     Speculation,
     accept,
@@ -358,6 +359,42 @@ def test_auto_asks_the_cpu_whether_a_verify_reproduces_the_decode_step(
     assert speculative.verify_failed(tiny_chat_dir)
     ngram = EngineConfig(speculative_decoding="ngram")
     assert Speculation.build(ngram, model, decoder, None, "past_key_values") is not None  # type: ignore[arg-type]
+
+
+def test_a_runner_pads_the_products_whose_lone_rows_differ_and_still_speculates_exactly(
+    tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU whose lone-row down product (64 inputs here, 1,536 on the AVX-512 EPYC) comes out a
+    float step off: the runner pads it at load, so ``auto`` still speculates, and its greedy answer
+    is the one ``off`` gives."""
+    product = Matrix._product
+
+    def lone_rows_differ(self: Matrix, x: torch.Tensor) -> torch.Tensor:
+        y = product(self, x)
+        return torch.nextafter(y, torch.full_like(y, torch.inf)) if self.inputs == 64 and x.numel() == 64 else y
+
+    monkeypatch.setattr(Matrix, "_product", lone_rows_differ)
+    monkeypatch.setattr(speculative, "_probed", {})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    runners = {
+        mode: CausalRunner(
+            _model(tiny_chat_dir),
+            tokenizer,
+            context_length=256,
+            config=EngineConfig(threads=1, speculative_decoding=mode),
+        )
+        for mode in ("auto", "off")
+    }
+    try:
+        assert runners["auto"].speculation is not None
+        assert runners["auto"].decoder is not None and runners["auto"].decoder.padded_shapes == {(32, 64)}
+        copying = PROMPT + [(37 * i) % 300 + 20 for i in range(40)] + PROMPT
+        got, want = (generate(runners[mode], copying, max_tokens=40) for mode in ("auto", "off"))
+        assert got.tokens == want.tokens
+        assert sum(d.accepted_draft_tokens for d in got.deltas) > 0
+    finally:
+        for runner in runners.values():
+            runner.close()
 
 
 def test_auto_speculates_only_where_the_verify_reproduces_the_decode_step(

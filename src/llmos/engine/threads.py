@@ -61,6 +61,14 @@ def enter_helper_thread() -> None:
     _pin(1)
 
 
+def on_compute_thread(work: Callable[[], T]) -> T:
+    """``work()`` on a short-lived thread that parallelises as compute threads do: for checks at
+    load that must run the kernels the engine's steps will (oneDNN may choose them by the thread
+    count). Its result, or its exception, comes back here."""
+    with ThreadPoolExecutor(max_workers=1, initializer=enter_compute_thread) as pool:
+        return pool.submit(work).result()
+
+
 def helper_pool(workers: int = 8) -> ThreadPoolExecutor:
     """Threads for the engine's blocking work off the event loop, each running torch on one core."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine-helper", initializer=enter_helper_thread)

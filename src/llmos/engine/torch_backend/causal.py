@@ -27,7 +27,7 @@ from llmos.engine.config import EngineConfig
 from llmos.engine.protocol import FinishReason, GenerationDelta, GenerationRequest
 from llmos.engine.runner import GenerationRunner
 from llmos.engine.scheduler import RECENT_S, Pending, Row
-from llmos.engine.threads import enter_compute_thread
+from llmos.engine.threads import enter_compute_thread, on_compute_thread
 from llmos.engine.torch_backend.batch_state import BatchState, forward_kwargs
 from llmos.engine.torch_backend.draft_model import DraftModel
 from llmos.engine.torch_backend.kv_budget import KvBudget
@@ -83,6 +83,8 @@ class CausalRunner(GenerationRunner):
         self.lora = LoraBank(model, config.adapter_memory_bytes)
         # Decode steps run the lean step where the architecture has one, else the model's forward.
         self.decoder = LeanDecoder.build(model, int8=config.decode_int8, native=config.native_kernels)
+        if self.decoder is not None:
+            on_compute_thread(self.decoder.match_lone_rows)
         self.speculation = Speculation.build(
             config, model, self.decoder, self.streamer, self.cache_name, draft, self._arrived
         )

@@ -36,6 +36,7 @@ from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supp
 from llmos.engine.torch_backend.lora_bank import EMPTY_VIEW, BankView
 from llmos.engine.torch_backend.lora_expand import LoraExpand
 from llmos.engine.torch_backend.lora_groups import OUTPUT_GROUP, Layout, LoraGroups
+from llmos.engine.torch_backend.packed import Matrix
 
 # Qwen2 is Llama with biases on the q/k/v projections (and optionally sliding windows, refused).
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2"})
@@ -168,6 +169,7 @@ class LeanDecoder:
         ] + [{OUTPUT_GROUP: named(model.lm_head)}]
         dtype = next(model.parameters()).dtype
         self.adapters = LoraGroups(self.layout, LoraExpand.load(dtype) if native else None)
+        self.padded_shapes: frozenset[tuple[int, int]] = frozenset()  # (outputs, inputs): see match_lone_rows
         self.weights: Generation = build_generation(self._base, self.layout, EMPTY_VIEW, self._biases)
         # Only packed matrices are fused in the background: unpacked (a build without oneDNN) a
         # generation would be a second copy of every weight.
@@ -177,7 +179,25 @@ class LeanDecoder:
         self._plain_steps = 0  # decode steps in a row without adapters over fused products
 
     def _generation(self, view: BankView) -> Generation:
-        return build_generation(self._base, self.layout, view, self._biases)
+        generation = build_generation(self._base, self.layout, view, self._biases)
+        self._pad_lone_rows(generation)
+        return generation
+
+    def match_lone_rows(self) -> None:
+        """Make a lone row's products give the bits that the same row gets among others, where this
+        CPU's differ (``Matrix.one_row_differs``, per shape): then a row decodes the same tokens
+        alone, in a batch or through a speculative verify. Call on a compute thread."""
+        shapes: dict[tuple[int, int], Matrix] = {}
+        for layer in self.weights.layers:
+            for matrix in layer.values():
+                shapes.setdefault((matrix.out, matrix.inputs), matrix)
+        self.padded_shapes = frozenset(shape for shape, matrix in shapes.items() if matrix.one_row_differs())
+        self._pad_lone_rows(self.weights)
+
+    def _pad_lone_rows(self, generation: Generation) -> None:
+        for layer in generation.layers:
+            for matrix in layer.values():
+                matrix.pad_one_row = (matrix.out, matrix.inputs) in self.padded_shapes
 
     def _publish(self, generation: Generation) -> None:
         self.weights = generation  # one assignment: the engine thread reads it once a pass

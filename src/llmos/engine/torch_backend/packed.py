@@ -15,6 +15,13 @@ row runs MKL's matrix-vector kernel): a speculative verify's rows are then the d
 
 The packed copy is an opaque oneDNN tensor beside the original (which the model's own forward
 still reads), so it costs the matrix's memory once more.
+
+One row against several: on some CPUs oneDNN multiplies a single row with another kernel, which
+sums in another order, so a row decoded alone gets other bits than the same row in a batch or in a
+speculative verify (a 2-core AMD EPYC with AVX-512 BF16, for products over 1,536 inputs;
+docs/adr/0027, seventh addendum). ``Matrix.one_row_differs`` finds such a matrix, and a ``Matrix`` whose
+``pad_one_row`` is set multiplies a lone row as the first of two, with a zero row below it: every
+row then gets the bits of its multi-row product.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
+ROW_CHECK_VALUES = 2**15
+"""Output values ``Matrix.one_row_differs`` compares: a bf16 output hides most differences in a
+sum's last bits, so a narrow matrix needs more rows than a wide one to show one."""
 
 
 class PackedMatrix:
@@ -64,9 +74,28 @@ class Matrix:
         self.extra_rows = 0 if extra is None else extra.shape[0]
         self.bias = None if bias is None else F.pad(bias.detach().to(weight.dtype), (0, self.extra_rows))
         self.nbytes = full.numel() * full.element_size() if (self.packed is not None or extra is not None) else 0
+        self.dtype = weight.dtype
+        self.pad_one_row = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ [weight; extra].T + [bias; 0]``."""
+        if self.pad_one_row and x.numel() == self.inputs:
+            two = F.pad(x.reshape(1, self.inputs), (0, 0, 0, 1))
+            return self._product(two)[:1].view(*x.shape[:-1], -1)
+        return self._product(x)
+
+    def one_row_differs(self) -> bool:
+        """Whether this matrix's product of one row gives some row other bits than its product of
+        several rows does (random rows, each multiplied alone and compared with its place in one
+        product of all). Run it on a thread with the engine's thread count: oneDNN may choose its
+        kernels by it."""
+        rows = max(4, -(-ROW_CHECK_VALUES // (self.out + self.extra_rows)))
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, self.inputs, generator=generator).to(self.dtype)
+        together = self._product(x)
+        return any(not torch.equal(self._product(x[i : i + 1]), together[i : i + 1]) for i in range(rows))
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return self.packed.linear(x, self.bias)
         assert self.plain is not None

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,13 +179,14 @@ def verify_matches_steps(model: Any, decoder: Any, positions: int) -> bool:
     attention is the step's own), and they did on the CPUs this was built on, float32 and bf16;
     on a 2-core AMD EPYC with AVX-512 BF16 (2026-12-07) oneDNN's one-row product over 1,536 inputs
     summed in another order than its product of several rows, and 33 of 48 served summaries
-    changed (docs/adr/0027, sixth addendum), so ``auto`` asks first."""
+    changed (docs/adr/0027, sixth addendum), so ``auto`` asks first. The decoder now pads such
+    products (``LeanDecoder.match_lone_rows``, seventh addendum); the probe still guards against
+    what that check does not cover."""
     path = str(getattr(model.config, "name_or_path", "") or "")
     key = (path, str(next(model.parameters()).dtype), threads.compute_threads(), positions)
     if path and key in _probed:
         return _probed[key]
-    with ThreadPoolExecutor(max_workers=1, initializer=threads.enter_compute_thread) as pool:
-        matches = pool.submit(_probe, model, decoder, max(2, positions)).result()
+    matches = threads.on_compute_thread(lambda: _probe(model, decoder, max(2, positions)))
     if path:
         _probed[key] = matches
     return matches
