@@ -84,6 +84,7 @@ def verify_cost(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).eval()
     decoder = LeanDecoder.build(model, int8=False)
     assert decoder is not None
+    decoder.match_lone_rows()  # as the server's runner does at load
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     cache = new_cache(model.config)

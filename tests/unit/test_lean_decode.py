@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from llmos.engine.torch_backend import attention, lean_decode, speculative
+from llmos.engine.torch_backend import attention, lean_decode, packed, speculative
 from llmos.engine.torch_backend.attention import SDPA_MAX_POSITIONS, WIDTH_BLOCK, block_width
 from llmos.engine.torch_backend.int8 import INT8_MAX_ROWS, Int8Matrix, int8_supported
 from llmos.engine.torch_backend.kv_cache import new_cache
@@ -550,6 +550,7 @@ def test_the_decoder_pads_the_lone_row_products_this_cpu_sums_otherwise(
         return torch.nextafter(y, torch.full_like(y, torch.inf)) if self.inputs == 64 and x.numel() == 64 else y
 
     monkeypatch.setattr(Matrix, "_product", lone_rows_differ)
+    monkeypatch.setattr(packed, "_lone_rows_differ", {})  # what the real CPU gave is not this one's
     model = _model(tiny_chat_dir, torch.float32)
     decoder = LeanDecoder.build(model, int8=False, native=False)
     assert decoder is not None

@@ -32,7 +32,7 @@ from llmos.engine.config import EngineConfig
 from llmos.engine.protocol import GenerationRequest, SamplingParams
 from llmos.engine.sampling import sampling_probs
 from llmos.engine.scheduler import Pending, Row
-from llmos.engine.torch_backend import speculative
+from llmos.engine.torch_backend import packed, speculative
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.kv_cache import new_cache, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
@@ -374,6 +374,7 @@ def test_a_runner_pads_the_products_whose_lone_rows_differ_and_still_speculates_
         return torch.nextafter(y, torch.full_like(y, torch.inf)) if self.inputs == 64 and x.numel() == 64 else y
 
     monkeypatch.setattr(Matrix, "_product", lone_rows_differ)
+    monkeypatch.setattr(packed, "_lone_rows_differ", {})  # what the real CPU gave is not this one's
     monkeypatch.setattr(speculative, "_probed", {})
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
     runners = {

@@ -5,8 +5,9 @@ A decode step of a small model on a CPU is dominated by the cost of each operati
 arithmetic: transformers' generic forward (mask builders, per-module hooks, separate q/k/v and
 gate/up products, rotary embedding of q and k apart) takes about a third longer a step than
 this one, with the same weights and the same cache (docs/performance.md, design measurements)
-and the same logits (bit for bit for one row over a short cache in bf16; batches and long
-caches differ by rounding, see ``attention``). It computes what
+and the same logits (bit for bit for one row over a short cache in bf16, except on a CPU whose
+lone-row products are padded, see ``match_lone_rows``; batches and long caches differ by
+rounding, see ``attention``). It computes what
 ``LlamaForCausalLM`` computes for one new token per row, reads and writes the engine's own
 key/value cache, and applies the LoRA bank's adapters, so it is a drop-in replacement for the
 decode call. Prefill chunks run the same layers, several prompts (with their adapters) packed
@@ -184,9 +185,11 @@ class LeanDecoder:
         return generation
 
     def match_lone_rows(self) -> None:
-        """Make a lone row's products give the bits that the same row gets among others, where this
-        CPU's differ (``Matrix.one_row_differs``, per shape): then a row decodes the same tokens
-        alone, in a batch or through a speculative verify. Call on a compute thread."""
+        """Make a lone row's weight products give the bits that the same row gets among others,
+        where this CPU's differ (``Matrix.one_row_differs``, per shape): then a decode step of one
+        row and a speculative verify of several positions agree, as the verify's per-position
+        attention already does. (Its attention and adapter products still let a row alone differ
+        from the same row in a batch of many.) Call on a compute thread."""
         shapes: dict[tuple[int, int], Matrix] = {}
         for layer in self.weights.layers:
             for matrix in layer.values():

@@ -30,9 +30,14 @@ import torch
 import torch.nn.functional as F
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
-ROW_CHECK_VALUES = 2**15
-"""Output values ``Matrix.one_row_differs`` compares: a bf16 output hides most differences in a
-sum's last bits, so a narrow matrix needs more rows than a wide one to show one."""
+ROW_CHECK_VALUES = 2**18
+"""Output values ``Matrix.one_row_differs`` compares (a bf16 output hides most differences in a
+sum's last bits, so a narrow matrix needs more rows than a wide one to show one), in 4 to
+``ROW_CHECK_MAX_ROWS`` rows."""
+ROW_CHECK_MAX_ROWS = 256
+
+_lone_rows_differ: dict[tuple[int, int, torch.dtype, bool, int], bool] = {}
+"""``Matrix.one_row_differs`` by (outputs, inputs, dtype, packed, threads)."""
 
 
 class PackedMatrix:
@@ -88,12 +93,18 @@ class Matrix:
         """Whether this matrix's product of one row gives some row other bits than its product of
         several rows does (random rows, each multiplied alone and compared with its place in one
         product of all). Run it on a thread with the engine's thread count: oneDNN may choose its
-        kernels by it."""
-        rows = max(4, -(-ROW_CHECK_VALUES // (self.out + self.extra_rows)))
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(rows, self.inputs, generator=generator).to(self.dtype)
-        together = self._product(x)
-        return any(not torch.equal(self._product(x[i : i + 1]), together[i : i + 1]) for i in range(rows))
+        kernels by it, as by the shape and dtype, so the answer is kept per all three."""
+        width = self.out + self.extra_rows
+        key = (width, self.inputs, self.dtype, self.packed is not None, torch.get_num_threads())
+        if key not in _lone_rows_differ:
+            rows = min(ROW_CHECK_MAX_ROWS, max(4, -(-ROW_CHECK_VALUES // width)))
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(rows, self.inputs, generator=generator).to(self.dtype)
+            together = self._product(x)
+            _lone_rows_differ[key] = any(
+                not torch.equal(self._product(x[i : i + 1]), together[i : i + 1]) for i in range(rows)
+            )
+        return _lone_rows_differ[key]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
