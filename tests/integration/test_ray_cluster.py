@@ -88,6 +88,8 @@ def test_two_replicas_on_two_nodes_answer(server: Server) -> None:
 
 def test_the_view_and_the_metrics_show_each_replicas_own_counts(server: Server) -> None:
     assert _chat(server, "count me").status_code == 200
+    # The replica's engine ends its last step just after the answer's last token is sent.
+    wait_for("the replica to end its step", lambda: sum(r["running_requests"] for r in _replicas(server)) == 0, 30)
     view = _cluster(server)  # asks each replica for its counts, which the next scrape reads too
     assert view["mode"] == "ray"
     nodes = {n["id"]: n for n in view["nodes"]["data"]}

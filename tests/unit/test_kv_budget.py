@@ -50,7 +50,8 @@ def test_requests_wait_for_room_in_the_cache_and_all_finish(loaded_platform: Pla
         )
         assert [t[0][0] for t in together] == solo  # the ones that waited lost nothing
         assert all(t[1][0] in (FinishReason.LENGTH, FinishReason.STOP) for t in together)
-        assert runner.peak_rows == 2
+        # Two of the longest fit; three of the shorter ones may, when they happen to arrive first.
+        assert 2 <= runner.peak_rows < len(prompts)
         while runner.busy:  # the engine thread finishes its last step after the final tokens are sent
             await asyncio.sleep(0.01)
         assert engine.stats()["models"][engine.registry.get("tiny-chat").id]["kv_cache_bytes"] == 0  # all left
