@@ -536,6 +536,19 @@ def test_a_lone_row_over_1536_inputs_gets_the_bits_it_gets_among_other_rows() ->
         assert torch.equal(matrix(rows[:1, None]), together[:1, None])  # (1, 1, inputs): a decode step's
 
 
+def lone_rows_differ_over(inputs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulate a CPU whose product of one row over ``inputs`` comes out a float step higher than
+    the same row's among several (as oneDNN's over 1,536 inputs summed otherwise on one EPYC)."""
+    product = Matrix._product
+
+    def lone_rows_differ(self: Matrix, x: torch.Tensor) -> torch.Tensor:
+        y = product(self, x)
+        return torch.nextafter(y, torch.full_like(y, torch.inf)) if self.inputs == x.numel() == inputs else y
+
+    monkeypatch.setattr(Matrix, "_product", lone_rows_differ)
+    monkeypatch.setattr(packed, "_lone_rows_differ", {})  # what the real CPU gave is not this one's
+
+
 def test_the_decoder_pads_the_lone_row_products_this_cpu_sums_otherwise(
     tiny_chat_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -543,14 +556,7 @@ def test_the_decoder_pads_the_lone_row_products_this_cpu_sums_otherwise(
     step higher, as the EPYC's over 1,536 did: ``match_lone_rows`` pads that shape alone, a verify's
     rows are then the decode steps' bit for bit (the speculative probe passes), and matrices built
     again (when adapters come or go) keep the padding."""
-    product = Matrix._product
-
-    def lone_rows_differ(self: Matrix, x: torch.Tensor) -> torch.Tensor:
-        y = product(self, x)
-        return torch.nextafter(y, torch.full_like(y, torch.inf)) if self.inputs == 64 and x.numel() == 64 else y
-
-    monkeypatch.setattr(Matrix, "_product", lone_rows_differ)
-    monkeypatch.setattr(packed, "_lone_rows_differ", {})  # what the real CPU gave is not this one's
+    lone_rows_differ_over(64, monkeypatch)
     model = _model(tiny_chat_dir, torch.float32)
     decoder = LeanDecoder.build(model, int8=False, native=False)
     assert decoder is not None

@@ -32,11 +32,10 @@ from llmos.engine.config import EngineConfig
 from llmos.engine.protocol import GenerationRequest, SamplingParams
 from llmos.engine.sampling import sampling_probs
 from llmos.engine.scheduler import Pending, Row
-from llmos.engine.torch_backend import packed, speculative
+from llmos.engine.torch_backend import speculative
 from llmos.engine.torch_backend.causal import CausalRunner
 from llmos.engine.torch_backend.kv_cache import new_cache, truncate
 from llmos.engine.torch_backend.lean_decode import LeanDecoder
-from llmos.engine.torch_backend.packed import Matrix
 from llmos.engine.torch_backend.speculative import (
     Speculation,
     accept,
@@ -51,6 +50,7 @@ from llmos.platform import Platform
 from tests.conftest import ADMIN_KEY
 from tests.fake_engine import FakeEngine
 from tests.tiny_models import TINY_DECODER
+from tests.unit.test_lean_decode import lone_rows_differ_over
 from tests.unit.test_scheduler import Sink
 
 PROMPT = [1, 30, 31, 32, 33, 40, 41, 42]
@@ -367,14 +367,7 @@ def test_a_runner_pads_the_products_whose_lone_rows_differ_and_still_speculates_
     """A CPU whose lone-row down product (64 inputs here, 1,536 on the AVX-512 EPYC) comes out a
     float step off: the runner pads it at load, so ``auto`` still speculates, and its greedy answer
     is the one ``off`` gives."""
-    product = Matrix._product
-
-    def lone_rows_differ(self: Matrix, x: torch.Tensor) -> torch.Tensor:
-        y = product(self, x)
-        return torch.nextafter(y, torch.full_like(y, torch.inf)) if self.inputs == 64 and x.numel() == 64 else y
-
-    monkeypatch.setattr(Matrix, "_product", lone_rows_differ)
-    monkeypatch.setattr(packed, "_lone_rows_differ", {})  # what the real CPU gave is not this one's
+    lone_rows_differ_over(64, monkeypatch)
     monkeypatch.setattr(speculative, "_probed", {})
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
     runners = {
