@@ -73,6 +73,10 @@ def test_both_servers_answer_through_one_replica_set_and_count_each_others_reque
     assert _chat(second, "hello too").status_code == 200  # the second finds them and places none
     assert _replicas(second).keys() == placed.keys()
     assert {r["pid"] for r in _replicas(second).values()} == {r["pid"] for r in placed.values()}
+    # Each server counts the other's requests from the replicas' own counts, polled each second: a
+    # count of the answer just given may linger that long.
+    idle = lambda: all(set(_depths(server).values()) == {0} for server in servers)  # noqa: E731
+    wait_for("the answers to leave the counts", idle, 30)
 
     streams = [Stream(first)]
     try:
@@ -91,7 +95,6 @@ def test_both_servers_answer_through_one_replica_set_and_count_each_others_reque
     finally:
         for stream in streams:
             stream.close()
-    idle = lambda: all(set(_depths(server).values()) == {0} for server in servers)  # noqa: E731
     wait_for("both streams to end on the replicas", idle, 60)
 
 
